@@ -1,0 +1,72 @@
+/* pool_internal.h (internal to cache/): the pool's definition and page
+ * addressing, shared by pool.c (pages, block tables, kvc_write) and
+ * attention.c (kvc_attend). The layout is the one kvcache.h documents. */
+#ifndef KVC_POOL_INTERNAL_H
+#define KVC_POOL_INTERNAL_H
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "cache/codec.h"
+#include "cache/kvcache.h"
+
+/* Aborts with file and line: for broken invariants (caller bugs), never for
+ * bad input. */
+#define KVC__CHECK(cond, ...)                                                    \
+    do {                                                                         \
+        if (!(cond)) {                                                           \
+            fprintf(stderr, "%s:%d: kvc: invariant broken: %s: ", __FILE__,      \
+                    __LINE__, #cond);                                            \
+            fprintf(stderr, __VA_ARGS__);                                        \
+            fputc('\n', stderr);                                                 \
+            abort();                                                             \
+        }                                                                        \
+    } while (0)
+
+/* One page's softmax step for nr query rows (see attention.c). */
+typedef void (*kvc__softmax_fn)(float *s, int s_stride, int nb, int nr, const int *valid,
+                                float *m, float *l, float *acc, int acc_dim);
+
+struct kvc_pool {
+    int n_layer, n_kv_head, head_dim, block_size;
+    kvc__codec kc, vc;          /* K and V codecs */
+    size_t layer_bytes;         /* n_kv_head * (kc.block_bytes + vc.block_bytes) */
+    size_t page_bytes;          /* n_layer * layer_bytes */
+    uint8_t *arena;             /* (n_pages, page_bytes), mmap'ed, zero-filled */
+    size_t arena_bytes;
+    int n_pages;
+    int32_t *refcount;          /* (n_pages) references held; 0: on the free list */
+    int32_t *free_stack;        /* (n_pages) ids of free pages in [0, n_free) */
+    int n_free;
+    int64_t tokens_cached;      /* sum of live sequences' n_tokens */
+    pthread_mutex_t cow_lock;   /* serialises copy-on-write inside kvc_write */
+    kvc__softmax_fn softmax;    /* scalar or AVX2 */
+};
+
+static inline uint8_t *kvc__page(const kvc_pool *p, int32_t page) {
+    return p->arena + (size_t)page * p->page_bytes;
+}
+
+/* Head block of K (layer, head) in a page. */
+static inline uint8_t *kvc__k_block(const kvc_pool *p, int32_t page, int layer, int head) {
+    return kvc__page(p, page) + (size_t)layer * p->layer_bytes + (size_t)head * p->kc.block_bytes;
+}
+
+static inline uint8_t *kvc__v_block(const kvc_pool *p, int32_t page, int layer, int head) {
+    return kvc__page(p, page) + (size_t)layer * p->layer_bytes +
+           (size_t)p->n_kv_head * p->kc.block_bytes + (size_t)head * p->vc.block_bytes;
+}
+
+/* attention.c / attention_avx2.c */
+void kvc__softmax_scalar(float *s, int s_stride, int nb, int nr, const int *valid,
+                         float *m, float *l, float *acc, int acc_dim);
+void kvc__softmax_avx2(float *s, int s_stride, int nb, int nr, const int *valid,
+                       float *m, float *l, float *acc, int acc_dim);
+
+/* True when the AVX2 + FMA + F16C kernels may run here. */
+int kvc__have_avx2(void);
+
+#endif

@@ -1,0 +1,65 @@
+/* backend.h: the compute backend contract: one forward pass over a flattened
+ * batch of token segments from many sequences.
+ *
+ * A batch is a list of segments; each segment is a run of consecutive tokens
+ * of one sequence (a prefill chunk, or the single token of a decode step) at
+ * positions [pos0, pos0 + n_tokens). The backend writes each segment's K/V into
+ * the sequence's pages (reserved beforehand by the caller for pos0 + n_tokens
+ * positions) and returns logits for the rows asked: every token of segments
+ * with all_logits, else only the last token of segments with want_logits. The
+ * CPU and CUDA backends implement the same contract and are tested against each
+ * other. A backend is used by one thread at a time (the engine thread). */
+#ifndef ENG_BACKEND_H
+#define ENG_BACKEND_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cache/kvcache.h"
+#include "engine/model.h"
+
+typedef struct {
+    kvc_seq *seq;            /* the sequence's block table */
+    int pos0;                /* position of tokens[0] */
+    int n_tokens;
+    const int32_t *tokens;   /* (n_tokens) */
+    bool want_logits;        /* logits of the last token */
+    bool all_logits;         /* logits of every token (perplexity) */
+} eng_segment;
+
+typedef struct {
+    int n_segs;
+    const eng_segment *segs;
+} eng_batch;
+
+/* Number of logit rows a batch produces (the order is segment order). */
+int eng_batch_logit_rows(const eng_batch *b);
+
+typedef struct eng_backend eng_backend;
+
+typedef struct {
+    int n_threads;           /* CPU: compute threads (<= 0: all cores) */
+} eng_backend_options;
+
+/* The CPU backend. The model and the pool must outlive it. */
+eng_backend *eng_backend_cpu_create(const eng_model *m, kvc_pool *pool,
+                                    const eng_backend_options *opt, char *err, size_t errlen);
+
+struct eng_backend {
+    const char *name;
+    /* logits: (eng_batch_logit_rows(b), n_vocab). Returns 0, or -1 with a
+     * message (a position past the model's limit, out of memory). */
+    int (*forward)(eng_backend *be, const eng_batch *b, float *logits, char *err, size_t errlen);
+    void (*destroy)(eng_backend *be);
+};
+
+static inline int eng_forward(eng_backend *be, const eng_batch *b, float *logits, char *err, size_t errlen) {
+    return be->forward(be, b, logits, err, errlen);
+}
+static inline void eng_backend_destroy(eng_backend *be) {
+    if (be)
+        be->destroy(be);
+}
+
+#endif

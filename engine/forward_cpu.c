@@ -1,0 +1,474 @@
+/* forward_cpu.c: the CPU backend: one forward pass over a flattened batch.
+ *
+ * All tokens of all segments are stacked into one (T, n_embd) activation
+ * matrix, so every weight matmul runs once per layer for the whole batch.
+ * Per layer: norm -> fused QKV matmul -> RoPE -> K/V written into the paged
+ * cache (compressed as they are written) -> attention from the pages, threaded
+ * over (segment, kv head, query block) -> output projection -> norm -> fused
+ * gate/up matmul -> SiLU*up (GELU for gpt2) -> down projection. Scratch grows
+ * with the largest batch seen and is bounded by the scheduler's token budget,
+ * never by prompt length. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/backend.h"
+#include "engine/matmul.h"
+#include "engine/threadpool.h"
+
+#define QUERY_BLOCK 16  /* query tokens per attention task in a prefill chunk */
+
+typedef struct {
+    eng_backend base;
+    const eng_model *m;
+    kvc_pool *pool;
+    eng_threadpool *tp;
+    int n_threads;
+    int q_dim, kv_dim, qkv_dim;
+    /* scratch, sized for cap_tokens */
+    int cap_tokens;
+    float *x;     /* (T, n_embd) residual stream */
+    float *xb;    /* (T, max(n_embd, q_dim)) normed input, then attention output */
+    float *qkv;   /* (T, qkv_dim) */
+    float *hb;    /* (T, 2 n_ff) */
+    float *tmp;   /* (T, n_embd) */
+    int *tok_pos; /* (T) position of each token */
+    /* RoPE tables, grown to rope_cap positions: (rope_cap, rope_dim / 2) */
+    int rope_cap;
+    float *rope_cos, *rope_sin;
+    double *inv_freq; /* (rope_dim / 2) */
+    /* attention scratch per worker */
+    int att_ctx_cap;
+    float **att_scratch;
+} cpu_backend;
+
+int eng_batch_logit_rows(const eng_batch *b) {
+    int n = 0;
+    for (int i = 0; i < b->n_segs; i++)
+        n += b->segs[i].all_logits ? b->segs[i].n_tokens : (b->segs[i].want_logits ? 1 : 0);
+    return n;
+}
+
+/* ---- RoPE ------------------------------------------------------------------ */
+
+static void rope_init_freqs(cpu_backend *cb) {
+    const eng_model_config *c = &cb->m->cfg;
+    int half = c->rope_dim / 2;
+    for (int i = 0; i < half; i++) {
+        double f = 1.0 / pow((double)c->rope_theta, (double)(2 * i) / c->rope_dim);
+        if (c->rope_scaling == ENG_ROPE_SCALING_LINEAR && c->rope_factor > 0) {
+            f /= c->rope_factor;
+        } else if (c->rope_scaling == ENG_ROPE_SCALING_LLAMA3) {
+            /* Llama 3.1: long wavelengths are divided by `factor`, short ones
+             * kept, and the band between is interpolated smoothly. */
+            double low_wl = c->rope_orig_ctx / c->rope_low_freq_factor;
+            double high_wl = c->rope_orig_ctx / c->rope_high_freq_factor;
+            double wl = 2 * M_PI / f;
+            if (wl > low_wl) {
+                f /= c->rope_factor;
+            } else if (wl >= high_wl) {
+                double s = (c->rope_orig_ctx / wl - c->rope_low_freq_factor) /
+                           (c->rope_high_freq_factor - c->rope_low_freq_factor);
+                f = (1 - s) * f / c->rope_factor + s * f;
+            }
+        }
+        cb->inv_freq[i] = (float)f; /* transformers keeps inv_freq in float32 */
+    }
+}
+
+static int rope_grow(cpu_backend *cb, int n_pos) {
+    if (n_pos <= cb->rope_cap)
+        return 0;
+    int cap = cb->rope_cap ? cb->rope_cap : 256;
+    while (cap < n_pos)
+        cap *= 2;
+    int half = cb->m->cfg.rope_dim / 2;
+    float *c = realloc(cb->rope_cos, (size_t)cap * half * sizeof(float));
+    if (!c)
+        return -1;
+    cb->rope_cos = c;
+    float *s = realloc(cb->rope_sin, (size_t)cap * half * sizeof(float));
+    if (!s)
+        return -1;
+    cb->rope_sin = s;
+    for (int p = cb->rope_cap; p < cap; p++)
+        for (int i = 0; i < half; i++) {
+            double a = (double)p * cb->inv_freq[i];
+            c[(size_t)p * half + i] = (float)cos(a);
+            s[(size_t)p * half + i] = (float)sin(a);
+        }
+    cb->rope_cap = cap;
+    return 0;
+}
+
+/* Rotates n_heads heads of head_dim floats at x for position pos. */
+static void rope_apply(const cpu_backend *cb, float *x, int n_heads, int pos) {
+    const eng_model_config *c = &cb->m->cfg;
+    const int half = c->rope_dim / 2, hd = c->head_dim;
+    const float *cs = cb->rope_cos + (size_t)pos * half, *sn = cb->rope_sin + (size_t)pos * half;
+    for (int h = 0; h < n_heads; h++) {
+        float *v = x + (size_t)h * hd;
+        if (c->rope_style == ENG_ROPE_NEOX) {
+            for (int i = 0; i < half; i++) {
+                float a = v[i], b = v[i + half];
+                v[i] = a * cs[i] - b * sn[i];
+                v[i + half] = a * sn[i] + b * cs[i];
+            }
+        } else {
+            for (int i = 0; i < half; i++) {
+                float a = v[2 * i], b = v[2 * i + 1];
+                v[2 * i] = a * cs[i] - b * sn[i];
+                v[2 * i + 1] = a * sn[i] + b * cs[i];
+            }
+        }
+    }
+}
+
+/* ---- row-parallel elementwise work ------------------------------------------ */
+
+typedef enum {
+    OP_NORM,        /* xb = norm(x) * w (+ b) */
+    OP_ADD_NORM,    /* x += tmp (+ bias); xb = norm(x) * w (+ b) */
+    OP_QKV_POST,    /* qkv += bqkv; rope q and k */
+    OP_SWIGLU,      /* hb[:, :n_ff] = silu(gate) * up */
+    OP_GELU,        /* hb = gelu(hb + b_up) */
+} row_op;
+
+typedef struct {
+    cpu_backend *cb;
+    row_op op;
+    int n_rows, rows_per_task;
+    const float *w, *b, *bias;  /* norm weight / norm bias / residual bias */
+} row_job;
+
+static void norm_row(const cpu_backend *cb, const float *x, float *out, const float *w, const float *b) {
+    const eng_model_config *c = &cb->m->cfg;
+    const int n = c->n_embd;
+    if (c->arch == ENG_ARCH_GPT2) {
+        float mean = 0, var = 0;
+        for (int i = 0; i < n; i++)
+            mean += x[i];
+        mean /= n;
+        for (int i = 0; i < n; i++)
+            var += (x[i] - mean) * (x[i] - mean);
+        float r = 1.0f / sqrtf(var / n + c->norm_eps);
+        for (int i = 0; i < n; i++)
+            out[i] = (x[i] - mean) * r * w[i] + (b ? b[i] : 0.0f);
+    } else {
+        float ss = 0;
+        for (int i = 0; i < n; i++)
+            ss += x[i] * x[i];
+        float r = 1.0f / sqrtf(ss / n + c->norm_eps);
+        for (int i = 0; i < n; i++)
+            out[i] = x[i] * r * w[i];
+    }
+}
+
+static inline float gelu_tanh(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
+static void row_task(void *ctx, int task, int worker) {
+    const row_job *j = ctx;
+    cpu_backend *cb = j->cb;
+    const eng_model_config *c = &cb->m->cfg;
+    const int n_embd = c->n_embd, n_ff = c->n_ff;
+    int r0 = task * j->rows_per_task, r1 = r0 + j->rows_per_task;
+    if (r1 > j->n_rows)
+        r1 = j->n_rows;
+    for (int r = r0; r < r1; r++) {
+        float *x = cb->x + (size_t)r * n_embd, *xb = cb->xb + (size_t)r * n_embd;
+        switch (j->op) {
+        case OP_ADD_NORM: {
+            const float *t = cb->tmp + (size_t)r * n_embd;
+            if (j->bias)
+                for (int i = 0; i < n_embd; i++)
+                    x[i] += t[i] + j->bias[i];
+            else
+                for (int i = 0; i < n_embd; i++)
+                    x[i] += t[i];
+        }
+            /* fall through */
+        case OP_NORM:
+            norm_row(cb, x, xb, j->w, j->b);
+            break;
+        case OP_QKV_POST: {
+            float *q = cb->qkv + (size_t)r * cb->qkv_dim;
+            if (j->bias)
+                for (int i = 0; i < cb->qkv_dim; i++)
+                    q[i] += j->bias[i];
+            if (c->arch != ENG_ARCH_GPT2) {
+                rope_apply(cb, q, c->n_head, cb->tok_pos[r]);
+                rope_apply(cb, q + cb->q_dim, c->n_kv_head, cb->tok_pos[r]);
+            }
+            break;
+        }
+        case OP_SWIGLU: {
+            float *g = cb->hb + (size_t)r * 2 * n_ff, *u = g + n_ff;
+            for (int i = 0; i < n_ff; i++)
+                g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+            break;
+        }
+        case OP_GELU: {
+            float *h = cb->hb + (size_t)r * 2 * n_ff;
+            for (int i = 0; i < n_ff; i++)
+                h[i] = gelu_tanh(h[i] + (j->bias ? j->bias[i] : 0.0f));
+            break;
+        }
+        }
+    }
+}
+
+static void run_rows(cpu_backend *cb, row_op op, int n_rows, const float *w, const float *b,
+                     const float *bias) {
+    row_job j = {.cb = cb, .op = op, .n_rows = n_rows, .w = w, .b = b, .bias = bias};
+    if (n_rows < 4) { /* decode: not worth waking the workers */
+        j.rows_per_task = n_rows;
+        row_task(&j, 0, 0);
+        return;
+    }
+    int n_tasks = cb->n_threads * 4;
+    j.rows_per_task = (n_rows + n_tasks - 1) / n_tasks;
+    n_tasks = (n_rows + j.rows_per_task - 1) / j.rows_per_task;
+    eng_threadpool_run(cb->tp, row_task, &j, n_tasks);
+}
+
+/* ---- attention -------------------------------------------------------------- */
+
+typedef struct {
+    int seg, kv_head, q0, nq, row0; /* row0: first row of the segment in the batch */
+} att_unit;
+
+typedef struct {
+    cpu_backend *cb;
+    const eng_batch *b;
+    int layer;
+    att_unit *units;
+} att_job;
+
+static void att_task(void *ctx, int task, int worker) {
+    const att_job *j = ctx;
+    cpu_backend *cb = j->cb;
+    const eng_model_config *c = &cb->m->cfg;
+    const att_unit *u = &j->units[task];
+    const eng_segment *s = &j->b->segs[u->seg];
+    const int n_rep = c->n_head / c->n_kv_head;
+    const size_t hoff = (size_t)u->kv_head * n_rep * c->head_dim;
+    const int row = u->row0 + u->q0;
+    kvc_attend(cb->pool, s->seq, j->layer, u->kv_head, cb->qkv + (size_t)row * cb->qkv_dim + hoff,
+               cb->qkv_dim, u->nq, n_rep, s->pos0 + u->q0, 1.0f / sqrtf((float)c->head_dim),
+               cb->xb + (size_t)row * cb->q_dim + hoff, cb->q_dim, cb->att_scratch[worker]);
+}
+
+/* ---- scratch ---------------------------------------------------------------- */
+
+static int grow(cpu_backend *cb, int n_tokens, int max_ctx) {
+    const eng_model_config *c = &cb->m->cfg;
+    if (n_tokens > cb->cap_tokens) {
+        int cap = n_tokens;
+        size_t wide = (size_t)(c->n_embd > cb->q_dim ? c->n_embd : cb->q_dim);
+        float **bufs[] = {&cb->x, &cb->xb, &cb->qkv, &cb->hb, &cb->tmp};
+        size_t widths[] = {(size_t)c->n_embd, wide, (size_t)cb->qkv_dim, 2 * (size_t)c->n_ff,
+                           (size_t)c->n_embd};
+        for (int i = 0; i < 5; i++) {
+            free(*bufs[i]);
+            *bufs[i] = aligned_alloc(64, ((size_t)cap * widths[i] * sizeof(float) + 63) & ~(size_t)63);
+            if (!*bufs[i])
+                return -1;
+        }
+        free(cb->tok_pos);
+        cb->tok_pos = malloc((size_t)cap * sizeof(int));
+        if (!cb->tok_pos)
+            return -1;
+        cb->cap_tokens = cap;
+    }
+    if (max_ctx > cb->att_ctx_cap) {
+        int cap = max_ctx < 1024 ? 1024 : max_ctx;
+        size_t n = kvc_attend_scratch_floats(cb->pool, cap, c->n_head / c->n_kv_head);
+        for (int w = 0; w < cb->n_threads; w++) {
+            free(cb->att_scratch[w]);
+            cb->att_scratch[w] = malloc(n * sizeof(float));
+            if (!cb->att_scratch[w])
+                return -1;
+        }
+        cb->att_ctx_cap = cap;
+    }
+    return rope_grow(cb, max_ctx);
+}
+
+/* ---- the forward pass ----------------------------------------------------------- */
+
+static int cpu_forward(eng_backend *be, const eng_batch *b, float *logits, char *err, size_t errlen) {
+    cpu_backend *cb = (cpu_backend *)be;
+    const eng_model *m = cb->m;
+    const eng_model_config *c = &m->cfg;
+    const int n_embd = c->n_embd;
+
+    int T = 0, max_ctx = 0, n_units = 0;
+    for (int i = 0; i < b->n_segs; i++) {
+        const eng_segment *s = &b->segs[i];
+        if (s->n_tokens <= 0 || s->pos0 < 0 || !s->seq || s->seq->n_tokens < s->pos0 + s->n_tokens) {
+            snprintf(err, errlen, "forward: segment %d: %d tokens at position %d, %d positions reserved",
+                     i, s->n_tokens, s->pos0, s->seq ? s->seq->n_tokens : 0);
+            return -1;
+        }
+        if (c->arch == ENG_ARCH_GPT2 && s->pos0 + s->n_tokens > c->n_ctx_train) {
+            snprintf(err, errlen, "forward: position %d is past the model's %d learned positions",
+                     s->pos0 + s->n_tokens - 1, c->n_ctx_train);
+            return -1;
+        }
+        T += s->n_tokens;
+        if (s->pos0 + s->n_tokens > max_ctx)
+            max_ctx = s->pos0 + s->n_tokens;
+        n_units += c->n_kv_head * ((s->n_tokens + QUERY_BLOCK - 1) / QUERY_BLOCK);
+    }
+    if (T == 0)
+        return 0;
+    if (grow(cb, T, max_ctx)) {
+        snprintf(err, errlen, "forward: out of memory for a batch of %d tokens", T);
+        return -1;
+    }
+    att_unit *units = malloc((size_t)n_units * sizeof *units);
+    if (!units) {
+        snprintf(err, errlen, "forward: out of memory");
+        return -1;
+    }
+
+    /* embeddings, positions, attention work units */
+    int row = 0, u = 0;
+    for (int i = 0; i < b->n_segs; i++) {
+        const eng_segment *s = &b->segs[i];
+        for (int k = 0; k < c->n_kv_head; k++)
+            for (int q0 = 0; q0 < s->n_tokens; q0 += QUERY_BLOCK)
+                units[u++] = (att_unit){.seg = i, .kv_head = k, .q0 = q0, .row0 = row,
+                                        .nq = s->n_tokens - q0 < QUERY_BLOCK ? s->n_tokens - q0 : QUERY_BLOCK};
+        for (int t = 0; t < s->n_tokens; t++, row++) {
+            int32_t id = s->tokens[t];
+            if (id < 0 || id >= c->n_vocab) {
+                free(units);
+                snprintf(err, errlen, "forward: token id %d outside the vocabulary [0, %d)", id, c->n_vocab);
+                return -1;
+            }
+            float *x = cb->x + (size_t)row * n_embd;
+            eng_weight_get_row(&m->tok_embd, id, x);
+            cb->tok_pos[row] = s->pos0 + t;
+            if (c->arch == ENG_ARCH_GPT2) {
+                float *p = cb->tmp;
+                eng_weight_get_row(&m->pos_embd, s->pos0 + t, p);
+                for (int e = 0; e < n_embd; e++)
+                    x[e] += p[e];
+            }
+        }
+    }
+
+    const float *F = NULL;
+#define VEC(t) ((const float *)(t).data)
+    run_rows(cb, OP_NORM, T, VEC(m->layers[0].attn_norm), VEC(m->layers[0].attn_norm_b), F);
+    for (int l = 0; l < c->n_layer; l++) {
+        const eng_layer *L = &m->layers[l];
+        eng_matmul(cb->tp, &L->wqkv, cb->xb, T, cb->qkv, cb->qkv_dim);
+        run_rows(cb, OP_QKV_POST, T, F, F, VEC(L->bqkv));
+        row = 0;
+        for (int i = 0; i < b->n_segs; i++) {
+            const eng_segment *s = &b->segs[i];
+            const float *k = cb->qkv + (size_t)row * cb->qkv_dim + cb->q_dim;
+            kvc_write(cb->pool, s->seq, l, s->pos0, s->n_tokens, k, k + cb->kv_dim, cb->qkv_dim);
+            row += s->n_tokens;
+        }
+        att_job aj = {.cb = cb, .b = b, .layer = l, .units = units};
+        if (n_units == 1)
+            att_task(&aj, 0, 0);
+        else
+            eng_threadpool_run(cb->tp, att_task, &aj, n_units);
+        eng_matmul(cb->tp, &L->wo, cb->xb, T, cb->tmp, n_embd);
+        run_rows(cb, OP_ADD_NORM, T, VEC(L->ffn_norm), VEC(L->ffn_norm_b), VEC(L->bo));
+        if (c->arch == ENG_ARCH_GPT2) {
+            eng_matmul(cb->tp, &L->w_up, cb->xb, T, cb->hb, 2 * (int64_t)c->n_ff);
+            run_rows(cb, OP_GELU, T, F, F, VEC(L->b_up));
+        } else {
+            eng_matmul(cb->tp, &L->w_gate_up, cb->xb, T, cb->hb, 2 * (int64_t)c->n_ff);
+            run_rows(cb, OP_SWIGLU, T, F, F, F);
+        }
+        /* down projection reads the first n_ff of each 2 n_ff row: compact first */
+        for (int r = 1; r < T; r++)
+            memmove(cb->hb + (size_t)r * c->n_ff, cb->hb + (size_t)r * 2 * c->n_ff, (size_t)c->n_ff * sizeof(float));
+        eng_matmul(cb->tp, &L->w_down, cb->hb, T, cb->tmp, n_embd);
+        if (l + 1 < c->n_layer)
+            run_rows(cb, OP_ADD_NORM, T, VEC(m->layers[l + 1].attn_norm), VEC(m->layers[l + 1].attn_norm_b),
+                     VEC(L->b_down));
+        else
+            run_rows(cb, OP_ADD_NORM, T, VEC(m->out_norm), VEC(m->out_norm_b), VEC(L->b_down));
+    }
+#undef VEC
+    free(units);
+
+    /* gather the rows that want logits (in order, into the front of xb) */
+    int n_out = 0;
+    row = 0;
+    for (int i = 0; i < b->n_segs; i++) {
+        const eng_segment *s = &b->segs[i];
+        int first = s->all_logits ? 0 : (s->want_logits ? s->n_tokens - 1 : s->n_tokens);
+        for (int t = first; t < s->n_tokens; t++, n_out++)
+            if (n_out != row + t)
+                memmove(cb->xb + (size_t)n_out * n_embd, cb->xb + (size_t)(row + t) * n_embd,
+                        (size_t)n_embd * sizeof(float));
+        row += s->n_tokens;
+    }
+    if (n_out)
+        eng_matmul(cb->tp, &m->output, cb->xb, n_out, logits, c->n_vocab);
+    return 0;
+}
+
+static void cpu_destroy(eng_backend *be) {
+    cpu_backend *cb = (cpu_backend *)be;
+    eng_threadpool_destroy(cb->tp);
+    free(cb->x);
+    free(cb->xb);
+    free(cb->qkv);
+    free(cb->hb);
+    free(cb->tmp);
+    free(cb->tok_pos);
+    free(cb->rope_cos);
+    free(cb->rope_sin);
+    free(cb->inv_freq);
+    if (cb->att_scratch)
+        for (int w = 0; w < cb->n_threads; w++)
+            free(cb->att_scratch[w]);
+    free(cb->att_scratch);
+    free(cb);
+}
+
+eng_backend *eng_backend_cpu_create(const eng_model *m, kvc_pool *pool, const eng_backend_options *opt,
+                                    char *err, size_t errlen) {
+    cpu_backend *cb = calloc(1, sizeof *cb);
+    if (!cb) {
+        snprintf(err, errlen, "cpu backend: out of memory");
+        return NULL;
+    }
+    cb->base.name = "cpu";
+    cb->base.forward = cpu_forward;
+    cb->base.destroy = cpu_destroy;
+    cb->m = m;
+    cb->pool = pool;
+    const eng_model_config *c = &m->cfg;
+    cb->q_dim = c->n_head * c->head_dim;
+    cb->kv_dim = c->n_kv_head * c->head_dim;
+    cb->qkv_dim = cb->q_dim + 2 * cb->kv_dim;
+    cb->tp = eng_threadpool_create(opt ? opt->n_threads : 0);
+    cb->inv_freq = calloc((size_t)(c->rope_dim / 2 + 1), sizeof(double));
+    if (!cb->tp || !cb->inv_freq) {
+        snprintf(err, errlen, "cpu backend: cannot start %d compute threads", opt ? opt->n_threads : 0);
+        cpu_destroy(&cb->base);
+        return NULL;
+    }
+    cb->n_threads = eng_threadpool_size(cb->tp);
+    cb->att_scratch = calloc((size_t)cb->n_threads, sizeof(float *));
+    if (!cb->att_scratch) {
+        snprintf(err, errlen, "cpu backend: out of memory");
+        cpu_destroy(&cb->base);
+        return NULL;
+    }
+    rope_init_freqs(cb);
+    return &cb->base;
+}

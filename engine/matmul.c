@@ -1,0 +1,442 @@
+/* matmul.c: weight preparation and the matrix products of the forward pass
+ * (contract in engine/matmul.h): format conversion at load, the run-time
+ * choice of kernels, activation quantization, the split of a product into
+ * tasks for the thread pool, and the scalar kernels that serve as the
+ * fallback on CPUs without AVX2 (the AVX2 kernels are in matmul_avx2.c).
+ *
+ * Weights are used in their file layout (no repacking), so a prepared tensor
+ * stays a plain ggml-layout matrix that eng_dequantize_row, row concatenation
+ * and the tied embedding lookup can read. Tiling across tokens is done on the
+ * activation side instead: the activations are quantized per call, so they
+ * can be laid out for the kernels for free (see matmul_internal.h).
+ *
+ * Threads: eng_matmul is called by one thread at a time per pool (the engine
+ * thread). Its scratch for quantized activations is per calling thread, kept
+ * between calls and grown as needed. */
+#include "engine/matmul.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/matmul_internal.h"
+
+/* ---- scalar kernels ------------------------------------------------------ */
+
+static void quantize_scalar(const float *x, eng_block_q8_1 *out, int64_t n) {
+    for (int64_t b = 0; b < n / ENG_QK; b++) {
+        const float *v = x + b * ENG_QK;
+        float amax = 0.0f;
+        for (int j = 0; j < ENG_QK; j++)
+            amax = fmaxf(amax, fabsf(v[j]));
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < ENG_QK; j++) {
+            const int q = (int)nearbyintf(v[j] * id);
+            out[b].qs[j] = (int8_t)q;
+            sum += q;
+        }
+        out[b].d = d;
+        out[b].s = d * (float)sum;
+    }
+}
+
+/* Q4_0 and Q4_1 rows: nibbles are used unsigned (0..15), the offset enters
+ * through s: sum_j (d q_j + m) x_j = d dx sum_j q_j qx_j + m s, with
+ * m = -8 d for Q4_0. */
+static void rows_q4_scalar(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) {
+    const bool has_min = m->type == ENG_Q4_1;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = m->w + r * m->row_bytes;
+        for (int t = t0; t < t1; t++) {
+            const eng_block_q8_1 *xb = m->xr + (int64_t)t * m->nb;
+            float sum = 0.0f;
+            for (int64_t b = 0; b < m->nb; b++) {
+                const uint8_t *qs;
+                float d, mn;
+                if (has_min) {
+                    const eng_block_q4_1 *blk = (const eng_block_q4_1 *)row + b;
+                    d = eng_fp16_to_f32(blk->d);
+                    mn = eng_fp16_to_f32(blk->m);
+                    qs = blk->qs;
+                } else {
+                    const eng_block_q4_0 *blk = (const eng_block_q4_0 *)row + b;
+                    d = eng_fp16_to_f32(blk->d);
+                    mn = -8.0f * d;
+                    qs = blk->qs;
+                }
+                int isum = 0;
+                for (int j = 0; j < ENG_QK / 2; j++)
+                    isum += (qs[j] & 15) * xb[b].qs[j] + (qs[j] >> 4) * xb[b].qs[j + ENG_QK / 2];
+                sum += d * xb[b].d * (float)isum + mn * xb[b].s;
+            }
+            m->y[t * m->y_stride + r] = sum;
+        }
+    }
+}
+
+static void rows_q8_0_scalar(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const eng_block_q8_0 *row = (const eng_block_q8_0 *)(m->w + r * m->row_bytes);
+        for (int t = t0; t < t1; t++) {
+            const eng_block_q8_1 *xb = m->xr + (int64_t)t * m->nb;
+            float sum = 0.0f;
+            for (int64_t b = 0; b < m->nb; b++) {
+                int isum = 0;
+                for (int j = 0; j < ENG_QK; j++)
+                    isum += row[b].qs[j] * xb[b].qs[j];
+                sum += eng_fp16_to_f32(row[b].d) * xb[b].d * (float)isum;
+            }
+            m->y[t * m->y_stride + r] = sum;
+        }
+    }
+}
+
+static void rows_float_scalar(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const void *row = m->w + r * m->row_bytes;
+        for (int t = t0; t < t1; t++) {
+            const float *x = m->x + t * m->n_in;
+            float sum = 0.0f;
+            if (m->type == ENG_F32) {
+                const float *w = row;
+                for (int64_t i = 0; i < m->n_in; i++)
+                    sum += w[i] * x[i];
+            } else {
+                const eng_fp16_t *w = row;
+                for (int64_t i = 0; i < m->n_in; i++)
+                    sum += eng_fp16_to_f32(w[i]) * x[i];
+            }
+            m->y[t * m->y_stride + r] = sum;
+        }
+    }
+}
+
+static const eng__mm_kernels kernels_scalar = {
+    .name = "scalar",
+    .quantize = quantize_scalar,
+    .rows = {
+        [ENG_F32] = rows_float_scalar,
+        [ENG_F16] = rows_float_scalar,
+        [ENG_Q4_0] = rows_q4_scalar,
+        [ENG_Q4_1] = rows_q4_scalar,
+        [ENG_Q8_0] = rows_q8_0_scalar,
+    },
+};
+
+/* ---- kernel choice ------------------------------------------------------- */
+
+static bool cpu_has_avx2(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+#else
+    return false;
+#endif
+}
+
+static _Atomic(const eng__mm_kernels *) chosen;
+
+static const eng__mm_kernels *kernels(void) {
+    const eng__mm_kernels *k = atomic_load_explicit(&chosen, memory_order_acquire);
+    if (!k) {
+        k = cpu_has_avx2() ? &eng__mm_kernels_avx2 : &kernels_scalar;
+        atomic_store_explicit(&chosen, k, memory_order_release);
+    }
+    return k;
+}
+
+int eng_matmul_force_isa(const char *name) {
+    const eng__mm_kernels *k = NULL;
+    if (name == NULL)
+        k = cpu_has_avx2() ? &eng__mm_kernels_avx2 : &kernels_scalar;
+    else if (strcmp(name, "scalar") == 0)
+        k = &kernels_scalar;
+    else if (strcmp(name, "avx2") == 0 && cpu_has_avx2())
+        k = &eng__mm_kernels_avx2;
+    if (!k)
+        return -1;
+    atomic_store_explicit(&chosen, k, memory_order_release);
+    return 0;
+}
+
+const char *eng_matmul_isa(void) {
+    return kernels()->name;
+}
+
+void eng__quantize_q8_1(const float *x, eng_block_q8_1 *out, int64_t n) {
+    kernels()->quantize(x, out, n);
+}
+
+/* ---- weight formats ------------------------------------------------------ */
+
+int eng_weight_is_runtime(eng_dtype type) {
+    return type == ENG_F32 || type == ENG_F16 || type == ENG_Q8_0 || type == ENG_Q4_0 ||
+           type == ENG_Q4_1;
+}
+
+/* Q8_0 as ggml's quantize_row_q8_0_ref makes it: d = max|x| / 127 (stored as
+ * fp16), q = round(x / d) half away from zero. */
+static void quantize_row_q8_0(const float *x, eng_block_q8_0 *out, int64_t n) {
+    for (int64_t b = 0; b < n / ENG_QK; b++) {
+        const float *v = x + b * ENG_QK;
+        float amax = 0.0f;
+        for (int j = 0; j < ENG_QK; j++)
+            amax = fmaxf(amax, fabsf(v[j]));
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        out[b].d = eng_f32_to_fp16(d);
+        for (int j = 0; j < ENG_QK; j++)
+            out[b].qs[j] = (int8_t)roundf(v[j] * id);
+    }
+}
+
+static const char *type_name(eng_dtype type, char *buf, size_t len) {
+    const char *name = eng_dtype_name(type);
+    if (name)
+        return name;
+    snprintf(buf, len, "type code %d", (int)type);
+    return buf;
+}
+
+int eng_weight_prepare(eng_tensor *t, char *err, size_t errlen) {
+    char tbuf[32];
+    const char *tname = type_name(t->type, tbuf, sizeof tbuf);
+    const int64_t n_in = t->ne[0], n_out = t->ne[1];
+    if (n_in <= 0 || n_out <= 0 || !t->data) {
+        snprintf(err, errlen, "%s matrix of shape [%lld, %lld]%s: expected a non-empty matrix",
+                 tname, (long long)n_in, (long long)n_out, t->data ? "" : " without data");
+        return -1;
+    }
+    const bool to_f32 = t->type == ENG_BF16;
+    const bool to_q8_0 = t->type == ENG_Q4_K || t->type == ENG_Q6_K;
+    if (!eng_weight_is_runtime(t->type) && !to_f32 && !to_q8_0) {
+        snprintf(err, errlen, "weight type %s is not supported by the CPU kernels "
+                 "(expected f32, f16, bf16, q8_0, q4_0, q4_1, q4_K or q6_K)", tname);
+        return -1;
+    }
+    const size_t src_row = eng_row_bytes(t->type, n_in);
+    if (src_row == 0) {
+        snprintf(err, errlen, "%s matrix: row length %lld is not a multiple of the %lld-element "
+                 "block", tname, (long long)n_in, (long long)eng_dtype_block_elems(t->type));
+        return -1;
+    }
+    if (!to_f32 && !to_q8_0)
+        return 0;
+
+    const eng_dtype dst_type = to_f32 ? ENG_F32 : ENG_Q8_0;
+    const size_t dst_row = eng_row_bytes(dst_type, n_in);
+    if (dst_row == 0 || (uint64_t)n_out > SIZE_MAX / dst_row) {
+        snprintf(err, errlen, "%s matrix of shape [%lld, %lld] is too large", tname,
+                 (long long)n_in, (long long)n_out);
+        return -1;
+    }
+    uint8_t *dst = malloc(dst_row * (size_t)n_out);
+    float *tmp = to_q8_0 ? malloc((size_t)n_in * sizeof *tmp) : NULL;
+    if (!dst || (to_q8_0 && !tmp)) {
+        free(dst);
+        free(tmp);
+        snprintf(err, errlen, "converting a %s matrix of shape [%lld, %lld] to %s: out of memory",
+                 tname, (long long)n_in, (long long)n_out, eng_dtype_name(dst_type));
+        return -1;
+    }
+    const uint8_t *src = t->data;
+    for (int64_t r = 0; r < n_out; r++) {
+        float *row = to_f32 ? (float *)(dst + r * dst_row) : tmp;
+        if (eng_dequantize_row(t->type, src + r * src_row, row, n_in) != 0) {
+            free(dst);
+            free(tmp);
+            snprintf(err, errlen, "cannot decode weight type %s", tname);
+            return -1;
+        }
+        if (to_q8_0)
+            quantize_row_q8_0(tmp, (eng_block_q8_0 *)(dst + r * dst_row), n_in);
+    }
+    free(tmp);
+    if (t->owned)
+        free(t->data);
+    t->type = dst_type;
+    t->data = dst;
+    t->owned = true;
+    return 0;
+}
+
+void eng_weight_get_row(const eng_tensor *w, int64_t row, float *out) {
+    const size_t rb = eng_row_bytes(w->type, w->ne[0]);
+    if (rb == 0 || row < 0 || row >= w->ne[1] ||
+        eng_dequantize_row(w->type, (const uint8_t *)w->data + row * rb, out, w->ne[0]) != 0) {
+        fprintf(stderr, "%s:%d: eng_weight_get_row: row %lld of a %s matrix [%lld, %lld]\n",
+                __FILE__, __LINE__, (long long)row, eng_dtype_name(w->type) ? eng_dtype_name(w->type)
+                : "?", (long long)w->ne[0], (long long)w->ne[1]);
+        abort();
+    }
+}
+
+/* ---- activation scratch (per calling thread) ----------------------------- */
+
+typedef struct {
+    void *buf;
+    size_t cap;
+} scratch;
+
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+static void scratch_free(void *p) {
+    scratch *s = p;
+    free(s->buf);
+    free(s);
+}
+
+static void scratch_key_init(void) {
+    if (pthread_key_create(&scratch_key, scratch_free) != 0)
+        abort();
+}
+
+/* A 64-byte aligned buffer of at least `bytes`, valid until the calling
+ * thread's next call. Aborts when memory is exhausted: activations are small
+ * next to the weights, so this is not an input-caused failure. */
+static void *scratch_get(size_t bytes) {
+    pthread_once(&scratch_once, scratch_key_init);
+    scratch *s = pthread_getspecific(scratch_key);
+    if (!s) {
+        s = calloc(1, sizeof *s);
+        if (!s || pthread_setspecific(scratch_key, s) != 0)
+            abort();
+    }
+    if (s->cap < bytes) {
+        free(s->buf);
+        size_t cap = bytes + bytes / 2;
+        cap = (cap + 63) & ~(size_t)63;
+        s->buf = aligned_alloc(64, cap);
+        if (!s->buf) {
+            fprintf(stderr, "%s:%d: eng_matmul: out of memory (%zu bytes of scratch)\n",
+                    __FILE__, __LINE__, cap);
+            abort();
+        }
+        s->cap = cap;
+    }
+    return s->buf;
+}
+
+/* ---- the product --------------------------------------------------------- */
+
+#define ROW_TILE 4      /* rows: chunk sizes are multiples of this */
+#define TOKEN_BLOCK 128 /* tokens per task in a large batch (a multiple of 8) */
+#define MIN_TASK_MACS 32768
+
+typedef struct {
+    eng__mm m;
+    const eng__mm_kernels *k;
+    const float *x;          /* (n_tok, n_in), for the quantization job */
+    int n_tok;
+    int n_grouped;           /* tokens [0, n_grouped) go through the group kernel */
+    int64_t n_out;
+    int64_t chunk_rows;
+    int tok_block, n_tok_blocks;
+} mm_job;
+
+static void quantize_task(void *p, int task, int worker) {
+    const mm_job *j = p;
+    const int64_t nb = j->m.nb;
+    const int t0 = task * ENG__GROUP;
+    const int t1 = t0 + ENG__GROUP < j->n_tok ? t0 + ENG__GROUP : j->n_tok;
+    eng_block_q8_1 *xr = (eng_block_q8_1 *)j->m.xr;
+    for (int t = t0; t < t1; t++)
+        j->k->quantize(j->x + (int64_t)t * j->m.n_in, xr + (int64_t)t * nb, j->m.n_in);
+    if (t0 >= j->n_grouped)
+        return;
+    /* a last, partial group is padded with zero tokens */
+    eng__q8x8 *xg = (eng__q8x8 *)j->m.xg + (int64_t)task * nb;
+    if (t1 - t0 < ENG__GROUP)
+        memset(xg, 0, (size_t)nb * sizeof *xg);
+    for (int64_t b = 0; b < nb; b++) {
+        for (int t = 0; t < t1 - t0; t++) {
+            const eng_block_q8_1 *src = xr + (int64_t)(t0 + t) * nb + b;
+            xg[b].d[t] = src->d;
+            xg[b].s[t] = src->s;
+            for (int q = 0; q < ENG_QK / 4; q++)
+                memcpy(&xg[b].qs[q * 4 * ENG__GROUP + t * 4], &src->qs[q * 4], 4);
+        }
+    }
+}
+
+static void matmul_task(void *p, int task, int worker) {
+    const mm_job *j = p;
+    const int rc = task / j->n_tok_blocks, tb = task % j->n_tok_blocks;
+    const int64_t r0 = rc * j->chunk_rows;
+    const int64_t r1 = r0 + j->chunk_rows < j->n_out ? r0 + j->chunk_rows : j->n_out;
+    const int t0 = tb * j->tok_block;
+    const int t1 = t0 + j->tok_block < j->n_tok ? t0 + j->tok_block : j->n_tok;
+    const int tg = t1 < j->n_grouped ? t1 : j->n_grouped;
+    if (tg > t0)
+        j->k->groups[j->m.type](&j->m, r0, r1, t0 / ENG__GROUP, (tg + ENG__GROUP - 1) / ENG__GROUP);
+    const int tr = t0 > j->n_grouped ? t0 : j->n_grouped;
+    if (t1 > tr)
+        j->k->rows[j->m.type](&j->m, r0, r1, tr, t1);
+}
+
+void eng_matmul(eng_threadpool *tp, const eng_tensor *w, const float *x, int n_tok, float *y,
+                int64_t y_stride) {
+    const eng__mm_kernels *k = kernels();
+    const int64_t n_in = w->ne[0], n_out = w->ne[1];
+    const size_t row_bytes = eng_row_bytes(w->type, n_in);
+    if (!eng_weight_is_runtime(w->type) || row_bytes == 0 || n_tok < 0 || y_stride < n_out) {
+        fprintf(stderr, "%s:%d: eng_matmul: unprepared weight (%s [%lld, %lld]) or bad shape "
+                "(n_tok %d, y_stride %lld)\n", __FILE__, __LINE__,
+                eng_dtype_name(w->type) ? eng_dtype_name(w->type) : "?", (long long)n_in,
+                (long long)n_out, n_tok, (long long)y_stride);
+        abort();
+    }
+    if (n_tok == 0 || n_out == 0)
+        return;
+
+    const bool quantized = eng_dtype_block_elems(w->type) == ENG_QK;
+    mm_job j = {
+        .m = {.type = w->type, .w = w->data, .row_bytes = row_bytes, .n_in = n_in,
+              .nb = n_in / ENG_QK, .n_tok = n_tok, .x = x, .y = y, .y_stride = y_stride},
+        .k = k,
+        .x = x,
+        .n_tok = n_tok,
+        .n_out = n_out,
+    };
+    if (quantized) {
+        /* Full groups of 8 tokens, and a last partial one when it has 5 or
+         * more tokens: a group kernel on 5 of 8 lanes still beats the row
+         * kernel. */
+        int n_groups = 0;
+        if (k->groups[w->type]) {
+            n_groups = n_tok / ENG__GROUP + (n_tok % ENG__GROUP >= 5);
+            j.n_grouped = n_groups * ENG__GROUP < n_tok ? n_groups * ENG__GROUP : n_tok;
+        }
+        const size_t xr_bytes = (size_t)n_tok * (size_t)j.m.nb * sizeof(eng_block_q8_1);
+        const size_t xg_bytes = (size_t)n_groups * (size_t)j.m.nb * sizeof(eng__q8x8);
+        const size_t xr_pad = (xr_bytes + 63) & ~(size_t)63;
+        uint8_t *buf = scratch_get(xr_pad + xg_bytes);
+        j.m.xr = (const eng_block_q8_1 *)buf;
+        j.m.xg = (const eng__q8x8 *)(buf + xr_pad);
+        const int n_qtasks = (n_tok + ENG__GROUP - 1) / ENG__GROUP;
+        /* A single token is quantized faster than a job is handed out. */
+        eng_threadpool_run(n_tok * n_in >= 16384 ? tp : NULL, quantize_task, &j, n_qtasks);
+    }
+
+    /* Tasks: chunks of rows x blocks of tokens, enough of them for dynamic
+     * balancing (8 per thread) but none smaller than MIN_TASK_MACS. */
+    const int n_threads = eng_threadpool_size(tp);
+    j.tok_block = n_tok <= TOKEN_BLOCK ? n_tok : TOKEN_BLOCK;
+    j.n_tok_blocks = (n_tok + j.tok_block - 1) / j.tok_block;
+    int64_t n_chunks = n_threads == 1 ? 1 : (8 * n_threads + j.n_tok_blocks - 1) / j.n_tok_blocks;
+    const int64_t max_chunks = n_out * n_in * j.tok_block / MIN_TASK_MACS;
+    if (n_chunks > max_chunks)
+        n_chunks = max_chunks > 0 ? max_chunks : 1;
+    int64_t chunk = (n_out + n_chunks - 1) / n_chunks;
+    chunk = (chunk + ROW_TILE - 1) / ROW_TILE * ROW_TILE;
+    j.chunk_rows = chunk;
+    n_chunks = (n_out + chunk - 1) / chunk;
+    eng_threadpool_run(tp, matmul_task, &j, (int)(n_chunks * j.n_tok_blocks));
+}

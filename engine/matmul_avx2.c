@@ -1,0 +1,476 @@
+/* matmul_avx2.c: the AVX2 + FMA + F16C kernels of eng_matmul (selected at
+ * run time by matmul.c; layouts in matmul_internal.h).
+ *
+ * Quantized weights use integer dot products per block of 32:
+ * _mm256_maddubs_epi16 multiplies unsigned by signed bytes, so Q4 nibbles are
+ * used as unsigned 0..15 with the offset carried by the activation sum s, and
+ * Q8_0 x Q8 uses the sign trick (|w| times x with w's sign). Two tilings:
+ *   rows:   up to 2 weight rows x 4 tokens, activations in row layout; serves
+ *           decode (1 token) and the last n_tok % 8 tokens of a batch.
+ *   groups: up to 4 weight rows x 8 tokens, activations in group layout; a
+ *           broadcast group of 4 weights meets the same 4 values of 8 tokens,
+ *           int16 sums run over the whole block, and one FMA scales 8 tokens.
+ * F32 and F16 weights: FMA over up to 3 rows x 4 tokens, F16 widened with
+ * F16C once per row and reused for every token of the tile. */
+#include <immintrin.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <string.h>
+
+#include "engine/matmul_internal.h"
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+INLINE float load_f16(const void *p) {
+    unsigned short h;
+    memcpy(&h, p, sizeof h);
+    return _cvtsh_ss(h);
+}
+
+/* Four bytes at p in every 32-bit lane. vbroadcastss is a pure load on
+ * AMD Zen, where vpbroadcastd from memory also takes a vector ALU slot. */
+INLINE __m256i bcast4(const void *p) {
+    return _mm256_castps_si256(_mm256_broadcast_ss((const float *)p));
+}
+
+/* ---- activation quantization --------------------------------------------- */
+
+static void quantize_avx2(const float *x, eng_block_q8_1 *out, int64_t n) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t b = 0; b < n / ENG_QK; b++) {
+        const float *p = x + b * ENG_QK;
+        __m256 v[4];
+        for (int k = 0; k < 4; k++)
+            v[k] = _mm256_loadu_ps(p + 8 * k);
+        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                                  _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float d = _mm_cvtss_f32(m4) / 127.0f;
+        const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+        __m256i q[4];
+        for (int k = 0; k < 4; k++)
+            q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], id));  /* nearest even */
+        __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        /* packs work per 128-bit lane: restore element order afterwards */
+        const __m256i q16 = _mm256_packs_epi32(q[0], q[1]);
+        const __m256i q16b = _mm256_packs_epi32(q[2], q[3]);
+        const __m256i q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16, q16b), order);
+        _mm256_storeu_si256((__m256i *)out[b].qs, q8);
+        out[b].d = d;
+        out[b].s = d * (float)_mm_cvtsi128_si32(s4);
+    }
+}
+
+/* ---- Q4_0 / Q4_1 ---------------------------------------------------------- */
+
+/* The 32 nibbles of a Q4 block in element order, as bytes 0..15. */
+INLINE __m256i unpack_nibbles(const uint8_t *qs) {
+    /* both halves loaded by one broadcast, the upper one shifted by 4 */
+    const __m256i q = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
+    return _mm256_and_si256(_mm256_srlv_epi64(q, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0f));
+}
+
+/* Block scale d and offset m of a Q4 block (m = -8 d for Q4_0). */
+INLINE void q4_scales(const uint8_t *blk, bool has_min, float *d, float *mn) {
+    *d = load_f16(blk);
+    *mn = has_min ? load_f16(blk + 2) : -8.0f * *d;
+}
+
+INLINE size_t q4_block_bytes(bool has_min) {
+    return has_min ? sizeof(eng_block_q4_1) : sizeof(eng_block_q4_0);
+}
+
+INLINE size_t q4_qs_offset(bool has_min) {
+    return has_min ? offsetof(eng_block_q4_1, qs) : offsetof(eng_block_q4_0, qs);
+}
+
+/* [d, m] of a Q4 block as floats in lanes 0 and 1 (for Q4_0: [d, d]; its
+ * offset -8 d is applied to the sum at the end). */
+INLINE __m128 q4_dm(const uint8_t *blk, bool has_min) {
+    int v;
+    memcpy(&v, blk, sizeof v);
+    const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(v));
+    return has_min ? dm : _mm_moveldup_ps(dm);
+}
+
+/* Rows [r, r + NR) x tokens [t, t + NT), row layout. Per block, one multiply
+ * [d, m] * [dx, s] gives both the scale of the integer dot product and the
+ * offset term m * s, which is summed in lane 1 of `off`. */
+INLINE void q4_rows_tile(const eng__mm *m, int64_t r, int t, const int NR, const int NT,
+                         const bool has_min) {
+    const size_t bb = q4_block_bytes(has_min), qo = q4_qs_offset(has_min);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4][4];
+    __m128 off[4][4];
+    const uint8_t *row[4];
+    const eng_block_q8_1 *xt[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < NR; i++) {
+        row[i] = m->w + (r + i) * m->row_bytes;
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++) {
+            acc[i][j] = _mm256_setzero_ps();
+            off[i][j] = _mm_setzero_ps();
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; j++)
+        xt[j] = m->xr + (int64_t)(t + j) * m->nb;
+    for (int64_t b = 0; b < m->nb; b++) {
+        __m256i w[4];
+        __m128 dm[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < NR; i++) {
+            const uint8_t *blk = row[i] + b * bb;
+            dm[i] = q4_dm(blk, has_min);
+            w[i] = unpack_nibbles(blk + qo);
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++) {
+            const eng_block_q8_1 *xb = xt[j] + b;
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)xb->qs);
+            const __m128 ds = _mm_castpd_ps(_mm_load_sd((const double *)&xb->d));  /* [dx, s] */
+#pragma GCC unroll 4
+            for (int i = 0; i < NR; i++) {
+                const __m128 prod = _mm_mul_ps(dm[i], ds);  /* [d dx, m s] */
+                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w[i], xv), ones);
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcastss_ps(prod), acc[i][j]);
+                off[i][j] = _mm_add_ps(off[i][j], prod);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < NR; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++) {
+            const float o = _mm_cvtss_f32(_mm_movehdup_ps(off[i][j]));
+            m->y[(int64_t)(t + j) * m->y_stride + r + i] = hsum_ps(acc[i][j]) + (has_min ? o : -8.0f * o);
+        }
+}
+
+/* Calls TILE(m, r, t, nr, nt, ...) over rows [r0, r1) x tokens [t0, t1) with
+ * nr and nt compile-time constants: single tokens (decode) in tiles of up to
+ * 4 rows, more tokens in tiles of up to 3 rows x 4 tokens. */
+#define FOR_ROW_TILES(TILE, m, r0, r1, t0, t1, ...)                                     \
+    for (int t_ = (t0); t_ < (t1); t_ += 4) {                                          \
+        const int nt_ = (t1) - t_ < 4 ? (t1) - t_ : 4;                                 \
+        const int64_t tile_ = nt_ == 1 ? 4 : 3;                                        \
+        for (int64_t r_ = (r0); r_ < (r1); r_ += tile_) {                              \
+            const int nr_ = (int)((r1) - r_ < tile_ ? (r1) - r_ : tile_);              \
+            switch (nr_ * 8 + nt_) {                                                   \
+            case 1 * 8 + 1: TILE(m, r_, t_, 1, 1, __VA_ARGS__); break;                 \
+            case 2 * 8 + 1: TILE(m, r_, t_, 2, 1, __VA_ARGS__); break;                 \
+            case 3 * 8 + 1: TILE(m, r_, t_, 3, 1, __VA_ARGS__); break;                 \
+            case 4 * 8 + 1: TILE(m, r_, t_, 4, 1, __VA_ARGS__); break;                 \
+            case 1 * 8 + 2: TILE(m, r_, t_, 1, 2, __VA_ARGS__); break;                 \
+            case 1 * 8 + 3: TILE(m, r_, t_, 1, 3, __VA_ARGS__); break;                 \
+            case 1 * 8 + 4: TILE(m, r_, t_, 1, 4, __VA_ARGS__); break;                 \
+            case 2 * 8 + 2: TILE(m, r_, t_, 2, 2, __VA_ARGS__); break;                 \
+            case 2 * 8 + 3: TILE(m, r_, t_, 2, 3, __VA_ARGS__); break;                 \
+            case 2 * 8 + 4: TILE(m, r_, t_, 2, 4, __VA_ARGS__); break;                 \
+            case 3 * 8 + 2: TILE(m, r_, t_, 3, 2, __VA_ARGS__); break;                 \
+            case 3 * 8 + 3: TILE(m, r_, t_, 3, 3, __VA_ARGS__); break;                 \
+            default: TILE(m, r_, t_, 3, 4, __VA_ARGS__); break;                        \
+            }                                                                          \
+        }                                                                              \
+    }
+
+static void rows_q4_0(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) {
+    FOR_ROW_TILES(q4_rows_tile, m, r0, r1, t0, t1, false)
+}
+
+static void rows_q4_1(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) {
+    FOR_ROW_TILES(q4_rows_tile, m, r0, r1, t0, t1, true)
+}
+
+/* ---- group kernels (8 tokens per group) ----------------------------------- */
+
+/* Group kernels first unpack a tile of up to 4 weight rows, KC blocks at a
+ * time, into bytes and float scales on the stack, then run every group of
+ * the task's token range over it: unpacking is paid once per 8 groups, and
+ * each group of 4 weights is one broadcast load. */
+#define KC 64
+typedef struct {
+    _Alignas(32) uint8_t q[4][KC][ENG_QK];  /* Q4: nibbles 0..15; Q8_0: |w| */
+    _Alignas(32) int8_t w[4][KC][ENG_QK];   /* Q8_0: w (for its sign) */
+    float d[4][KC];
+    float m[4][KC];                          /* Q4: offset (m, or -8 d) */
+} unpacked;
+
+INLINE void unpack_q4_tile(const eng__mm *m, int64_t r, int nr, int64_t kc, int nk, bool has_min,
+                           unpacked *u) {
+    const size_t bb = q4_block_bytes(has_min), qo = q4_qs_offset(has_min);
+    for (int i = 0; i < nr; i++) {
+        const uint8_t *blk = m->w + (r + i) * m->row_bytes + kc * bb;
+        for (int b = 0; b < nk; b++, blk += bb) {
+            q4_scales(blk, has_min, &u->d[i][b], &u->m[i][b]);
+            _mm256_store_si256((__m256i *)u->q[i][b], unpack_nibbles(blk + qo));
+        }
+    }
+}
+
+/* Adds the tile's partial sums (blocks [kc, kc + nk)) for rows [r, r + NR)
+ * and the 8 tokens of group g into y, or stores them when `first`. */
+INLINE void store_group(const eng__mm *m, int64_t r, int g, const int NR, const __m256 *acc,
+                        bool first) {
+#pragma GCC unroll 4
+    for (int i = 0; i < NR; i++) {
+        _Alignas(32) float out[ENG__GROUP];
+        _mm256_store_ps(out, acc[i]);
+        float *y = m->y + (int64_t)g * ENG__GROUP * m->y_stride + r + i;
+        const int n = m->n_tok - g * ENG__GROUP < ENG__GROUP ? m->n_tok - g * ENG__GROUP : ENG__GROUP;
+        for (int t = 0; t < n; t++)
+            y[t * m->y_stride] = first ? out[t] : y[t * m->y_stride] + out[t];
+    }
+}
+
+INLINE void q4_groups_tile(const eng__mm *m, const unpacked *u, int64_t r, int g, int64_t kc,
+                           int nk, const int NR) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const eng__q8x8 *xb = m->xg + (int64_t)g * m->nb + kc;
+    __m256 acc[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < NR; i++)
+        acc[i] = _mm256_setzero_ps();
+    for (int b = 0; b < nk; b++, xb++) {
+        /* x loaded once per group of 4 values, used by every row */
+        __m256i s16[4];
+        __m256i xv = _mm256_load_si256((const __m256i *)xb->qs);
+#pragma GCC unroll 4
+        for (int i = 0; i < NR; i++)
+            s16[i] = _mm256_maddubs_epi16(bcast4(u->q[i][b]), xv);
+#pragma GCC unroll 8
+        for (int k = 1; k < ENG_QK / 4; k++) {
+            xv = _mm256_load_si256((const __m256i *)(xb->qs + 32 * k));
+#pragma GCC unroll 4
+            for (int i = 0; i < NR; i++)
+                s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(bcast4(u->q[i][b] + 4 * k), xv));
+        }
+        /* |s16| <= 8 * 2 * 15 * 127 = 30480: no saturation */
+        const __m256 dx = _mm256_load_ps(xb->d), sx = _mm256_load_ps(xb->s);
+#pragma GCC unroll 4
+        for (int i = 0; i < NR; i++) {
+            const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[i], ones));
+            acc[i] = _mm256_fmadd_ps(p, _mm256_mul_ps(dx, _mm256_broadcast_ss(&u->d[i][b])), acc[i]);
+            acc[i] = _mm256_fmadd_ps(sx, _mm256_broadcast_ss(&u->m[i][b]), acc[i]);
+        }
+    }
+    store_group(m, r, g, NR, acc, kc == 0);
+}
+
+/* Runs TILE(m, &u, r, g, kc, nk, nr) over rows [r0, r1) x groups [g0, g1):
+ * row tiles of up to 4 (nr a compile-time constant), UNPACK(m, r, nr, kc, nk,
+ * ..., &u) once per row tile and chunk of KC blocks. */
+#define FOR_GROUP_TILES(UNPACK, TILE, m, r0, r1, g0, g1, ...)                           \
+    do {                                                                               \
+        unpacked u_;                                                                   \
+        for (int64_t r_ = (r0); r_ < (r1); r_ += 4) {                                  \
+            const int nr_ = (r1) - r_ < 4 ? (int)((r1) - r_) : 4;                      \
+            for (int64_t kc_ = 0; kc_ < (m)->nb; kc_ += KC) {                          \
+                const int nk_ = (m)->nb - kc_ < KC ? (int)((m)->nb - kc_) : KC;        \
+                UNPACK(m, r_, nr_, kc_, nk_, __VA_ARGS__, &u_);                        \
+                for (int g_ = (g0); g_ < (g1); g_++) {                                 \
+                    switch (nr_) {                                                     \
+                    case 1: TILE(m, &u_, r_, g_, kc_, nk_, 1); break;                  \
+                    case 2: TILE(m, &u_, r_, g_, kc_, nk_, 2); break;                  \
+                    case 3: TILE(m, &u_, r_, g_, kc_, nk_, 3); break;                  \
+                    default: TILE(m, &u_, r_, g_, kc_, nk_, 4); break;                 \
+                    }                                                                  \
+                }                                                                      \
+            }                                                                          \
+        }                                                                              \
+    } while (0)
+
+static void groups_q4_0(const eng__mm *m, int64_t r0, int64_t r1, int g0, int g1) {
+    FOR_GROUP_TILES(unpack_q4_tile, q4_groups_tile, m, r0, r1, g0, g1, false);
+}
+
+static void groups_q4_1(const eng__mm *m, int64_t r0, int64_t r1, int g0, int g1) {
+    FOR_GROUP_TILES(unpack_q4_tile, q4_groups_tile, m, r0, r1, g0, g1, true);
+}
+
+/* ---- Q8_0 ----------------------------------------------------------------- */
+
+INLINE void q8_rows_tile(const eng__mm *m, int64_t r, int t, const int NR, const int NT,
+                         const int unused) {
+    (void)unused;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4][4];
+    const eng_block_q8_0 *row[4];
+    const eng_block_q8_1 *xt[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < NR; i++) {
+        row[i] = (const eng_block_q8_0 *)(m->w + (r + i) * m->row_bytes);
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++)
+            acc[i][j] = _mm256_setzero_ps();
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; j++)
+        xt[j] = m->xr + (int64_t)(t + j) * m->nb;
+    for (int64_t b = 0; b < m->nb; b++) {
+        __m256i w[4], aw[4];
+        float d[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < NR; i++) {
+            d[i] = load_f16(&row[i][b].d);
+            w[i] = _mm256_loadu_si256((const __m256i *)row[i][b].qs);
+            aw[i] = _mm256_abs_epi8(w[i]);
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++) {
+            const eng_block_q8_1 *xb = xt[j] + b;
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)xb->qs);
+#pragma GCC unroll 4
+            for (int i = 0; i < NR; i++) {
+                const __m256i p = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(aw[i], _mm256_sign_epi8(xv, w[i])), ones);
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d[i] * xb->d), acc[i][j]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < NR; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++)
+            m->y[(int64_t)(t + j) * m->y_stride + r + i] = hsum_ps(acc[i][j]);
+}
+
+static void rows_q8_0(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) {
+    FOR_ROW_TILES(q8_rows_tile, m, r0, r1, t0, t1, 0)
+}
+
+INLINE void unpack_q8_tile(const eng__mm *m, int64_t r, int nr, int64_t kc, int nk, int unused,
+                           unpacked *u) {
+    (void)unused;
+    for (int i = 0; i < nr; i++) {
+        const eng_block_q8_0 *blk = (const eng_block_q8_0 *)(m->w + (r + i) * m->row_bytes) + kc;
+        for (int b = 0; b < nk; b++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)blk[b].qs);
+            _mm256_store_si256((__m256i *)u->q[i][b], _mm256_abs_epi8(w));
+            _mm256_store_si256((__m256i *)u->w[i][b], w);
+            u->d[i][b] = load_f16(&blk[b].d);
+        }
+    }
+}
+
+INLINE void q8_groups_tile(const eng__mm *m, const unpacked *u, int64_t r, int g, int64_t kc,
+                           int nk, const int NR) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const eng__q8x8 *xb = m->xg + (int64_t)g * m->nb + kc;
+    __m256 acc[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < NR; i++)
+        acc[i] = _mm256_setzero_ps();
+    for (int b = 0; b < nk; b++, xb++) {
+        const __m256 dx = _mm256_load_ps(xb->d);
+#pragma GCC unroll 4
+        for (int i = 0; i < NR; i++) {
+            __m256i s32 = _mm256_setzero_si256();
+#pragma GCC unroll 8
+            for (int k = 0; k < ENG_QK / 4; k++) {
+                const __m256i xv = _mm256_load_si256((const __m256i *)(xb->qs + 32 * k));
+                const __m256i sx = _mm256_sign_epi8(xv, bcast4(u->w[i][b] + 4 * k));
+                s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(bcast4(u->q[i][b] + 4 * k), sx), ones));
+            }
+            const __m256 scale = _mm256_mul_ps(dx, _mm256_broadcast_ss(&u->d[i][b]));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), scale, acc[i]);
+        }
+    }
+    store_group(m, r, g, NR, acc, kc == 0);
+}
+
+static void groups_q8_0(const eng__mm *m, int64_t r0, int64_t r1, int g0, int g1) {
+    FOR_GROUP_TILES(unpack_q8_tile, q8_groups_tile, m, r0, r1, g0, g1, 0);
+}
+
+/* ---- F32 / F16 ------------------------------------------------------------ */
+
+INLINE __m256 load_w8(const void *row, int64_t i, bool f16) {
+    if (f16)
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const unsigned short *)row + i)));
+    return _mm256_loadu_ps((const float *)row + i);
+}
+
+INLINE float load_w1(const void *row, int64_t i, bool f16) {
+    return f16 ? load_f16((const unsigned short *)row + i) : ((const float *)row)[i];
+}
+
+INLINE void float_rows_tile(const eng__mm *m, int64_t r, int t, const int NR, const int NT,
+                            const bool f16) {
+    __m256 acc[4][4];
+    const void *row[4];
+    const float *xt[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < NR; i++) {
+        row[i] = m->w + (r + i) * m->row_bytes;
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++)
+            acc[i][j] = _mm256_setzero_ps();
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; j++)
+        xt[j] = m->x + (int64_t)(t + j) * m->n_in;
+    int64_t k = 0;
+    for (; k + 8 <= m->n_in; k += 8) {
+        __m256 w[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < NR; i++)
+            w[i] = load_w8(row[i], k, f16);
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++) {
+            const __m256 xv = _mm256_loadu_ps(xt[j] + k);
+#pragma GCC unroll 4
+            for (int i = 0; i < NR; i++)
+                acc[i][j] = _mm256_fmadd_ps(w[i], xv, acc[i][j]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < NR; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++) {
+            float s = hsum_ps(acc[i][j]);
+            for (int64_t kk = k; kk < m->n_in; kk++)
+                s += load_w1(row[i], kk, f16) * xt[j][kk];
+            m->y[(int64_t)(t + j) * m->y_stride + r + i] = s;
+        }
+}
+
+static void rows_f32(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) {
+    FOR_ROW_TILES(float_rows_tile, m, r0, r1, t0, t1, false)
+}
+
+static void rows_f16(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) {
+    FOR_ROW_TILES(float_rows_tile, m, r0, r1, t0, t1, true)
+}
+
+const eng__mm_kernels eng__mm_kernels_avx2 = {
+    .name = "avx2",
+    .quantize = quantize_avx2,
+    .rows = {
+        [ENG_F32] = rows_f32,
+        [ENG_F16] = rows_f16,
+        [ENG_Q4_0] = rows_q4_0,
+        [ENG_Q4_1] = rows_q4_1,
+        [ENG_Q8_0] = rows_q8_0,
+    },
+    .groups = {
+        [ENG_Q4_0] = groups_q4_0,
+        [ENG_Q4_1] = groups_q4_1,
+        [ENG_Q8_0] = groups_q8_0,
+    },
+};

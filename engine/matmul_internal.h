@@ -1,0 +1,70 @@
+/* matmul_internal.h: what engine/matmul.c and the per-ISA kernel files
+ * (matmul_avx2.c) share: the layouts of quantized activations, the argument
+ * block every kernel reads, the kernel tables, and switches for the tests.
+ * Not part of the engine's public API.
+ *
+ * Activations of a quantized matmul are quantized once per call, per token and
+ * per 32 values, to 8 bits with a float scale d and s = d * sum(qs)
+ * (eng_block_q8_1, "row layout"). Kernels that tile several tokens read a
+ * second copy in which 8 tokens are interleaved 4 bytes at a time
+ * (eng__q8x8, "group layout"): then one broadcast group of 4 weights meets 8
+ * tokens in one instruction and the 8 lanes of a float accumulator are the 8
+ * tokens, so the per-block scale work is done once for 8 tokens. */
+#ifndef ENG_MATMUL_INTERNAL_H
+#define ENG_MATMUL_INTERNAL_H
+
+#include <stdint.h>
+
+#include "engine/tensor.h"
+
+#define ENG__GROUP 8  /* tokens per group-layout block */
+
+/* One block of 32 values of 8 tokens. qs[(j / 4) * 32 + t * 4 + j % 4] is
+ * value j (0..31) of token t (0..7); d[t], s[t] as in eng_block_q8_1. */
+typedef struct {
+    float d[ENG__GROUP];
+    float s[ENG__GROUP];
+    int8_t qs[ENG_QK * ENG__GROUP];
+} eng__q8x8;  /* 320 B */
+
+/* Everything a kernel needs for y = x . w^T. */
+typedef struct {
+    eng_dtype type;             /* w's type (a runtime type) */
+    const uint8_t *w;           /* (n_out, row_bytes) */
+    size_t row_bytes;
+    int64_t n_in;               /* w->ne[0] */
+    int64_t nb;                 /* n_in / 32 for quantized types */
+    int n_tok;                  /* tokens; a last group may hold fewer than 8 */
+    const float *x;             /* (n_tok, n_in): f32 activations (F32 / F16 weights) */
+    const eng_block_q8_1 *xr;   /* (n_tok, nb): quantized activations, row layout */
+    const eng__q8x8 *xg;        /* (groups, nb): the same, group layout, zero-padded */
+    float *y;                   /* (n_tok, y_stride) */
+    int64_t y_stride;
+} eng__mm;
+
+/* Output rows [r0, r1) for tokens [t0, t1), reading x or xr. */
+typedef void (*eng__mm_rows_fn)(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1);
+/* Output rows [r0, r1) for the tokens of groups [g0, g1), reading xg. */
+typedef void (*eng__mm_groups_fn)(const eng__mm *m, int64_t r0, int64_t r1, int g0, int g1);
+
+typedef struct {
+    const char *name;
+    /* Quantizes n (a multiple of 32) floats of one token to n / 32 blocks.
+     * d = max|x| / 127, qs = x * (1 / d) rounded to nearest even (0 when
+     * d == 0), s = d * sum(qs): every kernel set gives bit-identical blocks. */
+    void (*quantize)(const float *x, eng_block_q8_1 *out, int64_t n);
+    eng__mm_rows_fn rows[ENG_DTYPE_COUNT];      /* per runtime type */
+    eng__mm_groups_fn groups[ENG_DTYPE_COUNT];  /* NULL: rows serves every token */
+} eng__mm_kernels;
+
+extern const eng__mm_kernels eng__mm_kernels_avx2;
+
+/* Tests and benchmarks: force a kernel set ("scalar" or "avx2"), or NULL for
+ * the run-time choice. Returns 0, or -1 when the CPU or the build lacks it.
+ * Not thread-safe: call it while no matmul runs. */
+int eng_matmul_force_isa(const char *name);
+
+/* Tests: the activation quantizer of the current kernel set. */
+void eng__quantize_q8_1(const float *x, eng_block_q8_1 *out, int64_t n);
+
+#endif

@@ -1,0 +1,664 @@
+/* sampler.c: choosing the next token from a row of logits (see sampler.h).
+ *
+ * Pipeline per token, as vLLM defines each step:
+ *   1. penalties, over the distinct tokens seen so far only (never a vocab
+ *      scan): repetition (prompt or output: positive logits divided, negative
+ *      multiplied), then frequency (count * penalty) and presence (once);
+ *   2. greedy when temperature == 0 (argmax, ties to the lowest id);
+ *   3. else weights w_i = exp((l_i - max) / T), so the best token has w = 1
+ *      and min-p is a plain threshold on w (the exp loop is the hot one: AVX2
+ *      in sampler_avx2.c when the CPU has it);
+ *   4. top-k by a bounded heap over the logits for k <= 128 (nearly every
+ *      logit is one compare with the root); top-p, and larger top-k, by a
+ *      histogram of the weights in 1/8-octave buckets (read off the float
+ *      bits) that finds the bucket where the kept prefix ends: tokens above
+ *      it are kept as they are, and only that bucket is ordered, by a
+ *      quickselect guided by weight or count. No sort anywhere; O(n). min-p
+ *      is a threshold on w. The hot loops are branch-free;
+ *   5. a draw from the request's own xoshiro256** stream.
+ *
+ * Candidate order is a strict total order (weight descending, then id
+ * ascending), so the kept set is exactly defined even with tied logits, and
+ * the same seed and logits give the same token whatever runs beside it. */
+#include "engine/sampler.h"
+
+#include <float.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/sampler_internal.h"
+
+#define PROMPT_BIT 0x80000000u
+#define COUNT_MASK 0x7fffffffu
+#define HEAP_MAX_K 128            /* larger top-k: the weight histogram */
+#define HIST_BUCKETS 1024         /* weight keys: w in [0, 1] has bits >> 20 <= 1016 */
+
+struct eng_sampler {
+    eng_sampling_params params;
+    int n_vocab;
+    uint64_t rng[4];          /* xoshiro256** state */
+    /* Penalty state, NULL when every penalty is off. */
+    uint32_t *token_state;    /* (n_vocab): PROMPT_BIT | generated count */
+    int32_t *seen;            /* (n_seen) distinct ids with token_state != 0 */
+    int n_seen, cap_seen;
+    /* Candidate scratch (struct of arrays), grown on demand. */
+    float *cand_w;            /* (cap_cand) logit, then weight */
+    int32_t *cand_id;         /* (cap_cand) token id */
+    int cap_cand;
+};
+
+/* ---- random stream ------------------------------------------------------ */
+
+static uint64_t splitmix64_next(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static inline uint64_t rotl64(uint64_t x, int k)
+{
+    return (x << k) | (x >> (64 - k));
+}
+
+static uint64_t xoshiro_next(uint64_t s[4])
+{
+    uint64_t result = rotl64(s[1] * 5, 7) * 9;
+    uint64_t t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl64(s[3], 45);
+    return result;
+}
+
+/* Advances the state by 2^128 draws (the generator's published jump
+ * polynomial). */
+static void xoshiro_jump(uint64_t s[4])
+{
+    static const uint64_t poly[4] = {0x180ec6d33cfd0abaull, 0xd5a61266f0c9392cull,
+                                     0xa9582618e03fc9aaull, 0x39abdc4529b1661cull};
+    uint64_t acc[4] = {0, 0, 0, 0};
+    for (int w = 0; w < 4; w++) {
+        for (int b = 0; b < 64; b++) {
+            if (poly[w] & (1ull << b)) {
+                for (int i = 0; i < 4; i++)
+                    acc[i] ^= s[i];
+            }
+            xoshiro_next(s);
+        }
+    }
+    memcpy(s, acc, sizeof acc);
+}
+
+/* Uniform in [0, 1) with 53 random bits. */
+static double rng_uniform(uint64_t s[4])
+{
+    return (double)(xoshiro_next(s) >> 11) * 0x1.0p-53;
+}
+
+/* ---- parameters --------------------------------------------------------- */
+
+void eng_sampling_params_default(eng_sampling_params *p)
+{
+    p->temperature = 1.0f;
+    p->top_k = 0;
+    p->top_p = 1.0f;
+    p->min_p = 0.0f;
+    p->repetition_penalty = 1.0f;
+    p->presence_penalty = 0.0f;
+    p->frequency_penalty = 0.0f;
+    p->seed = 0;
+}
+
+const char *eng_sampling_params_check(const eng_sampling_params *p)
+{
+    /* Written so that NaN fails every test. */
+    if (!(p->temperature >= 0.0f && p->temperature <= FLT_MAX))
+        return "temperature must be a finite number >= 0";
+    if (!(p->top_p > 0.0f && p->top_p <= 1.0f))
+        return "top_p must be in (0, 1]";
+    if (!(p->min_p >= 0.0f && p->min_p <= 1.0f))
+        return "min_p must be in [0, 1]";
+    if (!(p->repetition_penalty > 0.0f && p->repetition_penalty <= FLT_MAX))
+        return "repetition_penalty must be a finite number > 0";
+    if (!(p->presence_penalty >= -2.0f && p->presence_penalty <= 2.0f))
+        return "presence_penalty must be in [-2, 2]";
+    if (!(p->frequency_penalty >= -2.0f && p->frequency_penalty <= 2.0f))
+        return "frequency_penalty must be in [-2, 2]";
+    return NULL;
+}
+
+/* ---- lifetime ----------------------------------------------------------- */
+
+eng_sampler *eng_sampler_create_stream(const eng_sampling_params *p, int n_vocab,
+                                       uint32_t stream_index)
+{
+    if (!p || n_vocab < 1 || eng_sampling_params_check(p))
+        return NULL;
+    eng_sampler *s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    s->params = *p;
+    s->n_vocab = n_vocab;
+    uint64_t x = p->seed;
+    for (int i = 0; i < 4; i++)
+        s->rng[i] = splitmix64_next(&x);
+    for (uint32_t i = 0; i < stream_index; i++)
+        xoshiro_jump(s->rng);
+    bool penalize = p->repetition_penalty != 1.0f || p->presence_penalty != 0.0f ||
+                    p->frequency_penalty != 0.0f;
+    if (penalize) {
+        s->token_state = calloc((size_t)n_vocab, sizeof *s->token_state);
+        if (!s->token_state) {
+            free(s);
+            return NULL;
+        }
+    }
+    return s;
+}
+
+eng_sampler *eng_sampler_create(const eng_sampling_params *p, int n_vocab)
+{
+    return eng_sampler_create_stream(p, n_vocab, 0);
+}
+
+void eng_sampler_free(eng_sampler *s)
+{
+    if (!s)
+        return;
+    free(s->token_state);
+    free(s->seen);
+    free(s->cand_w);
+    free(s->cand_id);
+    free(s);
+}
+
+/* ---- penalties ---------------------------------------------------------- */
+
+void eng_sampler_accept(eng_sampler *s, int32_t id, bool generated)
+{
+    if (!s->token_state || id < 0 || id >= s->n_vocab)
+        return;
+    uint32_t st = s->token_state[id];
+    if (st == 0) {
+        if (s->n_seen == s->cap_seen) {
+            int cap = s->cap_seen ? 2 * s->cap_seen : 256;
+            if (cap > s->n_vocab)
+                cap = s->n_vocab;
+            int32_t *grown = realloc(s->seen, (size_t)cap * sizeof *grown);
+            if (!grown)
+                return; /* out of memory: this token goes unpenalized */
+            s->seen = grown;
+            s->cap_seen = cap;
+        }
+        s->seen[s->n_seen++] = id;
+    }
+    if (generated) {
+        if ((st & COUNT_MASK) != COUNT_MASK)
+            st++;
+    } else {
+        st |= PROMPT_BIT;
+    }
+    s->token_state[id] = st;
+}
+
+static void apply_penalties(const eng_sampler *s, float *logits)
+{
+    const float rep = s->params.repetition_penalty;
+    const float presence = s->params.presence_penalty;
+    const float frequency = s->params.frequency_penalty;
+    for (int i = 0; i < s->n_seen; i++) {
+        int32_t id = s->seen[i];
+        uint32_t st = s->token_state[id];
+        uint32_t count = st & COUNT_MASK;
+        float l = logits[id];
+        if (rep != 1.0f)
+            l = l > 0.0f ? l / rep : l * rep;
+        if (count > 0)
+            l -= frequency * (float)count + presence;
+        logits[id] = l;
+    }
+}
+
+/* ---- helpers over the logits ------------------------------------------- */
+
+static atomic_bool force_scalar;
+
+void eng__sampler_force_scalar(bool on)
+{
+    atomic_store(&force_scalar, on);
+}
+
+static bool has_avx2(void)
+{
+    return !atomic_load_explicit(&force_scalar, memory_order_relaxed) &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+/* Maximum logit, after mapping NaN to -inf and +inf to FLT_MAX; if nothing is
+ * finite every logit becomes 0 (a uniform draw). The repair pass runs only
+ * for rows holding a non-finite value. */
+static float sanitized_max(float *logits, int n)
+{
+    float max = -INFINITY;
+    int nonfinite = 0;
+    if (has_avx2()) {
+        max = eng__sampler_max_avx2(logits, n, &nonfinite);
+    } else {
+        for (int i = 0; i < n; i++) {
+            float l = logits[i];
+            max = l > max ? l : max;
+            nonfinite |= !(l - l == 0.0f); /* NaN and +-inf */
+        }
+    }
+    if (!nonfinite)
+        return max;
+    max = -INFINITY;
+    for (int i = 0; i < n; i++) {
+        float l = logits[i];
+        if (isnan(l))
+            l = -INFINITY;
+        else if (l > FLT_MAX)
+            l = FLT_MAX;
+        logits[i] = l;
+        max = l > max ? l : max;
+    }
+    if (max == -INFINITY) {
+        for (int i = 0; i < n; i++)
+            logits[i] = 0.0f;
+        max = 0.0f;
+    }
+    return max;
+}
+
+/* The lowest id holding `max` (a value of the row). */
+static int first_at(const float *logits, int n, float max)
+{
+    for (int i = 0; i < n; i++)
+        if (logits[i] == max)
+            return i;
+    return 0;
+}
+
+/* x[i] = exp((x[i] - max) * inv_temp); returns their sum. Every x[i] <= max. */
+static double softmax_weights(float *x, int n, float max, float inv_temp)
+{
+    if (has_avx2())
+        return eng__sampler_weights_avx2(x, n, max, inv_temp);
+    double total = 0.0;
+    for (int i = 0; i < n; i++) {
+        x[i] = expf((x[i] - max) * inv_temp);
+        total += x[i];
+    }
+    return total;
+}
+
+/* ---- candidates --------------------------------------------------------- */
+
+/* Room for `need` candidates (at most n_vocab + 2: the gathers' spare slots). */
+static bool ensure_cand(eng_sampler *s, int need)
+{
+    if (need <= s->cap_cand)
+        return true;
+    int cap = s->cap_cand ? s->cap_cand : 64;
+    while (cap < need)
+        cap *= 2;
+    if (cap > s->n_vocab + 2)
+        cap = need > s->n_vocab + 2 ? need : s->n_vocab + 2;
+    float *w = realloc(s->cand_w, (size_t)cap * sizeof *w);
+    if (w)
+        s->cand_w = w;
+    int32_t *id = realloc(s->cand_id, (size_t)cap * sizeof *id);
+    if (id)
+        s->cand_id = id;
+    if (!w || !id)
+        return false;
+    s->cap_cand = cap;
+    return true;
+}
+
+/* The candidate order: larger value first, then lower id. */
+static inline bool better(float wa, int32_t ia, float wb, int32_t ib)
+{
+    return (wa > wb) | ((wa == wb) & (ia < ib));
+}
+
+static inline void cand_swap(float *w, int32_t *id, int a, int b)
+{
+    float tw = w[a];
+    w[a] = w[b];
+    w[b] = tw;
+    int32_t ti = id[a];
+    id[a] = id[b];
+    id[b] = ti;
+}
+
+/* Restores the min-heap property (worst candidate at the root) below i. */
+static void heap_sift_down(float *w, int32_t *id, int n, int i)
+{
+    for (;;) {
+        int worst = i, l = 2 * i + 1, r = l + 1;
+        if (l < n && better(w[worst], id[worst], w[l], id[l]))
+            worst = l;
+        if (r < n && better(w[worst], id[worst], w[r], id[r]))
+            worst = r;
+        if (worst == i)
+            return;
+        cand_swap(w, id, i, worst);
+        i = worst;
+    }
+}
+
+/* The k best logits (ties to lower ids) into cand_w/cand_id, unordered. */
+static void select_top_k(eng_sampler *s, const float *logits, int k)
+{
+    float *w = s->cand_w;
+    int32_t *id = s->cand_id;
+    for (int i = 0; i < k; i++) {
+        w[i] = logits[i];
+        id[i] = i;
+    }
+    for (int i = k / 2 - 1; i >= 0; i--)
+        heap_sift_down(w, id, k, i);
+    for (int i = k; i < s->n_vocab; i++) {
+        /* i is larger than every id in the heap, so only a strictly larger
+         * logit beats the root. */
+        if (logits[i] > w[0]) {
+            w[0] = logits[i];
+            id[0] = i;
+            heap_sift_down(w, id, k, 0);
+        }
+    }
+}
+
+/* Sorts w/id[0, n) best first: insertion sort for short runs, else an
+ * in-place heapsort (the worst-at-root heap moves the worst to the end). */
+static void cand_sort(float *w, int32_t *id, int n)
+{
+    if (n <= 24) {
+        for (int i = 1; i < n; i++)
+            for (int j = i; j > 0 && better(w[j], id[j], w[j - 1], id[j - 1]); j--)
+                cand_swap(w, id, j, j - 1);
+        return;
+    }
+    for (int i = n / 2 - 1; i >= 0; i--)
+        heap_sift_down(w, id, n, i);
+    for (int end = n - 1; end > 0; end--) {
+        cand_swap(w, id, 0, end);
+        heap_sift_down(w, id, end, 0);
+    }
+}
+
+/* Reorders w/id[0, n) so that its first c entries are the shortest best-first
+ * prefix whose weight reaches `target`, and returns c (n when the whole set
+ * weighs less). With by_count every entry weighs 1 (top-k), else w[i] (top-p).
+ * Quickselect guided by that weight: expected O(n); after too many lopsided
+ * partitions the remaining range is sorted instead. */
+static int select_prefix(float *w, int32_t *id, int n, double target, bool by_count)
+{
+    int lo = 0, hi = n;   /* [0, lo) taken; the answer ends inside [lo, hi] */
+    double need = target;
+    int budget = 2 * (32 - __builtin_clz((unsigned)n | 1u)) + 8;
+    while (hi - lo > 0) {
+        if (hi - lo <= 24 || budget-- <= 0) {
+            cand_sort(w + lo, id + lo, hi - lo);
+            double acc = 0.0;
+            for (int i = lo; i < hi; i++) {
+                acc += by_count ? 1.0 : (double)w[i];
+                if (acc >= need)
+                    return i + 1;
+            }
+            return hi;
+        }
+        /* Median of three as pivot, moved to hi - 1. */
+        int mid = lo + (hi - lo) / 2, last = hi - 1;
+        if (better(w[mid], id[mid], w[lo], id[lo]))
+            cand_swap(w, id, mid, lo);
+        if (better(w[last], id[last], w[lo], id[lo]))
+            cand_swap(w, id, last, lo);
+        if (better(w[mid], id[mid], w[last], id[last]))
+            cand_swap(w, id, mid, last);
+        const float pw = w[last];
+        const int32_t pid = id[last];
+        /* Branch-free Lomuto: [lo, a) better than the pivot, [a, j) not; the
+         * swap is harmless when w[j] stays on the "not" side. */
+        int a = lo;
+        float mass = 0.0f;
+        double mass_total = 0.0;
+        for (int j = lo; j < last; j++) {
+            float wj = w[j];
+            int32_t ij = id[j];
+            bool b = better(wj, ij, pw, pid);
+            w[j] = w[a];
+            id[j] = id[a];
+            w[a] = wj;
+            id[a] = ij;
+            a += b;
+            mass += b ? (by_count ? 1.0f : wj) : 0.0f;
+            if (((j - lo) & 255) == 255) {
+                mass_total += mass;
+                mass = 0.0f;
+            }
+        }
+        mass_total += mass;
+        cand_swap(w, id, a, last);
+        double pivot_mass = by_count ? 1.0 : (double)pw;
+        if (mass_total >= need) {
+            hi = a;
+        } else if (mass_total + pivot_mass >= need) {
+            return a + 1;
+        } else {
+            need -= mass_total + pivot_mass;
+            lo = a + 1;
+        }
+    }
+    return lo;
+}
+
+/* Fills the candidates with the tokens whose weight is at least `threshold`
+ * (branch-free) and returns their count; -1 when scratch memory runs out. */
+static int keep_at_least(eng_sampler *s, const float *w, int n, float threshold)
+{
+    int count = 0;
+    for (int i = 0; i < n; i++)
+        count += w[i] >= threshold;
+    if (!ensure_cand(s, count + 1)) /* +1: the spare slot of the last store */
+        return -1;
+    count = 0;
+    for (int i = 0; i < n; i++) {
+        s->cand_w[count] = w[i];
+        s->cand_id[count] = i;
+        count += w[i] >= threshold;
+    }
+    return count;
+}
+
+static inline int weight_key(float w)
+{
+    uint32_t bits;
+    memcpy(&bits, &w, sizeof bits);
+    return (int)(bits >> 20);
+}
+
+/* Fills the candidates with the shortest best-first prefix of the weights
+ * w[0, n) (each in [0, 1]) that reaches `target`, counting tokens (by_count)
+ * or weight, and returns its size; -1 when scratch memory runs out. */
+static int keep_best(eng_sampler *s, const float *w, int n, double target, bool by_count)
+{
+    /* Two interleaved histograms, so that runs of one bucket do not chain
+     * every add through the same memory slot. */
+    struct {
+        float mass;
+        int count;
+    } hist[2][HIST_BUCKETS];
+    memset(hist, 0, sizeof hist);
+    for (int i = 0; i < n; i++) {
+        int k = weight_key(w[i]);
+        hist[i & 1][k].mass += w[i];
+        hist[i & 1][k].count++;
+    }
+    /* The bucket where the prefix ends; everything above it is kept. */
+    int edge = -1, n_sure = 0, n_edge = 0;
+    double above = 0.0;
+    for (int b = HIST_BUCKETS - 1; b >= 0; b--) {
+        int count = hist[0][b].count + hist[1][b].count;
+        double weight = by_count ? count : (double)hist[0][b].mass + hist[1][b].mass;
+        if (above + weight >= target) {
+            edge = b;
+            n_edge = count;
+            break;
+        }
+        above += weight;
+        n_sure += count;
+    }
+    /* Branch-free gather: kept tokens fill from the front, edge tokens from
+     * the back; each side has one spare slot for its unconditional store. */
+    int slots = n_sure + n_edge + 2;
+    if (!ensure_cand(s, slots))
+        return -1;
+    float *cw = s->cand_w;
+    int32_t *cid = s->cand_id;
+    int front = 0, back = slots - 1;
+    for (int i = 0; i < n; i++) {
+        int k = weight_key(w[i]);
+        cw[front] = w[i];
+        cid[front] = i;
+        front += k > edge;
+        cw[back] = w[i];
+        cid[back] = i;
+        back -= k == edge;
+    }
+    memmove(cw + n_sure, cw + back + 1, (size_t)n_edge * sizeof *cw);
+    memmove(cid + n_sure, cid + back + 1, (size_t)n_edge * sizeof *cid);
+    return n_sure + select_prefix(cw + n_sure, cid + n_sure, n_edge, target - above, by_count);
+}
+
+/* Sum of w[0, n): float sums of 16 (which vectorize) added into a double. */
+static double sum_weights(const float *w, int n)
+{
+    double total = 0.0;
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        float block = 0.0f;
+        for (int j = 0; j < 16; j++)
+            block += w[i + j];
+        total += block;
+    }
+    for (; i < n; i++)
+        total += w[i];
+    return total;
+}
+
+/* Draws an index of w[0, n) with probability w[i] / total, where total is
+ * sum_weights(w, n) or another sum of the same values; returns it and the log
+ * of that probability. The scan skips whole blocks of 16 first. */
+static int draw(uint64_t rng[4], const float *w, int n, double total, float *logprob)
+{
+    double u = rng_uniform(rng) * total;
+    double acc = 0.0;
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        float block = 0.0f;
+        for (int j = 0; j < 16; j++)
+            block += w[i + j];
+        if (acc + block > u)
+            break;
+        acc += block;
+    }
+    int pick = -1;
+    for (; i < n; i++) {
+        if (w[i] <= 0.0f)
+            continue;
+        pick = i;
+        acc += w[i];
+        if (acc > u)
+            break;
+    }
+    if (pick < 0) /* rounding pushed u past the end: the last positive weight */
+        for (pick = n - 1; pick > 0 && w[pick] <= 0.0f; pick--)
+            ;
+    if (logprob)
+        *logprob = (float)(log(w[pick]) - log(total));
+    return pick;
+}
+
+/* ---- sampling ----------------------------------------------------------- */
+
+int32_t eng_sampler_sample(eng_sampler *s, float *logits, float *logprob)
+{
+    const eng_sampling_params *p = &s->params;
+    const int n = s->n_vocab;
+    if (s->token_state)
+        apply_penalties(s, logits);
+    const float max = sanitized_max(logits, n);
+
+    if (p->temperature == 0.0f) {
+        int best = first_at(logits, n, max);
+        if (logprob) /* the best token's weight is exactly 1 */
+            *logprob = (float)-log(softmax_weights(logits, n, max, 1.0f));
+        return best;
+    }
+
+    /* Temperatures below 1e-30 act as 1e-30: already a certain argmax, and
+     * 1 / T stays finite so (l - max) / T is 0 for the best token. */
+    const float inv_temp = 1.0f / fmaxf(p->temperature, 1e-30f);
+    const bool use_top_k = p->top_k > 0 && p->top_k < n;
+    const bool use_top_p = p->top_p < 1.0f;
+    const bool use_min_p = p->min_p > 0.0f;
+    bool nucleus_done = false;
+    float row_max = max; /* becomes 1 once the row holds weights */
+    double total; /* the mass top-p is measured against */
+    int count;
+
+    if (use_top_k && p->top_k <= HEAP_MAX_K) {
+        count = p->top_k;
+        if (!ensure_cand(s, count))
+            goto fallback_greedy;
+        select_top_k(s, logits, count);
+        total = softmax_weights(s->cand_w, count, max, inv_temp);
+    } else {
+        total = softmax_weights(logits, n, max, inv_temp);
+        row_max = 1.0f;
+        if (use_top_k) {
+            count = keep_best(s, logits, n, (double)p->top_k, true);
+        } else if (use_top_p) {
+            count = keep_best(s, logits, n, (double)p->top_p * total, false);
+            nucleus_done = true;
+        } else if (use_min_p) {
+            count = keep_at_least(s, logits, n, p->min_p);
+        } else {
+            return draw(s->rng, logits, n, total, logprob);
+        }
+        if (count < 0)
+            goto fallback_greedy;
+        if (use_top_k)
+            total = sum_weights(s->cand_w, count);
+    }
+
+    /* min-p and top-p each keep a best-first prefix, so applying them in
+     * either order keeps their intersection. */
+    if (use_min_p) {
+        int kept = 0;
+        for (int i = 0; i < count; i++) {
+            s->cand_w[kept] = s->cand_w[i];
+            s->cand_id[kept] = s->cand_id[i];
+            kept += s->cand_w[i] >= p->min_p;
+        }
+        count = kept;
+    }
+    if (use_top_p && !nucleus_done)
+        count = select_prefix(s->cand_w, s->cand_id, count, (double)p->top_p * total, false);
+    return s->cand_id[draw(s->rng, s->cand_w, count, sum_weights(s->cand_w, count), logprob)];
+
+fallback_greedy:
+    /* Out of scratch memory: the best token, which every filter keeps. */
+    if (logprob)
+        *logprob = 0.0f;
+    return first_at(logits, n, row_max);
+}

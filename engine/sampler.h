@@ -1,0 +1,58 @@
+/* sampler.h: choosing the next token from logits.
+ *
+ * Order of operations (as llama.cpp and vLLM apply them): penalties on the
+ * logits (repetition, then presence and frequency over the tokens generated so
+ * far); then greedy if temperature == 0; else temperature, top-k, top-p, min-p,
+ * and a draw from the request's own random stream. Same seed and inputs, same
+ * tokens, whatever else runs in the batch. */
+#ifndef ENG_SAMPLER_H
+#define ENG_SAMPLER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct {
+    float temperature;         /* 0 = greedy; default 1 */
+    int top_k;                 /* <= 0: off */
+    float top_p;               /* 1: off */
+    float min_p;               /* 0: off */
+    float repetition_penalty;  /* 1: off (divides positive logits, multiplies negative) */
+    float presence_penalty;    /* 0: off */
+    float frequency_penalty;   /* 0: off */
+    uint64_t seed;
+} eng_sampling_params;
+
+void eng_sampling_params_default(eng_sampling_params *p);
+/* Returns NULL when valid, else a static message naming the bad field. */
+const char *eng_sampling_params_check(const eng_sampling_params *p);
+
+/* Per-sequence sampler state: the random stream and token counts for the
+ * penalties. Created per request; not shared between threads. */
+typedef struct eng_sampler eng_sampler;
+
+/* Returns NULL when p fails eng_sampling_params_check, n_vocab < 1 or memory
+ * runs out. The random stream is xoshiro256** seeded from p->seed through
+ * splitmix64. Memory: 4 * n_vocab bytes when a penalty is on, plus scratch
+ * that grows to the largest candidate set seen (at most 8 * n_vocab bytes). */
+eng_sampler *eng_sampler_create(const eng_sampling_params *p, int n_vocab);
+/* Sampler number `stream_index` of one request, for n > 1 choices: stream 0 is
+ * exactly eng_sampler_create's, and stream i starts i * 2^128 draws further
+ * along the same xoshiro256** sequence (its jump function), so the streams of
+ * one seed never overlap. Costs about a microsecond per index. */
+eng_sampler *eng_sampler_create_stream(const eng_sampling_params *p, int n_vocab,
+                                       uint32_t stream_index);
+void eng_sampler_free(eng_sampler *s);
+/* Records a token as part of the context the penalties see (prompt tokens count
+ * for the repetition penalty, generated tokens for all three). Ids outside
+ * [0, n_vocab) are ignored: callers validate user-supplied ids. */
+void eng_sampler_accept(eng_sampler *s, int32_t id, bool generated);
+/* Samples from logits (n_vocab floats; modified in place). If logprob is not
+ * NULL it receives log p(token) under the final distribution: for greedy, the
+ * log-softmax of the penalized logits; otherwise the renormalized probability
+ * after temperature, top-k, top-p and min-p. Greedy ties go to the lowest id.
+ * NaN logits count as -inf, +inf as FLT_MAX; if no logit is finite the draw is
+ * uniform. */
+int32_t eng_sampler_sample(eng_sampler *s, float *logits, float *logprob);
+
+#endif

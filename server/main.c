@@ -1,0 +1,38 @@
+/* main.c: the kvserve binary: subcommand dispatch. */
+#include <stdio.h>
+#include <string.h>
+
+#include "server/cli.h"
+#include "server/server.h"
+
+static const struct {
+    const char *name;
+    int (*run)(int argc, char **argv);
+    const char *help;
+} commands[] = {
+    {"serve", cmd_serve, "the OpenAI-compatible HTTP daemon"},
+    {"generate", cmd_generate, "one prompt from the command line, streamed to stdout"},
+    {"tokenize", cmd_tokenize, "token ids of a text with a model's tokenizer"},
+    {"ppl", cmd_ppl, "perplexity of a model on a text file (the quality meter)"},
+    {"bench", cmd_bench, "offline benchmark: prefill and decode tokens/s"},
+    {"profiles", cmd_profiles, "lists the deployment profiles and what each sets"},
+};
+
+static void usage(FILE *f) {
+    fprintf(f, "usage: kvserve COMMAND [flags]   (kvserve COMMAND --help for its flags)\n\ncommands:\n");
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].help);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        if (!strcmp(argv[1], commands[i].name))
+            return commands[i].run(argc - 1, argv + 1);
+    fprintf(stderr, "kvserve: unknown command '%s'\n", argv[1]);
+    usage(stderr);
+    return 2;
+}

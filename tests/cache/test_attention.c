@@ -1,0 +1,201 @@
+/* test_attention.c: kvc_attend against a plain double-precision attention over
+ * the K/V the cache decodes (kvc_read), for every codec, with the portable and
+ * the AVX2 kernels: GQA (n_rep 1, 3, 4), block sizes 1, 16, 32, contexts 1, 15,
+ * 16, 17, 100, 1000 (partial pages), decode and prefill chunks (causal inside
+ * the chunk), head_dim 64, 128 and an odd 20, several layers and kv heads.
+ * Pass: for every output vector, max_d |out_d - ref_d| <= 1e-5 * max_d sum_t p_t |v_t,d|
+ * (p the softmax weights): relative to the size of what is averaged, which is
+ * max |ref| when no output cancels to near zero (with head_dim 1 some do). */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cache/kvcache.h"
+
+static uint64_t rng_state;
+static float frand(void) {          /* uniform [-1, 1), splitmix64 */
+    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return (float)((double)(z >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+}
+
+typedef struct {
+    const char *codec;
+    int n_rep, block_size, ctx, n_q, head_dim;
+    float q_gain;           /* scales q: larger means peakier softmax */
+    int force_scalar;
+} attn_case;
+
+/* Relative error of one case (max over output vectors). */
+static double run_case(const attn_case *c) {
+    const int L = 2, H = 2, D = c->head_dim, n_head = H * c->n_rep;
+    kvc_config cfg = {.n_layer = L, .n_kv_head = H, .head_dim = D, .block_size = c->block_size,
+                      .k_codec = c->codec, .v_codec = c->codec, .force_scalar = c->force_scalar};
+    size_t token_bytes = (size_t)L * H * D * 4 * 2 + 1024;
+    cfg.memory_bytes = (size_t)(c->ctx + 2 * c->block_size) * token_bytes + (1u << 20);
+    kvc_pool *pool;
+    char err[256];
+    cr_assert_eq(kvc_pool_create(&cfg, &pool, err, sizeof err), KVC_OK, "%s", err);
+    kvc_seq seq = {0};
+    rng_state = (uint64_t)c->ctx * 1000003u + (uint64_t)c->n_rep * 101u + (uint64_t)c->block_size;
+
+    /* Write the context in uneven chunks, as decode and prefill would. */
+    int64_t kv_stride = (int64_t)H * D;
+    float *k = malloc(sizeof(float) * (size_t)c->ctx * kv_stride);     /* (ctx, H, D) */
+    float *v = malloc(sizeof(float) * (size_t)c->ctx * kv_stride);
+    for (int layer = 0; layer < L; layer++) {
+        for (size_t i = 0; i < (size_t)c->ctx * kv_stride; i++) {
+            k[i] = frand();
+            v[i] = frand() + 0.25f;
+        }
+        for (int pos = 0; pos < c->ctx;) {
+            int n = 1 + (pos * 7 + layer) % 23;
+            if (n > c->ctx - pos) n = c->ctx - pos;
+            if (layer == 0) cr_assert_eq(kvc_seq_reserve(pool, &seq, pos + n), KVC_OK);
+            cr_assert_eq(kvc_write(pool, &seq, layer, pos, n, k + pos * kv_stride, v + pos * kv_stride,
+                                   kv_stride), KVC_OK);
+            pos += n;
+        }
+    }
+
+    const int pos0 = c->ctx - c->n_q;
+    int64_t q_stride = (int64_t)n_head * D;
+    float *q = malloc(sizeof(float) * (size_t)c->n_q * q_stride);       /* (n_q, n_head, D) */
+    float *out = malloc(sizeof(float) * (size_t)c->n_q * q_stride);
+    for (size_t i = 0; i < (size_t)c->n_q * q_stride; i++) q[i] = frand() * c->q_gain;
+    float *scratch = malloc(sizeof(float) * kvc_attend_scratch_floats(pool, c->ctx, c->n_rep));
+    double *sc = malloc(sizeof(double) * (size_t)c->ctx);
+    const float scale = 1.0f / sqrtf((float)D);
+    double worst = 0.0;
+
+    for (int layer = L - 1; layer < L; layer++) {      /* the last layer: offsets matter */
+        kvc_read(pool, &seq, layer, 0, c->ctx, k, v, kv_stride);      /* what attention sees */
+        for (int h = 0; h < H; h++) {
+            memset(out, 0xff, sizeof(float) * (size_t)c->n_q * q_stride);   /* NaN: unwritten */
+            kvc_attend(pool, &seq, layer, h, q + (size_t)h * c->n_rep * D, q_stride, c->n_q, c->n_rep,
+                       pos0, scale, out + (size_t)h * c->n_rep * D, q_stride, scratch);
+            for (int i = 0; i < c->n_q; i++)
+                for (int r = 0; r < c->n_rep; r++) {
+                    const float *qv = q + i * q_stride + (size_t)(h * c->n_rep + r) * D;
+                    const float *ov = out + i * q_stride + (size_t)(h * c->n_rep + r) * D;
+                    int n_ctx = pos0 + i + 1;
+                    double mx = -INFINITY, sum = 0.0;
+                    for (int t = 0; t < n_ctx; t++) {
+                        double s = 0.0;
+                        for (int d = 0; d < D; d++) s += (double)qv[d] * k[t * kv_stride + h * D + d];
+                        sc[t] = s * scale;
+                        mx = fmax(mx, sc[t]);
+                    }
+                    for (int t = 0; t < n_ctx; t++) sum += (sc[t] = exp(sc[t] - mx));
+                    double max_ref = 0.0, max_err = 0.0;
+                    for (int d = 0; d < D; d++) {
+                        double ref = 0.0, mag = 0.0;
+                        for (int t = 0; t < n_ctx; t++) {
+                            ref += sc[t] * v[t * kv_stride + h * D + d];
+                            mag += sc[t] * fabs(v[t * kv_stride + h * D + d]);
+                        }
+                        ref /= sum;
+                        max_ref = fmax(max_ref, mag / sum);
+                        double e = fabs(ref - ov[d]);
+                        max_err = isnan(e) ? INFINITY : fmax(max_err, e);
+                    }
+                    worst = fmax(worst, max_err / max_ref);
+                }
+        }
+    }
+    kvc_seq_release(pool, &seq);
+    cr_assert_eq(kvc_pages_free(pool), kvc_pages_total(pool));
+    kvc_pool_destroy(pool);
+    free(k), free(v), free(q), free(out), free(scratch), free(sc);
+    return worst;
+}
+
+static void sweep(const char *codec, int force_scalar) {
+    static const int reps[] = {1, 3, 4}, blocks[] = {1, 16, 32}, ctxs[] = {1, 15, 16, 17, 100, 1000};
+    int n_cases = 0;
+    for (size_t a = 0; a < 3; a++)
+        for (size_t b = 0; b < 3; b++)
+            for (size_t x = 0; x < 6; x++) {
+                int ctx = ctxs[x];
+                /* decode, a prefill chunk after cached tokens, a whole prompt */
+                int n_qs[3] = {1, ctx > 19 ? 19 : ctx, ctx <= 100 ? ctx : 0};
+                for (int iq = 0; iq < 3; iq++) {
+                    if (n_qs[iq] == 0 || (iq > 0 && n_qs[iq] == n_qs[iq - 1])) continue;
+                    attn_case c = {codec, reps[a], blocks[b], ctx, n_qs[iq], 64, 3.0f, force_scalar};
+                    double e = run_case(&c);
+                    cr_expect(e <= 1e-5, "%s %s: n_rep %d block %d ctx %d n_q %d: relative error %.3g",
+                              codec, force_scalar ? "scalar" : "auto", c.n_rep, c.block_size, c.ctx,
+                              c.n_q, e);
+                    n_cases++;
+                }
+            }
+    cr_assert_gt(n_cases, 100);
+}
+
+Test(attention, f32_auto) { sweep("f32", 0); }
+Test(attention, f32_scalar) { sweep("f32", 1); }
+Test(attention, f16_auto) { sweep("f16", 0); }
+Test(attention, f16_scalar) { sweep("f16", 1); }
+Test(attention, int8_auto) { sweep("int8", 0); }
+Test(attention, int8_scalar) { sweep("int8", 1); }
+
+/* Head sizes with SIMD tails, peaky and flat softmax, block sizes not a
+ * multiple of 8. */
+Test(attention, shapes) {
+    static const char *codecs[] = {"f32", "f16", "int8"};
+    static const int dims[] = {128, 20, 8, 1};
+    static const int blocks[] = {16, 7, 24};
+    static const float gains[] = {0.1f, 3.0f, 12.0f};
+    for (int ic = 0; ic < 3; ic++)
+        for (int id = 0; id < 4; id++)
+            for (int ib = 0; ib < 3; ib++)
+                for (int ig = 0; ig < 3; ig++)
+                    for (int fs = 0; fs < 2; fs++) {
+                        attn_case c = {codecs[ic], 3, blocks[ib], 77, 9, dims[id], gains[ig], fs};
+                        double e = run_case(&c);
+                        cr_expect(e <= 1e-5, "%s head_dim %d block %d gain %g %s: relative error %.3g",
+                                  c.codec, c.head_dim, c.block_size, c.q_gain,
+                                  fs ? "scalar" : "auto", e);
+                    }
+}
+
+/* A query row of a tile that spans more than one tile (n_rep > 16 rows). */
+Test(attention, many_heads_per_kv_head) {
+    attn_case c = {"f16", 20, 16, 50, 3, 64, 3.0f, 0};
+    double e = run_case(&c);
+    cr_expect(e <= 1e-5, "relative error %.3g", e);
+}
+
+/* One position with a much larger score than the rest: attention must pick
+ * its V row (checks the masking too: a future position holds a larger score). */
+Test(attention, one_hot) {
+    const int D = 64, B = 16, ctx = 40;
+    kvc_config cfg = {.n_layer = 1, .n_kv_head = 1, .head_dim = D, .block_size = B,
+                      .memory_bytes = 1 << 20, .k_codec = "f32", .v_codec = "f32"};
+    kvc_pool *pool;
+    char err[256];
+    cr_assert_eq(kvc_pool_create(&cfg, &pool, err, sizeof err), KVC_OK, "%s", err);
+    kvc_seq seq = {0};
+    cr_assert_eq(kvc_seq_reserve(pool, &seq, ctx), KVC_OK);
+    float k[40 * 64] = {0}, v[40 * 64] = {0};
+    for (int t = 0; t < ctx; t++) v[t * D] = (float)t;        /* V row t = (t, 0, ...) */
+    k[20 * D + 5] = 100.0f;                                   /* position 20 wins ... */
+    k[35 * D + 5] = 200.0f;                                   /* ... until 35 is visible */
+    cr_assert_eq(kvc_write(pool, &seq, 0, 0, ctx, k, v, D), KVC_OK);
+    float q[64] = {0}, out[64];
+    float *scratch = malloc(sizeof(float) * kvc_attend_scratch_floats(pool, ctx, 1));
+    q[5] = 1.0f;
+    kvc_attend(pool, &seq, 0, 0, q, D, 1, 1, 30, 1.0f, out, D, scratch);
+    cr_expect_float_eq(out[0], 20.0f, 1e-4, "pos 30 sees 20: %f", out[0]);
+    kvc_attend(pool, &seq, 0, 0, q, D, 1, 1, 39, 1.0f, out, D, scratch);
+    cr_expect_float_eq(out[0], 35.0f, 1e-4, "pos 39 sees 35: %f", out[0]);
+    kvc_attend(pool, &seq, 0, 0, q, D, 1, 1, 10, 1.0f, out, D, scratch);
+    cr_expect_float_eq(out[0], 5.0f, 1e-4, "pos 10 sees a uniform mean of 0..10: %f", out[0]);
+    free(scratch);
+    kvc_seq_release(pool, &seq);
+    kvc_pool_destroy(pool);
+}

@@ -1,0 +1,99 @@
+"""The offline subcommands on the real SmolLM2 model: generation, perplexity,
+tokenization against transformers' figures, and clear errors on bad input."""
+import json
+import os
+import tempfile
+import unittest
+
+from kv import MODEL, WIKITEXT, run, smollm2_reference
+
+REF = smollm2_reference()
+
+
+class Generate(unittest.TestCase):
+    def test_chat_greedy_answers_paris(self):
+        _, out, _ = run("generate", "--model", MODEL, "--chat", "--temperature", "0", "--max-tokens", "40",
+                        "--prompt", "What is the capital of France?")
+        self.assertIn("Paris", out)
+        # transformers' greedy answer (float32, same GGUF), without the end token
+        self.assertEqual(out.strip(), REF["chat_greedy_text"].replace("<|im_end|>", "").strip())
+
+    def test_same_seed_same_text(self):
+        args = ["generate", "--model", MODEL, "--prompt", "Once upon a time", "--max-tokens", "24",
+                "--temperature", "0.9", "--top-p", "0.95"]
+        a = run(*args, "--seed", "7")[1]
+        b = run(*args, "--seed", "7")[1]
+        c = run(*args, "--seed", "8")[1]
+        self.assertEqual(a, b)
+        self.assertNotEqual(a, c)
+
+    def test_max_tokens_bounds_output(self):
+        _, out, err = run("generate", "--model", MODEL, "--prompt", "1, 2, 3,", "--max-tokens", "5",
+                          "--temperature", "0", "--ignore-eos")
+        self.assertIn("generated 5 tokens", err)
+
+
+class Perplexity(unittest.TestCase):
+    def test_ppl_matches_transformers(self):
+        _, out, _ = run("ppl", "--model", MODEL, "--text", WIKITEXT, "--ctx", "1024", "--max-tokens", "4096",
+                        "--json")
+        r = json.loads(out)
+        ref = REF["ppl_ctx1024_n4096"]  # 21.1930 from transformers 5.17 / torch 2.11, float32
+        self.assertEqual(r["ctx"], 1024)
+        self.assertEqual(r["tokens"], 4 * 1023)
+        self.assertLess(abs(r["ppl"] - ref) / ref, 0.005, "kvserve %.4f vs transformers %.4f" % (r["ppl"], ref))
+
+
+class Tokenize(unittest.TestCase):
+    def test_wikitext_ids_match_transformers(self):
+        _, out, _ = run("tokenize", "--model", MODEL, "--file", WIKITEXT)
+        ids = [int(x) for x in out.split()]
+        self.assertEqual(len(ids), REF["text_tokens"])
+        self.assertEqual(ids[:4096], REF["ids_first_4096"])
+
+    def test_chat_prompt_special_tokens(self):
+        _, out, _ = run("tokenize", "--model", MODEL, "--special", "--text", REF["chat_prompt"])
+        self.assertEqual([int(x) for x in out.split()], REF["chat_prompt_ids"])
+
+
+class Errors(unittest.TestCase):
+    def test_help_on_every_subcommand(self):
+        for cmd in ("generate", "tokenize", "ppl", "bench"):
+            rc, out, _ = run(cmd, "--help", check=False)
+            self.assertEqual(rc, 0, cmd)
+            self.assertIn("usage: kvserve " + cmd, out)
+
+    def test_bad_flag_names_itself(self):
+        for cmd in ("generate", "tokenize", "ppl", "bench"):
+            rc, _, err = run(cmd, "--model", MODEL, "--bogus-flag", "1", check=False)
+            self.assertEqual(rc, 2, cmd)
+            self.assertIn("--bogus-flag", err)
+
+    def test_bad_value_names_flag(self):
+        rc, _, err = run("generate", "--model", MODEL, "--prompt", "x", "--max-tokens", "many", check=False)
+        self.assertEqual(rc, 2)
+        self.assertIn("--max-tokens", err)
+        self.assertIn("many", err)
+
+    def test_unknown_command(self):
+        rc, _, err = run("frobnicate", check=False)
+        self.assertEqual(rc, 2)
+        self.assertIn("frobnicate", err)
+
+    def test_missing_and_corrupt_model(self):
+        rc, _, err = run("tokenize", "--model", "/nonexistent/model.gguf", "--text", "x", check=False)
+        self.assertEqual(rc, 1)
+        self.assertIn("/nonexistent/model.gguf", err)
+        with tempfile.TemporaryDirectory() as d:
+            bad = os.path.join(d, "bad.gguf")
+            with open(MODEL, "rb") as f:
+                head = f.read(4096)
+            with open(bad, "wb") as f:
+                f.write(head)  # a truncated copy of the real model
+            rc, _, err = run("generate", "--model", bad, "--prompt", "x", check=False)
+            self.assertEqual(rc, 1)
+            self.assertIn("bad.gguf", err)
+
+
+if __name__ == "__main__":
+    unittest.main()
