@@ -5,7 +5,8 @@
 #   make run        install deps, build, fetch the default model, start the main job
 #   make model      fetch and verify the default model into $(MODEL_DIR)
 #   make SAN=address|undefined|address,undefined   sanitizer build in build-san-*/
-#   make CUDA=1     reserved for the GPU backend
+#   make CUDA=1     also compile cache/cuda/*.cu (nvcc -arch=sm_90) into the library
+#   make gpu-bins   the standalone GPU test and benchmark (run on an H200: tools/gpu_bench.sh)
 #
 # Every .c file under engine/ cache/ api/ server/ is part of the library; files
 # named *_avx2.c / *_avx512.c are compiled for that instruction set and must only
@@ -22,8 +23,13 @@ endif
 ifneq ($(filter-out 0 1,$(CUDA)),)
 $(error CUDA='$(CUDA)' is not one of: 0, 1)
 endif
+# nvcc: the one on PATH, else the default CUDA install (empty: none here).
+NVCC ?= $(firstword $(shell command -v nvcc 2>/dev/null) $(wildcard /usr/local/cuda/bin/nvcc))
 ifeq ($(CUDA),1)
-$(error CUDA=1: the GPU backend is not part of this build yet)
+ifeq ($(NVCC),)
+$(error CUDA=1: nvcc not found (set NVCC=/path/to/nvcc))
+endif
+LDLIBS += -L$(dir $(NVCC))../lib64 -lcudart_static -ldl -lrt -lstdc++
 endif
 
 CC      ?= cc
@@ -56,7 +62,8 @@ AVX512_FLAGS := -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c
 
 LIB_SRC  := $(filter-out server/main.c,$(wildcard engine/*.c cache/*.c api/*.c server/*.c))
 LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/%.o) \
-            $(addprefix $(BUILD)/llhttp/,llhttp.o api.o http.o)
+            $(addprefix $(BUILD)/llhttp/,llhttp.o api.o http.o) \
+            $(if $(filter 1,$(CUDA)),$(CUDA_OBJ))
 MAIN_OBJ := $(BUILD)/server/main.o
 TESTS    ?= $(wildcard tests/*/test_*.c)
 TEST_SRC := $(TESTS)
@@ -98,7 +105,8 @@ $(BUILD)/tests/%: tests/%.c $(BUILD)/libkvserve.a
 # ---- set-up -----------------------------------------------------------------
 
 DEB_PKGS := build-essential libuv1-dev libjansson-dev libmimalloc-dev libcriterion-dev \
-            node-llhttp python3 python3-pip curl
+            node-llhttp python3 python3-pip curl \
+            prometheus wrk clang
 
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
@@ -112,10 +120,11 @@ model: $(MODEL)
 $(MODEL): tools/fetch-model.sh
 	MODEL_DIR=$(MODEL_DIR) sh tools/fetch-model.sh
 
+# The daemon on 127.0.0.1:8080 with the laptop profile (RUN_FLAGS: more
+# `kvserve serve` flags, e.g. RUN_FLAGS="--port 9000").
 run: deps
 	$(MAKE) all model
-	./kvserve generate --model $(MODEL) --chat --max-tokens 64 \
-	  --prompt "What is the capital of France?"
+	./kvserve serve --profile laptop --model $(MODEL) $(RUN_FLAGS)
 
 # ---- tests ------------------------------------------------------------------
 
@@ -123,6 +132,8 @@ run: deps
 test: deps
 	$(MAKE) all model
 	$(MAKE) SAN=address,undefined unit
+	$(MAKE) cuda-check
+	$(MAKE) e2e-deps
 	$(MAKE) e2e
 
 unit: $(TEST_BIN)
@@ -160,5 +171,98 @@ bench-attention: $(BUILD)/tools/bench_attention
 $(BUILD)/tools/bench_attention: tools/bench_attention.c $(BUILD)/libkvserve.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libkvserve.a $(LDLIBS)
+
+# ---- plot-concurrency (owned by the scheduler: tools/plot_concurrency.sh) ----
+# Output tokens/s against concurrency, one line per KV codec, from
+# `kvserve bench --concurrency N --json`, drawn with gnuplot. Options:
+# make plot-concurrency PLOT_ENV='CODECS="f16 int8" CONCURRENCY="1 4 16" OUT=build/c.png'
+
+.PHONY: plot-concurrency
+plot-concurrency: kvserve model
+	env KVSERVE_BIN=$(abspath kvserve) MODEL=$(MODEL) $(PLOT_ENV) sh tools/plot_concurrency.sh
+
+# ---- http daemon (owned by the daemon: server/http.c, api/, tests/fuzz) ----
+# e2e-deps: the Python packages the HTTP end-to-end tests use (the openai SDK).
+# fuzz (not part of make test): libFuzzer over HTTP parsing, routing and JSON
+# validation, built with clang in build-fuzz/: make fuzz FUZZ_RUNS=1000000
+
+.PHONY: e2e-deps fuzz clean-fuzz
+clean: clean-fuzz
+clean-fuzz:
+	rm -rf build-fuzz
+
+e2e-deps:
+	@$(PYTHON) -c "import openai" 2>/dev/null || $(PYTHON) -m pip install --quiet openai || \
+	  $(PYTHON) -m pip install --quiet --break-system-packages openai
+
+FUZZ_RUNS   ?= 1000000
+FUZZ_DIR    := build-fuzz
+FUZZ_CFLAGS := -std=gnu11 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer-no-link,address,undefined \
+               -fno-sanitize-recover=all -MMD -MP -I. -I$(LLHTTP_INC)
+FUZZ_OBJ    := $(addprefix $(FUZZ_DIR)/,tests/fuzz/fuzz_http.o server/http.o api/route.o api/request.o \
+               api/response.o engine/sampler.o engine/sampler_avx2.o llhttp/llhttp.o llhttp/api.o llhttp/http.o)
+
+fuzz: $(FUZZ_DIR)/fuzz_http
+	@mkdir -p $(FUZZ_DIR)/corpus
+	$(FUZZ_DIR)/fuzz_http -runs=$(FUZZ_RUNS) -max_len=4096 -dict=tests/fuzz/http.dict \
+	  -print_final_stats=1 $(FUZZ_DIR)/corpus tests/fuzz/seeds
+
+$(FUZZ_DIR)/fuzz_http: $(FUZZ_OBJ)
+	clang -fsanitize=fuzzer,address,undefined -o $@ $^ -luv -ljansson -lm
+
+$(FUZZ_DIR)/%_avx2.o: %_avx2.c
+	@mkdir -p $(dir $@)
+	clang $(FUZZ_CFLAGS) $(AVX2_FLAGS) -c -o $@ $<
+
+$(FUZZ_DIR)/llhttp/%.o: $(LLHTTP_DIR)/%.c
+	@mkdir -p $(dir $@)
+	clang $(FUZZ_CFLAGS) -w -c -o $@ $<
+
+$(FUZZ_DIR)/%.o: %.c
+	@mkdir -p $(dir $@)
+	clang $(FUZZ_CFLAGS) -c -o $@ $<
+
+-include $(wildcard $(FUZZ_DIR)/*/*.d $(FUZZ_DIR)/*/*/*.d)
+
+# ---- CUDA (owned by the GPU kernels: cache/cuda/, tests/cuda/) ---------------
+# Every cache/cuda/*.cu is compiled for sm_90 (H100/H200). gpu-bins builds two
+# standalone programs that link only the cache's C files, the kernels and the
+# static CUDA runtime (the GPU machine has no libuv, mimalloc or Criterion):
+# $(BUILD)/gpu/gpu_test (kernels against the CPU cache code) and
+# $(BUILD)/gpu/gpu_bench (timings against the memory floor). tools/gpu_bench.sh
+# runs both there. cuda-check (part of `make test`) compiles all of it and is
+# skipped, saying so, only where nvcc is absent.
+
+NVCCFLAGS ?= -O3 -lineinfo
+NVCC_ALL  := -arch=sm_90 -std=c++17 -I. -MMD -MP -Xcompiler -Wall,-Wextra,-Wno-unused-parameter $(NVCCFLAGS)
+CUDA_SRC  := $(wildcard cache/cuda/*.cu)
+CUDA_OBJ   = $(CUDA_SRC:%.cu=$(BUILD)/%.o)
+GPU_C_SRC := $(wildcard cache/*.c)
+GPU_C_OBJ  = $(GPU_C_SRC:%.c=$(BUILD)/gpu/%.o)
+GPU_CFLAGS := -std=gnu11 -O2 -g -Wall -Wextra -Wno-unused-parameter -pthread -MMD -MP -I.
+
+.PHONY: gpu-bins cuda-check
+gpu-bins: $(BUILD)/gpu/gpu_test $(BUILD)/gpu/gpu_bench
+
+cuda-check:
+	@if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found: CUDA sources NOT compiled"; \
+	else $(MAKE) BUILD=$(BUILD) gpu-bins && echo "cuda-check: CUDA sources compile"; fi
+
+$(BUILD)/cache/cuda/%.o: cache/cuda/%.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCC_ALL) -c -o $@ $<
+
+$(BUILD)/gpu/%_avx2.o: %_avx2.c
+	@mkdir -p $(dir $@)
+	$(CC) $(GPU_CFLAGS) $(AVX2_FLAGS) -c -o $@ $<
+
+$(BUILD)/gpu/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(GPU_CFLAGS) -c -o $@ $<
+
+.SECONDARY: $(CUDA_OBJ) $(GPU_C_OBJ)
+$(BUILD)/gpu/%: tests/cuda/%.cu $(CUDA_OBJ) $(GPU_C_OBJ)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCC_ALL) -o $@ $< $(CUDA_OBJ) $(GPU_C_OBJ) -lpthread -lm
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

@@ -63,7 +63,8 @@ typedef enum {
 /* The endpoint serving method + path (path without the query string, not
  * NUL-terminated). On no match returns API_EP_NONE with e set: 404 for an
  * unknown path, 405 for a known path with another method (then *allow, if
- * given, is the method it takes, for the Allow header). */
+ * given, is the method it takes, for the Allow header). HEAD is served as
+ * GET. */
 api_endpoint api_route(const char *method, const char *path, size_t path_len,
                        const char **allow, api_error *e);
 /* Whether the endpoint is protected by --api-key (everything but /health and

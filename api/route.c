@@ -38,10 +38,12 @@ static bool path_matches(const api_route_entry *r, const char *path, size_t len)
 api_endpoint api_route(const char *method, const char *path, size_t path_len,
                        const char **allow, api_error *e) {
     const api_route_entry *other = NULL;
+    /* HEAD is GET without the body (RFC 9110 §9.3.2); the http layer drops it */
+    const char *as = strcmp(method, "HEAD") ? method : "GET";
     for (size_t i = 0; i < N_ROUTES; i++) {
         if (!path_matches(&routes[i], path, path_len))
             continue;
-        if (!strcmp(method, routes[i].method))
+        if (!strcmp(as, routes[i].method))
             return routes[i].ep;
         other = &routes[i];
     }

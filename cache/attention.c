@@ -2,15 +2,19 @@
  * a sequence's pages through the codecs, and the portable softmax step.
  *
  * Query rows (query token i, head r of the n_rep sharing the kv head) are
- * processed in tiles of up to KVC__ROWS_MAX. The context is walked in chunks
- * of about 256 positions (whole pages): the tile computes scores against each
- * page's K block, updates an online softmax over the chunk (running max m,
- * running sum l, rescaling the accumulators when the max grows), and adds each
- * page's weighted V rows: one pass over the cache per tile, f32 accumulation,
- * scratch that does not grow with the context, and software prefetch of the
- * next scattered page. Rows of later query tokens of a
- * prefill chunk see more positions (causal inside the chunk): a row's
- * positions past its own are masked to weight 0. */
+ * processed in tiles of up to KVC__ROWS_MAX. Each row is scaled and projected
+ * once onto its head's slice of the K basis (a copy for codecs without one).
+ * The context is walked in chunks of about 256 positions (whole pages): the
+ * tile computes scores against each page's K block, updates an online softmax
+ * over the chunk (running max m, running sum l, rescaling the accumulators
+ * when the max grows), and adds each page's weighted V rows in the V codec's
+ * stored space: one pass over the cache per tile, f32 accumulation, scratch
+ * that does not grow with the context, and software prefetch of the next
+ * scattered page. At the end each row is expanded once through its head's
+ * slice of the V basis. Rows of later query tokens of a prefill chunk see
+ * more positions (causal inside the chunk): a row's positions past its own
+ * are masked to weight 0. Keys cached before RoPE are decoded a block at a
+ * time into an f32 tile, rotated by their positions and scored from it. */
 #include <math.h>
 #include <string.h>
 
@@ -18,10 +22,11 @@
 
 /* The tile's buffers, each 64-byte aligned, in scratch. */
 typedef struct {
-    float *q;       /* (ROWS_MAX, kdim) scaled query rows */
-    float *acc;     /* (ROWS_MAX, vdim) weighted sums of V */
+    float *q;       /* (ROWS_MAX, qdim) scaled (and projected) query rows */
+    float *acc;     /* (ROWS_MAX, vc.max_dim) weighted sums of stored V numbers */
     float *s;       /* (ROWS_MAX, chunk_pages * block_size) a chunk's scores, then weights */
     float *m, *l;   /* (ROWS_MAX) running max and sum of exp */
+    float *ktile;   /* pre-RoPE keys: (head_dim, block_size) one block's rotated keys */
 } tile_bufs;
 
 static size_t align16(size_t n) { return (n + 15) & ~(size_t)15; }
@@ -30,21 +35,31 @@ static size_t align16(size_t n) { return (n + 15) & ~(size_t)15; }
  * per-call costs are paid per chunk rather than per page. */
 static int chunk_pages(int block_size) { return block_size >= 256 ? 1 : 256 / block_size; }
 
+/* Floats per query row: the projected rank, or head_dim when keys are
+ * rotated in place (pre-RoPE) or not transformed. */
+static size_t q_dim(const kvc_pool *pool) {
+    return pool->kc.pre_rope || pool->kc.shape == KVC__PLAIN ? (size_t)pool->head_dim : (size_t)pool->kc.max_dim;
+}
+
 size_t kvc_attend_scratch_floats(const kvc_pool *pool, int n_ctx, int n_rep) {
     size_t R = KVC__ROWS_MAX;
-    return 16 + align16(R * (size_t)pool->kc.dim) + align16(R * (size_t)pool->vc.dim) +
-           align16(R * (size_t)(chunk_pages(pool->block_size) * pool->block_size)) + 2 * align16(R);
+    size_t vdim = (size_t)(pool->vc.max_dim > pool->head_dim ? pool->vc.max_dim : pool->head_dim);
+    return 16 + align16(R * q_dim(pool)) + align16(R * vdim) +
+           align16(R * (size_t)(chunk_pages(pool->block_size) * pool->block_size)) + 2 * align16(R) +
+           (pool->kc.pre_rope ? align16((size_t)pool->head_dim * pool->block_size) : 0);
 }
 
 static tile_bufs carve(const kvc_pool *pool, float *scratch) {
     size_t R = KVC__ROWS_MAX;
+    size_t vdim = (size_t)(pool->vc.max_dim > pool->head_dim ? pool->vc.max_dim : pool->head_dim);
     float *p = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     tile_bufs t;
-    t.q = p;   p += align16(R * (size_t)pool->kc.dim);
-    t.acc = p; p += align16(R * (size_t)pool->vc.dim);
+    t.q = p;   p += align16(R * q_dim(pool));
+    t.acc = p; p += align16(R * vdim);
     t.s = p;   p += align16(R * (size_t)(chunk_pages(pool->block_size) * pool->block_size));
     t.m = p;   p += align16(R);
-    t.l = p;
+    t.l = p;   p += align16(R);
+    t.ktile = pool->kc.pre_rope ? p : NULL;
     return t;
 }
 
@@ -82,18 +97,59 @@ void kvc__softmax_scalar(float *s, int s_stride, int nb, int nr, const int *vali
     }
 }
 
+/* Rotates x (head_dim) by position pos as the caller's RoPE does. */
+static void rope_rotate(float *x, int pos, const kvc_rope *r) {
+    const int half = r->rope_dim / 2;
+    const float *cs = r->cos + (size_t)pos * half, *sn = r->sin + (size_t)pos * half;
+    for (int i = 0; i < half; i++) {
+        int ia = r->neox ? i : 2 * i, ib = r->neox ? i + half : 2 * i + 1;
+        float a = x[ia], b = x[ib];
+        x[ia] = a * cs[i] - b * sn[i];
+        x[ib] = a * sn[i] + b * cs[i];
+    }
+}
+
+/* Scores of nr rows against nb tokens of page pi's K block. */
+static void score_block(const kvc_pool *pool, const uint8_t *kblk, int layer, int kv_head, int first_pos, int nb,
+                        const tile_bufs *t, int nr, float *s, int s_stride, const kvc_rope *rope) {
+    const int B = pool->block_size, D = pool->head_dim;
+    if (!pool->kc.pre_rope) {
+        pool->kc.kern.scores(kblk, B, pool->kc.dim[layer], nb, t->q, nr, s, s_stride);
+        return;
+    }
+    float x[1024];                                   /* head_dim <= 1024 */
+    for (int j = 0; j < nb; j++) {
+        kvc__codec_decode_head(&pool->kc, layer, kv_head, kblk, j, x);
+        rope_rotate(x, first_pos + j, rope);
+        for (int d = 0; d < D; d++) t->ktile[(size_t)d * B + j] = x[d];
+    }
+    kvc__scores_f32(t->ktile, B, D, nb, t->q, nr, s, s_stride);
+}
+
 void kvc_attend(const kvc_pool *pool, const kvc_seq *seq, int layer, int kv_head,
                 const float *q, int64_t q_stride, int n_q, int n_rep, int pos0, float scale,
                 float *out, int64_t out_stride, float *scratch) {
+    kvc_attend_rope(pool, seq, layer, kv_head, q, q_stride, n_q, n_rep, pos0, scale, out, out_stride, scratch, NULL);
+}
+
+void kvc_attend_rope(const kvc_pool *pool, const kvc_seq *seq, int layer, int kv_head,
+                     const float *q, int64_t q_stride, int n_q, int n_rep, int pos0, float scale,
+                     float *out, int64_t out_stride, float *scratch, const kvc_rope *rope) {
     KVC__CHECK(layer >= 0 && layer < pool->n_layer, "layer %d of %d", layer, pool->n_layer);
     KVC__CHECK(kv_head >= 0 && kv_head < pool->n_kv_head, "kv_head %d of %d", kv_head, pool->n_kv_head);
     KVC__CHECK(n_q >= 0 && n_rep >= 1 && pos0 >= 0 && pos0 + n_q <= seq->n_tokens,
                "%d queries from position %d, n_rep %d, %d positions reserved", n_q, pos0, n_rep,
                seq->n_tokens);
-    const int D = pool->head_dim, KD = pool->kc.dim, VD = pool->vc.dim, B = pool->block_size;
-    const kvc__kernels *kk = &pool->kc.kern, *vk = &pool->vc.kern;
+    if (pool->kc.pre_rope)
+        KVC__CHECK(rope && rope->rope_dim >= 0 && rope->rope_dim % 2 == 0 && rope->rope_dim <= pool->head_dim &&
+                       rope->n_pos >= pos0 + n_q && rope->cos && rope->sin,
+                   "keys cached before RoPE need RoPE tables covering position %d", pos0 + n_q - 1);
+    const int D = pool->head_dim, VD = pool->vc.dim[layer], B = pool->block_size;
+    const int kg = kvc__codec_group(&pool->kc, kv_head), vg = kvc__codec_group(&pool->vc, kv_head);
+    const kvc__kernels *vk = &pool->vc.kern;
     const int CP = chunk_pages(B);
     tile_bufs t = carve(pool, scratch);
+    const int qd = pool->kc.pre_rope ? D : pool->kc.dim[layer];   /* floats per query row in t.q */
     int rows = n_q * n_rep;
     for (int r0 = 0; r0 < rows; r0 += KVC__ROWS_MAX) {
         int nr = rows - r0 < KVC__ROWS_MAX ? rows - r0 : KVC__ROWS_MAX;
@@ -101,7 +157,10 @@ void kvc_attend(const kvc_pool *pool, const kvc_seq *seq, int layer, int kv_head
         for (int i = 0; i < nr; i++) {
             int tok = (r0 + i) / n_rep, rep = (r0 + i) % n_rep;
             const float *qs = q + tok * q_stride + (int64_t)rep * D;
-            for (int d = 0; d < KD; d++) t.q[(size_t)i * KD + d] = qs[d] * scale;
+            float qsc[1024];
+            for (int d = 0; d < D; d++) qsc[d] = qs[d] * scale;
+            if (pool->kc.pre_rope) memcpy(t.q + (size_t)i * qd, qsc, sizeof(float) * (size_t)D);
+            else kvc__codec_project(&pool->kc, layer, kv_head, qsc, t.q + (size_t)i * qd);
             memset(t.acc + (size_t)i * VD, 0, sizeof(float) * (size_t)VD);
             t.m[i] = -INFINITY;
             t.l[i] = 0.0f;
@@ -118,11 +177,11 @@ void kvc_attend(const kvc_pool *pool, const kvc_seq *seq, int layer, int kv_head
                 int32_t id = page_id(seq, pi);
                 /* Pages are scattered: fetch the next K block and this V block
                  * while this K block computes. */
-                if (pi + 1 < n_pages) prefetch_block(kvc__k_block(pool, page_id(seq, pi + 1), layer, kv_head),
-                                                     pool->kc.block_bytes);
-                prefetch_block(kvc__v_block(pool, id, layer, kv_head), pool->vc.block_bytes);
-                kk->scores(kvc__k_block(pool, id, layer, kv_head), B, KD, nb, t.q, nr,
-                           t.s + (pi - pa) * B, CP * B);
+                if (pi + 1 < n_pages) prefetch_block(kvc__k_block(pool, page_id(seq, pi + 1), layer, kg),
+                                                     pool->kc.block_bytes[layer]);
+                prefetch_block(kvc__v_block(pool, id, layer, vg), pool->vc.block_bytes[layer]);
+                score_block(pool, kvc__k_block(pool, id, layer, kg), layer, kv_head, pi * B, nb, &t, nr,
+                            t.s + (pi - pa) * B, CP * B, rope);
             }
             int valid[KVC__ROWS_MAX];
             for (int i = 0; i < nr; i++) {
@@ -132,15 +191,16 @@ void kvc_attend(const kvc_pool *pool, const kvc_seq *seq, int layer, int kv_head
             pool->softmax(t.s, CP * B, nc, nr, valid, t.m, t.l, t.acc, VD);
             for (int pi = pa; pi < pb; pi++) {
                 int nb = ctx_end - pi * B < B ? ctx_end - pi * B : B;
-                vk->accum(kvc__v_block(pool, page_id(seq, pi), layer, kv_head), B, VD, nb,
+                vk->accum(kvc__v_block(pool, page_id(seq, pi), layer, vg), B, VD, nb,
                           t.s + (pi - pa) * B, CP * B, nr, t.acc);
             }
         }
         for (int i = 0; i < nr; i++) {
             int tok = (r0 + i) / n_rep, rep = (r0 + i) % n_rep;
             float *o = out + tok * out_stride + (int64_t)rep * D;
-            float inv = 1.0f / t.l[i];
-            for (int d = 0; d < VD; d++) o[d] = t.acc[(size_t)i * VD + d] * inv;
+            float inv = 1.0f / t.l[i], *a = t.acc + (size_t)i * VD;
+            for (int d = 0; d < VD; d++) a[d] *= inv;
+            kvc__codec_expand(&pool->vc, layer, kv_head, a, o);
         }
     }
 }

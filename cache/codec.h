@@ -1,19 +1,23 @@
-/* codec.h (internal to cache/): how K and V vectors are stored in a page's head
+/* codec.h (internal to cache/): how K and V vectors are stored in a page's
  * blocks, and the inner loops attention runs over them.
  *
- * A codec is an entry in a table keyed by the spec's name ("f32", "f16",
- * "int8"); kvc__codec_init parses a spec into an instance bound to the pool's
- * dimensions. An instance stores `dim` numbers per token per head; attention
- * works in those numbers:
- *   - scores: s[r][j] = q'_r . k_j for the B tokens of one head block, q' the
- *     query already scaled (and, for a transforming codec, projected);
- *   - accum:  acc[r] += sum_j w[r][j] v_j, in the stored space.
- * Element formats (f32, f16, int8) give the kernels. The compressed codecs to
- * come add a transform around them without changing the page walk: low-rank
- * stores R coefficients (dim = R, a per-layer basis P held by the instance),
- * maps q to P^T q before `scores` and expands acc by P after the last page;
- * hybrid is low-rank coefficients in the int8 format. A kernel never expands
- * a page to f32 in memory: it converts inside its loop.
+ * A codec is an element format plus an optional linear transform:
+ *   - element formats (the numbers a block stores): f32, f16, int8 (one fp16
+ *     scale per token), int4 (4-bit codes, fp16 scale and minimum per group of
+ *     32 numbers of a token) and int4-channel (4-bit codes, fp16 scale and
+ *     minimum per number index over the block's tokens: KIVI-style keys);
+ *   - transforms: none (a block per kv head holds head_dim numbers per token),
+ *     low rank (a block per kv head holds R coefficients c = P^T (x - mean) on
+ *     an orthonormal basis P of that head) or latent (one block per layer
+ *     holds N coefficients of the concatenated kv heads).
+ * lowrank = transform + f16, hybrid = transform + int8.
+ *
+ * Attention works in the stored numbers: the query is projected once per row
+ * onto the head's slice of the K basis (q' = P_h^T q; the K mean adds the same
+ * q.mean to every score and cancels in the softmax), `scores` runs over the
+ * coefficients, `accum` sums weighted V coefficients, and the sum is expanded
+ * once at the end (out = mean_h + P_h acc / l). A kernel never expands a page
+ * to f32 in memory: it converts inside its loop.
  *
  * Kernels come in a portable version (codec.c) and an AVX2+FMA+F16C version
  * (codec_avx2.c); kvc__codec_init picks one per instance. */
@@ -27,16 +31,28 @@
  * rows sharing one read of each K/V row). */
 #define KVC__ROWS_MAX 16
 
-typedef enum { KVC__ROLE_K = 0, KVC__ROLE_V = 1 } kvc__role;
+/* int4: numbers per group of a token (one fp16 scale and minimum each). */
+#define KVC__U4_GROUP 32
 
-/* The kernels of one element format in one role. blk: one head block; B: the
+/* Largest stored dimension (rank of a latent). */
+#define KVC__DIM_MAX 8192
+
+typedef enum { KVC__ROLE_K = 0, KVC__ROLE_V = 1 } kvc__role;
+typedef enum { KVC__F32, KVC__F16, KVC__I8, KVC__U4, KVC__U4C } kvc__fmt;
+typedef enum { KVC__PLAIN, KVC__LOWRANK, KVC__LATENT } kvc__shape;
+
+/* The kernels of one element format in one role. blk: one block; B: the
  * block size; dim: numbers per token. */
 typedef struct {
-    /* Stores token `slot` of a head block from x (dim floats). */
-    void (*encode)(void *blk, int B, int dim, int slot, const float *x);
+    /* Stores tokens [slot, slot + n) of a block (all in this block) from x,
+     * token t's dim floats at x + t * x_stride. */
+    void (*encode)(void *blk, int B, int dim, int slot, int n, const float *x, int64_t x_stride);
     /* x (dim floats) = token `slot` as attention sees it. */
     void (*decode)(const void *blk, int B, int dim, int slot, float *x);
-    /* K role: s[r * s_stride + j] = q[r * dim ...] . k_j for j < n, r < nr. */
+    /* K role: s[r * s_stride + j] = q[r * dim ...] . k_j for j < n, r < nr,
+     * up to a constant per row that is the same for every token of the block
+     * (it cancels in the softmax only if it is the same across blocks, so
+     * every kernel here returns the exact dot product). */
     void (*scores)(const void *blk, int B, int dim, int n, const float *q, int nr,
                    float *s, int s_stride);
     /* V role: acc[r * dim + d] += sum_{j<n} w[r * w_stride + j] * v_j[d]. */
@@ -44,28 +60,69 @@ typedef struct {
                   int nr, float *acc);
 } kvc__kernels;
 
+/* The calibration a pca codec reads its bases from (calib.c). */
+typedef struct kvc__calib kvc__calib;
+
 typedef struct {
-    const char *name;          /* the spec */
-    int dim;                   /* numbers stored per token per head (head_dim) */
-    int block_size;
-    size_t block_bytes;        /* one head block, padded to 64 bytes */
+    char name[64];             /* the spec */
     kvc__role role;
-    kvc__kernels kern;         /* the kernels chosen for this machine */
+    kvc__fmt fmt;
+    kvc__shape shape;
+    int pre_rope;              /* keys stored before RoPE; attention rotates them */
+    int pca;                   /* bases from the calibration file */
+    int n_layer, n_kv_head, head_dim, block_size;
+    int n_groups;              /* blocks per layer: n_kv_head, or 1 for a latent */
+    int in_dim;                /* floats one group encodes: head_dim or n_kv_head * head_dim */
+    int *dim;                  /* (n_layer) numbers stored per token per group */
+    size_t *block_bytes;       /* (n_layer) one block, padded to 16 bytes */
+    int max_dim;               /* max over layers of dim */
+    /* Transforms: per (layer, group) an orthonormal basis and a mean. */
+    float **basis;             /* (n_layer * n_groups) -> (in_dim, dim[l]) row-major */
+    float **mean;              /* (n_layer * n_groups) -> (in_dim), NULL entries: zero mean */
+    kvc__kernels kern;         /* the element kernels chosen for this machine */
 } kvc__codec;
 
 /* Parses `spec` for `role` (field names the config field for messages, e.g.
- * "k_codec"). Returns 0, or -1 with a message listing the valid specs. */
+ * "k_codec"); pca bases come from calib (NULL: none loaded; calib_path names
+ * it in messages). Returns 0, or -1 with a message (an unknown spec lists the
+ * valid ones). */
 int kvc__codec_init(kvc__codec *c, const char *spec, const char *field, kvc__role role,
-                    int head_dim, int block_size, int force_scalar, char *err, size_t errlen);
+                    int n_layer, int n_kv_head, int head_dim, int block_size, int force_scalar,
+                    const kvc__calib *calib, const char *calib_path, char *err, size_t errlen);
+void kvc__codec_free(kvc__codec *c);
 
-/* The comma-separated list of valid specs. */
+/* True when `spec` needs a calibration file (a pca basis). -1: unparseable. */
+int kvc__codec_needs_calib(const char *spec);
+
+/* The valid specs, for messages and kvc_codec_specs(). */
 const char *kvc__codec_specs(void);
+
+/* Encodes tokens [slot, slot + n) of group `group` (a kv head, or 0 for a
+ * latent) of `layer` into blk; token t's in_dim floats at x + t * x_stride. */
+void kvc__codec_encode(const kvc__codec *c, int layer, int group, void *blk, int slot, int n,
+                       const float *x, int64_t x_stride);
+/* Writes token `slot` of kv head `head`'s vector (head_dim floats) to x as
+ * attention sees it; blk is the head's block (its group's for a latent). */
+void kvc__codec_decode_head(const kvc__codec *c, int layer, int head, const void *blk, int slot, float *x);
+/* q' (dim[layer]) = P_head^T q (q: head_dim floats); a copy when plain. */
+void kvc__codec_project(const kvc__codec *c, int layer, int head, const float *q, float *qp);
+/* out (head_dim) = mean_head + P_head coef (coef: dim[layer]); a copy when plain. */
+void kvc__codec_expand(const kvc__codec *c, int layer, int head, const float *coef, float *out);
+
+/* The group a kv head's numbers live in. */
+static inline int kvc__codec_group(const kvc__codec *c, int head) { return c->shape == KVC__LATENT ? 0 : head; }
+
+/* The f32 K scores kernel (pre-RoPE keys are rotated into an f32 tile). */
+void kvc__scores_f32(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int s_stride);
 
 /* IEEE half conversions (round to nearest even), portable. */
 uint16_t kvc__f32_to_f16(float f);
 float kvc__f16_to_f32(uint16_t h);
+/* The largest half <= f and the smallest half >= f (f finite, |f| <= 65504). */
+uint16_t kvc__f16_down(float f);
+uint16_t kvc__f16_up(float f);
 
-/* int8 head blocks: the numbers, then one fp16 scale per token at this byte
+/* int8 blocks: the numbers, then one fp16 scale per token at this byte
  * offset (16-byte aligned). */
 static inline size_t kvc__i8_scale_offset(int B, int dim) { return ((size_t)B * dim + 15) & ~(size_t)15; }
 
@@ -75,8 +132,25 @@ static inline size_t kvc__i8_scale_offset(int B, int dim) { return ((size_t)B * 
 void kvc__i8_scale(float amax, uint16_t *scale_half, float *scale);
 int8_t kvc__i8_round(float v);
 
+/* int4 blocks. Codes are 4-bit, two per byte (even index in the low nibble);
+ * K: (dim, Bp) code matrix, Bp = B rounded up to even; V: (B, Dp), Dp = dim
+ * rounded up to even. Then, 16-byte aligned, fp16 scales, then fp16 minima:
+ * per token (KVC__U4): (n_groups, B) each, group g = numbers [32 g, 32 g + 32);
+ * per channel (KVC__U4C): (dim) each. A number is min + scale * code. */
+static inline int kvc__u4_groups(int dim) { return (dim + KVC__U4_GROUP - 1) / KVC__U4_GROUP; }
+static inline int kvc__even(int n) { return n + (n & 1); }
+static inline size_t kvc__u4_param_offset(kvc__role role, int B, int dim) {
+    size_t codes = role == KVC__ROLE_K ? (size_t)dim * kvc__even(B) / 2 : (size_t)B * kvc__even(dim) / 2;
+    return (codes + 15) & ~(size_t)15;
+}
+/* Quantization parameters of a range [lo, hi]: the minimum (largest half <=
+ * lo) and the scale (smallest half >= (hi - min) / 15); codes then lie in
+ * [0, 15] with an error of at most scale / 2. */
+void kvc__u4_params(float lo, float hi, uint16_t *min_half, uint16_t *scale_half);
+uint8_t kvc__u4_round(float v);   /* nearest even, clamped to [0, 15]; NaN gives 0 */
+
 /* AVX2 kernels (codec_avx2.c), only called after a CPU check: fills the
- * members it has a faster version of, NULL for the rest; -1 for an unknown name. */
-int kvc__codec_avx2_get(const char *name, kvc__role role, kvc__kernels *out);
+ * members it has a faster version of, NULL for the rest. */
+void kvc__codec_avx2_get(kvc__fmt fmt, kvc__role role, kvc__kernels *out);
 
 #endif

@@ -1,7 +1,8 @@
 /* codec_avx2.c: AVX2 + FMA + F16C kernels of the element formats (f32, f16,
- * int8): half conversion with F16C, scores over dimension-major K blocks and
- * weighted sums over token-major V blocks. Compiled with -mavx2 -mfma -mf16c;
- * reached only through kvc__codec_avx2_get after kvc__have_avx2().
+ * int8, int4 per token, int4 per channel for keys): half conversion with
+ * F16C, scores over dimension-major K blocks and weighted sums over
+ * token-major V blocks. Compiled with -mavx2 -mfma -mf16c; reached only
+ * through kvc__codec_avx2_get after kvc__have_avx2().
  *
  * Scores: for 16 (or 8) tokens at once, each dimension's K numbers are loaded
  * once and multiplied into up to 4 query rows (broadcast q[r][d]), so there is
@@ -9,7 +10,11 @@
  * Weighted sums: for 16 (or 8) dimensions at once, each V number is loaded once
  * and added into up to 4 rows' accumulators kept in registers. The element
  * format is a compile-time constant of an always-inline body, so each format
- * gets its own unrolled loops from one source. */
+ * gets its own unrolled loops from one source. Scales fold in after the loops:
+ * int8 multiplies a token's score (K) or weight (V) by its scale; int4 runs the
+ * loops per group of 32 numbers and adds scale * dot + min * sum(q) (K), or
+ * sums weight * scale over codes and weight * min once per group (V); int4
+ * per channel multiplies q by the channel's scale as it is broadcast. */
 #include <immintrin.h>
 #include <string.h>
 
@@ -17,15 +22,23 @@
 
 #define KVC__INLINE static inline __attribute__((always_inline))
 
-typedef enum { E_F32, E_F16, E_I8 } elem;
+typedef enum { E_F32, E_F16, E_I8, E_U4, E_U4C } elem;
 
+/* 8 numbers from element index i (for 4-bit codes, i is even: 4 bytes). */
 KVC__INLINE __m256 load8(elem e, const void *base, size_t i) {
     switch (e) {
     case E_F32: return _mm256_loadu_ps((const float *)base + i);
     case E_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + i)));
-    default:
+    case E_I8:
         return _mm256_cvtepi32_ps(
             _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)base + i))));
+    default: {
+        uint32_t w;
+        memcpy(&w, (const uint8_t *)base + i / 2, 4);
+        __m128i b = _mm_cvtsi32_si128((int)w), m = _mm_set1_epi8(0x0f);
+        __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+        return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+    }
     }
 }
 
@@ -33,107 +46,183 @@ KVC__INLINE float load1(elem e, const void *base, size_t i) {
     switch (e) {
     case E_F32: return ((const float *)base)[i];
     case E_F16: return kvc__f16_to_f32(((const uint16_t *)base)[i]);
-    default: return (float)((const int8_t *)base)[i];
+    case E_I8: return (float)((const int8_t *)base)[i];
+    default: return (float)((((const uint8_t *)base)[i >> 1] >> ((i & 1) * 4)) & 15);
     }
 }
 
 KVC__INLINE const uint16_t *i8_scales(const void *blk, int B, int dim) {
     return (const uint16_t *)((const uint8_t *)blk + kvc__i8_scale_offset(B, dim));
 }
+KVC__INLINE const uint16_t *u4_params(const void *blk, kvc__role role, int B, int dim) {
+    return (const uint16_t *)((const uint8_t *)blk + kvc__u4_param_offset(role, B, dim));
+}
+/* Elements between two dimensions of a K block / two tokens of a V block. */
+KVC__INLINE int k_stride(elem e, int B) { return e == E_U4 || e == E_U4C ? kvc__even(B) : B; }
+KVC__INLINE int v_stride(elem e, int dim) { return e == E_U4 || e == E_U4C ? kvc__even(dim) : dim; }
 
 /* ---- scores: s[r][j] = q_r . k_j over a (dim, B) block -------------------- */
 
-/* R rows x 8W tokens starting at token j; results (scaled for int8) to out. */
-KVC__INLINE void scores_tile(elem e, int R, int W, const void *blk, int B, int dim, int j,
-                             const float *q, __m256 out[4][2]) {
-    __m256 acc[4][2];
+/* What the format-specific folds need, per kernel call. */
+typedef struct {
+    float qsum[4][KVC__DIM_MAX / KVC__U4_GROUP];  /* int4: per row and group, sum of q */
+    float cs[1024];                                /* int4 per channel: scales (dim <= 1024) */
+    float base[4];                                 /* int4 per channel: per row, sum_d q_d min_d */
+} fold_aux;
+
+/* R rows x 8W tokens starting at token j, dimensions [d0, d1): raw dot
+ * products of codes (q multiplied by cs[d] when given). */
+KVC__INLINE void dot_tile(elem e, int R, int W, const void *blk, int ks, int qs, int d0, int d1, int j,
+                          const float *q, const float *cs, __m256 acc[4][2]) {
     _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int d = 0; d < dim; d++) {
-        size_t base = (size_t)d * B + j;
+    for (int d = d0; d < d1; d++) {
+        size_t base = (size_t)d * ks + j;
         __m256 k0 = load8(e, blk, base);
         __m256 k1 = W > 1 ? load8(e, blk, base + 8) : _mm256_setzero_ps();
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-            __m256 qb = _mm256_broadcast_ss(q + (size_t)r * dim + d);
+            __m256 qb = _mm256_set1_ps(cs ? q[(size_t)r * qs + d] * cs[d] : q[(size_t)r * qs + d]);
             acc[r][0] = _mm256_fmadd_ps(qb, k0, acc[r][0]);
             if (W > 1) acc[r][1] = _mm256_fmadd_ps(qb, k1, acc[r][1]);
         }
     }
+}
+
+/* R rows x 8W tokens from token j: finished scores into out. */
+KVC__INLINE void scores_tile(elem e, int R, int W, const void *blk, int B, int dim, int j, const float *q,
+                             const fold_aux *aux, __m256 out[4][2]) {
+    if (e == E_U4) {
+        const int G = kvc__u4_groups(dim);
+        const uint16_t *sc = u4_params(blk, KVC__ROLE_K, B, dim), *mn = sc + (size_t)G * B;
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) out[r][0] = out[r][1] = _mm256_setzero_ps();
+        for (int g = 0; g < G; g++) {
+            int d0 = g * KVC__U4_GROUP, d1 = d0 + KVC__U4_GROUP < dim ? d0 + KVC__U4_GROUP : dim;
+            __m256 a[4][2];
+            dot_tile(e, R, W, blk, kvc__even(B), dim, d0, d1, j, q, NULL, a);
+            for (int w = 0; w < W; w++) {
+                __m256 s8 = load8(E_F16, sc, (size_t)g * B + j + 8 * w), m8 = load8(E_F16, mn, (size_t)g * B + j + 8 * w);
+                _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+                    out[r][w] = _mm256_fmadd_ps(s8, a[r][w], out[r][w]);
+                    out[r][w] = _mm256_fmadd_ps(m8, _mm256_set1_ps(aux->qsum[r][g]), out[r][w]);
+                }
+            }
+        }
+        return;
+    }
+    dot_tile(e, R, W, blk, k_stride(e, B), dim, 0, dim, j, q, e == E_U4C ? aux->cs : NULL, out);
     if (e == E_I8) {
         const uint16_t *sc = i8_scales(blk, B, dim);
-        __m256 s0 = load8(E_F16, sc, (size_t)j);
-        __m256 s1 = W > 1 ? load8(E_F16, sc, (size_t)j + 8) : _mm256_setzero_ps();
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-            acc[r][0] = _mm256_mul_ps(acc[r][0], s0);
-            if (W > 1) acc[r][1] = _mm256_mul_ps(acc[r][1], s1);
+        for (int w = 0; w < W; w++) {
+            __m256 s8 = load8(E_F16, sc, (size_t)j + 8 * w);
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) out[r][w] = _mm256_mul_ps(out[r][w], s8);
         }
-    }
-    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-        out[r][0] = acc[r][0];
-        out[r][1] = acc[r][1];
+    } else if (e == E_U4C) {
+        for (int w = 0; w < W; w++)
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
+                out[r][w] = _mm256_add_ps(out[r][w], _mm256_set1_ps(aux->base[r]));
     }
 }
 
+/* One token's score for row r (block sizes not a multiple of 8). */
+KVC__INLINE float score1(elem e, const void *blk, int B, int dim, int j, const float *qr, int r,
+                         const fold_aux *aux) {
+    if (e == E_U4) {
+        const int G = kvc__u4_groups(dim);
+        const uint16_t *sc = u4_params(blk, KVC__ROLE_K, B, dim), *mn = sc + (size_t)G * B;
+        float s = 0.0f;
+        for (int g = 0; g < G; g++) {
+            int d0 = g * KVC__U4_GROUP, d1 = d0 + KVC__U4_GROUP < dim ? d0 + KVC__U4_GROUP : dim;
+            float a = 0.0f;
+            for (int d = d0; d < d1; d++) a += qr[d] * load1(e, blk, (size_t)d * kvc__even(B) + j);
+            s += kvc__f16_to_f32(sc[(size_t)g * B + j]) * a + kvc__f16_to_f32(mn[(size_t)g * B + j]) * aux->qsum[r][g];
+        }
+        return s;
+    }
+    float a = 0.0f;
+    for (int d = 0; d < dim; d++)
+        a += (e == E_U4C ? qr[d] * aux->cs[d] : qr[d]) * load1(e, blk, (size_t)d * k_stride(e, B) + j);
+    if (e == E_I8) a *= kvc__f16_to_f32(i8_scales(blk, B, dim)[j]);
+    if (e == E_U4C) a += aux->base[r];
+    return a;
+}
+
 KVC__INLINE void scores_rows(elem e, int R, const void *blk, int B, int dim, int n,
-                             const float *q, float *s, int s_stride) {
+                             const float *q, float *s, int s_stride, const fold_aux *aux) {
     __m256 t[4][2];
     int j = 0;
     for (; j + 16 <= n; j += 16) {
-        scores_tile(e, R, 2, blk, B, dim, j, q, t);
+        scores_tile(e, R, 2, blk, B, dim, j, q, aux, t);
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
             _mm256_storeu_ps(s + (size_t)r * s_stride + j, t[r][0]);
             _mm256_storeu_ps(s + (size_t)r * s_stride + j + 8, t[r][1]);
         }
     }
     for (; j + 8 <= n; j += 8) {
-        scores_tile(e, R, 1, blk, B, dim, j, q, t);
+        scores_tile(e, R, 1, blk, B, dim, j, q, aux, t);
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) _mm256_storeu_ps(s + (size_t)r * s_stride + j, t[r][0]);
     }
     if (j == n) return;
     if (j + 8 <= B) {            /* a partial last group inside the block: keep n - j */
         float tmp[8];
-        scores_tile(e, R, 1, blk, B, dim, j, q, t);
+        scores_tile(e, R, 1, blk, B, dim, j, q, aux, t);
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
             _mm256_storeu_ps(tmp, t[r][0]);
             memcpy(s + (size_t)r * s_stride + j, tmp, sizeof(float) * (size_t)(n - j));
         }
         return;
     }
-    for (; j < n; j++) {         /* block sizes not a multiple of 8 */
-        float sc = e == E_I8 ? kvc__f16_to_f32(i8_scales(blk, B, dim)[j]) : 1.0f;
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-            float a = 0.0f;
-            for (int d = 0; d < dim; d++) a += q[(size_t)r * dim + d] * load1(e, blk, (size_t)d * B + j);
-            s[(size_t)r * s_stride + j] = a * sc;
-        }
-    }
+    for (; j < n; j++)           /* block sizes not a multiple of 8 */
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
+            s[(size_t)r * s_stride + j] = score1(e, blk, B, dim, j, q + (size_t)r * dim, r, aux);
 }
 
 KVC__INLINE void scores_impl(elem e, const void *blk, int B, int dim, int n, const float *q,
                              int nr, float *s, int s_stride) {
+    fold_aux aux;
+    if (e == E_U4C) {
+        const uint16_t *sc = u4_params(blk, KVC__ROLE_K, B, dim);
+        for (int d = 0; d < dim; d++) aux.cs[d] = kvc__f16_to_f32(sc[d]);
+    }
     for (int r0 = 0; r0 < nr; r0 += 4) {
         const float *qr = q + (size_t)r0 * dim;
         float *sr = s + (size_t)r0 * s_stride;
-        switch (nr - r0) {
-        case 1: scores_rows(e, 1, blk, B, dim, n, qr, sr, s_stride); break;
-        case 2: scores_rows(e, 2, blk, B, dim, n, qr, sr, s_stride); break;
-        case 3: scores_rows(e, 3, blk, B, dim, n, qr, sr, s_stride); break;
-        default: scores_rows(e, 4, blk, B, dim, n, qr, sr, s_stride); break;
+        int R = nr - r0 < 4 ? nr - r0 : 4;
+        for (int r = 0; r < R; r++) {
+            if (e == E_U4)
+                for (int g = 0; g < kvc__u4_groups(dim); g++) {
+                    int d0 = g * KVC__U4_GROUP, d1 = d0 + KVC__U4_GROUP < dim ? d0 + KVC__U4_GROUP : dim;
+                    float a = 0.0f;
+                    for (int d = d0; d < d1; d++) a += qr[(size_t)r * dim + d];
+                    aux.qsum[r][g] = a;
+                }
+            if (e == E_U4C) {
+                const uint16_t *mn = u4_params(blk, KVC__ROLE_K, B, dim) + dim;
+                float a = 0.0f;
+                for (int d = 0; d < dim; d++) a += qr[(size_t)r * dim + d] * kvc__f16_to_f32(mn[d]);
+                aux.base[r] = a;
+            }
+        }
+        switch (R) {
+        case 1: scores_rows(e, 1, blk, B, dim, n, qr, sr, s_stride, &aux); break;
+        case 2: scores_rows(e, 2, blk, B, dim, n, qr, sr, s_stride, &aux); break;
+        case 3: scores_rows(e, 3, blk, B, dim, n, qr, sr, s_stride, &aux); break;
+        default: scores_rows(e, 4, blk, B, dim, n, qr, sr, s_stride, &aux); break;
         }
     }
 }
 
 /* ---- weighted sums: acc[r] += sum_j w[r][j] v_j over a (B, dim) block ----- */
 
-/* R rows x 8W dimensions starting at d0, accumulators in registers. */
-KVC__INLINE void accum_tile(elem e, int R, int W, const void *blk, int dim, int n,
+/* R rows x 8W dimensions starting at d0, accumulators in registers; vs:
+ * elements between tokens; acc rows are adim floats apart. */
+KVC__INLINE void accum_tile(elem e, int R, int W, const void *blk, int vs, int adim, int n,
                             const float *w, int w_stride, int d0, float *acc) {
     __m256 a[4][2];
     _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-        a[r][0] = _mm256_loadu_ps(acc + (size_t)r * dim + d0);
-        a[r][1] = W > 1 ? _mm256_loadu_ps(acc + (size_t)r * dim + d0 + 8) : _mm256_setzero_ps();
+        a[r][0] = _mm256_loadu_ps(acc + (size_t)r * adim + d0);
+        a[r][1] = W > 1 ? _mm256_loadu_ps(acc + (size_t)r * adim + d0 + 8) : _mm256_setzero_ps();
     }
     for (int j = 0; j < n; j++) {
-        size_t base = (size_t)j * dim + d0;
+        size_t base = (size_t)j * vs + d0;
         __m256 v0 = load8(e, blk, base);
         __m256 v1 = W > 1 ? load8(e, blk, base + 8) : _mm256_setzero_ps();
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
@@ -143,30 +232,62 @@ KVC__INLINE void accum_tile(elem e, int R, int W, const void *blk, int dim, int 
         }
     }
     _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-        _mm256_storeu_ps(acc + (size_t)r * dim + d0, a[r][0]);
-        if (W > 1) _mm256_storeu_ps(acc + (size_t)r * dim + d0 + 8, a[r][1]);
+        _mm256_storeu_ps(acc + (size_t)r * adim + d0, a[r][0]);
+        if (W > 1) _mm256_storeu_ps(acc + (size_t)r * adim + d0 + 8, a[r][1]);
     }
 }
 
-KVC__INLINE void accum_rows(elem e, int R, const void *blk, int dim, int n, const float *w,
-                            int w_stride, float *acc) {
-    int d0 = 0;
-    for (; d0 + 16 <= dim; d0 += 16) accum_tile(e, R, 2, blk, dim, n, w, w_stride, d0, acc);
-    for (; d0 + 8 <= dim; d0 += 8) accum_tile(e, R, 1, blk, dim, n, w, w_stride, d0, acc);
-    for (; d0 < dim; d0++)
+/* Dimensions [dlo, dhi) of R rows. */
+KVC__INLINE void accum_rows(elem e, int R, const void *blk, int vs, int adim, int dlo, int dhi, int n,
+                            const float *w, int w_stride, float *acc) {
+    int d0 = dlo;
+    for (; d0 + 16 <= dhi; d0 += 16) accum_tile(e, R, 2, blk, vs, adim, n, w, w_stride, d0, acc);
+    for (; d0 + 8 <= dhi; d0 += 8) accum_tile(e, R, 1, blk, vs, adim, n, w, w_stride, d0, acc);
+    for (; d0 < dhi; d0++)
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-            float a = acc[(size_t)r * dim + d0];
-            for (int j = 0; j < n; j++) a += w[(size_t)r * w_stride + j] * load1(e, blk, (size_t)j * dim + d0);
-            acc[(size_t)r * dim + d0] = a;
+            float a = acc[(size_t)r * adim + d0];
+            for (int j = 0; j < n; j++) a += w[(size_t)r * w_stride + j] * load1(e, blk, (size_t)j * vs + d0);
+            acc[(size_t)r * adim + d0] = a;
         }
+}
+
+KVC__INLINE void accum_dispatch(elem e, int R, const void *blk, int vs, int adim, int dlo, int dhi, int n,
+                                const float *w, int w_stride, float *acc) {
+    switch (R) {
+    case 1: accum_rows(e, 1, blk, vs, adim, dlo, dhi, n, w, w_stride, acc); break;
+    case 2: accum_rows(e, 2, blk, vs, adim, dlo, dhi, n, w, w_stride, acc); break;
+    case 3: accum_rows(e, 3, blk, vs, adim, dlo, dhi, n, w, w_stride, acc); break;
+    default: accum_rows(e, 4, blk, vs, adim, dlo, dhi, n, w, w_stride, acc); break;
+    }
 }
 
 KVC__INLINE void accum_impl(elem e, const void *blk, int B, int dim, int n, const float *w,
                             int w_stride, int nr, float *acc) {
-    float wsc[4 * 1024];          /* int8: weights times the tokens' scales; B <= 1024 */
+    float wsc[4 * 1024];          /* weights times the tokens' scales; B <= 1024 */
     for (int r0 = 0; r0 < nr; r0 += 4) {
         int R = nr - r0 < 4 ? nr - r0 : 4;
         const float *wr = w + (size_t)r0 * w_stride;
+        float *ar = acc + (size_t)r0 * dim;
+        if (e == E_U4) {                             /* per group: scaled weights, then the minima */
+            const int G = kvc__u4_groups(dim);
+            const uint16_t *sc = u4_params(blk, KVC__ROLE_V, B, dim), *mn = sc + (size_t)G * B;
+            for (int g = 0; g < G; g++) {
+                int d0 = g * KVC__U4_GROUP, d1 = d0 + KVC__U4_GROUP < dim ? d0 + KVC__U4_GROUP : dim;
+                float bias[4] = {0};
+                for (int j = 0; j < n; j++) {
+                    float s = kvc__f16_to_f32(sc[(size_t)g * B + j]), m = kvc__f16_to_f32(mn[(size_t)g * B + j]);
+                    for (int r = 0; r < R; r++) {
+                        float wj = wr[(size_t)r * w_stride + j];
+                        wsc[r * n + j] = wj * s;
+                        bias[r] += wj * m;
+                    }
+                }
+                accum_dispatch(e, R, blk, kvc__even(dim), dim, d0, d1, n, wsc, n, ar);
+                for (int r = 0; r < R; r++)
+                    for (int d = d0; d < d1; d++) ar[(size_t)r * dim + d] += bias[r];
+            }
+            continue;
+        }
         int ws = w_stride;
         if (e == E_I8) {
             const uint16_t *sc = i8_scales(blk, B, dim);
@@ -177,13 +298,7 @@ KVC__INLINE void accum_impl(elem e, const void *blk, int B, int dim, int n, cons
             wr = wsc;
             ws = n;
         }
-        float *ar = acc + (size_t)r0 * dim;
-        switch (R) {
-        case 1: accum_rows(e, 1, blk, dim, n, wr, ws, ar); break;
-        case 2: accum_rows(e, 2, blk, dim, n, wr, ws, ar); break;
-        case 3: accum_rows(e, 3, blk, dim, n, wr, ws, ar); break;
-        default: accum_rows(e, 4, blk, dim, n, wr, ws, ar); break;
-        }
+        accum_dispatch(e, R, blk, v_stride(e, dim), dim, 0, dim, n, wr, ws, ar);
     }
 }
 
@@ -196,6 +311,12 @@ static void scores_f16(const void *blk, int B, int dim, int n, const float *q, i
 static void scores_i8(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int ss) {
     scores_impl(E_I8, blk, B, dim, n, q, nr, s, ss);
 }
+static void scores_u4(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int ss) {
+    scores_impl(E_U4, blk, B, dim, n, q, nr, s, ss);
+}
+static void scores_u4c(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int ss) {
+    scores_impl(E_U4C, blk, B, dim, n, q, nr, s, ss);
+}
 static void accum_f32(const void *blk, int B, int dim, int n, const float *w, int ws, int nr, float *acc) {
     accum_impl(E_F32, blk, B, dim, n, w, ws, nr, acc);
 }
@@ -204,6 +325,9 @@ static void accum_f16(const void *blk, int B, int dim, int n, const float *w, in
 }
 static void accum_i8(const void *blk, int B, int dim, int n, const float *w, int ws, int nr, float *acc) {
     accum_impl(E_I8, blk, B, dim, n, w, ws, nr, acc);
+}
+static void accum_u4(const void *blk, int B, int dim, int n, const float *w, int ws, int nr, float *acc) {
+    accum_impl(E_U4, blk, B, dim, n, w, ws, nr, acc);
 }
 
 /* ---- f16 with F16C ------------------------------------------------------- */
@@ -219,16 +343,19 @@ static void f32_to_f16_strided(const float *src, int n, uint16_t *dst, size_t st
     for (; i < n; i++) dst[(size_t)i * step] = kvc__f32_to_f16(src[i]);
 }
 
-static void enc_k_f16(void *blk, int B, int dim, int slot, const float *x) {
-    f32_to_f16_strided(x, dim, (uint16_t *)blk + slot, (size_t)B);
+static void enc_k_f16(void *blk, int B, int dim, int slot, int n, const float *x, int64_t xs) {
+    for (int t = 0; t < n; t++) f32_to_f16_strided(x + t * xs, dim, (uint16_t *)blk + slot + t, (size_t)B);
 }
 
-static void enc_v_f16(void *blk, int B, int dim, int slot, const float *x) {
-    uint16_t *row = (uint16_t *)blk + (size_t)slot * dim;
-    int d = 0;
-    for (; d + 8 <= dim; d += 8)
-        _mm_storeu_si128((__m128i *)(row + d), _mm256_cvtps_ph(_mm256_loadu_ps(x + d), _MM_FROUND_TO_NEAREST_INT));
-    for (; d < dim; d++) row[d] = kvc__f32_to_f16(x[d]);
+static void enc_v_f16(void *blk, int B, int dim, int slot, int n, const float *x, int64_t xs) {
+    for (int t = 0; t < n; t++) {
+        uint16_t *row = (uint16_t *)blk + (size_t)(slot + t) * dim;
+        const float *xt = x + t * xs;
+        int d = 0;
+        for (; d + 8 <= dim; d += 8)
+            _mm_storeu_si128((__m128i *)(row + d), _mm256_cvtps_ph(_mm256_loadu_ps(xt + d), _MM_FROUND_TO_NEAREST_INT));
+        for (; d < dim; d++) row[d] = kvc__f32_to_f16(xt[d]);
+    }
 }
 
 static void dec_v_f16(const void *blk, int B, int dim, int slot, float *x) {
@@ -277,42 +404,46 @@ static void i8_quantize(const float *x, int dim, int8_t *q, size_t q_step, uint1
     for (; d < dim; d++) q[(size_t)d * q_step] = kvc__i8_round(x[d] / s);
 }
 
-static void enc_k_i8(void *blk, int B, int dim, int slot, const float *x) {
-    uint16_t sh;
-    i8_quantize(x, dim, (int8_t *)blk + slot, (size_t)B, &sh);
-    memcpy((uint8_t *)blk + kvc__i8_scale_offset(B, dim) + 2 * (size_t)slot, &sh, sizeof sh);
-}
-
-static void enc_v_i8(void *blk, int B, int dim, int slot, const float *x) {
-    uint16_t sh;
-    i8_quantize(x, dim, (int8_t *)blk + (size_t)slot * dim, 1, &sh);
-    memcpy((uint8_t *)blk + kvc__i8_scale_offset(B, dim) + 2 * (size_t)slot, &sh, sizeof sh);
-}
-
-int kvc__codec_avx2_get(const char *name, kvc__role role, kvc__kernels *out) {
-    memset(out, 0, sizeof *out);
-    if (strcmp(name, "f32") == 0) {
-        if (role == KVC__ROLE_K) out->scores = scores_f32;
-        else out->accum = accum_f32;
-    } else if (strcmp(name, "f16") == 0) {
-        if (role == KVC__ROLE_K) {
-            out->encode = enc_k_f16;
-            out->scores = scores_f16;
-        } else {
-            out->encode = enc_v_f16;
-            out->decode = dec_v_f16;
-            out->accum = accum_f16;
-        }
-    } else if (strcmp(name, "int8") == 0) {
-        if (role == KVC__ROLE_K) {
-            out->encode = enc_k_i8;
-            out->scores = scores_i8;
-        } else {
-            out->encode = enc_v_i8;
-            out->accum = accum_i8;
-        }
-    } else {
-        return -1;
+static void enc_k_i8(void *blk, int B, int dim, int slot, int n, const float *x, int64_t xs) {
+    for (int t = 0; t < n; t++) {
+        uint16_t sh;
+        i8_quantize(x + t * xs, dim, (int8_t *)blk + slot + t, (size_t)B, &sh);
+        memcpy((uint8_t *)blk + kvc__i8_scale_offset(B, dim) + 2 * (size_t)(slot + t), &sh, sizeof sh);
     }
-    return 0;
+}
+
+static void enc_v_i8(void *blk, int B, int dim, int slot, int n, const float *x, int64_t xs) {
+    for (int t = 0; t < n; t++) {
+        uint16_t sh;
+        i8_quantize(x + t * xs, dim, (int8_t *)blk + (size_t)(slot + t) * dim, 1, &sh);
+        memcpy((uint8_t *)blk + kvc__i8_scale_offset(B, dim) + 2 * (size_t)(slot + t), &sh, sizeof sh);
+    }
+}
+
+void kvc__codec_avx2_get(kvc__fmt fmt, kvc__role role, kvc__kernels *out) {
+    memset(out, 0, sizeof *out);
+    const int k = role == KVC__ROLE_K;
+    switch (fmt) {
+    case KVC__F32:
+        if (k) out->scores = scores_f32;
+        else out->accum = accum_f32;
+        break;
+    case KVC__F16:
+        out->encode = k ? enc_k_f16 : enc_v_f16;
+        if (k) out->scores = scores_f16;
+        else out->decode = dec_v_f16, out->accum = accum_f16;
+        break;
+    case KVC__I8:
+        out->encode = k ? enc_k_i8 : enc_v_i8;
+        if (k) out->scores = scores_i8;
+        else out->accum = accum_i8;
+        break;
+    case KVC__U4:
+        if (k) out->scores = scores_u4;
+        else out->accum = accum_u4;
+        break;
+    case KVC__U4C:
+        if (k) out->scores = scores_u4c;
+        break;
+    }
 }

@@ -5,13 +5,15 @@
  * of `block_size` tokens (B). A page holds every layer's K and V for its
  * tokens, so a page id indexes each layer's region directly:
  *
- *   page p, layer l:  arena + p * page_bytes + l * layer_bytes
- *     K region: n_kv_head head blocks of k_block_bytes (head h at h * k_block_bytes)
- *     V region: n_kv_head head blocks of v_block_bytes, right after the K region
- *   layer_bytes = n_kv_head * (k_block_bytes + v_block_bytes); page_bytes = n_layer * layer_bytes
+ *   page p, layer l:  arena + p * page_bytes + layer_offset[l]
+ *     K region: n_k_groups blocks of k_block_bytes[l] (group g at g * k_block_bytes[l])
+ *     V region: n_v_groups blocks of v_block_bytes[l], right after the K region
+ *   a group is one kv head, or all of a layer's kv heads for a latent codec;
+ *   block sizes depend on the layer only where a calibration file gives
+ *   per-layer ranks.
  *
- * A head block holds one kv head's B tokens in its codec's layout, padded to a
- * multiple of 64 bytes (D = head_dim):
+ * A block holds one group's B tokens in its codec's layout, padded to a
+ * multiple of 16 bytes (D = head_dim, R = the stored rank):
  *   f32  K: float  (D, B)  dimension-major: one dimension's B tokens are contiguous,
  *                          so scores of 8 tokens come from vertical FMAs
  *        V: float  (B, D)  token-major: a weighted sum of rows
@@ -19,8 +21,38 @@
  *   int8 K: int8   (D, B), then fp16 scale (B)        symmetric: x = q * scale, one scale
  *        V: int8   (B, D), then fp16 scale (B)        per (token, head), the smallest half
  *                          >= max|x| / 127; the scales start 16-byte aligned; |q| <= 127
- * Attention reads these in place: int8 scales multiply the score (K) or fold
- * into the softmax weight (V); nothing is expanded to f32 in memory.
+ *   int4 K: 4-bit codes (D, B'), V: (B, D') (B', D' rounded up to even; two
+ *                          codes a byte, the even index in the low nibble), then
+ *                          fp16 scales (G, B) and fp16 minima (G, B): x = min + scale * code,
+ *                          asymmetric per group of 32 numbers of a token (G = ceil(D / 32))
+ *   int4:channel           the same codes, then fp16 scales (D) and minima (D): per
+ *                          number index over the block's tokens (KIVI's per-channel keys)
+ *   lowrank:rR  K: fp16 (R, B), V: fp16 (B, R): coefficients c = P^T (x - mean) on
+ *                          the head's orthonormal basis P (D, R); x ~ mean + P c
+ *   latent:N    one block per layer: fp16 (N, B) / (B, N) coefficients of the
+ *                          concatenated kv heads (n_kv_head * D) on one basis
+ *   hybrid:rR, hybrid:latent:N   the same coefficients as int8 with an fp16 scale
+ *                          per token (the int8 layout with D = R or N)
+ * Attention reads these in place: scales multiply the score (K) or fold into
+ * the softmax weight (V); the query is projected once per row onto its head's
+ * slice of the K basis (q' = P_h^T q) and the V coefficients are summed, then
+ * expanded once per row (out = mean_h + P_h sum / l). Nothing is expanded to
+ * f32 in memory, except pre-RoPE keys, which are rotated one block at a time
+ * into a tile of scratch.
+ *
+ * Codec specs (one string, chosen separately for K and V):
+ *   f32 | f16 | int8 | int4 | int4:channel
+ *   lowrank:rR[:BASIS]          per-kv-head low rank R (1..head_dim), fp16 coefficients
+ *   latent:N[:BASIS]            cross-head latent of N (1..n_kv_head*head_dim) per token
+ *   hybrid:rR[:BASIS]           lowrank with int8 coefficients and scales
+ *   hybrid:latent:N[:BASIS]     latent with int8 coefficients and scales
+ *   BASIS: orthogonal (default: a seeded random orthonormal basis, no
+ *   calibration) or pca (from the calibration file, `calib`). With pca the
+ *   rank may be left out (lowrank:pca, latent:pca, hybrid:pca,
+ *   hybrid:latent:pca): each layer then takes the rank the file chose for it.
+ *   A K spec may end in :prerope: keys are cached before RoPE (pca bases from
+ *   the file's pre-RoPE key statistics) and attention rotates them; the caller
+ *   then writes unrotated keys and passes RoPE tables to kvc_attend_rope.
  *
  * Sequences own block tables of int32 page ids; pages are reference-counted so
  * sequences can share a prefix (fork), and a shared page is copied before it is
@@ -29,7 +61,8 @@
  * The cache knows nothing of models or scheduling: it is given dimensions and
  * codec specs. Threading: a pool is used by one thread at a time (the engine
  * thread), except kvc_write, kvc_read and kvc_attend, which may run concurrently
- * on different (sequence, layer, kv_head) units once pages are reserved. */
+ * on different (sequence, layer, kv_head) units once pages are reserved (a
+ * latent codec's unit for kvc_write is (sequence, layer)). */
 #ifndef KVC_KVCACHE_H
 #define KVC_KVCACHE_H
 
@@ -44,8 +77,9 @@ typedef struct {
     int head_dim;            /* 1..1024 */
     int block_size;          /* tokens per page, 1..1024; default 16 (0 is an error) */
     size_t memory_bytes;     /* arena size; whole pages are cut from it */
-    const char *k_codec;     /* codec spec for keys: "f32", "f16", "int8" */
+    const char *k_codec;     /* codec spec for keys (see above) */
     const char *v_codec;     /* codec spec for values */
+    const char *calib;       /* calibration file for pca bases (kvserve calibrate), or NULL */
     int force_scalar;        /* 1: portable kernels even where AVX2 is available
                               * (tests, comparisons); 0: choose at run time */
 } kvc_config;
@@ -62,11 +96,12 @@ typedef struct {
 enum { KVC_OK = 0, KVC_ERR_NOMEM = -1, KVC_ERR_INVAL = -2, KVC_ERR_FULL = -3 };
 const char *kvc_strerror(int code);
 
-/* The codec specs kvc_config accepts, comma-separated ("f32, f16, int8"). */
+/* The codec specs kvc_config accepts, comma-separated, for messages. */
 const char *kvc_codec_specs(void);
 
 /* Creates a pool. Returns KVC_OK, or an error with a message naming the bad
- * field or codec spec in err ("kvc: block_size 0: must be 1..1024"). */
+ * field, codec spec or calibration file in err ("kvc: block_size 0: must be
+ * 1..1024"). A calibration file that does not match the dimensions is refused. */
 int kvc_pool_create(const kvc_config *cfg, kvc_pool **out, char *err, size_t errlen);
 void kvc_pool_destroy(kvc_pool *pool);
 
@@ -127,11 +162,113 @@ void kvc_read(const kvc_pool *pool, const kvc_seq *seq, int layer, int pos, int 
  * floats (already rotated, unscaled); out likewise with out_stride. scale is
  * applied to the scores (1/sqrt(head_dim) normally). scratch: at least
  * kvc_attend_scratch_floats(pool, n_ctx, n_rep) floats, 64-byte aligned
- * preferred. Each K and V row is read once per call for up to 16 query rows
- * (query token, head) together: a decode step reads the cache once per kv head. */
+ * preferred; its size does not depend on n_ctx. Each K and V block is read
+ * once per call for up to 16 query rows (query token, head) together: a
+ * decode step reads the cache once per kv head. With a latent codec every kv
+ * head reads the layer's one latent block, each through its own slice of the
+ * basis. Keys cached before RoPE (kvc_keys_pre_rope) need kvc_attend_rope. */
 void kvc_attend(const kvc_pool *pool, const kvc_seq *seq, int layer, int kv_head,
                 const float *q, int64_t q_stride, int n_q, int n_rep, int pos0, float scale,
                 float *out, int64_t out_stride, float *scratch);
 size_t kvc_attend_scratch_floats(const kvc_pool *pool, int n_ctx, int n_rep);
+
+/* RoPE as the caller applies it to queries, for keys cached before RoPE:
+ * position p's pair i (i < rope_dim / 2) turns by the angle whose cosine and
+ * sine are cos[p * (rope_dim / 2) + i], sin[...]; the pair is (2i, 2i + 1),
+ * or (i, i + rope_dim / 2) when neox. Dimensions past rope_dim are not turned. */
+typedef struct {
+    int rope_dim;            /* even, <= head_dim */
+    int neox;
+    const float *cos, *sin;  /* (n_pos, rope_dim / 2) */
+    int n_pos;               /* positions the tables cover (> every cached position) */
+} kvc_rope;
+
+/* 1 when the K codec caches keys before RoPE: the caller writes K unrotated
+ * and attends with kvc_attend_rope. */
+int kvc_keys_pre_rope(const kvc_pool *pool);
+
+/* kvc_attend, rotating cached keys by their positions first when they are
+ * cached before RoPE (rope must then be given; it is ignored otherwise). The
+ * keys of one block are decoded, rotated and scored from an f32 tile in
+ * scratch: pre-RoPE low-rank keys cost head_dim * R per cached token and kv
+ * head instead of R per query row, the price of their better rank. */
+void kvc_attend_rope(const kvc_pool *pool, const kvc_seq *seq, int layer, int kv_head,
+                     const float *q, int64_t q_stride, int n_q, int n_rep, int pos0, float scale,
+                     float *out, int64_t out_stride, float *scratch, const kvc_rope *rope);
+
+/* ---- absorbed projections -------------------------------------------------
+ * A transform codec stores c = P^T (x - mean) per group. With x = W h + b
+ * (the K or V projection of the layer input h), c = (P^T W) h + P^T (b - mean):
+ * a caller may fold P into its projection weights once and compute c directly
+ * (fewer rows than W), then hand c to kvc_write_ex. Pre-RoPE keys only: RoPE
+ * does not commute with P. */
+typedef struct {
+    int n_groups;            /* blocks per layer: n_kv_head, or 1 for a latent */
+    int in_dim;              /* head_dim, or n_kv_head * head_dim for a latent */
+    int rank;                /* coefficients per token per group in this layer */
+    const float *basis;      /* (in_dim, rank) row-major, orthonormal columns */
+    const float *mean;       /* (in_dim), or NULL for zero */
+} kvc_basis;
+
+/* The basis of `group` in `layer` for keys (v == 0) or values (v == 1).
+ * KVC_OK, or KVC_ERR_INVAL when that codec has no transform. The pointers
+ * live as long as the pool. */
+int kvc_get_basis(const kvc_pool *pool, int v, int layer, int group, kvc_basis *out);
+
+/* kvc_write with separate strides, where k (k_coef = 1) or v (v_coef = 1)
+ * may be given as coefficients: token t's n_groups * rank floats at
+ * k + t * k_stride (group g's at g * rank). Coefficients of a codec without a
+ * transform are an invariant error. */
+int kvc_write_ex(kvc_pool *pool, kvc_seq *seq, int layer, int pos, int n,
+                 const float *k, int64_t k_stride, int k_coef,
+                 const float *v, int64_t v_stride, int v_coef);
+
+/* ---- calibration (calib.c) -------------------------------------------------
+ * `kvserve calibrate` collects K and V vectors of real text, fits PCA bases and
+ * writes them to a calibration file that pca codecs read.
+ *
+ * File format, version 1, little-endian, no padding:
+ *   char magic[8] = "KVCCALIB"; u32 version = 1;
+ *   u32 n_layer, n_kv_head, head_dim;   the cache shape it fits (checked on load)
+ *   u32 n_sets; u64 n_tokens;           sets that follow; tokens the statistics saw
+ *   char model[64];                     NUL-padded model name (informational)
+ *   n_sets times:
+ *     u32 kind (0 keys after RoPE, 1 values, 2 keys before RoPE); u32 0;
+ *     u32 rank_head[n_layer]            ranks chosen per layer (--rank, or --energy):
+ *     u32 rank_latent[n_layer]          for lowrank:pca / hybrid:pca, and latent:pca
+ *     per layer:
+ *       per kv head h:  f32 mean[D]; f32 eigenvalue[D]; f32 component[D][D]
+ *       cross-head:     f32 mean[HD]; f32 eigenvalue[HD]; f32 component[HD][HD]
+ *       (HD = n_kv_head * D; components are unit rows, by decreasing eigenvalue:
+ *       the covariance's eigenvectors, so the first R span the best R-dim subspace) */
+enum { KVC_CALIB_K = 0, KVC_CALIB_V = 1, KVC_CALIB_K_PRE_ROPE = 2, KVC_CALIB_SETS = 3 };
+#define KVC_CALIB_VERSION 1
+
+typedef struct kvc_calib_fit kvc_calib_fit;
+
+/* Statistics for a cache of this shape (NULL when out of memory). */
+kvc_calib_fit *kvc_calib_fit_create(int n_layer, int n_kv_head, int head_dim);
+void kvc_calib_fit_destroy(kvc_calib_fit *fit);
+/* Adds n vectors of one set and layer: x (n, n_kv_head * head_dim), x_stride
+ * floats between tokens. Vectors with a NaN or infinity are an invariant error. */
+void kvc_calib_fit_add(kvc_calib_fit *fit, int set, int layer, const float *x, int n, int64_t x_stride);
+
+typedef struct {
+    int rank;                /* > 0: every layer's per-head rank (latent: rank * n_kv_head) */
+    double energy;           /* else: the smallest rank keeping this share of the variance, per layer */
+    const char *model;       /* name written into the file */
+    void (*progress)(void *ctx, int layer, int n_layer);   /* optional, per layer fitted */
+    void *progress_ctx;
+} kvc_calib_opts;
+
+/* Fits PCA per layer for every set that received vectors (per kv head and
+ * across heads) and writes the file. KVC_OK, or an error with a message. */
+int kvc_calib_fit_write(kvc_calib_fit *fit, const kvc_calib_opts *opts, const char *path,
+                        char *err, size_t errlen);
+
+/* Symmetric eigen-decomposition (exposed for tests): a (n, n) row-major,
+ * destroyed; eigenvalues descending into w (n), unit eigenvectors as the rows
+ * of vecs (n, n). Returns 0, or -1 when the iteration does not converge. */
+int kvc_sym_eigen(double *a, int n, double *w, double *vecs);
 
 #endif

@@ -14,6 +14,7 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include "cache/calib.h"
 #include "cache/pool_internal.h"
 
 const char *kvc_strerror(int code) {
@@ -54,23 +55,43 @@ int kvc_pool_create(const kvc_config *cfg, kvc_pool **out, char *err, size_t err
     p->n_kv_head = cfg->n_kv_head;
     p->head_dim = cfg->head_dim;
     p->block_size = cfg->block_size;
-    if (kvc__codec_init(&p->kc, cfg->k_codec, "k_codec", KVC__ROLE_K, cfg->head_dim,
-                        cfg->block_size, cfg->force_scalar, err, errlen) ||
-        kvc__codec_init(&p->vc, cfg->v_codec, "v_codec", KVC__ROLE_V, cfg->head_dim,
-                        cfg->block_size, cfg->force_scalar, err, errlen)) {
-        free(p);
-        return KVC_ERR_INVAL;
+    /* A calibration file is read only when a codec asks for a pca basis. */
+    kvc__calib *calib = NULL;
+    int need_k = kvc__codec_needs_calib(cfg->k_codec), need_v = kvc__codec_needs_calib(cfg->v_codec);
+    if ((need_k == 1 || need_v == 1) && cfg->calib) {
+        int rc = kvc__calib_load(cfg->calib, cfg->n_layer, cfg->n_kv_head, cfg->head_dim, &calib, err, errlen);
+        if (rc != KVC_OK) {
+            free(p);
+            return rc;
+        }
     }
-    /* Head blocks are < 2^32 bytes and counts <= 4096, so these fit in size_t. */
-    p->layer_bytes = (size_t)p->n_kv_head * (p->kc.block_bytes + p->vc.block_bytes);
-    p->page_bytes = (size_t)p->n_layer * p->layer_bytes;
+    int bad = kvc__codec_init(&p->kc, cfg->k_codec, "k_codec", KVC__ROLE_K, cfg->n_layer, cfg->n_kv_head,
+                              cfg->head_dim, cfg->block_size, cfg->force_scalar, calib, cfg->calib, err, errlen) ||
+              kvc__codec_init(&p->vc, cfg->v_codec, "v_codec", KVC__ROLE_V, cfg->n_layer, cfg->n_kv_head,
+                              cfg->head_dim, cfg->block_size, cfg->force_scalar, calib, cfg->calib, err, errlen);
+    kvc__calib_free(calib);
+    p->layer_off = calloc((size_t)p->n_layer, sizeof *p->layer_off);
+    p->k_region = calloc((size_t)p->n_layer, sizeof *p->k_region);
+    if (bad || !p->layer_off || !p->k_region) {
+        if (!bad) snprintf(err, errlen, "kvc: out of memory for the pool");
+        kvc__codec_free(&p->kc);
+        kvc__codec_free(&p->vc);
+        free(p->layer_off), free(p->k_region), free(p);
+        return bad ? KVC_ERR_INVAL : KVC_ERR_NOMEM;
+    }
+    /* Blocks are < 2^32 bytes and counts <= 4096, so these fit in size_t. */
+    for (int l = 0; l < p->n_layer; l++) {
+        p->layer_off[l] = p->page_bytes;
+        p->k_region[l] = (size_t)p->kc.n_groups * p->kc.block_bytes[l];
+        p->page_bytes += p->k_region[l] + (size_t)p->vc.n_groups * p->vc.block_bytes[l];
+    }
     size_t n_pages = cfg->memory_bytes / p->page_bytes;
     if (n_pages == 0) {
         snprintf(err, errlen,
                  "kvc: memory_bytes %zu: less than one page (%zu bytes: block_size %d x %d layers, "
                  "%s K / %s V)", cfg->memory_bytes, p->page_bytes, p->block_size, p->n_layer,
                  p->kc.name, p->vc.name);
-        free(p);
+        kvc_pool_destroy(p);
         return KVC_ERR_INVAL;
     }
     if (n_pages > INT32_MAX - 1) n_pages = INT32_MAX - 1;
@@ -83,9 +104,8 @@ int kvc_pool_create(const kvc_config *cfg, kvc_pool **out, char *err, size_t err
         snprintf(err, errlen, "kvc: memory_bytes %zu: cannot allocate %d pages: %s", cfg->memory_bytes,
                  p->n_pages, arena == MAP_FAILED ? strerror(errno) : "out of memory");
         if (arena != MAP_FAILED) munmap(arena, p->arena_bytes);
-        free(p->refcount);
-        free(p->free_stack);
-        free(p);
+        p->arena_bytes = 0;
+        kvc_pool_destroy(p);
         return KVC_ERR_NOMEM;
     }
     p->arena = arena;
@@ -96,16 +116,21 @@ int kvc_pool_create(const kvc_config *cfg, kvc_pool **out, char *err, size_t err
     p->n_free = p->n_pages;
     pthread_mutex_init(&p->cow_lock, NULL);
     p->softmax = !cfg->force_scalar && kvc__have_avx2() ? kvc__softmax_avx2 : kvc__softmax_scalar;
+    p->ready = 1;
     *out = p;
     return KVC_OK;
 }
 
 void kvc_pool_destroy(kvc_pool *pool) {
     if (!pool) return;
-    munmap(pool->arena, pool->arena_bytes);
+    if (pool->arena_bytes) munmap(pool->arena, pool->arena_bytes);
     free(pool->refcount);
     free(pool->free_stack);
-    pthread_mutex_destroy(&pool->cow_lock);
+    if (pool->ready) pthread_mutex_destroy(&pool->cow_lock);
+    kvc__codec_free(&pool->kc);
+    kvc__codec_free(&pool->vc);
+    free(pool->layer_off);
+    free(pool->k_region);
     free(pool);
 }
 
@@ -119,6 +144,18 @@ size_t kvc_bytes_per_token(const kvc_pool *pool) { return pool->page_bytes / (si
 int64_t kvc_tokens_cached(const kvc_pool *pool) { return pool->tokens_cached; }
 const char *kvc_k_codec(const kvc_pool *pool) { return pool->kc.name; }
 const char *kvc_v_codec(const kvc_pool *pool) { return pool->vc.name; }
+int kvc_keys_pre_rope(const kvc_pool *pool) { return pool->kc.pre_rope; }
+
+int kvc_get_basis(const kvc_pool *pool, int v, int layer, int group, kvc_basis *out) {
+    const kvc__codec *c = v ? &pool->vc : &pool->kc;
+    KVC__CHECK(layer >= 0 && layer < pool->n_layer && group >= 0 && group < c->n_groups, "layer %d group %d",
+               layer, group);
+    if (c->shape == KVC__PLAIN) return KVC_ERR_INVAL;
+    size_t i = (size_t)layer * c->n_groups + group;
+    *out = (kvc_basis){.n_groups = c->n_groups, .in_dim = c->in_dim, .rank = c->dim[layer],
+                       .basis = c->basis[i], .mean = c->mean[i]};
+    return KVC_OK;
+}
 
 int kvc_capacity_sequences(const kvc_pool *pool, int ctx_len) {
     if (ctx_len <= 0) return 0;
@@ -272,28 +309,43 @@ static int32_t page_for_write(kvc_pool *pool, kvc_seq *seq, int i) {
     return id;
 }
 
-int kvc_write(kvc_pool *pool, kvc_seq *seq, int layer, int pos, int n,
-              const float *k, const float *v, int64_t kv_stride) {
+/* Encodes n tokens of one role into a page: x as kvc_write_ex takes it. */
+static void encode_tokens(const kvc_pool *pool, const kvc__codec *c, int32_t page, int layer, int slot, int n,
+                          const float *x, int64_t stride, int coef) {
+    const int B = pool->block_size;
+    for (int g = 0; g < c->n_groups; g++) {
+        uint8_t *blk = c->role == KVC__ROLE_K ? kvc__k_block(pool, page, layer, g) : kvc__v_block(pool, page, layer, g);
+        if (coef) c->kern.encode(blk, B, c->dim[layer], slot, n, x + (size_t)g * c->dim[layer], stride);
+        else kvc__codec_encode(c, layer, g, blk, slot, n, x + (size_t)g * c->in_dim, stride);
+    }
+}
+
+int kvc_write_ex(kvc_pool *pool, kvc_seq *seq, int layer, int pos, int n,
+                 const float *k, int64_t k_stride, int k_coef,
+                 const float *v, int64_t v_stride, int v_coef) {
     KVC__CHECK(layer >= 0 && layer < pool->n_layer, "layer %d of %d", layer, pool->n_layer);
     KVC__CHECK(pos >= 0 && n >= 0 && pos + n <= seq->n_tokens,
                "write [%d, %d) beyond the %d reserved positions", pos, pos + n, seq->n_tokens);
-    int B = pool->block_size, H = pool->n_kv_head, D = pool->head_dim;
+    KVC__CHECK((!k_coef || pool->kc.shape != KVC__PLAIN) && (!v_coef || pool->vc.shape != KVC__PLAIN),
+               "coefficients for a codec without a transform (%s / %s)", pool->kc.name, pool->vc.name);
+    const int B = pool->block_size;
     for (int t = 0; t < n;) {
         int idx = (pos + t) / B;
         int32_t id = page_for_write(pool, seq, idx);
         if (id < 0) return KVC_ERR_FULL;
         int end = (idx + 1) * B - pos;          /* tokens of this call in this page */
         if (end > n) end = n;
-        for (; t < end; t++) {
-            int slot = (pos + t) % B;
-            const float *kt = k + (int64_t)t * kv_stride, *vt = v + (int64_t)t * kv_stride;
-            for (int h = 0; h < H; h++) {
-                pool->kc.kern.encode(kvc__k_block(pool, id, layer, h), B, D, slot, kt + (size_t)h * D);
-                pool->vc.kern.encode(kvc__v_block(pool, id, layer, h), B, D, slot, vt + (size_t)h * D);
-            }
-        }
+        int slot = (pos + t) % B;
+        encode_tokens(pool, &pool->kc, id, layer, slot, end - t, k + t * k_stride, k_stride, k_coef);
+        encode_tokens(pool, &pool->vc, id, layer, slot, end - t, v + t * v_stride, v_stride, v_coef);
+        t = end;
     }
     return KVC_OK;
+}
+
+int kvc_write(kvc_pool *pool, kvc_seq *seq, int layer, int pos, int n,
+              const float *k, const float *v, int64_t kv_stride) {
+    return kvc_write_ex(pool, seq, layer, pos, n, k, kv_stride, 0, v, kv_stride, 0);
 }
 
 void kvc_read(const kvc_pool *pool, const kvc_seq *seq, int layer, int pos, int n,
@@ -306,10 +358,10 @@ void kvc_read(const kvc_pool *pool, const kvc_seq *seq, int layer, int pos, int 
         int32_t id = __atomic_load_n(&seq->pages[(pos + t) / B], __ATOMIC_ACQUIRE);
         int slot = (pos + t) % B;
         for (int h = 0; h < H; h++) {
-            if (k) pool->kc.kern.decode(kvc__k_block(pool, id, layer, h), B, D, slot,
-                                        k + (int64_t)t * kv_stride + (size_t)h * D);
-            if (v) pool->vc.kern.decode(kvc__v_block(pool, id, layer, h), B, D, slot,
-                                        v + (int64_t)t * kv_stride + (size_t)h * D);
+            if (k) kvc__codec_decode_head(&pool->kc, layer, h, kvc__k_block(pool, id, layer, kvc__codec_group(&pool->kc, h)),
+                                          slot, k + (int64_t)t * kv_stride + (size_t)h * D);
+            if (v) kvc__codec_decode_head(&pool->vc, layer, h, kvc__v_block(pool, id, layer, kvc__codec_group(&pool->vc, h)),
+                                          slot, v + (int64_t)t * kv_stride + (size_t)h * D);
         }
     }
 }

@@ -33,8 +33,9 @@ typedef void (*kvc__softmax_fn)(float *s, int s_stride, int nb, int nr, const in
 struct kvc_pool {
     int n_layer, n_kv_head, head_dim, block_size;
     kvc__codec kc, vc;          /* K and V codecs */
-    size_t layer_bytes;         /* n_kv_head * (kc.block_bytes + vc.block_bytes) */
-    size_t page_bytes;          /* n_layer * layer_bytes */
+    size_t *layer_off;          /* (n_layer) byte offset of each layer's region in a page */
+    size_t *k_region;           /* (n_layer) kc.n_groups * kc.block_bytes[l]: where V starts */
+    size_t page_bytes;          /* sum of the layers' regions */
     uint8_t *arena;             /* (n_pages, page_bytes), mmap'ed, zero-filled */
     size_t arena_bytes;
     int n_pages;
@@ -44,20 +45,21 @@ struct kvc_pool {
     int64_t tokens_cached;      /* sum of live sequences' n_tokens */
     pthread_mutex_t cow_lock;   /* serialises copy-on-write inside kvc_write */
     kvc__softmax_fn softmax;    /* scalar or AVX2 */
+    int ready;                  /* fully created (cow_lock initialised) */
 };
 
 static inline uint8_t *kvc__page(const kvc_pool *p, int32_t page) {
     return p->arena + (size_t)page * p->page_bytes;
 }
 
-/* Head block of K (layer, head) in a page. */
-static inline uint8_t *kvc__k_block(const kvc_pool *p, int32_t page, int layer, int head) {
-    return kvc__page(p, page) + (size_t)layer * p->layer_bytes + (size_t)head * p->kc.block_bytes;
+/* K block of (layer, group) in a page (group: kv head, or 0 for a latent). */
+static inline uint8_t *kvc__k_block(const kvc_pool *p, int32_t page, int layer, int group) {
+    return kvc__page(p, page) + p->layer_off[layer] + (size_t)group * p->kc.block_bytes[layer];
 }
 
-static inline uint8_t *kvc__v_block(const kvc_pool *p, int32_t page, int layer, int head) {
-    return kvc__page(p, page) + (size_t)layer * p->layer_bytes +
-           (size_t)p->n_kv_head * p->kc.block_bytes + (size_t)head * p->vc.block_bytes;
+static inline uint8_t *kvc__v_block(const kvc_pool *p, int32_t page, int layer, int group) {
+    return kvc__page(p, page) + p->layer_off[layer] + p->k_region[layer] +
+           (size_t)group * p->vc.block_bytes[layer];
 }
 
 /* attention.c / attention_avx2.c */

@@ -8,7 +8,9 @@
  *   chatml       <|im_start|>role\ncontent<|im_end|>\n ... <|im_start|>assistant\n
  *                (SmolLM2, Qwen, OpenHermes); a default system message that the
  *                template inserts when the first message is not a system one
- *                (SmolLM2, Qwen) is extracted from the template and inserted too
+ *                (SmolLM2, Qwen) is extracted from the template and inserted
+ *                too; tool turns go under their role, or as Qwen2.5's
+ *                <tool_response> blocks when the template has them
  *   llama3       <|begin_of_text|><|start_header_id|>role<|end_header_id|>\n\n
  *                content (trimmed)<|eot_id|> ...
  *   llama2       <s>[INST] <<SYS>>\nsystem\n<</SYS>>\n\nuser [/INST] answer </s>
@@ -23,7 +25,9 @@
  *                answer</s>, turns in any order (Large 2411)
  *   phi3         <|system|>\n..<|end|>\n<|user|>\n..<|end|>\n<|assistant|>\n
  *   gemma        <bos><start_of_turn>user\n..<end_of_turn>\n<start_of_turn>model\n
- *                (assistant is "model"; no system role)
+ *                (assistant is "model"); a system message starts the first
+ *                user turn (Gemma 3, and no template), or is an error
+ *                (Gemma 1 and 2 templates)
  *   plain        "role: content\n" per message, then "assistant:" (no template,
  *                or one not recognized)
  *
@@ -33,8 +37,10 @@
  *
  * Roles are "system", "user", "assistant" and "tool"; any other is an error
  * naming it. Where the real template raises (roles that do not alternate in
- * the [INST] and Gemma formats, a role the format has no place for) this is an
- * error too, with the reason. */
+ * the [INST] and Gemma formats) this is an error too, with the reason; so is a
+ * turn the format has no place for (a tool turn outside chatml / llama3 /
+ * plain, a system turn after the first in llama2 and gemma), which the real
+ * templates would raise on or silently drop. */
 #ifndef ENG_CHAT_H
 #define ENG_CHAT_H
 

@@ -21,7 +21,16 @@
  * max_batched_tokens and max_seqs; a request is admitted only when the pool has
  * pages for its prompt plus a watermark kept for decode; when decode runs out of
  * pages the newest sequence is preempted (pages freed, recomputed later, its
- * output unchanged). */
+ * output unchanged).
+ *
+ * Events: every generated token of a choice is one event (token, logprob,
+ * text delta); the last one carries the finish reason and the usage. When a
+ * choice ends on EOS or a stop token id, its final event carries that token
+ * (counted in completion_tokens) but not its text; on a stop string, the text
+ * before it (the stop string and what follows are never emitted). Final-only
+ * events (token -1) end a choice that errors or is cancelled by shutdown. A
+ * choice's text is held back while it could be the start of a stop string.
+ * The stop string that completes first wins. */
 #ifndef ENG_ENGINE_H
 #define ENG_ENGINE_H
 
@@ -50,7 +59,8 @@ typedef struct {
     int prefill_chunk;          /* prompt tokens of one sequence per step at most (512) */
     int max_waiting;            /* waiting queue bound; beyond it submit says overloaded (256) */
     float watermark;            /* fraction of pages kept free at admission for decode (0.01) */
-    int n_ctx;                  /* context per sequence (prompt + output); <= 0: the model's */
+    int n_ctx;                  /* context per sequence (prompt + output); <= 0: the model's;
+                                 * lowered to what the KV arena holds when smaller */
     const char *profile_name;   /* for metrics labels and logs */
 } eng_engine_config;
 

@@ -5,13 +5,17 @@
  * _mm256_maddubs_epi16 multiplies unsigned by signed bytes, so Q4 nibbles are
  * used as unsigned 0..15 with the offset carried by the activation sum s, and
  * Q8_0 x Q8 uses the sign trick (|w| times x with w's sign). Two tilings:
- *   rows:   up to 2 weight rows x 4 tokens, activations in row layout; serves
- *           decode (1 token) and the last n_tok % 8 tokens of a batch.
- *   groups: up to 4 weight rows x 8 tokens, activations in group layout; a
- *           broadcast group of 4 weights meets the same 4 values of 8 tokens,
- *           int16 sums run over the whole block, and one FMA scales 8 tokens.
- * F32 and F16 weights: FMA over up to 3 rows x 4 tokens, F16 widened with
- * F16C once per row and reused for every token of the tile. */
+ *   rows:   4 weight rows x 1 token (decode) or up to 3 rows x 4 tokens,
+ *           activations in row layout; serves decode, small batches and the
+ *           last few tokens of a batch. Decode streams the weights from
+ *           memory, so these kernels prefetch ahead of the hardware.
+ *   groups: up to 4 weight rows x 8 tokens, activations in group layout; the
+ *           row tile is first unpacked to bytes and float scales on the stack
+ *           (once for all the task's tokens), then a broadcast group of 4
+ *           weights meets the same 4 values of 8 tokens, int16 sums run over
+ *           the whole block, and one FMA scales 8 tokens.
+ * F32 and F16 weights: the row tiling with FMA, F16 widened with F16C once
+ * per row and reused for every token of the tile. */
 #include <immintrin.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -38,6 +42,16 @@ INLINE float load_f16(const void *p) {
  * AMD Zen, where vpbroadcastd from memory also takes a vector ALU slot. */
 INLINE __m256i bcast4(const void *p) {
     return _mm256_castps_si256(_mm256_broadcast_ss((const float *)p));
+}
+
+/* Rows are short (a few cache lines), so the hardware prefetcher sees many
+ * brief streams: a row tile asks for the bytes PF_TILES tiles ahead while it
+ * works, spread over its loop (step i of n covers 1/n of a tile). */
+#define PF_TILES 2
+INLINE void prefetch_ahead(const uint8_t *tile, size_t tile_bytes, int64_t i, int64_t n) {
+    const uint8_t *p = tile + PF_TILES * tile_bytes + (size_t)i * tile_bytes / (size_t)n;
+    _mm_prefetch((const char *)p, _MM_HINT_T0);
+    _mm_prefetch((const char *)p + 64, _MM_HINT_T0);
 }
 
 /* ---- activation quantization --------------------------------------------- */
@@ -132,6 +146,7 @@ INLINE void q4_rows_tile(const eng__mm *m, int64_t r, int t, const int NR, const
     for (int64_t b = 0; b < m->nb; b++) {
         __m256i w[4];
         __m128 dm[4];
+        prefetch_ahead(row[0], NR * m->row_bytes, b, m->nb);
 #pragma GCC unroll 4
         for (int i = 0; i < NR; i++) {
             const uint8_t *blk = row[i] + b * bb;
@@ -324,6 +339,7 @@ INLINE void q8_rows_tile(const eng__mm *m, int64_t r, int t, const int NR, const
     for (int64_t b = 0; b < m->nb; b++) {
         __m256i w[4], aw[4];
         float d[4];
+        prefetch_ahead((const uint8_t *)row[0], NR * m->row_bytes, b, m->nb);
 #pragma GCC unroll 4
         for (int i = 0; i < NR; i++) {
             d[i] = load_f16(&row[i][b].d);
@@ -428,6 +444,7 @@ INLINE void float_rows_tile(const eng__mm *m, int64_t r, int t, const int NR, co
     int64_t k = 0;
     for (; k + 8 <= m->n_in; k += 8) {
         __m256 w[4];
+        prefetch_ahead(row[0], NR * m->row_bytes, k, m->n_in);
 #pragma GCC unroll 4
         for (int i = 0; i < NR; i++)
             w[i] = load_w8(row[i], k, f16);

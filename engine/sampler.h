@@ -4,7 +4,9 @@
  * logits (repetition, then presence and frequency over the tokens generated so
  * far); then greedy if temperature == 0; else temperature, top-k, top-p, min-p,
  * and a draw from the request's own random stream. Same seed and inputs, same
- * tokens, whatever else runs in the batch. */
+ * tokens, whatever else runs in the batch. (Between machines with and without
+ * AVX2 the softmax weights differ by ~1e-7 relative, which can change a draw
+ * that lands that close to a boundary.) */
 #ifndef ENG_SAMPLER_H
 #define ENG_SAMPLER_H
 

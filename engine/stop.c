@@ -85,13 +85,21 @@ int eng_stop_push(eng_stop *s, const char *text, int len, bool final, const char
     s->n_hold += len;
     s->hold[s->n_hold] = 0;
 
-    /* The earliest match wins; text before a stop string was checked at the
-     * previous pushes, so only the held text can contain one. */
-    int at = -1;
+    /* The stop string that completes first wins (the first point where
+     * generation would have stopped had it been checked byte by byte; ties go
+     * to the one that starts first), so the result does not depend on how the
+     * text is cut into tokens. Text emitted before was checked at the previous
+     * pushes: only the held text can contain a match. */
+    int at = -1, at_end = 0;
     for (int i = 0; i < s->n_stops; i++) {
         const char *p = memmem(s->hold, (size_t)s->n_hold, s->stops[i], (size_t)s->stop_len[i]);
-        if (p && (at < 0 || p - s->hold < at))
-            at = (int)(p - s->hold);
+        if (!p)
+            continue;
+        int start = (int)(p - s->hold), end = start + s->stop_len[i];
+        if (at < 0 || end < at_end || (end == at_end && start < at)) {
+            at = start;
+            at_end = end;
+        }
     }
     int n_out = at >= 0 ? at : final ? s->n_hold : s->n_hold - held_tail(s, s->hold, s->n_hold);
     if (reserve(&s->emit, &s->cap_emit, n_out + 1))

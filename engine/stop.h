@@ -32,7 +32,7 @@ void eng_stop_dispose(eng_stop *s);
  * emitted now (valid until the next call). With `final` (the sequence ends for
  * another reason) everything held back is emitted unless it contains a stop
  * string. Returns 1 when a stop string matched (*out then ends just before
- * the earliest match), 0 when none did, -1 when memory runs out. */
+ * the match that completes first), 0 when none did, -1 when memory runs out. */
 int eng_stop_push(eng_stop *s, const char *text, int len, bool final, const char **out, int *out_len);
 
 #endif

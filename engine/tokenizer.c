@@ -77,7 +77,6 @@ struct eng_tokenizer {
     uint32_t vocab_mask;
     merge_ent *merge_tab;      /* (merge_mask + 1) open addressing */
     uint32_t merge_mask;
-    size_t n_merges;
     int32_t byte_tok[256];     /* token of each byte (byte-level char or <0xXX>), -1 */
     char byte_chars[256][2];   /* UTF-8 of GPT-2's stand-in character of each byte */
     uint8_t byte_char_len[256];
@@ -86,7 +85,7 @@ struct eng_tokenizer {
     eng_uregex *stage[MAX_STAGES];   /* pre-tokenizer split patterns, in order */
     bool stage_drop[MAX_STAGES];     /* drop the matches (Split "Removed") */
     int n_stages;
-    int32_t bos, eos, unk, eot, eom, pad;
+    int32_t bos, eos, unk, eot, eom, pad;   /* -1 when absent; pad is kept for reference only */
     int32_t *special;          /* ids matched in text, by first byte, longest first */
     uint32_t special_first[257]; /* special[special_first[b] .. special_first[b+1]) start with b */
     char *chat_template;
@@ -283,7 +282,6 @@ static int tok_add_merge(eng_tokenizer *t, const char *a, size_t na, const char 
     t->merge_tab[i].key = key;
     t->merge_tab[i].rank = rank;
     t->merge_tab[i].id = im;
-    t->n_merges++;
     return 0;
 }
 
@@ -580,7 +578,7 @@ static const pre_entry PRE_TABLE[] = {
      "modern-bert olmo jais trillion granite-docling exaone4 jina-v1-en jina-v2-code roberta-bpe",
      PRE_GPT2, false, false},
     {"starcoder refact command-r smollm codeshell exaone minerva-7b mellum2",
-     PRE_GPT2, false, false},
+     PRE_STARCODER, false, false},
     {"qwen2 deepseek-r1-qwen kormo f2llmv2 stablelm2 hunyuan megrez solar-open grok-2",
      PRE_QWEN2, false, false},
     {"qwen35", PRE_QWEN35, false, false},
@@ -993,11 +991,11 @@ static int32_t match_special(const eng_tokenizer *t, const char *s, size_t n, bo
     return -1;
 }
 
-/* Does the fragment starting at byte `start` get a space prefix? SentencePiece
- * (llama.cpp) prefixes every fragment that follows a special token or starts
- * the text; Metaspace's prepend_scheme "first" only the start of the text. */
-static bool want_prefix(const eng_tokenizer *t, bool prev_special, size_t start) {
-    return t->add_space_prefix && prev_special && (!t->prefix_first_only || start == 0);
+/* Does the fragment starting at byte `start` get a space prefix? Fragments
+ * start the text or follow a special token; SentencePiece (llama.cpp)
+ * prefixes each, Metaspace's prepend_scheme "first" only the first. */
+static bool want_prefix(const eng_tokenizer *t, size_t start) {
+    return t->add_space_prefix && (!t->prefix_first_only || start == 0);
 }
 
 int eng_tokenize(const eng_tokenizer *t, const char *text, size_t len, bool add_bos,
@@ -1022,7 +1020,6 @@ int eng_tokenize(const eng_tokenizer *t, const char *text, size_t len, bool add_
         }
     }
     if (add_bos && t->bos >= 0) out_push(&o, t->bos);
-    bool prev_special = true;
     size_t seg = 0, pos = 0;
     while (pos < len && !w.oom) {
         int32_t id = t->special_first[256] ? match_special(t, text + pos, len - pos, parse_special) : -1;
@@ -1035,10 +1032,9 @@ int eng_tokenize(const eng_tokenizer *t, const char *text, size_t len, bool add_
             while (seg_end > seg && isspace((unsigned char) text[seg_end - 1])) seg_end--;
         }
         if (seg_end > seg) {
-            encode_fragment(t, &w, text + seg, seg_end - seg, want_prefix(t, prev_special, seg), &o);
+            encode_fragment(t, &w, text + seg, seg_end - seg, want_prefix(t, seg), &o);
         }
         out_push(&o, id);
-        prev_special = true;
         pos += t->text_off[id + 1] - t->text_off[id];
         if (t->flags[id] & TF_RSTRIP) {
             while (pos < len && isspace((unsigned char) text[pos])) pos++;
@@ -1046,7 +1042,7 @@ int eng_tokenize(const eng_tokenizer *t, const char *text, size_t len, bool add_
         seg = pos;
     }
     if (seg < len && !w.oom) {
-        encode_fragment(t, &w, text + seg, len - seg, want_prefix(t, prev_special, seg), &o);
+        encode_fragment(t, &w, text + seg, len - seg, want_prefix(t, seg), &o);
     }
     bool oom = w.oom;
     work_free(&w);

@@ -168,7 +168,7 @@ int cli_runtime_start(cli_runtime *rt, const cli_runtime_opts *o) {
     kvc_config kc = {
         .n_layer = c->n_layer, .n_kv_head = c->n_kv_head, .head_dim = c->head_dim,
         .block_size = o->block_size > 0 ? o->block_size : 16,
-        .k_codec = o->kv_k ? o->kv_k : "f32", .v_codec = o->kv_v ? o->kv_v : "f32",
+        .k_codec = o->kv_k ? o->kv_k : "f32", .v_codec = o->kv_v ? o->kv_v : "f32", .calib = o->calib,
     };
     kc.memory_bytes = o->kv_memory;
     if (!kc.memory_bytes) {

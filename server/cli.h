@@ -39,6 +39,7 @@ typedef struct {
     int ctx_tokens;          /* longest sequence to hold */
     int n_seqs;              /* sequences held at once */
     const char *kv_k, *kv_v; /* codec specs (NULL: f32) */
+    const char *calib;       /* calibration file for pca codecs, or NULL */
     int block_size;
     size_t kv_memory;        /* 0: sized for n_seqs x ctx_tokens */
 } cli_runtime_opts;

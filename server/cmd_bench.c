@@ -11,11 +11,13 @@
 #include "engine/matmul.h"
 #include "engine/tokenizer.h"
 #include "server/cli.h"
+#include "server/cmd_bench_engine.h"
 
 static const char usage[] =
     "usage: kvserve bench --model PATH [--prompt-len N] [--gen-len N] [--repeat N]\n"
     "                     [--kv SPEC] [--threads N] [--batch N] [--json]\n\n"
-    "Single-stream prefill and decode tokens/s.";
+    "Single-stream prefill and decode tokens/s.\n"
+    "With --concurrency N: the engine benchmark (kvserve bench --concurrency N --help).";
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -31,6 +33,9 @@ static int argmax(const float *v, int n) {
 }
 
 int cmd_bench(int argc, char **argv) {
+    for (int i = 1; i < argc; i++)
+        if (!strncmp(argv[i], "--concurrency", 13) && (argv[i][13] == 0 || argv[i][13] == '='))
+            return cmd_bench_engine(argc, argv);
     const char *model = NULL, *kv = NULL;
     int prompt_len = 512, gen_len = 128, repeat = 3, threads = 0, batch = 512;
     bool json = false;

@@ -17,7 +17,7 @@
 
 static const char usage[] =
     "usage: kvserve ppl --model PATH --text FILE [--ctx N] [--max-tokens N] [--json]\n"
-    "                   [--kv SPEC | --kv-k SPEC --kv-v SPEC] [--batch N] [--threads N]\n\n"
+    "                   [--kv SPEC | --kv-k SPEC --kv-v SPEC] [--calib FILE] [--batch N] [--threads N]\n\n"
     "Perplexity over non-overlapping windows of --ctx tokens; progress on stderr.";
 
 /* -log p(target) from one row of logits, in double. */
@@ -33,7 +33,7 @@ static double nll_of(const float *logits, int n_vocab, int32_t target) {
 }
 
 int cmd_ppl(int argc, char **argv) {
-    const char *model = NULL, *text_path = NULL, *kv = NULL, *kv_k = NULL, *kv_v = NULL;
+    const char *model = NULL, *text_path = NULL, *kv = NULL, *kv_k = NULL, *kv_v = NULL, *calib = NULL;
     int ctx = 512, max_tokens = 0, batch = 512, threads = 0, block_size = 16;
     bool json = false;
     const cli_flag flags[] = {
@@ -44,6 +44,7 @@ int cmd_ppl(int argc, char **argv) {
         {"--kv", CLI_STR, &kv, "KV codec for keys and values (default f32)"},
         {"--kv-k", CLI_STR, &kv_k, "KV codec for keys"},
         {"--kv-v", CLI_STR, &kv_v, "KV codec for values"},
+        {"--calib", CLI_STR, &calib, "calibration file for pca codecs (kvserve calibrate)"},
         {"--block-size", CLI_INT, &block_size, "tokens per KV page (default 16)"},
         {"--batch", CLI_INT, &batch, "prefill chunk in tokens (default 512)"},
         {"--threads", CLI_INT, &threads, "compute threads (default: all cores)"},
@@ -98,7 +99,7 @@ int cmd_ppl(int argc, char **argv) {
     const int step = bos ? ctx - 1 : ctx;
     const int n_windows = (n_ids + step - 1) / step;
     cli_runtime_opts ro = {.threads = threads, .ctx_tokens = ctx, .n_seqs = 1, .kv_k = kv_k, .kv_v = kv_v,
-                           .block_size = block_size};
+                           .calib = calib, .block_size = block_size};
     if (n_ids < 2 || cli_runtime_start(&rt, &ro)) {
         if (n_ids < 2)
             fprintf(stderr, "kvserve ppl: %s has %d tokens; need at least 2\n", text_path, n_ids);

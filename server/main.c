@@ -5,6 +5,8 @@
 #include "server/cli.h"
 #include "server/server.h"
 
+int cmd_calibrate(int argc, char **argv);   /* server/cmd_calibrate.c */
+
 static const struct {
     const char *name;
     int (*run)(int argc, char **argv);
@@ -14,6 +16,7 @@ static const struct {
     {"generate", cmd_generate, "one prompt from the command line, streamed to stdout"},
     {"tokenize", cmd_tokenize, "token ids of a text with a model's tokenizer"},
     {"ppl", cmd_ppl, "perplexity of a model on a text file (the quality meter)"},
+    {"calibrate", cmd_calibrate, "fits low-rank KV bases (PCA) on sample text into a calibration file"},
     {"bench", cmd_bench, "offline benchmark: prefill and decode tokens/s"},
     {"profiles", cmd_profiles, "lists the deployment profiles and what each sets"},
 };

@@ -78,7 +78,6 @@ typedef struct {
     int n_signals;
     bool drained, handles_closed;
     uint64_t id_counter, seed_base;
-    uint64_t tasks_live;
 } srv_server;
 
 struct srv_event {
@@ -186,7 +185,6 @@ static void purge_events(srv_server *s, const srv_task *t) {
 }
 
 static void task_free(srv_task *t) {
-    srv_server *s = t->s;
     for (int i = 0; i < t->n_prompts; i++) {
         free(t->ids ? t->ids[i] : NULL);
         free(t->echo ? t->echo[i] : NULL);
@@ -195,7 +193,7 @@ static void task_free(srv_task *t) {
     free(t->n_ids);
     free(t->echo);
     free(t->echo_len);
-    for (int i = 0; i < t->n_choices; i++)
+    for (int i = 0; t->choices && i < t->n_choices; i++)
         api_choice_free(&t->choices[i]);
     free(t->choices);
     free(t->text_offset);
@@ -206,7 +204,6 @@ static void task_free(srv_task *t) {
     if (t->parsed)
         api_request_free(&t->r);
     free(t);
-    s->tasks_live--;
 }
 
 /* Cancels the engine requests still running and drops their queued events. */
@@ -218,13 +215,11 @@ static void task_cancel(srv_task *t) {
     purge_events(s, t);
 }
 
-/* Frees the task unless its prepare work still runs (then after_prepare does). */
+/* After the task's response is finished (the http layer has freed the
+ * request): frees the task unless its prepare work still runs (then
+ * after_prepare does). */
 static void task_release(srv_task *t) {
-    if (t->req) {
-        t->req->on_abort = NULL;
-        t->req->user = NULL;
-        t->req = NULL;
-    }
+    t->req = NULL;
     if (!t->work_pending)
         task_free(t);
 }
@@ -256,9 +251,7 @@ static void task_abort(srv_http_req *req, srv_abort_reason why) {
         req->prompt_tokens = t->prompt_tokens;
         req->completion_tokens = t->completion_tokens;
     }
-    t->req = NULL;  /* the http layer finished or frees it */
-    if (!t->work_pending)
-        task_free(t);
+    task_release(t);  /* the http layer finished the request or frees it */
 }
 
 /* ---- prepare (worker thread) ----------------------------------------------- */
@@ -585,7 +578,6 @@ static void finish_task(srv_task *t) {
                    api_render_reply(&t->meta, t->choices, t->n_choices, t->prompt_tokens, t->completion_tokens, &len),
                    &len, NULL);
     }
-    t->req = NULL;
     task_release(t);
 }
 
@@ -857,7 +849,6 @@ static void handle_post(srv_server *s, srv_http_req *req, api_endpoint ep) {
         reply_error(req, &e);
         return;
     }
-    s->tasks_live++;
     t->s = s;
     t->req = req;
     t->ep = ep;

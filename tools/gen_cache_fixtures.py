@@ -8,6 +8,12 @@ Writes tests/fixtures/cache/codec_ref.bin, little-endian, in this order:
   u32 n_vec, u32 dim; f32 x[n_vec][dim]; f32 dq[n_vec][dim]
       int8 codec reference: scale = the smallest f16 >= max|x| / 127 (at most 65504),
       q = clip(rint(x / scale), -127, 127), dq = q * scale  (scale as f32; 0 when max|x| is 0)
+  u32 n4, u32 dim4, u32 block4; f32 x4[n4][dim4]; f32 dq_token[n4][dim4]; f32 dq_channel[n4][dim4]
+      int4 references (asymmetric 4-bit, float32 arithmetic): for a range [lo, hi],
+      min = the largest f16 <= lo, scale = the smallest f16 >= (hi - min) / 15,
+      code = clip(rint((x - min) / scale), 0, 15) (0 when scale is 0), dq = min + scale * code.
+      dq_token: ranges per token over groups of 32 numbers (the last group shorter);
+      dq_channel: ranges per number index over each block of block4 consecutive tokens.
 Run: python3 tools/gen_cache_fixtures.py   (numpy only; deterministic)
 """
 import os
@@ -53,6 +59,43 @@ safe = np.where(scale > 0, scale, np.float32(1.0))
 q = np.where(scale[:, None] > 0, np.clip(np.rint(x / safe[:, None]), -127, 127), 0).astype(np.float32)
 dq = (q * scale[:, None]).astype(np.float32)
 
+
+
+def half_down(v):
+    """The largest float16 <= v (float32 array), as float16."""
+    h = v.astype(np.float16)
+    return np.where(h.astype(np.float32) > v, np.nextafter(h, np.float16(-np.inf)), h)
+
+
+def u4_quant(x, lo, hi):
+    """int4 codes of x for ranges [lo, hi] (broadcast), dequantized, float32."""
+    lo = np.clip(lo, -65504, 65504).astype(np.float32)
+    hi = np.clip(np.maximum(hi, lo), -65504, 65504).astype(np.float32)
+    m = half_down(lo).astype(np.float32)
+    t = ((hi - m) / np.float32(15)).astype(np.float32)
+    s = (-half_down(-t)).astype(np.float32)
+    s = np.minimum(s, np.float32(65504))
+    safe = np.where(s > 0, s, np.float32(1))
+    code = np.where(s > 0, np.clip(np.rint((x - m) / safe), 0, 15), 0).astype(np.float32)
+    return (m + s * code).astype(np.float32)
+
+
+n4, dim4, block4 = 64, 40, 16
+x4 = rng.standard_normal((n4, dim4)).astype(np.float32)
+x4[:, 3] = x4[:, 3] * 20 + 5            # an outlier channel with an offset, as keys have
+x4[:, 17] += 12
+x4[5] = 0.0
+x4[6, :] = 2.5                          # a constant token: scale 0 in its groups
+x4 *= np.exp2(rng.integers(-3, 4, size=(n4, 1))).astype(np.float32)
+dq_token = np.empty_like(x4)
+for g0 in range(0, dim4, 32):
+    blk = x4[:, g0:g0 + 32]
+    dq_token[:, g0:g0 + 32] = u4_quant(blk, blk.min(axis=1, keepdims=True), blk.max(axis=1, keepdims=True))
+dq_channel = np.empty_like(x4)
+for t0 in range(0, n4, block4):
+    blk = x4[t0:t0 + block4]
+    dq_channel[t0:t0 + block4] = u4_quant(blk, blk.min(axis=0, keepdims=True), blk.max(axis=0, keepdims=True))
+
 with open(out, "wb") as f:
     f.write(struct.pack("<I", len(f2h_in)))
     f.write(f2h_in.astype("<f4").tobytes())
@@ -61,4 +104,8 @@ with open(out, "wb") as f:
     f.write(struct.pack("<II", n_vec, dim))
     f.write(x.astype("<f4").tobytes())
     f.write(dq.astype("<f4").tobytes())
+    f.write(struct.pack("<III", n4, dim4, block4))
+    f.write(x4.astype("<f4").tobytes())
+    f.write(dq_token.astype("<f4").tobytes())
+    f.write(dq_channel.astype("<f4").tobytes())
 print(out, os.path.getsize(out), "bytes;", len(f2h_in), "f32->f16 cases")

@@ -71,6 +71,15 @@ Test(route, method_not_allowed) {
     cr_assert_eq(e.status, 405);
 }
 
+Test(route, head_is_get) {
+    api_error e;
+    const char *allow = NULL;
+    cr_assert_eq(route("HEAD", "/health", &allow, &e), API_EP_HEALTH);
+    cr_assert_eq(route("HEAD", "/v1/models", &allow, &e), API_EP_MODELS);
+    cr_assert_eq(route("HEAD", "/v1/completions", &allow, &e), API_EP_NONE);
+    cr_assert_eq(e.status, 405);
+}
+
 Test(route, names) {
     cr_assert_str_eq(api_endpoint_name(API_EP_CHAT), "chat");
     cr_assert_str_eq(api_endpoint_name((api_endpoint)99), "none");

@@ -2,7 +2,9 @@
  * the K/V the cache decodes (kvc_read), for every codec, with the portable and
  * the AVX2 kernels: GQA (n_rep 1, 3, 4), block sizes 1, 16, 32, contexts 1, 15,
  * 16, 17, 100, 1000 (partial pages), decode and prefill chunks (causal inside
- * the chunk), head_dim 64, 128 and an odd 20, several layers and kv heads.
+ * the chunk), head_dim 64, 128 and an odd 20, several layers and kv heads;
+ * low-rank, latent and hybrid codecs (orthogonal bases) on a smaller sweep, and
+ * keys cached before RoPE, rotated by the test in double before the reference.
  * Pass: for every output vector, max_d |out_d - ref_d| <= 1e-5 * max_d sum_t p_t |v_t,d|
  * (p the softmax weights): relative to the size of what is averaged, which is
  * max |ref| when no output cancels to near zero (with head_dim 1 some do). */
@@ -28,13 +30,36 @@ typedef struct {
     int n_rep, block_size, ctx, n_q, head_dim;
     float q_gain;           /* scales q: larger means peakier softmax */
     int force_scalar;
+    const char *v_codec;    /* NULL: codec */
+    int neox;               /* pre-RoPE keys: pairing of the test's RoPE */
 } attn_case;
+
+/* RoPE tables for the pre-RoPE cases: angle p * 10000^(-2i/D), as float. */
+static void rope_tables(int n_pos, int D, float *cs, float *sn) {
+    for (int p = 0; p < n_pos; p++)
+        for (int i = 0; i < D / 2; i++) {
+            double a = p * pow(10000.0, -2.0 * i / D);
+            cs[p * (D / 2) + i] = (float)cos(a);
+            sn[p * (D / 2) + i] = (float)sin(a);
+        }
+}
+
+/* Rotates a decoded key (double) as the tables say. */
+static void rope_ref(double *x, int D, int p, const float *cs, const float *sn, int neox) {
+    for (int i = 0; i < D / 2; i++) {
+        int a = neox ? i : 2 * i, b = neox ? i + D / 2 : 2 * i + 1;
+        double c = cs[p * (D / 2) + i], s = sn[p * (D / 2) + i], xa = x[a], xb = x[b];
+        x[a] = xa * c - xb * s;
+        x[b] = xa * s + xb * c;
+    }
+}
 
 /* Relative error of one case (max over output vectors). */
 static double run_case(const attn_case *c) {
     const int L = 2, H = 2, D = c->head_dim, n_head = H * c->n_rep;
     kvc_config cfg = {.n_layer = L, .n_kv_head = H, .head_dim = D, .block_size = c->block_size,
-                      .k_codec = c->codec, .v_codec = c->codec, .force_scalar = c->force_scalar};
+                      .k_codec = c->codec, .v_codec = c->v_codec ? c->v_codec : c->codec,
+                      .force_scalar = c->force_scalar};
     size_t token_bytes = (size_t)L * H * D * 4 * 2 + 1024;
     cfg.memory_bytes = (size_t)(c->ctx + 2 * c->block_size) * token_bytes + (1u << 20);
     kvc_pool *pool;
@@ -71,13 +96,24 @@ static double run_case(const attn_case *c) {
     double *sc = malloc(sizeof(double) * (size_t)c->ctx);
     const float scale = 1.0f / sqrtf((float)D);
     double worst = 0.0;
+    const int pre = kvc_keys_pre_rope(pool);
+    float *cs = malloc(sizeof(float) * (size_t)c->ctx * (D / 2 + 1)), *sn = malloc(sizeof(float) * (size_t)c->ctx * (D / 2 + 1));
+    rope_tables(c->ctx, D, cs, sn);
+    kvc_rope rope = {.rope_dim = D, .neox = c->neox, .cos = cs, .sin = sn, .n_pos = c->ctx};
+    double *kd = malloc(sizeof(double) * (size_t)c->ctx * kv_stride);   /* keys as the reference sees them */
 
     for (int layer = L - 1; layer < L; layer++) {      /* the last layer: offsets matter */
         kvc_read(pool, &seq, layer, 0, c->ctx, k, v, kv_stride);      /* what attention sees */
+        for (int t = 0; t < c->ctx; t++)
+            for (int h = 0; h < H; h++) {
+                double *x = kd + t * kv_stride + h * D;
+                for (int d = 0; d < D; d++) x[d] = k[t * kv_stride + h * D + d];
+                if (pre) rope_ref(x, D, t, cs, sn, c->neox);
+            }
         for (int h = 0; h < H; h++) {
             memset(out, 0xff, sizeof(float) * (size_t)c->n_q * q_stride);   /* NaN: unwritten */
-            kvc_attend(pool, &seq, layer, h, q + (size_t)h * c->n_rep * D, q_stride, c->n_q, c->n_rep,
-                       pos0, scale, out + (size_t)h * c->n_rep * D, q_stride, scratch);
+            kvc_attend_rope(pool, &seq, layer, h, q + (size_t)h * c->n_rep * D, q_stride, c->n_q, c->n_rep,
+                            pos0, scale, out + (size_t)h * c->n_rep * D, q_stride, scratch, pre ? &rope : NULL);
             for (int i = 0; i < c->n_q; i++)
                 for (int r = 0; r < c->n_rep; r++) {
                     const float *qv = q + i * q_stride + (size_t)(h * c->n_rep + r) * D;
@@ -86,7 +122,7 @@ static double run_case(const attn_case *c) {
                     double mx = -INFINITY, sum = 0.0;
                     for (int t = 0; t < n_ctx; t++) {
                         double s = 0.0;
-                        for (int d = 0; d < D; d++) s += (double)qv[d] * k[t * kv_stride + h * D + d];
+                        for (int d = 0; d < D; d++) s += (double)qv[d] * kd[t * kv_stride + h * D + d];
                         sc[t] = s * scale;
                         mx = fmax(mx, sc[t]);
                     }
@@ -110,7 +146,7 @@ static double run_case(const attn_case *c) {
     kvc_seq_release(pool, &seq);
     cr_assert_eq(kvc_pages_free(pool), kvc_pages_total(pool));
     kvc_pool_destroy(pool);
-    free(k), free(v), free(q), free(out), free(scratch), free(sc);
+    free(k), free(v), free(q), free(out), free(scratch), free(sc), free(cs), free(sn), free(kd);
     return worst;
 }
 
@@ -125,7 +161,7 @@ static void sweep(const char *codec, int force_scalar) {
                 int n_qs[3] = {1, ctx > 19 ? 19 : ctx, ctx <= 100 ? ctx : 0};
                 for (int iq = 0; iq < 3; iq++) {
                     if (n_qs[iq] == 0 || (iq > 0 && n_qs[iq] == n_qs[iq - 1])) continue;
-                    attn_case c = {codec, reps[a], blocks[b], ctx, n_qs[iq], 64, 3.0f, force_scalar};
+                    attn_case c = {codec, reps[a], blocks[b], ctx, n_qs[iq], 64, 3.0f, force_scalar, NULL, 0};
                     double e = run_case(&c);
                     cr_expect(e <= 1e-5, "%s %s: n_rep %d block %d ctx %d n_q %d: relative error %.3g",
                               codec, force_scalar ? "scalar" : "auto", c.n_rep, c.block_size, c.ctx,
@@ -142,20 +178,51 @@ Test(attention, f16_auto) { sweep("f16", 0); }
 Test(attention, f16_scalar) { sweep("f16", 1); }
 Test(attention, int8_auto) { sweep("int8", 0); }
 Test(attention, int8_scalar) { sweep("int8", 1); }
+Test(attention, int4_auto) { sweep("int4", 0); }
+Test(attention, int4_scalar) { sweep("int4", 1); }
+
+/* The transform codecs and int4 per channel, on a smaller sweep (each case
+ * with the portable and the AVX2 kernels): GQA, block sizes 16 and 7 (partial
+ * pages, SIMD tails), decode and prefill rows, K and V codecs mixed. */
+static void small_sweep(const char *k_codec, const char *v_codec, int head_dim) {
+    static const int reps[] = {1, 3}, blocks[] = {16, 7}, ctxs[] = {1, 17, 100, 300};
+    for (size_t a = 0; a < 2; a++)
+        for (size_t b = 0; b < 2; b++)
+            for (size_t x = 0; x < 4; x++)
+                for (int fs = 0; fs < 2; fs++) {
+                    int ctx = ctxs[x];
+                    int n_q = (int)(a + b + x) % 2 ? 1 : (ctx < 19 ? ctx : 19);
+                    attn_case c = {k_codec, reps[a], blocks[b], ctx, n_q, head_dim, 3.0f, fs, v_codec, (int)x % 2};
+                    double e = run_case(&c);
+                    cr_expect(e <= 1e-5, "%s / %s %s: n_rep %d block %d ctx %d n_q %d: relative error %.3g",
+                              k_codec, v_codec, fs ? "scalar" : "auto", c.n_rep, c.block_size, c.ctx, c.n_q, e);
+                }
+}
+
+Test(attention, int4_channel) { small_sweep("int4:channel", "int4:channel", 64); }
+Test(attention, lowrank) { small_sweep("lowrank:r24", "lowrank:r64", 64); }
+Test(attention, latent) { small_sweep("latent:40", "latent:128", 64); }
+Test(attention, hybrid) { small_sweep("hybrid:r16", "hybrid:latent:72", 64); }
+Test(attention, mixed_odd_head) { small_sweep("hybrid:latent:33", "int4", 20); }
+Test(attention, pre_rope) {
+    small_sweep("f16:prerope", "int8", 64);
+    small_sweep("lowrank:r20:prerope", "lowrank:r12", 64);
+    small_sweep("hybrid:latent:30:prerope", "f16", 20);
+}
 
 /* Head sizes with SIMD tails, peaky and flat softmax, block sizes not a
  * multiple of 8. */
 Test(attention, shapes) {
-    static const char *codecs[] = {"f32", "f16", "int8"};
+    static const char *codecs[] = {"f32", "f16", "int8", "int4"};
     static const int dims[] = {128, 20, 8, 1};
     static const int blocks[] = {16, 7, 24};
     static const float gains[] = {0.1f, 3.0f, 12.0f};
-    for (int ic = 0; ic < 3; ic++)
+    for (int ic = 0; ic < 4; ic++)
         for (int id = 0; id < 4; id++)
             for (int ib = 0; ib < 3; ib++)
                 for (int ig = 0; ig < 3; ig++)
                     for (int fs = 0; fs < 2; fs++) {
-                        attn_case c = {codecs[ic], 3, blocks[ib], 77, 9, dims[id], gains[ig], fs};
+                        attn_case c = {codecs[ic], 3, blocks[ib], 77, 9, dims[id], gains[ig], fs, NULL, 0};
                         double e = run_case(&c);
                         cr_expect(e <= 1e-5, "%s head_dim %d block %d gain %g %s: relative error %.3g",
                                   c.codec, c.head_dim, c.block_size, c.q_gain,
@@ -165,7 +232,7 @@ Test(attention, shapes) {
 
 /* A query row of a tile that spans more than one tile (n_rep > 16 rows). */
 Test(attention, many_heads_per_kv_head) {
-    attn_case c = {"f16", 20, 16, 50, 3, 64, 3.0f, 0};
+    attn_case c = {"f16", 20, 16, 50, 3, 64, 3.0f, 0, NULL, 0};
     double e = run_case(&c);
     cr_expect(e <= 1e-5, "relative error %.3g", e);
 }

@@ -86,8 +86,8 @@ Test(threadpool, wakes_sleeping_workers) {
     eng_threadpool_destroy(tp);
 }
 
-/* Slow tasks are shared: with 60 tasks of 1 ms a second thread takes some
- * (unless the machine never schedules it for 60 ms). */
+/* Slow tasks are shared: with 100 tasks of 1 ms a second thread takes some
+ * (unless the machine never schedules it for 100 ms). */
 Test(threadpool, work_is_shared) {
     eng_threadpool *tp = eng_threadpool_create(2);
     cr_assert_not_null(tp);
@@ -95,8 +95,8 @@ Test(threadpool, work_is_shared) {
     memset(&j, 0, sizeof j);
     j.n_threads = 2;
     j.sleep_us = 1000;
-    eng_threadpool_run(tp, count_task, &j, 60);
-    cr_assert_eq(atomic_load(&j.per_worker[0]) + atomic_load(&j.per_worker[1]), 60);
+    eng_threadpool_run(tp, count_task, &j, 100);
+    cr_assert_eq(atomic_load(&j.per_worker[0]) + atomic_load(&j.per_worker[1]), 100);
     cr_assert_gt(atomic_load(&j.per_worker[1]), 0, "worker 1 took no task");
     cr_assert_gt(atomic_load(&j.per_worker[0]), 0, "the caller took no task");
     eng_threadpool_destroy(tp);

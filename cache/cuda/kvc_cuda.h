@@ -1,0 +1,115 @@
+/* kvc_cuda.h: the paged KV cache on an NVIDIA GPU (sm_90, H100/H200): the
+ * compress-on-write kernel, paged decode attention and paged prefill
+ * attention, all reading and writing the exact page layout of cache/kvcache.h
+ * (the CPU code in cache/ is the reference; a GPU arena holds the same bytes a
+ * CPU pool's arena would).
+ *
+ * The GPU side keeps no page bookkeeping: a CPU kvc_pool of the same config
+ * does that (its own arena is mapped lazily and stays untouched when only
+ * its block tables are used) and describes the byte layout; the caller
+ * allocates the device arena (kvc_page_bytes(pool) per page, cudaMalloc,
+ * zero-filled), copies block tables to device int32 arrays and passes them
+ * per call. Page p of the device arena holds the bytes page p of the pool's
+ * arena would hold.
+ *
+ * Compiled set (anything else is an explicit KVC_ERR_INVAL with a message):
+ *   codecs f16 and int8, for K and V independently; head_dim 64 or 128;
+ *   block_size 16; n_rep (query heads per kv head) 1..8.
+ * Prefill runs on tensor cores (mma.sync f16, f32 accumulation) when K and V
+ * are both f16; other codecs use the decode kernel once per query token.
+ *
+ * All pointers named "device" are device memory; every call is asynchronous
+ * on `stream` (a cudaStream_t; NULL is the default stream) and returns KVC_OK,
+ * KVC_ERR_INVAL (bad arguments, message in err) or KVC_ERR_NOMEM (a CUDA
+ * error: launch failure, too little shared memory; message in err). Threading:
+ * calls may come from any host thread; the caller orders work on the arena. */
+#ifndef KVC_CUDA_H
+#define KVC_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cache/kvcache.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Element formats the GPU kernels read. */
+enum { KVC_CU_F16 = 1, KVC_CU_I8 = 2 };
+
+/* What the kernels need of a pool's layout. The pool must outlive it. */
+typedef struct {
+    const kvc_pool *pool;           /* per-layer offsets and block sizes */
+    int n_layer, n_kv_head, head_dim, block_size;
+    int k_fmt, v_fmt;               /* KVC_CU_F16 or KVC_CU_I8 */
+    size_t page_bytes;
+} kvc_cu_layout;
+
+/* Fills L from a pool. KVC_OK, or KVC_ERR_INVAL naming the codec or size
+ * the GPU kernels are not compiled for. */
+int kvc_cu_layout_init(kvc_cu_layout *L, const kvc_pool *pool, char *err, size_t errlen);
+
+/* Compress-on-write: encodes n tokens' K and V of one layer into their page
+ * slots, exactly as kvc_write would (same bytes: f16 round-to-nearest-even;
+ * int8 scale = the smallest half >= max|x| / 127, q = round-half-even(x / scale)).
+ *   arena: device (n_pages, page_bytes)
+ *   slots: device (n) int32, page_id * block_size + offset in page; < 0 skips the token
+ *   k, v:  device (n, n_kv_head, head_dim) f32, kv_stride floats between tokens */
+int kvc_cu_write(const kvc_cu_layout *L, void *arena, int layer, const int32_t *slots, int n,
+                 const float *k, const float *v, int64_t kv_stride, void *stream, char *err,
+                 size_t errlen);
+
+/* Decode attention: query token of sequence s attends to its positions
+ * [0, ctx_lens[s]) through its block table; the n_rep query heads of each kv
+ * head are processed together, so each page is read once per step. Long
+ * contexts are split across thread blocks and merged in the same launch
+ * (the last block of a (sequence, kv head) merges; no second kernel). */
+typedef struct {
+    const int32_t *block_tables;  /* device (n_seqs, bt_stride) page ids; bt_stride 0: one shared table */
+    int bt_stride;
+    const int32_t *ctx_lens;      /* device (n_seqs) context lengths, each 0..max_ctx (0: output zeros);
+                                   * NULL: sequence s has ctx0 + s positions (a prefill chunk's rows) */
+    int ctx0;
+    int n_seqs;
+    int max_ctx;                  /* host: >= every ctx_lens[s]; sizes the split */
+    int n_rep;                    /* query heads per kv head, 1..8 */
+    float scale;                  /* applied to scores, normally 1/sqrt(head_dim) */
+    const float *q;               /* device (n_seqs, n_kv_head * n_rep, head_dim) f32, q_stride floats per sequence */
+    int64_t q_stride;
+    float *out;                   /* device, like q, out_stride floats per sequence */
+    int64_t out_stride;
+} kvc_cu_decode_args;
+
+/* Device workspace bytes kvc_cu_decode needs for these sizes (split partials
+ * and merge counters). The workspace must be zero-filled once after
+ * allocation (cudaMemset); kernels leave it ready for the next call. One
+ * workspace serves one stream at a time. */
+size_t kvc_cu_decode_workspace(const kvc_cu_layout *L, int n_seqs, int max_ctx, int n_rep);
+int kvc_cu_decode(const kvc_cu_layout *L, const void *arena, int layer,
+                  const kvc_cu_decode_args *a, void *workspace, size_t workspace_bytes,
+                  void *stream, char *err, size_t errlen);
+
+/* Prefill attention for a chunk of one sequence: query token i (position
+ * pos0 + i) attends causally to positions [0, pos0 + i], read from the pages
+ * (write the chunk's own K/V with kvc_cu_write first, as kvc_attend expects).
+ *   block_table: device (>= ceil((pos0 + n) / block_size)) page ids
+ *   q, out: device (n, n_kv_head * n_rep, head_dim) f32, q_stride / out_stride floats per token
+ * workspace: kvc_cu_prefill_workspace bytes, zero-filled once (0 bytes on the
+ * tensor-core path). */
+size_t kvc_cu_prefill_workspace(const kvc_cu_layout *L, int pos0, int n, int n_rep);
+int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int layer,
+                   const int32_t *block_table, int pos0, int n, int n_rep, float scale,
+                   const float *q, int64_t q_stride, float *out, int64_t out_stride,
+                   void *workspace, size_t workspace_bytes, void *stream, char *err,
+                   size_t errlen);
+
+/* Tuning for benchmarks: pages each decode thread block covers (0: chosen
+ * from the device's size, the default). Not thread-safe; set before use. */
+void kvc_cu_set_decode_pages_per_split(int pages);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

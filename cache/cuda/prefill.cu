@@ -1,0 +1,338 @@
+/* prefill.cu: paged prefill attention on the GPU (kvc_cu_prefill): a chunk
+ * of query tokens of one sequence against every cached position up to each
+ * token's own (causal), K and V read from the pages.
+ *
+ * f16 K and V run on tensor cores (mma.sync m16n8k16, fp16 inputs, fp32
+ * accumulation), flash-attention style: a thread block takes 64 query rows
+ * (row = token * n_rep + rep, so the query heads sharing a kv head share each
+ * K/V tile) of one kv head; its 4 warps take 16 rows each. K/V tiles of 64
+ * positions (4 pages) are copied into shared memory with cp.async, two
+ * stages deep, padded so the transposing ldmatrix reads hit distinct banks:
+ *   Ks: (4 pages, D dims, 24 halves)  a page's (D, 16) K block, rows 48 bytes
+ *   Vs: (64 positions, D + 8 halves)  the 4 pages' (16, D) V blocks, stacked
+ * Scores S = Q K^T (16 x 64 per warp) stay in registers, go through the
+ * online softmax and become the A operand of O += P V directly. Queries are
+ * rounded to fp16 after scaling (scale * log2 e); P is rounded to fp16 for
+ * the second product; sums stay fp32.
+ *
+ * Other codecs run the decode kernel once per query token (a sequence of
+ * pos0 + i + 1 positions each), which reads int8 pages in registers too. */
+#include <math.h>
+
+#include "cache/cuda/common.cuh"
+
+namespace {
+
+constexpr int ROWS = 64;         /* query rows per block */
+constexpr int TK = 64;           /* positions per K/V tile */
+constexpr int PT = TK / KVC__CU_B;   /* pages per tile */
+constexpr int PNT = 128;         /* threads */
+
+struct prefill_params {
+    const uint8_t *arena;
+    kvc__cu_geom g;
+    const int32_t *bt;           /* (>= ceil((pos0 + n) / 16)) */
+    int pos0, n, G;
+    float qscale;                /* scale * log2(e) */
+    const float *q;              /* (n, q_stride) */
+    int64_t q_stride;
+    float *out;
+    int64_t out_stride;
+};
+
+template <int D> struct smem_shape {
+    static constexpr int K_ROW = 24;                     /* halves per K smem row (16 + 8 pad) */
+    static constexpr int V_ROW = D + 8;                  /* halves per V smem row */
+    static constexpr int K_HALVES = PT * D * K_ROW;
+    static constexpr int V_HALVES = TK * V_ROW;
+    static constexpr int STAGE = K_HALVES + V_HALVES;
+    static constexpr size_t BYTES = 2 * (size_t)STAGE * sizeof(__half);
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                 "{%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+
+/* Copies K/V tile t (positions t*64 .. +63) into one stage. Positions at or
+ * past ctx_end read as zeros (V) or are masked later (K). */
+template <int D>
+__device__ __forceinline__ void load_tile(const prefill_params &p, int head, int t, int ctx_end, __half *stage) {
+    typedef smem_shape<D> S;
+    __half *Ks = stage, *Vs = stage + S::K_HALVES;
+    const int n_pages = (ctx_end + KVC__CU_B - 1) / KVC__CU_B;
+#pragma unroll
+    for (int it = 0; it < 8 * D / PNT; it++) {
+        const int c = threadIdx.x + it * PNT;            /* K: (page j, dim, half) 16-byte chunks */
+        const int j = c / (2 * D), dim = (c / 2) % D, hf = c & 1;
+        const int pi = t * PT + j;
+        const bool ok = pi < n_pages;
+        const uint8_t *src = ok ? kvc__cu_k_block(p.arena, p.g, p.bt[pi], head) + dim * 32 + hf * 16
+                                : p.arena;
+        cp_async16(Ks + (j * D + dim) * S::K_ROW + hf * 8, src, ok);
+    }
+#pragma unroll
+    for (int it = 0; it < 8 * D / PNT; it++) {
+        const int c = threadIdx.x + it * PNT;            /* V: (position, 8-dim group) chunks */
+        const int tok = c / (D / 8), dc = c % (D / 8);
+        const int pos = t * TK + tok;
+        const bool ok = pos < ctx_end;
+        const uint8_t *src = ok ? kvc__cu_v_block(p.arena, p.g, p.bt[pos / KVC__CU_B], head) +
+                                      (pos % KVC__CU_B) * D * 2 + dc * 16
+                                : p.arena;
+        cp_async16(Vs + tok * S::V_ROW + dc * 8, src, ok);
+    }
+}
+
+template <int D>
+__global__ void __launch_bounds__(PNT) prefill_f16_kernel(const prefill_params p) {
+    typedef smem_shape<D> S;
+    constexpr int KS = D / 16;           /* k-steps over dims */
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __half *smem = reinterpret_cast<__half *>(smem_raw);
+    const int head = blockIdx.y;
+    const int tile = gridDim.x - 1 - blockIdx.x;          /* longest rows first */
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int n_rows = p.n * p.G;
+    const int r0 = tile * ROWS;
+    const int r_last = min(r0 + ROWS, n_rows) - 1;
+    const int ctx_end = p.pos0 + r_last / p.G + 1;
+
+    /* this thread's two rows (gid, gid + 8 of the warp's 16) */
+    const int wr = r0 + warp * 16;
+    int lim[2];
+    const float *qrow[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int r = min(wr + gid + 8 * h, r_last);
+        const int tok = r / p.G, rep = r % p.G;
+        lim[h] = p.pos0 + tok;
+        qrow[h] = p.q + (int64_t)tok * p.q_stride + (int64_t)(head * p.G + rep) * D;
+    }
+    const int warp_min_lim = p.pos0 + min(wr, r_last) / p.G;
+    uint32_t qa[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+#pragma unroll
+        for (int hc = 0; hc < 2; hc++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const float2 x = *reinterpret_cast<const float2 *>(qrow[h] + kk * 16 + hc * 8 + 2 * tig);
+                qa[kk][hc * 2 + h] = pack_half2(x.x * p.qscale, x.y * p.qscale);
+            }
+    }
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < D / 8; dn++) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+
+    const int n_tiles = (ctx_end + TK - 1) / TK;
+    load_tile<D>(p, head, 0, ctx_end, smem);
+    cp_async_commit();
+    for (int t = 0; t < n_tiles; t++) {
+        __half *stage = smem + (t & 1) * S::STAGE;
+        if (t + 1 < n_tiles) {
+            load_tile<D>(p, head, t + 1, ctx_end, smem + ((t + 1) & 1) * S::STAGE);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const __half *Ks = stage, *Vs = stage + S::K_HALVES;
+
+        /* S = Q K^T: 8 n-tiles of 8 positions */
+        float s[8][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++) {
+#pragma unroll
+            for (int j = 0; j < PT; j++) {
+                /* matrices: dims 0-7 / 8-15 of this k-step, positions 0-7 / 8-15 of page j */
+                const int mat = lane >> 3, row = lane & 7;
+                const __half *a = Ks + (j * D + kk * 16 + (mat & 1) * 8 + row) * S::K_ROW + (mat >> 1) * 8;
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, a);
+                mma16816(s[2 * j], qa[kk], b[0], b[1]);
+                mma16816(s[2 * j + 1], qa[kk], b[2], b[3]);
+            }
+        }
+        if (t * TK + TK - 1 > warp_min_lim) {
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int pos = t * TK + nt * 8 + 2 * tig + (e & 1);
+                    if (pos > lim[e >> 1]) s[nt][e] = -INFINITY;
+                }
+        }
+        /* online softmax per row; quad lanes (same gid) share a row */
+        uint32_t pa[4][4];
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) mx = fmaxf(mx, fmaxf(s[nt][2 * h], s[nt][2 * h + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(KVC__CU_FULL, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(KVC__CU_FULL, mx, 2));
+            const float m_new = fmaxf(m[h], mx);
+            const float alpha = exp2f(m[h] - m_new);
+            m[h] = m_new;
+            float sum = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) {
+                s[nt][2 * h] = exp2f(s[nt][2 * h] - m_new);
+                s[nt][2 * h + 1] = exp2f(s[nt][2 * h + 1] - m_new);
+                sum += s[nt][2 * h] + s[nt][2 * h + 1];
+            }
+            l[h] = l[h] * alpha + sum;
+#pragma unroll
+            for (int dn = 0; dn < D / 8; dn++) {
+                o[dn][2 * h] *= alpha;
+                o[dn][2 * h + 1] *= alpha;
+            }
+        }
+#pragma unroll
+        for (int kp = 0; kp < 4; kp++) {
+            pa[kp][0] = pack_half2(s[2 * kp][0], s[2 * kp][1]);
+            pa[kp][1] = pack_half2(s[2 * kp][2], s[2 * kp][3]);
+            pa[kp][2] = pack_half2(s[2 * kp + 1][0], s[2 * kp + 1][1]);
+            pa[kp][3] = pack_half2(s[2 * kp + 1][2], s[2 * kp + 1][3]);
+        }
+        /* O += P V */
+#pragma unroll
+        for (int kp = 0; kp < 4; kp++) {
+#pragma unroll
+            for (int dn2 = 0; dn2 < D / 16; dn2++) {
+                /* matrices: positions 0-7 / 8-15 of this k-step, dims 0-7 / 8-15 of the pair */
+                const int mat = lane >> 3, row = lane & 7;
+                const __half *a = Vs + (kp * 16 + (mat & 1) * 8 + row) * S::V_ROW + dn2 * 16 + (mat >> 1) * 8;
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, a);
+                mma16816(o[2 * dn2], pa[kp], b[0], b[1]);
+                mma16816(o[2 * dn2 + 1], pa[kp], b[2], b[3]);
+            }
+        }
+        __syncthreads();   /* this stage is refilled two tiles on */
+    }
+
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        l[h] += __shfl_xor_sync(KVC__CU_FULL, l[h], 1);
+        l[h] += __shfl_xor_sync(KVC__CU_FULL, l[h], 2);
+        const int r = wr + gid + 8 * h;
+        if (r > r_last) continue;
+        const int tok = r / p.G, rep = r % p.G;
+        float *dst = p.out + (int64_t)tok * p.out_stride + (int64_t)(head * p.G + rep) * D;
+        const float inv = 1.0f / l[h];
+#pragma unroll
+        for (int dn = 0; dn < D / 8; dn++)
+            *reinterpret_cast<float2 *>(dst + dn * 8 + 2 * tig) =
+                make_float2(o[dn][2 * h] * inv, o[dn][2 * h + 1] * inv);
+    }
+}
+
+template <int D>
+int launch_f16(const prefill_params &p, int n_kv_head, cudaStream_t stream, char *err, size_t errlen) {
+    const size_t smem = smem_shape<D>::BYTES;
+    KVC__CU_TRY(cudaFuncSetAttribute(prefill_f16_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     (int)smem));
+    const int tiles = (p.n * p.G + ROWS - 1) / ROWS;
+    prefill_f16_kernel<D><<<dim3(tiles, n_kv_head), PNT, smem, stream>>>(p);
+    KVC__CU_TRY(cudaGetLastError());
+    return KVC_OK;
+}
+
+bool tensor_core_path(const kvc_cu_layout *L) { return L->k_fmt == KVC_CU_F16 && L->v_fmt == KVC_CU_F16; }
+
+} // namespace
+
+extern "C" size_t kvc_cu_prefill_workspace(const kvc_cu_layout *L, int pos0, int n, int n_rep) {
+    if (!L || n <= 0 || tensor_core_path(L)) return 0;
+    return kvc_cu_decode_workspace(L, n, pos0 + n, n_rep);
+}
+
+extern "C" int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int layer, const int32_t *block_table,
+                              int pos0, int n, int n_rep, float scale, const float *q, int64_t q_stride,
+                              float *out, int64_t out_stride, void *workspace, size_t workspace_bytes,
+                              void *stream, char *err, size_t errlen) {
+    int rc = kvc__cu_check_layout(L, layer, err, errlen);
+    if (rc) return rc;
+    if (n < 0 || pos0 < 0 || (int64_t)pos0 + n > 0x7fffffff - 64)
+        KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: prefill of %d tokens at %d", n, pos0);
+    if (n == 0) return KVC_OK;
+    if (n_rep < 1 || n_rep > 8)
+        KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: n_rep %d: the GPU kernels are compiled for 1..8", n_rep);
+    if (!arena || !block_table || !q || !out) KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: prefill: NULL pointer");
+    const int64_t heads = (int64_t)L->n_kv_head * n_rep * L->head_dim;
+    if (q_stride < heads || out_stride < heads)
+        KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: prefill: q_stride %lld / out_stride %lld < %lld",
+                     (long long)q_stride, (long long)out_stride, (long long)heads);
+    if ((q_stride | out_stride) & 1)
+        KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: prefill: q_stride %lld / out_stride %lld must be even",
+                     (long long)q_stride, (long long)out_stride);
+    if (!tensor_core_path(L)) {
+        kvc_cu_decode_args a;
+        a.block_tables = block_table;
+        a.bt_stride = 0;
+        a.ctx_lens = NULL;
+        a.ctx0 = pos0 + 1;
+        a.n_seqs = n;
+        a.max_ctx = pos0 + n;
+        a.n_rep = n_rep;
+        a.scale = scale;
+        a.q = q;
+        a.q_stride = q_stride;
+        a.out = out;
+        a.out_stride = out_stride;
+        return kvc_cu_decode(L, arena, layer, &a, workspace, workspace_bytes, stream, err, errlen);
+    }
+    if ((int64_t)n * n_rep / ROWS + 1 > 0x7fffffff)
+        KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: prefill of %d tokens is too many", n);
+    prefill_params p;
+    p.arena = (const uint8_t *)arena;
+    p.g = kvc__cu_geom_of(L, layer);
+    p.bt = block_table;
+    p.pos0 = pos0;
+    p.n = n;
+    p.G = n_rep;
+    p.qscale = scale * 1.4426950408889634f;
+    p.q = q;
+    p.q_stride = q_stride;
+    p.out = out;
+    p.out_stride = out_stride;
+    cudaStream_t s = (cudaStream_t)stream;
+    if (L->head_dim == 64) return launch_f16<64>(p, L->n_kv_head, s, err, errlen);
+    if (L->head_dim == 128) return launch_f16<128>(p, L->n_kv_head, s, err, errlen);
+    KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: head_dim %d: the GPU kernels are compiled for 64 and 128",
+                 L->head_dim);
+}

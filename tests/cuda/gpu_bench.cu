@@ -1,0 +1,389 @@
+/* gpu_bench.cu: times the GPU kernels of cache/cuda/ on the device machine,
+ * per layer, against the memory floor.
+ *
+ * First the ceiling: a 2 GiB device-to-device copy (bytes read + written over
+ * time). Then, for the SmolLM2-135M shape (3 kv heads, head_dim 64, n_rep 3)
+ * and the Llama-3-8B shape (8 kv heads, head_dim 128, n_rep 4), per codec:
+ *   decode at 64 sequences x 2048, 256 x 512 and 1 x 32768 positions: the
+ *     bytes a launch must move (every K/V block of every context page, the
+ *     queries, the outputs), time per launch, GB/s and the fraction of the
+ *     4.3 TB/s floor (and of the copy just measured). Pages are scattered
+ *     (a random permutation); each launch reads another layer of a pool of
+ *     >= 800 MB so the 60 MB L2 holds none of it. Timed as a CUDA graph of
+ *     2 * n_layer launches replayed 20 times (median replay / launches), and
+ *     as single launches between events (median of 50, PyTorch's method),
+ *     for several pages-per-split settings ("auto" is the default plan);
+ *   prefill of a 2048-token chunk at positions 0 and 2048 (TFLOP/s, counting
+ *     4 * head_dim per (query row, visible position));
+ *   compress-on-write of 64 tokens (a decode step) and 2048 (a chunk).
+ * Stored numbers are random halves (int8 blocks: random bytes and scales):
+ * never zeros.
+ *
+ * Usage: gpu_bench [--quick] [--csv FILE] */
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+extern "C" {
+#include "cache/kvcache.h"
+#include "cache/pool_internal.h"
+}
+#include "cache/cuda/kvc_cuda.h"
+
+#define CK(call)                                                                          \
+    do {                                                                                  \
+        cudaError_t e_ = (call);                                                          \
+        if (e_ != cudaSuccess) {                                                          \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+            exit(2);                                                                      \
+        }                                                                                 \
+    } while (0)
+#define KV(call)                                                                          \
+    do {                                                                                  \
+        char err_[256] = "";                                                              \
+        int rc_ = (call);                                                                 \
+        if (rc_ != KVC_OK) {                                                              \
+            fprintf(stderr, "%s:%d: %s: %d %s\n", __FILE__, __LINE__, #call, rc_, err_);  \
+            exit(2);                                                                      \
+        }                                                                                 \
+    } while (0)
+
+static const double FLOOR_BW = 4.3e12;   /* bytes/s, the copy bandwidth measured on this GPU */
+static FILE *g_csv = NULL;
+
+__global__ void fill_random(uint32_t *p, size_t n_words, uint32_t seed) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n_words; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 0x9E3779B1u ^ seed;
+        h ^= h >> 15;
+        h *= 0x2C1B3C6Du;
+        h ^= h >> 12;
+        h *= 0x297A2D39u;
+        h ^= h >> 15;
+        __half a = __float2half((float)(h & 0xffff) / 32768.0f - 1.0f);
+        __half b = __float2half((float)(h >> 16) / 32768.0f - 1.0f);
+        p[i] = (uint32_t)__half_as_ushort(a) | ((uint32_t)__half_as_ushort(b) << 16);
+    }
+}
+
+static void fill(void *p, size_t bytes, uint32_t seed) {
+    fill_random<<<1024, 256>>>((uint32_t *)p, bytes / 4, seed);
+    CK(cudaGetLastError());
+}
+
+static double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+}
+
+static double copy_bandwidth(void) {
+    const size_t bytes = (size_t)2 << 30;
+    void *a, *b;
+    CK(cudaMalloc(&a, bytes));
+    CK(cudaMalloc(&b, bytes));
+    fill(a, bytes, 1);
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    std::vector<double> t;
+    for (int i = 0; i < 13; i++) {
+        CK(cudaEventRecord(e0));
+        CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
+        CK(cudaEventRecord(e1));
+        CK(cudaEventSynchronize(e1));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        if (i >= 3) t.push_back(ms * 1e-3);
+    }
+    CK(cudaFree(a));
+    CK(cudaFree(b));
+    return 2.0 * bytes / median(t);
+}
+
+struct shape {
+    const char *name;
+    int H, G, D;
+};
+
+struct bench_pool {
+    kvc_pool *pool = NULL;
+    kvc_cu_layout lay;
+    uint8_t *arena = NULL;
+    int n_pages = 0, n_layer = 0;
+};
+
+/* A pool of n_pages pages and enough layers for >= 800 MB of one layer's blocks. */
+static bench_pool make_pool(const shape &s, const char *kc, const char *vc, int n_pages) {
+    bench_pool b;
+    kvc_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.n_kv_head = s.H;
+    cfg.head_dim = s.D;
+    cfg.block_size = 16;
+    cfg.k_codec = kc;
+    cfg.v_codec = vc;
+    cfg.n_layer = 1;
+    cfg.memory_bytes = (size_t)1 << 30;
+    char err[256];
+    kvc_pool *probe;
+    if (kvc_pool_create(&cfg, &probe, err, sizeof err) != KVC_OK) {
+        fprintf(stderr, "pool: %s\n", err);
+        exit(2);
+    }
+    size_t layer_bytes = kvc_page_bytes(probe) * (size_t)n_pages;
+    kvc_pool_destroy(probe);
+    int nl = (int)((800e6 + layer_bytes - 1) / layer_bytes);
+    nl = nl < 2 ? 2 : nl > 64 ? 64 : nl;
+    cfg.n_layer = nl;
+    cfg.memory_bytes = (size_t)n_pages * (layer_bytes / n_pages) * nl;
+    if (kvc_pool_create(&cfg, &b.pool, err, sizeof err) != KVC_OK) {
+        fprintf(stderr, "pool: %s\n", err);
+        exit(2);
+    }
+    if (kvc_cu_layout_init(&b.lay, b.pool, err, sizeof err) != KVC_OK) {
+        fprintf(stderr, "layout: %s\n", err);
+        exit(2);
+    }
+    b.n_pages = kvc_pages_total(b.pool);
+    b.n_layer = nl;
+    CK(cudaMalloc(&b.arena, (size_t)b.n_pages * b.lay.page_bytes));
+    fill(b.arena, (size_t)b.n_pages * b.lay.page_bytes, 12345);
+    return b;
+}
+
+static void free_pool(bench_pool &b) {
+    CK(cudaFree(b.arena));
+    kvc_pool_destroy(b.pool);
+}
+
+static void bench_decode(const shape &s, const char *kc, const char *vc, int n_seqs, int ctx, bool quick) {
+    const int B = 16, pages_per_seq = (ctx + B - 1) / B;
+    const int n_pages = n_seqs * pages_per_seq;
+    bench_pool bp = make_pool(s, kc, vc, n_pages);
+    std::vector<int32_t> perm(n_pages);
+    for (int i = 0; i < n_pages; i++) perm[i] = i;
+    uint64_t r = 88172645463325252ull;
+    for (int i = n_pages - 1; i > 0; i--) {
+        r ^= r << 13, r ^= r >> 7, r ^= r << 17;
+        std::swap(perm[i], perm[r % (uint64_t)(i + 1)]);
+    }
+    int32_t *d_bt, *d_ctx;
+    CK(cudaMalloc(&d_bt, sizeof(int32_t) * n_pages));
+    CK(cudaMemcpy(d_bt, perm.data(), sizeof(int32_t) * n_pages, cudaMemcpyHostToDevice));
+    std::vector<int32_t> ctxs(n_seqs, ctx);
+    CK(cudaMalloc(&d_ctx, sizeof(int32_t) * n_seqs));
+    CK(cudaMemcpy(d_ctx, ctxs.data(), sizeof(int32_t) * n_seqs, cudaMemcpyHostToDevice));
+    const int64_t qs = (int64_t)s.H * s.G * s.D;
+    float *d_q, *d_out;
+    CK(cudaMalloc(&d_q, sizeof(float) * qs * n_seqs));
+    CK(cudaMalloc(&d_out, sizeof(float) * qs * n_seqs));
+    fill(d_q, sizeof(float) * qs * n_seqs, 777);   /* halves as floats: small finite numbers */
+    const kvc_pool *p = bp.pool;
+    const double kv_bytes = (double)n_seqs * pages_per_seq * s.H * (p->kc.block_bytes[0] + p->vc.block_bytes[0]);
+    const double bytes = kv_bytes + 2.0 * sizeof(float) * qs * n_seqs + 4.0 * n_pages + 4.0 * n_seqs;
+    const double floor_us = bytes / FLOOR_BW * 1e6;
+
+    kvc_cu_decode_args a;
+    memset(&a, 0, sizeof a);
+    a.block_tables = d_bt;
+    a.bt_stride = pages_per_seq;
+    a.ctx_lens = d_ctx;
+    a.n_seqs = n_seqs;
+    a.max_ctx = ctx;
+    a.n_rep = s.G;
+    a.scale = 1.0f / sqrtf((float)s.D);
+    a.q = d_q;
+    a.q_stride = qs;
+    a.out = d_out;
+    a.out_stride = qs;
+    cudaStream_t st;
+    CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    std::vector<int> pps_set = {0, 8, 16, 32, 64, 128, 256};
+    if (quick) pps_set = {0};
+    double best_us = 1e30;
+    int best_pps = 0;
+    for (int pps : pps_set) {
+        if (pps > pages_per_seq) continue;
+        kvc_cu_set_decode_pages_per_split(pps);
+        size_t wsb = kvc_cu_decode_workspace(&bp.lay, n_seqs, ctx, s.G);
+        void *ws;
+        CK(cudaMalloc(&ws, wsb));
+        CK(cudaMemset(ws, 0, wsb));
+        /* graph of 2 * n_layer launches, one per layer in turn */
+        const int n_launch = 2 * bp.n_layer;
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+        CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+        for (int i = 0; i < n_launch; i++)
+            KV(kvc_cu_decode(&bp.lay, bp.arena, i % bp.n_layer, &a, ws, wsb, st, err_, sizeof err_));
+        CK(cudaStreamEndCapture(st, &graph));
+        CK(cudaGraphInstantiate(&exec, graph, 0));
+        std::vector<double> tg, te;
+        for (int rep = 0; rep < 23; rep++) {
+            CK(cudaEventRecord(e0, st));
+            CK(cudaGraphLaunch(exec, st));
+            CK(cudaEventRecord(e1, st));
+            CK(cudaEventSynchronize(e1));
+            float ms;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            if (rep >= 3) tg.push_back(ms * 1e3 / n_launch);
+        }
+        for (int rep = 0; rep < 55; rep++) {
+            CK(cudaEventRecord(e0, st));
+            KV(kvc_cu_decode(&bp.lay, bp.arena, rep % bp.n_layer, &a, ws, wsb, st, err_, sizeof err_));
+            CK(cudaEventRecord(e1, st));
+            CK(cudaEventSynchronize(e1));
+            float ms;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            if (rep >= 5) te.push_back(ms * 1e3);
+        }
+        CK(cudaGraphExecDestroy(exec));
+        CK(cudaGraphDestroy(graph));
+        CK(cudaFree(ws));
+        const double ug = median(tg), ue = median(te);
+        char pn[16];
+        if (pps) snprintf(pn, sizeof pn, "%d", pps);
+        else snprintf(pn, sizeof pn, "auto");
+        printf("decode %-8s %-9s %4dx%-6d pps %-4s %8.2f us graph (%6.0f GB/s, %5.1f%% of floor) %8.2f us event (%5.1f%%)  [%.1f MB, floor %.2f us]\n",
+               s.name, kc, n_seqs, ctx, pn, ug, bytes / ug * 1e-3, floor_us / ug * 100, ue, floor_us / ue * 100,
+               bytes / 1e6, floor_us);
+        if (g_csv)
+            fprintf(g_csv, "decode,%s,%s/%s,%d,%d,%s,%.3f,%.3f,%.0f,%.3f\n", s.name, kc, vc, n_seqs, ctx, pn, ug, ue,
+                    bytes, floor_us);
+        if (ug < best_us) best_us = ug, best_pps = pps;
+    }
+    printf("BEST decode %-8s %s/%s %dx%d: %.2f us (pps %d), %.1f%% of floor %.2f us\n", s.name, kc, vc, n_seqs, ctx,
+           best_us, best_pps, floor_us / best_us * 100, floor_us);
+    fflush(stdout);
+    kvc_cu_set_decode_pages_per_split(0);
+    CK(cudaStreamDestroy(st));
+    CK(cudaFree(d_bt));
+    CK(cudaFree(d_ctx));
+    CK(cudaFree(d_q));
+    CK(cudaFree(d_out));
+    free_pool(bp);
+}
+
+static void bench_prefill(const shape &s, const char *kc, const char *vc, int pos0, int n) {
+    const int B = 16, pages = (pos0 + n + B - 1) / B;
+    bench_pool bp = make_pool(s, kc, vc, pages);
+    std::vector<int32_t> bt(pages);
+    for (int i = 0; i < pages; i++) bt[i] = (i * 7919) % pages;   /* scattered; 7919 prime > pages or coprime */
+    int32_t *d_bt;
+    CK(cudaMalloc(&d_bt, sizeof(int32_t) * pages));
+    CK(cudaMemcpy(d_bt, bt.data(), sizeof(int32_t) * pages, cudaMemcpyHostToDevice));
+    const int64_t qs = (int64_t)s.H * s.G * s.D;
+    float *d_q, *d_out;
+    CK(cudaMalloc(&d_q, sizeof(float) * qs * n));
+    CK(cudaMalloc(&d_out, sizeof(float) * qs * n));
+    fill(d_q, sizeof(float) * qs * n, 99);
+    size_t wsb = kvc_cu_prefill_workspace(&bp.lay, pos0, n, s.G);
+    void *ws;
+    CK(cudaMalloc(&ws, wsb + 1));
+    CK(cudaMemset(ws, 0, wsb + 1));
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    std::vector<double> t;
+    for (int rep = 0; rep < 23; rep++) {
+        CK(cudaEventRecord(e0));
+        KV(kvc_cu_prefill(&bp.lay, bp.arena, rep % bp.n_layer, d_bt, pos0, n, s.G, 1.0f / sqrtf((float)s.D), d_q, qs,
+                          d_out, qs, ws, wsb, NULL, err_, sizeof err_));
+        CK(cudaEventRecord(e1));
+        CK(cudaEventSynchronize(e1));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        if (rep >= 3) t.push_back(ms * 1e3);
+    }
+    const double us = median(t);
+    double flops = 0;
+    for (int i = 0; i < n; i++) flops += 4.0 * s.D * (pos0 + i + 1) * s.H * s.G;
+    printf("prefill %-8s %-9s pos0 %-5d n %d: %9.1f us, %6.1f TFLOP/s\n", s.name, kc, pos0, n, us, flops / us * 1e-6);
+    if (g_csv) fprintf(g_csv, "prefill,%s,%s/%s,%d,%d,,%.3f,,%.0f,\n", s.name, kc, vc, pos0, n, us, flops);
+    fflush(stdout);
+    CK(cudaFree(ws));
+    CK(cudaFree(d_bt));
+    CK(cudaFree(d_q));
+    CK(cudaFree(d_out));
+    free_pool(bp);
+}
+
+static void bench_write(const shape &s, const char *kc, const char *vc, int n) {
+    bench_pool bp = make_pool(s, kc, vc, (n + 15) / 16 * 4);
+    std::vector<int32_t> slots(n);
+    for (int i = 0; i < n; i++) slots[i] = ((i / 16) * 3 % bp.n_pages) * 16 + i % 16;
+    int32_t *d_slots;
+    CK(cudaMalloc(&d_slots, sizeof(int32_t) * n));
+    CK(cudaMemcpy(d_slots, slots.data(), sizeof(int32_t) * n, cudaMemcpyHostToDevice));
+    const int64_t kvs = (int64_t)s.H * s.D;
+    float *d_k, *d_v;
+    CK(cudaMalloc(&d_k, sizeof(float) * kvs * n));
+    CK(cudaMalloc(&d_v, sizeof(float) * kvs * n));
+    fill(d_k, sizeof(float) * kvs * n, 5);
+    fill(d_v, sizeof(float) * kvs * n, 6);
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    std::vector<double> t;
+    for (int rep = 0; rep < 23; rep++) {
+        CK(cudaEventRecord(e0));
+        KV(kvc_cu_write(&bp.lay, bp.arena, rep % bp.n_layer, d_slots, n, d_k, d_v, kvs, NULL, err_, sizeof err_));
+        CK(cudaEventRecord(e1));
+        CK(cudaEventSynchronize(e1));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        if (rep >= 3) t.push_back(ms * 1e3);
+    }
+    const kvc_pool *p = bp.pool;
+    const double bytes = 2.0 * 4 * kvs * n + (double)n / 16 * s.H * (p->kc.block_bytes[0] + p->vc.block_bytes[0]);
+    const double us = median(t);
+    printf("write   %-8s %-9s %5d tokens: %8.2f us, %6.0f GB/s\n", s.name, kc, n, us, bytes / us * 1e-3);
+    if (g_csv) fprintf(g_csv, "write,%s,%s/%s,%d,,,%.3f,,%.0f,\n", s.name, kc, vc, n, us, bytes);
+    CK(cudaFree(d_slots));
+    CK(cudaFree(d_k));
+    CK(cudaFree(d_v));
+    free_pool(bp);
+}
+
+int main(int argc, char **argv) {
+    bool quick = false;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--quick")) quick = true;
+        else if (!strcmp(argv[i], "--csv") && i + 1 < argc) g_csv = fopen(argv[++i], "w");
+        else {
+            fprintf(stderr, "usage: %s [--quick] [--csv FILE]\n", argv[0]);
+            return 2;
+        }
+    }
+    cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    printf("gpu_bench: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
+    const double bw = copy_bandwidth();
+    printf("copy bandwidth (read + write): %.0f GB/s; floor below uses %.0f GB/s\n", bw * 1e-9, FLOOR_BW * 1e-9);
+    if (g_csv) fprintf(g_csv, "copy,,,,,,,,%.0f,\n", bw);
+    const shape shapes[2] = {{"smollm2", 3, 3, 64}, {"llama8b", 8, 4, 128}};
+    const char *codecs[3][2] = {{"f16", "f16"}, {"int8", "int8"}, {"f16", "int8"}};
+    const int cases[3][2] = {{64, 2048}, {256, 512}, {1, 32768}};
+    for (auto &s : shapes)
+        for (auto &c : codecs) {
+            if (quick && strcmp(c[1], "int8") == 0 && strcmp(c[0], "f16") == 0) continue;
+            for (auto &cs : cases) bench_decode(s, c[0], c[1], cs[0], cs[1], quick);
+        }
+    for (auto &s : shapes)
+        for (int ci = 0; ci < 2; ci++)
+            for (int pos0 : {0, 2048}) bench_prefill(s, codecs[ci][0], codecs[ci][1], pos0, 2048);
+    for (auto &s : shapes)
+        for (int ci = 0; ci < 2; ci++)
+            for (int n : {64, 2048}) bench_write(s, codecs[ci][0], codecs[ci][1], n);
+    if (g_csv) fclose(g_csv);
+    return 0;
+}

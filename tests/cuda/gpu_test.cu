@@ -1,0 +1,472 @@
+/* gpu_test.cu: the GPU kernels of cache/cuda/ against the CPU cache code
+ * (the reference), run on the device machine; no Criterion (a plain program:
+ * exit status 0 when every check passes, each failure printed).
+ *
+ * For each case (head_dim, kv heads, n_rep, K codec, V codec, context
+ * lengths) on fresh random inputs (seed printed; --seed to repeat):
+ *   1. write: a CPU pool reserves pages for every sequence (interleaved, so
+ *      block tables are scattered); kvc_cu_write encodes all tokens of two
+ *      layers into a zeroed device arena and kvc_write does the same on the
+ *      CPU; the two arenas must be byte-identical.
+ *   2. the unwritten slots of each sequence's last page are then filled with
+ *      +inf through kvc_cu_write (f16: inf; int8: the largest scale and
+ *      codes), which a kernel that reads past a context turns into NaN.
+ *   3. decode: kvc_cu_decode for one query token per sequence at its last
+ *      position against kvc_attend; also with forced splits (8 pages: many
+ *      partials merged) and a single split. A context of 0 gives zeros.
+ *   4. prefill: chunks [pos0, pos0 + n) of one sequence through
+ *      kvc_cu_prefill against kvc_attend (causal inside the chunk).
+ * Outputs are poisoned (NaN bytes) before each launch; every element must be
+ * finite afterwards.
+ *
+ * Error bound, per output vector (query token, head): ||gpu - cpu||_2 /
+ * ||cpu||_2 <= 1e-4 where the GPU computes in fp32 from the same stored
+ * numbers (decode; int8 prefill), and <= 5e-3 on the tensor-core f16 prefill,
+ * which rounds the scaled query and the softmax weights to fp16 (each a
+ * relative 2^-11 = 4.9e-4; the bound leaves a factor of ten).
+ *
+ * Usage: gpu_test [--seed N] [--quick]   (--quick: fewer, shorter cases, for
+ * compute-sanitizer). */
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <vector>
+
+extern "C" {
+#include "cache/kvcache.h"
+#include "cache/pool_internal.h"
+}
+#include "cache/cuda/kvc_cuda.h"
+
+#define CK(call)                                                                          \
+    do {                                                                                  \
+        cudaError_t e_ = (call);                                                          \
+        if (e_ != cudaSuccess) {                                                          \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+            exit(2);                                                                      \
+        }                                                                                 \
+    } while (0)
+
+static int g_fail = 0, g_checks = 0;
+
+#define EXPECT(cond, ...)                                                                 \
+    do {                                                                                  \
+        g_checks++;                                                                       \
+        if (!(cond)) {                                                                    \
+            g_fail++;                                                                     \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                   \
+            printf(__VA_ARGS__);                                                          \
+            printf("\n");                                                                 \
+        }                                                                                 \
+    } while (0)
+
+static uint64_t rng_state;
+static float frand(void) {   /* uniform [-1, 1), splitmix64 */
+    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return (float)((double)(z >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+}
+static float nrand(void) { return (frand() + frand() + frand()) * 1.0f; }   /* bell-shaped, sd 1 */
+
+template <typename T> struct dev_buf {
+    T *p = nullptr;
+    size_t n = 0;
+    explicit dev_buf(size_t count) : n(count) { CK(cudaMalloc(&p, count * sizeof(T) + 16)); }
+    ~dev_buf() { cudaFree(p); }
+    void up(const T *h) { CK(cudaMemcpy(p, h, n * sizeof(T), cudaMemcpyHostToDevice)); }
+    void down(T *h) const { CK(cudaMemcpy(h, p, n * sizeof(T), cudaMemcpyDeviceToHost)); }
+    void poison() { CK(cudaMemset(p, 0xff, n * sizeof(T))); }
+};
+
+/* Relative L2 error of each vector of length D; the max, and whether every
+ * GPU number is finite. */
+static double max_rel_err(const float *gpu, const float *cpu, size_t n_vec, int D, int *non_finite) {
+    double worst = 0.0;
+    *non_finite = 0;
+    for (size_t i = 0; i < n_vec; i++) {
+        double num = 0.0, den = 0.0;
+        for (int d = 0; d < D; d++) {
+            float g = gpu[i * D + d], c = cpu[i * D + d];
+            if (!isfinite(g)) (*non_finite)++;
+            num += ((double)g - c) * ((double)g - c);
+            den += (double)c * c;
+        }
+        double r = den > 0 ? sqrt(num / den) : sqrt(num);
+        if (!(r <= worst)) worst = r;
+    }
+    return worst;
+}
+
+struct test_case {
+    int D, H, G;
+    const char *kc, *vc;
+    std::vector<int> ctx;                   /* one sequence each (0 allowed) */
+    std::vector<std::pair<int, int>> chunks; /* prefill (pos0, n) on the longest sequence */
+    float q_gain;
+};
+
+static const char *fmt_name(const char *k, const char *v, char *buf) {
+    snprintf(buf, 64, "%s/%s", k, v);
+    return buf;
+}
+
+static void run_case(const test_case &c) {
+    const int D = c.D, H = c.H, G = c.G, L = 2, B = 16, layer = 1;
+    const int S = (int)c.ctx.size();
+    char name[64];
+    fmt_name(c.kc, c.vc, name);
+    printf("case D=%d H=%d G=%d %s ctx=[", D, H, G, name);
+    int max_ctx = 0, total_pages = 0, longest = 0;
+    for (int s = 0; s < S; s++) {
+        printf("%s%d", s ? "," : "", c.ctx[s]);
+        if (c.ctx[s] > max_ctx) max_ctx = c.ctx[s], longest = s;
+        total_pages += (c.ctx[s] + B - 1) / B;
+    }
+    printf("]\n");
+    fflush(stdout);
+
+    kvc_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.n_layer = L;
+    cfg.n_kv_head = H;
+    cfg.head_dim = D;
+    cfg.block_size = B;
+    cfg.k_codec = c.kc;
+    cfg.v_codec = c.vc;
+    cfg.force_scalar = 0;   /* AVX2 where present: the reference is fast; its encoder equals the portable one */
+    cfg.memory_bytes = (size_t)(total_pages + 4) * (size_t)L * H * D * B * 4 * 2 + (1u << 20);
+    kvc_pool *pool;
+    char err[256];
+    if (kvc_pool_create(&cfg, &pool, err, sizeof err) != KVC_OK) {
+        EXPECT(0, "kvc_pool_create: %s", err);
+        return;
+    }
+    kvc_cu_layout lay;
+    if (kvc_cu_layout_init(&lay, pool, err, sizeof err) != KVC_OK) {
+        EXPECT(0, "kvc_cu_layout_init: %s", err);
+        kvc_pool_destroy(pool);
+        return;
+    }
+
+    /* reserve 16 tokens at a time round-robin: scattered page ids */
+    std::vector<kvc_seq> seqs(S);
+    for (auto &q : seqs) memset(&q, 0, sizeof q);
+    for (int done = 0; !done;) {
+        done = 1;
+        for (int s = 0; s < S; s++) {
+            int want = seqs[s].n_tokens + B < c.ctx[s] ? seqs[s].n_tokens + B : c.ctx[s];
+            if (want > seqs[s].n_tokens) {
+                done = 0;
+                EXPECT(kvc_seq_reserve(pool, &seqs[s], want) == KVC_OK, "reserve");
+            }
+        }
+    }
+
+    /* K/V of every token of both layers: (tokens, H, D) per sequence */
+    const int64_t kvs = (int64_t)H * D;
+    std::vector<std::vector<float>> K(S * L), V(S * L);
+    for (int s = 0; s < S; s++)
+        for (int l = 0; l < L; l++) {
+            auto &k = K[s * L + l], &v = V[s * L + l];
+            k.resize((size_t)c.ctx[s] * kvs);
+            v.resize((size_t)c.ctx[s] * kvs);
+            for (size_t i = 0; i < k.size(); i++) {
+                /* per-dimension spread so int8 rounding is exercised unevenly */
+                float dim_gain = 0.5f + (float)((i % D) % 7) * 0.3f;
+                k[i] = nrand() * dim_gain;
+                v[i] = nrand() + 0.25f;
+            }
+        }
+
+    /* 1. compress-on-write on both sides */
+    const size_t arena_bytes = pool->arena_bytes;
+    dev_buf<uint8_t> arena(arena_bytes);
+    CK(cudaMemset(arena.p, 0, arena_bytes));
+    int n_tok = 0;
+    for (int s = 0; s < S; s++) n_tok += c.ctx[s];
+    if (n_tok > 0) {
+        std::vector<int32_t> slots(n_tok);
+        std::vector<float> kin((size_t)n_tok * kvs), vin((size_t)n_tok * kvs);
+        dev_buf<int32_t> d_slots(n_tok);
+        dev_buf<float> d_k((size_t)n_tok * kvs), d_v((size_t)n_tok * kvs);
+        for (int l = 0; l < L; l++) {
+            int t = 0;
+            for (int s = 0; s < S; s++)
+                for (int pos = 0; pos < c.ctx[s]; pos++, t++) {
+                    slots[t] = seqs[s].pages[pos / B] * B + pos % B;
+                    memcpy(&kin[(size_t)t * kvs], &K[s * L + l][(size_t)pos * kvs], sizeof(float) * kvs);
+                    memcpy(&vin[(size_t)t * kvs], &V[s * L + l][(size_t)pos * kvs], sizeof(float) * kvs);
+                }
+            d_slots.up(slots.data());
+            d_k.up(kin.data());
+            d_v.up(vin.data());
+            int rc = kvc_cu_write(&lay, arena.p, l, d_slots.p, n_tok, d_k.p, d_v.p, kvs, NULL, err, sizeof err);
+            EXPECT(rc == KVC_OK, "kvc_cu_write: %s", err);
+            CK(cudaDeviceSynchronize());
+            for (int s = 0; s < S; s++)
+                if (c.ctx[s] > 0)
+                    EXPECT(kvc_write(pool, &seqs[s], l, 0, c.ctx[s], K[s * L + l].data(), V[s * L + l].data(),
+                                     kvs) == KVC_OK, "kvc_write");
+        }
+        std::vector<uint8_t> got(arena_bytes);
+        arena.down(got.data());
+        size_t diff = 0, first = 0;
+        for (size_t i = 0; i < arena_bytes; i++)
+            if (got[i] != pool->arena[i]) {
+                if (!diff) first = i;
+                diff++;
+            }
+        EXPECT(diff == 0, "write: %zu of %zu arena bytes differ from kvc_write (first at %zu: gpu %02x cpu %02x)",
+               diff, arena_bytes, first, got[first], pool->arena[first]);
+        printf("  write: %d tokens x 2 layers, arena %zu bytes, %zu differ\n", n_tok, arena_bytes, diff);
+    }
+
+    /* 2. poison the slots past each context in its last page */
+    {
+        std::vector<int32_t> slots;
+        for (int s = 0; s < S; s++)
+            for (int pos = c.ctx[s]; pos % B != 0; pos++) slots.push_back(seqs[s].pages[pos / B] * B + pos % B);
+        if (!slots.empty()) {
+            const int n = (int)slots.size();
+            std::vector<float> inf((size_t)n * kvs, INFINITY);
+            dev_buf<int32_t> d_slots(n);
+            dev_buf<float> d_inf((size_t)n * kvs);
+            d_slots.up(slots.data());
+            d_inf.up(inf.data());
+            for (int l = 0; l < L; l++)
+                EXPECT(kvc_cu_write(&lay, arena.p, l, d_slots.p, n, d_inf.p, d_inf.p, kvs, NULL, err, sizeof err) ==
+                           KVC_OK, "poison write: %s", err);
+            CK(cudaDeviceSynchronize());
+        }
+    }
+
+    const float scale = 1.0f / sqrtf((float)D);
+    std::vector<float> scratch(kvc_attend_scratch_floats(pool, max_ctx + 1, G) + 64);
+
+    /* 3. decode */
+    {
+        const int64_t qs = (int64_t)H * G * D;
+        std::vector<float> q((size_t)S * qs), ref((size_t)S * qs, 0.0f), got((size_t)S * qs);
+        for (auto &x : q) x = nrand() * c.q_gain;
+        for (int s = 0; s < S; s++) {
+            if (c.ctx[s] == 0) continue;
+            for (int h = 0; h < H; h++)
+                kvc_attend(pool, &seqs[s], layer, h, &q[s * qs + (int64_t)h * G * D], qs, 1, G, c.ctx[s] - 1, scale,
+                           &ref[s * qs + (int64_t)h * G * D], qs, scratch.data());
+        }
+        int max_pages = (max_ctx + B - 1) / B;
+        if (max_pages < 1) max_pages = 1;
+        std::vector<int32_t> bt((size_t)S * max_pages, -1);
+        for (int s = 0; s < S; s++)
+            for (int i = 0; i < seqs[s].n_pages; i++) bt[(size_t)s * max_pages + i] = seqs[s].pages[i];
+        dev_buf<int32_t> d_bt(bt.size()), d_ctx(S);
+        d_bt.up(bt.data());
+        d_ctx.up(c.ctx.data());
+        dev_buf<float> d_q(q.size()), d_out(q.size());
+        d_q.up(q.data());
+        const int pps_set[3] = {0, 8, 1 << 20};
+        const char *pps_name[3] = {"auto", "8 pages", "one split"};
+        for (int v = 0; v < 3; v++) {
+            kvc_cu_set_decode_pages_per_split(pps_set[v]);
+            kvc_cu_decode_args a;
+            memset(&a, 0, sizeof a);
+            a.block_tables = d_bt.p;
+            a.bt_stride = max_pages;
+            a.ctx_lens = d_ctx.p;
+            a.n_seqs = S;
+            a.max_ctx = max_ctx;
+            a.n_rep = G;
+            a.scale = scale;
+            a.q = d_q.p;
+            a.q_stride = qs;
+            a.out = d_out.p;
+            a.out_stride = qs;
+            size_t wsb = kvc_cu_decode_workspace(&lay, S, max_ctx, G);
+            dev_buf<uint8_t> ws(wsb);
+            CK(cudaMemset(ws.p, 0, wsb));
+            d_out.poison();
+            for (int rep = 0; rep < 2; rep++) {   /* twice: the counters must be back at zero */
+                int rc = kvc_cu_decode(&lay, arena.p, layer, &a, ws.p, wsb, NULL, err, sizeof err);
+                EXPECT(rc == KVC_OK, "kvc_cu_decode: %s", err);
+                CK(cudaDeviceSynchronize());
+                d_out.down(got.data());
+                int nf;
+                double e = max_rel_err(got.data(), ref.data(), (size_t)S * H * G, D, &nf);
+                EXPECT(nf == 0 && e <= 1e-4, "decode (%s, run %d): max rel err %.3g, %d non-finite", pps_name[v],
+                       rep, e, nf);
+                if (rep == 0) printf("  decode %-9s: %d seqs, max rel err %.3g, non-finite %d\n", pps_name[v], S, e, nf);
+                d_out.poison();
+            }
+            std::vector<int> ws_back(S * H);
+            CK(cudaMemcpy(ws_back.data(), ws.p, sizeof(int) * S * H, cudaMemcpyDeviceToHost));
+            int dirty = 0;
+            for (int x : ws_back) dirty += x != 0;
+            EXPECT(dirty == 0, "decode (%s): %d merge counters left non-zero", pps_name[v], dirty);
+        }
+        kvc_cu_set_decode_pages_per_split(0);
+    }
+
+    /* 4. prefill chunks of the longest sequence */
+    for (auto ch : c.chunks) {
+        const int pos0 = ch.first, n = ch.second;
+        if (pos0 + n > c.ctx[longest]) continue;
+        const int64_t qs = (int64_t)H * G * D;
+        std::vector<float> q((size_t)n * qs), ref((size_t)n * qs), got((size_t)n * qs);
+        for (auto &x : q) x = nrand() * c.q_gain;
+        for (int h = 0; h < H; h++)
+            kvc_attend(pool, &seqs[longest], layer, h, &q[(int64_t)h * G * D], qs, n, G, pos0, scale,
+                       &ref[(int64_t)h * G * D], qs, scratch.data());
+        const kvc_seq &sq = seqs[longest];
+        dev_buf<int32_t> d_bt(sq.n_pages);
+        d_bt.up(sq.pages);
+        dev_buf<float> d_q(q.size()), d_out(q.size());
+        d_q.up(q.data());
+        d_out.poison();
+        size_t wsb = kvc_cu_prefill_workspace(&lay, pos0, n, G);
+        dev_buf<uint8_t> ws(wsb + 1);
+        CK(cudaMemset(ws.p, 0, wsb + 1));
+        int rc = kvc_cu_prefill(&lay, arena.p, layer, d_bt.p, pos0, n, G, scale, d_q.p, qs, d_out.p, qs, ws.p, wsb,
+                                NULL, err, sizeof err);
+        EXPECT(rc == KVC_OK, "kvc_cu_prefill: %s", err);
+        CK(cudaDeviceSynchronize());
+        d_out.down(got.data());
+        int nf;
+        double e = max_rel_err(got.data(), ref.data(), (size_t)n * H * G, D, &nf);
+        const bool tc = lay.k_fmt == KVC_CU_F16 && lay.v_fmt == KVC_CU_F16;
+        const double bound = tc ? 5e-3 : 1e-4;
+        EXPECT(nf == 0 && e <= bound, "prefill pos0 %d n %d (%s): max rel err %.3g (bound %.0e), %d non-finite", pos0,
+               n, tc ? "tensor cores" : "decode path", e, bound, nf);
+        printf("  prefill pos0=%d n=%d %s: max rel err %.3g, non-finite %d\n", pos0, n,
+               tc ? "tensor-core" : "decode-path", e, nf);
+    }
+
+    for (auto &q : seqs) kvc_seq_release(pool, &q);
+    kvc_pool_destroy(pool);
+}
+
+/* Sizes outside the compiled set fail with a message, not a crash. */
+static void check_errors(void) {
+    char err[256];
+    struct bad {
+        int D, B;
+        const char *kc, *vc;
+    } cases[] = {{80, 16, "f16", "f16"}, {64, 32, "f16", "f16"}, {64, 16, "f32", "f16"}};
+    for (auto &b : cases) {
+        kvc_config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.n_layer = 1;
+        cfg.n_kv_head = 1;
+        cfg.head_dim = b.D;
+        cfg.block_size = b.B;
+        cfg.k_codec = b.kc;
+        cfg.v_codec = b.vc;
+        cfg.force_scalar = 1;
+        cfg.memory_bytes = 1 << 20;
+        kvc_pool *pool;
+        if (kvc_pool_create(&cfg, &pool, err, sizeof err) != KVC_OK) {
+            EXPECT(0, "pool D=%d B=%d: %s", b.D, b.B, err);
+            continue;
+        }
+        kvc_cu_layout lay;
+        err[0] = 0;
+        int rc = kvc_cu_layout_init(&lay, pool, err, sizeof err);
+        EXPECT(rc == KVC_ERR_INVAL && err[0], "layout D=%d B=%d %s: rc %d", b.D, b.B, b.kc, rc);
+        printf("  refused as expected: %s\n", err);
+        kvc_pool_destroy(pool);
+    }
+    /* n_rep 9 */
+    kvc_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.n_layer = 1;
+    cfg.n_kv_head = 1;
+    cfg.head_dim = 64;
+    cfg.block_size = 16;
+    cfg.k_codec = cfg.v_codec = "f16";
+    cfg.force_scalar = 1;
+    cfg.memory_bytes = 1 << 20;
+    kvc_pool *pool;
+    if (kvc_pool_create(&cfg, &pool, err, sizeof err) == KVC_OK) {
+        kvc_cu_layout lay;
+        EXPECT(kvc_cu_layout_init(&lay, pool, err, sizeof err) == KVC_OK, "layout: %s", err);
+        dev_buf<float> d(64 * 9 + 64);
+        dev_buf<int32_t> bt(4);
+        kvc_cu_decode_args a;
+        memset(&a, 0, sizeof a);
+        a.block_tables = bt.p;
+        a.ctx_lens = bt.p;
+        a.n_seqs = 1;
+        a.max_ctx = 16;
+        a.n_rep = 9;
+        a.q = d.p;
+        a.out = d.p;
+        a.q_stride = a.out_stride = 64 * 9;
+        err[0] = 0;
+        int rc = kvc_cu_decode(&lay, d.p, 0, &a, d.p, 64, NULL, err, sizeof err);
+        EXPECT(rc == KVC_ERR_INVAL && err[0], "n_rep 9: rc %d", rc);
+        printf("  refused as expected: %s\n", err);
+        kvc_pool_destroy(pool);
+    }
+}
+
+int main(int argc, char **argv) {
+    uint64_t seed = (uint64_t)time(NULL) ^ ((uint64_t)clock() << 20);
+    int quick = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--seed") && i + 1 < argc) seed = strtoull(argv[++i], NULL, 0);
+        else if (!strcmp(argv[i], "--quick")) quick = 1;
+        else {
+            fprintf(stderr, "usage: %s [--seed N] [--quick]\n", argv[0]);
+            return 2;
+        }
+    }
+    rng_state = seed;
+    cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    printf("gpu_test: %s, %d SMs, seed %llu%s\n", prop.name, prop.multiProcessorCount, (unsigned long long)seed,
+           quick ? " (quick)" : "");
+
+    const char *codecs[4][2] = {{"f16", "f16"}, {"int8", "int8"}, {"f16", "int8"}, {"int8", "f16"}};
+    std::vector<test_case> cases;
+    const std::vector<int> mix = {1, 15, 16, 17, 100, 777, 0, 2053};
+    const std::vector<std::pair<int, int>> chunks = {{0, 300}, {100, 129}, {1000, 64}, {1990, 63}};
+    struct shape {
+        int D, H, G;
+    } shapes[] = {{64, 3, 3}, {128, 8, 4}, {64, 2, 1}, {128, 1, 8}, {64, 2, 2}, {128, 2, 5}, {64, 1, 6}, {128, 1, 7}};
+    for (auto &sh : shapes)
+        for (int ci = 0; ci < 4; ci++) {
+            bool main_shape = sh.D == 64 ? sh.H == 3 : sh.H == 8;
+            if (!main_shape && ci >= 2) continue;               /* mixed codecs on the two model shapes */
+            if (quick && !(main_shape && ci < 2)) continue;
+            test_case tc;
+            tc.D = sh.D;
+            tc.H = sh.H;
+            tc.G = sh.G;
+            tc.kc = codecs[ci][0];
+            tc.vc = codecs[ci][1];
+            tc.ctx = quick ? std::vector<int>{1, 17, 0, 300} : mix;
+            tc.chunks = quick ? std::vector<std::pair<int, int>>{{0, 100}, {200, 33}} : chunks;
+            tc.q_gain = 1.0f;
+            cases.push_back(tc);
+        }
+    if (!quick) {
+        /* long contexts: many splits merged; a peaky softmax (large q) */
+        test_case a = {64, 3, 3, "f16", "f16", {33000, 5}, {{30000, 200}}, 1.0f};
+        test_case b = {128, 2, 4, "int8", "int8", {20000}, {{19000, 100}}, 4.0f};
+        test_case c = {128, 8, 4, "f16", "f16", {4099, 4096, 1}, {{2048, 2048}, {0, 2051}}, 1.0f};
+        cases.push_back(a);
+        cases.push_back(b);
+        cases.push_back(c);
+    }
+    for (auto &c : cases) run_case(c);
+    printf("errors:\n");
+    check_errors();
+    printf("gpu_test: %d checks, %d failed\n", g_checks, g_fail);
+    return g_fail ? 1 : 0;
+}

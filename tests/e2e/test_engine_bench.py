@@ -1,0 +1,57 @@
+"""`kvserve bench --concurrency N`: the engine benchmark through the
+continuous-batching scheduler, on the real SmolLM2 model. Checks the JSON
+contract, the page accounting against the arithmetic of the cache layout, that
+a KV arena too small for every request in flight preempts and still finishes,
+and clear errors on bad flags."""
+import json
+import math
+import unittest
+
+from kv import MODEL, run
+
+
+def bench(*args):
+    _, out, err = run("bench", "--model", MODEL, "--json", *map(str, args), timeout=600)
+    return json.loads(out), err
+
+
+class EngineBench(unittest.TestCase):
+    def test_json_contract_and_pages(self):
+        r, err = bench("--concurrency", 4, "--prompt-len", 40, "--gen-len", 8, "--kv", "f16")
+        for key in ("output_tokens_per_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "itl_p50_s", "itl_p90_s",
+                    "itl_p99_s", "peak_pages_used", "pages_total", "preemptions"):
+            self.assertIn(key, r)
+        self.assertGreater(r["output_tokens_per_s"], 0)
+        self.assertLessEqual(r["ttft_p50_s"], r["ttft_p99_s"])
+        self.assertLessEqual(r["itl_p50_s"], r["itl_p99_s"])
+        # SmolLM2-135M: 30 layers x 3 kv heads x 64 dims x (K + V) x 2 bytes
+        self.assertEqual(r["bytes_per_token"], 30 * 3 * 64 * 2 * 2)
+        # 4 sequences of 48 positions in 16-token pages, all in flight at once
+        self.assertEqual(r["peak_pages_used"], 4 * math.ceil(48 / 16))
+        self.assertLessEqual(r["peak_pages_used"], r["pages_total"])
+        self.assertEqual(r["preemptions"], 0)
+        self.assertIn("KV cache: ", err)
+        self.assertIn("max concurrency", err)
+
+    def test_small_arena_preempts_and_finishes(self):
+        # room for about 2 of the 6 sequences in flight: preemption, then recompute
+        page = 16 * 30 * 3 * 64 * 2 * 2
+        r, _ = bench("--concurrency", 6, "--prompt-len", 24, "--gen-len", 40, "--kv", "f16",
+                     "--kv-memory", 9 * page)
+        self.assertEqual(r["pages_total"], 9)
+        self.assertGreater(r["preemptions"], 0)
+        self.assertLessEqual(r["peak_pages_used"], 9)
+        self.assertGreater(r["output_tokens_per_s"], 0)
+
+    def test_bad_flags(self):
+        rc, _, err = run("bench", "--model", MODEL, "--concurrency", 0, check=False)
+        self.assertEqual(rc, 2)
+        self.assertIn("--concurrency", err)
+        rc, _, err = run("bench", "--model", MODEL, "--concurrency", 2, "--kv", "nope", "--prompt-len", 8,
+                         "--gen-len", 2, check=False)
+        self.assertNotEqual(rc, 0)
+        self.assertIn("nope", err)
+
+
+if __name__ == "__main__":
+    unittest.main()
