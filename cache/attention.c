@@ -142,7 +142,7 @@ void kvc_attend_rope(const kvc_pool *pool, const kvc_seq *seq, int layer, int kv
                seq->n_tokens);
     if (pool->kc.pre_rope)
         KVC__CHECK(rope && rope->rope_dim >= 0 && rope->rope_dim % 2 == 0 && rope->rope_dim <= pool->head_dim &&
-                       rope->n_pos >= pos0 + n_q && rope->cos && rope->sin,
+                       (rope->rope_dim == 0 || (rope->n_pos >= pos0 + n_q && rope->cos && rope->sin)),
                    "keys cached before RoPE need RoPE tables covering position %d", pos0 + n_q - 1);
     const int D = pool->head_dim, VD = pool->vc.dim[layer], B = pool->block_size;
     const int kg = kvc__codec_group(&pool->kc, kv_head), vg = kvc__codec_group(&pool->vc, kv_head);

@@ -437,7 +437,7 @@ static const format_entry formats[] = {
 /* ---- spec parsing ------------------------------------------------------------ */
 
 const char *kvc__codec_specs(void) {
-    return "f32, f16, int8, int4, int4:channel, lowrank:rR, latent:N, hybrid:rR, hybrid:latent:N "
+    return "f32, f16, int8, int4, int4:token, int4:channel, lowrank:rR, latent:N, hybrid:rR, hybrid:latent:N "
            "(low-rank specs take :orthogonal (default) or :pca, and with :pca the rank may be left out "
            "for the calibration file's per-layer ranks; key specs may end in :prerope)";
 }
@@ -467,7 +467,7 @@ static int parse_rank(const char *tok, int r_prefix, int *rank) {
 }
 
 /* Returns 0, or -1 when the spec is not in the grammar. */
-static int parse_spec(const char *spec, parsed_spec *p) {
+static int parse_spec(const char *spec, kvc__role role, parsed_spec *p) {
     memset(p, 0, sizeof *p);
     char buf[64], *tok[6];
     int nt = 0;
@@ -485,7 +485,12 @@ static int parse_spec(const char *spec, parsed_spec *p) {
     int i = 1;
     if (!strcmp(tok[0], "f32") || !strcmp(tok[0], "f16") || !strcmp(tok[0], "int8") || !strcmp(tok[0], "int4")) {
         p->fmt = tok[0][0] == 'f' ? (tok[0][1] == '3' ? KVC__F32 : KVC__F16) : tok[0][3] == '8' ? KVC__I8 : KVC__U4;
-        if (p->fmt == KVC__U4 && nt == 2 && !strcmp(tok[1], "channel")) p->fmt = KVC__U4C, i = 2;
+        /* int4: keys per channel, values per token (what measured best) */
+        if (p->fmt == KVC__U4) p->fmt = role == KVC__ROLE_K ? KVC__U4C : KVC__U4;
+        if (p->fmt != KVC__F32 && p->fmt != KVC__F16 && p->fmt != KVC__I8 && nt == 2) {
+            if (!strcmp(tok[1], "channel")) p->fmt = KVC__U4C, i = 2;
+            else if (!strcmp(tok[1], "token")) p->fmt = KVC__U4, i = 2;
+        }
         return i == nt ? 0 : -1;
     }
     int r_prefix;
@@ -510,7 +515,7 @@ static int parse_spec(const char *spec, parsed_spec *p) {
 
 int kvc__codec_needs_calib(const char *spec) {
     parsed_spec p;
-    return parse_spec(spec, &p) ? -1 : p.pca;
+    return parse_spec(spec, KVC__ROLE_K, &p) ? -1 : p.pca;
 }
 
 /* ---- bases ----------------------------------------------------------------- */
@@ -556,6 +561,25 @@ static int orthogonal_basis(float *basis, int n, int r, uint64_t seed) {
     return 0;
 }
 
+/* The transform's loops, portable (the AVX2 ones are in codec_avx2.c). */
+static void project_scalar(const float *P, int R, int n, const float *x, const float *mu, float *coef) {
+    for (int r = 0; r < R; r++) coef[r] = 0.0f;
+    for (int d = 0; d < n; d++) {
+        float xd = x[d] - (mu ? mu[d] : 0.0f);
+        const float *row = P + (size_t)d * R;
+        for (int r = 0; r < R; r++) coef[r] += row[r] * xd;
+    }
+}
+
+static void expand_scalar(const float *P, int R, int n, const float *coef, const float *mu, float *out) {
+    for (int d = 0; d < n; d++) {
+        const float *row = P + (size_t)d * R;
+        float a = mu ? mu[d] : 0.0f;
+        for (int r = 0; r < R; r++) a += row[r] * coef[r];
+        out[d] = a;
+    }
+}
+
 /* ---- init -------------------------------------------------------------------- */
 
 void kvc__codec_free(kvc__codec *c) {
@@ -579,7 +603,7 @@ int kvc__codec_init(kvc__codec *c, const char *spec, const char *field, kvc__rol
         snprintf(err, errlen, "kvc: %s missing: must be one of %s", field, kvc__codec_specs());
         return -1;
     }
-    if (parse_spec(spec, &p)) {
+    if (parse_spec(spec, role, &p)) {
         snprintf(err, errlen, "kvc: %s \"%s\": unknown codec; valid: %s", field, spec, kvc__codec_specs());
         return -1;
     }
@@ -650,7 +674,11 @@ int kvc__codec_init(kvc__codec *c, const char *spec, const char *field, kvc__rol
             }
     }
     c->kern = role == KVC__ROLE_K ? formats[p.fmt].k : formats[p.fmt].v;
+    c->project = project_scalar;
+    c->expand = expand_scalar;
     if (!force_scalar && kvc__have_avx2()) {
+        c->project = kvc__project_avx2;
+        c->expand = kvc__expand_avx2;
         kvc__kernels fast;
         kvc__codec_avx2_get(p.fmt, role, &fast);
         if (fast.encode) c->kern.encode = fast.encode;
@@ -682,16 +710,9 @@ void kvc__codec_encode(const kvc__codec *c, int layer, int group, void *blk, int
         return;
     }
     const size_t i = (size_t)layer * c->n_groups + group;
-    const float *P = c->basis[i], *mu = c->mean[i];
     float coef[KVC__DIM_MAX];
     for (int t = 0; t < n; t++) {
-        const float *xt = x + t * x_stride;
-        for (int r = 0; r < R; r++) coef[r] = 0.0f;
-        for (int d = 0; d < c->in_dim; d++) {          /* coef = P^T (x - mean) */
-            float xd = xt[d] - (mu ? mu[d] : 0.0f);
-            const float *row = P + (size_t)d * R;
-            for (int r = 0; r < R; r++) coef[r] += row[r] * xd;
-        }
+        c->project(c->basis[i], R, c->in_dim, x + t * x_stride, c->mean[i], coef);
         c->kern.encode(blk, c->block_size, R, slot + t, 1, coef, R);
     }
 }
@@ -704,11 +725,7 @@ void kvc__codec_project(const kvc__codec *c, int layer, int head, const float *q
     }
     int row0;
     const float *P = basis_rows(c, layer, head, &row0);
-    for (int r = 0; r < R; r++) qp[r] = 0.0f;
-    for (int d = 0; d < D; d++) {
-        const float *row = P + (size_t)(row0 + d) * R;
-        for (int r = 0; r < R; r++) qp[r] += row[r] * q[d];
-    }
+    c->project(P + (size_t)row0 * R, R, D, q, NULL, qp);
 }
 
 void kvc__codec_expand(const kvc__codec *c, int layer, int head, const float *coef, float *out) {
@@ -720,12 +737,7 @@ void kvc__codec_expand(const kvc__codec *c, int layer, int head, const float *co
     int row0;
     const float *P = basis_rows(c, layer, head, &row0);
     const float *mu = c->mean[(size_t)layer * c->n_groups + kvc__codec_group(c, head)];
-    for (int d = 0; d < D; d++) {
-        const float *row = P + (size_t)(row0 + d) * R;
-        float a = mu ? mu[row0 + d] : 0.0f;
-        for (int r = 0; r < R; r++) a += row[r] * coef[r];
-        out[d] = a;
-    }
+    c->expand(P + (size_t)row0 * R, R, D, coef, mu ? mu + row0 : NULL, out);
 }
 
 void kvc__codec_decode_head(const kvc__codec *c, int layer, int head, const void *blk, int slot, float *x) {

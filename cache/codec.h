@@ -60,6 +60,12 @@ typedef struct {
                   int nr, float *acc);
 } kvc__kernels;
 
+/* The transform's two loops over a basis P (n rows of R floats, row-major):
+ * project: coef[r] = sum_{d<n} P[d][r] (x[d] - mu[d])   (mu NULL: 0)
+ * expand:  out[d] = mu[d] + sum_{r<R} P[d][r] coef[r]    (mu NULL: 0) */
+typedef void (*kvc__project_fn)(const float *P, int R, int n, const float *x, const float *mu, float *coef);
+typedef void (*kvc__expand_fn)(const float *P, int R, int n, const float *coef, const float *mu, float *out);
+
 /* The calibration a pca codec reads its bases from (calib.c). */
 typedef struct kvc__calib kvc__calib;
 
@@ -80,6 +86,8 @@ typedef struct {
     float **basis;             /* (n_layer * n_groups) -> (in_dim, dim[l]) row-major */
     float **mean;              /* (n_layer * n_groups) -> (in_dim), NULL entries: zero mean */
     kvc__kernels kern;         /* the element kernels chosen for this machine */
+    kvc__project_fn project;   /* portable or AVX2 */
+    kvc__expand_fn expand;
 } kvc__codec;
 
 /* Parses `spec` for `role` (field names the config field for messages, e.g.
@@ -152,5 +160,7 @@ uint8_t kvc__u4_round(float v);   /* nearest even, clamped to [0, 15]; NaN gives
 /* AVX2 kernels (codec_avx2.c), only called after a CPU check: fills the
  * members it has a faster version of, NULL for the rest. */
 void kvc__codec_avx2_get(kvc__fmt fmt, kvc__role role, kvc__kernels *out);
+void kvc__project_avx2(const float *P, int R, int n, const float *x, const float *mu, float *coef);
+void kvc__expand_avx2(const float *P, int R, int n, const float *coef, const float *mu, float *out);
 
 #endif

@@ -42,6 +42,20 @@ KVC__INLINE __m256 load8(elem e, const void *base, size_t i) {
     }
 }
 
+/* 16 numbers from element index i into lo (first 8) and hi: 4-bit codes
+ * are unpacked from 8 bytes at once. */
+KVC__INLINE void load16(elem e, const void *base, size_t i, __m256 *lo, __m256 *hi) {
+    if (e == E_U4 || e == E_U4C) {
+        __m128i b = _mm_loadl_epi64((const __m128i *)((const uint8_t *)base + i / 2)), m = _mm_set1_epi8(0x0f);
+        __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+        *lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
+        *hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)));
+        return;
+    }
+    *lo = load8(e, base, i);
+    *hi = load8(e, base, i + 8);
+}
+
 KVC__INLINE float load1(elem e, const void *base, size_t i) {
     switch (e) {
     case E_F32: return ((const float *)base)[i];
@@ -57,6 +71,13 @@ KVC__INLINE const uint16_t *i8_scales(const void *blk, int B, int dim) {
 KVC__INLINE const uint16_t *u4_params(const void *blk, kvc__role role, int B, int dim) {
     return (const uint16_t *)((const uint8_t *)blk + kvc__u4_param_offset(role, B, dim));
 }
+/* dst[i] = half src[i] for i < n, with F16C. */
+KVC__INLINE void f16_row(const uint16_t *src, int n, float *dst) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) dst[i] = kvc__f16_to_f32(src[i]);
+}
+
 /* Elements between two dimensions of a K block / two tokens of a V block. */
 KVC__INLINE int k_stride(elem e, int B) { return e == E_U4 || e == E_U4C ? kvc__even(B) : B; }
 KVC__INLINE int v_stride(elem e, int dim) { return e == E_U4 || e == E_U4C ? kvc__even(dim) : dim; }
@@ -66,24 +87,29 @@ KVC__INLINE int v_stride(elem e, int dim) { return e == E_U4 || e == E_U4C ? kvc
 /* What the format-specific folds need, per kernel call. */
 typedef struct {
     float qsum[4][KVC__DIM_MAX / KVC__U4_GROUP];  /* int4: per row and group, sum of q */
-    float cs[1024];                                /* int4 per channel: scales (dim <= 1024) */
     float base[4];                                 /* int4 per channel: per row, sum_d q_d min_d */
 } fold_aux;
 
 /* R rows x 8W tokens starting at token j, dimensions [d0, d1): raw dot
- * products of codes (q multiplied by cs[d] when given). */
+ * products of codes. */
 KVC__INLINE void dot_tile(elem e, int R, int W, const void *blk, int ks, int qs, int d0, int d1, int j,
-                          const float *q, const float *cs, __m256 acc[4][2]) {
+                          const float *q, __m256 out[4][2]) {
+    __m256 acc[4][2];          /* local, so they stay in registers */
     _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int d = d0; d < d1; d++) {
         size_t base = (size_t)d * ks + j;
-        __m256 k0 = load8(e, blk, base);
-        __m256 k1 = W > 1 ? load8(e, blk, base + 8) : _mm256_setzero_ps();
+        __m256 k0, k1 = _mm256_setzero_ps();
+        if (W > 1) load16(e, blk, base, &k0, &k1);
+        else k0 = load8(e, blk, base);
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-            __m256 qb = _mm256_set1_ps(cs ? q[(size_t)r * qs + d] * cs[d] : q[(size_t)r * qs + d]);
+            __m256 qb = _mm256_broadcast_ss(q + (size_t)r * qs + d);
             acc[r][0] = _mm256_fmadd_ps(qb, k0, acc[r][0]);
             if (W > 1) acc[r][1] = _mm256_fmadd_ps(qb, k1, acc[r][1]);
         }
+    }
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+        out[r][0] = acc[r][0];
+        out[r][1] = acc[r][1];
     }
 }
 
@@ -93,22 +119,24 @@ KVC__INLINE void scores_tile(elem e, int R, int W, const void *blk, int B, int d
     if (e == E_U4) {
         const int G = kvc__u4_groups(dim);
         const uint16_t *sc = u4_params(blk, KVC__ROLE_K, B, dim), *mn = sc + (size_t)G * B;
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) out[r][0] = out[r][1] = _mm256_setzero_ps();
+        __m256 tot[4][2];
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) tot[r][0] = tot[r][1] = _mm256_setzero_ps();
         for (int g = 0; g < G; g++) {
             int d0 = g * KVC__U4_GROUP, d1 = d0 + KVC__U4_GROUP < dim ? d0 + KVC__U4_GROUP : dim;
             __m256 a[4][2];
-            dot_tile(e, R, W, blk, kvc__even(B), dim, d0, d1, j, q, NULL, a);
+            dot_tile(e, R, W, blk, kvc__even(B), dim, d0, d1, j, q, a);
             for (int w = 0; w < W; w++) {
                 __m256 s8 = load8(E_F16, sc, (size_t)g * B + j + 8 * w), m8 = load8(E_F16, mn, (size_t)g * B + j + 8 * w);
                 _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-                    out[r][w] = _mm256_fmadd_ps(s8, a[r][w], out[r][w]);
-                    out[r][w] = _mm256_fmadd_ps(m8, _mm256_set1_ps(aux->qsum[r][g]), out[r][w]);
+                    tot[r][w] = _mm256_fmadd_ps(s8, a[r][w], tot[r][w]);
+                    tot[r][w] = _mm256_fmadd_ps(m8, _mm256_set1_ps(aux->qsum[r][g]), tot[r][w]);
                 }
             }
         }
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) out[r][0] = tot[r][0], out[r][1] = tot[r][1];
         return;
     }
-    dot_tile(e, R, W, blk, k_stride(e, B), dim, 0, dim, j, q, e == E_U4C ? aux->cs : NULL, out);
+    dot_tile(e, R, W, blk, k_stride(e, B), dim, 0, dim, j, q, out);
     if (e == E_I8) {
         const uint16_t *sc = i8_scales(blk, B, dim);
         for (int w = 0; w < W; w++) {
@@ -138,8 +166,7 @@ KVC__INLINE float score1(elem e, const void *blk, int B, int dim, int j, const f
         return s;
     }
     float a = 0.0f;
-    for (int d = 0; d < dim; d++)
-        a += (e == E_U4C ? qr[d] * aux->cs[d] : qr[d]) * load1(e, blk, (size_t)d * k_stride(e, B) + j);
+    for (int d = 0; d < dim; d++) a += qr[d] * load1(e, blk, (size_t)d * k_stride(e, B) + j);
     if (e == E_I8) a *= kvc__f16_to_f32(i8_scales(blk, B, dim)[j]);
     if (e == E_U4C) a += aux->base[r];
     return a;
@@ -175,32 +202,54 @@ KVC__INLINE void scores_rows(elem e, int R, const void *blk, int B, int dim, int
             s[(size_t)r * s_stride + j] = score1(e, blk, B, dim, j, q + (size_t)r * dim, r, aux);
 }
 
+/* sum_i a[i] * b[i] (b NULL: sum_i a[i]) with 8-wide partial sums. */
+KVC__INLINE float dot_row(const float *a, const float *b, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(a + i);
+        acc = b ? _mm256_fmadd_ps(x, _mm256_loadu_ps(b + i), acc) : _mm256_add_ps(acc, x);
+    }
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    float s = _mm_cvtss_f32(h);
+    for (; i < n; i++) s += b ? a[i] * b[i] : a[i];
+    return s;
+}
+
+/* q rows for the tile loops: int4 per channel multiplies them by the
+ * channel scales first (into qbuf), so a code needs no scale in the loop. */
 KVC__INLINE void scores_impl(elem e, const void *blk, int B, int dim, int n, const float *q,
                              int nr, float *s, int s_stride) {
     fold_aux aux;
+    float cs[1024], mn[1024], qbuf[4 * 1024];       /* int4 per channel: dim <= 1024 */
     if (e == E_U4C) {
-        const uint16_t *sc = u4_params(blk, KVC__ROLE_K, B, dim);
-        for (int d = 0; d < dim; d++) aux.cs[d] = kvc__f16_to_f32(sc[d]);
+        const uint16_t *p = u4_params(blk, KVC__ROLE_K, B, dim);
+        f16_row(p, dim, cs);
+        f16_row(p + dim, dim, mn);
     }
     for (int r0 = 0; r0 < nr; r0 += 4) {
         const float *qr = q + (size_t)r0 * dim;
         float *sr = s + (size_t)r0 * s_stride;
         int R = nr - r0 < 4 ? nr - r0 : 4;
         for (int r = 0; r < R; r++) {
+            const float *qrow = qr + (size_t)r * dim;
             if (e == E_U4)
                 for (int g = 0; g < kvc__u4_groups(dim); g++) {
                     int d0 = g * KVC__U4_GROUP, d1 = d0 + KVC__U4_GROUP < dim ? d0 + KVC__U4_GROUP : dim;
-                    float a = 0.0f;
-                    for (int d = d0; d < d1; d++) a += qr[(size_t)r * dim + d];
-                    aux.qsum[r][g] = a;
+                    aux.qsum[r][g] = dot_row(qrow + d0, NULL, d1 - d0);
                 }
             if (e == E_U4C) {
-                const uint16_t *mn = u4_params(blk, KVC__ROLE_K, B, dim) + dim;
-                float a = 0.0f;
-                for (int d = 0; d < dim; d++) a += qr[(size_t)r * dim + d] * kvc__f16_to_f32(mn[d]);
-                aux.base[r] = a;
+                float *qb = qbuf + (size_t)r * dim;
+                int d = 0;
+                for (; d + 8 <= dim; d += 8)
+                    _mm256_storeu_ps(qb + d, _mm256_mul_ps(_mm256_loadu_ps(qrow + d), _mm256_loadu_ps(cs + d)));
+                for (; d < dim; d++) qb[d] = qrow[d] * cs[d];
+                aux.base[r] = dot_row(qrow, mn, dim);
             }
         }
+        if (e == E_U4C) qr = qbuf;
         switch (R) {
         case 1: scores_rows(e, 1, blk, B, dim, n, qr, sr, s_stride, &aux); break;
         case 2: scores_rows(e, 2, blk, B, dim, n, qr, sr, s_stride, &aux); break;
@@ -223,8 +272,9 @@ KVC__INLINE void accum_tile(elem e, int R, int W, const void *blk, int vs, int a
     }
     for (int j = 0; j < n; j++) {
         size_t base = (size_t)j * vs + d0;
-        __m256 v0 = load8(e, blk, base);
-        __m256 v1 = W > 1 ? load8(e, blk, base + 8) : _mm256_setzero_ps();
+        __m256 v0, v1 = _mm256_setzero_ps();
+        if (W > 1) load16(e, blk, base, &v0, &v1);
+        else v0 = load8(e, blk, base);
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
             __m256 wb = _mm256_broadcast_ss(w + (size_t)r * w_stride + j);
             a[r][0] = _mm256_fmadd_ps(wb, v0, a[r][0]);
@@ -271,29 +321,43 @@ KVC__INLINE void accum_impl(elem e, const void *blk, int B, int dim, int n, cons
         if (e == E_U4) {                             /* per group: scaled weights, then the minima */
             const int G = kvc__u4_groups(dim);
             const uint16_t *sc = u4_params(blk, KVC__ROLE_V, B, dim), *mn = sc + (size_t)G * B;
+            float sf[1024], mf[1024];
             for (int g = 0; g < G; g++) {
                 int d0 = g * KVC__U4_GROUP, d1 = d0 + KVC__U4_GROUP < dim ? d0 + KVC__U4_GROUP : dim;
                 float bias[4] = {0};
-                for (int j = 0; j < n; j++) {
-                    float s = kvc__f16_to_f32(sc[(size_t)g * B + j]), m = kvc__f16_to_f32(mn[(size_t)g * B + j]);
-                    for (int r = 0; r < R; r++) {
-                        float wj = wr[(size_t)r * w_stride + j];
-                        wsc[r * n + j] = wj * s;
-                        bias[r] += wj * m;
-                    }
+                f16_row(sc + (size_t)g * B, n, sf);
+                f16_row(mn + (size_t)g * B, n, mf);
+                for (int r = 0; r < R; r++) {
+                    const float *wrow = wr + (size_t)r * w_stride;
+                    float *wo = wsc + r * n;
+                    int j = 0;
+                    for (; j + 8 <= n; j += 8)
+                        _mm256_storeu_ps(wo + j, _mm256_mul_ps(_mm256_loadu_ps(wrow + j), _mm256_loadu_ps(sf + j)));
+                    for (; j < n; j++) wo[j] = wrow[j] * sf[j];
+                    bias[r] = dot_row(wrow, mf, n);
                 }
                 accum_dispatch(e, R, blk, kvc__even(dim), dim, d0, d1, n, wsc, n, ar);
-                for (int r = 0; r < R; r++)
-                    for (int d = d0; d < d1; d++) ar[(size_t)r * dim + d] += bias[r];
+                for (int r = 0; r < R; r++) {
+                    float *arow = ar + (size_t)r * dim;
+                    __m256 b8 = _mm256_set1_ps(bias[r]);
+                    int d = d0;
+                    for (; d + 8 <= d1; d += 8) _mm256_storeu_ps(arow + d, _mm256_add_ps(_mm256_loadu_ps(arow + d), b8));
+                    for (; d < d1; d++) arow[d] += bias[r];
+                }
             }
             continue;
         }
         int ws = w_stride;
         if (e == E_I8) {
-            const uint16_t *sc = i8_scales(blk, B, dim);
-            for (int j = 0; j < n; j++) {
-                float s = kvc__f16_to_f32(sc[j]);
-                _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) wsc[r * n + j] = wr[(size_t)r * w_stride + j] * s;
+            float sf[1024];
+            f16_row(i8_scales(blk, B, dim), n, sf);
+            for (int r = 0; r < R; r++) {
+                const float *wrow = wr + (size_t)r * w_stride;
+                float *wo = wsc + r * n;
+                int j = 0;
+                for (; j + 8 <= n; j += 8)
+                    _mm256_storeu_ps(wo + j, _mm256_mul_ps(_mm256_loadu_ps(wrow + j), _mm256_loadu_ps(sf + j)));
+                for (; j < n; j++) wo[j] = wrow[j] * sf[j];
             }
             wr = wsc;
             ws = n;
@@ -417,6 +481,49 @@ static void enc_v_i8(void *blk, int B, int dim, int slot, int n, const float *x,
         uint16_t sh;
         i8_quantize(x + t * xs, dim, (int8_t *)blk + (size_t)(slot + t) * dim, 1, &sh);
         memcpy((uint8_t *)blk + kvc__i8_scale_offset(B, dim) + 2 * (size_t)(slot + t), &sh, sizeof sh);
+    }
+}
+
+/* ---- the transform's loops ------------------------------------------------ */
+
+/* coef = P^T (x - mu): 32 (then 8) coefficients at a time kept in registers
+ * over all rows. */
+void kvc__project_avx2(const float *P, int R, int n, const float *x, const float *mu, float *coef) {
+    float xc[KVC__DIM_MAX];
+    for (int d = 0; d < n; d++) xc[d] = x[d] - (mu ? mu[d] : 0.0f);
+    int r0 = 0;
+    for (; r0 + 32 <= R; r0 += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int d = 0; d < n; d++) {
+            const float *row = P + (size_t)d * R + r0;
+            __m256 xb = _mm256_broadcast_ss(xc + d);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(row), xb, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(row + 8), xb, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(row + 16), xb, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(row + 24), xb, a3);
+        }
+        _mm256_storeu_ps(coef + r0, a0);
+        _mm256_storeu_ps(coef + r0 + 8, a1);
+        _mm256_storeu_ps(coef + r0 + 16, a2);
+        _mm256_storeu_ps(coef + r0 + 24, a3);
+    }
+    for (; r0 + 8 <= R; r0 += 8) {
+        __m256 a0 = _mm256_setzero_ps();
+        for (int d = 0; d < n; d++) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(P + (size_t)d * R + r0), _mm256_broadcast_ss(xc + d), a0);
+        _mm256_storeu_ps(coef + r0, a0);
+    }
+    for (; r0 < R; r0++) {
+        float a = 0.0f;
+        for (int d = 0; d < n; d++) a += P[(size_t)d * R + r0] * xc[d];
+        coef[r0] = a;
+    }
+}
+
+/* out[d] = mu[d] + P[d] . coef: one dot product per row. */
+void kvc__expand_avx2(const float *P, int R, int n, const float *coef, const float *mu, float *out) {
+    for (int d = 0; d < n; d++) {
+        const float *row = P + (size_t)d * R;
+        out[d] = (mu ? mu[d] : 0.0f) + dot_row(row, coef, R);
     }
 }
 

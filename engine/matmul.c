@@ -6,9 +6,14 @@
  *
  * Weights are used in their file layout (no repacking), so a prepared tensor
  * stays a plain ggml-layout matrix that eng_dequantize_row, row concatenation
- * and the tied embedding lookup can read. Tiling across tokens is done on the
- * activation side instead: the activations are quantized per call, so they
- * can be laid out for the kernels for free (see matmul_internal.h).
+ * and the tied embedding lookup can read. Repacking was measured and does not
+ * pay: decode streams the weights from memory and the AVX2 decode kernel
+ * already runs faster than memory delivers them (Q4_1 about 16 GB/s per core
+ * from cache; a layout with separated scales reached 7% more, from cache
+ * only), and batched kernels unpack a tile of rows on the fly at ~2% of their
+ * time (tools/bench_matmul.c). Tiling across tokens is done on the activation
+ * side instead: the activations are quantized per call, so they can be laid
+ * out for the kernels for free (see matmul_internal.h).
  *
  * Threads: eng_matmul is called by one thread at a time per pool (the engine
  * thread). Its scratch for quantized activations is per calling thread, kept
@@ -22,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/matmul_act32.h"
 #include "engine/matmul_internal.h"
 
 /* ---- scalar kernels ------------------------------------------------------ */
@@ -381,6 +387,56 @@ static void matmul_task(void *p, int task, int worker) {
         j->k->rows[j->m.type](&j->m, r0, r1, tr, t1);
 }
 
+/* ---- quantized weights x f32 activations (matmul_act32.h) --------------- */
+
+static _Atomic int act_mode = ENG_ACT_F32;
+
+void eng_matmul_set_activations(eng_act_mode mode) { act_mode = mode; }
+eng_act_mode eng_matmul_activations(void) { return (eng_act_mode)act_mode; }
+
+#define ACT32_TOKEN_BLOCK 64 /* tokens per task: their activations stay in L2 */
+
+typedef struct {
+    eng__act32 m;
+    void (*rows)(const eng__act32 *, int64_t, int64_t, float *);
+    int64_t n_out, chunk_rows;
+    int n_tok_blocks;
+} act32_job;
+
+static void act32_task(void *p, int task, int worker) {
+    const act32_job *j = p;
+    const int rc = task / j->n_tok_blocks, tb = task % j->n_tok_blocks;
+    const int64_t r0 = rc * j->chunk_rows;
+    const int64_t r1 = r0 + j->chunk_rows < j->n_out ? r0 + j->chunk_rows : j->n_out;
+    eng__act32 m = j->m;
+    const int t0 = tb * ACT32_TOKEN_BLOCK;
+    m.n_tok = j->m.n_tok - t0 < ACT32_TOKEN_BLOCK ? j->m.n_tok - t0 : ACT32_TOKEN_BLOCK;
+    m.x += (int64_t)t0 * m.n_in;
+    m.y += (int64_t)t0 * m.y_stride;
+    j->rows(&m, r0, r1, scratch_get((size_t)ENG__ACT32_PANEL_ROWS * (size_t)m.n_in * sizeof(float)));
+}
+
+static void matmul_act32(eng_threadpool *tp, const eng_tensor *w, const float *x, int n_tok, float *y,
+                         int64_t y_stride) {
+    act32_job j = {
+        .m = {.type = w->type, .w = w->data, .row_bytes = eng_row_bytes(w->type, w->ne[0]), .n_in = w->ne[0],
+              .x = x, .n_tok = n_tok, .y = y, .y_stride = y_stride},
+        .rows = kernels() == &kernels_scalar ? eng__act32_rows_scalar : eng__act32_rows_avx2,
+        .n_out = w->ne[1],
+        .n_tok_blocks = (n_tok + ACT32_TOKEN_BLOCK - 1) / ACT32_TOKEN_BLOCK,
+    };
+    const int n_threads = eng_threadpool_size(tp);
+    int64_t n_chunks = n_threads == 1 ? 1 : (8 * n_threads + j.n_tok_blocks - 1) / j.n_tok_blocks;
+    const int64_t max_chunks = (j.n_out * w->ne[0] * (n_tok < ACT32_TOKEN_BLOCK ? n_tok : ACT32_TOKEN_BLOCK)) / MIN_TASK_MACS;
+    if (n_chunks > max_chunks)
+        n_chunks = max_chunks > 0 ? max_chunks : 1;
+    int64_t chunk = (j.n_out + n_chunks - 1) / n_chunks;
+    chunk = (chunk + ENG__ACT32_PANEL_ROWS - 1) / ENG__ACT32_PANEL_ROWS * ENG__ACT32_PANEL_ROWS;
+    j.chunk_rows = chunk;
+    n_chunks = (j.n_out + chunk - 1) / chunk;
+    eng_threadpool_run(tp, act32_task, &j, (int)(n_chunks * j.n_tok_blocks));
+}
+
 void eng_matmul(eng_threadpool *tp, const eng_tensor *w, const float *x, int n_tok, float *y,
                 int64_t y_stride) {
     const eng__mm_kernels *k = kernels();
@@ -397,6 +453,10 @@ void eng_matmul(eng_threadpool *tp, const eng_tensor *w, const float *x, int n_t
         return;
 
     const bool quantized = eng_dtype_block_elems(w->type) == ENG_QK;
+    if (quantized && act_mode == ENG_ACT_F32) {
+        matmul_act32(tp, w, x, n_tok, y, y_stride);
+        return;
+    }
     mm_job j = {
         .m = {.type = w->type, .w = w->data, .row_bytes = row_bytes, .n_in = n_in,
               .nb = n_in / ENG_QK, .n_tok = n_tok, .x = x, .y = y, .y_stride = y_stride},

@@ -38,6 +38,17 @@ void eng_matmul(eng_threadpool *tp, const eng_tensor *w, const float *x, int n_t
 /* Decodes row `row` of a runtime-format (or any decodable) matrix into out. */
 void eng_weight_get_row(const eng_tensor *w, int64_t row, float *out);
 
+/* How activations meet block-quantized weights (Q4_0, Q4_1, Q8_0):
+ *   ENG_ACT_F32 (default): weights decoded exactly to f32 inside the kernel and
+ *     multiplied with f32 activations: the numbers of a dequantized reference.
+ *   ENG_ACT_Q8: activations quantized per 32 to 8 bits and integer dot
+ *     products (as llama.cpp does): faster, less exact (measured in README).
+ * Process-wide; set once before the first forward pass. Both are
+ * batch-invariant: a token's outputs do not depend on the rest of the batch. */
+typedef enum { ENG_ACT_F32 = 0, ENG_ACT_Q8 = 1 } eng_act_mode;
+void eng_matmul_set_activations(eng_act_mode mode);
+eng_act_mode eng_matmul_activations(void);
+
 /* Name of the kernel set chosen at run time ("avx2", "scalar"). */
 const char *eng_matmul_isa(void);
 

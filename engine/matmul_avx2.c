@@ -45,13 +45,14 @@ INLINE __m256i bcast4(const void *p) {
 }
 
 /* Rows are short (a few cache lines), so the hardware prefetcher sees many
- * brief streams: a row tile asks for the bytes PF_TILES tiles ahead while it
- * works, spread over its loop (step i of n covers 1/n of a tile). */
+ * brief streams. A row tile of `tile_bytes` asks, at each step of its loop,
+ * for the bytes `done` (the part of a tile consumed so far) into the tile
+ * PF_TILES ahead. */
 #define PF_TILES 2
-INLINE void prefetch_ahead(const uint8_t *tile, size_t tile_bytes, int64_t i, int64_t n) {
-    const uint8_t *p = tile + PF_TILES * tile_bytes + (size_t)i * tile_bytes / (size_t)n;
-    _mm_prefetch((const char *)p, _MM_HINT_T0);
-    _mm_prefetch((const char *)p + 64, _MM_HINT_T0);
+INLINE void prefetch_ahead(const void *tile, size_t tile_bytes, size_t done) {
+    const char *p = (const char *)tile + PF_TILES * tile_bytes + done;
+    _mm_prefetch(p, _MM_HINT_T0);
+    _mm_prefetch(p + 64, _MM_HINT_T0);
 }
 
 /* ---- activation quantization --------------------------------------------- */
@@ -146,7 +147,7 @@ INLINE void q4_rows_tile(const eng__mm *m, int64_t r, int t, const int NR, const
     for (int64_t b = 0; b < m->nb; b++) {
         __m256i w[4];
         __m128 dm[4];
-        prefetch_ahead(row[0], NR * m->row_bytes, b, m->nb);
+        prefetch_ahead(row[0], NR * m->row_bytes, (size_t)b * NR * bb);
 #pragma GCC unroll 4
         for (int i = 0; i < NR; i++) {
             const uint8_t *blk = row[i] + b * bb;
@@ -261,24 +262,17 @@ INLINE void q4_groups_tile(const eng__mm *m, const unpacked *u, int64_t r, int g
     for (int i = 0; i < NR; i++)
         acc[i] = _mm256_setzero_ps();
     for (int b = 0; b < nk; b++, xb++) {
-        /* x loaded once per group of 4 values, used by every row */
-        __m256i s16[4];
-        __m256i xv = _mm256_load_si256((const __m256i *)xb->qs);
-#pragma GCC unroll 4
-        for (int i = 0; i < NR; i++)
-            s16[i] = _mm256_maddubs_epi16(bcast4(u->q[i][b]), xv);
-#pragma GCC unroll 8
-        for (int k = 1; k < ENG_QK / 4; k++) {
-            xv = _mm256_load_si256((const __m256i *)(xb->qs + 32 * k));
-#pragma GCC unroll 4
-            for (int i = 0; i < NR; i++)
-                s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(bcast4(u->q[i][b] + 4 * k), xv));
-        }
-        /* |s16| <= 8 * 2 * 15 * 127 = 30480: no saturation */
         const __m256 dx = _mm256_load_ps(xb->d), sx = _mm256_load_ps(xb->s);
 #pragma GCC unroll 4
         for (int i = 0; i < NR; i++) {
-            const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[i], ones));
+            const uint8_t *wq = u->q[i][b];
+            __m256i s16 = _mm256_maddubs_epi16(bcast4(wq), _mm256_load_si256((const __m256i *)xb->qs));
+#pragma GCC unroll 8
+            for (int k = 1; k < ENG_QK / 4; k++)
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(
+                    bcast4(wq + 4 * k), _mm256_load_si256((const __m256i *)(xb->qs + 32 * k))));
+            /* |s16| <= 8 * 2 * 15 * 127 = 30480: no saturation */
+            const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
             acc[i] = _mm256_fmadd_ps(p, _mm256_mul_ps(dx, _mm256_broadcast_ss(&u->d[i][b])), acc[i]);
             acc[i] = _mm256_fmadd_ps(sx, _mm256_broadcast_ss(&u->m[i][b]), acc[i]);
         }
@@ -339,7 +333,7 @@ INLINE void q8_rows_tile(const eng__mm *m, int64_t r, int t, const int NR, const
     for (int64_t b = 0; b < m->nb; b++) {
         __m256i w[4], aw[4];
         float d[4];
-        prefetch_ahead((const uint8_t *)row[0], NR * m->row_bytes, b, m->nb);
+        prefetch_ahead(row[0], NR * m->row_bytes, (size_t)b * NR * sizeof(eng_block_q8_0));
 #pragma GCC unroll 4
         for (int i = 0; i < NR; i++) {
             d[i] = load_f16(&row[i][b].d);
@@ -444,7 +438,7 @@ INLINE void float_rows_tile(const eng__mm *m, int64_t r, int t, const int NR, co
     int64_t k = 0;
     for (; k + 8 <= m->n_in; k += 8) {
         __m256 w[4];
-        prefetch_ahead(row[0], NR * m->row_bytes, k, m->n_in);
+        prefetch_ahead(row[0], NR * m->row_bytes, (size_t)k * NR * (f16 ? 2 : 4));
 #pragma GCC unroll 4
         for (int i = 0; i < NR; i++)
             w[i] = load_w8(row[i], k, f16);

@@ -17,7 +17,8 @@ static const char usage[] =
     "usage: kvserve bench --model PATH [--prompt-len N] [--gen-len N] [--repeat N]\n"
     "                     [--kv SPEC] [--threads N] [--batch N] [--json]\n\n"
     "Single-stream prefill and decode tokens/s.\n"
-    "With --concurrency N: the engine benchmark (kvserve bench --concurrency N --help).";
+    "With --concurrency N: the engine benchmark (kvserve bench --concurrency N --help).\n"
+    "With --capacity: bytes per token and what fits in --kv-memory, per KV setting (--capacity --help).";
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -32,7 +33,88 @@ static int argmax(const float *v, int n) {
     return best;
 }
 
+/* `kvserve bench --capacity`: for each KV setting, what a pool of --kv-memory
+ * bytes holds: bytes per token (all layers, K and V, scales and padding),
+ * the compression ratio against f16, pages, tokens, and sequences of --ctx
+ * tokens. Needs only the model's shape. */
+static int bench_capacity(int argc, char **argv) {
+    const char *model = NULL, *kv = "f16,int8,int4", *calib = NULL;
+    size_t kv_memory = (size_t)1 << 30;
+    int ctx = 2048, block_size = 16;
+    bool json = false, capacity = false;
+    const cli_flag flags[] = {
+        {"--capacity", CLI_BOOL, &capacity, "capacity per KV setting instead of speed"},
+        {"--model", CLI_STR, &model, "GGUF file or Hugging Face directory (its shape is used)"},
+        {"--kv", CLI_STR, &kv, "comma-separated settings: SPEC, or KSPEC/VSPEC (default f16,int8,int4)"},
+        {"--kv-memory", CLI_SIZE, &kv_memory, "KV pool size (default 1G)"},
+        {"--ctx", CLI_INT, &ctx, "sequence length for the sequence count (default 2048)"},
+        {"--block-size", CLI_INT, &block_size, "tokens per page (default 16)"},
+        {"--calib", CLI_STR, &calib, "calibration file for pca codecs"},
+        {"--json", CLI_BOOL, &json, "print one JSON object"},
+        {NULL, 0, NULL, NULL},
+    };
+    int rc = cli_parse("bench", "usage: kvserve bench --capacity --model PATH [--kv SPEC,KSPEC/VSPEC,...] "
+                                "[--kv-memory BYTES] [--ctx N] [--calib FILE] [--json]\n\n"
+                                "Bytes per token, tokens and sequences of --ctx tokens that fit, per KV setting.",
+                       flags, argc, argv);
+    if (rc)
+        return rc > 0 ? 0 : 2;
+    if (!model || ctx < 1) {
+        fprintf(stderr, "kvserve bench --capacity: --model is required; --ctx must be >= 1\n");
+        return 2;
+    }
+    cli_runtime rt;
+    if (cli_runtime_load(&rt, model))
+        return 1;
+    const eng_model_config *c = &rt.model->cfg;
+    char list[1024], err[512];
+    snprintf(list, sizeof list, "%s", kv);
+    if (json)
+        printf("{\"model\": \"%s\", \"kv_memory\": %zu, \"ctx\": %d, \"settings\": [", rt.model->name ? rt.model->name : model,
+               kv_memory, ctx);
+    else
+        printf("%s: %d layers x %d kv heads x head_dim %d; KV memory %zu bytes, block %d, context %d\n"
+               "%-36s %12s %8s %10s %12s %10s\n", rt.model->name ? rt.model->name : model, c->n_layer, c->n_kv_head,
+               c->head_dim, kv_memory, block_size, ctx, "KV (K/V)", "bytes/token", "vs f16", "pages", "tokens", "seqs");
+    int first = 1;
+    for (char *save = NULL, *spec = strtok_r(list, ",", &save); spec && !rc; spec = strtok_r(NULL, ",", &save)) {
+        char *v = strchr(spec, '/');
+        if (v)
+            *v++ = 0;
+        kvc_config kc = {.n_layer = c->n_layer, .n_kv_head = c->n_kv_head, .head_dim = c->head_dim,
+                         .block_size = block_size, .memory_bytes = kv_memory, .k_codec = spec,
+                         .v_codec = v ? v : spec, .calib = calib};
+        kvc_pool *pool;
+        if (kvc_pool_create(&kc, &pool, err, sizeof err) != KVC_OK) {
+            fprintf(stderr, "kvserve bench --capacity: %s\n", err);
+            rc = 1;
+            break;
+        }
+        long long tokens = (long long)kvc_pages_total(pool) * kvc_block_size(pool);
+        if (json)
+            printf("%s{\"kv_k\": \"%s\", \"kv_v\": \"%s\", \"bytes_per_token\": %zu, \"compression_ratio\": %.4f, "
+                   "\"pages\": %d, \"tokens\": %lld, \"sequences\": %d}", first ? "" : ", ", kvc_k_codec(pool),
+                   kvc_v_codec(pool), kvc_bytes_per_token(pool), kvc_compression_ratio(pool), kvc_pages_total(pool),
+                   tokens, kvc_capacity_sequences(pool, ctx));
+        else {
+            char name[160];
+            snprintf(name, sizeof name, v ? "%s / %s" : "%s", spec, v);
+            printf("%-36s %12zu %7.2fx %10d %12lld %10d\n", name, kvc_bytes_per_token(pool),
+                   kvc_compression_ratio(pool), kvc_pages_total(pool), tokens, kvc_capacity_sequences(pool, ctx));
+        }
+        first = 0;
+        kvc_pool_destroy(pool);
+    }
+    if (json && !rc)
+        printf("]}\n");
+    cli_runtime_close(&rt);
+    return rc;
+}
+
 int cmd_bench(int argc, char **argv) {
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--capacity"))
+            return bench_capacity(argc, argv);
     for (int i = 1; i < argc; i++)
         if (!strncmp(argv[i], "--concurrency", 13) && (argv[i][13] == 0 || argv[i][13] == '='))
             return cmd_bench_engine(argc, argv);

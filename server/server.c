@@ -590,7 +590,11 @@ static void handle_event(srv_task *t, const srv_event *ev) {
     srv_http_req *req = t->req;
     if (req->ttft < 0 && ev->token >= 0)
         req->ttft = now_s() - req->t_start;
-    bool has_lp = t->r.logprobs && ev->token >= 0;
+    /* the end token that stopped a choice has no text and no logprob entry */
+    bool end_token = ev->finish == ENG_FINISH_STOP && ev->token >= 0 && eng_tokenizer_is_eog(s->tok, ev->token);
+    for (int i = 0; !end_token && ev->finish == ENG_FINISH_STOP && i < t->r.n_stop_ids; i++)
+        end_token = ev->token == t->r.stop_ids[i];
+    bool has_lp = t->r.logprobs && ev->token >= 0 && !end_token;
     char piece[512];
     int piece_len = 0;
     if (has_lp) {

@@ -5,8 +5,11 @@
  * 16. Pages are handed out round-robin across the sequences, so a sequence's
  * pages are scattered as in a busy server. One token-step = kvc_attend for
  * every (sequence, layer, kv head) with one query token; it reads every cached
- * K and V byte once. Reports the time per step and the cache bytes read per
- * second, per codec.
+ * K and V byte once. Reports the time per step, the decode tokens per second
+ * it allows (sequences / step time: attention only, no matmuls) and the cache
+ * bytes read per second, per codec. A codec is a spec for K and V, or
+ * "KSPEC/VSPEC"; pca specs need --calib FILE (kvserve calibrate). The cached
+ * K/V are random, so only speed is measured here.
  *
  *   make bench-attention [BENCH_ARGS="--ctx 2048 --seqs 8 --threads 1 --codecs f32,f16,int8"]
  */
@@ -22,6 +25,7 @@
 
 typedef struct {
     int n_layer, n_kv_head, n_rep, head_dim, block_size, ctx, n_seq, steps, threads, scalar;
+    const char *calib;
 } bench_opts;
 
 typedef struct {
@@ -61,9 +65,14 @@ static void *step_worker(void *arg) {
 }
 
 static int bench_codec(const bench_opts *o, const char *codec) {
+    char kspec[128], *vspec;
+    snprintf(kspec, sizeof kspec, "%s", codec);
+    vspec = strchr(kspec, '/');
+    if (vspec) *vspec++ = 0;
+    else vspec = kspec;
     kvc_config cfg = {.n_layer = o->n_layer, .n_kv_head = o->n_kv_head, .head_dim = o->head_dim,
-                      .block_size = o->block_size, .k_codec = codec, .v_codec = codec,
-                      .force_scalar = o->scalar};
+                      .block_size = o->block_size, .k_codec = kspec, .v_codec = vspec,
+                      .force_scalar = o->scalar, .calib = o->calib};
     /* Size the arena from a probe pool's page size. */
     cfg.memory_bytes = (size_t)1 << 30;
     kvc_pool *pool;
@@ -128,10 +137,11 @@ static int bench_codec(const bench_opts *o, const char *codec) {
     double bytes = (double)kvc_bytes_per_token(pool) * o->ctx * o->n_seq;
     double checksum = 0.0;
     for (int64_t i = 0; i < o->n_seq * qdim; i++) checksum += out[i];
-    printf("%-5s %6zu B/token %6.1f MB/step  wall: %8.2f ms/step (best %8.2f) %6.2f GB/s  "
-           "cpu: %8.2f ms/step %6.2f GB/s  fill %.0f ms/seq  (checksum %.4f)\n",
+    printf("%-28s %6zu B/token %6.1f MB/step  wall: %8.2f ms/step (best %8.2f) %6.2f GB/s %7.1f tok/s  "
+           "cpu: %8.2f ms/step %6.2f GB/s %7.1f tok/s  fill %.0f ms/seq  (checksum %.4f)\n",
            codec, kvc_bytes_per_token(pool), bytes / 1e6, 1e3 * total / o->steps, 1e3 * best,
-           bytes / best / 1e9, 1e3 * best_cpu, bytes / best_cpu / 1e9, 1e3 * t_write / o->n_seq, checksum);
+           bytes / best / 1e9, o->n_seq / best, 1e3 * best_cpu, bytes / best_cpu / 1e9, o->n_seq / best_cpu,
+           1e3 * t_write / o->n_seq, checksum);
     for (int s = 0; s < o->n_seq; s++) kvc_seq_release(pool, &seqs[s]);
     kvc_pool_destroy(pool);
     free(seqs), free(kv), free(q), free(out);
@@ -174,12 +184,14 @@ int main(int argc, char **argv) {
             o.scalar = 1;
         } else if (!strcmp(a, "--codecs") && v) {
             codecs = v, i++;
+        } else if (!strcmp(a, "--calib") && v) {
+            o.calib = v, i++;
         } else if (field && v) {
             *field = atoi(v), i++;
         } else {
             fprintf(stderr, "usage: bench_attention [--ctx N] [--seqs N] [--threads N] [--steps N] "
                             "[--layers N] [--kv-heads N] [--rep N] [--head-dim N] [--block N] "
-                            "[--codecs f32,f16,int8] [--scalar]\n");
+                            "[--codecs f32,f16,int8,KSPEC/VSPEC] [--calib FILE] [--scalar]\n");
             return 2;
         }
     }
@@ -192,7 +204,7 @@ int main(int argc, char **argv) {
            o.n_layer, o.n_kv_head, o.n_rep, o.head_dim, o.block_size, o.ctx, o.n_seq, o.threads,
            o.scalar ? ", portable kernels" : "");
     bench_stream((size_t)256 << 20);
-    char list[256];
+    char list[2048];
     snprintf(list, sizeof list, "%s", codecs);
     for (char *save = NULL, *c = strtok_r(list, ",", &save); c; c = strtok_r(NULL, ",", &save))
         if (bench_codec(&o, c)) return 1;

@@ -4,8 +4,11 @@
  * in Q4_1; tied output 576 -> 49152 in Q8_0).
  *
  *   make bench-matmul                  # builds $(BUILD)/tools/bench_matmul
- *   build/tools/bench_matmul [--threads N] [--isa scalar|avx2] [--prefill N]
- *                            [--seconds S]
+ *   build/tools/bench_matmul [--threads N] [--isa scalar|avx2] [--act q8|f32]
+ *                            [--prefill N] [--seconds S]
+ *
+ * --act picks how quantized weights meet the activations (matmul.h): q8, the
+ * 8-bit integer kernels (default here), or f32, the exact f32 kernels.
  *
  * Per shape, at 1 token and at a prefill batch, it reports the best time of
  * repeated calls on one weight matrix (cache-warm) and GFLOP/s. Then it sweeps
@@ -204,18 +207,23 @@ int main(int argc, char **argv) {
     int only_threads = 0, n_prefill = 512;
     double seconds = 0.3;
     const char *isa = NULL;
+    eng_act_mode act = ENG_ACT_Q8;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--threads") && i + 1 < argc)
             only_threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--isa") && i + 1 < argc)
             isa = argv[++i];
+        else if (!strcmp(argv[i], "--act") && i + 1 < argc && !strcmp(argv[i + 1], "q8"))
+            act = ENG_ACT_Q8, i++;
+        else if (!strcmp(argv[i], "--act") && i + 1 < argc && !strcmp(argv[i + 1], "f32"))
+            act = ENG_ACT_F32, i++;
         else if (!strcmp(argv[i], "--prefill") && i + 1 < argc)
             n_prefill = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--seconds") && i + 1 < argc)
             seconds = atof(argv[++i]);
         else {
-            fprintf(stderr, "usage: %s [--threads N] [--isa scalar|avx2] [--prefill N] [--seconds S]\n",
-                    argv[0]);
+            fprintf(stderr, "usage: %s [--threads N] [--isa scalar|avx2] [--act q8|f32] [--prefill N] "
+                    "[--seconds S]\n", argv[0]);
             return 2;
         }
     }
@@ -227,7 +235,9 @@ int main(int argc, char **argv) {
         fprintf(stderr, "bench_matmul: --prefill must be at least 1\n");
         return 2;
     }
-    printf("kernels: %s\n", eng_matmul_isa());
+    eng_matmul_set_activations(act);
+    printf("kernels: %s, activations of quantized weights: %s\n", eng_matmul_isa(),
+           act == ENG_ACT_Q8 ? "q8" : "f32");
 
     const int max_tok = n_prefill;
     float *x = make_x(max_tok, 1536);

@@ -8,7 +8,9 @@
 #   3. san:  gpu_test --quick under compute-sanitizer memcheck and racecheck;
 #   4. bench: gpu_bench (decode, prefill, write against the memory floor);
 #   5. sdpa: PyTorch scaled_dot_product_attention on a contiguous f16 cache of
-#      the same shapes (the comparison the issue asks for).
+#      the same shapes (the comparison the issue asks for);
+#   6. prof (only when named in STEPS): ncu on the decode configurations in
+#      PROF ("shape kcodec vcodec n_seqs ctx", ';'-separated).
 # Logs go to $OUT (or ./build-gpu/out); the summary is printed last.
 #   STEPS="test san bench sdpa" (default all) picks steps; BENCH_ARGS passes
 #   options to gpu_bench (e.g. --quick).
@@ -53,6 +55,20 @@ if has bench; then
     timeout 400 "$bin/gpu_bench" --csv "$OUT/bench.csv" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1; rc=$?
     echo "gpu_bench exit $rc" >>"$OUT/bench.log"
     [ $rc = 0 ] || { tail -5 "$OUT/bench.log"; status=1; }
+fi
+
+if has prof; then
+    # ncu on single decode configurations: PROF="smollm2 f16 f16 64 2048;llama8b f16 f16 64 2048"
+    IFS=';' read -ra cfgs <<<"${PROF:-smollm2 f16 f16 64 2048}"
+    for c in "${cfgs[@]}"; do
+        echo "== ncu $c" | tee -a "$OUT/prof.txt"
+        timeout 120 ncu --clock-control none -k regex:decode_kernel --launch-skip 10 --launch-count 1 \
+            --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+            --section SchedulerStats --section Occupancy --section LaunchStats \
+            "$bin/gpu_bench" --one $c >>"$OUT/prof.txt" 2>&1
+        echo "ncu exit $?" >>"$OUT/prof.txt"
+    done
+    grep -E "^== ncu|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Issued Warp|No Eligible|Stall|Registers|Theoretical Occ|Block Limit" "$OUT/prof.txt" | head -80
 fi
 
 if has sdpa; then

@@ -1,7 +1,5 @@
 /* common.cuh (internal to cache/cuda/): what the GPU kernels share: page
- * addressing of the kvcache.h layout, element formats as compile-time traits
- * (how 8 stored numbers are loaded and turned into floats in registers), and
- * the host-side error helpers. */
+ * addressing of the kvcache.h layout and the host-side error helpers. */
 #ifndef KVC_CUDA_COMMON_CUH
 #define KVC_CUDA_COMMON_CUH
 
@@ -42,41 +40,6 @@ __device__ __forceinline__ const uint8_t *kvc__cu_v_block(const uint8_t *arena, 
 __host__ __device__ __forceinline__ int kvc__cu_i8_scale_offset(int B, int dim) {
     return (B * dim + 15) & ~15;
 }
-
-/* Element formats. A "vector" is 8 consecutive stored numbers: 16 bytes of
- * fp16 or 8 bytes of int8; to_float converts one in registers. */
-template <int FMT> struct kvc__cu_fmt;
-
-template <> struct kvc__cu_fmt<KVC_CU_F16> {
-    typedef uint4 vec;
-    static constexpr bool scaled = false;
-    __device__ __forceinline__ static void to_float(const vec &v, float f[8]) {
-        const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            __half2 h = *reinterpret_cast<const __half2 *>(&w[i]);
-            float2 t = __half22float2(h);
-            f[2 * i] = t.x;
-            f[2 * i + 1] = t.y;
-        }
-    }
-};
-
-template <> struct kvc__cu_fmt<KVC_CU_I8> {
-    typedef uint2 vec;
-    static constexpr bool scaled = true;
-    /* Exact int8 -> float without the slow integer converter: with the sign
-     * bit flipped a byte u is x + 128, and the float with bits 0x4B0000uu is
-     * 2^23 + u, so x = that - (2^23 + 128). */
-    __device__ __forceinline__ static void to_float(const vec &v, float f[8]) {
-        const uint32_t w[2] = {v.x ^ 0x80808080u, v.y ^ 0x80808080u};
-#pragma unroll
-        for (int i = 0; i < 2; i++)
-#pragma unroll
-            for (int b = 0; b < 4; b++)
-                f[4 * i + b] = __int_as_float((int)__byte_perm(w[i], 0x4B000000u, 0x7540u | b)) - 8388736.0f;
-    }
-};
 
 /* Host side: error messages and CUDA error mapping. */
 #define KVC__CU_FAIL(code, ...)                                                  \

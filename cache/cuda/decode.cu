@@ -1,41 +1,71 @@
 /* decode.cu: paged decode attention on the GPU (kvc_cu_decode): one query
  * token per sequence, K/V read in place from compressed pages, the n_rep
- * query heads of a kv head together (each page is read once per step).
+ * query heads of a kv head together (each page is read once per step), on
+ * tensor cores.
  *
- * Work: a thread block takes one (sequence, kv head, split), a split being
- * pages_per_split consecutive pages of the block table; its NW warps take
- * every NW-th page. A warp reads a page's K block and V block with 16- or
- * 8-byte loads (the next page's loads are issued before this page's math),
- * converts the numbers in registers and keeps an online softmax (running
- * max m, sum l, accumulator acc) per query head. Warps merge in shared
- * memory; when a sequence has several splits, each writes (acc, m, l) to the
- * workspace and the last block to finish (a counter per (sequence, kv head))
- * merges them, in the same launch.
+ * Each warp streams pages through its own ring of S page slots in shared
+ * memory (cp.async 16 bytes a lane; S - 1 pages in flight while one
+ * computes). Per page of 16 positions it computes the scores of its G query
+ * heads with mma.sync m16n8k16 (fp16 in, fp32 accumulate), an online softmax
+ * (running max m, sum l per head) and O += P V with a second mma. The 16
+ * rows of the mma hold only G <= 8 query heads, so rows 8..15 carry the
+ * rounding remainder: row g holds fp16(x) and row g + 8 fp16(x - fp16(x)) of
+ * the scaled query (and of the weights), and the two rows' results are added
+ * in fp32. The products are then those of ~22-bit operands: fp32-like
+ * accuracy at no extra tensor-core work (K/V numbers are exact in fp16: f16
+ * pages as stored, int8 codes as integers, their scales applied in fp32).
  *
- * Lane layout for a page of B = 16 tokens, one "vector" = 8 stored numbers
- * (kvc__cu_fmt):
- *   K block (D, 16): vector v holds dimension v / 2, tokens (v % 2) * 8 .. +7;
- *     lane takes v = lane + 32 i, i < D / 16: token half lane & 1, dimensions
- *     (lane >> 1) + 16 i. Each lane has partial scores of 8 tokens; a
- *     reduce-scatter over lane bits 1..3 and a sum over bit 4 leave lane with
- *     the full score of token my_tok (lanes l and l ^ 16 hold the same token).
- *   V block (16, D): vector v holds token v / (D / 8), dimensions
- *     (v % (D / 8)) * 8 .. +7; lane takes v = lane + 32 i; its weights come
- *     by shuffle from the lane holding that token.
- * Scores are kept in log2 units (q pre-multiplied by scale * log2 e) so the
- * softmax uses exp2. int8 scales multiply the token's score (K) and fold into
- * its weight (V). */
+ * Layouts in a ring slot (16-byte units, swizzled so the transposing
+ * ldmatrix reads of 8 rows hit 8 distinct bank groups):
+ *   f16 K (D, 16): unit (dim, h) at dim * 2 + (h ^ ((dim >> 2) & 1))
+ *   f16 V (16, D): unit (t, u) at t * D / 8 + (u ^ (t & 7))
+ *   int8 blocks are copied raw, then converted (codes + 0 exactly) into a
+ *   per-warp f16 block of the same swizzled layout; scales stay in the raw
+ *   slot. Positions past the context are zero-filled in V (garbage there
+ *   could be inf) and masked in the scores.
+ *
+ * Two ways to share the work (make_plan picks one):
+ *   - warp per sequence: with many (sequence, kv head) pairs, each warp takes
+ *     one pair, all its pages, and writes the output itself;
+ *   - split: otherwise a thread block takes one (sequence, kv head, split),
+ *     a split being pages_per_split consecutive pages, its NW warps every
+ *     NW-th page; warps merge in shared memory, and when a sequence has
+ *     several splits each writes (acc, m, l) to the workspace and the last
+ *     block to finish (a counter per pair) merges them, in the same launch.
+ * Scores are kept in log2 units (q pre-multiplied by scale * log2 e). */
 #include <math.h>
+
+#include <type_traits>
 
 #include "cache/cuda/common.cuh"
 
 namespace {
 
-constexpr int NW = 8;            /* warps per block */
+constexpr int NW = 4;            /* warps per block */
 constexpr int NT = NW * 32;
 constexpr int MAX_SPLITS = 256;  /* bounds the merge's shared memory */
 
-int g_pages_per_split = 0;       /* kvc_cu_set_decode_pages_per_split */
+int g_pages_per_split = 0;       /* kvc_cu_set_decode_tuning */
+int g_warp_per_seq = 0;
+
+/* Bytes of one head's block of 16 tokens (the pool's padding to 16 bytes). */
+template <int D, int FMT> struct block_bytes {
+    static constexpr int value = FMT == KVC_CU_F16 ? 32 * D : 16 * D + 32;
+};
+
+/* A warp's shared memory: a ring of S page slots (K block then V block, the
+ * global block sizes), then the f16 blocks int8 pages are converted into. */
+template <int D, int KF, int VF> struct ring {
+    static constexpr int KB = block_bytes<D, KF>::value;
+    static constexpr int VB = block_bytes<D, VF>::value;
+    static constexpr int PAGE = KB + VB;
+    static constexpr int KCONV = KF == KVC_CU_I8 ? 32 * D : 0;
+    static constexpr int VCONV = VF == KVC_CU_I8 ? 32 * D : 0;
+    static constexpr int S0 = (18432 - KCONV - VCONV) / PAGE;
+    static constexpr int S = S0 < 3 ? 3 : S0 > 8 ? 8 : S0;
+    static constexpr int WARP_BYTES = S * PAGE + KCONV + VCONV;
+    static constexpr int BYTES = NW * WARP_BYTES;     /* per block */
+};
 
 struct decode_params {
     const uint8_t *arena;        /* (n_pages, page_bytes) */
@@ -44,8 +74,11 @@ struct decode_params {
     int bt_stride;
     const int32_t *ctx_lens;     /* (n_seqs) or NULL: ctx0 + s */
     int ctx0;
+    int n_kv_head;
+    int per_warp;                /* 1: warp per (sequence, kv head); 0: split blocks */
+    int64_t n_pairs;             /* n_seqs * n_kv_head */
     int pps;                     /* pages per split */
-    int n_splits;                /* gridDim.x */
+    int n_splits;                /* gridDim.x when splitting */
     float qscale;                /* scale * log2(e) */
     const float *q;              /* (n_seqs, q_stride) */
     int64_t q_stride;
@@ -56,245 +89,333 @@ struct decode_params {
     float *ws_acc;               /* (n_seqs, n_kv_head, n_splits, G, D) */
 };
 
-/* Streaming loads: read once, no L1 allocation, 256-byte L2 prefetch (the
- * blocks are contiguous 1-8 KB runs). */
-__device__ __forceinline__ uint4 ld_stream(const uint4 *p) {
-    uint4 r;
-    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "l"(p));
-    return r;
+__device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+/* 16 bytes global -> shared; valid false writes zeros. */
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid = true) {
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
 }
-__device__ __forceinline__ uint2 ld_stream(const uint2 *p) {
-    uint2 r;
-    asm("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0,%1}, [%2];"
-                 : "=r"(r.x), "=r"(r.y)
-                 : "l"(p));
-    return r;
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
 }
 
-template <int FMT> __device__ __forceinline__ void zero_vec(typename kvc__cu_fmt<FMT>::vec &v);
-template <> __device__ __forceinline__ void zero_vec<KVC_CU_F16>(uint4 &v) { v = make_uint4(0, 0, 0, 0); }
-template <> __device__ __forceinline__ void zero_vec<KVC_CU_I8>(uint2 &v) { v = make_uint2(0, 0); }
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
 
-/* One page's blocks in registers. */
-template <int D, int KF, int VF> struct page_regs {
-    static constexpr int NI = D / 16;
-    typename kvc__cu_fmt<KF>::vec k[NI];
-    typename kvc__cu_fmt<VF>::vec v[NI];
-    float ksc, vsc;              /* int8 scales of token my_tok */
-};
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                 "{%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
 
+__device__ __forceinline__ uint32_t pack_half2(__half lo, __half hi) {
+    return (uint32_t)__half_as_ushort(lo) | ((uint32_t)__half_as_ushort(hi) << 16);
+}
+
+/* x as fp16 hi + fp16 lo. */
+__device__ __forceinline__ void split_half(float x, __half &hi, __half &lo) {
+    hi = __float2half_rn(x);
+    lo = __float2half_rn(x - __half2float(hi));
+}
+
+/* Swizzled 16-byte unit offsets of the f16 blocks (see the file comment). */
+template <int D> __device__ __forceinline__ int k_unit(int dim, int h) { return dim * 2 + (h ^ ((dim >> 2) & 1)); }
+template <int D> __device__ __forceinline__ int v_unit(int t, int u) { return t * (D / 8) + (u ^ (t & 7)); }
+
+/* Copies a page's K and V blocks of `head` into a ring slot: f16 blocks to
+ * their swizzled units, int8 blocks raw. V positions >= valid are zeros. */
 template <int D, int KF, int VF>
-__device__ __forceinline__ void load_page(const decode_params &p, int32_t page, int head, int lane,
-                                          int my_tok, page_regs<D, KF, VF> &r) {
-    constexpr int NI = D / 16;
+__device__ __forceinline__ void issue_page(const decode_params &p, int32_t page, int head, int valid, uint8_t *dst,
+                                           int lane) {
+    typedef ring<D, KF, VF> R;
     const uint8_t *kb = kvc__cu_k_block(p.arena, p.g, page, head);
     const uint8_t *vb = kvc__cu_v_block(p.arena, p.g, page, head);
-    typedef typename kvc__cu_fmt<KF>::vec KV;
-    typedef typename kvc__cu_fmt<VF>::vec VV;
 #pragma unroll
-    for (int i = 0; i < NI; i++) r.k[i] = ld_stream(reinterpret_cast<const KV *>(kb) + lane + 32 * i);
+    for (int i = 0; i < (R::KB / 16 + 31) / 32; i++) {
+        const int c = lane + 32 * i;
+        if (R::KB % 512 == 0 || c < R::KB / 16) {
+            const int u = KF == KVC_CU_F16 ? k_unit<D>(c >> 1, c & 1) : c;
+            cp_async16(dst + 16 * u, kb + 16 * c);
+        }
+    }
+    uint8_t *vd = dst + R::KB;
 #pragma unroll
-    for (int i = 0; i < NI; i++) r.v[i] = ld_stream(reinterpret_cast<const VV *>(vb) + lane + 32 * i);
-    const int so = kvc__cu_i8_scale_offset(KVC__CU_B, D);
-    r.ksc = kvc__cu_fmt<KF>::scaled ? __half2float(__ldg(reinterpret_cast<const __half *>(kb + so) + my_tok)) : 1.0f;
-    r.vsc = kvc__cu_fmt<VF>::scaled ? __half2float(__ldg(reinterpret_cast<const __half *>(vb + so) + my_tok)) : 1.0f;
+    for (int i = 0; i < (R::VB / 16 + 31) / 32; i++) {
+        const int c = lane + 32 * i;
+        if (R::VB % 512 == 0 || c < R::VB / 16) {
+            if (VF == KVC_CU_F16) {
+                const int t = c / (D / 8), u = c % (D / 8);
+                cp_async16(vd + 16 * v_unit<D>(t, u), vb + 16 * c, t < valid);
+            } else {
+                /* codes: D / 16 units per position; the scales after them */
+                const int t = c / (D / 16);
+                cp_async16(vd + 16 * c, vb + 16 * c, c >= D || t < valid);
+            }
+        }
+    }
 }
 
-/* A warp's page ids (every NW-th table entry from `first`), read 32 at a
- * time by the lanes and handed out in order by shuffle. */
+/* 16 int8 codes -> 16 halves, exactly: with the sign flipped a byte is
+ * x + 128, and the half 0x64uu is 1024 + u. */
+__device__ __forceinline__ void i8x16_to_h(const uint4 &w, uint4 &lo, uint4 &hi) {
+    const uint32_t in[4] = {w.x ^ 0x80808080u, w.y ^ 0x80808080u, w.z ^ 0x80808080u, w.w ^ 0x80808080u};
+    uint32_t o[8];
+    const __half2 off = __floats2half2_rn(1152.0f, 1152.0f);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        uint32_t a = __byte_perm(in[i], 0x64646464u, 0x4140), b = __byte_perm(in[i], 0x64646464u, 0x4342);
+        __half2 ha = __hsub2(*reinterpret_cast<__half2 *>(&a), off);
+        __half2 hb = __hsub2(*reinterpret_cast<__half2 *>(&b), off);
+        o[2 * i] = *reinterpret_cast<uint32_t *>(&ha);
+        o[2 * i + 1] = *reinterpret_cast<uint32_t *>(&hb);
+    }
+    lo = make_uint4(o[0], o[1], o[2], o[3]);
+    hi = make_uint4(o[4], o[5], o[6], o[7]);
+}
+
+/* int8 K (D, 16) raw -> f16 swizzled: lane takes dimensions lane + 32 i. */
+template <int D> __device__ __forceinline__ void convert_k(const uint8_t *raw, uint8_t *dst, int lane) {
+#pragma unroll
+    for (int i = 0; i < D / 32; i++) {
+        const int d = lane + 32 * i;
+        uint4 lo, hi;
+        i8x16_to_h(reinterpret_cast<const uint4 *>(raw)[d], lo, hi);
+        reinterpret_cast<uint4 *>(dst)[k_unit<D>(d, 0)] = lo;
+        reinterpret_cast<uint4 *>(dst)[k_unit<D>(d, 1)] = hi;
+    }
+}
+
+/* int8 V (16, D) raw -> f16 swizzled: lane takes 16-code units lane + 32 i. */
+template <int D> __device__ __forceinline__ void convert_v(const uint8_t *raw, uint8_t *dst, int lane) {
+#pragma unroll
+    for (int i = 0; i < D / 32; i++) {
+        const int c = lane + 32 * i, t = c / (D / 16), u = 2 * (c % (D / 16));
+        uint4 lo, hi;
+        i8x16_to_h(reinterpret_cast<const uint4 *>(raw)[c], lo, hi);
+        reinterpret_cast<uint4 *>(dst)[v_unit<D>(t, u)] = lo;
+        reinterpret_cast<uint4 *>(dst)[v_unit<D>(t, u + 1)] = hi;
+    }
+}
+
+/* A warp's page ids (table entries first, first + stride, ... below end),
+ * read 32 at a time by the lanes and handed out in order by shuffle. */
 struct page_ids {
     const int32_t *bt;
-    int first, end, lane, j, held;
-    __device__ __forceinline__ page_ids(const int32_t *bt_, int first_, int end_, int lane_)
-        : bt(bt_), first(first_), end(end_), lane(lane_), j(0), held(0) {}
+    int first, stride, end, lane, j, held;
+    __device__ __forceinline__ page_ids(const int32_t *bt_, int first_, int stride_, int end_, int lane_)
+        : bt(bt_), first(first_), stride(stride_), end(end_), lane(lane_), j(0), held(0) {}
     __device__ __forceinline__ int32_t next() {
         if ((j & 31) == 0) {
-            const int pg = first + NW * (j + lane);
+            const int pg = first + stride * (j + lane);
             held = pg < end ? __ldg(bt + pg) : 0;
         }
         return __shfl_sync(KVC__CU_FULL, held, j++ & 31);
     }
 };
 
-/* The per-warp online-softmax state. */
-template <int D, int G> struct warp_state {
-    float m[G], l[G];            /* m warp-uniform; l: this lane's token's share */
-    float acc[G][8];             /* dims of this lane's V vectors, partial over its tokens */
+/* A thread's share of the warp's state: query head gid = lane / 4 (when <
+ * G), its dims 8 dn + 2 (lane % 4) + {0, 1}. o is summed in fp32 registers
+ * (a page's mma starts from zero: the tensor cores' fp32 sums are not
+ * IEEE-rounded and would drift over thousands of pages). */
+template <int D> struct warp_state {
+    float m, l;                  /* m quad-uniform; l this thread's positions' share */
+    float o[D / 8][2];
 };
 
-template <int D, int G, int KF, int VF>
-__device__ __forceinline__ void process_page(page_regs<D, KF, VF> &r, int valid, const float (&qr)[G][D / 16],
-                                             int lane, int my_tok, const int (&v_tok)[D / 16],
-                                             const int (&v_src)[D / 16], warp_state<D, G> &st) {
-    constexpr int NI = D / 16;
-    /* partial scores of the lane's 8 tokens over its D/16 dimensions */
-    float s[G][8];
+/* One page from its ring slot. kf, vf: the f16 K and V blocks (swizzled);
+ * ks, vs: the int8 scales (or NULL); valid: positions of the page inside
+ * the context (>= 1). */
+template <int D, int KF, int VF>
+__device__ __forceinline__ void process_page(const uint8_t *kf, const uint8_t *vf, const uint8_t *ks,
+                                             const uint8_t *vs, int valid, const uint32_t (&qa)[D / 16][4],
+                                             int lane, warp_state<D> &st) {
+    const int tig = lane & 3, mat = lane >> 3, row = lane & 7;
+    float s0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-    for (int g = 0; g < G; g++)
-#pragma unroll
-        for (int t = 0; t < 8; t++) s[g][t] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < NI; i++) {
-        float kf[8];
-        kvc__cu_fmt<KF>::to_float(r.k[i], kf);
-#pragma unroll
-        for (int g = 0; g < G; g++)
-#pragma unroll
-            for (int t = 0; t < 8; t++) s[g][t] = fmaf(qr[g][i], kf[t], s[g][t]);
+    for (int kk = 0; kk < D / 16; kk++) {
+        uint32_t b[4];
+        ldsm_x4_trans(b, kf + 16 * k_unit<D>(kk * 16 + (mat & 1) * 8 + row, mat >> 1));
+        mma16816(s0, qa[kk], b[0], b[1]);
+        mma16816(s1, qa[kk], b[2], b[3]);
     }
-    /* reduce-scatter over lane bits 1, 2, 3, then sum over bit 4 */
-    const bool b0 = (lane >> 1) & 1, b1 = (lane >> 2) & 1, b2 = (lane >> 3) & 1;
-    float sc[G];
-#pragma unroll
-    for (int g = 0; g < G; g++) {
-        float r4[4], r2[2];
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            float keep = b0 ? s[g][4 + j] : s[g][j], send = b0 ? s[g][j] : s[g][4 + j];
-            r4[j] = keep + __shfl_xor_sync(KVC__CU_FULL, send, 2);
-        }
-#pragma unroll
-        for (int j = 0; j < 2; j++) {
-            float keep = b1 ? r4[2 + j] : r4[j], send = b1 ? r4[j] : r4[2 + j];
-            r2[j] = keep + __shfl_xor_sync(KVC__CU_FULL, send, 4);
-        }
-        float keep = b2 ? r2[1] : r2[0], send = b2 ? r2[0] : r2[1];
-        float r1 = keep + __shfl_xor_sync(KVC__CU_FULL, send, 8);
-        sc[g] = r1 + __shfl_xor_sync(KVC__CU_FULL, r1, 16);
-    }
-    const bool ok = my_tok < valid;
-    float pw[G];
-#pragma unroll
-    for (int g = 0; g < G; g++) {
-        float x = ok ? sc[g] * r.ksc : -INFINITY;
-        float pm = x;
-#pragma unroll
-        for (int mk = 1; mk <= 8; mk <<= 1) pm = fmaxf(pm, __shfl_xor_sync(KVC__CU_FULL, pm, mk));
-        const float m_new = fmaxf(st.m[g], pm);
-        const float alpha = exp2f(st.m[g] - m_new);   /* 0 on the first page */
-        const float pr = exp2f(x - m_new);            /* 0 for masked tokens */
-        st.l[g] = st.l[g] * alpha + pr;
-#pragma unroll
-        for (int e = 0; e < 8; e++) st.acc[g][e] *= alpha;
-        st.m[g] = m_new;
-        pw[g] = pr * r.vsc;
-    }
-    /* slots past the context may hold anything, inf/NaN included: zero them */
-    if (valid < KVC__CU_B) {
-#pragma unroll
-        for (int i = 0; i < NI; i++)
-            if (v_tok[i] >= valid) zero_vec<VF>(r.v[i]);
+    /* positions 2 tig, 2 tig + 1, 8 + 2 tig, 9 + 2 tig of query gid */
+    float x[4] = {s0[0] + s0[2], s0[1] + s0[3], s1[0] + s1[2], s1[1] + s1[3]};
+    if (KF == KVC_CU_I8) {
+        const float2 a = __half22float2(reinterpret_cast<const __half2 *>(ks)[tig]);
+        const float2 c = __half22float2(reinterpret_cast<const __half2 *>(ks)[4 + tig]);
+        x[0] *= a.x, x[1] *= a.y, x[2] *= c.x, x[3] *= c.y;
     }
 #pragma unroll
-    for (int i = 0; i < NI; i++) {
-        float vf[8];
-        kvc__cu_fmt<VF>::to_float(r.v[i], vf);
+    for (int e = 0; e < 4; e++) {
+        const int t = (e >> 1) * 8 + 2 * tig + (e & 1);
+        if (t >= valid) x[e] = -INFINITY;
+    }
+    float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+    mx = fmaxf(mx, __shfl_xor_sync(KVC__CU_FULL, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(KVC__CU_FULL, mx, 2));
+    const float m_new = fmaxf(st.m, mx);
+    const float alpha = exp2f(st.m - m_new);   /* 0 on the first page */
+    st.m = m_new;
+    float pr[4];
 #pragma unroll
-        for (int g = 0; g < G; g++) {
-            const float w = __shfl_sync(KVC__CU_FULL, pw[g], v_src[i]);
+    for (int e = 0; e < 4; e++) pr[e] = exp2f(x[e] - m_new);
+    st.l = st.l * alpha + ((pr[0] + pr[1]) + (pr[2] + pr[3]));
+    if (VF == KVC_CU_I8) {
+        const float2 a = __half22float2(reinterpret_cast<const __half2 *>(vs)[tig]);
+        const float2 c = __half22float2(reinterpret_cast<const __half2 *>(vs)[4 + tig]);
+        pr[0] *= a.x, pr[1] *= a.y, pr[2] *= c.x, pr[3] *= c.y;
+    }
+    __half hi[4], lo[4];
 #pragma unroll
-            for (int e = 0; e < 8; e++) st.acc[g][e] = fmaf(w, vf[e], st.acc[g][e]);
+    for (int e = 0; e < 4; e++) split_half(pr[e], hi[e], lo[e]);
+    const uint32_t pa[4] = {pack_half2(hi[0], hi[1]), pack_half2(lo[0], lo[1]), pack_half2(hi[2], hi[3]),
+                            pack_half2(lo[2], lo[3])};
+#pragma unroll
+    for (int dn2 = 0; dn2 < D / 16; dn2++) {
+        uint32_t b[4];
+        ldsm_x4_trans(b, vf + 16 * v_unit<D>((mat & 1) * 8 + row, dn2 * 2 + (mat >> 1)));
+        float o0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, o1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        mma16816(o0, pa, b[0], b[1]);
+        mma16816(o1, pa, b[2], b[3]);
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            st.o[2 * dn2][e] = fmaf(st.o[2 * dn2][e], alpha, o0[e] + o0[e + 2]);
+            st.o[2 * dn2 + 1][e] = fmaf(st.o[2 * dn2 + 1][e], alpha, o1[e] + o1[e + 2]);
         }
     }
 }
 
 template <int D, int G, int KF, int VF>
 __global__ void __launch_bounds__(NT) decode_kernel(const decode_params p) {
-    constexpr int NI = D / 16;
+    typedef ring<D, KF, VF> R;
     constexpr int B = KVC__CU_B;
-    extern __shared__ float smem[];
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    float *smem = reinterpret_cast<float *>(smem_raw);
     __shared__ int s_last;
-    const int split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
-    const int H = gridDim.y;
+    const int H = p.n_kv_head;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int gid = lane >> 2, tig = lane & 3;
+    int seq, head, split;
+    if (p.per_warp) {                          /* no block-wide barriers on this path */
+        const int64_t pair = (int64_t)blockIdx.x * NW + warp;
+        if (pair >= p.n_pairs) return;
+        seq = (int)(pair / H);
+        head = (int)(pair % H);
+        split = 0;
+    } else {
+        split = blockIdx.x;
+        head = blockIdx.y;
+        seq = blockIdx.z;
+    }
     const int ctx = p.ctx_lens ? p.ctx_lens[seq] : p.ctx0 + seq;
     float *out = p.out + (int64_t)seq * p.out_stride + (int64_t)head * G * D;   /* (G, D) */
     if (ctx <= 0) {
-        if (split == 0)
-            for (int e = tid; e < G * D; e += NT) out[e] = 0.0f;
+        if (split == 0) {
+            const int t0 = p.per_warp ? lane : tid, nt = p.per_warp ? 32 : NT;
+            for (int e = t0; e < G * D; e += nt) out[e] = 0.0f;
+        }
         return;
     }
     const int n_pages = (ctx + B - 1) / B;
-    const int n_active = (n_pages + p.pps - 1) / p.pps;
-    if (split >= n_active) return;
-    const int pg0 = split * p.pps;
-    const int pg1 = min(pg0 + p.pps, n_pages);
+    int n_active = 1, first = 0, stride = 1, end = n_pages;
+    if (!p.per_warp) {
+        n_active = (n_pages + p.pps - 1) / p.pps;
+        if (split >= n_active) return;
+        first = split * p.pps + warp;
+        stride = NW;
+        end = min(split * p.pps + p.pps, n_pages);
+    }
+    const int n_mine = first < end ? (end - first + stride - 1) / stride : 0;
     const int32_t *bt = p.bt + (int64_t)seq * p.bt_stride;
 
-    /* this lane's query numbers: dims (lane >> 1) + 16 i of each head */
-    const float *q = p.q + (int64_t)seq * p.q_stride + (int64_t)head * G * D;
-    float qr[G][NI];
+    /* A fragments of the scaled query: rows gid (fp16 hi) and gid + 8 (lo) */
+    uint32_t qa[D / 16][4];
+    {
+        const float *q = p.q + (int64_t)seq * p.q_stride + (int64_t)(head * G + min(gid, G - 1)) * D;
 #pragma unroll
-    for (int g = 0; g < G; g++)
+        for (int kk = 0; kk < D / 16; kk++)
 #pragma unroll
-        for (int i = 0; i < NI; i++) qr[g][i] = q[g * D + (lane >> 1) + 16 * i] * p.qscale;
-
-    const int my_tok = (lane & 1) * 8 + ((lane >> 1) & 1) * 4 + ((lane >> 2) & 1) * 2 + ((lane >> 3) & 1);
-    int v_tok[NI], v_src[NI];
-#pragma unroll
-    for (int i = 0; i < NI; i++) {
-        const int t = (lane + 32 * i) / (D / 8);
-        v_tok[i] = t;
-        v_src[i] = (t >> 3) | (((t >> 2) & 1) << 1) | (((t >> 1) & 1) << 2) | ((t & 1) << 3);
+            for (int hc = 0; hc < 2; hc++) {
+                float2 v = make_float2(0.0f, 0.0f);
+                if (gid < G) v = *reinterpret_cast<const float2 *>(q + kk * 16 + hc * 8 + 2 * tig);
+                __half h0, l0, h1, l1;
+                split_half(v.x * p.qscale, h0, l0);
+                split_half(v.y * p.qscale, h1, l1);
+                qa[kk][2 * hc] = pack_half2(h0, h1);
+                qa[kk][2 * hc + 1] = pack_half2(l0, l1);
+            }
     }
-    warp_state<D, G> st;
+    warp_state<D> st;
+    st.m = -INFINITY;
+    st.l = 0.0f;
 #pragma unroll
-    for (int g = 0; g < G; g++) {
-        st.m[g] = -INFINITY;
-        st.l[g] = 0.0f;
+    for (int dn = 0; dn < D / 8; dn++) st.o[dn][0] = st.o[dn][1] = 0.0f;
+
+    /* this warp's pages first, first + stride, ... through its ring: S - 1
+     * pages in flight while one computes (one commit group per page, empty
+     * groups past the end keep the count uniform) */
+    uint8_t *my = smem_raw + warp * R::WARP_BYTES;
+    uint8_t *kconv = my + R::S * R::PAGE, *vconv = kconv + R::KCONV;
+    page_ids ids(bt, first, stride, end, lane);
 #pragma unroll
-        for (int e = 0; e < 8; e++) st.acc[g][e] = 0.0f;
+    for (int j = 0; j < R::S - 1; j++) {
+        if (j < n_mine)
+            issue_page<D, KF, VF>(p, ids.next(), head, ctx - (first + j * stride) * B, my + j * R::PAGE, lane);
+        cp_async_commit();
+    }
+    int slot = 0, slot_next = R::S - 1;
+    for (int j = 0; j < n_mine; j++) {
+        const int jn = j + R::S - 1;
+        if (jn < n_mine)
+            issue_page<D, KF, VF>(p, ids.next(), head, ctx - (first + jn * stride) * B, my + slot_next * R::PAGE,
+                                  lane);
+        cp_async_commit();
+        cp_async_wait<R::S - 1>();
+        __syncwarp();
+        const uint8_t *kb = my + slot * R::PAGE, *vb = kb + R::KB;
+        if (KF == KVC_CU_I8) convert_k<D>(kb, kconv, lane);
+        if (VF == KVC_CU_I8) convert_v<D>(vb, vconv, lane);
+        if (KF == KVC_CU_I8 || VF == KVC_CU_I8) __syncwarp();
+        const int so = 16 * D;                 /* int8 scales after the codes */
+        process_page<D, KF, VF>(KF == KVC_CU_I8 ? kconv : kb, VF == KVC_CU_I8 ? vconv : vb, kb + so, vb + so,
+                                ctx - (first + j * stride) * B, qa, lane, st);
+        __syncwarp();                          /* the slot is refilled next iteration */
+        slot = slot + 1 == R::S ? 0 : slot + 1;
+        slot_next = slot_next + 1 == R::S ? 0 : slot_next + 1;
     }
 
-    /* pages pg0 + warp, + NW, ...: two register sets, the next page's loads
-     * in flight while this page computes; page ids fetched 32 at a time */
-    int pa = pg0 + warp;
-    if (pa < pg1) {
-        page_ids ids(bt, pa, pg1, lane);
-        page_regs<D, KF, VF> ra, rb;
-        load_page<D, KF, VF>(p, ids.next(), head, lane, my_tok, ra);
-        for (;;) {
-            const int pb = pa + NW;
-            if (pb < pg1) load_page<D, KF, VF>(p, ids.next(), head, lane, my_tok, rb);
-            process_page<D, G, KF, VF>(ra, ctx - pa * B, qr, lane, my_tok, v_tok, v_src, st);
-            if (pb >= pg1) break;
-            pa = pb + NW;
-            if (pa < pg1) load_page<D, KF, VF>(p, ids.next(), head, lane, my_tok, ra);
-            process_page<D, G, KF, VF>(rb, ctx - pb * B, qr, lane, my_tok, v_tok, v_src, st);
-            if (pa >= pg1) break;
+    /* finish the warp: l over the quad, hi + lo rows */
+    st.l += __shfl_xor_sync(KVC__CU_FULL, st.l, 1);
+    st.l += __shfl_xor_sync(KVC__CU_FULL, st.l, 2);
+    if (p.per_warp) {
+        if (gid < G) {
+            const float inv = 1.0f / st.l;
+#pragma unroll
+            for (int dn = 0; dn < D / 8; dn++)
+                *reinterpret_cast<float2 *>(out + gid * D + dn * 8 + 2 * tig) =
+                    make_float2(st.o[dn][0] * inv, st.o[dn][1] * inv);
         }
+        return;
     }
-
-    /* finish the warp: l over the 16 tokens, acc over lanes holding the same dims */
-#pragma unroll
-    for (int g = 0; g < G; g++) {
-#pragma unroll
-        for (int mk = 1; mk <= 8; mk <<= 1) st.l[g] += __shfl_xor_sync(KVC__CU_FULL, st.l[g], mk);
-#pragma unroll
-        for (int e = 0; e < 8; e++) {
-#pragma unroll
-            for (int mk = D / 8; mk < 32; mk <<= 1)
-                st.acc[g][e] += __shfl_xor_sync(KVC__CU_FULL, st.acc[g][e], mk);
-        }
-    }
+    __syncthreads();                           /* the rings are reused below */
     float *s_acc = smem;                       /* (NW, G, D) */
     float *s_m = smem + NW * G * D;            /* (NW, G) */
     float *s_l = s_m + NW * G;                 /* (NW, G) */
-    if (lane < D / 8) {
+    if (gid < G) {
 #pragma unroll
-        for (int g = 0; g < G; g++) {
-            float4 *dst = reinterpret_cast<float4 *>(s_acc + (warp * G + g) * D + lane * 8);
-            dst[0] = make_float4(st.acc[g][0], st.acc[g][1], st.acc[g][2], st.acc[g][3]);
-            dst[1] = make_float4(st.acc[g][4], st.acc[g][5], st.acc[g][6], st.acc[g][7]);
+        for (int dn = 0; dn < D / 8; dn++) {
+            s_acc[(warp * G + gid) * D + dn * 8 + 2 * tig] = st.o[dn][0];
+            s_acc[(warp * G + gid) * D + dn * 8 + 2 * tig + 1] = st.o[dn][1];
         }
-    }
-    if (lane == 0) {
-#pragma unroll
-        for (int g = 0; g < G; g++) {
-            s_m[warp * G + g] = st.m[g];
-            s_l[warp * G + g] = st.l[g];
+        if (tig == 0) {
+            s_m[warp * G + gid] = st.m;
+            s_l[warp * G + gid] = st.l;
         }
     }
     __syncthreads();
@@ -347,8 +468,7 @@ __global__ void __launch_bounds__(NT) decode_kernel(const decode_params p) {
         s_ls[e] = __ldcg(p.ws_ml + (unit + s) * 2 * G + G + g);
     }
     __syncthreads();
-    if (warp < G) {                            /* warp g: weights of head g (G <= NW) */
-        const int g = warp;
+    for (int g = warp; g < G; g += NW) {       /* warp w: weights of heads w, w + NW */
         float M = -INFINITY;
         for (int s = lane; s < n_active; s += 32) M = fmaxf(M, s_w[s * G + g]);
 #pragma unroll
@@ -399,7 +519,7 @@ __global__ void __launch_bounds__(NT) decode_kernel(const decode_params p) {
 /* ---- host side ------------------------------------------------------------- */
 
 struct plan {
-    int pps, n_splits;
+    int per_warp, pps, n_splits;
 };
 
 int sm_count() {
@@ -413,19 +533,82 @@ int sm_count() {
     return n;
 }
 
-/* Splits: enough blocks for about four waves of two blocks per
- * multiprocessor, each warp at least one page, at most MAX_SPLITS. */
-plan make_plan(const kvc_cu_layout *L, int n_seqs, int max_ctx) {
+template <int D, int G, int KF, int VF> size_t smem_bytes() {
+    const size_t f1 = (size_t)NW * G * (D + 2) * sizeof(float);
+    const size_t f2 = ((size_t)2 * MAX_SPLITS * G + 4 + (size_t)NW * G * D) * sizeof(float);
+    const size_t r = ring<D, KF, VF>::BYTES;
+    return r > f1 ? (r > f2 ? r : f2) : (f1 > f2 ? f1 : f2);
+}
+
+/* Blocks of this instance resident on one multiprocessor (sets its shared
+ * memory limit the first time). */
+template <int D, int G, int KF, int VF> int blocks_per_sm() {
+    static int n = 0;
+    if (!n) {
+        const size_t smem = smem_bytes<D, G, KF, VF>();
+        if (cudaFuncSetAttribute(decode_kernel<D, G, KF, VF>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 (int)smem) != cudaSuccess ||
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel<D, G, KF, VF>, NT, smem) != cudaSuccess ||
+            n < 1)
+            n = 1;
+    }
+    return n;
+}
+
+/* Calls f(D, G, KF, VF) as integral constants for the layout's instance;
+ * KVC_ERR_INVAL outside the compiled set. */
+template <typename F> int with_instance(const kvc_cu_layout *L, int G, F &&f) {
+    auto by_g = [&](auto d, auto kf, auto vf) -> int {
+        switch (G) {
+        case 1: return f(d, std::integral_constant<int, 1>(), kf, vf);
+        case 2: return f(d, std::integral_constant<int, 2>(), kf, vf);
+        case 3: return f(d, std::integral_constant<int, 3>(), kf, vf);
+        case 4: return f(d, std::integral_constant<int, 4>(), kf, vf);
+        case 5: return f(d, std::integral_constant<int, 5>(), kf, vf);
+        case 6: return f(d, std::integral_constant<int, 6>(), kf, vf);
+        case 7: return f(d, std::integral_constant<int, 7>(), kf, vf);
+        case 8: return f(d, std::integral_constant<int, 8>(), kf, vf);
+        }
+        return KVC_ERR_INVAL;
+    };
+    auto by_fmt = [&](auto d) -> int {
+        typedef std::integral_constant<int, KVC_CU_F16> F16;
+        typedef std::integral_constant<int, KVC_CU_I8> I8;
+        if (L->k_fmt == KVC_CU_F16 && L->v_fmt == KVC_CU_F16) return by_g(d, F16(), F16());
+        if (L->k_fmt == KVC_CU_I8 && L->v_fmt == KVC_CU_I8) return by_g(d, I8(), I8());
+        if (L->k_fmt == KVC_CU_F16 && L->v_fmt == KVC_CU_I8) return by_g(d, F16(), I8());
+        if (L->k_fmt == KVC_CU_I8 && L->v_fmt == KVC_CU_F16) return by_g(d, I8(), F16());
+        return KVC_ERR_INVAL;
+    };
+    if (L->head_dim == 64) return by_fmt(std::integral_constant<int, 64>());
+    if (L->head_dim == 128) return by_fmt(std::integral_constant<int, 128>());
+    return KVC_ERR_INVAL;
+}
+
+/* The plan: a warp per (sequence, kv head) when there are pairs for at
+ * least half the resident warps; otherwise splits that fill the resident
+ * blocks once (more splits only add merges and ring fills). */
+plan make_plan(const kvc_cu_layout *L, int n_seqs, int max_ctx, int n_rep) {
     plan pl;
     const int pages = max_ctx > 0 ? (max_ctx + L->block_size - 1) / L->block_size : 1;
+    const long pairs = (long)(n_seqs > 0 ? n_seqs : 1) * L->n_kv_head;
+    int per_sm = with_instance(L, n_rep, [](auto d, auto g, auto kf, auto vf) {
+        return blocks_per_sm<decltype(d)::value, decltype(g)::value, decltype(kf)::value, decltype(vf)::value>();
+    });
+    if (per_sm < 1) per_sm = 1;
+    const long resident = (long)sm_count() * per_sm;
     int pps = g_pages_per_split;
+    pl.per_warp = 0;
+    if (g_warp_per_seq > 0 || (g_warp_per_seq == 0 && pps == 0 && pairs * 2 >= resident * NW)) {
+        pl.per_warp = 1;
+        pl.pps = pages;
+        pl.n_splits = 1;
+        return pl;
+    }
     if (pps <= 0) {
-        const long pairs = (long)(n_seqs > 0 ? n_seqs : 1) * L->n_kv_head;
-        const long target = (long)sm_count() * 2 * 4;
-        long want = (target + pairs - 1) / pairs;
-        if (want < 1) want = 1;
-        pps = (int)((pages + want - 1) / want);
-        if (pps < NW) pps = NW;
+        long splits = resident / pairs;
+        if (splits < 1) splits = 1;
+        pps = (int)((pages + splits - 1) / splits);
     }
     if ((pages + pps - 1) / pps > MAX_SPLITS) pps = (pages + MAX_SPLITS - 1) / MAX_SPLITS;
     pl.pps = pps;
@@ -442,62 +625,24 @@ struct ws_parts {
 ws_parts ws_layout(const kvc_cu_layout *L, int n_seqs, int n_rep, const plan &pl) {
     ws_parts w;
     const size_t units = (size_t)n_seqs * L->n_kv_head;
+    const size_t splits = pl.per_warp || pl.n_splits == 1 ? 0 : (size_t)pl.n_splits;
     w.counters = 0;
     w.ml = align256(units * sizeof(int));
-    w.acc = w.ml + align256(units * pl.n_splits * 2 * n_rep * sizeof(float));
-    w.total = w.acc + align256(units * pl.n_splits * n_rep * L->head_dim * sizeof(float));
+    w.acc = w.ml + align256(units * splits * 2 * n_rep * sizeof(float));
+    w.total = w.acc + align256(units * splits * n_rep * L->head_dim * sizeof(float));
     return w;
-}
-
-template <int D, int G, int KF, int VF>
-int launch(const decode_params &p, dim3 grid, cudaStream_t stream, char *err, size_t errlen) {
-    const size_t f1 = (size_t)NW * G * (D + 2);
-    const size_t f2 = (size_t)2 * p.n_splits * G + 4 + (size_t)NW * G * D;
-    const size_t smem = (f1 > f2 ? f1 : f2) * sizeof(float);
-    if (smem > 48 * 1024)
-        KVC__CU_TRY(cudaFuncSetAttribute(decode_kernel<D, G, KF, VF>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    decode_kernel<D, G, KF, VF><<<grid, NT, smem, stream>>>(p);
-    KVC__CU_TRY(cudaGetLastError());
-    return KVC_OK;
-}
-
-template <int D, int KF, int VF>
-int dispatch_g(int G, const decode_params &p, dim3 grid, cudaStream_t s, char *err, size_t errlen) {
-    switch (G) {
-    case 1: return launch<D, 1, KF, VF>(p, grid, s, err, errlen);
-    case 2: return launch<D, 2, KF, VF>(p, grid, s, err, errlen);
-    case 3: return launch<D, 3, KF, VF>(p, grid, s, err, errlen);
-    case 4: return launch<D, 4, KF, VF>(p, grid, s, err, errlen);
-    case 5: return launch<D, 5, KF, VF>(p, grid, s, err, errlen);
-    case 6: return launch<D, 6, KF, VF>(p, grid, s, err, errlen);
-    case 7: return launch<D, 7, KF, VF>(p, grid, s, err, errlen);
-    case 8: return launch<D, 8, KF, VF>(p, grid, s, err, errlen);
-    }
-    KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: n_rep %d: the GPU kernels are compiled for 1..8", G);
-}
-
-template <int D>
-int dispatch_fmt(const kvc_cu_layout *L, int G, const decode_params &p, dim3 grid, cudaStream_t s,
-                 char *err, size_t errlen) {
-    if (L->k_fmt == KVC_CU_F16 && L->v_fmt == KVC_CU_F16)
-        return dispatch_g<D, KVC_CU_F16, KVC_CU_F16>(G, p, grid, s, err, errlen);
-    if (L->k_fmt == KVC_CU_I8 && L->v_fmt == KVC_CU_I8)
-        return dispatch_g<D, KVC_CU_I8, KVC_CU_I8>(G, p, grid, s, err, errlen);
-    if (L->k_fmt == KVC_CU_F16 && L->v_fmt == KVC_CU_I8)
-        return dispatch_g<D, KVC_CU_F16, KVC_CU_I8>(G, p, grid, s, err, errlen);
-    if (L->k_fmt == KVC_CU_I8 && L->v_fmt == KVC_CU_F16)
-        return dispatch_g<D, KVC_CU_I8, KVC_CU_F16>(G, p, grid, s, err, errlen);
-    KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: formats %d/%d not compiled", L->k_fmt, L->v_fmt);
 }
 
 } // namespace
 
-extern "C" void kvc_cu_set_decode_pages_per_split(int pages) { g_pages_per_split = pages > 0 ? pages : 0; }
+extern "C" void kvc_cu_set_decode_tuning(int pages_per_split, int warp_per_sequence) {
+    g_pages_per_split = pages_per_split > 0 ? pages_per_split : 0;
+    g_warp_per_seq = warp_per_sequence;
+}
 
 extern "C" size_t kvc_cu_decode_workspace(const kvc_cu_layout *L, int n_seqs, int max_ctx, int n_rep) {
-    if (!L || n_seqs <= 0 || n_rep <= 0) return 0;
-    return ws_layout(L, n_seqs, n_rep, make_plan(L, n_seqs, max_ctx)).total;
+    if (!L || !L->pool || n_seqs <= 0 || n_rep < 1 || n_rep > 8) return 0;
+    return ws_layout(L, n_seqs, n_rep, make_plan(L, n_seqs, max_ctx, n_rep)).total;
 }
 
 extern "C" int kvc_cu_decode(const kvc_cu_layout *L, const void *arena, int layer, const kvc_cu_decode_args *a,
@@ -517,7 +662,10 @@ extern "C" int kvc_cu_decode(const kvc_cu_layout *L, const void *arena, int laye
     if (a->q_stride < heads || a->out_stride < heads)
         KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: decode: q_stride %lld / out_stride %lld < %lld",
                      (long long)a->q_stride, (long long)a->out_stride, (long long)heads);
-    const plan pl = make_plan(L, a->n_seqs, a->max_ctx);
+    if ((a->q_stride | a->out_stride) & 1)
+        KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: decode: q_stride %lld / out_stride %lld must be even",
+                     (long long)a->q_stride, (long long)a->out_stride);
+    const plan pl = make_plan(L, a->n_seqs, a->max_ctx, a->n_rep);
     const ws_parts w = ws_layout(L, a->n_seqs, a->n_rep, pl);
     if (workspace_bytes < w.total)
         KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: decode: workspace %zu bytes, need %zu", workspace_bytes, w.total);
@@ -528,6 +676,9 @@ extern "C" int kvc_cu_decode(const kvc_cu_layout *L, const void *arena, int laye
     p.bt_stride = a->bt_stride;
     p.ctx_lens = a->ctx_lens;
     p.ctx0 = a->ctx0;
+    p.n_kv_head = L->n_kv_head;
+    p.per_warp = pl.per_warp;
+    p.n_pairs = (int64_t)a->n_seqs * L->n_kv_head;
     p.pps = pl.pps;
     p.n_splits = pl.n_splits;
     p.qscale = a->scale * 1.4426950408889634f;
@@ -539,10 +690,19 @@ extern "C" int kvc_cu_decode(const kvc_cu_layout *L, const void *arena, int laye
     p.counters = (int *)(ws + w.counters);
     p.ws_ml = (float *)(ws + w.ml);
     p.ws_acc = (float *)(ws + w.acc);
-    const dim3 grid(pl.n_splits, L->n_kv_head, a->n_seqs);
-    cudaStream_t s = (cudaStream_t)stream;
-    if (L->head_dim == 64) return dispatch_fmt<64>(L, a->n_rep, p, grid, s, err, errlen);
-    if (L->head_dim == 128) return dispatch_fmt<128>(L, a->n_rep, p, grid, s, err, errlen);
-    KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: head_dim %d: the GPU kernels are compiled for 64 and 128",
-                 L->head_dim);
+    const dim3 grid = pl.per_warp ? dim3((unsigned)((p.n_pairs + NW - 1) / NW))
+                                  : dim3(pl.n_splits, L->n_kv_head, a->n_seqs);
+    cudaStream_t stream_ = (cudaStream_t)stream;
+    int rc2 = with_instance(L, a->n_rep, [&](auto d, auto g, auto kf, auto vf) -> int {
+        constexpr int D_ = decltype(d)::value, G_ = decltype(g)::value, KF_ = decltype(kf)::value,
+                      VF_ = decltype(vf)::value;
+        blocks_per_sm<D_, G_, KF_, VF_>();     /* sets the shared memory limit */
+        decode_kernel<D_, G_, KF_, VF_><<<grid, NT, smem_bytes<D_, G_, KF_, VF_>(), stream_>>>(p);
+        return KVC_OK;
+    });
+    if (rc2 != KVC_OK)
+        KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: head_dim %d, n_rep %d, formats %d/%d: not compiled", L->head_dim,
+                     a->n_rep, L->k_fmt, L->v_fmt);
+    KVC__CU_TRY(cudaGetLastError());
+    return KVC_OK;
 }

@@ -104,9 +104,11 @@ int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int layer,
                    void *workspace, size_t workspace_bytes, void *stream, char *err,
                    size_t errlen);
 
-/* Tuning for benchmarks: pages each decode thread block covers (0: chosen
- * from the device's size, the default). Not thread-safe; set before use. */
-void kvc_cu_set_decode_pages_per_split(int pages);
+/* Tuning for benchmarks: context pages each decode thread block covers (0:
+ * planned from the sizes and the device, the default) and whether each warp
+ * takes a whole (sequence, kv head) (1), blocks split the context (-1), or
+ * the plan decides (0, the default). Not thread-safe; set before use. */
+void kvc_cu_set_decode_tuning(int pages_per_split, int warp_per_sequence);
 
 #ifdef __cplusplus
 }

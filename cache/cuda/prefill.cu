@@ -6,8 +6,8 @@
  * accumulation), flash-attention style: a thread block takes 64 query rows
  * (row = token * n_rep + rep, so the query heads sharing a kv head share each
  * K/V tile) of one kv head; its 4 warps take 16 rows each. K/V tiles of 64
- * positions (4 pages) are copied into shared memory with cp.async, two
- * stages deep, padded so the transposing ldmatrix reads hit distinct banks:
+ * positions (4 pages) are copied into shared memory with cp.async, 4
+ * stages deep for head_dim 64 and 2 for 128, padded so the transposing ldmatrix reads hit distinct banks:
  *   Ks: (4 pages, D dims, 24 halves)  a page's (D, 16) K block, rows 48 bytes
  *   Vs: (64 positions, D + 8 halves)  the 4 pages' (16, D) V blocks, stacked
  * Scores S = Q K^T (16 x 64 per warp) stay in registers, go through the
@@ -46,7 +46,8 @@ template <int D> struct smem_shape {
     static constexpr int K_HALVES = PT * D * K_ROW;
     static constexpr int V_HALVES = TK * V_ROW;
     static constexpr int STAGE = K_HALVES + V_HALVES;
-    static constexpr size_t BYTES = 2 * (size_t)STAGE * sizeof(__half);
+    static constexpr int NS = D == 64 ? 4 : 2;           /* pipeline stages (about 86 KB) */
+    static constexpr size_t BYTES = NS * (size_t)STAGE * sizeof(__half);
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void *p) {
@@ -154,20 +155,21 @@ __global__ void __launch_bounds__(PNT) prefill_f16_kernel(const prefill_params p
     for (int dn = 0; dn < D / 8; dn++) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 
+    /* NS-stage pipeline: tiles t + 1 .. t + NS - 1 load while t computes;
+     * one commit group per tile (empty past the end) */
     const int n_tiles = (ctx_end + TK - 1) / TK;
-    load_tile<D>(p, head, 0, ctx_end, smem);
-    cp_async_commit();
+#pragma unroll
+    for (int t = 0; t < S::NS - 1; t++) {
+        if (t < n_tiles) load_tile<D>(p, head, t, ctx_end, smem + t * S::STAGE);
+        cp_async_commit();
+    }
     for (int t = 0; t < n_tiles; t++) {
-        __half *stage = smem + (t & 1) * S::STAGE;
-        if (t + 1 < n_tiles) {
-            load_tile<D>(p, head, t + 1, ctx_end, smem + ((t + 1) & 1) * S::STAGE);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
-        const __half *Ks = stage, *Vs = stage + S::K_HALVES;
+        cp_async_wait<S::NS - 2>();
+        __syncthreads();   /* tile t visible to all; every warp is done with tile t - 1 */
+        if (t + S::NS - 1 < n_tiles)
+            load_tile<D>(p, head, t + S::NS - 1, ctx_end, smem + ((t + S::NS - 1) % S::NS) * S::STAGE);
+        cp_async_commit();
+        const __half *Ks = smem + (t % S::NS) * S::STAGE, *Vs = Ks + S::K_HALVES;
 
         /* S = Q K^T: 8 n-tiles of 8 positions */
         float s[8][4];
@@ -242,7 +244,6 @@ __global__ void __launch_bounds__(PNT) prefill_f16_kernel(const prefill_params p
                 mma16816(o[2 * dn2 + 1], pa[kp], b[2], b[3]);
             }
         }
-        __syncthreads();   /* this stage is refilled two tiles on */
     }
 
 #pragma unroll

@@ -15,6 +15,8 @@
 #include <string.h>
 
 #include "cache/kvcache.h"
+#include "engine/backend.h"
+#include "engine/model.h"
 
 static uint64_t rng_state;
 static float frand(void) {          /* uniform [-1, 1), splitmix64 */
@@ -178,7 +180,7 @@ Test(attention, f16_auto) { sweep("f16", 0); }
 Test(attention, f16_scalar) { sweep("f16", 1); }
 Test(attention, int8_auto) { sweep("int8", 0); }
 Test(attention, int8_scalar) { sweep("int8", 1); }
-Test(attention, int4_auto) { sweep("int4", 0); }
+Test(attention, int4_auto) { sweep("int4", 0); }          /* keys per channel, values per token */
 Test(attention, int4_scalar) { sweep("int4", 1); }
 
 /* The transform codecs and int4 per channel, on a smaller sweep (each case
@@ -199,7 +201,7 @@ static void small_sweep(const char *k_codec, const char *v_codec, int head_dim) 
                 }
 }
 
-Test(attention, int4_channel) { small_sweep("int4:channel", "int4:channel", 64); }
+Test(attention, int4_variants) { small_sweep("int4:token", "int4:channel", 64); }
 Test(attention, lowrank) { small_sweep("lowrank:r24", "lowrank:r64", 64); }
 Test(attention, latent) { small_sweep("latent:40", "latent:128", 64); }
 Test(attention, hybrid) { small_sweep("hybrid:r16", "hybrid:latent:72", 64); }
@@ -265,4 +267,83 @@ Test(attention, one_hot) {
     free(scratch);
     kvc_seq_release(pool, &seq);
     kvc_pool_destroy(pool);
+}
+
+/* ---- early prefill compression: scratch does not grow with the prompt -------
+ * Attention scratch is sized without the context length; and a whole prefill
+ * through the CPU forward pass (tiny llama fixture, prompt in chunks of 32,
+ * int4 cache) peaks at the same heap size for a 64-token and a 1,024-token
+ * prompt, within less than half of what the longer prompt's full-precision
+ * K/V would take (the RoPE table, 8 floats a position here, may grow). The
+ * heap is watched through the sanitizer allocator's hooks: under the
+ * sanitizer build (make unit) only. */
+/* the sanitizer allocator's interface (its header is not always installed) */
+extern int __sanitizer_install_malloc_and_free_hooks(void (*)(const volatile void *, size_t),
+                                                     void (*)(const volatile void *)) __attribute__((weak));
+extern size_t __sanitizer_get_current_allocated_bytes(void) __attribute__((weak));
+
+static size_t heap_peak;
+static void on_malloc(const volatile void *p, size_t n) {
+    size_t now = __sanitizer_get_current_allocated_bytes();
+    size_t seen = __atomic_load_n(&heap_peak, __ATOMIC_RELAXED);
+    while (now > seen && !__atomic_compare_exchange_n(&heap_peak, &seen, now, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+}
+static void on_free(const volatile void *p) {}
+
+/* Peak heap growth (bytes) over the prefill of n tokens, after set-up. */
+static size_t prefill_heap_growth(int n) {
+    char err[512];
+    eng_model *m = eng_model_load("tests/fixtures/models/llama/model-f32.gguf", err, sizeof err);
+    cr_assert(m, "%s", err);
+    const eng_model_config *mc = &m->cfg;
+    kvc_config c = {.n_layer = mc->n_layer, .n_kv_head = mc->n_kv_head, .head_dim = mc->head_dim, .block_size = 16,
+                    .memory_bytes = 8u << 20, .k_codec = "int4", .v_codec = "int4"};
+    kvc_pool *pool;
+    cr_assert_eq(kvc_pool_create(&c, &pool, err, sizeof err), KVC_OK, "%s", err);
+    eng_backend_options bo = {.n_threads = 2};
+    eng_backend *be = eng_backend_cpu_create(m, pool, &bo, err, sizeof err);
+    cr_assert(be, "%s", err);
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)n);
+    for (int i = 0; i < n; i++) ids[i] = 3 + (i * 7919) % (mc->n_vocab - 3);
+    float *logits = malloc(sizeof(float) * (size_t)mc->n_vocab);
+    kvc_seq s = {0};
+    cr_assert_eq(kvc_seq_reserve(pool, &s, n), KVC_OK);
+    size_t base = __sanitizer_get_current_allocated_bytes();
+    __atomic_store_n(&heap_peak, base, __ATOMIC_RELAXED);
+    for (int p = 0; p < n; p += 32) {
+        eng_segment seg = {.seq = &s, .pos0 = p, .n_tokens = n - p < 32 ? n - p : 32, .tokens = ids + p,
+                           .want_logits = p + 32 >= n};
+        eng_batch b = {.n_segs = 1, .segs = &seg};
+        cr_assert_eq(eng_forward(be, &b, logits, err, sizeof err), 0, "%s", err);
+    }
+    size_t growth = __atomic_load_n(&heap_peak, __ATOMIC_RELAXED) - base;
+    kvc_seq_release(pool, &s);
+    eng_backend_destroy(be);
+    kvc_pool_destroy(pool);
+    eng_model_free(m);
+    free(ids), free(logits);
+    return growth;
+}
+
+Test(attention, prefill_scratch_does_not_grow_with_the_prompt) {
+    kvc_config c = {.n_layer = 30, .n_kv_head = 3, .head_dim = 64, .block_size = 16, .memory_bytes = 64u << 20,
+                    .k_codec = "hybrid:latent:64:prerope", .v_codec = "int4"};
+    kvc_pool *pool;
+    char err[256];
+    cr_assert_eq(kvc_pool_create(&c, &pool, err, sizeof err), KVC_OK, "%s", err);
+    for (int rep = 1; rep <= 9; rep += 4)
+        cr_expect_eq(kvc_attend_scratch_floats(pool, 1, rep), kvc_attend_scratch_floats(pool, 1 << 20, rep));
+    kvc_pool_destroy(pool);
+
+    if (!__sanitizer_install_malloc_and_free_hooks || !__sanitizer_get_current_allocated_bytes)
+        cr_skip_test("the heap is watched through the sanitizer allocator: run under make unit (SAN)");
+    cr_assert(__sanitizer_install_malloc_and_free_hooks(on_malloc, on_free));
+    size_t short_prompt = prefill_heap_growth(64), long_prompt = prefill_heap_growth(1024);
+    /* full-precision K/V of 1,024 tokens: 2 layers x 2 kv heads x 16 dims x (K, V) x 4 bytes */
+    size_t full_kv = 1024u * 2 * 2 * 16 * 2 * 4;
+    cr_log_info("prefill heap peak growth: 64 tokens %zu bytes, 1024 tokens %zu bytes (full K/V would be %zu)",
+                short_prompt, long_prompt, full_kv);
+    cr_expect_lt(long_prompt, short_prompt + full_kv / 2, "peak heap grew from %zu to %zu bytes", short_prompt,
+                 long_prompt);
 }

@@ -198,7 +198,7 @@ Test(codec, int4_pages_match_numpy) {
     static const int blocks[] = {16, 1, 7};
     for (int b = 0; b < 3; b++)
         for (int fs = 0; fs < 2; fs++) {
-            roundtrip("int4", fs, blocks[b], fx.x4, n, dim, k, v);
+            roundtrip("int4:token", fs, blocks[b], fx.x4, n, dim, k, v);
             for (int i = 0; i < n * dim; i++) {
                 cr_assert_eq(k[i], fx.dq_token[i], "block %d %s K vec %d dim %d: %a -> %a, numpy %a", blocks[b],
                              fs ? "scalar" : "auto", i / dim, i % dim, fx.x4[i], k[i], fx.dq_token[i]);
@@ -215,6 +215,18 @@ Test(codec, int4_pages_match_numpy) {
             cr_assert_eq(v[i], fx.dq_channel[i], "V vec %d dim %d", i / dim, i % dim);
         }
     }
+    free(k), free(v);
+    free_fixture(&fx);
+}
+
+/* int4 is keys per channel and values per token */
+Test(codec, int4_default_is_channel_keys_token_values) {
+    fixture fx = load_fixture();
+    int n = (int)fx.n4, dim = (int)fx.dim4;
+    float *k = malloc(sizeof(float) * (size_t)n * dim), *v = malloc(sizeof(float) * (size_t)n * dim);
+    roundtrip("int4", 0, (int)fx.block4, fx.x4, n, dim, k, v);
+    cr_assert_eq(memcmp(k, fx.dq_channel, sizeof(float) * (size_t)n * dim), 0);
+    cr_assert_eq(memcmp(v, fx.dq_token, sizeof(float) * (size_t)n * dim), 0);
     free(k), free(v);
     free_fixture(&fx);
 }
@@ -244,7 +256,7 @@ static double check_element_codec(const char *codec, const float *x, const float
                 bound = fabs(xt[d]) * 0x1p-11 + 0x1p-25;
             } else if (!strcmp(codec, "int8")) {
                 bound = 0.5 * (amax / 127.0 * (1.0 + 0x1p-10) + 0x1p-24) * (1.0 + 1e-6);
-            } else if (!strcmp(codec, "int4")) {
+            } else if (!strcmp(codec, "int4:token")) {
                 int g0 = d / 32 * 32, g1 = g0 + 32 < dim ? g0 + 32 : dim;
                 double lo = INFINITY, hi = -INFINITY;
                 for (int i = g0; i < g1; i++) lo = fmin(lo, xt[i]), hi = fmax(hi, xt[i]);
@@ -276,7 +288,7 @@ Test(codec, element_codecs_meet_their_bounds_on_random_data) {
         x[i] = (float)((double)(r >> 11) / 9007199254740992.0 - 0.5) * (i % dim == 9 ? 40.0f : 2.0f) +
                (i % dim == 30 ? 7.0f : 0.0f);
     }
-    static const char *codecs[] = {"f16", "int8", "int4", "int4:channel"};
+    static const char *codecs[] = {"f16", "int8", "int4:token", "int4:channel"};
     for (int c = 0; c < 4; c++)
         for (int fs = 0; fs < 2; fs++) {
             roundtrip(codecs[c], fs, B, x, n, dim, k, v);
@@ -313,7 +325,7 @@ static int try_spec(const char *k, const char *v, const char *calib, char *err, 
 
 Test(codec, spec_grammar) {
     char err[512];
-    static const char *good[] = {"f32", "f16", "int8", "int4", "int4:channel", "lowrank:r8", "lowrank:r16:orthogonal",
+    static const char *good[] = {"f32", "f16", "int8", "int4", "int4:token", "int4:channel", "lowrank:r8", "lowrank:r16:orthogonal",
                                  "lowrank:r1", "latent:48", "latent:5:orthogonal", "hybrid:r4", "hybrid:r16:orthogonal",
                                  "hybrid:latent:24", "hybrid:latent:24:orthogonal"};
     for (size_t i = 0; i < sizeof good / sizeof *good; i++) {
@@ -324,7 +336,7 @@ Test(codec, spec_grammar) {
         cr_expect_eq(try_spec("f16", pre, NULL, err, sizeof err), KVC_ERR_INVAL, "%s for values", pre);
         cr_expect(strstr(err, "keys only"), "%s", err);
     }
-    static const char *bad[] = {"", "F16", "int3", "int4:token", "lowrank", "lowrank:32", "lowrank:r0", "lowrank:r",
+    static const char *bad[] = {"", "F16", "int3", "int4:tokens", "int8:channel", "lowrank", "lowrank:32", "lowrank:r0", "lowrank:r",
                                 "lowrank:r8:random", "latent", "latent:r8", "latent:0", "hybrid", "hybrid:latent",
                                 "hybrid:latent:r8", "f16:orthogonal", "int8:pca", "lowrank:r8:pca:orthogonal",
                                 "lowrank:r08", "prerope", "f16:prerope:prerope", "lowrank:r8:", ":lowrank:r8",
@@ -350,7 +362,8 @@ Test(codec, spec_grammar) {
 /* Bytes per token follow the documented layouts (B = 16, head_dim 64, 3 kv heads, 2 layers). */
 Test(codec, layout_sizes) {
     static const struct { const char *spec; size_t k_block; } cases[] = {
-        {"f16", 2048}, {"int8", 1056}, {"int4", 512 + 2 * 16 * 4}, {"int4:channel", 512 + 64 * 4},
+        {"f16", 2048}, {"int8", 1056}, {"int4:token", 512 + 2 * 16 * 4}, {"int4:channel", 512 + 64 * 4},
+        {"int4", 512 + 64 * 4},   /* keys per channel */
         {"lowrank:r32", 32 * 16 * 2}, {"hybrid:r32", 512 + 32}, {"lowrank:r5", 160}, {"hybrid:r5", 80 + 32},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
@@ -583,7 +596,7 @@ Test(codec, real_smollm2_kv_meets_the_bounds) {
     double kmax = 0.0;
     for (size_t i = 0; i < per * r.n_layer; i++) kmax = fmax(kmax, fabs(r.k[i]));
     cr_assert_gt(kmax, 1.0, "real keys look empty: max |k| %g", kmax);
-    static const char *elems[] = {"f16", "int8", "int4", "int4:channel"};
+    static const char *elems[] = {"f16", "int8", "int4:token", "int4:channel"};
     for (int e = 0; e < 4; e++) {
         double wk = 0.0, wv = 0.0;
         for (int l = 0; l < r.n_layer; l += 7) {

@@ -19,7 +19,9 @@
  * Stored numbers are random halves (int8 blocks: random bytes and scales):
  * never zeros.
  *
- * Usage: gpu_bench [--quick] [--csv FILE] */
+ * Usage: gpu_bench [--quick] [--csv FILE]
+ *        gpu_bench --one smollm2|llama8b KCODEC VCODEC N_SEQS CTX   (20 launches, for ncu)
+ *        gpu_bench --chunks   (HBM read bandwidth of random 1..64 KB chunks) */
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -207,17 +209,22 @@ static void bench_decode(const shape &s, const char *kc, const char *vc, int n_s
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
-    std::vector<int> pps_set = {0, 8, 16, 32, 64, 128, 256};
-    if (quick) pps_set = {0};
-    double best_us = 1e30;
-    int best_pps = 0;
-    for (int pps : pps_set) {
-        if (pps > pages_per_seq) continue;
-        kvc_cu_set_decode_pages_per_split(pps);
+    struct tuning {
+        int pps, wph;
+    };
+    std::vector<tuning> tunings = {{0, 0}, {0, 1}, {16, -1}, {32, -1}, {64, -1}, {128, -1}, {256, -1}};
+    if (quick) tunings = {{0, 0}};
+    double best_us = 1e30, auto_us = 0;
+    tuning best = {0, 0};
+    for (const tuning &tu : tunings) {
+        if (tu.pps > pages_per_seq) continue;
+        kvc_cu_set_decode_tuning(tu.pps, tu.wph);
         size_t wsb = kvc_cu_decode_workspace(&bp.lay, n_seqs, ctx, s.G);
         void *ws;
         CK(cudaMalloc(&ws, wsb));
         CK(cudaMemset(ws, 0, wsb));
+        KV(kvc_cu_decode(&bp.lay, bp.arena, 0, &a, ws, wsb, st, err_, sizeof err_));   /* outside capture: first-use setup */
+        CK(cudaStreamSynchronize(st));
         /* graph of 2 * n_layer launches, one per layer in turn */
         const int n_launch = 2 * bp.n_layer;
         cudaGraph_t graph;
@@ -250,21 +257,24 @@ static void bench_decode(const shape &s, const char *kc, const char *vc, int n_s
         CK(cudaGraphDestroy(graph));
         CK(cudaFree(ws));
         const double ug = median(tg), ue = median(te);
-        char pn[16];
-        if (pps) snprintf(pn, sizeof pn, "%d", pps);
+        char pn[32];
+        if (tu.pps) snprintf(pn, sizeof pn, "pps%d", tu.pps);
+        else if (tu.wph) snprintf(pn, sizeof pn, "warp/seq");
         else snprintf(pn, sizeof pn, "auto");
-        printf("decode %-8s %-9s %4dx%-6d pps %-4s %8.2f us graph (%6.0f GB/s, %5.1f%% of floor) %8.2f us event (%5.1f%%)  [%.1f MB, floor %.2f us]\n",
+        printf("decode %-8s %-9s %4dx%-6d %-7s %8.2f us graph (%6.0f GB/s, %5.1f%% of floor) %8.2f us event (%5.1f%%)  [%.1f MB, floor %.2f us]\n",
                s.name, kc, n_seqs, ctx, pn, ug, bytes / ug * 1e-3, floor_us / ug * 100, ue, floor_us / ue * 100,
                bytes / 1e6, floor_us);
         if (g_csv)
             fprintf(g_csv, "decode,%s,%s/%s,%d,%d,%s,%.3f,%.3f,%.0f,%.3f\n", s.name, kc, vc, n_seqs, ctx, pn, ug, ue,
                     bytes, floor_us);
-        if (ug < best_us) best_us = ug, best_pps = pps;
+        if (ug < best_us) best_us = ug, best = tu;
+        if (!tu.pps && !tu.wph) auto_us = ug;
     }
-    printf("BEST decode %-8s %s/%s %dx%d: %.2f us (pps %d), %.1f%% of floor %.2f us\n", s.name, kc, vc, n_seqs, ctx,
-           best_us, best_pps, floor_us / best_us * 100, floor_us);
+    printf("BEST decode %-8s %s/%s %dx%d: %.2f us (pps %d mode %d), %.1f%% of floor %.2f us; default plan %.2f us (%.1f%%)\n",
+           s.name, kc, vc, n_seqs, ctx, best_us, best.pps, best.wph, floor_us / best_us * 100, floor_us, auto_us,
+           floor_us / auto_us * 100);
     fflush(stdout);
-    kvc_cu_set_decode_pages_per_split(0);
+    kvc_cu_set_decode_tuning(0, 0);
     CK(cudaStreamDestroy(st));
     CK(cudaFree(d_bt));
     CK(cudaFree(d_ctx));
@@ -354,8 +364,121 @@ static void bench_write(const shape &s, const char *kc, const char *vc, int n) {
     free_pool(bp);
 }
 
+/* --chunks: read bandwidth of random chunks of 1..64 KB out of 2 GiB (what
+ * a paged layout's scattered blocks can get from HBM), every 16 bytes once. */
+__global__ void chunk_read(const uint4 *__restrict__ base, const int64_t *__restrict__ chunk_u4, int per_chunk,
+                           int64_t n_items, uint32_t *sink) {
+    uint32_t acc = 0;
+    const int64_t T = (int64_t)gridDim.x * blockDim.x;
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    for (; i + 3 * T < n_items; i += 4 * T) {
+        uint4 v[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const int64_t it = i + k * T;
+            v[k] = __ldcs(base + chunk_u4[it / per_chunk] + it % per_chunk);
+        }
+#pragma unroll
+        for (int k = 0; k < 4; k++) acc ^= v[k].x ^ v[k].y ^ v[k].z ^ v[k].w;
+    }
+    for (; i < n_items; i += T) {
+        const uint4 v = __ldcs(base + chunk_u4[i / per_chunk] + i % per_chunk);
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x12345678u) *sink = acc;
+}
+
+static void bench_chunks(void) {
+    const size_t buf = (size_t)2 << 30, total = (size_t)512 << 20;
+    uint4 *base;
+    uint32_t *sink;
+    CK(cudaMalloc(&base, buf));
+    CK(cudaMalloc(&sink, 4));
+    fill(base, buf, 3);
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    for (int kb : {1, 2, 4, 8, 12, 16, 32, 64}) {
+        const size_t chunk = (size_t)kb << 10, n = total / chunk, slots = buf / chunk;
+        std::vector<int64_t> off(n);
+        uint64_t r = 0x9E3779B97F4A7C15ull * (uint64_t)kb;
+        for (size_t c = 0; c < n; c++) {
+            r ^= r << 13, r ^= r >> 7, r ^= r << 17;
+            off[c] = (int64_t)(r % slots) * (int64_t)(chunk / 16);
+        }
+        int64_t *d_off;
+        CK(cudaMalloc(&d_off, sizeof(int64_t) * n));
+        CK(cudaMemcpy(d_off, off.data(), sizeof(int64_t) * n, cudaMemcpyHostToDevice));
+        std::vector<double> t;
+        for (int rep = 0; rep < 8; rep++) {
+            CK(cudaEventRecord(e0));
+            chunk_read<<<132 * 8, 256>>>(base, d_off, (int)(chunk / 16), (int64_t)(total / 16), sink);
+            CK(cudaEventRecord(e1));
+            CK(cudaEventSynchronize(e1));
+            float ms;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            if (rep >= 2) t.push_back(ms * 1e-3);
+        }
+        CK(cudaGetLastError());
+        printf("chunks %2d KB random: %6.0f GB/s\n", kb, total / median(t) * 1e-9);
+        CK(cudaFree(d_off));
+    }
+    CK(cudaFree(base));
+    CK(cudaFree(sink));
+}
+
+/* --one: a single decode configuration launched 20 times (layers in turn),
+ * nothing else: a target for ncu. */
+static void one_decode(const shape &s, const char *kc, const char *vc, int n_seqs, int ctx) {
+    const int B = 16, pages_per_seq = (ctx + B - 1) / B, n_pages = n_seqs * pages_per_seq;
+    bench_pool bp = make_pool(s, kc, vc, n_pages);
+    std::vector<int32_t> perm(n_pages);
+    for (int i = 0; i < n_pages; i++) perm[i] = (int32_t)(((int64_t)i * 7919) % n_pages);
+    int32_t *d_bt, *d_ctx;
+    CK(cudaMalloc(&d_bt, sizeof(int32_t) * n_pages));
+    CK(cudaMemcpy(d_bt, perm.data(), sizeof(int32_t) * n_pages, cudaMemcpyHostToDevice));
+    std::vector<int32_t> ctxs(n_seqs, ctx);
+    CK(cudaMalloc(&d_ctx, sizeof(int32_t) * n_seqs));
+    CK(cudaMemcpy(d_ctx, ctxs.data(), sizeof(int32_t) * n_seqs, cudaMemcpyHostToDevice));
+    const int64_t qs = (int64_t)s.H * s.G * s.D;
+    float *d_q, *d_out;
+    CK(cudaMalloc(&d_q, sizeof(float) * qs * n_seqs));
+    CK(cudaMalloc(&d_out, sizeof(float) * qs * n_seqs));
+    fill(d_q, sizeof(float) * qs * n_seqs, 777);
+    kvc_cu_decode_args a;
+    memset(&a, 0, sizeof a);
+    a.block_tables = d_bt;
+    a.bt_stride = pages_per_seq;
+    a.ctx_lens = d_ctx;
+    a.n_seqs = n_seqs;
+    a.max_ctx = ctx;
+    a.n_rep = s.G;
+    a.scale = 1.0f / sqrtf((float)s.D);
+    a.q = d_q;
+    a.q_stride = qs;
+    a.out = d_out;
+    a.out_stride = qs;
+    size_t wsb = kvc_cu_decode_workspace(&bp.lay, n_seqs, ctx, s.G);
+    void *ws;
+    CK(cudaMalloc(&ws, wsb));
+    CK(cudaMemset(ws, 0, wsb));
+    for (int i = 0; i < 20; i++)
+        KV(kvc_cu_decode(&bp.lay, bp.arena, i % bp.n_layer, &a, ws, wsb, NULL, err_, sizeof err_));
+    CK(cudaDeviceSynchronize());
+    printf("one: %s %s/%s %dx%d done\n", s.name, kc, vc, n_seqs, ctx);
+}
+
 int main(int argc, char **argv) {
     bool quick = false;
+    if (argc == 7 && !strcmp(argv[1], "--one")) {
+        static const shape shapes[2] = {{"smollm2", 3, 3, 64}, {"llama8b", 8, 4, 128}};
+        one_decode(shapes[strcmp(argv[2], "smollm2") ? 1 : 0], argv[3], argv[4], atoi(argv[5]), atoi(argv[6]));
+        return 0;
+    }
+    if (argc == 2 && !strcmp(argv[1], "--chunks")) {
+        bench_chunks();
+        return 0;
+    }
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--quick")) quick = true;
         else if (!strcmp(argv[i], "--csv") && i + 1 < argc) g_csv = fopen(argv[++i], "w");

@@ -12,8 +12,10 @@
  *      +inf through kvc_cu_write (f16: inf; int8: the largest scale and
  *      codes), which a kernel that reads past a context turns into NaN.
  *   3. decode: kvc_cu_decode for one query token per sequence at its last
- *      position against kvc_attend; also with forced splits (8 pages: many
- *      partials merged) and a single split. A context of 0 gives zeros.
+ *      position against kvc_attend, in each plan: the default, forced splits
+ *      (8 pages: many partials merged; 3 pages: warps left without a page), a
+ *      single split, one warp per (sequence, head) doing all of it. A
+ *      context of 0 gives zeros.
  *   4. prefill: chunks [pos0, pos0 + n) of one sequence through
  *      kvc_cu_prefill against kvc_attend (causal inside the chunk).
  * Outputs are poisoned (NaN bytes) before each launch; every element must be
@@ -271,10 +273,10 @@ static void run_case(const test_case &c) {
         d_ctx.up(c.ctx.data());
         dev_buf<float> d_q(q.size()), d_out(q.size());
         d_q.up(q.data());
-        const int pps_set[3] = {0, 8, 1 << 20};
-        const char *pps_name[3] = {"auto", "8 pages", "one split"};
-        for (int v = 0; v < 3; v++) {
-            kvc_cu_set_decode_pages_per_split(pps_set[v]);
+        const int pps_set[5] = {0, 8, 3, 1 << 20, 0}, wph_set[5] = {0, -1, -1, -1, 1};
+        const char *pps_name[5] = {"auto", "8 pages", "3 pages", "one split", "warp/head"};
+        for (int v = 0; v < 5; v++) {
+            kvc_cu_set_decode_tuning(pps_set[v], wph_set[v]);
             kvc_cu_decode_args a;
             memset(&a, 0, sizeof a);
             a.block_tables = d_bt.p;
@@ -301,7 +303,7 @@ static void run_case(const test_case &c) {
                 double e = max_rel_err(got.data(), ref.data(), (size_t)S * H * G, D, &nf);
                 EXPECT(nf == 0 && e <= 1e-4, "decode (%s, run %d): max rel err %.3g, %d non-finite", pps_name[v],
                        rep, e, nf);
-                if (rep == 0) printf("  decode %-9s: %d seqs, max rel err %.3g, non-finite %d\n", pps_name[v], S, e, nf);
+                if (rep == 0) printf("  decode %-11s: %d seqs, max rel err %.3g, non-finite %d\n", pps_name[v], S, e, nf);
                 d_out.poison();
             }
             std::vector<int> ws_back(S * H);
@@ -310,7 +312,7 @@ static void run_case(const test_case &c) {
             for (int x : ws_back) dirty += x != 0;
             EXPECT(dirty == 0, "decode (%s): %d merge counters left non-zero", pps_name[v], dirty);
         }
-        kvc_cu_set_decode_pages_per_split(0);
+        kvc_cu_set_decode_tuning(0, 0);
     }
 
     /* 4. prefill chunks of the longest sequence */

@@ -122,6 +122,17 @@ class SDK(unittest.TestCase):
         self.assertEqual("".join(t.token for t in content), r.choices[0].message.content)
         for t in content:
             self.assertLessEqual(t.logprob, 0.0)
+        # a choice ended by its end token: that token counts but has no text and no entry;
+        # the third token of the greedy answer made a stop token
+        _, _, tok = self.d.json("POST", "/tokenize", {"prompt": r.choices[0].message.content,
+                                                      "add_special_tokens": False})
+        stop_id = tok["tokens"][2]
+        r = self.client.chat.completions.create(model=self.model, messages=QUESTION, max_tokens=8, temperature=0,
+                                                logprobs=True, extra_body={"stop_token_ids": [stop_id]})
+        content = r.choices[0].logprobs.content
+        self.assertEqual(r.choices[0].finish_reason, "stop")
+        self.assertEqual(len(content), r.usage.completion_tokens - 1)
+        self.assertEqual("".join(t.token for t in content), r.choices[0].message.content)
 
     def test_sdk_errors(self):
         with self.assertRaises(openai.NotFoundError) as cm:

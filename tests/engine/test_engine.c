@@ -159,6 +159,8 @@ static void assert_same_output(const result *a, const result *b, int k) {
         cr_assert_eq(a->tokens[0][i], b->tokens[0][i], "request %d: token %d differs: %d vs %d", k, i,
                      a->tokens[0][i], b->tokens[0][i]);
     cr_assert_str_eq(a->text[0], b->text[0], "request %d: text differs", k);
+    for (int i = 0; i < a->n_tokens[0]; i++)
+        cr_assert_eq(a->logprobs[0][i], b->logprobs[0][i], "request %d: logprob %d differs", k, i);
 }
 
 /* Value of the metric line starting with `series` followed by a space. */
@@ -201,6 +203,7 @@ static void batch_invariance(float temperature) {
             reqs[k].req.sampling.repetition_penalty = 1.3f;
             reqs[k].req.sampling.frequency_penalty = 0.5f;
         }
+        reqs[k].req.logprobs = k % 2 == 0;
         if (temperature > 0 && k % 3 == 1) {
             reqs[k].req.sampling.top_k = 40;
             reqs[k].req.sampling.top_p = 0.9f;
@@ -211,6 +214,11 @@ static void batch_invariance(float temperature) {
         wait_idle(e);
         cr_assert_eq(alone[k].n_final, 1);
         cr_assert_gt(alone[k].n_tokens[0], 0);
+        for (int i = 0; i < alone[k].n_tokens[0]; i++)
+            if (reqs[k].req.logprobs)
+                cr_assert(alone[k].logprobs[0][i] <= 0.0f && alone[k].logprobs[0][i] > -100.0f);
+            else
+                cr_assert_eq(alone[k].logprobs[0][i], 0.0f);
     }
     eng_engine_stats before, after;
     eng_engine_stats_get(e, &before);
@@ -742,5 +750,42 @@ Test(engine, smollm2_batch_and_stop_string) {
     cr_assert_eq(stopped.n_text[0], expect, "stop '%s' in '%s': got '%s'", stop, T, stopped.text[0]);
     cr_assert_eq(strncmp(stopped.text[0], T, (size_t)expect), 0);
     assert_no_pages_used(e);
+    eng_engine_destroy(e);
+}
+
+/* ---- priority ------------------------------------------------------------------------ */
+
+static atomic_int order_counter;
+static int first_token_order[3];
+
+static void order_event(const eng_event *ev, void *user) {
+    int k = (int)(intptr_t)user;
+    if (ev->token >= 0 && first_token_order[k] == 0)
+        first_token_order[k] = atomic_fetch_add(&order_counter, 1) + 1;
+}
+
+/* One sequence at a time: a later request of higher priority runs before an
+ * earlier one of lower priority. */
+Test(engine, priority_before_arrival_order) {
+    eng_engine *e = make_engine(FIXTURE, (size_t)64 * FIXTURE_PAGE_BYTES, 0, 1, 64, 16);
+    uint64_t rng = 3;
+    static test_req reqs[3];
+    memset(first_token_order, 0, sizeof first_token_order);
+    atomic_store(&order_counter, 0);
+    char err[256];
+    for (int k = 0; k < 3; k++) {
+        make_req(&reqs[k], &rng, 10, 30, 0.0f, 0);
+        reqs[k].req.ignore_eos = true;
+        reqs[k].req.on_event = order_event;
+        reqs[k].req.user = (void *)(intptr_t)k;
+        reqs[k].req.priority = k == 2 ? 5 : 0;
+        cr_assert_eq(eng_engine_submit(e, &reqs[k].req, NULL, err, sizeof err), ENG_OK, "%s", err);
+        for (int spin = 0; k == 0 && spin < 20000 && first_token_order[0] == 0; spin++)
+            usleep(100); /* request 0 runs before the others arrive */
+    }
+    wait_idle(e);
+    cr_assert_eq(first_token_order[0], 1);
+    cr_assert_eq(first_token_order[2], 2, "the high-priority request was not next");
+    cr_assert_eq(first_token_order[1], 3);
     eng_engine_destroy(e);
 }

@@ -12,6 +12,9 @@
  * Kernels differ from it only by float rounding, so the tolerance is 2e-6 of
  * the sum of |terms|: a wrong block, nibble, scale or tile gives O(1) errors.
  *
+ * These tests cover the 8-bit activation path (ENG_ACT_Q8, set for the whole
+ * suite); the f32-activation path has its own tests (test_matmul_act32.c).
+ *
  * Weight conversion: Q4_K / Q6_K -> Q8_0 must equal gguf-py's
  * quantize(dequantize(row), Q8_0) byte for byte (fixtures in
  * tests/fixtures/matmul/, see gen_kquant_q8_0.py). */
@@ -30,6 +33,12 @@
 #define FIXTURES "tests/fixtures/matmul/"
 
 /* ---- helpers ------------------------------------------------------------- */
+
+static void use_q8_activations(void) {
+    eng_matmul_set_activations(ENG_ACT_Q8);
+}
+
+TestSuite(matmul, .init = use_q8_activations);
 
 static uint64_t rng_state;
 

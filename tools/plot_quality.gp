@@ -1,0 +1,22 @@
+# plot_quality.gp: ΔPPL against whole-KV compression ratio, one labelled
+# point per KV setting, from the data tools/quality_table.sh writes
+# (name, ratio, ΔPPL %; tab-separated).
+#   gnuplot -e "data='quality/quality.dat'; out='quality/kv_quality.png'" tools/plot_quality.gp
+if (!exists("data")) data = 'quality/quality.dat'
+if (!exists("out")) out = 'quality/kv_quality.png'
+set terminal pngcairo size 1200,800 font ",10"
+set output out
+set datafile separator "\t"
+set title "KV codecs on SmolLM2-135M, WikiText-2 test: perplexity change vs compression (f16 = 1x)"
+set xlabel "whole-KV compression ratio against f16 (scales and padding included)"
+set ylabel "ΔPPL against f16 (%)"
+set logscale y
+set yrange [0.05:*]
+set xrange [0.8:*]
+set grid
+set key off
+# ΔPPL below 0.05% (or negative: noise) is drawn at 0.05
+clip(y) = y < 0.05 ? 0.05 : y
+plot data using 2:(clip($3)) with points pt 7 ps 1.2 lc rgb "#1f77b4", \
+     data using 2:(clip($3)):1 with labels offset 0.8,0.6 left font ",8", \
+     6 with lines dt 2 lc rgb "#d62728", 3 with lines dt 2 lc rgb "#ff7f0e"
