@@ -25,6 +25,8 @@ $(error CUDA='$(CUDA)' is not one of: 0, 1)
 endif
 # nvcc: the one on PATH, else the default CUDA install (empty: none here).
 NVCC ?= $(firstword $(shell command -v nvcc 2>/dev/null) $(wildcard /usr/local/cuda/bin/nvcc))
+CUDA_SRC := $(wildcard cache/cuda/*.cu)
+CUDA_OBJ  = $(CUDA_SRC:%.cu=$(BUILD)/%.o)
 ifeq ($(CUDA),1)
 ifeq ($(NVCC),)
 $(error CUDA=1: nvcc not found (set NVCC=/path/to/nvcc))
@@ -235,8 +237,6 @@ $(FUZZ_DIR)/%.o: %.c
 
 NVCCFLAGS ?= -O3 -lineinfo
 NVCC_ALL  := -arch=sm_90 -std=c++17 -I. -MMD -MP -Xcompiler -Wall,-Wextra,-Wno-unused-parameter $(NVCCFLAGS)
-CUDA_SRC  := $(wildcard cache/cuda/*.cu)
-CUDA_OBJ   = $(CUDA_SRC:%.cu=$(BUILD)/%.o)
 GPU_C_SRC := $(wildcard cache/*.c)
 GPU_C_OBJ  = $(GPU_C_SRC:%.c=$(BUILD)/gpu/%.o)
 GPU_CFLAGS := -std=gnu11 -O2 -g -Wall -Wextra -Wno-unused-parameter -pthread -MMD -MP -I.

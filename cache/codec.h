@@ -3,9 +3,10 @@
  *
  * A codec is an element format plus an optional linear transform:
  *   - element formats (the numbers a block stores): f32, f16, int8 (one fp16
- *     scale per token), int4 (4-bit codes, fp16 scale and minimum per group of
- *     32 numbers of a token) and int4-channel (4-bit codes, fp16 scale and
- *     minimum per number index over the block's tokens: KIVI-style keys);
+ *     scale per token), int4 per token (KVC__U4: 4-bit codes, fp16 scale and
+ *     minimum per group of 32 numbers of a token) and int4 per channel
+ *     (KVC__U4C: fp16 scale and minimum per number index over the block's
+ *     tokens: KIVI-style keys);
  *   - transforms: none (a block per kv head holds head_dim numbers per token),
  *     low rank (a block per kv head holds R coefficients c = P^T (x - mean) on
  *     an orthonormal basis P of that head) or latent (one block per layer
@@ -32,7 +33,9 @@
 #define KVC__ROWS_MAX 16
 
 /* int4: numbers per group of a token (one fp16 scale and minimum each). */
+#ifndef KVC__U4_GROUP     /* a build may override it, to measure another size */
 #define KVC__U4_GROUP 32
+#endif
 
 /* Largest stored dimension (rank of a latent). */
 #define KVC__DIM_MAX 8192
@@ -50,9 +53,7 @@ typedef struct {
     /* x (dim floats) = token `slot` as attention sees it. */
     void (*decode)(const void *blk, int B, int dim, int slot, float *x);
     /* K role: s[r * s_stride + j] = q[r * dim ...] . k_j for j < n, r < nr,
-     * up to a constant per row that is the same for every token of the block
-     * (it cancels in the softmax only if it is the same across blocks, so
-     * every kernel here returns the exact dot product). */
+     * k_j as decode gives it (minima and scales included). */
     void (*scores)(const void *blk, int B, int dim, int n, const float *q, int nr,
                    float *s, int s_stride);
     /* V role: acc[r * dim + d] += sum_{j<n} w[r * w_stride + j] * v_j[d]. */

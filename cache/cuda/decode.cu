@@ -19,9 +19,9 @@
  * ldmatrix reads of 8 rows hit 8 distinct bank groups):
  *   f16 K (D, 16): unit (dim, h) at dim * 2 + (h ^ ((dim >> 2) & 1))
  *   f16 V (16, D): unit (t, u) at t * D / 8 + (u ^ (t & 7))
- *   int8 blocks are copied raw, then converted (codes + 0 exactly) into a
- *   per-warp f16 block of the same swizzled layout; scales stay in the raw
- *   slot. Positions past the context are zero-filled in V (garbage there
+ *   int8 blocks are copied raw, then converted (exactly: codes are small
+ *   integers) into a per-warp f16 block of the same swizzled layout; scales
+ *   stay in the raw slot. Positions past the context are zero-filled in V (garbage there
  *   could be inf) and masked in the scores.
  *
  * Two ways to share the work (make_plan picks one):
@@ -44,6 +44,9 @@ namespace {
 constexpr int NW = 4;            /* warps per block */
 constexpr int NT = NW * 32;
 constexpr int MAX_SPLITS = 256;  /* bounds the merge's shared memory */
+/* Shared memory a warp aims at (ring plus conversion buffers; at least 3
+ * pages): small enough for 4-5 blocks per multiprocessor at head_dim 64. */
+constexpr int RING_BUDGET = 12288;
 
 int g_pages_per_split = 0;       /* kvc_cu_set_decode_tuning */
 int g_warp_per_seq = 0;
@@ -61,7 +64,7 @@ template <int D, int KF, int VF> struct ring {
     static constexpr int PAGE = KB + VB;
     static constexpr int KCONV = KF == KVC_CU_I8 ? 32 * D : 0;
     static constexpr int VCONV = VF == KVC_CU_I8 ? 32 * D : 0;
-    static constexpr int S0 = (18432 - KCONV - VCONV) / PAGE;
+    static constexpr int S0 = (RING_BUDGET - KCONV - VCONV) / PAGE;
     static constexpr int S = S0 < 3 ? 3 : S0 > 8 ? 8 : S0;
     static constexpr int WARP_BYTES = S * PAGE + KCONV + VCONV;
     static constexpr int BYTES = NW * WARP_BYTES;     /* per block */
@@ -585,9 +588,10 @@ template <typename F> int with_instance(const kvc_cu_layout *L, int G, F &&f) {
     return KVC_ERR_INVAL;
 }
 
-/* The plan: a warp per (sequence, kv head) when there are pairs for at
- * least half the resident warps; otherwise splits that fill the resident
- * blocks once (more splits only add merges and ring fills). */
+/* The plan (from the sweeps in notes/gpu.md): a warp per (sequence, kv
+ * head) when there are pairs for at least half the resident warps;
+ * otherwise about two blocks per multiprocessor, but at least 16 pages per
+ * warp (a ring fill and a merge cost about as much as a dozen pages). */
 plan make_plan(const kvc_cu_layout *L, int n_seqs, int max_ctx, int n_rep) {
     plan pl;
     const int pages = max_ctx > 0 ? (max_ctx + L->block_size - 1) / L->block_size : 1;
@@ -606,9 +610,9 @@ plan make_plan(const kvc_cu_layout *L, int n_seqs, int max_ctx, int n_rep) {
         return pl;
     }
     if (pps <= 0) {
-        long splits = resident / pairs;
-        if (splits < 1) splits = 1;
+        const long splits = (2L * sm_count() + pairs - 1) / pairs;
         pps = (int)((pages + splits - 1) / splits);
+        if (pps < 16 * NW) pps = 16 * NW < pages ? 16 * NW : pages;
     }
     if ((pages + pps - 1) / pps > MAX_SPLITS) pps = (pages + MAX_SPLITS - 1) / MAX_SPLITS;
     pl.pps = pps;

@@ -15,8 +15,12 @@
  * Compiled set (anything else is an explicit KVC_ERR_INVAL with a message):
  *   codecs f16 and int8, for K and V independently; head_dim 64 or 128;
  *   block_size 16; n_rep (query heads per kv head) 1..8.
- * Prefill runs on tensor cores (mma.sync f16, f32 accumulation) when K and V
- * are both f16; other codecs use the decode kernel once per query token.
+ * Decode runs on tensor cores with the query and the softmax weights split
+ * into fp16 hi + lo pairs (as exact as fp32; see cuda/decode.cu). Prefill
+ * runs on tensor cores (mma.sync f16, f32 accumulation; query and weights
+ * rounded to fp16) when K and V are both f16; other codecs use the decode
+ * kernel once per query token. int4, low-rank, latent and hybrid codecs and
+ * pre-RoPE keys are not on the GPU yet (refused by kvc_cu_layout_init).
  *
  * All pointers named "device" are device memory; every call is asynchronous
  * on `stream` (a cudaStream_t; NULL is the default stream) and returns KVC_OK,

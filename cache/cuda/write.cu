@@ -43,10 +43,16 @@ extern "C" int kvc_cu_layout_init(kvc_cu_layout *L, const kvc_pool *pool, char *
     if (!kf || !vf)
         KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: %s \"%s\": the GPU kernels read f16 and int8 so far",
                      kf ? "v_codec" : "k_codec", kf ? pool->vc.name : pool->kc.name);
+    /* the kernels assume these block sizes (decode.cu's block_bytes) */
+    const size_t kb = kf == KVC_CU_F16 ? 32 * (size_t)pool->head_dim : 16 * (size_t)pool->head_dim + 32;
+    const size_t vb = vf == KVC_CU_F16 ? 32 * (size_t)pool->head_dim : 16 * (size_t)pool->head_dim + 32;
     for (int l = 0; l < pool->n_layer; l++)
-        if (pool->kc.dim[l] != pool->head_dim || pool->vc.dim[l] != pool->head_dim)
-            KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: layer %d stores %d/%d numbers per token, expected %d", l,
-                         pool->kc.dim[l], pool->vc.dim[l], pool->head_dim);
+        if (pool->kc.dim[l] != pool->head_dim || pool->vc.dim[l] != pool->head_dim ||
+            pool->kc.block_bytes[l] != kb || pool->vc.block_bytes[l] != vb)
+            KVC__CU_FAIL(KVC_ERR_INVAL,
+                         "kvc_cuda: layer %d: %d/%d numbers per token in blocks of %zu/%zu bytes, expected %d in "
+                         "%zu/%zu", l, pool->kc.dim[l], pool->vc.dim[l], pool->kc.block_bytes[l],
+                         pool->vc.block_bytes[l], pool->head_dim, kb, vb);
     L->pool = pool;
     L->n_layer = pool->n_layer;
     L->n_kv_head = pool->n_kv_head;

@@ -22,10 +22,13 @@
  * finite afterwards.
  *
  * Error bound, per output vector (query token, head): ||gpu - cpu||_2 /
- * ||cpu||_2 <= 1e-4 where the GPU computes in fp32 from the same stored
- * numbers (decode; int8 prefill), and <= 5e-3 on the tensor-core f16 prefill,
- * which rounds the scaled query and the softmax weights to fp16 (each a
- * relative 2^-11 = 4.9e-4; the bound leaves a factor of ten).
+ * ||cpu||_2 <= 1e-4 * max(1, context / 4096) on the decode kernel (and the
+ * int8 prefill, which runs it): its tensor-core products see the query and
+ * the softmax weights as fp16 hi + lo pairs (~22-bit operands) and it sums
+ * in fp32, so it is as exact as fp32 arithmetic, whose running sums over
+ * thousands of pages add ~1e-4 at 20k positions. <= 5e-3 on the tensor-core
+ * f16 prefill, which rounds the scaled query and the softmax weights to fp16
+ * (each a relative 2^-11 = 4.9e-4; the bound leaves a factor of ten).
  *
  * Usage: gpu_test [--seed N] [--quick]   (--quick: fewer, shorter cases, for
  * compute-sanitizer). */
@@ -105,6 +108,10 @@ static double max_rel_err(const float *gpu, const float *cpu, size_t n_vec, int 
     }
     return worst;
 }
+
+/* The bound of the fp32 paths: 1e-4, growing past 4096 positions with the
+ * running sums' rounding (one fp32 add per page into l and o). */
+static double f32_bound(int ctx) { return 1e-4 * (ctx > 4096 ? ctx / 4096.0 : 1.0); }
 
 struct test_case {
     int D, H, G;
@@ -301,8 +308,8 @@ static void run_case(const test_case &c) {
                 d_out.down(got.data());
                 int nf;
                 double e = max_rel_err(got.data(), ref.data(), (size_t)S * H * G, D, &nf);
-                EXPECT(nf == 0 && e <= 1e-4, "decode (%s, run %d): max rel err %.3g, %d non-finite", pps_name[v],
-                       rep, e, nf);
+                EXPECT(nf == 0 && e <= f32_bound(max_ctx), "decode (%s, run %d): max rel err %.3g, %d non-finite",
+                       pps_name[v], rep, e, nf);
                 if (rep == 0) printf("  decode %-11s: %d seqs, max rel err %.3g, non-finite %d\n", pps_name[v], S, e, nf);
                 d_out.poison();
             }
@@ -342,7 +349,7 @@ static void run_case(const test_case &c) {
         int nf;
         double e = max_rel_err(got.data(), ref.data(), (size_t)n * H * G, D, &nf);
         const bool tc = lay.k_fmt == KVC_CU_F16 && lay.v_fmt == KVC_CU_F16;
-        const double bound = tc ? 5e-3 : 1e-4;
+        const double bound = tc ? 5e-3 : f32_bound(pos0 + n);
         EXPECT(nf == 0 && e <= bound, "prefill pos0 %d n %d (%s): max rel err %.3g (bound %.0e), %d non-finite", pos0,
                n, tc ? "tensor cores" : "decode path", e, bound, nf);
         printf("  prefill pos0=%d n=%d %s: max rel err %.3g, non-finite %d\n", pos0, n,
