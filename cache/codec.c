@@ -185,20 +185,20 @@ static void enc_v_i8(void *blk, int B, int dim, int slot, int n, const float *x,
     enc_i8(KVC__ROLE_V, blk, B, dim, slot, n, x, xs);
 }
 
-/* ---- int4 per token: groups of 32 numbers, fp16 minimum and scale each ---- */
+/* ---- int4 per token: groups of gs numbers, fp16 minimum and scale each ---- */
 
 static inline uint16_t *u4_scales(const void *blk, kvc__role role, int B, int dim) {
     return (uint16_t *)((uint8_t *)blk + kvc__u4_param_offset(role, B, dim));
 }
 
-static void enc_u4(kvc__role role, void *blk, int B, int dim, int slot, int n, const float *x, int64_t xs) {
-    const int G = kvc__u4_groups(dim);
+static void enc_u4(kvc__role role, int gs, void *blk, int B, int dim, int slot, int n, const float *x, int64_t xs) {
+    const int G = kvc__u4_groups(dim, gs);
     uint16_t *sc = u4_scales(blk, role, B, dim), *mn = sc + (size_t)G * B;
     for (int t = 0; t < n; t++) {
         const float *xt = x + t * xs;
         int j = slot + t;
         for (int g = 0; g < G; g++) {
-            int d0 = g * KVC__U4_GROUP, d1 = d0 + KVC__U4_GROUP < dim ? d0 + KVC__U4_GROUP : dim;
+            int d0 = g * gs, d1 = d0 + gs < dim ? d0 + gs : dim;
             float lo = INFINITY, hi = -INFINITY;
             for (int d = d0; d < d1; d++) {
                 lo = xt[d] < lo ? xt[d] : lo;
@@ -210,34 +210,26 @@ static void enc_u4(kvc__role role, void *blk, int B, int dim, int slot, int n, c
         }
     }
 }
-static void enc_k_u4(void *blk, int B, int dim, int slot, int n, const float *x, int64_t xs) {
-    enc_u4(KVC__ROLE_K, blk, B, dim, slot, n, x, xs);
-}
-static void enc_v_u4(void *blk, int B, int dim, int slot, int n, const float *x, int64_t xs) {
-    enc_u4(KVC__ROLE_V, blk, B, dim, slot, n, x, xs);
-}
 
-static void dec_u4(kvc__role role, const void *blk, int B, int dim, int slot, float *x) {
-    const int G = kvc__u4_groups(dim);
+static void dec_u4(kvc__role role, int gs, const void *blk, int B, int dim, int slot, float *x) {
+    const int G = kvc__u4_groups(dim, gs);
     const uint16_t *sc = u4_scales(blk, role, B, dim), *mn = sc + (size_t)G * B;
     for (int d = 0; d < dim; d++) {
-        size_t p = (size_t)(d / KVC__U4_GROUP) * B + slot;
+        size_t p = (size_t)(d / gs) * B + slot;
         x[d] = kvc__f16_to_f32(mn[p]) + kvc__f16_to_f32(sc[p]) * load_u4(blk, u4_idx(role, B, dim, slot, d));
     }
 }
-static void dec_k_u4(const void *blk, int B, int dim, int slot, float *x) { dec_u4(KVC__ROLE_K, blk, B, dim, slot, x); }
-static void dec_v_u4(const void *blk, int B, int dim, int slot, float *x) { dec_u4(KVC__ROLE_V, blk, B, dim, slot, x); }
 
 /* s_j = sum_g (scale_gj * sum_{d in g} q_d code_dj + min_gj * sum_{d in g} q_d) */
-static void scores_u4(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int s_stride) {
-    const int G = kvc__u4_groups(dim);
+static void scores_u4(int gs, const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int s_stride) {
+    const int G = kvc__u4_groups(dim, gs);
     const uint16_t *sc = u4_scales(blk, KVC__ROLE_K, B, dim), *mn = sc + (size_t)G * B;
     for (int r = 0; r < nr; r++) {
         const float *qr = q + (size_t)r * dim;
         for (int j = 0; j < n; j++) {
             float acc = 0.0f;
             for (int g = 0; g < G; g++) {
-                int d0 = g * KVC__U4_GROUP, d1 = d0 + KVC__U4_GROUP < dim ? d0 + KVC__U4_GROUP : dim;
+                int d0 = g * gs, d1 = d0 + gs < dim ? d0 + gs : dim;
                 float a = 0.0f, qs = 0.0f;
                 for (int d = d0; d < d1; d++) {
                     a += qr[d] * load_u4(blk, u4_idx(KVC__ROLE_K, B, dim, j, d));
@@ -250,12 +242,12 @@ static void scores_u4(const void *blk, int B, int dim, int n, const float *q, in
     }
 }
 
-static void accum_u4(const void *blk, int B, int dim, int n, const float *w, int w_stride, int nr, float *acc) {
-    const int G = kvc__u4_groups(dim);
+static void accum_u4(int gs, const void *blk, int B, int dim, int n, const float *w, int w_stride, int nr, float *acc) {
+    const int G = kvc__u4_groups(dim, gs);
     const uint16_t *sc = u4_scales(blk, KVC__ROLE_V, B, dim), *mn = sc + (size_t)G * B;
     for (int j = 0; j < n; j++)
         for (int g = 0; g < G; g++) {
-            int d0 = g * KVC__U4_GROUP, d1 = d0 + KVC__U4_GROUP < dim ? d0 + KVC__U4_GROUP : dim;
+            int d0 = g * gs, d1 = d0 + gs < dim ? d0 + gs : dim;
             float s = kvc__f16_to_f32(sc[(size_t)g * B + j]), m = kvc__f16_to_f32(mn[(size_t)g * B + j]);
             for (int r = 0; r < nr; r++) {
                 float wj = w[(size_t)r * w_stride + j], *ar = acc + (size_t)r * dim;
@@ -264,6 +256,35 @@ static void accum_u4(const void *blk, int B, int dim, int n, const float *w, int
             }
         }
 }
+
+/* The kernels of one group size. */
+#define KVC__U4_KERNELS(GS)                                                                                 \
+    static void enc_k_u4_##GS(void *blk, int B, int dim, int slot, int n, const float *x, int64_t xs) {      \
+        enc_u4(KVC__ROLE_K, GS, blk, B, dim, slot, n, x, xs);                                               \
+    }                                                                                                       \
+    static void enc_v_u4_##GS(void *blk, int B, int dim, int slot, int n, const float *x, int64_t xs) {      \
+        enc_u4(KVC__ROLE_V, GS, blk, B, dim, slot, n, x, xs);                                               \
+    }                                                                                                       \
+    static void dec_k_u4_##GS(const void *blk, int B, int dim, int slot, float *x) {                       \
+        dec_u4(KVC__ROLE_K, GS, blk, B, dim, slot, x);                                                      \
+    }                                                                                                       \
+    static void dec_v_u4_##GS(const void *blk, int B, int dim, int slot, float *x) {                       \
+        dec_u4(KVC__ROLE_V, GS, blk, B, dim, slot, x);                                                      \
+    }                                                                                                       \
+    static void scores_u4_##GS(const void *blk, int B, int dim, int n, const float *q, int nr, float *s,    \
+                               int ss) {                                                                    \
+        scores_u4(GS, blk, B, dim, n, q, nr, s, ss);                                                        \
+    }                                                                                                       \
+    static void accum_u4_##GS(const void *blk, int B, int dim, int n, const float *w, int ws, int nr,       \
+                              float *acc) {                                                                 \
+        accum_u4(GS, blk, B, dim, n, w, ws, nr, acc);                                                       \
+    }                                                                                                       \
+    static size_t bytes_u4_##GS(kvc__role role, int B, int dim) {                                           \
+        return kvc__u4_param_offset(role, B, dim) + (size_t)kvc__u4_groups(dim, GS) * B * 4;                \
+    }
+
+KVC__U4_KERNELS(32)
+KVC__U4_KERNELS(64)
 
 /* ---- int4 per channel: fp16 minimum and scale per number index ------------
  * The parameters cover the block's tokens written so far. A run of tokens
@@ -416,9 +437,6 @@ void kvc__scores_f32(const void *blk, int B, int dim, int n, const float *q, int
 static size_t bytes_f32(kvc__role role, int B, int dim) { return (size_t)B * dim * 4; }
 static size_t bytes_f16(kvc__role role, int B, int dim) { return (size_t)B * dim * 2; }
 static size_t bytes_i8(kvc__role role, int B, int dim) { return kvc__i8_scale_offset(B, dim) + (size_t)B * 2; }
-static size_t bytes_u4(kvc__role role, int B, int dim) {
-    return kvc__u4_param_offset(role, B, dim) + (size_t)kvc__u4_groups(dim) * B * 4;
-}
 static size_t bytes_u4c(kvc__role role, int B, int dim) { return kvc__u4_param_offset(role, B, dim) + (size_t)dim * 4; }
 
 typedef struct {
@@ -430,14 +448,16 @@ static const format_entry formats[] = {
     [KVC__F32] = {bytes_f32, {enc_k_f32, dec_k_f32, scores_f32, NULL}, {enc_v_f32, dec_v_f32, NULL, accum_f32}},
     [KVC__F16] = {bytes_f16, {enc_k_f16, dec_k_f16, scores_f16, NULL}, {enc_v_f16, dec_v_f16, NULL, accum_f16}},
     [KVC__I8] = {bytes_i8, {enc_k_i8, dec_k_i8, scores_i8, NULL}, {enc_v_i8, dec_v_i8, NULL, accum_i8}},
-    [KVC__U4] = {bytes_u4, {enc_k_u4, dec_k_u4, scores_u4, NULL}, {enc_v_u4, dec_v_u4, NULL, accum_u4}},
+    [KVC__U4] = {bytes_u4_32, {enc_k_u4_32, dec_k_u4_32, scores_u4_32, NULL}, {enc_v_u4_32, dec_v_u4_32, NULL, accum_u4_32}},
+    [KVC__U4G64] = {bytes_u4_64, {enc_k_u4_64, dec_k_u4_64, scores_u4_64, NULL}, {enc_v_u4_64, dec_v_u4_64, NULL, accum_u4_64}},
     [KVC__U4C] = {bytes_u4c, {enc_k_u4c, dec_k_u4c, scores_u4c, NULL}, {enc_v_u4c, dec_v_u4c, NULL, accum_u4c}},
 };
 
 /* ---- spec parsing ------------------------------------------------------------ */
 
 const char *kvc__codec_specs(void) {
-    return "f32, f16, int8, int4, int4:token, int4:channel, lowrank:rR, latent:N, hybrid:rR, hybrid:latent:N "
+    return "f32, f16, int8, int4, int4:token, int4:channel (int4 and int4:token take :g32 or :g64), lowrank:rR, "
+           "latent:N, hybrid:rR, hybrid:latent:N "
            "(low-rank specs take :orthogonal (default) or :pca, and with :pca the rank may be left out "
            "for the calibration file's per-layer ranks; key specs may end in :prerope)";
 }
@@ -485,12 +505,18 @@ static int parse_spec(const char *spec, kvc__role role, parsed_spec *p) {
     int i = 1;
     if (!strcmp(tok[0], "f32") || !strcmp(tok[0], "f16") || !strcmp(tok[0], "int8") || !strcmp(tok[0], "int4")) {
         p->fmt = tok[0][0] == 'f' ? (tok[0][1] == '3' ? KVC__F32 : KVC__F16) : tok[0][3] == '8' ? KVC__I8 : KVC__U4;
-        /* int4: keys per channel, values per token (what measured best) */
-        if (p->fmt == KVC__U4) p->fmt = role == KVC__ROLE_K ? KVC__U4C : KVC__U4;
-        if (p->fmt != KVC__F32 && p->fmt != KVC__F16 && p->fmt != KVC__I8 && nt == 2) {
-            if (!strcmp(tok[1], "channel")) p->fmt = KVC__U4C, i = 2;
-            else if (!strcmp(tok[1], "token")) p->fmt = KVC__U4, i = 2;
+        if (p->fmt != KVC__U4) return nt == 1 ? 0 : -1;
+        /* int4[:token|:channel][:g32|:g64]: by default keys per channel and
+         * values per token (what measured best); gN sizes the per-token groups */
+        int chan = role == KVC__ROLE_K, g64 = 0;
+        if (i < nt && !strcmp(tok[i], "channel")) chan = 1, i++;
+        else if (i < nt && !strcmp(tok[i], "token")) chan = 0, i++;
+        if (i < nt && (!strcmp(tok[i], "g32") || !strcmp(tok[i], "g64"))) {
+            if (i == 2 && !strcmp(tok[1], "channel")) return -1;
+            g64 = tok[i][1] == '6';
+            i++;
         }
+        p->fmt = chan ? KVC__U4C : g64 ? KVC__U4G64 : KVC__U4;
         return i == nt ? 0 : -1;
     }
     int r_prefix;

@@ -3,8 +3,8 @@
  *
  * A codec is an element format plus an optional linear transform:
  *   - element formats (the numbers a block stores): f32, f16, int8 (one fp16
- *     scale per token), int4 per token (KVC__U4: 4-bit codes, fp16 scale and
- *     minimum per group of 32 numbers of a token) and int4 per channel
+ *     scale per token), int4 per token (KVC__U4, KVC__U4G64: 4-bit codes, fp16
+ *     scale and minimum per group of 32 or 64 numbers of a token) and int4 per channel
  *     (KVC__U4C: fp16 scale and minimum per number index over the block's
  *     tokens: KIVI-style keys);
  *   - transforms: none (a block per kv head holds head_dim numbers per token),
@@ -32,16 +32,13 @@
  * rows sharing one read of each K/V row). */
 #define KVC__ROWS_MAX 16
 
-/* int4: numbers per group of a token (one fp16 scale and minimum each). */
-#ifndef KVC__U4_GROUP     /* a build may override it, to measure another size */
-#define KVC__U4_GROUP 32
-#endif
 
 /* Largest stored dimension (rank of a latent). */
 #define KVC__DIM_MAX 8192
 
 typedef enum { KVC__ROLE_K = 0, KVC__ROLE_V = 1 } kvc__role;
-typedef enum { KVC__F32, KVC__F16, KVC__I8, KVC__U4, KVC__U4C } kvc__fmt;
+/* int4 per token comes with groups of 32 (KVC__U4) or 64 (KVC__U4G64) numbers. */
+typedef enum { KVC__F32, KVC__F16, KVC__I8, KVC__U4, KVC__U4G64, KVC__U4C } kvc__fmt;
 typedef enum { KVC__PLAIN, KVC__LOWRANK, KVC__LATENT } kvc__shape;
 
 /* The kernels of one element format in one role. blk: one block; B: the
@@ -144,9 +141,10 @@ int8_t kvc__i8_round(float v);
 /* int4 blocks. Codes are 4-bit, two per byte (even index in the low nibble);
  * K: (dim, Bp) code matrix, Bp = B rounded up to even; V: (B, Dp), Dp = dim
  * rounded up to even. Then, 16-byte aligned, fp16 scales, then fp16 minima:
- * per token (KVC__U4): (n_groups, B) each, group g = numbers [32 g, 32 g + 32);
- * per channel (KVC__U4C): (dim) each. A number is min + scale * code. */
-static inline int kvc__u4_groups(int dim) { return (dim + KVC__U4_GROUP - 1) / KVC__U4_GROUP; }
+ * per token (KVC__U4, KVC__U4G64): (n_groups, B) each, group g = numbers
+ * [gs g, gs g + gs) (gs = 32 or 64, the last group shorter); per channel
+ * (KVC__U4C): (dim) each. A number is min + scale * code. */
+static inline int kvc__u4_groups(int dim, int gs) { return (dim + gs - 1) / gs; }
 static inline int kvc__even(int n) { return n + (n & 1); }
 static inline size_t kvc__u4_param_offset(kvc__role role, int B, int dim) {
     size_t codes = role == KVC__ROLE_K ? (size_t)dim * kvc__even(B) / 2 : (size_t)B * kvc__even(dim) / 2;

@@ -22,7 +22,11 @@
 
 #define KVC__INLINE static inline __attribute__((always_inline))
 
-typedef enum { E_F32, E_F16, E_I8, E_U4, E_U4C } elem;
+typedef enum { E_F32, E_F16, E_I8, E_U4, E_U4G64, E_U4C } elem;
+
+/* int4 per token: the group size; 0 for the other formats. */
+KVC__INLINE int u4_gs(elem e) { return e == E_U4 ? 32 : e == E_U4G64 ? 64 : 0; }
+KVC__INLINE int is_u4(elem e) { return e == E_U4 || e == E_U4G64 || e == E_U4C; }
 
 /* 8 numbers from element index i (for 4-bit codes, i is even: 4 bytes). */
 KVC__INLINE __m256 load8(elem e, const void *base, size_t i) {
@@ -45,7 +49,7 @@ KVC__INLINE __m256 load8(elem e, const void *base, size_t i) {
 /* 16 numbers from element index i into lo (first 8) and hi: 4-bit codes
  * are unpacked from 8 bytes at once. */
 KVC__INLINE void load16(elem e, const void *base, size_t i, __m256 *lo, __m256 *hi) {
-    if (e == E_U4 || e == E_U4C) {
+    if (is_u4(e)) {
         __m128i b = _mm_loadl_epi64((const __m128i *)((const uint8_t *)base + i / 2)), m = _mm_set1_epi8(0x0f);
         __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
         *lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
@@ -79,14 +83,14 @@ KVC__INLINE void f16_row(const uint16_t *src, int n, float *dst) {
 }
 
 /* Elements between two dimensions of a K block / two tokens of a V block. */
-KVC__INLINE int k_stride(elem e, int B) { return e == E_U4 || e == E_U4C ? kvc__even(B) : B; }
-KVC__INLINE int v_stride(elem e, int dim) { return e == E_U4 || e == E_U4C ? kvc__even(dim) : dim; }
+KVC__INLINE int k_stride(elem e, int B) { return is_u4(e) ? kvc__even(B) : B; }
+KVC__INLINE int v_stride(elem e, int dim) { return is_u4(e) ? kvc__even(dim) : dim; }
 
 /* ---- scores: s[r][j] = q_r . k_j over a (dim, B) block -------------------- */
 
 /* What the format-specific folds need, per kernel call. */
 typedef struct {
-    float qsum[4][KVC__DIM_MAX / KVC__U4_GROUP];  /* int4: per row and group, sum of q */
+    float qsum[4][KVC__DIM_MAX / 32];             /* int4: per row and group, sum of q */
     float base[4];                                 /* int4 per channel: per row, sum_d q_d min_d */
 } fold_aux;
 
@@ -116,13 +120,13 @@ KVC__INLINE void dot_tile(elem e, int R, int W, const void *blk, int ks, int qs,
 /* R rows x 8W tokens from token j: finished scores into out. */
 KVC__INLINE void scores_tile(elem e, int R, int W, const void *blk, int B, int dim, int j, const float *q,
                              const fold_aux *aux, __m256 out[4][2]) {
-    if (e == E_U4) {
-        const int G = kvc__u4_groups(dim);
+    if (u4_gs(e)) {
+        const int GS = u4_gs(e), G = kvc__u4_groups(dim, GS);
         const uint16_t *sc = u4_params(blk, KVC__ROLE_K, B, dim), *mn = sc + (size_t)G * B;
         __m256 tot[4][2];
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) tot[r][0] = tot[r][1] = _mm256_setzero_ps();
         for (int g = 0; g < G; g++) {
-            int d0 = g * KVC__U4_GROUP, d1 = d0 + KVC__U4_GROUP < dim ? d0 + KVC__U4_GROUP : dim;
+            int d0 = g * GS, d1 = d0 + GS < dim ? d0 + GS : dim;
             __m256 a[4][2];
             dot_tile(e, R, W, blk, kvc__even(B), dim, d0, d1, j, q, a);
             for (int w = 0; w < W; w++) {
@@ -153,12 +157,12 @@ KVC__INLINE void scores_tile(elem e, int R, int W, const void *blk, int B, int d
 /* One token's score for row r (block sizes not a multiple of 8). */
 KVC__INLINE float score1(elem e, const void *blk, int B, int dim, int j, const float *qr, int r,
                          const fold_aux *aux) {
-    if (e == E_U4) {
-        const int G = kvc__u4_groups(dim);
+    if (u4_gs(e)) {
+        const int GS = u4_gs(e), G = kvc__u4_groups(dim, GS);
         const uint16_t *sc = u4_params(blk, KVC__ROLE_K, B, dim), *mn = sc + (size_t)G * B;
         float s = 0.0f;
         for (int g = 0; g < G; g++) {
-            int d0 = g * KVC__U4_GROUP, d1 = d0 + KVC__U4_GROUP < dim ? d0 + KVC__U4_GROUP : dim;
+            int d0 = g * GS, d1 = d0 + GS < dim ? d0 + GS : dim;
             float a = 0.0f;
             for (int d = d0; d < d1; d++) a += qr[d] * load1(e, blk, (size_t)d * kvc__even(B) + j);
             s += kvc__f16_to_f32(sc[(size_t)g * B + j]) * a + kvc__f16_to_f32(mn[(size_t)g * B + j]) * aux->qsum[r][g];
@@ -235,9 +239,9 @@ KVC__INLINE void scores_impl(elem e, const void *blk, int B, int dim, int n, con
         int R = nr - r0 < 4 ? nr - r0 : 4;
         for (int r = 0; r < R; r++) {
             const float *qrow = qr + (size_t)r * dim;
-            if (e == E_U4)
-                for (int g = 0; g < kvc__u4_groups(dim); g++) {
-                    int d0 = g * KVC__U4_GROUP, d1 = d0 + KVC__U4_GROUP < dim ? d0 + KVC__U4_GROUP : dim;
+            if (u4_gs(e))
+                for (int g = 0; g < kvc__u4_groups(dim, u4_gs(e)); g++) {
+                    int d0 = g * u4_gs(e), d1 = d0 + u4_gs(e) < dim ? d0 + u4_gs(e) : dim;
                     aux.qsum[r][g] = dot_row(qrow + d0, NULL, d1 - d0);
                 }
             if (e == E_U4C) {
@@ -318,12 +322,12 @@ KVC__INLINE void accum_impl(elem e, const void *blk, int B, int dim, int n, cons
         int R = nr - r0 < 4 ? nr - r0 : 4;
         const float *wr = w + (size_t)r0 * w_stride;
         float *ar = acc + (size_t)r0 * dim;
-        if (e == E_U4) {                             /* per group: scaled weights, then the minima */
-            const int G = kvc__u4_groups(dim);
+        if (u4_gs(e)) {                              /* per group: scaled weights, then the minima */
+            const int GS = u4_gs(e), G = kvc__u4_groups(dim, GS);
             const uint16_t *sc = u4_params(blk, KVC__ROLE_V, B, dim), *mn = sc + (size_t)G * B;
             float sf[1024], mf[1024];
             for (int g = 0; g < G; g++) {
-                int d0 = g * KVC__U4_GROUP, d1 = d0 + KVC__U4_GROUP < dim ? d0 + KVC__U4_GROUP : dim;
+                int d0 = g * GS, d1 = d0 + GS < dim ? d0 + GS : dim;
                 float bias[4] = {0};
                 f16_row(sc + (size_t)g * B, n, sf);
                 f16_row(mn + (size_t)g * B, n, mf);
@@ -378,6 +382,9 @@ static void scores_i8(const void *blk, int B, int dim, int n, const float *q, in
 static void scores_u4(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int ss) {
     scores_impl(E_U4, blk, B, dim, n, q, nr, s, ss);
 }
+static void scores_u4g64(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int ss) {
+    scores_impl(E_U4G64, blk, B, dim, n, q, nr, s, ss);
+}
 static void scores_u4c(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int ss) {
     scores_impl(E_U4C, blk, B, dim, n, q, nr, s, ss);
 }
@@ -392,6 +399,9 @@ static void accum_i8(const void *blk, int B, int dim, int n, const float *w, int
 }
 static void accum_u4(const void *blk, int B, int dim, int n, const float *w, int ws, int nr, float *acc) {
     accum_impl(E_U4, blk, B, dim, n, w, ws, nr, acc);
+}
+static void accum_u4g64(const void *blk, int B, int dim, int n, const float *w, int ws, int nr, float *acc) {
+    accum_impl(E_U4G64, blk, B, dim, n, w, ws, nr, acc);
 }
 
 /* ---- f16 with F16C ------------------------------------------------------- */
@@ -548,6 +558,10 @@ void kvc__codec_avx2_get(kvc__fmt fmt, kvc__role role, kvc__kernels *out) {
     case KVC__U4:
         if (k) out->scores = scores_u4;
         else out->accum = accum_u4;
+        break;
+    case KVC__U4G64:
+        if (k) out->scores = scores_u4g64;
+        else out->accum = accum_u4g64;
         break;
     case KVC__U4C:
         if (k) out->scores = scores_u4c;

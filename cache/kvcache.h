@@ -24,13 +24,15 @@
  *   int4:token   K: 4-bit codes (D, B'), V: (B, D') (B', D' rounded up to even; two
  *                          codes a byte, the even index in the low nibble), then
  *                          fp16 scales (G, B) and fp16 minima (G, B): x = min + scale * code,
- *                          asymmetric per group of 32 numbers of a token (G = ceil(D / 32))
+ *                          asymmetric per group of gs numbers of a token (G = ceil(D / gs);
+ *                          gs = 32, or 64 with :g64)
  *   int4:channel           the same codes, then fp16 scales (D) and minima (D): per
  *                          number index over the block's tokens (KIVI's per-channel keys;
  *                          a run of tokens that widens a channel's range re-codes the
  *                          block's earlier tokens, an extra rounding for them)
  *   int4                   keys int4:channel, values int4:token (the measured better
- *                          choice for each: README, "KV codecs")
+ *                          choice for each: README, "KV codecs"); int4:g64 with 64-number
+ *                          value groups
  *   lowrank:rR  K: fp16 (R, B), V: fp16 (B, R): coefficients c = P^T (x - mean) on
  *                          the head's orthonormal basis P (D, R); x ~ mean + P c
  *   latent:N    one block per layer: fp16 (N, B) / (B, N) coefficients of the
@@ -45,7 +47,7 @@
  * into a tile of scratch.
  *
  * Codec specs (one string, chosen separately for K and V):
- *   f32 | f16 | int8 | int4 | int4:token | int4:channel
+ *   f32 | f16 | int8 | int4[:g32|:g64] | int4:token[:g32|:g64] | int4:channel
  *   lowrank:rR[:BASIS]          per-kv-head low rank R (1..head_dim), fp16 coefficients
  *   latent:N[:BASIS]            cross-head latent of N (1..n_kv_head*head_dim) per token
  *   hybrid:rR[:BASIS]           lowrank with int8 coefficients and scales

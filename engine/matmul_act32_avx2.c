@@ -56,33 +56,42 @@ static inline size_t block_bytes(eng_dtype type) {
 }
 
 /* One tile: rows wr[0..3] (or their decoded panel rows), tokens xt[0..NT). */
-static inline __attribute__((always_inline)) void tile(const eng__act32 *m, const uint8_t *const wr[NR],
-                                                       const float *panel, const float *const xt[3], int NT,
-                                                       float out[NR][3]) {
+static inline __attribute__((always_inline)) void tile(const eng__act32 *m, eng_dtype type,
+                                                       const uint8_t *const wr[NR], const float *panel,
+                                                       const float *const xt[3], int NT, float out[NR][3]) {
     const int64_t nb = m->n_in / 32;
-    const size_t bs = block_bytes(m->type);
+    const size_t bs = block_bytes(type);
     __m256 acc[NR][3];
+#pragma GCC unroll 4
     for (int i = 0; i < NR; i++)
+#pragma GCC unroll 3
         for (int t = 0; t < NT; t++)
             acc[i][t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m256 d[NR], mn[NR];
         if (!panel)
+#pragma GCC unroll 4
             for (int i = 0; i < NR; i++)
-                scales(m->type, wr[i] + b * bs, &d[i], &mn[i]);
+                scales(type, wr[i] + b * bs, &d[i], &mn[i]);
+#pragma GCC unroll 4
         for (int s = 0; s < 4; s++) {
             __m256 w[NR];
+#pragma GCC unroll 4
             for (int i = 0; i < NR; i++)
                 w[i] = panel ? _mm256_loadu_ps(panel + i * m->n_in + b * 32 + 8 * s)
-                             : slice(m->type, wr[i] + b * bs, s, d[i], mn[i]);
+                             : slice(type, wr[i] + b * bs, s, d[i], mn[i]);
+#pragma GCC unroll 3
             for (int t = 0; t < NT; t++) {
                 __m256 xv = _mm256_loadu_ps(xt[t] + b * 32 + 8 * s);
+#pragma GCC unroll 4
                 for (int i = 0; i < NR; i++)
                     acc[i][t] = _mm256_fmadd_ps(w[i], xv, acc[i][t]);
             }
         }
     }
+#pragma GCC unroll 4
     for (int i = 0; i < NR; i++)
+#pragma GCC unroll 3
         for (int t = 0; t < NT; t++)
             out[i][t] = hsum(acc[i][t]);
 }
@@ -94,6 +103,7 @@ static void fill_panel(const eng__act32 *m, const uint8_t *const wr[NR], float *
         for (int64_t b = 0; b < nb; b++) {
             __m256 d, mn;
             scales(m->type, wr[i] + b * bs, &d, &mn);
+#pragma GCC unroll 4
             for (int s = 0; s < 4; s++)
                 _mm256_storeu_ps(panel + i * m->n_in + b * 32 + 8 * s, slice(m->type, wr[i] + b * bs, s, d, mn));
         }
@@ -101,7 +111,9 @@ static void fill_panel(const eng__act32 *m, const uint8_t *const wr[NR], float *
 
 /* Runs token tiles [t0, t1) against one tile of rows; NT is a constant in each
  * call so the accumulators stay in registers. */
-static void row_tile(const eng__act32 *m, const uint8_t *const wr[NR], const float *panel, int64_t r, int nr) {
+static inline __attribute__((always_inline)) void row_tile_t(const eng__act32 *m, eng_dtype type,
+                                                             const uint8_t *const wr[NR], const float *panel,
+                                                             int64_t r, int nr) {
     float out[NR][3];
     for (int t = 0; t < m->n_tok;) {
         const int nt = m->n_tok - t >= 3 ? 3 : m->n_tok - t;
@@ -109,16 +121,40 @@ static void row_tile(const eng__act32 *m, const uint8_t *const wr[NR], const flo
         for (int k = 0; k < 3; k++)
             xt[k] = m->x + (int64_t)(t + (k < nt ? k : 0)) * m->n_in;
         if (nt == 3)
-            tile(m, wr, panel, xt, 3, out);
+            tile(m, type, wr, panel, xt, 3, out);
         else if (nt == 2)
-            tile(m, wr, panel, xt, 2, out);
+            tile(m, type, wr, panel, xt, 2, out);
         else
-            tile(m, wr, panel, xt, 1, out);
+            tile(m, type, wr, panel, xt, 1, out);
         for (int k = 0; k < nt; k++)
             for (int i = 0; i < nr; i++)
                 m->y[(int64_t)(t + k) * m->y_stride + r + i] = out[i][k];
         t += nt;
     }
+}
+
+/* One instance per (weight type, panel or registers): constants let the
+ * compiler keep every accumulator in a register. */
+static void row_tile_panel(const eng__act32 *m, const uint8_t *const wr[NR], const float *panel, int64_t r, int nr) {
+    row_tile_t(m, ENG_F32, wr, panel, r, nr); /* the type is not read when decoding from a panel */
+}
+#define DIRECT(T, NAME)                                                                    \
+    static void NAME(const eng__act32 *m, const uint8_t *const wr[NR], int64_t r, int nr) { \
+        row_tile_t(m, T, wr, NULL, r, nr);                                                  \
+    }
+DIRECT(ENG_Q4_0, row_tile_q4_0)
+DIRECT(ENG_Q4_1, row_tile_q4_1)
+DIRECT(ENG_Q8_0, row_tile_q8_0)
+
+static void row_tile(const eng__act32 *m, const uint8_t *const wr[NR], const float *panel, int64_t r, int nr) {
+    if (panel)
+        row_tile_panel(m, wr, panel, r, nr);
+    else if (m->type == ENG_Q4_1)
+        row_tile_q4_1(m, wr, r, nr);
+    else if (m->type == ENG_Q8_0)
+        row_tile_q8_0(m, wr, r, nr);
+    else
+        row_tile_q4_0(m, wr, r, nr);
 }
 
 void eng__act32_rows_avx2(const eng__act32 *m, int64_t r0, int64_t r1, float *panel) {

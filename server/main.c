@@ -1,6 +1,9 @@
 /* main.c: the kvserve binary: subcommand dispatch. */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+
+#include "engine/matmul.h"
 
 #include "server/cli.h"
 #include "server/server.h"
@@ -25,6 +28,23 @@ static void usage(FILE *f) {
     fprintf(f, "usage: kvserve COMMAND [flags]   (kvserve COMMAND --help for its flags)\n\ncommands:\n");
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
         fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].help);
+    fprintf(f, "\nenvironment:\n  KVSERVE_ACTIVATIONS=f32|q8  how activations meet quantized weights "
+               "(default f32: exact; q8: 8-bit, faster)\n");
+}
+
+/* KVSERVE_ACTIVATIONS picks the activation precision for quantized weights
+ * (engine/matmul.h) for every subcommand. */
+static int set_activations(void) {
+    const char *v = getenv("KVSERVE_ACTIVATIONS");
+    if (!v || !*v || !strcmp(v, "f32"))
+        eng_matmul_set_activations(ENG_ACT_F32);
+    else if (!strcmp(v, "q8"))
+        eng_matmul_set_activations(ENG_ACT_Q8);
+    else {
+        fprintf(stderr, "kvserve: KVSERVE_ACTIVATIONS='%s': expected f32 or q8\n", v);
+        return -1;
+    }
+    return 0;
 }
 
 int main(int argc, char **argv) {
@@ -32,6 +52,8 @@ int main(int argc, char **argv) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
+    if (set_activations())
+        return 2;
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
         if (!strcmp(argv[1], commands[i].name))
             return commands[i].run(argc - 1, argv + 1);

@@ -8,11 +8,13 @@ Writes tests/fixtures/cache/codec_ref.bin, little-endian, in this order:
   u32 n_vec, u32 dim; f32 x[n_vec][dim]; f32 dq[n_vec][dim]
       int8 codec reference: scale = the smallest f16 >= max|x| / 127 (at most 65504),
       q = clip(rint(x / scale), -127, 127), dq = q * scale  (scale as f32; 0 when max|x| is 0)
-  u32 n4, u32 dim4, u32 block4; f32 x4[n4][dim4]; f32 dq_token[n4][dim4]; f32 dq_channel[n4][dim4]
+  u32 n4, u32 dim4, u32 block4; f32 x4[n4][dim4]; f32 dq_token[n4][dim4]; f32 dq_channel[n4][dim4];
+  f32 dq_token64[n4][dim4]
       int4 references (asymmetric 4-bit, float32 arithmetic): for a range [lo, hi],
       min = the largest f16 <= lo, scale = the smallest f16 >= (hi - min) / 15,
       code = clip(rint((x - min) / scale), 0, 15) (0 when scale is 0), dq = min + scale * code.
       dq_token: ranges per token over groups of 32 numbers (the last group shorter);
+      dq_token64: the same with groups of 64 (here the whole vector);
       dq_channel: ranges per number index over each block of block4 consecutive tokens.
 Run: python3 tools/gen_cache_fixtures.py   (numpy only; deterministic)
 """
@@ -87,10 +89,15 @@ x4[:, 17] += 12
 x4[5] = 0.0
 x4[6, :] = 2.5                          # a constant token: scale 0 in its groups
 x4 *= np.exp2(rng.integers(-3, 4, size=(n4, 1))).astype(np.float32)
-dq_token = np.empty_like(x4)
-for g0 in range(0, dim4, 32):
-    blk = x4[:, g0:g0 + 32]
-    dq_token[:, g0:g0 + 32] = u4_quant(blk, blk.min(axis=1, keepdims=True), blk.max(axis=1, keepdims=True))
+def per_token(gs):
+    dq = np.empty_like(x4)
+    for g0 in range(0, dim4, gs):
+        blk = x4[:, g0:g0 + gs]
+        dq[:, g0:g0 + gs] = u4_quant(blk, blk.min(axis=1, keepdims=True), blk.max(axis=1, keepdims=True))
+    return dq
+
+
+dq_token, dq_token64 = per_token(32), per_token(64)
 dq_channel = np.empty_like(x4)
 for t0 in range(0, n4, block4):
     blk = x4[t0:t0 + block4]
@@ -108,4 +115,5 @@ with open(out, "wb") as f:
     f.write(x4.astype("<f4").tobytes())
     f.write(dq_token.astype("<f4").tobytes())
     f.write(dq_channel.astype("<f4").tobytes())
+    f.write(dq_token64.astype("<f4").tobytes())
 print(out, os.path.getsize(out), "bytes;", len(f2h_in), "f32->f16 cases")

@@ -201,7 +201,11 @@ static void small_sweep(const char *k_codec, const char *v_codec, int head_dim) 
                 }
 }
 
-Test(attention, int4_variants) { small_sweep("int4:token", "int4:channel", 64); }
+Test(attention, int4_variants) {
+    small_sweep("int4:token", "int4:channel", 64);
+    small_sweep("int4:token:g64", "int4:g64", 64);
+    small_sweep("int4:g64", "int4:token:g64", 100);      /* two groups, the second shorter */
+}
 Test(attention, lowrank) { small_sweep("lowrank:r24", "lowrank:r64", 64); }
 Test(attention, latent) { small_sweep("latent:40", "latent:128", 64); }
 Test(attention, hybrid) { small_sweep("hybrid:r16", "hybrid:latent:72", 64); }

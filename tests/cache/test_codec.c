@@ -42,7 +42,7 @@ typedef struct {
     uint32_t n_vec, dim;
     float *x, *dq;        /* (n_vec, dim) */
     uint32_t n4, dim4, block4;
-    float *x4, *dq_token, *dq_channel;   /* (n4, dim4) */
+    float *x4, *dq_token, *dq_channel, *dq_token64;   /* (n4, dim4) */
 } fixture;
 
 static void *read_n(FILE *f, size_t size, size_t n) {
@@ -70,13 +70,14 @@ static fixture load_fixture(void) {
     fx.x4 = read_n(f, 4, (size_t)fx.n4 * fx.dim4);
     fx.dq_token = read_n(f, 4, (size_t)fx.n4 * fx.dim4);
     fx.dq_channel = read_n(f, 4, (size_t)fx.n4 * fx.dim4);
+    fx.dq_token64 = read_n(f, 4, (size_t)fx.n4 * fx.dim4);
     fclose(f);
     return fx;
 }
 
 static void free_fixture(fixture *fx) {
     free(fx->f2h_in), free(fx->f2h_out), free(fx->h2f), free(fx->x), free(fx->dq);
-    free(fx->x4), free(fx->dq_token), free(fx->dq_channel);
+    free(fx->x4), free(fx->dq_token), free(fx->dq_channel), free(fx->dq_token64);
 }
 
 static uint32_t bits(float f) {
@@ -207,6 +208,13 @@ Test(codec, int4_pages_match_numpy) {
                              fx.x4[i], v[i], fx.dq_token[i]);
             }
         }
+    /* groups of 64 */
+    for (int b = 0; b < 3; b++)
+        for (int fs = 0; fs < 2; fs++) {
+            roundtrip("int4:token:g64", fs, blocks[b], fx.x4, n, dim, k, v);
+            cr_assert_eq(memcmp(k, fx.dq_token64, sizeof(float) * (size_t)n * dim), 0, "g64 K, block %d", blocks[b]);
+            cr_assert_eq(memcmp(v, fx.dq_token64, sizeof(float) * (size_t)n * dim), 0, "g64 V, block %d", blocks[b]);
+        }
     /* per channel: the fixture's blocks of block4 tokens, each written in one run */
     for (int fs = 0; fs < 2; fs++) {
         roundtrip("int4:channel", fs, (int)fx.block4, fx.x4, n, dim, k, v);
@@ -228,6 +236,9 @@ Test(codec, int4_default_is_channel_keys_token_values) {
     roundtrip("int4", 0, (int)fx.block4, fx.x4, n, dim, k, v);
     cr_assert_eq(memcmp(k, fx.dq_channel, sizeof(float) * (size_t)n * dim), 0);
     cr_assert_eq(memcmp(v, fx.dq_token, sizeof(float) * (size_t)n * dim), 0);
+    roundtrip("int4:g64", 0, (int)fx.block4, fx.x4, n, dim, k, v);
+    cr_assert_eq(memcmp(k, fx.dq_channel, sizeof(float) * (size_t)n * dim), 0);
+    cr_assert_eq(memcmp(v, fx.dq_token64, sizeof(float) * (size_t)n * dim), 0);
     free(k), free(v);
     free_fixture(&fx);
 }
@@ -326,7 +337,8 @@ static int try_spec(const char *k, const char *v, const char *calib, char *err, 
 
 Test(codec, spec_grammar) {
     char err[512];
-    static const char *good[] = {"f32", "f16", "int8", "int4", "int4:token", "int4:channel", "lowrank:r8", "lowrank:r16:orthogonal",
+    static const char *good[] = {"f32", "f16", "int8", "int4", "int4:token", "int4:channel", "int4:g64", "int4:g32",
+                                 "int4:token:g64", "int4:token:g32", "lowrank:r8", "lowrank:r16:orthogonal",
                                  "lowrank:r1", "latent:48", "latent:5:orthogonal", "hybrid:r4", "hybrid:r16:orthogonal",
                                  "hybrid:latent:24", "hybrid:latent:24:orthogonal"};
     for (size_t i = 0; i < sizeof good / sizeof *good; i++) {
@@ -337,7 +349,8 @@ Test(codec, spec_grammar) {
         cr_expect_eq(try_spec("f16", pre, NULL, err, sizeof err), KVC_ERR_INVAL, "%s for values", pre);
         cr_expect(strstr(err, "keys only"), "%s", err);
     }
-    static const char *bad[] = {"", "F16", "int3", "int4:tokens", "int8:channel", "lowrank", "lowrank:32", "lowrank:r0", "lowrank:r",
+    static const char *bad[] = {"", "F16", "int3", "int4:tokens", "int8:channel", "int4:channel:g64", "int4:g16",
+                                "int4:g64:token", "f16:g64", "lowrank", "lowrank:32", "lowrank:r0", "lowrank:r",
                                 "lowrank:r8:random", "latent", "latent:r8", "latent:0", "hybrid", "hybrid:latent",
                                 "hybrid:latent:r8", "f16:orthogonal", "int8:pca", "lowrank:r8:pca:orthogonal",
                                 "lowrank:r08", "prerope", "f16:prerope:prerope", "lowrank:r8:", ":lowrank:r8",
@@ -365,6 +378,7 @@ Test(codec, layout_sizes) {
     static const struct { const char *spec; size_t k_block; } cases[] = {
         {"f16", 2048}, {"int8", 1056}, {"int4:token", 512 + 2 * 16 * 4}, {"int4:channel", 512 + 64 * 4},
         {"int4", 512 + 64 * 4},   /* keys per channel */
+        {"int4:token:g64", 512 + 16 * 4},
         {"lowrank:r32", 32 * 16 * 2}, {"hybrid:r32", 512 + 32}, {"lowrank:r5", 160}, {"hybrid:r5", 80 + 32},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
