@@ -131,8 +131,12 @@ run: deps
 # ---- tests ------------------------------------------------------------------
 
 # Unit tests run under ASan+UBSan; end-to-end tests drive the optimized binary.
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
 test: deps
-	$(MAKE) all model
+	$(MAKE) -j$(JOBS) all
+	$(MAKE) model
+	$(MAKE) -j$(JOBS) SAN=address,undefined $(TEST_BIN:$(BUILD)/%=build-san-address-undefined/%)
 	$(MAKE) SAN=address,undefined unit
 	$(MAKE) cuda-check
 	$(MAKE) e2e-deps

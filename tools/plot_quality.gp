@@ -14,9 +14,11 @@ set logscale y
 set yrange [0.05:*]
 set xrange [0.8:*]
 set grid
-set key off
+set key top left
 # ΔPPL below 0.05% (or negative: noise) is drawn at 0.05
 clip(y) = y < 0.05 ? 0.05 : y
-plot data using 2:(clip($3)) with points pt 7 ps 1.2 lc rgb "#1f77b4", \
-     data using 2:(clip($3)):1 with labels offset 0.8,0.6 left font ",8", \
-     6 with lines dt 2 lc rgb "#d62728", 3 with lines dt 2 lc rgb "#ff7f0e"
+plot data using 2:(clip($3)) with points pt 7 ps 1.2 lc rgb "#1f77b4" notitle, \
+     data using 2:(clip($3)):1 with labels offset 0.8,0.6 left font ",8" notitle, \
+     6 with lines dt 2 lc rgb "#d62728" title "6% (target for >= 5x)", \
+     3 with lines dt 2 lc rgb "#ff7f0e" title "3% (target for >= 3.5x)", \
+     0.5 with lines dt 3 lc rgb "#2ca02c" title "0.5% (target for int8)"

@@ -15,8 +15,8 @@
 #   PRE_ROPE [auto]: 1 to include the pre-RoPE rows (the backend must cache keys
 #     before RoPE when the K codec asks: kvc_keys_pre_rope); auto: 1 when a probe
 #     ppl run with an f16:prerope K codec runs and matches the f16 perplexity
-#   THREADS [2]   OUT [quality]   SETTINGS: a file of "name k_spec v_spec" lines
-#     instead of the built-in list
+#   THREADS [2]   OUT [quality]   SETTINGS: a file of "name k_spec v_spec [block_size]"
+#     lines instead of the built-in list
 # Each row is appended to $OUT/quality.tsv as soon as it is measured, so an
 # interrupted run resumes where it stopped. Progress on stderr.
 set -eu
@@ -34,13 +34,15 @@ HERE=$(dirname "$0")
 TSV=$OUT/quality.tsv
 mkdir -p "$OUT"
 
-# name  k_spec  v_spec   (pca specs use the calibration file)
+# name  k_spec  v_spec  [block_size, default 16]   (pca specs use the calibration file)
 builtin_settings() {
     cat <<'EOF'
 f16                     f16                     f16
 f32                     f32                     f32
 int8                    int8                    int8
 int4                    int4                    int4
+int4-block32            int4                    int4                    32
+int4-g64-block64        int4:g64                int4:g64                64
 int4-token-K+V          int4:token              int4:token
 K-int4-token            int4:token              f16
 K-int4-channel          int4:channel            f16
@@ -52,7 +54,7 @@ V-lowrank-r32-pca       f16                     lowrank:r32:pca
 lowrank-r48-orth        lowrank:r48             lowrank:r48
 lowrank-r48-pca         lowrank:r48:pca         lowrank:r48:pca
 lowrank-r32-pca         lowrank:r32:pca         lowrank:r32:pca
-lowrank-energy-pca      lowrank:pca             lowrank:pca
+lowrank-energy90-pca    lowrank:pca             lowrank:pca
 latent-192-pca          latent:192:pca          latent:192:pca
 latent-128-pca          latent:128:pca          latent:128:pca
 latent-96-orth          latent:96               latent:96
@@ -61,30 +63,27 @@ latent-64-pca           latent:64:pca           latent:64:pca
 hybrid-r48-orth         hybrid:r48              hybrid:r48
 hybrid-r48-pca          hybrid:r48:pca          hybrid:r48:pca
 hybrid-r32-pca          hybrid:r32:pca          hybrid:r32:pca
-hybrid-latent-96-pca    hybrid:latent:96:pca    hybrid:latent:96:pca
+hybrid-latent-128-pca   hybrid:latent:128:pca   hybrid:latent:128:pca
 hybrid-latent-64-pca    hybrid:latent:64:pca    hybrid:latent:64:pca
-K-int4+V-hybrid-r32     int4                    hybrid:r32:pca
-K-int4+V-hybrid-lat64   int4                    hybrid:latent:64:pca
-K-int4+V-hybrid-lat48   int4                    hybrid:latent:48:pca
-K-int4-tok+V-hyb-lat32  int4:token              hybrid:latent:32:pca
 EOF
     if [ "$PRE_ROPE" = 1 ]; then
         cat <<'EOF'
 f16-prerope             f16:prerope             f16
+K-lowrank-r48-post      lowrank:r48:pca         f16
+K-lowrank-r48-pre       lowrank:r48:pca:prerope f16
 K-lowrank-r32-post      lowrank:r32:pca         f16
 K-lowrank-r32-pre       lowrank:r32:pca:prerope f16
-K-lowrank-r24-post      lowrank:r24:pca         f16
-K-lowrank-r24-pre       lowrank:r24:pca:prerope f16
+K-latent-96-post        latent:96:pca           f16
+K-latent-96-pre         latent:96:pca:prerope   f16
 K-latent-64-post        latent:64:pca           f16
 K-latent-64-pre         latent:64:pca:prerope   f16
-hybrid-lat64-pre        hybrid:latent:64:pca:prerope hybrid:latent:64:pca
 EOF
     fi
 }
 
-ppl_json() {   # k v -> one JSON line
+ppl_json() {   # k v block -> one JSON line
     "$BIN" ppl --model "$MODEL" --text "$TEXT" --ctx "$CTX" --max-tokens "$TOKENS" --threads "$THREADS" \
-        --kv-k "$1" --kv-v "$2" --calib "$CALIB" --json
+        --kv-k "$1" --kv-v "$2" --block-size "$3" --calib "$CALIB" --json
 }
 
 field() {      # json key -> value
@@ -112,28 +111,29 @@ if [ "${1:-}" != plot ]; then
                 'BEGIN { exit !(b > 0 && (a - b) / a < 0.02 && (b - a) / a < 0.02) }'; then PRE_ROPE=1; fi
         echo "quality: pre-RoPE rows: $PRE_ROPE" >&2
     fi
-    [ -f "$TSV" ] || printf 'name\tk\tv\tbytes_per_token\tratio\tppl\tseconds\n' > "$TSV"
+    [ -f "$TSV" ] || printf 'name\tk\tv\tblock\tbytes_per_token\tratio\tppl\tseconds\n' > "$TSV"
     if [ -n "${SETTINGS:-}" ]; then list=$(cat "$SETTINGS"); else list=$(builtin_settings); fi
-    echo "$list" | while read -r name k v; do
+    echo "$list" | while read -r name k v block; do
         [ -n "$name" ] || continue
+        block=${block:-16}
         if grep -q "^$name	" "$TSV"; then continue; fi
-        echo "quality: $name (K $k, V $v)" >&2
-        j=$(ppl_json "$k" "$v") || { echo "quality: $name failed" >&2; continue; }
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$k" "$v" "$(field "$j" bytes_per_token)" \
+        echo "quality: $name (K $k, V $v, block $block)" >&2
+        j=$(ppl_json "$k" "$v" "$block") || { echo "quality: $name failed" >&2; continue; }
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$k" "$v" "$block" "$(field "$j" bytes_per_token)" \
             "$(field "$j" compression_ratio)" "$(field "$j" ppl)" "$(field "$j" seconds)" >> "$TSV"
     done
 fi
 
 # the table (markdown) and the plot data: dppl against the f16 row
-base=$(awk -F'\t' '$1 == "f16" { print $6 }' "$TSV")
+base=$(awk -F'\t' '$1 == "f16" { print $7 }' "$TSV")
 [ -n "$base" ] || { echo "quality: no f16 row in $TSV" >&2; exit 1; }
-awk -F'\t' -v base="$base" 'NR > 1 { printf "%s\t%s\t%.3f\n", $1, $5, 100 * ($6 - base) / base }' "$TSV" \
+awk -F'\t' -v base="$base" 'NR > 1 { printf "%s\t%s\t%.3f\n", $1, $6, 100 * ($7 - base) / base }' "$TSV" \
     > "$OUT/quality.dat"
 {
-    echo "| setting | K | V | bytes/token | compression | PPL | ΔPPL |"
-    echo "| --- | --- | --- | ---: | ---: | ---: | ---: |"
-    awk -F'\t' -v base="$base" 'NR > 1 { printf "| %s | `%s` | `%s` | %d | %.2fx | %.3f | %+.2f%% |\n",
-        $1, $2, $3, $4, $5, $6, 100 * ($6 - base) / base }' "$TSV"
+    echo "| setting | K | V | block | bytes/token | compression | PPL | ΔPPL |"
+    echo "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"
+    awk -F'\t' -v base="$base" 'NR > 1 { printf "| %s | `%s` | `%s` | %d | %d | %.2fx | %.3f | %+.2f%% |\n",
+        $1, $2, $3, $4, $5, $6, $7, 100 * ($7 - base) / base }' "$TSV"
 } > "$OUT/quality.md"
 cat "$OUT/quality.md"
 if command -v gnuplot >/dev/null 2>&1; then

@@ -45,7 +45,7 @@ Test(pool, config_errors_name_the_field) {
     c = base_config(), c.head_dim = 0, expect_error(c, "head_dim 0");
     c = base_config(), c.force_scalar = 2, expect_error(c, "force_scalar 2");
     c = base_config(), c.k_codec = "int3";
-    expect_error(c, "k_codec \"int3\": unknown codec; valid: f32, f16, int8, int4, int4:token, int4:channel, lowrank:rR");
+    expect_error(c, "k_codec \"int3\": unknown codec; valid: f32, f16, int8, int4, int4:token, int4:channel");
     c = base_config(), c.v_codec = "F16", expect_error(c, "v_codec \"F16\"");
     c = base_config(), c.v_codec = NULL, expect_error(c, "v_codec missing");
     c = base_config(), c.memory_bytes = 1000, expect_error(c, "memory_bytes 1000: less than one page");
