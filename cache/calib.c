@@ -101,7 +101,7 @@ struct kvc_calib_fit {
 };
 
 kvc_calib_fit *kvc_calib_fit_create(int n_layer, int n_kv_head, int head_dim) {
-    if (n_layer < 1 || n_kv_head < 1 || head_dim < 1) return NULL;
+    if (n_layer < 1 || n_kv_head < 1 || head_dim < 1 || (int64_t)n_kv_head * head_dim > KVC__DIM_MAX) return NULL;
     kvc_calib_fit *f = calloc(1, sizeof *f);
     if (!f) return NULL;
     f->n_layer = n_layer, f->n_kv_head = n_kv_head, f->head_dim = head_dim;

@@ -459,7 +459,8 @@ const char *kvc__codec_specs(void) {
     return "f32, f16, int8, int4, int4:token, int4:channel (int4 and int4:token take :g32 or :g64), lowrank:rR, "
            "latent:N, hybrid:rR, hybrid:latent:N "
            "(low-rank specs take :orthogonal (default) or :pca, and with :pca the rank may be left out "
-           "for the calibration file's per-layer ranks; key specs may end in :prerope)";
+           "for the calibration file's per-layer ranks; then :int4[:g64] stores the coefficients as int4; "
+           "key specs may end in :prerope)";
 }
 
 typedef struct {
@@ -535,6 +536,12 @@ static int parse_spec(const char *spec, kvc__role role, parsed_spec *p) {
     if (i < nt && parse_rank(tok[i], r_prefix, &p->rank) == 0) i++;
     if (i < nt && !strcmp(tok[i], "pca")) p->pca = 1, i++;
     else if (i < nt && !strcmp(tok[i], "orthogonal")) i++;
+    /* :int4[:g64]: the coefficients as int4 per token (groups of 32 or 64) */
+    if (i < nt && !strcmp(tok[i], "int4")) {
+        p->fmt = KVC__U4, i++;
+        if (i < nt && !strcmp(tok[i], "g64")) p->fmt = KVC__U4G64, i++;
+        else if (i < nt && !strcmp(tok[i], "g32")) i++;
+    }
     if (i != nt || (p->rank == 0 && !p->pca)) return -1;
     return 0;
 }
@@ -659,6 +666,11 @@ int kvc__codec_init(kvc__codec *c, const char *spec, const char *field, kvc__rol
         snprintf(err, errlen, "kvc: %s \"%s\": calibration file %s has no %s statistics%s", field, spec,
                  calib_path ? calib_path : "", set == KVC_CALIB_K_PRE_ROPE ? "pre-RoPE key" : "",
                  set == KVC_CALIB_K_PRE_ROPE ? " (kvserve calibrate --pre-rope)" : "");
+        return -1;
+    }
+    if (p.shape != KVC__PLAIN && c->in_dim > KVC__DIM_MAX) {
+        snprintf(err, errlen, "kvc: %s \"%s\": a transform of %d numbers per token; at most %d", field, spec,
+                 c->in_dim, KVC__DIM_MAX);
         return -1;
     }
     c->dim = calloc((size_t)n_layer, sizeof *c->dim);

@@ -38,7 +38,8 @@
  *   latent:N    one block per layer: fp16 (N, B) / (B, N) coefficients of the
  *                          concatenated kv heads (n_kv_head * D) on one basis
  *   hybrid:rR, hybrid:latent:N   the same coefficients as int8 with an fp16 scale
- *                          per token (the int8 layout with D = R or N)
+ *                          per token (the int8 layout with D = R or N); with :int4, the
+ *                          int4:token layout with D = R or N
  * Attention reads these in place: scales multiply the score (K) or fold into
  * the softmax weight (V); the query is projected once per row onto its head's
  * slice of the K basis (q' = P_h^T q) and the V coefficients are summed, then
@@ -56,6 +57,9 @@
  *   calibration) or pca (from the calibration file, `calib`). With pca the
  *   rank may be left out (lowrank:pca, latent:pca, hybrid:pca,
  *   hybrid:latent:pca): each layer then takes the rank the file chose for it.
+ *   A low-rank spec may then end in :int4[:g64]: the coefficients stored as
+ *   int4:token (lowrank:r64:int4 is a random rotation before int4, which
+ *   spreads outlier channels over all numbers of a group).
  *   A K spec may end in :prerope: keys are cached before RoPE (pca bases from
  *   the file's pre-RoPE key statistics) and attention rotates them; the caller
  *   then writes unrotated keys and passes RoPE tables to kvc_attend_rope.
@@ -252,7 +256,8 @@ enum { KVC_CALIB_K = 0, KVC_CALIB_V = 1, KVC_CALIB_K_PRE_ROPE = 2, KVC_CALIB_SET
 
 typedef struct kvc_calib_fit kvc_calib_fit;
 
-/* Statistics for a cache of this shape (NULL when out of memory). */
+/* Statistics for a cache of this shape (NULL when out of memory, or when
+ * n_kv_head * head_dim exceeds 8192). */
 kvc_calib_fit *kvc_calib_fit_create(int n_layer, int n_kv_head, int head_dim);
 void kvc_calib_fit_destroy(kvc_calib_fit *fit);
 /* Adds n vectors of one set and layer: x (n, n_kv_head * head_dim), x_stride

@@ -154,7 +154,8 @@ int cmd_calibrate(int argc, char **argv) {
     kvc_calib_fit *fit = kvc_calib_fit_create(c->n_layer, c->n_kv_head, c->head_dim);
     rc = 1;
     if (n_ids < 2 || n_ids > cap || !fit) {
-        fprintf(stderr, "kvserve calibrate: %s\n", !fit ? "out of memory" : n_ids < 0 ? err : "the text has too few tokens");
+        fprintf(stderr, "kvserve calibrate: %s\n", !fit ? "out of memory, or more than 8192 K/V numbers per token"
+                                                    : n_ids < 0 ? err : "the text has too few tokens");
         goto done;
     }
     if (n_ids > tokens)

@@ -35,6 +35,7 @@ typedef struct {
     const float *q;      /* (n_seq, n_kv_head * n_rep * head_dim) */
     float *out;          /* same shape */
     int worker;
+    const kvc_rope *rope;   /* keys cached before RoPE: the tables; else NULL */
 } job;
 
 static double clock_s(clockid_t id) {
@@ -57,8 +58,8 @@ static void *step_worker(void *arg) {
     for (int u = j->worker; u < n_units; u += o->threads) {
         int s = u / (o->n_layer * o->n_kv_head), layer = u / o->n_kv_head % o->n_layer, h = u % o->n_kv_head;
         int64_t off = (int64_t)s * qdim + (int64_t)h * o->n_rep * o->head_dim;
-        kvc_attend(j->pool, &j->seqs[s], layer, h, j->q + off, qdim, 1, o->n_rep, o->ctx - 1,
-                   1.0f / sqrtf((float)o->head_dim), j->out + off, qdim, scratch);
+        kvc_attend_rope(j->pool, &j->seqs[s], layer, h, j->q + off, qdim, 1, o->n_rep, o->ctx - 1,
+                        1.0f / sqrtf((float)o->head_dim), j->out + off, qdim, scratch, j->rope);
     }
     free(scratch);
     return NULL;
@@ -112,6 +113,16 @@ static int bench_codec(const bench_opts *o, const char *codec) {
             kvc_write(pool, &seqs[s], layer, 0, o->ctx, kv, kv, kv_stride);
     t_write = now() - t_write;
 
+    /* RoPE tables (theta 10000, every dimension) for keys cached before RoPE */
+    int half = o->head_dim / 2;
+    float *rcos = malloc(sizeof(float) * (size_t)o->ctx * (half + 1)), *rsin = malloc(sizeof(float) * (size_t)o->ctx * (half + 1));
+    for (int p = 0; p < o->ctx; p++)
+        for (int i = 0; i < half; i++) {
+            double a = p * pow(10000.0, -2.0 * i / o->head_dim);
+            rcos[(size_t)p * half + i] = (float)cos(a);
+            rsin[(size_t)p * half + i] = (float)sin(a);
+        }
+    kvc_rope rope = {.rope_dim = 2 * half, .neox = 1, .cos = rcos, .sin = rsin, .n_pos = o->ctx};
     int64_t qdim = (int64_t)o->n_kv_head * o->n_rep * o->head_dim;
     float *q = malloc(sizeof(float) * (size_t)o->n_seq * qdim);
     float *out = malloc(sizeof(float) * (size_t)o->n_seq * qdim);
@@ -123,7 +134,7 @@ static int bench_codec(const bench_opts *o, const char *codec) {
         job jobs[64];
         double t0 = now(), c0 = cpu_now();
         for (int w = 0; w < o->threads; w++) {
-            jobs[w] = (job){o, pool, seqs, q, out, w};
+            jobs[w] = (job){o, pool, seqs, q, out, w, kvc_keys_pre_rope(pool) ? &rope : NULL};
             if (w > 0) pthread_create(&th[w], NULL, step_worker, &jobs[w]);
         }
         step_worker(&jobs[0]);
@@ -144,7 +155,7 @@ static int bench_codec(const bench_opts *o, const char *codec) {
            1e3 * t_write / o->n_seq, checksum);
     for (int s = 0; s < o->n_seq; s++) kvc_seq_release(pool, &seqs[s]);
     kvc_pool_destroy(pool);
-    free(seqs), free(kv), free(q), free(out);
+    free(seqs), free(kv), free(q), free(out), free(rcos), free(rsin);
     return 0;
 }
 

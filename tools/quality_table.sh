@@ -42,7 +42,10 @@ f32                     f32                     f32
 int8                    int8                    int8
 int4                    int4                    int4
 int4-block32            int4                    int4                    32
+int4-g64                int4:g64                int4:g64
+int4-g64-block32        int4:g64                int4:g64                32
 int4-g64-block64        int4:g64                int4:g64                64
+K-rotated-int4          lowrank:r64:int4        int4:token
 int4-token-K+V          int4:token              int4:token
 K-int4-token            int4:token              f16
 K-int4-channel          int4:channel            f16

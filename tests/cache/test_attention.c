@@ -208,7 +208,10 @@ Test(attention, int4_variants) {
 }
 Test(attention, lowrank) { small_sweep("lowrank:r24", "lowrank:r64", 64); }
 Test(attention, latent) { small_sweep("latent:40", "latent:128", 64); }
-Test(attention, hybrid) { small_sweep("hybrid:r16", "hybrid:latent:72", 64); }
+Test(attention, hybrid) {
+    small_sweep("hybrid:r16", "hybrid:latent:72", 64);
+    small_sweep("lowrank:r64:int4", "latent:72:int4:g64", 64);
+}
 Test(attention, mixed_odd_head) { small_sweep("hybrid:latent:33", "int4", 20); }
 Test(attention, pre_rope) {
     small_sweep("f16:prerope", "int8", 64);

@@ -340,7 +340,8 @@ Test(codec, spec_grammar) {
     static const char *good[] = {"f32", "f16", "int8", "int4", "int4:token", "int4:channel", "int4:g64", "int4:g32",
                                  "int4:token:g64", "int4:token:g32", "lowrank:r8", "lowrank:r16:orthogonal",
                                  "lowrank:r1", "latent:48", "latent:5:orthogonal", "hybrid:r4", "hybrid:r16:orthogonal",
-                                 "hybrid:latent:24", "hybrid:latent:24:orthogonal"};
+                                 "hybrid:latent:24", "hybrid:latent:24:orthogonal", "lowrank:r8:int4",
+                                 "latent:48:orthogonal:int4:g64", "hybrid:r16:int4:g32"};
     for (size_t i = 0; i < sizeof good / sizeof *good; i++) {
         cr_expect_eq(try_spec(good[i], good[i], NULL, err, sizeof err), KVC_OK, "%s: %s", good[i], err);
         char pre[64];
@@ -354,7 +355,8 @@ Test(codec, spec_grammar) {
                                 "lowrank:r8:random", "latent", "latent:r8", "latent:0", "hybrid", "hybrid:latent",
                                 "hybrid:latent:r8", "f16:orthogonal", "int8:pca", "lowrank:r8:pca:orthogonal",
                                 "lowrank:r08", "prerope", "f16:prerope:prerope", "lowrank:r8:", ":lowrank:r8",
-                                "lowrank:r99999999999", "latent:4:pca:x"};
+                                "lowrank:r99999999999", "latent:4:pca:x", "lowrank:r8:int4:pca", "lowrank:r8:int8",
+                                "latent:4:int4:g16", "lowrank:int4", "int8:int4"};
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         cr_expect_eq(try_spec(bad[i], "f16", NULL, err, sizeof err), KVC_ERR_INVAL, "'%s' accepted", bad[i]);
         cr_expect(strstr(err, "unknown codec; valid: f32, f16, int8, int4"), "'%s': %s", bad[i], err);
@@ -364,6 +366,15 @@ Test(codec, spec_grammar) {
     cr_expect(strstr(err, "rank 17 in layer 0: must be 1..16"), "%s", err);
     cr_expect_eq(try_spec("f16", "latent:49", NULL, err, sizeof err), KVC_ERR_INVAL);
     cr_expect(strstr(err, "v_codec \"latent:49\": rank 49 in layer 0: must be 1..48"), "%s", err);
+    /* a latent transforms all kv heads' numbers together: at most 8192 */
+    kvc_config big = {.n_layer = 1, .n_kv_head = 129, .head_dim = 64, .block_size = 16, .memory_bytes = 64u << 20,
+                      .k_codec = "f16", .v_codec = "latent:64"};
+    kvc_pool *bp = NULL;
+    cr_expect_eq(kvc_pool_create(&big, &bp, err, sizeof err), KVC_ERR_INVAL);
+    cr_expect(strstr(err, "a transform of 8256 numbers per token; at most 8192"), "%s", err);
+    big.v_codec = "lowrank:r64";      /* per head is fine */
+    cr_expect_eq(kvc_pool_create(&big, &bp, err, sizeof err), KVC_OK, "%s", err);
+    kvc_pool_destroy(bp);
     /* pca needs a calibration file, and a readable one */
     cr_expect_eq(try_spec("lowrank:r8:pca", "f16", NULL, err, sizeof err), KVC_ERR_INVAL);
     cr_expect(strstr(err, "needs a calibration file"), "%s", err);
@@ -379,6 +390,7 @@ Test(codec, layout_sizes) {
         {"f16", 2048}, {"int8", 1056}, {"int4:token", 512 + 2 * 16 * 4}, {"int4:channel", 512 + 64 * 4},
         {"int4", 512 + 64 * 4},   /* keys per channel */
         {"int4:token:g64", 512 + 16 * 4},
+        {"lowrank:r32:int4", 256 + 16 * 4}, {"lowrank:r40:int4", 320 + 2 * 16 * 4},
         {"lowrank:r32", 32 * 16 * 2}, {"hybrid:r32", 512 + 32}, {"lowrank:r5", 160}, {"hybrid:r5", 80 + 32},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
@@ -488,6 +500,8 @@ Test(codec, transforms_project_onto_orthonormal_bases) {
         {"lowrank:r8", "latent:20", 0x1p-11, 0x1p-11},
         {"hybrid:r8", "hybrid:latent:20", 0.5 / 127 * 1.001 * 2.9, 0.5 / 127 * 1.001 * 4.5},
         {"lowrank:r1", "hybrid:r3", 0x1p-11, 0.5 / 127 * 1.001 * 1.8},
+        /* int4 coefficients: half a step of (max - min) / 15 <= 2 max|c| / 15 each */
+        {"lowrank:r24:int4", "latent:72:int4:g64", 1.0 / 15 * 1.01 * 4.9, 1.0 / 15 * 1.01 * 8.5},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++)
         for (int fs = 0; fs < 2; fs++) {
