@@ -191,11 +191,11 @@ Test(profile, shipped_profiles) {
     static const struct {
         const char *name, *backend, *kv_k, *kv_v;
     } rows[] = {
-        {"laptop", "cpu", "hybrid:latent:64", "hybrid:latent:64"},
-        {"single-gpu", "cuda", "latent:256", "latent:256"},
-        {"multi-gpu", "cuda", "f16", "lowrank:r48"},
-        {"low-latency", "cuda", "latent:128", "latent:128"},
-        {"long-context", "cuda", "lowrank:r32", "lowrank:r32"},
+        {"laptop", "cpu", "int4", "int4"},
+        {"single-gpu", "cuda", "int8", "int8"},
+        {"multi-gpu", "cuda", "f16", "int4"},
+        {"low-latency", "cuda", "int8", "int8"},
+        {"long-context", "cuda", "int4:g64", "int4:g64"},
     };
     for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
         char path[256];
