@@ -419,6 +419,23 @@ int kvc__calib_rank(const kvc__calib *c, int set, int layer, int latent) {
     return (int)c->ranks[set][(latent ? c->n_layer : 0) + layer];
 }
 
+int kvc__calib_rank_energy(const kvc__calib *c, int set, int layer, int latent, double energy) {
+    const int D = c->head_dim, H = c->n_kv_head, n = latent ? H * D : D;
+    double *w = calloc((size_t)n, sizeof(double));
+    KVC__CHECK(w, "out of memory for %d eigenvalues", n);
+    const float *p = c->data[set] + c->per_layer * layer;
+    int rank = 1;
+    for (int g = 0; g < (latent ? 1 : H); g++) {
+        /* per head: (mean, eigenvalues, components) blocks, then the cross-head one */
+        const float *eig = (latent ? p + (size_t)H * (2 * D + (size_t)D * D) : p + (size_t)g * (2 * D + (size_t)D * D)) + n;
+        for (int i = 0; i < n; i++) w[i] = eig[i];
+        int r = rank_for_energy(w, n, energy);
+        rank = r > rank ? r : rank;
+    }
+    free(w);
+    return rank;
+}
+
 void kvc__calib_basis(const kvc__calib *c, int set, int layer, int group, int rank, float *basis, float *mean) {
     const int D = c->head_dim, HD = c->n_kv_head * D;
     const float *p = c->data[set] + c->per_layer * layer;

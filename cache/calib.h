@@ -20,6 +20,10 @@ void kvc__calib_free(kvc__calib *c);
 int kvc__calib_has(const kvc__calib *c, int set);
 /* The rank the file chose for `layer` (per head, or cross-head when latent). */
 int kvc__calib_rank(const kvc__calib *c, int set, int layer, int latent);
+/* The rank keeping `energy` (0, 1] of the variance of (set, layer) by the
+ * file's eigenvalues, as kvserve calibrate --energy chooses it: per head the
+ * largest over the layer's kv heads, or cross-head when latent. */
+int kvc__calib_rank_energy(const kvc__calib *c, int set, int layer, int latent, double energy);
 /* The first `rank` components of (set, layer, group) as the columns of
  * basis (in_dim, rank) row-major, and the mean (in_dim); group -1: the
  * cross-head fit (in_dim = n_kv_head * head_dim), else a kv head's. */

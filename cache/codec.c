@@ -459,7 +459,8 @@ const char *kvc__codec_specs(void) {
     return "f32, f16, int8, int4, int4:token, int4:channel (int4 and int4:token take :g32 or :g64), lowrank:rR, "
            "latent:N, hybrid:rR, hybrid:latent:N "
            "(low-rank specs take :orthogonal (default) or :pca, and with :pca the rank may be left out "
-           "for the calibration file's per-layer ranks; then :int4[:g64] stores the coefficients as int4; "
+           "for the calibration file's per-layer ranks, or be eP for the per-layer ranks keeping P% of the "
+           "variance (lowrank:e95:pca); then :int4[:g64] stores the coefficients as int4; "
            "key specs may end in :prerope)";
 }
 
@@ -467,6 +468,7 @@ typedef struct {
     kvc__fmt fmt;
     kvc__shape shape;
     int rank;          /* 0: the calibration file's per layer */
+    double energy;     /* > 0 (with rank 0): per-layer ranks keeping this share of the variance */
     int pca;
     int pre_rope;
 } parsed_spec;
@@ -533,7 +535,15 @@ static int parse_spec(const char *spec, kvc__role role, parsed_spec *p) {
     } else {
         return -1;
     }
-    if (i < nt && parse_rank(tok[i], r_prefix, &p->rank) == 0) i++;
+    if (i < nt && tok[i][0] == 'e') {      /* eP: P% of the variance, per layer */
+        char *end;
+        double pct = strtod(tok[i] + 1, &end);
+        if (end == tok[i] + 1 || *end || !(pct > 0.0 && pct <= 100.0)) return -1;
+        p->energy = pct / 100.0;
+        i++;
+    } else if (i < nt && parse_rank(tok[i], r_prefix, &p->rank) == 0) {
+        i++;
+    }
     if (i < nt && !strcmp(tok[i], "pca")) p->pca = 1, i++;
     else if (i < nt && !strcmp(tok[i], "orthogonal")) i++;
     /* :int4[:g64]: the coefficients as int4 per token (groups of 32 or 64) */
@@ -542,7 +552,7 @@ static int parse_spec(const char *spec, kvc__role role, parsed_spec *p) {
         if (i < nt && !strcmp(tok[i], "g64")) p->fmt = KVC__U4G64, i++;
         else if (i < nt && !strcmp(tok[i], "g32")) i++;
     }
-    if (i != nt || (p->rank == 0 && !p->pca)) return -1;
+    if (i != nt || (p->rank == 0 && !p->pca)) return -1;   /* energies need pca too */
     return 0;
 }
 
@@ -678,7 +688,9 @@ int kvc__codec_init(kvc__codec *c, const char *spec, const char *field, kvc__rol
     if (!c->dim || !c->block_bytes) goto nomem;
     for (int l = 0; l < n_layer; l++) {
         int r = p.shape == KVC__PLAIN ? head_dim
-                : p.rank ? p.rank : kvc__calib_rank(calib, set, l, p.shape == KVC__LATENT);
+                : p.rank ? p.rank
+                : p.energy > 0 ? kvc__calib_rank_energy(calib, set, l, p.shape == KVC__LATENT, p.energy)
+                : kvc__calib_rank(calib, set, l, p.shape == KVC__LATENT);
         if (r < 1 || r > c->in_dim || r > KVC__DIM_MAX) {
             snprintf(err, errlen, "kvc: %s \"%s\": rank %d in layer %d: must be 1..%d (%s)", field, spec, r, l,
                      c->in_dim < KVC__DIM_MAX ? c->in_dim : KVC__DIM_MAX,

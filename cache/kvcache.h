@@ -56,7 +56,10 @@
  *   BASIS: orthogonal (default: a seeded random orthonormal basis, no
  *   calibration) or pca (from the calibration file, `calib`). With pca the
  *   rank may be left out (lowrank:pca, latent:pca, hybrid:pca,
- *   hybrid:latent:pca): each layer then takes the rank the file chose for it.
+ *   hybrid:latent:pca): each layer then takes the rank the file chose for it;
+ *   or given as eP in place of rR / N (lowrank:e95:pca, latent:e99:pca): each
+ *   layer takes the smallest rank keeping P% of its variance by the file's
+ *   eigenvalues (per head: the largest over the layer's kv heads).
  *   A low-rank spec may then end in :int4[:g64]: the coefficients stored as
  *   int4:token (lowrank:r64:int4 is a random rotation before int4, which
  *   spreads outlier channels over all numbers of a group).

@@ -400,3 +400,64 @@ Test(calib, files_that_do_not_fit_are_refused) {
     unlink(path);
     unlink(bad);
 }
+
+/* The rank of `spec`'s keys (v_role 0) or values in each layer. */
+static void spec_ranks(const char *path, const char *spec, int v_role, int *ranks) {
+    kvc_config c = {.n_layer = L, .n_kv_head = H, .head_dim = D, .block_size = 16, .memory_bytes = 1 << 20,
+                    .k_codec = v_role ? "f16" : spec, .v_codec = v_role ? spec : "f16", .calib = path};
+    kvc_pool *pool;
+    char err[512];
+    cr_assert_eq(kvc_pool_create(&c, &pool, err, sizeof err), KVC_OK, "%s: %s", spec, err);
+    for (int l = 0; l < L; l++) {
+        kvc_basis b;
+        cr_assert_eq(kvc_get_basis(pool, v_role, l, 0, &b), KVC_OK);
+        ranks[l] = b.rank;
+    }
+    kvc_pool_destroy(pool);
+}
+
+/* eP specs take per-layer ranks from the file's eigenvalues: the ranks
+ * `kvserve calibrate --energy P/100` writes, whatever the file was made with. */
+Test(calib, energy_specs_choose_the_ranks_calibrate_writes) {
+    char err[512];
+    const char *by_energy = tmp_path("e90"), *by_rank = tmp_path("r3");
+    kvc_calib_fit *fit = fit_designs(1);
+    kvc_calib_opts o = {.energy = 0.9, .model = "test model"};
+    cr_assert_eq(kvc_calib_fit_write(fit, &o, by_energy, err, sizeof err), KVC_OK, "%s", err);
+    kvc_calib_fit_destroy(fit);
+    fit = fit_designs(1);
+    o = (kvc_calib_opts){.rank = 3, .model = "test model"};
+    cr_assert_eq(kvc_calib_fit_write(fit, &o, by_rank, err, sizeof err), KVC_OK, "%s", err);
+    kvc_calib_fit_destroy(fit);
+    static const struct { const char *file_ranks, *energy; int v_role; } pairs[] = {
+        {"lowrank:pca", "lowrank:e90:pca", 0},          {"lowrank:pca", "lowrank:e90:pca", 1},
+        {"latent:pca", "latent:e90:pca", 0},            {"hybrid:latent:pca", "hybrid:latent:e90:pca", 1},
+        {"hybrid:pca:prerope", "hybrid:e90:pca:prerope", 0},
+    };
+    for (size_t i = 0; i < sizeof pairs / sizeof *pairs; i++) {
+        int want[L], got[L], fixed[L];
+        spec_ranks(by_energy, pairs[i].file_ranks, pairs[i].v_role, want);
+        spec_ranks(by_rank, pairs[i].energy, pairs[i].v_role, got);
+        spec_ranks(by_rank, pairs[i].file_ranks, pairs[i].v_role, fixed);
+        for (int l = 0; l < L; l++) {
+            cr_expect_eq(got[l], want[l], "%s layer %d: rank %d, calibrate --energy 0.9 wrote %d", pairs[i].energy, l,
+                         got[l], want[l]);
+            cr_expect_eq(fixed[l], strstr(pairs[i].file_ranks, "latent") ? 3 * H : 3, "the --rank 3 file's own");
+        }
+    }
+    /* by hand (file_holds_the_known_statistics): layer 0 keeps one direction
+     * per head and two across heads at 90% */
+    int r[L];
+    spec_ranks(by_rank, "lowrank:e90:pca", 0, r);
+    cr_expect_eq(r[0], 1);
+    spec_ranks(by_rank, "latent:e90:pca", 0, r);
+    cr_expect_eq(r[0], 2);
+    spec_ranks(by_rank, "latent:e99.9:pca", 0, r);
+    cr_expect_eq(r[0], 4, "every direction of layer 0 at 99.9%%");
+    static const char *bad[] = {"lowrank:e0:pca", "lowrank:e101:pca", "lowrank:e:pca", "lowrank:e90",
+                                "latent:e90x:pca", "lowrank:e90:r2:pca"};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
+        expect_refused(by_rank, L, H, D, bad[i], "unknown codec", 0);
+    unlink(by_energy);
+    unlink(by_rank);
+}
