@@ -40,14 +40,31 @@ typedef struct eng_backend eng_backend;
 
 typedef struct {
     int n_threads;           /* CPU: compute threads (<= 0: all cores) */
+    /* Absorbed projections (DESIGN.md §4): where the pool stores V, or keys
+     * cached before RoPE, as coefficients on a fixed basis P (kvc_get_basis),
+     * fold P^T into the K/V projection rows once at creation and compute the
+     * coefficients directly (fewer rows than the projection they replace).
+     * Ignored where the codecs have no basis. Off by default: the folded rows
+     * are f32, more bytes per decode step than the quantized rows they replace. */
+    bool absorb;
 } eng_backend_options;
 
-/* The CPU backend. The model and the pool must outlive it. */
+/* The CPU backend. The model and the pool must outlive it. It reads the
+ * pool's codecs: keys cached before RoPE (kvc_keys_pre_rope) are written
+ * unrotated and attended through kvc_attend_rope with the RoPE tables the
+ * queries are rotated with. */
 eng_backend *eng_backend_cpu_create(const eng_model *m, kvc_pool *pool,
                                     const eng_backend_options *opt, char *err, size_t errlen);
 
+/* eng_backend.absorbed: the projections folded into the cache's bases. */
+enum { ENG_ABSORBED_K = 1, ENG_ABSORBED_V = 2 };
+static inline const char *eng_absorbed_name(unsigned a) {
+    return a == (ENG_ABSORBED_K | ENG_ABSORBED_V) ? "K+V" : a == ENG_ABSORBED_K ? "K" : a ? "V" : "none";
+}
+
 struct eng_backend {
     const char *name;
+    unsigned absorbed;       /* ENG_ABSORBED_K | ENG_ABSORBED_V, as eng_backend_options.absorb allowed */
     /* logits: (eng_batch_logit_rows(b), n_vocab). Returns 0, or -1 with a
      * message (a position past the model's limit, out of memory). */
     int (*forward)(eng_backend *be, const eng_batch *b, float *logits, char *err, size_t errlen);

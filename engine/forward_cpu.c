@@ -7,7 +7,15 @@
  * over (segment, kv head, query block) -> output projection -> norm -> fused
  * gate/up matmul -> SiLU*up (GELU for gpt2) -> down projection. Scratch grows
  * with the largest batch seen and is bounded by the scheduler's token budget,
- * never by prompt length. */
+ * never by prompt length.
+ *
+ * Two cache options change the K/V path. Keys cached before RoPE (a K codec
+ * ending in :prerope) are written unrotated and rotated inside attention by
+ * the same cos/sin tables the queries were rotated with. Absorbed projections
+ * (eng_backend_options.absorb): where the cache stores coefficients
+ * c = P^T (x - mean) on a fixed basis P and x = W h + b, the folded rows
+ * P^T W and P^T (b - mean) are built once per layer, and the coefficients
+ * come out of one f32 matmul instead of W's rows followed by the projection. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,6 +26,20 @@
 #include "engine/threadpool.h"
 
 #define QUERY_BLOCK 16  /* query tokens per attention task in a prefill chunk */
+
+/* A layer with absorbed projections. K or V is absorbed when its codec has a
+ * basis (and, for K, when keys are cached before RoPE or the model has no
+ * RoPE: RoPE does not commute with P). */
+typedef struct {
+    eng_layer layer;    /* the model's layer with wqkv / bqkv cut to the rows still
+                         * computed in full: Q, then K and V where not absorbed */
+    bool own_wqkv;      /* layer.wqkv is a copy (Q and V rows, K absorbed), else a view */
+    int k_col, v_col;   /* K's and V's first column in a qkv row; -1: absorbed */
+    eng_tensor w_coef;  /* F32 (n_embd) -> (n_coef): K's groups' coefficients, then V's */
+    float *b_coef;      /* (n_coef) P^T (b - mean) */
+    int n_coef;
+    int v_coef_col;     /* V's first coefficient (K's start at 0) */
+} absorbed_layer;
 
 typedef struct {
     eng_backend base;
@@ -33,7 +55,11 @@ typedef struct {
     float *qkv;   /* (T, qkv_dim) */
     float *hb;    /* (T, 2 n_ff) */
     float *tmp;   /* (T, n_embd) */
+    float *coef;  /* (T, coef_dim) absorbed K/V coefficients */
     int *tok_pos; /* (T) position of each token */
+    bool pre_rope;             /* keys cached before RoPE (kvc_keys_pre_rope) */
+    absorbed_layer *absorbed;  /* (n_layer), or NULL when nothing is absorbed */
+    int coef_dim;              /* max n_coef over layers */
     /* RoPE tables, grown to rope_cap positions: (rope_cap, rope_dim / 2) */
     int rope_cap;
     float *rope_cos, *rope_sin;
@@ -140,7 +166,16 @@ typedef struct {
     row_op op;
     int n_rows, rows_per_task;
     const float *w, *b, *bias;  /* norm weight / norm bias / residual bias */
+    int layer;                  /* OP_QKV_POST */
 } row_job;
+
+/* The rows the QKV matmul computes for layer l, and where K and V sit in them. */
+static const eng_layer *qkv_layer(const cpu_backend *cb, int l, int *k_col, int *v_col) {
+    const absorbed_layer *a = cb->absorbed ? &cb->absorbed[l] : NULL;
+    *k_col = a ? a->k_col : cb->q_dim;
+    *v_col = a ? a->v_col : cb->q_dim + cb->kv_dim;
+    return a ? &a->layer : &cb->m->layers[l];
+}
 
 static void norm_row(const cpu_backend *cb, const float *x, float *out, const float *w, const float *b) {
     const eng_model_config *c = &cb->m->cfg;
@@ -194,13 +229,22 @@ static void row_task(void *ctx, int task, int worker) {
             norm_row(cb, x, xb, j->w, j->b);
             break;
         case OP_QKV_POST: {
+            int k_col, v_col;
+            const eng_layer *L = qkv_layer(cb, j->layer, &k_col, &v_col);
             float *q = cb->qkv + (size_t)r * cb->qkv_dim;
-            if (j->bias)
-                for (int i = 0; i < cb->qkv_dim; i++)
-                    q[i] += j->bias[i];
+            if (L->bqkv.data)
+                for (int i = 0; i < L->wqkv.ne[1]; i++)
+                    q[i] += ((const float *)L->bqkv.data)[i];
+            if (cb->absorbed) {
+                const absorbed_layer *a = &cb->absorbed[j->layer];
+                float *cf = cb->coef + (size_t)r * cb->coef_dim;
+                for (int i = 0; i < a->n_coef; i++)
+                    cf[i] += a->b_coef[i];
+            }
             if (c->arch != ENG_ARCH_GPT2) {
                 rope_apply(cb, q, c->n_head, cb->tok_pos[r]);
-                rope_apply(cb, q + cb->q_dim, c->n_kv_head, cb->tok_pos[r]);
+                if (k_col >= 0 && !cb->pre_rope)
+                    rope_apply(cb, q + k_col, c->n_kv_head, cb->tok_pos[r]);
             }
             break;
         }
@@ -220,18 +264,28 @@ static void row_task(void *ctx, int task, int worker) {
     }
 }
 
-static void run_rows(cpu_backend *cb, row_op op, int n_rows, const float *w, const float *b,
-                     const float *bias) {
-    row_job j = {.cb = cb, .op = op, .n_rows = n_rows, .w = w, .b = b, .bias = bias};
-    if (n_rows < 4) { /* decode: not worth waking the workers */
-        j.rows_per_task = n_rows;
-        row_task(&j, 0, 0);
+static void run_job(cpu_backend *cb, row_job *j) {
+    if (j->n_rows < 4) { /* decode: not worth waking the workers */
+        j->rows_per_task = j->n_rows;
+        row_task(j, 0, 0);
         return;
     }
     int n_tasks = cb->n_threads * 4;
-    j.rows_per_task = (n_rows + n_tasks - 1) / n_tasks;
-    n_tasks = (n_rows + j.rows_per_task - 1) / j.rows_per_task;
-    eng_threadpool_run(cb->tp, row_task, &j, n_tasks);
+    j->rows_per_task = (j->n_rows + n_tasks - 1) / n_tasks;
+    n_tasks = (j->n_rows + j->rows_per_task - 1) / j->rows_per_task;
+    eng_threadpool_run(cb->tp, row_task, j, n_tasks);
+}
+
+static void run_rows(cpu_backend *cb, row_op op, int n_rows, const float *w, const float *b,
+                     const float *bias) {
+    row_job j = {.cb = cb, .op = op, .n_rows = n_rows, .w = w, .b = b, .bias = bias};
+    run_job(cb, &j);
+}
+
+/* Biases of layer l's QKV rows (and absorbed coefficients), then RoPE. */
+static void run_qkv_post(cpu_backend *cb, int n_rows, int layer) {
+    row_job j = {.cb = cb, .op = OP_QKV_POST, .n_rows = n_rows, .layer = layer};
+    run_job(cb, &j);
 }
 
 /* ---- attention -------------------------------------------------------------- */
@@ -245,6 +299,7 @@ typedef struct {
     const eng_batch *b;
     int layer;
     att_unit *units;
+    const kvc_rope *rope;   /* the queries' RoPE, for keys cached before it */
 } att_job;
 
 static void att_task(void *ctx, int task, int worker) {
@@ -256,9 +311,32 @@ static void att_task(void *ctx, int task, int worker) {
     const int n_rep = c->n_head / c->n_kv_head;
     const size_t hoff = (size_t)u->kv_head * n_rep * c->head_dim;
     const int row = u->row0 + u->q0;
-    kvc_attend(cb->pool, s->seq, j->layer, u->kv_head, cb->qkv + (size_t)row * cb->qkv_dim + hoff,
-               cb->qkv_dim, u->nq, n_rep, s->pos0 + u->q0, 1.0f / sqrtf((float)c->head_dim),
-               cb->xb + (size_t)row * cb->q_dim + hoff, cb->q_dim, cb->att_scratch[worker]);
+    kvc_attend_rope(cb->pool, s->seq, j->layer, u->kv_head, cb->qkv + (size_t)row * cb->qkv_dim + hoff,
+                    cb->qkv_dim, u->nq, n_rep, s->pos0 + u->q0, 1.0f / sqrtf((float)c->head_dim),
+                    cb->xb + (size_t)row * cb->q_dim + hoff, cb->q_dim, cb->att_scratch[worker], j->rope);
+}
+
+/* ---- K/V into the cache -------------------------------------------------------- */
+
+/* Writes every segment's K and V of layer l into its pages: from the qkv
+ * rows, or as absorbed coefficients. Returns 0, or -1 when a page shared
+ * with another sequence needs a copy and no page is free. */
+static int write_kv(cpu_backend *cb, const eng_batch *b, int l, int k_col, int v_col, char *err, size_t errlen) {
+    const absorbed_layer *a = cb->absorbed ? &cb->absorbed[l] : NULL;
+    int row = 0;
+    for (int i = 0; i < b->n_segs; i++) {
+        const eng_segment *s = &b->segs[i];
+        const float *qkv = cb->qkv + (size_t)row * cb->qkv_dim, *coef = cb->coef + (size_t)row * cb->coef_dim;
+        const float *k = k_col >= 0 ? qkv + k_col : coef;
+        const float *v = v_col >= 0 ? qkv + v_col : coef + a->v_coef_col;
+        if (kvc_write_ex(cb->pool, s->seq, l, s->pos0, s->n_tokens, k, k_col >= 0 ? cb->qkv_dim : cb->coef_dim,
+                         k_col < 0, v, v_col >= 0 ? cb->qkv_dim : cb->coef_dim, v_col < 0) != KVC_OK) {
+            snprintf(err, errlen, "forward: segment %d: no free KV page to copy a shared page into", i);
+            return -1;
+        }
+        row += s->n_tokens;
+    }
+    return 0;
 }
 
 /* ---- scratch ---------------------------------------------------------------- */
@@ -268,10 +346,10 @@ static int grow(cpu_backend *cb, int n_tokens, int max_ctx) {
     if (n_tokens > cb->cap_tokens) {
         int cap = n_tokens;
         size_t wide = (size_t)(c->n_embd > cb->q_dim ? c->n_embd : cb->q_dim);
-        float **bufs[] = {&cb->x, &cb->xb, &cb->qkv, &cb->hb, &cb->tmp};
+        float **bufs[] = {&cb->x, &cb->xb, &cb->qkv, &cb->hb, &cb->tmp, &cb->coef};
         size_t widths[] = {(size_t)c->n_embd, wide, (size_t)cb->qkv_dim, 2 * (size_t)c->n_ff,
-                           (size_t)c->n_embd};
-        for (int i = 0; i < 5; i++) {
+                           (size_t)c->n_embd, (size_t)(cb->coef_dim ? cb->coef_dim : 1)};
+        for (int i = 0; i < 6; i++) {
             free(*bufs[i]);
             *bufs[i] = aligned_alloc(64, ((size_t)cap * widths[i] * sizeof(float) + 63) & ~(size_t)63);
             if (!*bufs[i])
@@ -362,21 +440,25 @@ static int cpu_forward(eng_backend *be, const eng_batch *b, float *logits, char 
         }
     }
 
+    /* the tables rope_apply rotates queries with, for keys cached before RoPE */
+    const kvc_rope rope = {.rope_dim = c->arch == ENG_ARCH_GPT2 ? 0 : c->rope_dim,
+                           .neox = c->rope_style == ENG_ROPE_NEOX, .cos = cb->rope_cos, .sin = cb->rope_sin,
+                           .n_pos = cb->rope_cap};
     const float *F = NULL;
 #define VEC(t) ((const float *)(t).data)
     run_rows(cb, OP_NORM, T, VEC(m->layers[0].attn_norm), VEC(m->layers[0].attn_norm_b), F);
     for (int l = 0; l < c->n_layer; l++) {
-        const eng_layer *L = &m->layers[l];
+        int k_col, v_col;
+        const eng_layer *L = qkv_layer(cb, l, &k_col, &v_col);
         eng_matmul(cb->tp, &L->wqkv, cb->xb, T, cb->qkv, cb->qkv_dim);
-        run_rows(cb, OP_QKV_POST, T, F, F, VEC(L->bqkv));
-        row = 0;
-        for (int i = 0; i < b->n_segs; i++) {
-            const eng_segment *s = &b->segs[i];
-            const float *k = cb->qkv + (size_t)row * cb->qkv_dim + cb->q_dim;
-            kvc_write(cb->pool, s->seq, l, s->pos0, s->n_tokens, k, k + cb->kv_dim, cb->qkv_dim);
-            row += s->n_tokens;
+        if (cb->absorbed)
+            eng_matmul(cb->tp, &cb->absorbed[l].w_coef, cb->xb, T, cb->coef, cb->coef_dim);
+        run_qkv_post(cb, T, l);
+        if (write_kv(cb, b, l, k_col, v_col, err, errlen)) {
+            free(units);
+            return -1;
         }
-        att_job aj = {.cb = cb, .b = b, .layer = l, .units = units};
+        att_job aj = {.cb = cb, .b = b, .layer = l, .units = units, .rope = &rope};
         if (n_units == 1)
             att_task(&aj, 0, 0);
         else
@@ -420,14 +502,160 @@ static int cpu_forward(eng_backend *be, const eng_batch *b, float *logits, char 
     return 0;
 }
 
+/* ---- absorbed projections ------------------------------------------------------ */
+
+static void absorbed_free(cpu_backend *cb) {
+    if (!cb->absorbed)
+        return;
+    for (int l = 0; l < cb->m->cfg.n_layer; l++) {
+        absorbed_layer *a = &cb->absorbed[l];
+        if (a->own_wqkv)
+            eng_tensor_free(&a->layer.wqkv);
+        free(a->layer.bqkv.data);
+        eng_tensor_free(&a->w_coef);
+        free(a->b_coef);
+    }
+    free(cb->absorbed);
+    cb->absorbed = NULL;
+}
+
+/* Rows [row0, row0 + n) of w, without copying. */
+static eng_tensor rows_view(const eng_tensor *w, int64_t row0, int64_t n) {
+    eng_tensor v = *w;
+    v.data = (char *)w->data + (size_t)row0 * eng_row_bytes(w->type, w->ne[0]);
+    v.ne[1] = n;
+    v.owned = false;
+    return v;
+}
+
+/* Folds one role's bases into coefficient rows: for each group g and basis
+ * column r, w_out[g R + r] = sum_d P[d][r] W[g in_dim + d] and b_out[g R + r] =
+ * sum_d P[d][r] (b[g in_dim + d] - mean[d]), in double. W: the role's decoded
+ * projection rows (kv_dim, n_embd); b: their bias, or NULL. */
+static void fold_role(const cpu_backend *cb, int v, int l, const float *W, const float *b, float *w_out,
+                      float *b_out, double *acc) {
+    const int n_embd = cb->m->cfg.n_embd;
+    kvc_basis bs;
+    kvc_get_basis(cb->pool, v, l, 0, &bs);   /* the caller checked that the role has one */
+    const int n_groups = bs.n_groups;
+    for (int g = 0; g < n_groups; g++) {
+        kvc_get_basis(cb->pool, v, l, g, &bs);
+        for (int r = 0; r < bs.rank; r++) {
+            double bsum = 0;
+            memset(acc, 0, sizeof(double) * (size_t)n_embd);
+            for (int d = 0; d < bs.in_dim; d++) {
+                double p = bs.basis[(size_t)d * bs.rank + r];
+                const float *wr = W + (size_t)(g * bs.in_dim + d) * n_embd;
+                for (int e = 0; e < n_embd; e++)
+                    acc[e] += p * wr[e];
+                bsum += p * ((b ? b[g * bs.in_dim + d] : 0.0) - (bs.mean ? bs.mean[d] : 0.0));
+            }
+            size_t o = (size_t)g * bs.rank + r;
+            for (int e = 0; e < n_embd; e++)
+                w_out[o * n_embd + e] = (float)acc[e];
+            b_out[o] = (float)bsum;
+        }
+    }
+}
+
+/* Coefficients per token of one role in layer l (0 when it has no basis). */
+static int role_coefs(const cpu_backend *cb, int v, int l) {
+    kvc_basis bs;
+    return kvc_get_basis(cb->pool, v, l, 0, &bs) == KVC_OK ? bs.n_groups * bs.rank : 0;
+}
+
+/* Fills cb->absorbed[l]. W (2 kv_dim, n_embd) and acc (n_embd) are scratch.
+ * Returns 0, or -1 with a message. */
+static int absorb_layer(cpu_backend *cb, int l, bool k_abs, bool v_abs, float *W, double *acc, char *err,
+                        size_t errlen) {
+    const int n_embd = cb->m->cfg.n_embd, q_dim = cb->q_dim, kv_dim = cb->kv_dim;
+    const eng_layer *L = &cb->m->layers[l];
+    absorbed_layer *a = &cb->absorbed[l];
+    a->layer = *L;   /* views of the model's tensors; only wqkv, bqkv, w_coef, b_coef are ours */
+    a->layer.wqkv = (eng_tensor){0};
+    a->layer.bqkv = (eng_tensor){0};
+    a->k_col = k_abs ? -1 : q_dim;
+    a->v_col = v_abs ? -1 : k_abs ? q_dim : q_dim + kv_dim;
+    /* the rows still computed in full: a prefix of wqkv, or its Q and V rows */
+    const int prefix = k_abs ? q_dim : q_dim + kv_dim;
+    if (k_abs && !v_abs) {
+        eng_tensor parts[2] = {rows_view(&L->wqkv, 0, q_dim), rows_view(&L->wqkv, q_dim + kv_dim, kv_dim)};
+        if (eng_tensor_concat_rows(parts, 2, &a->layer.wqkv, err, errlen))
+            return -1;
+        a->own_wqkv = true;
+    } else {
+        a->layer.wqkv = rows_view(&L->wqkv, 0, prefix);
+    }
+    const int width = (int)a->layer.wqkv.ne[1];
+    const float *bias = L->bqkv.data;
+    if (bias) {
+        float *bq = malloc(sizeof(float) * (size_t)width);
+        if (!bq)
+            goto nomem;
+        memcpy(bq, bias, sizeof(float) * (size_t)prefix);
+        if (k_abs && !v_abs)
+            memcpy(bq + q_dim, bias + q_dim + kv_dim, sizeof(float) * (size_t)kv_dim);
+        a->layer.bqkv = (eng_tensor){.type = ENG_F32, .ne = {width, 1}, .data = bq, .owned = true};
+    }
+    const int nk = k_abs ? role_coefs(cb, 0, l) : 0, nv = v_abs ? role_coefs(cb, 1, l) : 0;
+    a->n_coef = nk + nv;
+    a->v_coef_col = nk;
+    float *wc = aligned_alloc(64, (sizeof(float) * (size_t)a->n_coef * n_embd + 63) & ~(size_t)63);
+    a->w_coef = (eng_tensor){.type = ENG_F32, .ne = {n_embd, a->n_coef}, .data = wc, .owned = true};
+    a->b_coef = malloc(sizeof(float) * (size_t)a->n_coef);
+    if (!wc || !a->b_coef)
+        goto nomem;
+    for (int i = 0; i < 2 * kv_dim; i++)
+        eng_weight_get_row(&L->wqkv, q_dim + i, W + (size_t)i * n_embd);
+    if (k_abs)
+        fold_role(cb, 0, l, W, bias ? bias + q_dim : NULL, wc, a->b_coef, acc);
+    if (v_abs)
+        fold_role(cb, 1, l, W + (size_t)kv_dim * n_embd, bias ? bias + q_dim + kv_dim : NULL,
+                  wc + (size_t)nk * n_embd, a->b_coef + nk, acc);
+    if (a->n_coef > cb->coef_dim)
+        cb->coef_dim = a->n_coef;
+    return 0;
+nomem:
+    snprintf(err, errlen, "cpu backend: out of memory for absorbed projections");
+    return -1;
+}
+
+/* Builds cb->absorbed when the codecs allow it. Returns 0, or -1 with a message. */
+static int absorbed_init(cpu_backend *cb, char *err, size_t errlen) {
+    const eng_model_config *c = &cb->m->cfg;
+    const bool k_abs = role_coefs(cb, 0, 0) > 0 && (cb->pre_rope || c->arch == ENG_ARCH_GPT2);
+    const bool v_abs = role_coefs(cb, 1, 0) > 0;
+    if (!k_abs && !v_abs)
+        return 0;
+    cb->absorbed = calloc((size_t)c->n_layer, sizeof *cb->absorbed);
+    float *W = malloc(sizeof(float) * (size_t)2 * cb->kv_dim * c->n_embd);
+    double *acc = malloc(sizeof(double) * (size_t)c->n_embd);
+    int rc = 0;
+    if (!cb->absorbed || !W || !acc) {
+        snprintf(err, errlen, "cpu backend: out of memory for absorbed projections");
+        rc = -1;
+    }
+    for (int l = 0; l < c->n_layer && !rc; l++)
+        rc = absorb_layer(cb, l, k_abs, v_abs, W, acc, err, errlen);
+    free(W);
+    free(acc);
+    if (rc)
+        absorbed_free(cb);
+    else
+        cb->base.absorbed = (k_abs ? ENG_ABSORBED_K : 0) | (v_abs ? ENG_ABSORBED_V : 0);
+    return rc;
+}
+
 static void cpu_destroy(eng_backend *be) {
     cpu_backend *cb = (cpu_backend *)be;
+    absorbed_free(cb);
     eng_threadpool_destroy(cb->tp);
     free(cb->x);
     free(cb->xb);
     free(cb->qkv);
     free(cb->hb);
     free(cb->tmp);
+    free(cb->coef);
     free(cb->tok_pos);
     free(cb->rope_cos);
     free(cb->rope_sin);
@@ -470,5 +698,10 @@ eng_backend *eng_backend_cpu_create(const eng_model *m, kvc_pool *pool, const en
         return NULL;
     }
     rope_init_freqs(cb);
+    cb->pre_rope = kvc_keys_pre_rope(pool);
+    if (opt && opt->absorb && absorbed_init(cb, err, errlen)) {
+        cpu_destroy(&cb->base);
+        return NULL;
+    }
     return &cb->base;
 }
