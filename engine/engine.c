@@ -1076,6 +1076,9 @@ int eng_engine_submit(eng_engine *e, const eng_request *q, uint64_t *id, char *e
         goto oom;
     r->t_submit = now_s();
 
+    /* once r is queued the engine may finish and free it at any moment: only
+     * what was read under the lock may be used after it */
+    uint64_t new_id = 0;
     pthread_mutex_lock(&e->ev_lock);
     pthread_mutex_lock(&e->q_lock);
     if (e->stopping) {
@@ -1086,7 +1089,7 @@ int eng_engine_submit(eng_engine *e, const eng_request *q, uint64_t *id, char *e
         snprintf(err, errlen, "engine: overloaded: %d requests are waiting already (max_waiting %d)",
                  e->n_incoming + e->n_waiting_pub, e->cfg.max_waiting);
     } else {
-        r->id = e->next_id++;
+        r->id = new_id = e->next_id++;
         registry_add(e, r);
         if (e->in_tail)
             e->in_tail->qnext = r;
@@ -1104,7 +1107,7 @@ int eng_engine_submit(eng_engine *e, const eng_request *q, uint64_t *id, char *e
         return rc;
     }
     if (id)
-        *id = r->id;
+        *id = new_id;
     return ENG_OK;
 oom:
     req_free(e, r);

@@ -124,7 +124,8 @@ eng_engine *eng_engine_create(const eng_engine_config *cfg, char *err, size_t er
 void eng_engine_destroy(eng_engine *e);
 
 /* Queues a request; returns ENG_OK and its id in *id, or an error code with a
- * message. Never blocks on compute. */
+ * message. Never blocks on compute. Its events may begin, and even end, on the
+ * engine thread before this returns. */
 int eng_engine_submit(eng_engine *e, const eng_request *req, uint64_t *id, char *err, size_t errlen);
 /* Cancels a request (no-op when it already finished). See the contract above. */
 void eng_engine_cancel(eng_engine *e, uint64_t id);
