@@ -3,7 +3,9 @@
  * Prefill: one prompt of --prompt-len tokens in chunks of --batch; decode:
  * --gen-len greedy steps after it. The prompt is real text from a file when
  * --text is given, else a fixed pseudo-random token sequence. Each run starts
- * from an empty cache; the figures are medians over --repeat runs. */
+ * from an empty cache; the figures are medians over --repeat runs. --absorb
+ * folds the K/V projections into the KV codecs' bases where they have one, to
+ * time prefill with and without (README, "The KV cache"). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,7 +17,8 @@
 
 static const char usage[] =
     "usage: kvserve bench --model PATH [--prompt-len N] [--gen-len N] [--repeat N]\n"
-    "                     [--kv SPEC] [--threads N] [--batch N] [--json]\n\n"
+    "                     [--kv SPEC | --kv-k SPEC --kv-v SPEC] [--calib FILE] [--absorb]\n"
+    "                     [--threads N] [--batch N] [--json]\n\n"
     "Single-stream prefill and decode tokens/s.\n"
     "With --concurrency N: the engine benchmark (kvserve bench --concurrency N --help).\n"
     "With --capacity: bytes per token and what fits in --kv-memory, per KV setting (--capacity --help).";
@@ -118,15 +121,19 @@ int cmd_bench(int argc, char **argv) {
     for (int i = 1; i < argc; i++)
         if (!strncmp(argv[i], "--concurrency", 13) && (argv[i][13] == 0 || argv[i][13] == '='))
             return cmd_bench_engine(argc, argv);
-    const char *model = NULL, *kv = NULL;
+    const char *model = NULL, *kv = NULL, *kv_k = NULL, *kv_v = NULL, *calib = NULL;
     int prompt_len = 512, gen_len = 128, repeat = 3, threads = 0, batch = 512;
-    bool json = false;
+    bool json = false, absorb = false;
     const cli_flag flags[] = {
         {"--model", CLI_STR, &model, "GGUF file or Hugging Face directory"},
         {"--prompt-len", CLI_INT, &prompt_len, "prompt tokens (default 512)"},
         {"--gen-len", CLI_INT, &gen_len, "generated tokens (default 128)"},
         {"--repeat", CLI_INT, &repeat, "runs; medians are reported (default 3)"},
         {"--kv", CLI_STR, &kv, "KV codec for keys and values (default f32)"},
+        {"--kv-k", CLI_STR, &kv_k, "KV codec for keys"},
+        {"--kv-v", CLI_STR, &kv_v, "KV codec for values"},
+        {"--calib", CLI_STR, &calib, "calibration file for pca codecs"},
+        {"--absorb", CLI_BOOL, &absorb, "fold the K/V projections into the codecs' bases where they have one"},
         {"--threads", CLI_INT, &threads, "compute threads (default: all cores)"},
         {"--batch", CLI_INT, &batch, "prefill chunk in tokens (default 512)"},
         {"--json", CLI_BOOL, &json, "print one JSON object"},
@@ -150,10 +157,26 @@ int cmd_bench(int argc, char **argv) {
         cli_runtime_close(&rt);
         return 2;
     }
-    cli_runtime_opts ro = {.threads = threads, .ctx_tokens = n_ctx, .n_seqs = 1, .kv_k = kv, .kv_v = kv};
+    if (!kv_k)
+        kv_k = kv;
+    if (!kv_v)
+        kv_v = kv;
+    cli_runtime_opts ro = {.threads = threads, .ctx_tokens = n_ctx, .n_seqs = 1, .kv_k = kv_k, .kv_v = kv_v,
+                           .calib = calib};
+    char err[512];
     if (cli_runtime_start(&rt, &ro)) {
         cli_runtime_close(&rt);
         return 1;
+    }
+    if (absorb) { /* the runtime's backend, rebuilt with the projections absorbed */
+        eng_backend_destroy(rt.backend);
+        rt.backend = eng_backend_cpu_create(m, rt.pool, &(eng_backend_options){.n_threads = threads, .absorb = true},
+                                            err, sizeof err);
+        if (!rt.backend) {
+            fprintf(stderr, "kvserve bench: %s\n", err);
+            cli_runtime_close(&rt);
+            return 1;
+        }
     }
     const int n_vocab = m->cfg.n_vocab;
     int32_t *ids = malloc((size_t)(n_ctx + 1) * sizeof *ids);
@@ -169,7 +192,6 @@ int cmd_bench(int argc, char **argv) {
         x ^= x << 13, x ^= x >> 7, x ^= x << 17;
         ids[i] = (int32_t)(x % (uint64_t)(n_vocab < 32000 ? n_vocab : 32000));
     }
-    char err[512];
     for (int r = 0; r < repeat && !rc; r++) {
         kvc_seq seq = {0};
         if (kvc_seq_reserve(rt.pool, &seq, n_ctx) != KVC_OK) {
@@ -211,14 +233,16 @@ int cmd_bench(int argc, char **argv) {
         if (json)
             printf("{\"model\": \"%s\", \"prefill_tokens_per_s\": %.1f, \"decode_tokens_per_s\": %.1f, "
                    "\"prompt_len\": %d, \"gen_len\": %d, \"repeat\": %d, \"threads\": %d, \"isa\": \"%s\", "
-                   "\"layer_weights\": \"%s\", \"output_weights\": \"%s\", \"kv\": \"%s\"}\n",
+                   "\"layer_weights\": \"%s\", \"output_weights\": \"%s\", \"kv_k\": \"%s\", \"kv_v\": \"%s\", "
+                   "\"absorbed\": \"%s\"}\n",
                    m->name ? m->name : model, pre[repeat / 2], dec[repeat / 2], prompt_len, gen_len, repeat, nt,
-                   eng_matmul_isa(), wfmt, ofmt, kv ? kv : "f32");
+                   eng_matmul_isa(), wfmt, ofmt, kv_k ? kv_k : "f32", kv_v ? kv_v : "f32",
+                   eng_absorbed_name(rt.backend->absorbed));
         else
             printf("prefill %.1f tok/s (%d-token prompt), decode %.1f tok/s (%d tokens); weights %s/%s, "
-                   "kernels %s, KV %s\n",
+                   "kernels %s, KV %s/%s, absorbed %s\n",
                    pre[repeat / 2], prompt_len, dec[repeat / 2], gen_len, wfmt, ofmt, eng_matmul_isa(),
-                   kv ? kv : "f32");
+                   kv_k ? kv_k : "f32", kv_v ? kv_v : "f32", eng_absorbed_name(rt.backend->absorbed));
     }
 done:
     free(ids);

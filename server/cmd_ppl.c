@@ -6,7 +6,9 @@
  * own from an empty cache: token t is scored from tokens [0, t) of its window,
  * so a window of C tokens contributes C - 1 predictions (C when the model wants
  * BOS, which then leads each window). K/V pass through the chosen codecs as in
- * serving: prefill chunks are compressed as they are written. */
+ * serving: prefill chunks are compressed as they are written. With --absorb
+ * the K/V projections are folded into the codecs' bases where they have one
+ * (eng_backend_options.absorb). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,7 +19,8 @@
 
 static const char usage[] =
     "usage: kvserve ppl --model PATH --text FILE [--ctx N] [--max-tokens N] [--json]\n"
-    "                   [--kv SPEC | --kv-k SPEC --kv-v SPEC] [--calib FILE] [--batch N] [--threads N]\n\n"
+    "                   [--kv SPEC | --kv-k SPEC --kv-v SPEC] [--calib FILE] [--absorb] [--batch N]\n"
+    "                   [--threads N]\n\n"
     "Perplexity over non-overlapping windows of --ctx tokens; progress on stderr.";
 
 /* -log p(target) from one row of logits, in double. */
@@ -35,7 +38,7 @@ static double nll_of(const float *logits, int n_vocab, int32_t target) {
 int cmd_ppl(int argc, char **argv) {
     const char *model = NULL, *text_path = NULL, *kv = NULL, *kv_k = NULL, *kv_v = NULL, *calib = NULL;
     int ctx = 512, max_tokens = 0, batch = 512, threads = 0, block_size = 16;
-    bool json = false;
+    bool json = false, absorb = false;
     const cli_flag flags[] = {
         {"--model", CLI_STR, &model, "GGUF file or Hugging Face directory"},
         {"--text", CLI_STR, &text_path, "UTF-8 text file"},
@@ -45,6 +48,7 @@ int cmd_ppl(int argc, char **argv) {
         {"--kv-k", CLI_STR, &kv_k, "KV codec for keys"},
         {"--kv-v", CLI_STR, &kv_v, "KV codec for values"},
         {"--calib", CLI_STR, &calib, "calibration file for pca codecs (kvserve calibrate)"},
+        {"--absorb", CLI_BOOL, &absorb, "fold the K/V projections into the codecs' bases where they have one"},
         {"--block-size", CLI_INT, &block_size, "tokens per KV page (default 16)"},
         {"--batch", CLI_INT, &batch, "prefill chunk in tokens (default 512)"},
         {"--threads", CLI_INT, &threads, "compute threads (default: all cores)"},
@@ -107,6 +111,17 @@ int cmd_ppl(int argc, char **argv) {
         cli_runtime_close(&rt);
         return 1;
     }
+    if (absorb) { /* the runtime's backend, rebuilt with the projections absorbed */
+        eng_backend_destroy(rt.backend);
+        rt.backend = eng_backend_cpu_create(m, rt.pool, &(eng_backend_options){.n_threads = threads, .absorb = true},
+                                            err, sizeof err);
+        if (!rt.backend) {
+            fprintf(stderr, "kvserve ppl: %s\n", err);
+            free(ids);
+            cli_runtime_close(&rt);
+            return 1;
+        }
+    }
     const int n_vocab = m->cfg.n_vocab;
     if (batch > ctx)
         batch = ctx;
@@ -163,12 +178,13 @@ int cmd_ppl(int argc, char **argv) {
         if (json)
             printf("{\"ppl\": %.6f, \"tokens\": %ld, \"ctx\": %d, \"windows\": %d, \"kv_k\": \"%s\", "
                    "\"kv_v\": \"%s\", \"bytes_per_token\": %zu, \"compression_ratio\": %.4f, "
-                   "\"seconds\": %.3f, \"tokens_per_s\": %.1f}\n",
+                   "\"absorbed\": \"%s\", \"seconds\": %.3f, \"tokens_per_s\": %.1f}\n",
                    ppl, scored, ctx, n_windows, kv_k ? kv_k : "f32", kv_v ? kv_v : "f32", bpt, f16_bpt / bpt,
-                   secs, (double)n_ids / secs);
+                   eng_absorbed_name(rt.backend->absorbed), secs, (double)n_ids / secs);
         else
-            printf("ppl = %.4f over %ld tokens (ctx %d, %d windows, KV %s/%s, %zu bytes/token) in %.1f s\n", ppl,
-                   scored, ctx, n_windows, kv_k ? kv_k : "f32", kv_v ? kv_v : "f32", bpt, secs);
+            printf("ppl = %.4f over %ld tokens (ctx %d, %d windows, KV %s/%s, %zu bytes/token, absorbed %s) "
+                   "in %.1f s\n", ppl, scored, ctx, n_windows, kv_k ? kv_k : "f32", kv_v ? kv_v : "f32", bpt,
+                   eng_absorbed_name(rt.backend->absorbed), secs);
     }
     free(logits);
     free(win);
