@@ -137,7 +137,7 @@ struct eng_engine {
     /* engine thread only */
     eng_seq **running;          /* (cap_running) */
     int n_running, cap_running;
-    eng_seq **waiting;          /* (cap_waiting) sorted: priority desc, then id, then index */
+    eng_seq **waiting;          /* (cap_waiting) sorted by seq_before */
     int n_waiting, cap_waiting;
     eng_segment *segs;          /* (cap_segs) this step's batch */
     eng_seq **seg_seq;          /* (cap_segs) the sequence of each segment */
@@ -251,10 +251,13 @@ static eng_seq *seq_new(eng_engine *e, eng_req *r, int index, const int32_t *pro
     return s;
 }
 
-/* Scheduling order: higher priority first, then earlier arrival, then choice index. */
+/* Scheduling order: lower priority value first (vLLM's convention), then
+ * earlier arrival (ids grow with submission), then choice index. Admission
+ * takes the waiting queue from the front; preemption takes its victims from
+ * the back of the running list. */
 static int seq_before(const eng_seq *a, const eng_seq *b) {
     if (a->req->priority != b->req->priority)
-        return a->req->priority > b->req->priority;
+        return a->req->priority < b->req->priority;
     if (a->req->id != b->req->id)
         return a->req->id < b->req->id;
     return a->index < b->index;
@@ -604,9 +607,10 @@ static void step(eng_engine *e) {
         budget -= (N);                                                                              \
     } while (0)
 
-    /* 1. decode: one token per running sequence, oldest first; when the pool is
-     * out of pages the newest running sequence gives its pages back. Victims are
-     * never sequences already in this batch (they are all older). */
+    /* 1. decode: one token per running sequence in scheduling order; when the
+     * pool is out of pages the last running sequence in that order (the largest
+     * priority value, then the newest) gives its pages back. Victims are never
+     * sequences already in this batch: those all come before s. */
     for (int i = 0; i < e->n_running && budget > 0; i++) {
         eng_seq *s = e->running[i];
         if (s->n_tokens - s->n_computed != 1)

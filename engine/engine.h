@@ -18,10 +18,13 @@
  *
  * Scheduling (iteration-level, continuous batching): each step mixes the decode
  * tokens of running sequences with prefill chunks of waiting ones, under
- * max_batched_tokens and max_seqs; a request is admitted only when the pool has
- * pages for its prompt plus a watermark kept for decode; when decode runs out of
- * pages the newest sequence is preempted (pages freed, recomputed later, its
- * output unchanged).
+ * max_batched_tokens and max_seqs. Requests are ordered by (priority, arrival):
+ * a lower priority value first, FCFS within one. The waiting queue is admitted
+ * in that order, and only while the pool has pages for the head's prompt plus a
+ * watermark kept for decode (the head is never overtaken). When decode runs out
+ * of pages the last sequence in that order (the largest priority value, then the
+ * newest) is preempted: pages freed, recomputed later from its place in the
+ * waiting queue, its output unchanged.
  *
  * Events: every generated token of a choice is one event (token, logprob,
  * text delta); the last one carries the finish reason and the usage. When a
@@ -103,7 +106,9 @@ typedef struct {
     int n_stop_ids;
     bool ignore_eos;
     bool logprobs;              /* report each token's logprob */
-    int priority;               /* higher first; FCFS within a priority */
+    int priority;               /* lower value served first (vLLM's convention), 0 by default;
+                                 * FCFS within a priority. Decides admission order and, when
+                                 * decode runs out of pages, the victim (largest value, newest) */
     eng_event_cb on_event;
     void *user;
 } eng_request;

@@ -43,8 +43,11 @@ typedef struct {
     int n_events;
     int after_final;          /* events that came after the choice's final event */
     int bad_usage;
+    int final_seq;            /* when the last final event came, from final_counter */
     char error[256];
 } result;
+
+static atomic_int final_counter; /* final events seen, all requests */
 
 static void on_event(const eng_event *ev, void *user) {
     result *r = user;
@@ -74,6 +77,7 @@ static void on_event(const eng_event *ev, void *user) {
         r->completion[c] = ev->completion_tokens;
         r->prompt_tokens = ev->prompt_tokens;
         r->n_final++;
+        r->final_seq = atomic_fetch_add(&final_counter, 1);
         if (ev->error)
             snprintf(r->error, sizeof r->error, "%s", ev->error);
     }
@@ -751,37 +755,109 @@ Test(engine, smollm2_batch_and_stop_string) {
 
 /* ---- priority ------------------------------------------------------------------------ */
 
+enum { N_ORDER = 16 };
 static atomic_int order_counter;
-static int first_token_order[3];
+static atomic_int first_token_order[N_ORDER]; /* 1-based rank of each request's first token */
+static atomic_int order_finals[N_ORDER];
+static atomic_int hold_request0; /* request 0's events take 1 ms each while set */
 
 static void order_event(const eng_event *ev, void *user) {
     int k = (int)(intptr_t)user;
-    if (ev->token >= 0 && first_token_order[k] == 0)
-        first_token_order[k] = atomic_fetch_add(&order_counter, 1) + 1;
+    if (k == 0 && atomic_load(&hold_request0))
+        usleep(1000); /* slows the engine thread: the queue is built while request 0 runs */
+    if (ev->token >= 0 && atomic_load(&first_token_order[k]) == 0)
+        atomic_store(&first_token_order[k], atomic_fetch_add(&order_counter, 1) + 1);
+    if (ev->finish != ENG_FINISH_NONE)
+        atomic_fetch_add(&order_finals[k], 1);
 }
 
-/* One sequence at a time: a later request of higher priority runs before an
- * earlier one of lower priority. */
-Test(engine, priority_before_arrival_order) {
+/* One sequence at a time (max_seqs 1) while request 0 runs (its events are
+ * slowed down meanwhile): requests of priority 3 queue up, then one of priority
+ * -2 and one of 0 arrive behind them. Admission follows (priority, arrival):
+ * lower value first, FCFS within one. */
+Test(engine, priority_admission_order) {
     eng_engine *e = make_engine(FIXTURE, (size_t)64 * FIXTURE_PAGE_BYTES, 0, 1, 64, 16);
+    static const int priority[N_ORDER] = {0, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, -2, 3, 0, 3, 3};
+    /* request 0 first (it was running), then -2, then 0, then the 3s by arrival */
+    static const int expect[N_ORDER] = {0, 11, 13, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 15};
     uint64_t rng = 3;
-    static test_req reqs[3];
-    memset(first_token_order, 0, sizeof first_token_order);
+    static test_req reqs[N_ORDER];
+    for (int k = 0; k < N_ORDER; k++) {
+        atomic_store(&first_token_order[k], 0);
+        atomic_store(&order_finals[k], 0);
+    }
     atomic_store(&order_counter, 0);
+    atomic_store(&hold_request0, 1);
     char err[256];
-    for (int k = 0; k < 3; k++) {
-        make_req(&reqs[k], &rng, 10, 30, 0.0f, 0);
+    for (int k = 0; k < N_ORDER; k++) {
+        make_req(&reqs[k], &rng, 10, k == 0 ? 240 : 3, 0.0f, 0);
         reqs[k].req.ignore_eos = true;
         reqs[k].req.on_event = order_event;
         reqs[k].req.user = (void *)(intptr_t)k;
-        reqs[k].req.priority = k == 2 ? 5 : 0;
+        reqs[k].req.priority = priority[k];
         cr_assert_eq(eng_engine_submit(e, &reqs[k].req, NULL, err, sizeof err), ENG_OK, "%s", err);
-        for (int spin = 0; k == 0 && spin < 20000 && first_token_order[0] == 0; spin++)
+        for (int spin = 0; k == 0 && spin < 20000 && atomic_load(&first_token_order[0]) == 0; spin++)
             usleep(100); /* request 0 runs before the others arrive */
     }
+    /* the premise: everything queued while request 0 still held the only slot */
+    cr_assert_eq(atomic_load(&order_finals[0]), 0, "request 0 finished before the queue was built");
+    atomic_store(&hold_request0, 0);
     wait_idle(e);
-    cr_assert_eq(first_token_order[0], 1);
-    cr_assert_eq(first_token_order[2], 2, "the high-priority request was not next");
-    cr_assert_eq(first_token_order[1], 3);
+    for (int rank = 0; rank < N_ORDER; rank++)
+        cr_assert_eq(atomic_load(&first_token_order[expect[rank]]), rank + 1,
+                     "request %d (priority %d): admitted %d-th, expected %d-th", expect[rank],
+                     priority[expect[rank]], atomic_load(&first_token_order[expect[rank]]), rank + 1);
+    assert_no_pages_used(e);
     eng_engine_destroy(e);
+}
+
+/* Two long requests of priority 1 (170 positions, 11 pages each), then one of
+ * priority 0 (120 positions, 8 pages), submitted last: it is the newest. The
+ * pool (14 pages) cannot hold it beside a long one to the end, so decode runs
+ * out of pages more than once. The victim is always a priority-1 sequence, never
+ * the newest one of priority 0: it runs without a break and finishes first
+ * (preempted at about half way, as a newest-first rule would do, it could only
+ * come back when a long one had finished). The outputs (greedy, and seeded
+ * sampling with penalties) are those of a pool where everything fits, and every
+ * page comes back. */
+Test(engine, priority_preemption_victim) {
+    enum { N = 3, HIGH = 2 };
+    static test_req reqs[N];
+    static result big[N], small[N];
+    memset(big, 0, sizeof big);
+    memset(small, 0, sizeof small);
+    uint64_t rng = 4711;
+    for (int k = 0; k < N; k++) {
+        make_req(&reqs[k], &rng, 20, k == HIGH ? 100 : 150, k == 1 ? 0.8f : 0.0f, 90 + (uint64_t)k);
+        reqs[k].req.ignore_eos = true;
+        reqs[k].req.sampling.repetition_penalty = 1.2f;
+        reqs[k].req.priority = k == HIGH ? 0 : 1;
+    }
+    for (int pass = 0; pass < 2; pass++) {
+        result *res = pass ? small : big;
+        eng_engine *e = make_engine(FIXTURE, (size_t)(pass ? 14 : 256) * FIXTURE_PAGE_BYTES, 256, 8, 64, 16);
+        for (int k = 0; k < N; k++)
+            submit_ok(e, &reqs[k].req, &res[k]);
+        wait_idle(e);
+        double preemptions = metric(e, "kvserve_num_preemptions_total");
+        if (pass == 0) {
+            cr_assert_eq(preemptions, 0);
+        } else {
+            cr_assert_geq(preemptions, 2, "the 14-page pool caused %g preemptions", preemptions);
+            cr_assert(small[HIGH].final_seq < small[0].final_seq && small[HIGH].final_seq < small[1].final_seq,
+                      "the priority-0 request finished after a priority-1 one: it was preempted");
+            eng_engine_stats st;
+            eng_engine_stats_get(e, &st);
+            cr_assert_leq(st.pages_peak, 14);
+        }
+        for (int k = 0; k < N; k++) {
+            cr_assert_eq(res[k].n_final, 1);
+            cr_assert_eq(res[k].after_final, 0);
+            cr_assert_eq(res[k].n_tokens[0], k == HIGH ? 100 : 150);
+        }
+        assert_no_pages_used(e);
+        eng_engine_destroy(e);
+    }
+    for (int k = 0; k < N; k++)
+        assert_same_output(&big[k], &small[k], k);
 }
