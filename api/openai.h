@@ -118,6 +118,7 @@ typedef struct {
     bool stream;
     bool include_usage;             /* stream_options.include_usage */
     bool ignore_eos;
+    int priority;                   /* scheduling: lower value first, FCFS within one (vLLM's field); 0 */
     bool echo;                      /* completions: prepend the prompt */
     bool logprobs;                  /* report each token's logprob */
     int top_logprobs;               /* completions: logprobs=N; chat: top_logprobs */

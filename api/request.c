@@ -5,6 +5,7 @@
  * found. */
 #include "api/openai.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -435,6 +436,8 @@ static int parse_generation(const json_t *o, bool chat, int n_vocab, api_request
         r->include_usage = json_is_true(iu);
     }
     if (get_bool(o, "ignore_eos", &r->ignore_eos, e) < 0) return -1;
+    if ((got = get_int(o, "priority", INT_MIN, INT_MAX, &i, e)) < 0) return -1;
+    if (got) r->priority = (int)i;
     if (get_string(o, "user", &r->user, e) < 0) return -1;
     if (chat) {
         if (get_bool(o, "logprobs", &r->logprobs, e) < 0) return -1;
@@ -482,7 +485,7 @@ static const char *const known_common[] = {"model", "user", NULL};
 static const char *const known_gen[] = {
     "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
     "seed", "n", "max_tokens", "stream", "stream_options", "ignore_eos", "stop", "stop_token_ids",
-    "logprobs", NULL};
+    "logprobs", "priority", NULL};
 static const char *const known_completions[] = {"prompt", "echo", "suffix", "best_of", NULL};
 static const char *const known_chat[] = {"messages", "top_logprobs", "max_completion_tokens",
                                          "add_generation_prompt", NULL};

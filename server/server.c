@@ -511,7 +511,7 @@ static void start_generation(srv_task *t) {
             .prompt = t->ids[i], .n_prompt = t->n_ids[i], .sampling = t->r.sampling,
             .max_tokens = t->r.max_tokens, .n = n, .stop = t->r.stop, .n_stop = t->r.n_stop,
             .stop_ids = t->r.stop_ids, .n_stop_ids = t->r.n_stop_ids, .ignore_eos = t->r.ignore_eos,
-            .logprobs = t->r.logprobs, .on_event = gen_on_event, .user = g,
+            .logprobs = t->r.logprobs, .priority = t->r.priority, .on_event = gen_on_event, .user = g,
         };
         q.sampling.seed = seed;
         char err[512];

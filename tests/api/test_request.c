@@ -168,6 +168,26 @@ Test(request, ranges) {
     cr_assert_eq(r.sampling.top_k, 0, "top_k -1 turns it off");
 }
 
+/* priority (vLLM's field): any 32-bit integer, lower first; 0 when absent or null */
+Test(request, priority) {
+    expect_ok(API_EP_COMPLETIONS, "{\"prompt\": \"x\"}");
+    cr_assert_eq(r.priority, 0);
+    api_request_free(&r);
+    expect_ok(API_EP_CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"priority\": -5}");
+    cr_assert_eq(r.priority, -5);
+    cr_assert_str_eq(r.unknown, "", "priority is a known field");
+    api_request_free(&r);
+    expect_ok(API_EP_COMPLETIONS, "{\"prompt\": \"x\", \"priority\": 2147483647}");
+    cr_assert_eq(r.priority, 2147483647);
+    api_request_free(&r);
+    expect_ok(API_EP_COMPLETIONS, "{\"prompt\": \"x\", \"priority\": null}");
+    cr_assert_eq(r.priority, 0);
+    api_request_free(&r);
+    expect_400(API_EP_COMPLETIONS, "{\"prompt\": \"x\", \"priority\": \"high\"}", "priority", "integer");
+    expect_400(API_EP_COMPLETIONS, "{\"prompt\": \"x\", \"priority\": 1.5}", "priority", "integer");
+    expect_400(API_EP_COMPLETIONS, "{\"prompt\": \"x\", \"priority\": 2147483648}", "priority", "found 2147483648");
+}
+
 Test(request, stop_limits) {
     expect_400(API_EP_COMPLETIONS,
                "{\"prompt\": \"x\", \"stop\": [\"1\",\"2\",\"3\",\"4\",\"5\",\"6\",\"7\",\"8\",\"9\",\"10\",\"11\","
