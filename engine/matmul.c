@@ -122,6 +122,77 @@ static void rows_float_scalar(const eng__mm *m, int64_t r0, int64_t r1, int t0, 
     }
 }
 
+/* ---- 16-bit activations (scalar) ------------------------------------------ */
+
+static void quantize16_scalar(const float *x, eng_block_q16 *out, int64_t n) {
+    for (int64_t b = 0; b < n / ENG_QK; b++) {
+        const float *v = x + b * ENG_QK;
+        float amax = 0.0f;
+        for (int j = 0; j < ENG_QK; j++)
+            amax = fmaxf(amax, fabsf(v[j]));
+        const float d = amax / 32767.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < ENG_QK; j++) {
+            float q = nearbyintf(v[j] * id);
+            q = q > 32767.0f ? 32767.0f : q < -32768.0f ? -32768.0f : q;  /* as packs_epi32 */
+            out[b].qs[j] = (int16_t)q;
+            sum += (int)q;
+        }
+        out[b].d = d;
+        out[b].s = d * (float)sum;
+    }
+}
+
+/* Returns the block's weights as integers and its scale d and offset m
+ * (value = d q + m; m = 0 for Q8_0). */
+static void int_block(eng_dtype type, const uint8_t *row, int64_t b, int q[ENG_QK], float *d, float *mn) {
+    if (type == ENG_Q8_0) {
+        const eng_block_q8_0 *blk = (const eng_block_q8_0 *)row + b;
+        for (int j = 0; j < ENG_QK; j++)
+            q[j] = blk->qs[j];
+        *d = eng_fp16_to_f32(blk->d);
+        *mn = 0.0f;
+        return;
+    }
+    const uint8_t *qs;
+    if (type == ENG_Q4_1) {
+        const eng_block_q4_1 *blk = (const eng_block_q4_1 *)row + b;
+        *d = eng_fp16_to_f32(blk->d);
+        *mn = eng_fp16_to_f32(blk->m);
+        qs = blk->qs;
+    } else {
+        const eng_block_q4_0 *blk = (const eng_block_q4_0 *)row + b;
+        *d = eng_fp16_to_f32(blk->d);
+        *mn = -8.0f * *d;
+        qs = blk->qs;
+    }
+    for (int j = 0; j < ENG_QK / 2; j++) {
+        q[j] = qs[j] & 15;
+        q[j + ENG_QK / 2] = qs[j] >> 4;
+    }
+}
+
+static void rows16_scalar(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = m->w + r * m->row_bytes;
+        for (int t = t0; t < t1; t++) {
+            const eng_block_q16 *xb = m->xr16 + (int64_t)t * m->nb;
+            float sum = 0.0f;
+            for (int64_t b = 0; b < m->nb; b++) {
+                int q[ENG_QK];
+                float d, mn;
+                int_block(m->type, row, b, q, &d, &mn);
+                int isum = 0;
+                for (int j = 0; j < ENG_QK; j++)
+                    isum += q[j] * xb[b].qs[j];
+                sum += d * xb[b].d * (float)isum + mn * xb[b].s;
+            }
+            m->y[t * m->y_stride + r] = sum;
+        }
+    }
+}
+
 static const eng__mm_kernels kernels_scalar = {
     .name = "scalar",
     .quantize = quantize_scalar,
@@ -131,6 +202,12 @@ static const eng__mm_kernels kernels_scalar = {
         [ENG_Q4_0] = rows_q4_scalar,
         [ENG_Q4_1] = rows_q4_scalar,
         [ENG_Q8_0] = rows_q8_0_scalar,
+    },
+    .quantize16 = quantize16_scalar,
+    .rows16 = {
+        [ENG_Q4_0] = rows16_scalar,
+        [ENG_Q4_1] = rows16_scalar,
+        [ENG_Q8_0] = rows16_scalar,
     },
 };
 
@@ -177,6 +254,10 @@ const char *eng_matmul_isa(void) {
 
 void eng__quantize_q8_1(const float *x, eng_block_q8_1 *out, int64_t n) {
     kernels()->quantize(x, out, n);
+}
+
+void eng__quantize_q16(const float *x, eng_block_q16 *out, int64_t n) {
+    kernels()->quantize16(x, out, n);
 }
 
 /* ---- weight formats ------------------------------------------------------ */
@@ -342,13 +423,41 @@ typedef struct {
     const float *x;          /* (n_tok, n_in), for the quantization job */
     int n_tok;
     int n_grouped;           /* tokens [0, n_grouped) go through the group kernel */
+    bool wide;               /* 16-bit activations (xr16, xg16) */
     int64_t n_out;
     int64_t chunk_rows;
     int tok_block, n_tok_blocks;
 } mm_job;
 
+static void quantize16_task(const mm_job *j, int task) {
+    const int64_t nb = j->m.nb;
+    const int t0 = task * ENG__GROUP;
+    const int t1 = t0 + ENG__GROUP < j->n_tok ? t0 + ENG__GROUP : j->n_tok;
+    eng_block_q16 *xr = (eng_block_q16 *)j->m.xr16;
+    for (int t = t0; t < t1; t++)
+        j->k->quantize16(j->x + (int64_t)t * j->m.n_in, xr + (int64_t)t * nb, j->m.n_in);
+    if (t0 >= j->n_grouped)
+        return;
+    eng__q16x8 *xg = (eng__q16x8 *)j->m.xg16 + (int64_t)task * nb;
+    if (t1 - t0 < ENG__GROUP)
+        memset(xg, 0, (size_t)nb * sizeof *xg);
+    for (int64_t b = 0; b < nb; b++) {
+        for (int t = 0; t < t1 - t0; t++) {
+            const eng_block_q16 *src = xr + (int64_t)(t0 + t) * nb + b;
+            xg[b].d[t] = src->d;
+            xg[b].s[t] = src->s;
+            for (int q = 0; q < ENG_QK / 2; q++)
+                memcpy(&xg[b].qs[q * 2 * ENG__GROUP + t * 2], &src->qs[q * 2], 4);
+        }
+    }
+}
+
 static void quantize_task(void *p, int task, int worker) {
     const mm_job *j = p;
+    if (j->wide) {
+        quantize16_task(j, task);
+        return;
+    }
     const int64_t nb = j->m.nb;
     const int t0 = task * ENG__GROUP;
     const int t1 = t0 + ENG__GROUP < j->n_tok ? t0 + ENG__GROUP : j->n_tok;
@@ -380,16 +489,18 @@ static void matmul_task(void *p, int task, int worker) {
     const int t0 = tb * j->tok_block;
     const int t1 = t0 + j->tok_block < j->n_tok ? t0 + j->tok_block : j->n_tok;
     const int tg = t1 < j->n_grouped ? t1 : j->n_grouped;
+    const eng__mm_groups_fn groups = j->wide ? j->k->groups16[j->m.type] : j->k->groups[j->m.type];
+    const eng__mm_rows_fn rows = j->wide ? j->k->rows16[j->m.type] : j->k->rows[j->m.type];
     if (tg > t0)
-        j->k->groups[j->m.type](&j->m, r0, r1, t0 / ENG__GROUP, (tg + ENG__GROUP - 1) / ENG__GROUP);
+        groups(&j->m, r0, r1, t0 / ENG__GROUP, (tg + ENG__GROUP - 1) / ENG__GROUP);
     const int tr = t0 > j->n_grouped ? t0 : j->n_grouped;
     if (t1 > tr)
-        j->k->rows[j->m.type](&j->m, r0, r1, tr, t1);
+        rows(&j->m, r0, r1, tr, t1);
 }
 
 /* ---- quantized weights x f32 activations (matmul_act32.h) --------------- */
 
-static _Atomic int act_mode = ENG_ACT_F32;
+static _Atomic int act_mode = ENG_ACT_Q16;
 
 void eng_matmul_set_activations(eng_act_mode mode) { act_mode = mode; }
 eng_act_mode eng_matmul_activations(void) { return (eng_act_mode)act_mode; }
@@ -453,7 +564,8 @@ void eng_matmul(eng_threadpool *tp, const eng_tensor *w, const float *x, int n_t
         return;
 
     const bool quantized = eng_dtype_block_elems(w->type) == ENG_QK;
-    if (quantized && act_mode == ENG_ACT_F32) {
+    const eng_act_mode mode = (eng_act_mode)act_mode;
+    if (quantized && mode == ENG_ACT_F32) {
         matmul_act32(tp, w, x, n_tok, y, y_stride);
         return;
     }
@@ -464,22 +576,30 @@ void eng_matmul(eng_threadpool *tp, const eng_tensor *w, const float *x, int n_t
         .x = x,
         .n_tok = n_tok,
         .n_out = n_out,
+        .wide = quantized && mode == ENG_ACT_Q16,
     };
     if (quantized) {
         /* Full groups of 8 tokens, and a last partial one when it has 5 or
          * more tokens: a group kernel on 5 of 8 lanes still beats the row
          * kernel. */
         int n_groups = 0;
-        if (k->groups[w->type]) {
+        if (j.wide ? k->groups16[w->type] != NULL : k->groups[w->type] != NULL) {
             n_groups = n_tok / ENG__GROUP + (n_tok % ENG__GROUP >= 5);
             j.n_grouped = n_groups * ENG__GROUP < n_tok ? n_groups * ENG__GROUP : n_tok;
         }
-        const size_t xr_bytes = (size_t)n_tok * (size_t)j.m.nb * sizeof(eng_block_q8_1);
-        const size_t xg_bytes = (size_t)n_groups * (size_t)j.m.nb * sizeof(eng__q8x8);
+        const size_t xr_bytes = (size_t)n_tok * (size_t)j.m.nb *
+                                (j.wide ? sizeof(eng_block_q16) : sizeof(eng_block_q8_1));
+        const size_t xg_bytes = (size_t)n_groups * (size_t)j.m.nb *
+                                (j.wide ? sizeof(eng__q16x8) : sizeof(eng__q8x8));
         const size_t xr_pad = (xr_bytes + 63) & ~(size_t)63;
         uint8_t *buf = scratch_get(xr_pad + xg_bytes);
-        j.m.xr = (const eng_block_q8_1 *)buf;
-        j.m.xg = (const eng__q8x8 *)(buf + xr_pad);
+        if (j.wide) {
+            j.m.xr16 = (const eng_block_q16 *)buf;
+            j.m.xg16 = (const eng__q16x8 *)(buf + xr_pad);
+        } else {
+            j.m.xr = (const eng_block_q8_1 *)buf;
+            j.m.xg = (const eng__q8x8 *)(buf + xr_pad);
+        }
         const int n_qtasks = (n_tok + ENG__GROUP - 1) / ENG__GROUP;
         /* A single token is quantized faster than a job is handed out. */
         eng_threadpool_run(n_tok * n_in >= 16384 ? tp : NULL, quantize_task, &j, n_qtasks);

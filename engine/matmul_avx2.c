@@ -409,6 +409,266 @@ static void groups_q8_0(const eng__mm *m, int64_t r0, int64_t r1, int g0, int g1
     FOR_GROUP_TILES(unpack_q8_tile, q8_groups_tile, m, r0, r1, g0, g1, 0);
 }
 
+/* ---- 16-bit activations --------------------------------------------------- */
+
+static void quantize16_avx2(const float *x, eng_block_q16 *out, int64_t n) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int64_t b = 0; b < n / ENG_QK; b++) {
+        const float *p = x + b * ENG_QK;
+        __m256 v[4];
+        for (int k = 0; k < 4; k++)
+            v[k] = _mm256_loadu_ps(p + 8 * k);
+        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                                  _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float d = _mm_cvtss_f32(m4) / 32767.0f;
+        const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+        __m256i q[4];
+        for (int k = 0; k < 4; k++)
+            q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], id));  /* nearest even */
+        __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        /* packs works per 128-bit lane: put the quarters back in order */
+        const __m256i lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xd8);
+        const __m256i hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xd8);
+        _mm256_storeu_si256((__m256i *)out[b].qs, lo);
+        _mm256_storeu_si256((__m256i *)(out[b].qs + 16), hi);
+        out[b].d = d;
+        out[b].s = d * (float)_mm_cvtsi128_si32(s4);
+    }
+}
+
+/* Weight kinds of the 16-bit kernels (compile-time constants). */
+enum { K16_Q4_0, K16_Q4_1, K16_Q8_0 };
+
+INLINE size_t k16_block_bytes(const int kind) {
+    return kind == K16_Q8_0 ? sizeof(eng_block_q8_0) : q4_block_bytes(kind == K16_Q4_1);
+}
+
+/* A block's 32 weights as two vectors of 16 int16 (elements 0..15 and
+ * 16..31): Q4 nibbles unsigned 0..15, Q8_0 signed. */
+INLINE void k16_weights(const uint8_t *blk, const int kind, __m256i *lo, __m256i *hi) {
+    if (kind == K16_Q8_0) {
+        const int8_t *qs = ((const eng_block_q8_0 *)blk)->qs;
+        *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)qs));
+        *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + 16)));
+        return;
+    }
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(blk + q4_qs_offset(kind == K16_Q4_1))));
+    *lo = _mm256_and_si256(v, _mm256_set1_epi16(0x0f));
+    *hi = _mm256_srli_epi16(v, 4);
+}
+
+/* [d, m] in lanes 0 and 1: Q4_1 as stored, Q4_0 [d, d] (its -8 d applied at
+ * the end), Q8_0 [d, 0]. */
+INLINE __m128 k16_dm(const uint8_t *blk, const int kind) {
+    if (kind == K16_Q8_0) {
+        unsigned short h;
+        memcpy(&h, blk, sizeof h);
+        return _mm_cvtph_ps(_mm_cvtsi32_si128(h));
+    }
+    return q4_dm(blk, kind == K16_Q4_1);
+}
+
+/* Lane i of the result: the sum of the 8 lanes of v[i]. */
+INLINE __m128i hsum4_epi32(__m256i a, __m256i b, __m256i c, __m256i d) {
+    const __m256i abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+    return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
+}
+
+INLINE int load_i32(const void *p) {
+    int v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* Block scales d and offsets m of 4 rows' blocks as 4-lane vectors (built in
+ * registers: 4 small stores and a wide reload would stall store forwarding). */
+INLINE void k16_scales4(const uint8_t *const blk[4], const int kind, __m128 *d4, __m128 *m4) {
+    __m128i v = _mm_cvtsi32_si128(load_i32(blk[0]));
+    if (kind == K16_Q4_1) {
+        v = _mm_insert_epi32(v, load_i32(blk[1]), 1);
+        v = _mm_insert_epi32(v, load_i32(blk[2]), 2);
+        v = _mm_insert_epi32(v, load_i32(blk[3]), 3);
+        const __m256 dm = _mm256_cvtph_ps(v);  /* d0 m0 d1 m1 ... */
+        const __m256 sep = _mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+        *d4 = _mm256_castps256_ps128(sep);
+        *m4 = _mm256_extractf128_ps(sep, 1);
+        return;
+    }
+    v = _mm_insert_epi16(v, load_i32(blk[1]), 1);
+    v = _mm_insert_epi16(v, load_i32(blk[2]), 2);
+    v = _mm_insert_epi16(v, load_i32(blk[3]), 3);
+    *d4 = _mm_cvtph_ps(v);  /* lanes 0..3; the upper halves of v are ignored */
+    *m4 = kind == K16_Q4_0 ? _mm_mul_ps(*d4, _mm_set1_ps(-8.0f)) : _mm_setzero_ps();
+}
+
+/* Rows [r, r + NR) x tokens [t, t + NT), row layout.
+ *
+ * Batch invariance: the result must be bit-identical to the group kernel's,
+ * which reduces each block to its exact integer sum and then, per block,
+ * acc = fma(isum, dx d, acc); acc = fma(s, m, acc), restarting acc at every
+ * KC blocks and adding the pieces into y. This kernel does the same with the
+ * 4 rows in the lanes of one vector (integer sums reduced across lanes, which
+ * is exact), so a token's outputs do not depend on whether it was batched. */
+INLINE void rows16_tile(const eng__mm *m, int64_t r, int t, const int NR, const int NT, const int kind) {
+    const size_t bb = k16_block_bytes(kind);
+    const uint8_t *row[4];
+    const eng_block_q16 *xt[4];
+    __m128 acc[4], total[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++)
+        row[i] = m->w + (r + (i < NR ? i : 0)) * m->row_bytes;
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; j++) {
+        xt[j] = m->xr16 + (int64_t)(t + j) * m->nb;
+        acc[j] = _mm_setzero_ps();
+        total[j] = _mm_setzero_ps();
+    }
+    for (int64_t b = 0; b < m->nb; b++) {
+        __m256i wl[4], wh[4];
+        const uint8_t *blk[4];
+        prefetch_ahead(row[0], NR * m->row_bytes, (size_t)b * NR * bb);
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; i++) {
+            blk[i] = row[i] + b * bb;
+            if (i < NR)
+                k16_weights(blk[i], kind, &wl[i], &wh[i]);
+        }
+        __m128 d4, m4;
+        k16_scales4(blk, kind, &d4, &m4);
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++) {
+            const eng_block_q16 *xb = xt[j] + b;
+            const __m256i xl = _mm256_loadu_si256((const __m256i *)xb->qs);
+            const __m256i xh = _mm256_loadu_si256((const __m256i *)(xb->qs + 16));
+            __m256i p[4];
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++)
+                p[i] = i < NR ? _mm256_add_epi32(_mm256_madd_epi16(wl[i], xl), _mm256_madd_epi16(wh[i], xh))
+                              : _mm256_setzero_si256();
+            const __m128 isum = _mm_cvtepi32_ps(hsum4_epi32(p[0], p[1], p[2], p[3]));
+            acc[j] = _mm_fmadd_ps(isum, _mm_mul_ps(_mm_set1_ps(xb->d), d4), acc[j]);
+            if (kind != K16_Q8_0)
+                acc[j] = _mm_fmadd_ps(_mm_set1_ps(xb->s), m4, acc[j]);
+        }
+        if ((b + 1) % KC == 0 || b + 1 == m->nb) {
+#pragma GCC unroll 4
+            for (int j = 0; j < NT; j++) {
+                total[j] = b < KC ? acc[j] : _mm_add_ps(total[j], acc[j]);
+                acc[j] = _mm_setzero_ps();
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; j++) {
+        _Alignas(16) float out[4];
+        _mm_store_ps(out, total[j]);
+        for (int i = 0; i < NR; i++)
+            m->y[(int64_t)(t + j) * m->y_stride + r + i] = out[i];
+    }
+}
+
+static void rows16_q4_0(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) {
+    FOR_ROW_TILES(rows16_tile, m, r0, r1, t0, t1, K16_Q4_0)
+}
+
+static void rows16_q4_1(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) {
+    FOR_ROW_TILES(rows16_tile, m, r0, r1, t0, t1, K16_Q4_1)
+}
+
+static void rows16_q8_0(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) {
+    FOR_ROW_TILES(rows16_tile, m, r0, r1, t0, t1, K16_Q8_0)
+}
+
+/* Group kernels for 16-bit activations: as the 8-bit ones, with the row tile
+ * unpacked to int16 weights; a broadcast pair of weights meets the same pair
+ * of values of 8 tokens in one _mm256_madd_epi16. */
+typedef struct {
+    _Alignas(32) int16_t q[4][KC][ENG_QK];
+    float d[4][KC];
+    float m[4][KC];  /* offset (m, -8 d, or 0) */
+} unpacked16;
+
+INLINE void unpack16_tile(const eng__mm *m, int64_t r, int nr, int64_t kc, int nk, const int kind,
+                          unpacked16 *u) {
+    const size_t bb = k16_block_bytes(kind);
+    for (int i = 0; i < nr; i++) {
+        const uint8_t *blk = m->w + (r + i) * m->row_bytes + kc * bb;
+        for (int b = 0; b < nk; b++, blk += bb) {
+            __m256i lo, hi;
+            k16_weights(blk, kind, &lo, &hi);
+            _mm256_store_si256((__m256i *)u->q[i][b], lo);
+            _mm256_store_si256((__m256i *)(u->q[i][b] + 16), hi);
+            if (kind == K16_Q8_0) {
+                u->d[i][b] = load_f16(blk);
+                u->m[i][b] = 0.0f;
+            } else {
+                q4_scales(blk, kind == K16_Q4_1, &u->d[i][b], &u->m[i][b]);
+            }
+        }
+    }
+}
+
+INLINE void groups16_tile(const eng__mm *m, const unpacked16 *u, int64_t r, int g, int64_t kc, int nk,
+                          const int NR, const int kind) {
+    const eng__q16x8 *xb = m->xg16 + (int64_t)g * m->nb + kc;
+    __m256 acc[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < NR; i++)
+        acc[i] = _mm256_setzero_ps();
+    for (int b = 0; b < nk; b++, xb++) {
+        __m256i s[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < NR; i++)
+            s[i] = _mm256_setzero_si256();
+        /* unrolled by 2 only: full unrolling made GCC spill the sums */
+#pragma GCC unroll 2
+        for (int k = 0; k < ENG_QK / 2; k++) {
+            const __m256i xv = _mm256_load_si256((const __m256i *)(xb->qs + 16 * k));
+#pragma GCC unroll 4
+            for (int i = 0; i < NR; i++)
+                s[i] = _mm256_add_epi32(s[i], _mm256_madd_epi16(bcast4(u->q[i][b] + 2 * k), xv));
+        }
+        const __m256 dx = _mm256_load_ps(xb->d);
+#pragma GCC unroll 4
+        for (int i = 0; i < NR; i++) {
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i]), _mm256_mul_ps(dx, _mm256_broadcast_ss(&u->d[i][b])),
+                                     acc[i]);
+            if (kind != K16_Q8_0)
+                acc[i] = _mm256_fmadd_ps(_mm256_load_ps(xb->s), _mm256_broadcast_ss(&u->m[i][b]), acc[i]);
+        }
+    }
+    store_group(m, r, g, NR, acc, kc == 0);
+}
+
+#define GROUPS16(name, kind)                                                            \
+    static void name(const eng__mm *m, int64_t r0, int64_t r1, int g0, int g1) {       \
+        unpacked16 u;                                                                  \
+        for (int64_t r = r0; r < r1; r += 4) {                                         \
+            const int nr = r1 - r < 4 ? (int)(r1 - r) : 4;                             \
+            for (int64_t kc = 0; kc < m->nb; kc += KC) {                               \
+                const int nk = m->nb - kc < KC ? (int)(m->nb - kc) : KC;               \
+                unpack16_tile(m, r, nr, kc, nk, kind, &u);                             \
+                for (int g = g0; g < g1; g++) {                                        \
+                    switch (nr) {                                                      \
+                    case 1: groups16_tile(m, &u, r, g, kc, nk, 1, kind); break;        \
+                    case 2: groups16_tile(m, &u, r, g, kc, nk, 2, kind); break;        \
+                    case 3: groups16_tile(m, &u, r, g, kc, nk, 3, kind); break;        \
+                    default: groups16_tile(m, &u, r, g, kc, nk, 4, kind); break;       \
+                    }                                                                  \
+                }                                                                      \
+            }                                                                          \
+        }                                                                              \
+    }
+GROUPS16(groups16_q4_0, K16_Q4_0)
+GROUPS16(groups16_q4_1, K16_Q4_1)
+GROUPS16(groups16_q8_0, K16_Q8_0)
+
 /* ---- F32 / F16 ------------------------------------------------------------ */
 
 INLINE __m256 load_w8(const void *row, int64_t i, bool f16) {
@@ -484,5 +744,16 @@ const eng__mm_kernels eng__mm_kernels_avx2 = {
         [ENG_Q4_0] = groups_q4_0,
         [ENG_Q4_1] = groups_q4_1,
         [ENG_Q8_0] = groups_q8_0,
+    },
+    .quantize16 = quantize16_avx2,
+    .rows16 = {
+        [ENG_Q4_0] = rows16_q4_0,
+        [ENG_Q4_1] = rows16_q4_1,
+        [ENG_Q8_0] = rows16_q8_0,
+    },
+    .groups16 = {
+        [ENG_Q4_0] = groups16_q4_0,
+        [ENG_Q4_1] = groups16_q4_1,
+        [ENG_Q8_0] = groups16_q8_0,
     },
 };

@@ -27,6 +27,22 @@ typedef struct {
     int8_t qs[ENG_QK * ENG__GROUP];
 } eng__q8x8;  /* 320 B */
 
+/* 16-bit activations (ENG_ACT_Q16 and the outlier matmuls of ENG_ACT_MIXED):
+ * per token and 32 values, d = max|x| / 32767, qs = x / d rounded to nearest
+ * even, s = d * sum(qs). The relative error of a value is at most 2^-16 of
+ * its block's largest, 256 times finer than 8 bits, so outliers no longer
+ * swamp their blocks. Integer products of int16 pairs (_mm256_madd_epi16)
+ * cannot overflow: 32 * 32767 * 128 < 2^31. */
+typedef struct { float d, s; int16_t qs[ENG_QK]; } eng_block_q16;  /* 72 B */
+
+/* One block of 32 values of 8 tokens, pairs interleaved:
+ * qs[(j / 2) * 16 + t * 2 + j % 2] is value j of token t. */
+typedef struct {
+    float d[ENG__GROUP];
+    float s[ENG__GROUP];
+    int16_t qs[ENG_QK * ENG__GROUP];
+} eng__q16x8;  /* 576 B */
+
 /* Everything a kernel needs for y = x . w^T. */
 typedef struct {
     eng_dtype type;             /* w's type (a runtime type) */
@@ -38,6 +54,8 @@ typedef struct {
     const float *x;             /* (n_tok, n_in): f32 activations (F32 / F16 weights) */
     const eng_block_q8_1 *xr;   /* (n_tok, nb): quantized activations, row layout */
     const eng__q8x8 *xg;        /* (groups, nb): the same, group layout, zero-padded */
+    const eng_block_q16 *xr16;  /* 16-bit activations (kernels rows16 / groups16) */
+    const eng__q16x8 *xg16;
     float *y;                   /* (n_tok, y_stride) */
     int64_t y_stride;
 } eng__mm;
@@ -55,6 +73,11 @@ typedef struct {
     void (*quantize)(const float *x, eng_block_q8_1 *out, int64_t n);
     eng__mm_rows_fn rows[ENG_DTYPE_COUNT];      /* per runtime type */
     eng__mm_groups_fn groups[ENG_DTYPE_COUNT];  /* NULL: rows serves every token */
+    /* The same for 16-bit activations (eng_block_q16, bit-identical blocks in
+     * every kernel set), for the block-quantized types only. */
+    void (*quantize16)(const float *x, eng_block_q16 *out, int64_t n);
+    eng__mm_rows_fn rows16[ENG_DTYPE_COUNT];
+    eng__mm_groups_fn groups16[ENG_DTYPE_COUNT];
 } eng__mm_kernels;
 
 extern const eng__mm_kernels eng__mm_kernels_avx2;
@@ -66,5 +89,6 @@ int eng_matmul_force_isa(const char *name);
 
 /* Tests: the activation quantizer of the current kernel set. */
 void eng__quantize_q8_1(const float *x, eng_block_q8_1 *out, int64_t n);
+void eng__quantize_q16(const float *x, eng_block_q16 *out, int64_t n);
 
 #endif

@@ -28,20 +28,22 @@ static void usage(FILE *f) {
     fprintf(f, "usage: kvserve COMMAND [flags]   (kvserve COMMAND --help for its flags)\n\ncommands:\n");
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
         fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].help);
-    fprintf(f, "\nenvironment:\n  KVSERVE_ACTIVATIONS=f32|q8  how activations meet quantized weights "
-               "(default f32: exact; q8: 8-bit, faster)\n");
+    fprintf(f, "\nenvironment:\n  KVSERVE_ACTIVATIONS=q16|f32|q8  how activations meet quantized weights "
+               "(default q16: 16-bit, within 0.001%% of f32; f32: exact; q8: 8-bit, fastest, least exact)\n");
 }
 
 /* KVSERVE_ACTIVATIONS picks the activation precision for quantized weights
  * (engine/matmul.h) for every subcommand. */
 static int set_activations(void) {
     const char *v = getenv("KVSERVE_ACTIVATIONS");
-    if (!v || !*v || !strcmp(v, "f32"))
+    if (!v || !*v || !strcmp(v, "q16"))
+        eng_matmul_set_activations(ENG_ACT_Q16);
+    else if (!strcmp(v, "f32"))
         eng_matmul_set_activations(ENG_ACT_F32);
     else if (!strcmp(v, "q8"))
         eng_matmul_set_activations(ENG_ACT_Q8);
     else {
-        fprintf(stderr, "kvserve: KVSERVE_ACTIVATIONS='%s': expected f32 or q8\n", v);
+        fprintf(stderr, "kvserve: KVSERVE_ACTIVATIONS='%s': expected q16, f32 or q8\n", v);
         return -1;
     }
     return 0;

@@ -4,11 +4,12 @@
  * in Q4_1; tied output 576 -> 49152 in Q8_0).
  *
  *   make bench-matmul                  # builds $(BUILD)/tools/bench_matmul
- *   build/tools/bench_matmul [--threads N] [--isa scalar|avx2] [--act q8|f32]
+ *   build/tools/bench_matmul [--threads N] [--isa scalar|avx2] [--act q8|q16|f32]
  *                            [--prefill N] [--seconds S]
  *
  * --act picks how quantized weights meet the activations (matmul.h): q8, the
- * 8-bit integer kernels (default here), or f32, the exact f32 kernels.
+ * 8-bit integer kernels (default here), q16, the 16-bit integer kernels, or
+ * f32, the exact f32 kernels.
  *
  * Per shape, at 1 token and at a prefill batch, it reports the best time of
  * repeated calls on one weight matrix (cache-warm) and GFLOP/s. Then it sweeps
@@ -217,12 +218,14 @@ int main(int argc, char **argv) {
             act = ENG_ACT_Q8, i++;
         else if (!strcmp(argv[i], "--act") && i + 1 < argc && !strcmp(argv[i + 1], "f32"))
             act = ENG_ACT_F32, i++;
+        else if (!strcmp(argv[i], "--act") && i + 1 < argc && !strcmp(argv[i + 1], "q16"))
+            act = ENG_ACT_Q16, i++;
         else if (!strcmp(argv[i], "--prefill") && i + 1 < argc)
             n_prefill = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--seconds") && i + 1 < argc)
             seconds = atof(argv[++i]);
         else {
-            fprintf(stderr, "usage: %s [--threads N] [--isa scalar|avx2] [--act q8|f32] [--prefill N] "
+            fprintf(stderr, "usage: %s [--threads N] [--isa scalar|avx2] [--act q8|q16|f32] [--prefill N] "
                     "[--seconds S]\n", argv[0]);
             return 2;
         }
@@ -237,7 +240,7 @@ int main(int argc, char **argv) {
     }
     eng_matmul_set_activations(act);
     printf("kernels: %s, activations of quantized weights: %s\n", eng_matmul_isa(),
-           act == ENG_ACT_Q8 ? "q8" : "f32");
+           act == ENG_ACT_Q8 ? "q8" : act == ENG_ACT_Q16 ? "q16" : "f32");
 
     const int max_tok = n_prefill;
     float *x = make_x(max_tok, 1536);

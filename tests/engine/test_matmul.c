@@ -106,17 +106,26 @@ static float *random_activations(int n_tok, int64_t n_in) {
     return x;
 }
 
-/* The documented activation quantization, written independently. */
-static void ref_quantize(const float *x, int64_t n, int8_t *q, float *d_out) {
+/* The activation mode under test: ENG_ACT_Q8 (the suite's default) or
+ * ENG_ACT_Q16; its largest quantized magnitude. */
+static eng_act_mode act_mode = ENG_ACT_Q8;
+
+static int act_qmax(void) {
+    return act_mode == ENG_ACT_Q16 ? 32767 : 127;
+}
+
+/* The documented activation quantization, written independently:
+ * d = max|x| / qmax, q = x * (1 / d) rounded to nearest even. */
+static void ref_quantize(const float *x, int64_t n, int32_t *q, float *d_out) {
     for (int64_t b = 0; b < n / 32; b++) {
         float amax = 0;
         for (int j = 0; j < 32; j++)
             if (fabsf(x[b * 32 + j]) > amax)
                 amax = fabsf(x[b * 32 + j]);
-        const float d = amax / 127.0f;
+        const float d = amax / (float)act_qmax();
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         for (int j = 0; j < 32; j++)
-            q[b * 32 + j] = (int8_t)nearbyintf(x[b * 32 + j] * id);
+            q[b * 32 + j] = (int32_t)nearbyintf(x[b * 32 + j] * id);
         d_out[b] = d;
     }
 }
@@ -140,7 +149,7 @@ static double check_matmul(eng_threadpool *tp, const eng_tensor *w, int n_tok, c
     /* the activations the kernels see */
     double *xa = xmalloc((size_t)n_tok * (size_t)n_in * sizeof *xa);
     if (quantized) {
-        int8_t *q = xmalloc((size_t)n_in);
+        int32_t *q = xmalloc((size_t)n_in * sizeof *q);
         float *d = xmalloc((size_t)(n_in / 32) * sizeof *d);
         for (int t = 0; t < n_tok; t++) {
             ref_quantize(x + t * n_in, n_in, q, d);
@@ -228,7 +237,8 @@ static void run_type(eng_dtype type, const char *isa) {
                     worst = e;
                 eng_tensor_free(&w);
             }
-    cr_log_info("%s %s: worst error %.3f of tolerance", isa, eng_dtype_name(type), worst);
+    cr_log_info("%s %s q%d: worst error %.3f of tolerance", isa, eng_dtype_name(type),
+                act_mode == ENG_ACT_Q16 ? 16 : 8, worst);
     eng_threadpool_destroy(pools[1]);
     eng_threadpool_destroy(pools[2]);
     eng_matmul_force_isa(NULL);
@@ -258,6 +268,67 @@ AVX2_TEST(q8_0_avx2, ENG_Q8_0)
 AVX2_TEST(f32_avx2, ENG_F32)
 AVX2_TEST(f16_avx2, ENG_F16)
 
+/* 16-bit activations: the same products against the same double reference,
+ * with the activations quantized to 16 bits. */
+static void run_type16(eng_dtype type, const char *isa) {
+    act_mode = ENG_ACT_Q16;
+    eng_matmul_set_activations(ENG_ACT_Q16);
+    run_type(type, isa);
+    act_mode = ENG_ACT_Q8;
+    eng_matmul_set_activations(ENG_ACT_Q8);
+}
+
+Test(matmul, q4_1_q16_scalar) { run_type16(ENG_Q4_1, "scalar"); }
+Test(matmul, q4_0_q16_scalar) { run_type16(ENG_Q4_0, "scalar"); }
+Test(matmul, q8_0_q16_scalar) { run_type16(ENG_Q8_0, "scalar"); }
+
+#define AVX2_TEST16(name, type)                                              \
+    Test(matmul, name) {                                                     \
+        if (!have_avx2())                                                    \
+            cr_skip_test("this CPU has no AVX2+FMA+F16C");                   \
+        run_type16(type, "avx2");                                            \
+    }
+AVX2_TEST16(q4_1_q16_avx2, ENG_Q4_1)
+AVX2_TEST16(q4_0_q16_avx2, ENG_Q4_0)
+AVX2_TEST16(q8_0_q16_avx2, ENG_Q8_0)
+
+/* 16-bit activations keep what 8 bits lose: a block with one outlier 100
+ * times its other values. With 8 bits those values keep about one bit; with
+ * 16 bits the error of their part of the product stays within 2e-3 and far
+ * below the 8-bit one. */
+Test(matmul, q16_keeps_values_beside_an_outlier) {
+    rng_state = 777;
+    eng_tensor w = random_weights(ENG_Q8_0, 64, 9);
+    float x[64], wrow[64];
+    for (int j = 0; j < 64; j++)
+        x[j] = rnd_uniform(-0.01f, 0.01f);
+    x[3] = 1.0f;
+    float y8[9], y16[9];
+    eng_matmul_set_activations(ENG_ACT_Q8);
+    eng_matmul(NULL, &w, x, 1, y8, 9);
+    eng_matmul_set_activations(ENG_ACT_Q16);
+    eng_matmul(NULL, &w, x, 1, y16, 9);
+    eng_matmul_set_activations(ENG_ACT_Q8);
+    double worst8 = 0, worst16 = 0;
+    for (int r = 0; r < 9; r++) {
+        eng_weight_get_row(&w, r, wrow);
+        double exact = 0, rest = 0;
+        for (int j = 0; j < 64; j++) {
+            exact += (double)wrow[j] * x[j];
+            if (j != 3)
+                rest += fabs((double)wrow[j] * x[j]);
+        }
+        /* errors relative to the part of the sum the small values make */
+        worst8 = fmax(worst8, fabs(y8[r] - exact) / rest);
+        worst16 = fmax(worst16, fabs(y16[r] - exact) / rest);
+    }
+    cr_assert(worst16 < 2e-3, "16-bit error %.3g of the small values' sum", worst16);
+    cr_assert(worst8 > 20 * worst16, "8-bit error %.3g vs 16-bit %.3g: the outlier should hurt 8 bits "
+              "far more", worst8, worst16);
+    cr_log_info("error of the small values' part: 8-bit %.3g, 16-bit %.3g", worst8, worst16);
+    eng_tensor_free(&w);
+}
+
 /* A long batch (several 64-token blocks plus a tail) and long rows (more
  * blocks than the group kernels unpack at once), on the run-time kernels
  * with a 2-thread pool. */
@@ -274,6 +345,13 @@ Test(matmul, long_batches_and_rows) {
         snprintf(what, sizeof what, "%s [%lld x %lld] n_tok %d", eng_dtype_name(cases[i].type),
                  (long long)cases[i].n_in, (long long)cases[i].n_out, cases[i].n_tok);
         check_matmul(tp, &w, cases[i].n_tok, what);
+        if (cases[i].type != ENG_F16) {
+            act_mode = ENG_ACT_Q16;
+            eng_matmul_set_activations(ENG_ACT_Q16);
+            check_matmul(tp, &w, cases[i].n_tok, what);
+            act_mode = ENG_ACT_Q8;
+            eng_matmul_set_activations(ENG_ACT_Q8);
+        }
         eng_tensor_free(&w);
     }
     eng_threadpool_destroy(tp);
@@ -284,8 +362,10 @@ Test(matmul, long_batches_and_rows) {
 Test(matmul, scalar_and_avx2_agree) {
     if (!have_avx2())
         cr_skip_test("this CPU has no AVX2+FMA+F16C");
-    const eng_dtype types[] = {ENG_Q4_1, ENG_Q4_0, ENG_Q8_0, ENG_F32, ENG_F16};
+    const eng_dtype types[] = {ENG_Q4_1, ENG_Q4_0, ENG_Q8_0, ENG_F32, ENG_F16,
+                               ENG_Q4_1, ENG_Q4_0, ENG_Q8_0};
     for (size_t k = 0; k < sizeof types / sizeof types[0]; k++) {
+        eng_matmul_set_activations(k >= 5 ? ENG_ACT_Q16 : ENG_ACT_Q8);
         rng_state = 555 + k;
         const int n_tok = 19;
         eng_tensor w = random_weights(types[k], 160, 21);
@@ -305,55 +385,90 @@ Test(matmul, scalar_and_avx2_agree) {
         free(x);
         eng_tensor_free(&w);
     }
+    eng_matmul_set_activations(ENG_ACT_Q8);
 }
 
 /* ---- activation quantization --------------------------------------------- */
 
-static void check_quantizer(const char *isa) {
+/* Quantized blocks of either width as (d, s, qs as int). */
+static void quantize_blocks(const float *x, int64_t n, float *d, float *s, int32_t *qs) {
+    if (act_mode == ENG_ACT_Q16) {
+        eng_block_q16 *q = xmalloc((size_t)(n / 32) * sizeof *q);
+        eng__quantize_q16(x, q, n);
+        for (int64_t b = 0; b < n / 32; b++) {
+            d[b] = q[b].d, s[b] = q[b].s;
+            for (int j = 0; j < 32; j++)
+                qs[b * 32 + j] = q[b].qs[j];
+        }
+        free(q);
+    } else {
+        eng_block_q8_1 *q = xmalloc((size_t)(n / 32) * sizeof *q);
+        eng__quantize_q8_1(x, q, n);
+        for (int64_t b = 0; b < n / 32; b++) {
+            d[b] = q[b].d, s[b] = q[b].s;
+            for (int j = 0; j < 32; j++)
+                qs[b * 32 + j] = q[b].qs[j];
+        }
+        free(q);
+    }
+}
+
+static void check_quantizer(const char *isa, eng_act_mode mode) {
     cr_assert_eq(eng_matmul_force_isa(isa), 0);
+    act_mode = mode;
+    const int qmax = act_qmax();
     rng_state = 4242;
     const int64_t n = 32 * 40;
     float *x = random_activations(1, n);
     x[5] = -x[5] * 1e6f;   /* an outlier */
     for (int j = 64; j < 96; j++)  /* a block of ties at 0.5 steps of d */
         x[j] = (float)(j - 80) * 0.5f;
-    x[95] = 127.0f;
-    eng_block_q8_1 *q = xmalloc((size_t)(n / 32) * sizeof *q);
-    int8_t *rq = xmalloc((size_t)n);
+    x[95] = (float)qmax;
+    float *d = xmalloc((size_t)(n / 32) * sizeof *d), *s = xmalloc((size_t)(n / 32) * sizeof *s);
+    int32_t *q = xmalloc((size_t)n * sizeof *q), *rq = xmalloc((size_t)n * sizeof *rq);
     float *rd = xmalloc((size_t)(n / 32) * sizeof *rd);
-    eng__quantize_q8_1(x, q, n);
+    quantize_blocks(x, n, d, s, q);
     ref_quantize(x, n, rq, rd);
     for (int64_t b = 0; b < n / 32; b++) {
-        cr_assert_eq(q[b].d, rd[b], "%s block %lld: d %.9g, expected %.9g", isa, (long long)b, q[b].d, rd[b]);
-        int sum = 0, qmax = 0;
+        cr_assert_eq(d[b], rd[b], "%s block %lld: d %.9g, expected %.9g", isa, (long long)b, d[b], rd[b]);
+        int sum = 0, amax = 0;
         for (int j = 0; j < 32; j++) {
-            cr_assert_eq(q[b].qs[j], rq[b * 32 + j], "%s block %lld value %d: %d, expected %d", isa,
-                         (long long)b, j, q[b].qs[j], rq[b * 32 + j]);
-            /* the rule itself: within half a step, the largest value at +-127 */
-            cr_assert(fabsf(q[b].qs[j] * q[b].d - x[b * 32 + j]) <= 0.5001f * q[b].d);
-            sum += q[b].qs[j];
-            qmax = abs(q[b].qs[j]) > qmax ? abs(q[b].qs[j]) : qmax;
+            cr_assert_eq(q[b * 32 + j], rq[b * 32 + j], "%s block %lld value %d: %d, expected %d", isa,
+                         (long long)b, j, q[b * 32 + j], rq[b * 32 + j]);
+            /* the rule itself: within half a step, the largest value at +-qmax */
+            cr_assert(fabsf(q[b * 32 + j] * d[b] - x[b * 32 + j]) <= 0.5001f * d[b]);
+            sum += q[b * 32 + j];
+            amax = abs(q[b * 32 + j]) > amax ? abs(q[b * 32 + j]) : amax;
         }
-        cr_assert(qmax == 127 || q[b].d == 0.0f);
-        cr_assert_eq(q[b].s, q[b].d * (float)sum);
+        cr_assert(amax == qmax || d[b] == 0.0f);
+        cr_assert_eq(s[b], d[b] * (float)sum);
     }
     /* ties round to even: x = k/2 with d = 1 */
-    cr_assert_eq(q[2].d, 1.0f);
-    cr_assert_eq(q[2].qs[80 - 64 + 1], 0);   /* 0.5 -> 0 */
-    cr_assert_eq(q[2].qs[80 - 64 + 3], 2);   /* 1.5 -> 2 */
-    cr_assert_eq(q[2].qs[80 - 64 - 1], 0);   /* -0.5 -> 0 */
+    cr_assert_eq(d[2], 1.0f);
+    cr_assert_eq(q[2 * 32 + 80 - 64 + 1], 0);   /* 0.5 -> 0 */
+    cr_assert_eq(q[2 * 32 + 80 - 64 + 3], 2);   /* 1.5 -> 2 */
+    cr_assert_eq(q[2 * 32 + 80 - 64 - 1], 0);   /* -0.5 -> 0 */
     free(x);
+    free(d);
+    free(s);
     free(q);
     free(rq);
     free(rd);
+    act_mode = ENG_ACT_Q8;
     eng_matmul_force_isa(NULL);
 }
 
-Test(matmul, quantize_scalar) { check_quantizer("scalar"); }
+Test(matmul, quantize_scalar) { check_quantizer("scalar", ENG_ACT_Q8); }
 Test(matmul, quantize_avx2) {
     if (!have_avx2())
         cr_skip_test("this CPU has no AVX2+FMA+F16C");
-    check_quantizer("avx2");
+    check_quantizer("avx2", ENG_ACT_Q8);
+}
+Test(matmul, quantize16_scalar) { check_quantizer("scalar", ENG_ACT_Q16); }
+Test(matmul, quantize16_avx2) {
+    if (!have_avx2())
+        cr_skip_test("this CPU has no AVX2+FMA+F16C");
+    check_quantizer("avx2", ENG_ACT_Q16);
 }
 
 /* ---- weight preparation -------------------------------------------------- */

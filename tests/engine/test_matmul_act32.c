@@ -76,12 +76,12 @@ Test(matmul_act32, q4_1_scalar) { check_type(ENG_Q4_1, "scalar"); }
 Test(matmul_act32, q8_0_scalar) { check_type(ENG_Q8_0, "scalar"); }
 
 /* Token t's outputs computed alone and inside batches of several sizes, with
- * 1 and 2 threads, are bit-identical. */
-static void check_invariance(const char *isa) {
+ * 1 and 2 threads, are bit-identical (in activation mode `mode`). */
+static void check_invariance(const char *isa, eng_act_mode mode, eng_dtype type, int64_t n_in) {
     cr_assert_eq(eng_matmul_force_isa(isa), 0);
-    eng_matmul_set_activations(ENG_ACT_F32);
-    const int64_t n_in = 1536, n_out = 70;
-    eng_tensor w = random_weights(ENG_Q4_1, n_in, n_out);
+    eng_matmul_set_activations(mode);
+    const int64_t n_out = 70;
+    eng_tensor w = random_weights(type, n_in, n_out);
     const int max_t = 130;
     float *x = malloc(sizeof(float) * (size_t)(n_in * max_t));
     float *alone = malloc(sizeof(float) * (size_t)(n_out * max_t)), *y = malloc(sizeof(float) * (size_t)(n_out * max_t));
@@ -94,7 +94,8 @@ static void check_invariance(const char *isa) {
     for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
         eng_matmul(sizes[k] % 2 ? tp1 : tp2, &w, x, sizes[k], y, n_out);
         cr_expect_eq(memcmp(y, alone, sizeof(float) * (size_t)(n_out * sizes[k])), 0,
-                     "%s: batch of %d differs from tokens alone", isa, sizes[k]);
+                     "%s %s mode %d n_in %lld: batch of %d differs from tokens alone", isa,
+                     eng_dtype_name(type), (int)mode, (long long)n_in, sizes[k]);
     }
     eng_threadpool_destroy(tp1);
     eng_threadpool_destroy(tp2);
@@ -102,8 +103,20 @@ static void check_invariance(const char *isa) {
     free(x);
     free(alone);
     free(y);
+    eng_matmul_set_activations(ENG_ACT_F32);
     eng_matmul_force_isa(NULL);
 }
 
-Test(matmul_act32, batch_invariant_avx2) { check_invariance("avx2"); }
-Test(matmul_act32, batch_invariant_scalar) { check_invariance("scalar"); }
+Test(matmul_act32, batch_invariant_avx2) { check_invariance("avx2", ENG_ACT_F32, ENG_Q4_1, 1536); }
+Test(matmul_act32, batch_invariant_scalar) { check_invariance("scalar", ENG_ACT_F32, ENG_Q4_1, 1536); }
+
+/* 16-bit activations (the default): the row kernel (decode, batch tails)
+ * and the 8-token group kernel must give the same bits; rows longer than
+ * the group kernel's 64-block chunk too. */
+Test(matmul_act32, batch_invariant_q16_avx2) {
+    check_invariance("avx2", ENG_ACT_Q16, ENG_Q4_1, 1536);
+    check_invariance("avx2", ENG_ACT_Q16, ENG_Q4_0, 576);
+    check_invariance("avx2", ENG_ACT_Q16, ENG_Q8_0, 576);
+    check_invariance("avx2", ENG_ACT_Q16, ENG_Q4_1, 4160);
+}
+Test(matmul_act32, batch_invariant_q16_scalar) { check_invariance("scalar", ENG_ACT_Q16, ENG_Q4_1, 1536); }
