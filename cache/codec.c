@@ -460,7 +460,7 @@ const char *kvc__codec_specs(void) {
            "latent:N, hybrid:rR, hybrid:latent:N "
            "(low-rank specs take :orthogonal (default) or :pca, and with :pca the rank may be left out "
            "for the calibration file's per-layer ranks, or be eP for the per-layer ranks keeping P% of the "
-           "variance (lowrank:e95:pca); then :int4[:g64] stores the coefficients as int4; "
+           "variance (lowrank:e95:pca); then :int4[:g64|:channel] stores the coefficients as int4; "
            "key specs may end in :prerope)";
 }
 
@@ -492,12 +492,12 @@ static int parse_rank(const char *tok, int r_prefix, int *rank) {
 /* Returns 0, or -1 when the spec is not in the grammar. */
 static int parse_spec(const char *spec, kvc__role role, parsed_spec *p) {
     memset(p, 0, sizeof *p);
-    char buf[64], *tok[6];
+    char buf[64], *tok[8];
     int nt = 0;
     if (!spec || strlen(spec) >= sizeof buf) return -1;
     strcpy(buf, spec);
     for (char *s = buf;;) {
-        if (nt == 6) return -1;
+        if (nt == 8) return -1;
         tok[nt++] = s;
         char *c = strchr(s, ':');
         if (!c) break;
@@ -546,10 +546,12 @@ static int parse_spec(const char *spec, kvc__role role, parsed_spec *p) {
     }
     if (i < nt && !strcmp(tok[i], "pca")) p->pca = 1, i++;
     else if (i < nt && !strcmp(tok[i], "orthogonal")) i++;
-    /* :int4[:g64]: the coefficients as int4 per token (groups of 32 or 64) */
+    /* :int4[:g32|:g64|:channel]: the coefficients as int4 per token (groups
+     * of 32 or 64) or per coefficient over the block's tokens */
     if (i < nt && !strcmp(tok[i], "int4")) {
         p->fmt = KVC__U4, i++;
         if (i < nt && !strcmp(tok[i], "g64")) p->fmt = KVC__U4G64, i++;
+        else if (i < nt && !strcmp(tok[i], "channel")) p->fmt = KVC__U4C, i++;
         else if (i < nt && !strcmp(tok[i], "g32")) i++;
     }
     if (i != nt || (p->rank == 0 && !p->pca)) return -1;   /* energies need pca too */
@@ -760,10 +762,15 @@ void kvc__codec_encode(const kvc__codec *c, int layer, int group, void *blk, int
         return;
     }
     const size_t i = (size_t)layer * c->n_groups + group;
+    /* project as many tokens as fit, then encode them together (per-channel
+     * int4 codes a run of tokens at once, as for coefficients written directly) */
     float coef[KVC__DIM_MAX];
-    for (int t = 0; t < n; t++) {
-        c->project(c->basis[i], R, c->in_dim, x + t * x_stride, c->mean[i], coef);
-        c->kern.encode(blk, c->block_size, R, slot + t, 1, coef, R);
+    const int run = KVC__DIM_MAX / R;
+    for (int t0 = 0; t0 < n; t0 += run) {
+        int m = n - t0 < run ? n - t0 : run;
+        for (int t = 0; t < m; t++)
+            c->project(c->basis[i], R, c->in_dim, x + (t0 + t) * x_stride, c->mean[i], coef + (size_t)t * R);
+        c->kern.encode(blk, c->block_size, R, slot + t0, m, coef, R);
     }
 }
 

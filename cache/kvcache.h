@@ -61,7 +61,9 @@
  *   layer takes the smallest rank keeping P% of its variance by the file's
  *   eigenvalues (per head: the largest over the layer's kv heads).
  *   A low-rank spec may then end in :int4[:g64]: the coefficients stored as
- *   int4:token (lowrank:r64:int4 is a random rotation before int4, which
+ *   int4:token, or :int4:channel: as int4:channel, one scale and minimum
+ *   per coefficient over a block's tokens, which suits pca coefficients of
+ *   very different sizes (lowrank:r64:int4 is a random rotation before int4, which
  *   spreads outlier channels over all numbers of a group).
  *   A K spec may end in :prerope: keys are cached before RoPE (pca bases from
  *   the file's pre-RoPE key statistics) and attention rotates them; the caller

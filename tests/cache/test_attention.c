@@ -211,12 +211,14 @@ Test(attention, latent) { small_sweep("latent:40", "latent:128", 64); }
 Test(attention, hybrid) {
     small_sweep("hybrid:r16", "hybrid:latent:72", 64);
     small_sweep("lowrank:r64:int4", "latent:72:int4:g64", 64);
+    small_sweep("lowrank:r20:int4:channel", "hybrid:latent:50:int4:channel", 64);
 }
 Test(attention, mixed_odd_head) { small_sweep("hybrid:latent:33", "int4", 20); }
 Test(attention, pre_rope) {
     small_sweep("f16:prerope", "int8", 64);
     small_sweep("lowrank:r20:prerope", "lowrank:r12", 64);
     small_sweep("hybrid:latent:30:prerope", "f16", 20);
+    small_sweep("lowrank:r24:int4:channel:prerope", "int4:g64", 64);
 }
 
 /* Head sizes with SIMD tails, peaky and flat softmax, block sizes not a

@@ -341,7 +341,8 @@ Test(codec, spec_grammar) {
                                  "int4:token:g64", "int4:token:g32", "lowrank:r8", "lowrank:r16:orthogonal",
                                  "lowrank:r1", "latent:48", "latent:5:orthogonal", "hybrid:r4", "hybrid:r16:orthogonal",
                                  "hybrid:latent:24", "hybrid:latent:24:orthogonal", "lowrank:r8:int4",
-                                 "latent:48:orthogonal:int4:g64", "hybrid:r16:int4:g32"};
+                                 "latent:48:orthogonal:int4:g64", "hybrid:r16:int4:g32", "lowrank:r8:int4:channel",
+                                 "hybrid:latent:24:orthogonal:int4:channel"};
     for (size_t i = 0; i < sizeof good / sizeof *good; i++) {
         cr_expect_eq(try_spec(good[i], good[i], NULL, err, sizeof err), KVC_OK, "%s: %s", good[i], err);
         char pre[64];
@@ -356,7 +357,8 @@ Test(codec, spec_grammar) {
                                 "hybrid:latent:r8", "f16:orthogonal", "int8:pca", "lowrank:r8:pca:orthogonal",
                                 "lowrank:r08", "prerope", "f16:prerope:prerope", "lowrank:r8:", ":lowrank:r8",
                                 "lowrank:r99999999999", "latent:4:pca:x", "lowrank:r8:int4:pca", "lowrank:r8:int8",
-                                "latent:4:int4:g16", "lowrank:int4", "int8:int4"};
+                                "latent:4:int4:g16", "lowrank:int4", "int8:int4", "lowrank:r8:int4:channel:g64",
+                                "lowrank:r8:channel", "lowrank:r8:int4:token"};
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         cr_expect_eq(try_spec(bad[i], "f16", NULL, err, sizeof err), KVC_ERR_INVAL, "'%s' accepted", bad[i]);
         cr_expect(strstr(err, "unknown codec; valid: f32, f16, int8, int4"), "'%s': %s", bad[i], err);
@@ -391,6 +393,7 @@ Test(codec, layout_sizes) {
         {"int4", 512 + 64 * 4},   /* keys per channel */
         {"int4:token:g64", 512 + 16 * 4},
         {"lowrank:r32:int4", 256 + 16 * 4}, {"lowrank:r40:int4", 320 + 2 * 16 * 4},
+        {"lowrank:r32:int4:channel", 256 + 32 * 4},
         {"lowrank:r32", 32 * 16 * 2}, {"hybrid:r32", 512 + 32}, {"lowrank:r5", 160}, {"hybrid:r5", 80 + 32},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
@@ -523,6 +526,69 @@ Test(codec, transforms_project_onto_orthonormal_bases) {
     kvc_pool_destroy(a);
     kvc_pool_destroy(b);
     free(x), free(k), free(v);
+}
+
+/* int4:channel coefficients: each coefficient within one step of its
+ * block's range over the tokens, (max - min) / 15 (a block whose range widened
+ * re-codes its earlier tokens: up to a second half step); vectors projected by
+ * the cache and coefficients handed over give the same pages. */
+Test(codec, int4_channel_coefficients) {
+    enum { N = 50, H = 3, D = 24 };
+    static float x[N * H * D], coef[N * H * D], k[N * H * D], v[N * H * D], k2[N * H * D], v2[N * H * D];
+    for (int i = 0; i < N * H * D; i++)    /* coefficients of very different sizes per dimension */
+        x[i] = sinf((float)i * 0.71f) * (1.0f + (float)(i % D)) + cosf((float)i * 0.13f);
+    for (int fs = 0; fs < 2; fs++) {
+        kvc_pool *pool = write_read("lowrank:r24:int4:channel", "latent:72:int4:channel", x, N, H, D, k, v, fs);
+        for (int role = 0; role < 2; role++) {
+            const float *y = role ? v : k;
+            kvc_basis b;
+            cr_assert_eq(kvc_get_basis(pool, role, 0, 0, &b), KVC_OK);
+            const int G = b.n_groups, R = b.rank, NI = b.in_dim;
+            for (int g = 0; g < G; g++) {
+                cr_assert_eq(kvc_get_basis(pool, role, 0, g, &b), KVC_OK);
+                for (int t0 = 0; t0 < N; t0 += 16)
+                    for (int r = 0; r < R; r++) {
+                        double c[16], lo = INFINITY, hi = -INFINITY;
+                        int nt = N - t0 < 16 ? N - t0 : 16;
+                        for (int t = 0; t < nt; t++) {
+                            c[t] = 0.0;
+                            for (int d = 0; d < NI; d++)
+                                c[t] += (double)b.basis[d * R + r] * x[(t0 + t) * H * D + g * NI + d];
+                            lo = fmin(lo, c[t]), hi = fmax(hi, c[t]);
+                        }
+                        for (int t = 0; t < nt; t++) {
+                            double cd = 0.0;     /* full rank: the decoded vector's coefficient */
+                            for (int d = 0; d < NI; d++)
+                                cd += (double)b.basis[d * R + r] * y[(t0 + t) * H * D + g * NI + d];
+                            double step = (hi - lo) / 15 * 1.01 + 1e-3 * (fabs(hi) + fabs(lo));
+                            cr_assert_leq(fabs(cd - c[t]), step, "role %d group %d token %d coef %d: %g vs %g", role, g,
+                                          t0 + t, r, cd, c[t]);
+                        }
+                    }
+            }
+            /* the same coefficients handed over */
+            for (int t = 0; t < N; t++)
+                for (int g = 0; g < G; g++) {
+                    kvc_get_basis(pool, role, 0, g, &b);
+                    for (int r = 0; r < R; r++) {
+                        float a = 0.0f;
+                        for (int d = 0; d < NI; d++) a += b.basis[d * R + r] * x[t * H * D + g * NI + d];
+                        coef[t * G * R + g * R + r] = a;
+                    }
+                }
+            kvc_seq s = {0};
+            cr_assert_eq(kvc_seq_reserve(pool, &s, N), KVC_OK);
+            cr_assert_eq(kvc_write_ex(pool, &s, 0, 0, N, role ? x : coef, role ? H * D : G * R, !role,
+                                      role ? coef : x, role ? G * R : H * D, role), KVC_OK);
+            kvc_read(pool, &s, 0, 0, N, k2, v2, H * D);
+            const float *y2 = role ? v2 : k2;
+            for (int i = 0; i < N * H * D; i++)
+                cr_assert(fabsf(y[i] - y2[i]) <= 1e-4f * (fabsf(y[i]) + 1.0f), "role %d %d: %g vs %g", role, i, y[i],
+                          y2[i]);
+            kvc_seq_release(pool, &s);
+        }
+        kvc_pool_destroy(pool);
+    }
 }
 
 /* Coefficients handed over directly (absorbed projections) give the same
