@@ -36,6 +36,21 @@ __device__ __forceinline__ const uint8_t *kvc__cu_v_block(const uint8_t *arena, 
     return arena + (size_t)page * g.page_bytes + g.layer_off + g.k_region + (size_t)head * g.v_block_bytes;
 }
 
+/* int4 per token: numbers per group. */
+__host__ __device__ constexpr int kvc__cu_u4_group(int fmt) { return fmt == KVC_CU_U4T64 ? 64 : 32; }
+__host__ __device__ constexpr bool kvc__cu_is_u4t(int fmt) { return fmt == KVC_CU_U4T32 || fmt == KVC_CU_U4T64; }
+
+/* Bytes of one (page, kv head) block of 16 tokens, padding included, as the
+ * pool lays it out (codec.h): f16 (D, 16) or (16, D); int8 codes then 16
+ * scales; int4 codes (8 D bytes) then fp16 scales and minima, per (group,
+ * token) or per channel. */
+__host__ __device__ constexpr int kvc__cu_block_bytes(int fmt, int D) {
+    return fmt == KVC_CU_F16 ? 32 * D
+           : fmt == KVC_CU_I8 ? 16 * D + 32
+           : fmt == KVC_CU_U4C ? 12 * D
+                               : 8 * D + 64 * (D / kvc__cu_u4_group(fmt));
+}
+
 /* int8 blocks: the fp16 scales start here (16-byte aligned), as in codec.h. */
 __host__ __device__ __forceinline__ int kvc__cu_i8_scale_offset(int B, int dim) {
     return (B * dim + 15) & ~15;

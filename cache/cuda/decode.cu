@@ -13,16 +13,29 @@
  * the scaled query (and of the weights), and the two rows' results are added
  * in fp32. The products are then those of ~22-bit operands: fp32-like
  * accuracy at no extra tensor-core work (K/V numbers are exact in fp16: f16
- * pages as stored, int8 codes as integers, their scales applied in fp32).
+ * pages as stored, int8 and int4 codes as integers, their scales and minima
+ * applied in fp32 or folded into the hi + lo operands).
  *
  * Layouts in a ring slot (16-byte units, swizzled so the transposing
  * ldmatrix reads of 8 rows hit 8 distinct bank groups):
  *   f16 K (D, 16): unit (dim, h) at dim * 2 + (h ^ ((dim >> 2) & 1))
  *   f16 V (16, D): unit (t, u) at t * D / 8 + (u ^ (t & 7))
- *   int8 blocks are copied raw, then converted (exactly: codes are small
- *   integers) into a per-warp f16 block of the same swizzled layout; scales
- *   stay in the raw slot. Positions past the context are zero-filled in V (garbage there
- *   could be inf) and masked in the scores.
+ *   int8 and int4 blocks are copied raw, then their codes converted
+ *   (exactly: small integers) into a per-warp f16 block of the same swizzled
+ *   layout, K's first and, once the scores are taken, V's; scales and minima
+ *   stay in the raw slot. Positions past the context are zero-filled in f16
+ *   and int8 V (garbage there could be inf), their int4 weights are selected
+ *   to 0, and they are masked in the scores.
+ * Codecs in the scores and sums:
+ *   int8: the per-token scale multiplies the score (K) or the weight (V);
+ *   int4 keys per channel (x = min_d + scale_d code): the page's query is
+ *     q * scale_d, formed in halves without rounding loss (the product of
+ *     the hi half by a half scale is exact as hi * s = p + e, p = fp16(hi s),
+ *     e = fma(hi, s, -p); lo * s + e is the new lo), and q . min comes from
+ *     one more mma whose B columns are all the page's minima;
+ *   int4 values per token (x = min_tg + scale_tg code, groups of 32 or 64
+ *     numbers): one weight operand per group (p_t scale_tg as hi + lo) and
+ *     a running sum of p_t min_tg per group, added to its numbers at the end.
  *
  * Two ways to share the work (make_plan picks one):
  *   - warp per sequence: with many (sequence, kv head) pairs, each warp takes
@@ -32,6 +45,9 @@
  *     NW-th page; warps merge in shared memory, and when a sequence has
  *     several splits each writes (acc, m, l) to the workspace and the last
  *     block to finish (a counter per pair) merges them, in the same launch.
+ *     Beyond FAN splits they merge in two levels: the last block of each
+ *     group of FAN splits merges the group into its first slot, and the last
+ *     group to finish merges the groups (no block reads more than FAN).
  * Scores are kept in log2 units (q pre-multiplied by scale * log2 e). */
 #include <math.h>
 
@@ -43,7 +59,8 @@ namespace {
 
 constexpr int NW = 4;            /* warps per block */
 constexpr int NT = NW * 32;
-constexpr int MAX_SPLITS = 256;  /* bounds the merge's shared memory */
+constexpr int FAN = 16;          /* partials one block merges */
+constexpr int MAX_SPLITS = FAN * FAN;
 /* Shared memory a warp aims at (ring plus conversion buffers; at least 3
  * pages): small enough for 4-5 blocks per multiprocessor at head_dim 64. */
 constexpr int RING_BUDGET = 12288;
@@ -51,22 +68,17 @@ constexpr int RING_BUDGET = 12288;
 int g_pages_per_split = 0;       /* kvc_cu_set_decode_tuning */
 int g_warp_per_seq = 0;
 
-/* Bytes of one head's block of 16 tokens (the pool's padding to 16 bytes). */
-template <int D, int FMT> struct block_bytes {
-    static constexpr int value = FMT == KVC_CU_F16 ? 32 * D : 16 * D + 32;
-};
-
 /* A warp's shared memory: a ring of S page slots (K block then V block, the
- * global block sizes), then the f16 blocks int8 pages are converted into. */
+ * global block sizes), then one f16 block that quantized codes are converted
+ * into (K's, then V's). */
 template <int D, int KF, int VF> struct ring {
-    static constexpr int KB = block_bytes<D, KF>::value;
-    static constexpr int VB = block_bytes<D, VF>::value;
+    static constexpr int KB = kvc__cu_block_bytes(KF, D);
+    static constexpr int VB = kvc__cu_block_bytes(VF, D);
     static constexpr int PAGE = KB + VB;
-    static constexpr int KCONV = KF == KVC_CU_I8 ? 32 * D : 0;
-    static constexpr int VCONV = VF == KVC_CU_I8 ? 32 * D : 0;
-    static constexpr int S0 = (RING_BUDGET - KCONV - VCONV) / PAGE;
+    static constexpr int CONV = KF != KVC_CU_F16 || VF != KVC_CU_F16 ? 32 * D : 0;
+    static constexpr int S0 = (RING_BUDGET - CONV) / PAGE;
     static constexpr int S = S0 < 3 ? 3 : S0 > 8 ? 8 : S0;
-    static constexpr int WARP_BYTES = S * PAGE + KCONV + VCONV;
+    static constexpr int WARP_BYTES = S * PAGE + CONV;
     static constexpr int BYTES = NW * WARP_BYTES;     /* per block */
 };
 
@@ -87,7 +99,7 @@ struct decode_params {
     int64_t q_stride;
     float *out;
     int64_t out_stride;
-    int *counters;               /* (n_seqs, n_kv_head) splits finished, reset by the merger */
+    int *counters;               /* (n_seqs, n_kv_head, 1 + FAN) splits / groups finished, reset by the merger */
     float *ws_ml;                /* (n_seqs, n_kv_head, n_splits, 2, G) m then l */
     float *ws_acc;               /* (n_seqs, n_kv_head, n_splits, G, D) */
 };
@@ -155,10 +167,12 @@ __device__ __forceinline__ void issue_page(const decode_params &p, int32_t page,
             if (VF == KVC_CU_F16) {
                 const int t = c / (D / 8), u = c % (D / 8);
                 cp_async16(vd + 16 * v_unit<D>(t, u), vb + 16 * c, t < valid);
-            } else {
+            } else if (VF == KVC_CU_I8) {
                 /* codes: D / 16 units per position; the scales after them */
                 const int t = c / (D / 16);
                 cp_async16(vd + 16 * c, vb + 16 * c, c >= D || t < valid);
+            } else {
+                cp_async16(vd + 16 * c, vb + 16 * c);      /* int4 codes are finite */
             }
         }
     }
@@ -180,6 +194,49 @@ __device__ __forceinline__ void i8x16_to_h(const uint4 &w, uint4 &lo, uint4 &hi)
     }
     lo = make_uint4(o[0], o[1], o[2], o[3]);
     hi = make_uint4(o[4], o[5], o[6], o[7]);
+}
+
+/* 8 int4 codes (nibble i = code i) -> 8 halves in order, exactly. */
+__device__ __forceinline__ uint4 u4x8_to_h(uint32_t w) {
+    const uint32_t even = w & 0x0f0f0f0fu, odd = (w >> 4) & 0x0f0f0f0fu;
+    const uint32_t a = __byte_perm(even, odd, 0x5140), b = __byte_perm(even, odd, 0x7362);   /* bytes x0..x3, x4..x7 */
+    uint32_t o[4] = {__byte_perm(a, 0x64646464u, 0x4140), __byte_perm(a, 0x64646464u, 0x4342),
+                     __byte_perm(b, 0x64646464u, 0x4140), __byte_perm(b, 0x64646464u, 0x4342)};
+    const __half2 off = __floats2half2_rn(1024.0f, 1024.0f);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        __half2 h = __hsub2(*reinterpret_cast<__half2 *>(&o[i]), off);
+        o[i] = *reinterpret_cast<uint32_t *>(&h);
+    }
+    return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+/* int4 K (D rows of 8 bytes: 16 tokens) -> f16 swizzled: lane takes rows
+ * 2 c and 2 c + 1, c = lane + 32 i. */
+template <int D> __device__ __forceinline__ void convert_k_u4(const uint8_t *raw, uint8_t *dst, int lane) {
+#pragma unroll
+    for (int i = 0; i < D / 64; i++) {
+        const int c = lane + 32 * i;
+        const uint4 w = reinterpret_cast<const uint4 *>(raw)[c];
+        reinterpret_cast<uint4 *>(dst)[k_unit<D>(2 * c, 0)] = u4x8_to_h(w.x);
+        reinterpret_cast<uint4 *>(dst)[k_unit<D>(2 * c, 1)] = u4x8_to_h(w.y);
+        reinterpret_cast<uint4 *>(dst)[k_unit<D>(2 * c + 1, 0)] = u4x8_to_h(w.z);
+        reinterpret_cast<uint4 *>(dst)[k_unit<D>(2 * c + 1, 1)] = u4x8_to_h(w.w);
+    }
+}
+
+/* int4 V (16 rows of D / 2 bytes) -> f16 swizzled: lane takes 32-number
+ * units c = lane + 32 i (token c / (D / 32)). */
+template <int D> __device__ __forceinline__ void convert_v_u4(const uint8_t *raw, uint8_t *dst, int lane) {
+#pragma unroll
+    for (int i = 0; i < D / 64; i++) {
+        const int c = lane + 32 * i, t = c / (D / 32), u = 4 * (c % (D / 32));
+        const uint4 w = reinterpret_cast<const uint4 *>(raw)[c];
+        reinterpret_cast<uint4 *>(dst)[v_unit<D>(t, u)] = u4x8_to_h(w.x);
+        reinterpret_cast<uint4 *>(dst)[v_unit<D>(t, u + 1)] = u4x8_to_h(w.y);
+        reinterpret_cast<uint4 *>(dst)[v_unit<D>(t, u + 2)] = u4x8_to_h(w.z);
+        reinterpret_cast<uint4 *>(dst)[v_unit<D>(t, u + 3)] = u4x8_to_h(w.w);
+    }
 }
 
 /* int8 K (D, 16) raw -> f16 swizzled: lane takes dimensions lane + 32 i. */
@@ -222,34 +279,90 @@ struct page_ids {
     }
 };
 
+/* Groups of an int4-per-token V block's numbers (1 for the other formats). */
+template <int D, int VF> struct v_groups {
+    static constexpr int value = kvc__cu_is_u4t(VF) ? D / kvc__cu_u4_group(VF) : 1;
+};
+
 /* A thread's share of the warp's state: query head gid = lane / 4 (when <
  * G), its dims 8 dn + 2 (lane % 4) + {0, 1}. o is summed in fp32 registers
  * (a page's mma starts from zero: the tensor cores' fp32 sums are not
  * IEEE-rounded and would drift over thousands of pages). */
-template <int D> struct warp_state {
+template <int D, int NGV> struct warp_state {
     float m, l;                  /* m quad-uniform; l this thread's positions' share */
     float o[D / 8][2];
+    float vmin[NGV];             /* int4 V: sum of weight * minimum per group, this thread's share */
 };
 
-/* One page from its ring slot. kf, vf: the f16 K and V blocks (swizzled);
- * ks, vs: the int8 scales (or NULL); valid: positions of the page inside
- * the context (>= 1). */
+__device__ __forceinline__ __half2 as_h2(uint32_t x) { return *reinterpret_cast<__half2 *>(&x); }
+__device__ __forceinline__ uint32_t as_u32(__half2 h) { return *reinterpret_cast<uint32_t *>(&h); }
+
+/* The A operand of O += P V from this thread's weights of positions 2 tig,
+ * 2 tig + 1, 8 + 2 tig, 9 + 2 tig: fp16 hi in row gid, lo in row gid + 8. */
+__device__ __forceinline__ void weights_operand(const float (&w)[4], uint32_t (&pa)[4]) {
+    __half hi[4], lo[4];
+#pragma unroll
+    for (int e = 0; e < 4; e++) split_half(w[e], hi[e], lo[e]);
+    pa[0] = pack_half2(hi[0], hi[1]);
+    pa[1] = pack_half2(lo[0], lo[1]);
+    pa[2] = pack_half2(hi[2], hi[3]);
+    pa[3] = pack_half2(lo[2], lo[3]);
+}
+
+/* One page from its ring slot: kslot, vslot the K and V blocks as copied
+ * (f16 swizzled; others raw); conv the warp's conversion block; valid:
+ * positions of the page inside the context (>= 1). */
 template <int D, int KF, int VF>
-__device__ __forceinline__ void process_page(const uint8_t *kf, const uint8_t *vf, const uint8_t *ks,
-                                             const uint8_t *vs, int valid, const uint32_t (&qa)[D / 16][4],
-                                             int lane, warp_state<D> &st) {
+__device__ __forceinline__ void process_page(const uint8_t *kslot, const uint8_t *vslot, uint8_t *conv, int valid,
+                                             const uint32_t (&qa)[D / 16][4], int lane,
+                                             warp_state<D, v_groups<D, VF>::value> &st) {
+    constexpr int NGV = v_groups<D, VF>::value;
     const int tig = lane & 3, mat = lane >> 3, row = lane & 7;
+    const uint8_t *kf = kslot;
+    if (KF != KVC_CU_F16) {
+        if (KF == KVC_CU_I8) convert_k<D>(kslot, conv, lane);
+        else convert_k_u4<D>(kslot, conv, lane);
+        __syncwarp();
+        kf = conv;
+    }
     float s0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float sb[4] = {0.0f, 0.0f, 0.0f, 0.0f};   /* int4 K: q . min, in every column */
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
         uint32_t b[4];
         ldsm_x4_trans(b, kf + 16 * k_unit<D>(kk * 16 + (mat & 1) * 8 + row, mat >> 1));
-        mma16816(s0, qa[kk], b[0], b[1]);
-        mma16816(s1, qa[kk], b[2], b[3]);
+        if constexpr (KF == KVC_CU_U4C) {
+            /* scales (D) then minima (D), halves after the codes; this
+             * thread's dims kk * 16 + 8 hc + 2 tig + {0, 1} */
+            const __half2 *sc = reinterpret_cast<const __half2 *>(kslot + 8 * D);
+            const uint32_t *mn = reinterpret_cast<const uint32_t *>(kslot + 10 * D);
+            uint32_t qs[4];
+#pragma unroll
+            for (int hc = 0; hc < 2; hc++) {
+                const __half2 s2 = sc[kk * 8 + hc * 4 + tig];
+                const __half2 hi = as_h2(qa[kk][2 * hc]), lo = as_h2(qa[kk][2 * hc + 1]);
+                const __half2 p = __hmul2(hi, s2);
+                const __half2 e = __hfma2(hi, s2, __hneg2(p));
+                qs[2 * hc] = as_u32(p);
+                qs[2 * hc + 1] = as_u32(__hfma2(lo, s2, e));
+            }
+            mma16816(s0, qs, b[0], b[1]);
+            mma16816(s1, qs, b[2], b[3]);
+            mma16816(sb, qa[kk], mn[kk * 8 + tig], mn[kk * 8 + 4 + tig]);
+        } else {
+            mma16816(s0, qa[kk], b[0], b[1]);
+            mma16816(s1, qa[kk], b[2], b[3]);
+        }
     }
     /* positions 2 tig, 2 tig + 1, 8 + 2 tig, 9 + 2 tig of query gid */
     float x[4] = {s0[0] + s0[2], s0[1] + s0[3], s1[0] + s1[2], s1[1] + s1[3]};
-    if (KF == KVC_CU_I8) {
+    if constexpr (KF == KVC_CU_U4C) {
+        const float base = sb[0] + sb[2];
+#pragma unroll
+        for (int e = 0; e < 4; e++) x[e] += base;
+    }
+    if constexpr (KF == KVC_CU_I8) {
+        const uint8_t *ks = kslot + 16 * D;
         const float2 a = __half22float2(reinterpret_cast<const __half2 *>(ks)[tig]);
         const float2 c = __half22float2(reinterpret_cast<const __half2 *>(ks)[4 + tig]);
         x[0] *= a.x, x[1] *= a.y, x[2] *= c.x, x[3] *= c.y;
@@ -269,23 +382,51 @@ __device__ __forceinline__ void process_page(const uint8_t *kf, const uint8_t *v
 #pragma unroll
     for (int e = 0; e < 4; e++) pr[e] = exp2f(x[e] - m_new);
     st.l = st.l * alpha + ((pr[0] + pr[1]) + (pr[2] + pr[3]));
-    if (VF == KVC_CU_I8) {
-        const float2 a = __half22float2(reinterpret_cast<const __half2 *>(vs)[tig]);
-        const float2 c = __half22float2(reinterpret_cast<const __half2 *>(vs)[4 + tig]);
-        pr[0] *= a.x, pr[1] *= a.y, pr[2] *= c.x, pr[3] *= c.y;
+
+    const uint8_t *vf = vslot;
+    if (VF != KVC_CU_F16) {
+        __syncwarp();                          /* K's reads of conv are done */
+        if (VF == KVC_CU_I8) convert_v<D>(vslot, conv, lane);
+        else convert_v_u4<D>(vslot, conv, lane);
+        __syncwarp();
+        vf = conv;
     }
-    __half hi[4], lo[4];
+    uint32_t pa[NGV][4];
+    if constexpr (kvc__cu_is_u4t(VF)) {
+        /* scales (NGV, 16) then minima (NGV, 16), halves after the codes */
+        const __half2 *vsc = reinterpret_cast<const __half2 *>(vslot + 8 * D), *vmn = vsc + NGV * 8;
 #pragma unroll
-    for (int e = 0; e < 4; e++) split_half(pr[e], hi[e], lo[e]);
-    const uint32_t pa[4] = {pack_half2(hi[0], hi[1]), pack_half2(lo[0], lo[1]), pack_half2(hi[2], hi[3]),
-                            pack_half2(lo[2], lo[3])};
+        for (int gi = 0; gi < NGV; gi++) {
+            const float2 sa = __half22float2(vsc[gi * 8 + tig]), sc = __half22float2(vsc[gi * 8 + 4 + tig]);
+            const float2 ma = __half22float2(vmn[gi * 8 + tig]), mc = __half22float2(vmn[gi * 8 + 4 + tig]);
+            const float sv[4] = {sa.x, sa.y, sc.x, sc.y}, mv[4] = {ma.x, ma.y, mc.x, mc.y};
+            float w[4], msum = 0.0f;
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const bool in = (e >> 1) * 8 + 2 * tig + (e & 1) < valid;   /* past it: parameters may be anything */
+                w[e] = in ? pr[e] * sv[e] : 0.0f;
+                msum += in ? pr[e] * mv[e] : 0.0f;
+            }
+            st.vmin[gi] = fmaf(st.vmin[gi], alpha, msum);
+            weights_operand(w, pa[gi]);
+        }
+    } else {
+        if constexpr (VF == KVC_CU_I8) {
+            const uint8_t *vs = vslot + 16 * D;
+            const float2 a = __half22float2(reinterpret_cast<const __half2 *>(vs)[tig]);
+            const float2 c = __half22float2(reinterpret_cast<const __half2 *>(vs)[4 + tig]);
+            pr[0] *= a.x, pr[1] *= a.y, pr[2] *= c.x, pr[3] *= c.y;
+        }
+        weights_operand(pr, pa[0]);
+    }
 #pragma unroll
     for (int dn2 = 0; dn2 < D / 16; dn2++) {
+        const int gi = kvc__cu_is_u4t(VF) ? dn2 * 16 / kvc__cu_u4_group(VF) : 0;
         uint32_t b[4];
         ldsm_x4_trans(b, vf + 16 * v_unit<D>((mat & 1) * 8 + row, dn2 * 2 + (mat >> 1)));
         float o0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, o1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        mma16816(o0, pa, b[0], b[1]);
-        mma16816(o1, pa, b[2], b[3]);
+        mma16816(o0, pa[gi], b[0], b[1]);
+        mma16816(o1, pa[gi], b[2], b[3]);
 #pragma unroll
         for (int e = 0; e < 2; e++) {
             st.o[2 * dn2][e] = fmaf(st.o[2 * dn2][e], alpha, o0[e] + o0[e + 2]);
@@ -294,10 +435,104 @@ __device__ __forceinline__ void process_page(const uint8_t *kf, const uint8_t *v
     }
 }
 
+/* Block-wide: counts this block's arrival at *counter; true in the block
+ * that arrives last of `expected` (which resets the counter for the next
+ * launch). Orders this block's earlier workspace writes before the count and
+ * the last block's later reads after it. */
+__device__ __forceinline__ bool last_arrival(int *counter, int expected, int &s_last) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int prev = atomicAdd(counter, 1);
+        s_last = prev == expected - 1;
+        if (s_last) *counter = 0;
+    }
+    __syncthreads();
+    const bool last = s_last;
+    if (last) __threadfence();
+    return last;
+}
+
+/* Block-wide merge of `count` partials (acc, m, l) of a (sequence, head) in
+ * workspace slots unit + first + i * stride: into out (normalized) when
+ * final, else into slot unit + first as one partial. */
+template <int D, int G>
+__device__ void merge_partials(const decode_params &p, float *smem, int64_t unit, int first, int count, int stride,
+                               bool final, float *out) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    float *s_w = smem;                         /* (count, G): m, then the partial's weight */
+    float *s_ls = smem + count * G;            /* (count, G) */
+    float *s_part = smem + ((2 * count * G + 3) & ~3);   /* (NW, G * D), 16-byte aligned */
+    for (int e = tid; e < count * G; e += NT) {
+        const int s = e / G, g = e - s * G;
+        const int64_t slot = unit + first + (int64_t)s * stride;
+        s_w[e] = __ldcg(p.ws_ml + slot * 2 * G + g);
+        s_ls[e] = __ldcg(p.ws_ml + slot * 2 * G + G + g);
+    }
+    __syncthreads();
+    for (int g = warp; g < G; g += NW) {       /* warp w: weights of heads w, w + NW */
+        float M = -INFINITY;
+        for (int s = lane; s < count; s += 32) M = fmaxf(M, s_w[s * G + g]);
+#pragma unroll
+        for (int mk = 16; mk >= 1; mk >>= 1) M = fmaxf(M, __shfl_xor_sync(KVC__CU_FULL, M, mk));
+        float Ls = 0.0f;
+        for (int s = lane; s < count; s += 32) Ls += exp2f(s_w[s * G + g] - M) * s_ls[s * G + g];
+#pragma unroll
+        for (int mk = 16; mk >= 1; mk >>= 1) Ls += __shfl_xor_sync(KVC__CU_FULL, Ls, mk);
+        const float inv = final ? 1.0f / Ls : 1.0f;
+        for (int s = lane; s < count; s += 32) s_w[s * G + g] = exp2f(s_w[s * G + g] - M) * inv;
+        if (!final && lane == 0) {
+            p.ws_ml[(unit + first) * 2 * G + g] = M;
+            p.ws_ml[(unit + first) * 2 * G + G + g] = Ls;
+        }
+    }
+    __syncthreads();
+    constexpr int NE4 = G * D / 4;             /* float4s of one partial's (G, D) */
+    constexpr int PER = (NE4 + 31) / 32;
+    float4 a[PER];
+#pragma unroll
+    for (int j = 0; j < PER; j++) a[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 4
+    for (int s = warp; s < count; s += NW) {
+        const float4 *src = reinterpret_cast<const float4 *>(p.ws_acc + (unit + first + (int64_t)s * stride) * G * D);
+#pragma unroll
+        for (int j = 0; j < PER; j++) {
+            const int e4 = lane + 32 * j;
+            if (e4 < NE4) {
+                const float w = s_w[s * G + (e4 * 4) / D];
+                const float4 x = __ldcg(src + e4);
+                a[j].x = fmaf(w, x.x, a[j].x);
+                a[j].y = fmaf(w, x.y, a[j].y);
+                a[j].z = fmaf(w, x.z, a[j].z);
+                a[j].w = fmaf(w, x.w, a[j].w);
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < PER; j++) {
+        const int e4 = lane + 32 * j;
+        if (e4 < NE4) reinterpret_cast<float4 *>(s_part + warp * G * D)[e4] = a[j];
+    }
+    __syncthreads();
+    float *dst = final ? out : p.ws_acc + (unit + first) * G * D;
+    for (int e = tid; e < G * D; e += NT) {
+        float o = 0.0f;
+#pragma unroll
+        for (int w = 0; w < NW; w++) o += s_part[w * G * D + e];
+        dst[e] = o;
+    }
+}
+
+/* Blocks per multiprocessor the register budget is set for: head_dim 128
+ * at 168 registers (3; int4 would take ~180 and fit 2), head_dim 64 at 102
+ * (5; int4 at 128, 4). */
+constexpr int min_blocks(int D, int KF) { return D == 128 ? 3 : KF == KVC_CU_U4C ? 4 : 5; }
+
 template <int D, int G, int KF, int VF>
-__global__ void __launch_bounds__(NT) decode_kernel(const decode_params p) {
+__global__ void __launch_bounds__(NT, min_blocks(D, KF)) decode_kernel(const decode_params p) {
     typedef ring<D, KF, VF> R;
     constexpr int B = KVC__CU_B;
+    constexpr int NGV = v_groups<D, VF>::value;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     float *smem = reinterpret_cast<float *>(smem_raw);
     __shared__ int s_last;
@@ -354,17 +589,19 @@ __global__ void __launch_bounds__(NT) decode_kernel(const decode_params p) {
                 qa[kk][2 * hc + 1] = pack_half2(l0, l1);
             }
     }
-    warp_state<D> st;
+    warp_state<D, NGV> st;
     st.m = -INFINITY;
     st.l = 0.0f;
 #pragma unroll
     for (int dn = 0; dn < D / 8; dn++) st.o[dn][0] = st.o[dn][1] = 0.0f;
+#pragma unroll
+    for (int gi = 0; gi < NGV; gi++) st.vmin[gi] = 0.0f;
 
     /* this warp's pages first, first + stride, ... through its ring: S - 1
      * pages in flight while one computes (one commit group per page, empty
      * groups past the end keep the count uniform) */
     uint8_t *my = smem_raw + warp * R::WARP_BYTES;
-    uint8_t *kconv = my + R::S * R::PAGE, *vconv = kconv + R::KCONV;
+    uint8_t *conv = my + R::S * R::PAGE;
     page_ids ids(bt, first, stride, end, lane);
 #pragma unroll
     for (int j = 0; j < R::S - 1; j++) {
@@ -381,21 +618,29 @@ __global__ void __launch_bounds__(NT) decode_kernel(const decode_params p) {
         cp_async_commit();
         cp_async_wait<R::S - 1>();
         __syncwarp();
-        const uint8_t *kb = my + slot * R::PAGE, *vb = kb + R::KB;
-        if (KF == KVC_CU_I8) convert_k<D>(kb, kconv, lane);
-        if (VF == KVC_CU_I8) convert_v<D>(vb, vconv, lane);
-        if (KF == KVC_CU_I8 || VF == KVC_CU_I8) __syncwarp();
-        const int so = 16 * D;                 /* int8 scales after the codes */
-        process_page<D, KF, VF>(KF == KVC_CU_I8 ? kconv : kb, VF == KVC_CU_I8 ? vconv : vb, kb + so, vb + so,
-                                ctx - (first + j * stride) * B, qa, lane, st);
-        __syncwarp();                          /* the slot is refilled next iteration */
+        const uint8_t *kb = my + slot * R::PAGE;
+        process_page<D, KF, VF>(kb, kb + R::KB, conv, ctx - (first + j * stride) * B, qa, lane, st);
+        __syncwarp();                          /* the slot and conv are refilled next iteration */
         slot = slot + 1 == R::S ? 0 : slot + 1;
         slot_next = slot_next + 1 == R::S ? 0 : slot_next + 1;
     }
 
-    /* finish the warp: l over the quad, hi + lo rows */
+    /* finish the warp: l (and the int4 minima sums) over the quad, hi + lo rows */
     st.l += __shfl_xor_sync(KVC__CU_FULL, st.l, 1);
     st.l += __shfl_xor_sync(KVC__CU_FULL, st.l, 2);
+    if constexpr (kvc__cu_is_u4t(VF)) {
+#pragma unroll
+        for (int gi = 0; gi < NGV; gi++) {
+            st.vmin[gi] += __shfl_xor_sync(KVC__CU_FULL, st.vmin[gi], 1);
+            st.vmin[gi] += __shfl_xor_sync(KVC__CU_FULL, st.vmin[gi], 2);
+        }
+#pragma unroll
+        for (int dn = 0; dn < D / 8; dn++) {
+            const float mv = st.vmin[dn * 8 / kvc__cu_u4_group(VF)];
+            st.o[dn][0] += mv;
+            st.o[dn][1] += mv;
+        }
+    }
     if (p.per_warp) {
         if (gid < G) {
             const float inv = 1.0f / st.l;
@@ -449,74 +694,21 @@ __global__ void __launch_bounds__(NT) decode_kernel(const decode_params p) {
     }
     if (n_active == 1) return;
 
-    /* the last split of this (sequence, head) to finish merges them all */
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) {
-        int *counter = p.counters + (int64_t)seq * H + head;
-        const int prev = atomicAdd(counter, 1);
-        s_last = prev == n_active - 1;
-        if (s_last) *counter = 0;
+    /* the last split of a (sequence, head) to finish merges them all; past
+     * FAN splits, the last of each group of FAN merges the group into its
+     * first slot and the last group to finish merges the groups */
+    int *counters = p.counters + ((int64_t)seq * H + head) * (1 + FAN);
+    const int n_groups = (n_active + FAN - 1) / FAN;
+    int count = n_active, step = 1;
+    if (n_groups > 1) {
+        const int grp = split / FAN, g_first = grp * FAN, g_count = min(FAN, n_active - g_first);
+        if (!last_arrival(counters + 1 + grp, g_count, s_last)) return;
+        merge_partials<D, G>(p, smem, unit, g_first, g_count, 1, false, out);
+        count = n_groups;
+        step = FAN;
     }
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
-
-    float *s_w = smem;                         /* (n_active, G): m, then the split's weight */
-    float *s_ls = smem + n_active * G;         /* (n_active, G) */
-    float *s_part = smem + ((2 * n_active * G + 3) & ~3);   /* (NW, G * D), 16-byte aligned */
-    for (int e = tid; e < n_active * G; e += NT) {
-        const int s = e / G, g = e - s * G;
-        s_w[e] = __ldcg(p.ws_ml + (unit + s) * 2 * G + g);
-        s_ls[e] = __ldcg(p.ws_ml + (unit + s) * 2 * G + G + g);
-    }
-    __syncthreads();
-    for (int g = warp; g < G; g += NW) {       /* warp w: weights of heads w, w + NW */
-        float M = -INFINITY;
-        for (int s = lane; s < n_active; s += 32) M = fmaxf(M, s_w[s * G + g]);
-#pragma unroll
-        for (int mk = 16; mk >= 1; mk >>= 1) M = fmaxf(M, __shfl_xor_sync(KVC__CU_FULL, M, mk));
-        float Ls = 0.0f;
-        for (int s = lane; s < n_active; s += 32) Ls += exp2f(s_w[s * G + g] - M) * s_ls[s * G + g];
-#pragma unroll
-        for (int mk = 16; mk >= 1; mk >>= 1) Ls += __shfl_xor_sync(KVC__CU_FULL, Ls, mk);
-        const float inv = 1.0f / Ls;
-        for (int s = lane; s < n_active; s += 32) s_w[s * G + g] = exp2f(s_w[s * G + g] - M) * inv;
-    }
-    __syncthreads();
-    constexpr int NE4 = G * D / 4;             /* float4s of one split's (G, D) */
-    constexpr int PER = (NE4 + 31) / 32;
-    float4 a[PER];
-#pragma unroll
-    for (int j = 0; j < PER; j++) a[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 4
-    for (int s = warp; s < n_active; s += NW) {
-        const float4 *src = reinterpret_cast<const float4 *>(p.ws_acc + (unit + s) * G * D);
-#pragma unroll
-        for (int j = 0; j < PER; j++) {
-            const int e4 = lane + 32 * j;
-            if (e4 < NE4) {
-                const float w = s_w[s * G + (e4 * 4) / D];
-                const float4 x = __ldcg(src + e4);
-                a[j].x = fmaf(w, x.x, a[j].x);
-                a[j].y = fmaf(w, x.y, a[j].y);
-                a[j].z = fmaf(w, x.z, a[j].z);
-                a[j].w = fmaf(w, x.w, a[j].w);
-            }
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < PER; j++) {
-        const int e4 = lane + 32 * j;
-        if (e4 < NE4) reinterpret_cast<float4 *>(s_part + warp * G * D)[e4] = a[j];
-    }
-    __syncthreads();
-    for (int e = tid; e < G * D; e += NT) {
-        float o = 0.0f;
-#pragma unroll
-        for (int w = 0; w < NW; w++) o += s_part[w * G * D + e];
-        out[e] = o;
-    }
+    if (!last_arrival(counters, count, s_last)) return;
+    merge_partials<D, G>(p, smem, unit, 0, count, step, true, out);
 }
 
 /* ---- host side ------------------------------------------------------------- */
@@ -538,7 +730,7 @@ int sm_count() {
 
 template <int D, int G, int KF, int VF> size_t smem_bytes() {
     const size_t f1 = (size_t)NW * G * (D + 2) * sizeof(float);
-    const size_t f2 = ((size_t)2 * MAX_SPLITS * G + 4 + (size_t)NW * G * D) * sizeof(float);
+    const size_t f2 = ((size_t)2 * FAN * G + 4 + (size_t)NW * G * D) * sizeof(float);
     const size_t r = ring<D, KF, VF>::BYTES;
     return r > f1 ? (r > f2 ? r : f2) : (f1 > f2 ? f1 : f2);
 }
@@ -581,6 +773,11 @@ template <typename F> int with_instance(const kvc_cu_layout *L, int G, F &&f) {
         if (L->k_fmt == KVC_CU_I8 && L->v_fmt == KVC_CU_I8) return by_g(d, I8(), I8());
         if (L->k_fmt == KVC_CU_F16 && L->v_fmt == KVC_CU_I8) return by_g(d, F16(), I8());
         if (L->k_fmt == KVC_CU_I8 && L->v_fmt == KVC_CU_F16) return by_g(d, I8(), F16());
+        typedef std::integral_constant<int, KVC_CU_U4C> U4C;
+        if (L->k_fmt == KVC_CU_U4C && L->v_fmt == KVC_CU_U4T32)
+            return by_g(d, U4C(), std::integral_constant<int, KVC_CU_U4T32>());
+        if (L->k_fmt == KVC_CU_U4C && L->v_fmt == KVC_CU_U4T64)
+            return by_g(d, U4C(), std::integral_constant<int, KVC_CU_U4T64>());
         return KVC_ERR_INVAL;
     };
     if (L->head_dim == 64) return by_fmt(std::integral_constant<int, 64>());
@@ -591,7 +788,10 @@ template <typename F> int with_instance(const kvc_cu_layout *L, int G, F &&f) {
 /* The plan (from the sweeps in notes/gpu.md): a warp per (sequence, kv
  * head) when there are pairs for at least half the resident warps;
  * otherwise about two blocks per multiprocessor, but at least 16 pages per
- * warp (a ring fill and a merge cost about as much as a dozen pages). */
+ * warp (a ring fill and a merge cost about as much as a dozen pages); with
+ * fewer pairs than multiprocessors (long single sequences), one full wave
+ * of resident blocks, at least 4 pages a warp (the two-level merge keeps
+ * many splits cheap). */
 plan make_plan(const kvc_cu_layout *L, int n_seqs, int max_ctx, int n_rep) {
     plan pl;
     const int pages = max_ctx > 0 ? (max_ctx + L->block_size - 1) / L->block_size : 1;
@@ -609,7 +809,11 @@ plan make_plan(const kvc_cu_layout *L, int n_seqs, int max_ctx, int n_rep) {
         pl.n_splits = 1;
         return pl;
     }
-    if (pps <= 0) {
+    if (pps <= 0 && pairs < sm_count()) {
+        const long splits = (resident + pairs - 1) / pairs;
+        pps = (int)((pages + splits - 1) / splits);
+        if (pps < 4 * NW) pps = 4 * NW < pages ? 4 * NW : pages;
+    } else if (pps <= 0) {
         const long splits = (2L * sm_count() + pairs - 1) / pairs;
         pps = (int)((pages + splits - 1) / splits);
         if (pps < 16 * NW) pps = 16 * NW < pages ? 16 * NW : pages;
@@ -631,7 +835,7 @@ ws_parts ws_layout(const kvc_cu_layout *L, int n_seqs, int n_rep, const plan &pl
     const size_t units = (size_t)n_seqs * L->n_kv_head;
     const size_t splits = pl.per_warp || pl.n_splits == 1 ? 0 : (size_t)pl.n_splits;
     w.counters = 0;
-    w.ml = align256(units * sizeof(int));
+    w.ml = align256(units * (1 + FAN) * sizeof(int));
     w.acc = w.ml + align256(units * splits * 2 * n_rep * sizeof(float));
     w.total = w.acc + align256(units * splits * n_rep * L->head_dim * sizeof(float));
     return w;

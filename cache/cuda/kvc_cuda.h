@@ -13,14 +13,17 @@
  * arena would hold.
  *
  * Compiled set (anything else is an explicit KVC_ERR_INVAL with a message):
- *   codecs f16 and int8, for K and V independently; head_dim 64 or 128;
- *   block_size 16; n_rep (query heads per kv head) 1..8.
+ *   codecs: f16 and int8 for K and V independently; int4 as the profiles
+ *   use it (keys int4:channel, values int4:token with groups of 32 or 64:
+ *   the specs "int4" and "int4:g64"); head_dim 64 or 128; block_size 16;
+ *   n_rep (query heads per kv head) 1..8.
  * Decode runs on tensor cores with the query and the softmax weights split
  * into fp16 hi + lo pairs (as exact as fp32; see cuda/decode.cu). Prefill
  * runs on tensor cores (mma.sync f16, f32 accumulation; query and weights
  * rounded to fp16) when K and V are both f16; other codecs use the decode
- * kernel once per query token. int4, low-rank, latent and hybrid codecs and
- * pre-RoPE keys are not on the GPU yet (refused by kvc_cu_layout_init).
+ * kernel once per query token. Low-rank, latent and hybrid codecs, int4
+ * pairings other than the above and pre-RoPE keys are not on the GPU yet
+ * (refused by kvc_cu_layout_init).
  *
  * All pointers named "device" are device memory; every call is asynchronous
  * on `stream` (a cudaStream_t; NULL is the default stream) and returns KVC_OK,
@@ -39,14 +42,15 @@
 extern "C" {
 #endif
 
-/* Element formats the GPU kernels read. */
-enum { KVC_CU_F16 = 1, KVC_CU_I8 = 2 };
+/* Element formats the GPU kernels read (codec.h's KVC__F16, KVC__I8,
+ * KVC__U4, KVC__U4G64, KVC__U4C). */
+enum { KVC_CU_F16 = 1, KVC_CU_I8 = 2, KVC_CU_U4T32 = 3, KVC_CU_U4T64 = 4, KVC_CU_U4C = 5 };
 
 /* What the kernels need of a pool's layout. The pool must outlive it. */
 typedef struct {
     const kvc_pool *pool;           /* per-layer offsets and block sizes */
     int n_layer, n_kv_head, head_dim, block_size;
-    int k_fmt, v_fmt;               /* KVC_CU_F16 or KVC_CU_I8 */
+    int k_fmt, v_fmt;               /* KVC_CU_* */
     size_t page_bytes;
 } kvc_cu_layout;
 
@@ -56,7 +60,14 @@ int kvc_cu_layout_init(kvc_cu_layout *L, const kvc_pool *pool, char *err, size_t
 
 /* Compress-on-write: encodes n tokens' K and V of one layer into their page
  * slots, exactly as kvc_write would (same bytes: f16 round-to-nearest-even;
- * int8 scale = the smallest half >= max|x| / 127, q = round-half-even(x / scale)).
+ * int8 scale = the smallest half >= max|x| / 127, q = round-half-even(x / scale);
+ * int4 minimum and scale per group or channel as kvc__u4_params).
+ * int4:channel keys: tokens i, i + 1, ... with consecutive slots of one page
+ * form a run, encoded as one kvc_write call would encode that page's part
+ * (earlier tokens of the page re-coded when the run widens a channel's
+ * range); a call must hold at most one run per page (a decode step's one
+ * token per sequence, a chunk's consecutive positions), and earlier slots of
+ * the page must have been written.
  *   arena: device (n_pages, page_bytes)
  *   slots: device (n) int32, page_id * block_size + offset in page; < 0 skips the token
  *   k, v:  device (n, n_kv_head, head_dim) f32, kv_stride floats between tokens */

@@ -3,11 +3,18 @@
  * chunk's K/V rows go straight into their pages in the codec's format, so the
  * full-precision K/V never outlive the chunk.
  *
- * One warp encodes one (token, kv head, K or V) vector: lanes take dimensions
- * lane, lane + 32, ...; int8 needs max|x| over the vector first (a warp
- * reduction), then every lane quantizes its numbers. The arithmetic repeats
- * codec.c step by step (IEEE division, round-half-even, the scale rounded up
- * to the next half) so the bytes equal kvc_write's. */
+ * One warp encodes one (token, kv head, K or V) vector: for f16 and int8
+ * lanes take dimensions lane, lane + 32, ...; int8 needs max|x| over the
+ * vector first (a warp reduction), then every lane quantizes its numbers.
+ * int4 per token: a lane takes D / 32 adjacent numbers (whole bytes of
+ * codes), the lanes of a group reduce its minimum and maximum. int4 per
+ * channel (keys): a second kernel, one thread per (run of a page's slots,
+ * kv head, channel), which owns that channel's 8-byte code row and its
+ * parameters and repeats codec.c's enc_u4c (including the re-coding of the
+ * page's earlier tokens when the run widens the range). The arithmetic
+ * repeats codec.c step by step (IEEE division, no fused multiply-adds,
+ * round-half-even, scales rounded outwards to halves) so the bytes equal
+ * kvc_write's. */
 #include <math.h>
 #include <string.h>
 
@@ -26,9 +33,20 @@ int kvc__cu_check_layout(const kvc_cu_layout *L, int layer, char *err, size_t er
 
 static int fmt_of(const kvc__codec *c) {
     if (c->shape != KVC__PLAIN || c->pre_rope) return 0;
-    if (c->fmt == KVC__F16) return KVC_CU_F16;
-    if (c->fmt == KVC__I8) return KVC_CU_I8;
-    return 0;
+    switch (c->fmt) {
+    case KVC__F16: return KVC_CU_F16;
+    case KVC__I8: return KVC_CU_I8;
+    case KVC__U4: return KVC_CU_U4T32;
+    case KVC__U4G64: return KVC_CU_U4T64;
+    case KVC__U4C: return KVC_CU_U4C;
+    default: return 0;
+    }
+}
+
+/* The K/V format pairs decode.cu is compiled for. */
+static bool pair_compiled(int kf, int vf) {
+    const bool plain = (kf == KVC_CU_F16 || kf == KVC_CU_I8) && (vf == KVC_CU_F16 || vf == KVC_CU_I8);
+    return plain || (kf == KVC_CU_U4C && kvc__cu_is_u4t(vf));
 }
 
 extern "C" int kvc_cu_layout_init(kvc_cu_layout *L, const kvc_pool *pool, char *err, size_t errlen) {
@@ -40,12 +58,14 @@ extern "C" int kvc_cu_layout_init(kvc_cu_layout *L, const kvc_pool *pool, char *
         KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: block_size %d: the GPU kernels are compiled for %d",
                      pool->block_size, KVC__CU_B);
     const int kf = fmt_of(&pool->kc), vf = fmt_of(&pool->vc);
-    if (!kf || !vf)
-        KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: %s \"%s\": the GPU kernels read f16 and int8 so far",
-                     kf ? "v_codec" : "k_codec", kf ? pool->vc.name : pool->kc.name);
+    if (!kf || !vf || !pair_compiled(kf, vf))
+        KVC__CU_FAIL(KVC_ERR_INVAL,
+                     "kvc_cuda: k_codec \"%s\" with v_codec \"%s\": the GPU kernels read f16 and int8 (any "
+                     "pairing) and int4 (keys per channel, values per token: \"int4\", \"int4:g64\") so far",
+                     pool->kc.name, pool->vc.name);
     /* the kernels assume these block sizes (decode.cu's block_bytes) */
-    const size_t kb = kf == KVC_CU_F16 ? 32 * (size_t)pool->head_dim : 16 * (size_t)pool->head_dim + 32;
-    const size_t vb = vf == KVC_CU_F16 ? 32 * (size_t)pool->head_dim : 16 * (size_t)pool->head_dim + 32;
+    const size_t kb = (size_t)kvc__cu_block_bytes(kf, pool->head_dim);
+    const size_t vb = (size_t)kvc__cu_block_bytes(vf, pool->head_dim);
     for (int l = 0; l < pool->n_layer; l++)
         if (pool->kc.dim[l] != pool->head_dim || pool->vc.dim[l] != pool->head_dim ||
             pool->kc.block_bytes[l] != kb || pool->vc.block_bytes[l] != vb)
@@ -93,6 +113,73 @@ __device__ __forceinline__ int8_t i8_round(float v) {
     return (int8_t)__float2int_rn(v);
 }
 
+/* codec.c's kvc__f16_down / kvc__f16_up: the largest half <= f, the
+ * smallest half >= f. */
+__device__ __forceinline__ uint16_t f16_down(float f) {
+    const uint16_t h = __half_as_ushort(__float2half_rn(f));
+    if (__half2float(__ushort_as_half(h)) <= f) return h;
+    if (h == 0) return 0x8001u;
+    return (uint16_t)(h & 0x8000u ? h + 1 : h - 1);
+}
+__device__ __forceinline__ uint16_t f16_up(float f) { return (uint16_t)(f16_down(-f) ^ 0x8000u); }
+
+/* codec.c's kvc__u4_params: minimum and scale halves of a range [lo, hi]. */
+__device__ __forceinline__ void u4_params(float lo, float hi, uint16_t &mh, uint16_t &sh) {
+    if (!(lo <= hi)) lo = hi = 0.0f;
+    lo = lo < -65504.0f ? -65504.0f : lo > 65504.0f ? 65504.0f : lo;
+    hi = hi < lo ? lo : hi > 65504.0f ? 65504.0f : hi;
+    mh = f16_down(lo);
+    sh = f16_up(__fdiv_rn(__fsub_rn(hi, __half2float(__ushort_as_half(mh))), 15.0f));
+    if ((sh & 0x7fffu) >= 0x7c00u) sh = 0x7bffu;
+}
+
+/* codec.c's u4_code: round-half-even of (x - m) / s clamped to [0, 15]
+ * (NaN: 0), or 0 when s <= 0. */
+__device__ __forceinline__ uint32_t u4_code(float x, float m, float s) {
+    if (!(s > 0.0f)) return 0;
+    float v = __fdiv_rn(__fsub_rn(x, m), s);
+    if (!(v >= 0.0f)) return 0;
+    if (v > 15.0f) v = 15.0f;
+    return (uint32_t)__float2int_rn(v);
+}
+
+__device__ __forceinline__ float half_bits(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+
+/* int4 per token, one (token, head) vector of D numbers into its block
+ * (codes (16, D) nibbles, then scales (G, 16) and minima (G, 16)): lane
+ * takes numbers lane * NPL .. + NPL - 1; a group's W lanes reduce its range. */
+template <int D, int GS>
+__device__ __forceinline__ void encode_u4_token(uint8_t *blk, int off, const float *x, int lane) {
+    constexpr int NPL = D / 32, W = GS / NPL, G = D / GS;
+    float v[NPL], lo = INFINITY, hi = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < NPL; i++) {
+        v[i] = x[lane * NPL + i];
+        lo = v[i] < lo ? v[i] : lo;
+        hi = v[i] > hi ? v[i] : hi;
+    }
+#pragma unroll
+    for (int m = W / 2; m >= 1; m >>= 1) {
+        lo = fminf(lo, __shfl_xor_sync(KVC__CU_FULL, lo, m));
+        hi = fmaxf(hi, __shfl_xor_sync(KVC__CU_FULL, hi, m));
+    }
+    uint16_t mh, sh;
+    u4_params(lo, hi, mh, sh);
+    const float m = half_bits(mh), s = half_bits(sh);
+    uint32_t codes = 0;
+#pragma unroll
+    for (int i = 0; i < NPL; i++) codes |= u4_code(v[i], m, s) << (4 * i);
+    uint8_t *row = blk + off * (D / 2) + lane * (NPL / 2);
+    if (NPL == 2) *row = (uint8_t)codes;
+    else *reinterpret_cast<uint16_t *>(row) = (uint16_t)codes;
+    if (lane % W == 0) {
+        uint16_t *sc = reinterpret_cast<uint16_t *>(blk + 8 * D);
+        const int g = lane / W;
+        sc[g * KVC__CU_B + off] = sh;
+        sc[G * KVC__CU_B + g * KVC__CU_B + off] = mh;
+    }
+}
+
 /* grid: ceil(n * n_kv_head * 2 / warps per block); one warp per (token, head, role). */
 __global__ void __launch_bounds__(128) write_kernel(uint8_t *__restrict__ arena, kvc__cu_geom g, int n_kv_head,
                                                     int B, int D, int kf, int vf,
@@ -113,6 +200,14 @@ __global__ void __launch_bounds__(128) write_kernel(uint8_t *__restrict__ arena,
     uint8_t *blk = const_cast<uint8_t *>(role ? kvc__cu_v_block(arena, g, page, head)
                                               : kvc__cu_k_block(arena, g, page, head));
     const int fmt = role ? vf : kf;
+    if (fmt == KVC_CU_U4C) return;                     /* write_u4c_kernel */
+    if (kvc__cu_is_u4t(fmt)) {                         /* values only (layout_init) */
+        if (D == 64 && fmt == KVC_CU_U4T32) encode_u4_token<64, 32>(blk, off, x, lane);
+        if (D == 64 && fmt == KVC_CU_U4T64) encode_u4_token<64, 64>(blk, off, x, lane);
+        if (D == 128 && fmt == KVC_CU_U4T32) encode_u4_token<128, 32>(blk, off, x, lane);
+        if (D == 128 && fmt == KVC_CU_U4T64) encode_u4_token<128, 64>(blk, off, x, lane);
+        return;
+    }
     /* K is (D, B) dimension-major: number d of token off at d * B + off.
      * V is (B, D) token-major: at off * D + d. */
     const int step = role ? 1 : B;
@@ -134,6 +229,66 @@ __global__ void __launch_bounds__(128) write_kernel(uint8_t *__restrict__ arena,
         reinterpret_cast<uint16_t *>(blk + kvc__cu_i8_scale_offset(B, D))[off] = sh;
 }
 
+/* int4 per channel (keys): block (token, kv head), thread d = channel. A
+ * token that starts a run (its slot follows no slot of the previous token in
+ * the same page) encodes the run; other blocks return. Thread d owns code
+ * row d (8 bytes: 16 tokens) and the channel's scale and minimum. */
+__global__ void __launch_bounds__(128) write_u4c_kernel(uint8_t *__restrict__ arena, kvc__cu_geom g, int D,
+                                                        const int32_t *__restrict__ slots, int n,
+                                                        const float *__restrict__ k, int64_t kv_stride) {
+    constexpr int B = KVC__CU_B;
+    const int tok = blockIdx.x, head = blockIdx.y, d = threadIdx.x;
+    const int32_t slot = slots[tok];
+    if (slot < 0 || d >= D) return;
+    const int off = slot % B;
+    if (off != 0 && tok > 0 && slots[tok - 1] == slot - 1) return;   /* inside a run */
+    int n_run = 1;
+    while (tok + n_run < n && off + n_run < B && slots[tok + n_run] == slot + n_run) n_run++;
+    uint8_t *blk = const_cast<uint8_t *>(kvc__cu_k_block(arena, g, slot / B, head));
+    uint2 *rowp = reinterpret_cast<uint2 *>(blk + 8 * d);
+    const uint2 rw = *rowp;
+    uint64_t row = (uint64_t)rw.x | ((uint64_t)rw.y << 32);
+    uint16_t *sc = reinterpret_cast<uint16_t *>(blk + 8 * D), *mn = sc + D;
+    const float *x = k + (int64_t)tok * kv_stride + (int64_t)head * D + d;
+    float lo = INFINITY, hi = -INFINITY;
+    for (int t = 0; t < n_run; t++) {
+        const float v = x[t * kv_stride];
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+    }
+    const float m_old = half_bits(mn[d]), s_old = half_bits(sc[d]);
+    auto old_value = [&](int j) {
+        return __fadd_rn(m_old, __fmul_rn(s_old, (float)((row >> (4 * j)) & 15u)));
+    };
+    auto put = [&](int j, uint32_t c) { row = (row & ~((uint64_t)15 << (4 * j))) | ((uint64_t)c << (4 * j)); };
+    bool recode = true;
+    if (off > 0) {
+        float olo = INFINITY, ohi = -INFINITY;
+        for (int j = 0; j < off; j++) {
+            const float v = old_value(j);
+            olo = v < olo ? v : olo;
+            ohi = v > ohi ? v : ohi;
+        }
+        if (!(lo < olo) && !(hi > ohi)) {
+            recode = false;                            /* inside the range: code with it */
+            for (int t = 0; t < n_run; t++) put(off + t, u4_code(x[t * kv_stride], m_old, s_old));
+        } else {
+            lo = olo < lo ? olo : lo;
+            hi = ohi > hi ? ohi : hi;
+        }
+    }
+    if (recode) {
+        uint16_t mh, sh;
+        u4_params(lo, hi, mh, sh);
+        const float m = half_bits(mh), s = half_bits(sh);
+        for (int j = 0; j < off; j++) put(j, u4_code(old_value(j), m, s));
+        for (int t = 0; t < n_run; t++) put(off + t, u4_code(x[t * kv_stride], m, s));
+        mn[d] = mh;
+        sc[d] = sh;
+    }
+    *rowp = make_uint2((uint32_t)row, (uint32_t)(row >> 32));
+}
+
 extern "C" int kvc_cu_write(const kvc_cu_layout *L, void *arena, int layer, const int32_t *slots, int n,
                             const float *k, const float *v, int64_t kv_stride, void *stream, char *err,
                             size_t errlen) {
@@ -148,9 +303,14 @@ extern "C" int kvc_cu_write(const kvc_cu_layout *L, void *arena, int layer, cons
     const long warps = (long)n * L->n_kv_head * 2;
     const long blocks = (warps + 3) / 4;
     if (blocks > 0x7fffffffL) KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: write: %d tokens is too many", n);
+    const kvc__cu_geom g = kvc__cu_geom_of(L, layer);
     write_kernel<<<(unsigned)blocks, 128, 0, (cudaStream_t)stream>>>(
-        (uint8_t *)arena, kvc__cu_geom_of(L, layer), L->n_kv_head, L->block_size, L->head_dim, L->k_fmt, L->v_fmt, slots,
-        n, k, v, kv_stride);
+        (uint8_t *)arena, g, L->n_kv_head, L->block_size, L->head_dim, L->k_fmt, L->v_fmt, slots, n, k, v, kv_stride);
     KVC__CU_TRY(cudaGetLastError());
+    if (L->k_fmt == KVC_CU_U4C) {
+        write_u4c_kernel<<<dim3((unsigned)n, (unsigned)L->n_kv_head), L->head_dim, 0, (cudaStream_t)stream>>>(
+            (uint8_t *)arena, g, L->head_dim, slots, n, k, kv_stride);
+        KVC__CU_TRY(cudaGetLastError());
+    }
     return KVC_OK;
 }

@@ -494,18 +494,19 @@ int main(int argc, char **argv) {
     printf("copy bandwidth (read + write): %.0f GB/s; floor below uses %.0f GB/s\n", bw * 1e-9, FLOOR_BW * 1e-9);
     if (g_csv) fprintf(g_csv, "copy,,,,,,,,%.0f,\n", bw);
     const shape shapes[2] = {{"smollm2", 3, 3, 64}, {"llama8b", 8, 4, 128}};
-    const char *codecs[3][2] = {{"f16", "f16"}, {"int8", "int8"}, {"f16", "int8"}};
+    const int NC = 5;
+    const char *codecs[NC][2] = {{"f16", "f16"}, {"int8", "int8"}, {"int4", "int4"}, {"int4:g64", "int4:g64"}, {"f16", "int8"}};
     const int cases[3][2] = {{64, 2048}, {256, 512}, {1, 32768}};
     for (auto &s : shapes)
         for (auto &c : codecs) {
-            if (quick && strcmp(c[1], "int8") == 0 && strcmp(c[0], "f16") == 0) continue;
+            if (quick && strcmp(c[0], c[1]) != 0) continue;
             for (auto &cs : cases) bench_decode(s, c[0], c[1], cs[0], cs[1], quick);
         }
     for (auto &s : shapes)
-        for (int ci = 0; ci < 2; ci++)
+        for (int ci = 0; ci < 3; ci++)
             for (int pos0 : {0, 2048}) bench_prefill(s, codecs[ci][0], codecs[ci][1], pos0, 2048);
     for (auto &s : shapes)
-        for (int ci = 0; ci < 2; ci++)
+        for (int ci = 0; ci < 3; ci++)
             for (int n : {64, 2048}) bench_write(s, codecs[ci][0], codecs[ci][1], n);
     if (g_csv) fclose(g_csv);
     return 0;

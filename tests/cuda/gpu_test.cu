@@ -5,12 +5,18 @@
  * For each case (head_dim, kv heads, n_rep, K codec, V codec, context
  * lengths) on fresh random inputs (seed printed; --seed to repeat):
  *   1. write: a CPU pool reserves pages for every sequence (interleaved, so
- *      block tables are scattered); kvc_cu_write encodes all tokens of two
+ *      block tables are scattered); kvc_cu_write encodes the tokens of two
  *      layers into a zeroed device arena and kvc_write does the same on the
- *      CPU; the two arenas must be byte-identical.
- *   2. the unwritten slots of each sequence's last page are then filled with
- *      +inf through kvc_cu_write (f16: inf; int8: the largest scale and
- *      codes), which a kernel that reads past a context turns into NaN.
+ *      CPU, in the same calls: every sequence's first positions in one call
+ *      (a prefill), then its last TAIL positions one per call (decode steps:
+ *      one token of each sequence per call; int4 keys per channel widen and
+ *      re-code their pages here); the two arenas must be byte-identical.
+ *   2. the unwritten slots of each sequence's last page are then poisoned:
+ *      f16 and int8 with +inf through kvc_cu_write (f16: inf; int8: the
+ *      largest scale and codes); int4 by setting their bytes (codes 15,
+ *      per-token scales and minima inf; per-channel parameters are shared
+ *      with the written slots and stay). A kernel that reads past a context
+ *      turns that into NaN or a wrong result.
  *   3. decode: kvc_cu_decode for one query token per sequence at its last
  *      position against kvc_attend, in each plan: the default, forced splits
  *      (8 pages: many partials merged; 3 pages: warps left without a page), a
@@ -194,7 +200,9 @@ static void run_case(const test_case &c) {
             }
         }
 
-    /* 1. compress-on-write on both sides */
+    /* 1. compress-on-write on both sides: positions [0, ctx - TAIL) of every
+     * sequence in one call, then one position of every sequence per call */
+    const int TAIL = 5;
     const size_t arena_bytes = pool->arena_bytes;
     dev_buf<uint8_t> arena(arena_bytes);
     CK(cudaMemset(arena.p, 0, arena_bytes));
@@ -205,25 +213,31 @@ static void run_case(const test_case &c) {
         std::vector<float> kin((size_t)n_tok * kvs), vin((size_t)n_tok * kvs);
         dev_buf<int32_t> d_slots(n_tok);
         dev_buf<float> d_k((size_t)n_tok * kvs), d_v((size_t)n_tok * kvs);
-        for (int l = 0; l < L; l++) {
-            int t = 0;
-            for (int s = 0; s < S; s++)
-                for (int pos = 0; pos < c.ctx[s]; pos++, t++) {
-                    slots[t] = seqs[s].pages[pos / B] * B + pos % B;
-                    memcpy(&kin[(size_t)t * kvs], &K[s * L + l][(size_t)pos * kvs], sizeof(float) * kvs);
-                    memcpy(&vin[(size_t)t * kvs], &V[s * L + l][(size_t)pos * kvs], sizeof(float) * kvs);
+        for (int l = 0; l < L; l++)
+            for (int step = -1; step < TAIL; step++) {
+                /* step -1: the bulk; step i: position ctx - TAIL + i */
+                int t = 0;
+                for (int s = 0; s < S; s++) {
+                    const int bulk = c.ctx[s] > TAIL ? c.ctx[s] - TAIL : 0;
+                    const int p0 = step < 0 ? 0 : bulk + step, p1 = step < 0 ? bulk : bulk + step + 1;
+                    if (p1 > c.ctx[s]) continue;
+                    for (int pos = p0; pos < p1; pos++, t++) {
+                        slots[t] = seqs[s].pages[pos / B] * B + pos % B;
+                        memcpy(&kin[(size_t)t * kvs], &K[s * L + l][(size_t)pos * kvs], sizeof(float) * kvs);
+                        memcpy(&vin[(size_t)t * kvs], &V[s * L + l][(size_t)pos * kvs], sizeof(float) * kvs);
+                    }
+                    if (p1 > p0)
+                        EXPECT(kvc_write(pool, &seqs[s], l, p0, p1 - p0, &K[s * L + l][(size_t)p0 * kvs],
+                                         &V[s * L + l][(size_t)p0 * kvs], kvs) == KVC_OK, "kvc_write");
                 }
-            d_slots.up(slots.data());
-            d_k.up(kin.data());
-            d_v.up(vin.data());
-            int rc = kvc_cu_write(&lay, arena.p, l, d_slots.p, n_tok, d_k.p, d_v.p, kvs, NULL, err, sizeof err);
-            EXPECT(rc == KVC_OK, "kvc_cu_write: %s", err);
-            CK(cudaDeviceSynchronize());
-            for (int s = 0; s < S; s++)
-                if (c.ctx[s] > 0)
-                    EXPECT(kvc_write(pool, &seqs[s], l, 0, c.ctx[s], K[s * L + l].data(), V[s * L + l].data(),
-                                     kvs) == KVC_OK, "kvc_write");
-        }
+                if (t == 0) continue;
+                CK(cudaMemcpy(d_slots.p, slots.data(), sizeof(int32_t) * t, cudaMemcpyHostToDevice));
+                CK(cudaMemcpy(d_k.p, kin.data(), sizeof(float) * t * kvs, cudaMemcpyHostToDevice));
+                CK(cudaMemcpy(d_v.p, vin.data(), sizeof(float) * t * kvs, cudaMemcpyHostToDevice));
+                int rc = kvc_cu_write(&lay, arena.p, l, d_slots.p, t, d_k.p, d_v.p, kvs, NULL, err, sizeof err);
+                EXPECT(rc == KVC_OK, "kvc_cu_write: %s", err);
+                CK(cudaDeviceSynchronize());
+            }
         std::vector<uint8_t> got(arena_bytes);
         arena.down(got.data());
         size_t diff = 0, first = 0;
@@ -238,7 +252,27 @@ static void run_case(const test_case &c) {
     }
 
     /* 2. poison the slots past each context in its last page */
-    {
+    const bool is_int4 = lay.k_fmt == KVC_CU_U4C;
+    if (is_int4) {
+        std::vector<uint8_t> img(arena_bytes);
+        arena.down(img.data());
+        const int G4 = D / (lay.v_fmt == KVC_CU_U4T64 ? 64 : 32);
+        for (int l = 0; l < L; l++)
+            for (int s = 0; s < S; s++)
+                for (int pos = c.ctx[s]; pos % B != 0; pos++) {
+                    const size_t page = (size_t)seqs[s].pages[pos / B] * pool->page_bytes + pool->layer_off[l];
+                    const int j = pos % B;
+                    for (int h = 0; h < H; h++) {
+                        uint8_t *kb = img.data() + page + (size_t)h * pool->kc.block_bytes[l];
+                        uint8_t *vb = img.data() + page + pool->k_region[l] + (size_t)h * pool->vc.block_bytes[l];
+                        for (int d = 0; d < D; d++) kb[d * 8 + j / 2] |= (uint8_t)(15 << (4 * (j & 1)));
+                        memset(vb + (size_t)j * D / 2, 0xff, D / 2);
+                        uint16_t *par = reinterpret_cast<uint16_t *>(vb + 8 * D);
+                        for (int g = 0; g < 2 * G4; g++) par[g * B + j] = 0x7c00;   /* scales, then minima */
+                    }
+                }
+        arena.up(img.data());
+    } else {
         std::vector<int32_t> slots;
         for (int s = 0; s < S; s++)
             for (int pos = c.ctx[s]; pos % B != 0; pos++) slots.push_back(seqs[s].pages[pos / B] * B + pos % B);
@@ -313,8 +347,8 @@ static void run_case(const test_case &c) {
                 if (rep == 0) printf("  decode %-11s: %d seqs, max rel err %.3g, non-finite %d\n", pps_name[v], S, e, nf);
                 d_out.poison();
             }
-            std::vector<int> ws_back(S * H);
-            CK(cudaMemcpy(ws_back.data(), ws.p, sizeof(int) * S * H, cudaMemcpyDeviceToHost));
+            std::vector<int> ws_back(S * H * 17);   /* the workspace opens with (S, H, 1 + 16) merge counters */
+            CK(cudaMemcpy(ws_back.data(), ws.p, sizeof(int) * ws_back.size(), cudaMemcpyDeviceToHost));
             int dirty = 0;
             for (int x : ws_back) dirty += x != 0;
             EXPECT(dirty == 0, "decode (%s): %d merge counters left non-zero", pps_name[v], dirty);
@@ -366,7 +400,8 @@ static void check_errors(void) {
     struct bad {
         int D, B;
         const char *kc, *vc;
-    } cases[] = {{80, 16, "f16", "f16"}, {64, 32, "f16", "f16"}, {64, 16, "f32", "f16"}};
+    } cases[] = {{80, 16, "f16", "f16"},         {64, 32, "f16", "f16"},          {64, 16, "f32", "f16"},
+                 {64, 16, "int4:token", "int4"}, {64, 16, "lowrank:r16", "f16"}, {64, 16, "f16", "int4"}};
     for (auto &b : cases) {
         kvc_config cfg;
         memset(&cfg, 0, sizeof cfg);
@@ -441,7 +476,10 @@ int main(int argc, char **argv) {
     printf("gpu_test: %s, %d SMs, seed %llu%s\n", prop.name, prop.multiProcessorCount, (unsigned long long)seed,
            quick ? " (quick)" : "");
 
-    const char *codecs[4][2] = {{"f16", "f16"}, {"int8", "int8"}, {"f16", "int8"}, {"int8", "f16"}};
+    /* the first NQ on every shape, the rest on the two model shapes */
+    const int NQ = 3, NC = 6;
+    const char *codecs[NC][2] = {{"f16", "f16"},  {"int8", "int8"}, {"int4", "int4"},
+                                 {"f16", "int8"}, {"int8", "f16"},  {"int4:g64", "int4:g64"}};
     std::vector<test_case> cases;
     const std::vector<int> mix = {1, 15, 16, 17, 100, 777, 0, 2053};
     const std::vector<std::pair<int, int>> chunks = {{0, 300}, {100, 129}, {1000, 64}, {1990, 63}};
@@ -449,10 +487,10 @@ int main(int argc, char **argv) {
         int D, H, G;
     } shapes[] = {{64, 3, 3}, {128, 8, 4}, {64, 2, 1}, {128, 1, 8}, {64, 2, 2}, {128, 2, 5}, {64, 1, 6}, {128, 1, 7}};
     for (auto &sh : shapes)
-        for (int ci = 0; ci < 4; ci++) {
+        for (int ci = 0; ci < NC; ci++) {
             bool main_shape = sh.D == 64 ? sh.H == 3 : sh.H == 8;
-            if (!main_shape && ci >= 2) continue;               /* mixed codecs on the two model shapes */
-            if (quick && !(main_shape && ci < 2)) continue;
+            if (!main_shape && ci >= NQ) continue;
+            if (quick && !(main_shape && ci < NQ)) continue;
             test_case tc;
             tc.D = sh.D;
             tc.H = sh.H;
@@ -469,9 +507,13 @@ int main(int argc, char **argv) {
         test_case a = {64, 3, 3, "f16", "f16", {33000, 5}, {{30000, 200}}, 1.0f};
         test_case b = {128, 2, 4, "int8", "int8", {20000}, {{19000, 100}}, 4.0f};
         test_case c = {128, 8, 4, "f16", "f16", {4099, 4096, 1}, {{2048, 2048}, {0, 2051}}, 1.0f};
+        test_case d = {64, 3, 3, "int4", "int4", {33000, 5}, {{32900, 100}}, 1.0f};
+        test_case e = {128, 2, 4, "int4:g64", "int4:g64", {20000, 4100}, {{19000, 64}}, 4.0f};
         cases.push_back(a);
         cases.push_back(b);
         cases.push_back(c);
+        cases.push_back(d);
+        cases.push_back(e);
     }
     for (auto &c : cases) run_case(c);
     printf("errors:\n");
