@@ -430,26 +430,11 @@ typedef struct {
 } mm_job;
 
 static void quantize16_task(const mm_job *j, int task) {
-    const int64_t nb = j->m.nb;
     const int t0 = task * ENG__GROUP;
     const int t1 = t0 + ENG__GROUP < j->n_tok ? t0 + ENG__GROUP : j->n_tok;
     eng_block_q16 *xr = (eng_block_q16 *)j->m.xr16;
     for (int t = t0; t < t1; t++)
-        j->k->quantize16(j->x + (int64_t)t * j->m.n_in, xr + (int64_t)t * nb, j->m.n_in);
-    if (t0 >= j->n_grouped)
-        return;
-    eng__q16x8 *xg = (eng__q16x8 *)j->m.xg16 + (int64_t)task * nb;
-    if (t1 - t0 < ENG__GROUP)
-        memset(xg, 0, (size_t)nb * sizeof *xg);
-    for (int64_t b = 0; b < nb; b++) {
-        for (int t = 0; t < t1 - t0; t++) {
-            const eng_block_q16 *src = xr + (int64_t)(t0 + t) * nb + b;
-            xg[b].d[t] = src->d;
-            xg[b].s[t] = src->s;
-            for (int q = 0; q < ENG_QK / 2; q++)
-                memcpy(&xg[b].qs[q * 2 * ENG__GROUP + t * 2], &src->qs[q * 2], 4);
-        }
-    }
+        j->k->quantize16(j->x + (int64_t)t * j->m.n_in, xr + (int64_t)t * j->m.nb, j->m.n_in);
 }
 
 static void quantize_task(void *p, int task, int worker) {
@@ -489,13 +474,19 @@ static void matmul_task(void *p, int task, int worker) {
     const int t0 = tb * j->tok_block;
     const int t1 = t0 + j->tok_block < j->n_tok ? t0 + j->tok_block : j->n_tok;
     const int tg = t1 < j->n_grouped ? t1 : j->n_grouped;
-    const eng__mm_groups_fn groups = j->wide ? j->k->groups16[j->m.type] : j->k->groups[j->m.type];
-    const eng__mm_rows_fn rows = j->wide ? j->k->rows16[j->m.type] : j->k->rows[j->m.type];
+    if (j->wide) {
+        /* the panel takes every token of a batch (no group layout) */
+        if (tg > t0)
+            j->k->panel16[j->m.type](&j->m, r0, r1, t0, t1);
+        else
+            j->k->rows16[j->m.type](&j->m, r0, r1, t0, t1);
+        return;
+    }
     if (tg > t0)
-        groups(&j->m, r0, r1, t0 / ENG__GROUP, (tg + ENG__GROUP - 1) / ENG__GROUP);
+        j->k->groups[j->m.type](&j->m, r0, r1, t0 / ENG__GROUP, (tg + ENG__GROUP - 1) / ENG__GROUP);
     const int tr = t0 > j->n_grouped ? t0 : j->n_grouped;
     if (t1 > tr)
-        rows(&j->m, r0, r1, tr, t1);
+        j->k->rows[j->m.type](&j->m, r0, r1, tr, t1);
 }
 
 /* ---- quantized weights x f32 activations (matmul_act32.h) --------------- */
@@ -583,19 +574,20 @@ void eng_matmul(eng_threadpool *tp, const eng_tensor *w, const float *x, int n_t
          * more tokens: a group kernel on 5 of 8 lanes still beats the row
          * kernel. */
         int n_groups = 0;
-        if (j.wide ? k->groups16[w->type] != NULL : k->groups[w->type] != NULL) {
+        if (j.wide) {
+            if (k->panel16[w->type] && n_tok >= ENG__PANEL_MIN)
+                j.n_grouped = n_tok;
+        } else if (k->groups[w->type]) {
             n_groups = n_tok / ENG__GROUP + (n_tok % ENG__GROUP >= 5);
             j.n_grouped = n_groups * ENG__GROUP < n_tok ? n_groups * ENG__GROUP : n_tok;
         }
         const size_t xr_bytes = (size_t)n_tok * (size_t)j.m.nb *
                                 (j.wide ? sizeof(eng_block_q16) : sizeof(eng_block_q8_1));
-        const size_t xg_bytes = (size_t)n_groups * (size_t)j.m.nb *
-                                (j.wide ? sizeof(eng__q16x8) : sizeof(eng__q8x8));
+        const size_t xg_bytes = (size_t)n_groups * (size_t)j.m.nb * sizeof(eng__q8x8);
         const size_t xr_pad = (xr_bytes + 63) & ~(size_t)63;
         uint8_t *buf = scratch_get(xr_pad + xg_bytes);
         if (j.wide) {
             j.m.xr16 = (const eng_block_q16 *)buf;
-            j.m.xg16 = (const eng__q16x8 *)(buf + xr_pad);
         } else {
             j.m.xr = (const eng_block_q8_1 *)buf;
             j.m.xg = (const eng__q8x8 *)(buf + xr_pad);
@@ -615,7 +607,8 @@ void eng_matmul(eng_threadpool *tp, const eng_tensor *w, const float *x, int n_t
     if (n_chunks > max_chunks)
         n_chunks = max_chunks > 0 ? max_chunks : 1;
     int64_t chunk = (n_out + n_chunks - 1) / n_chunks;
-    chunk = (chunk + ROW_TILE - 1) / ROW_TILE * ROW_TILE;
+    const int row_tile = j.wide && j.n_grouped ? ENG__PANEL_ROWS : ROW_TILE;
+    chunk = (chunk + row_tile - 1) / row_tile * row_tile;
     j.chunk_rows = chunk;
     n_chunks = (n_out + chunk - 1) / chunk;
     eng_threadpool_run(tp, matmul_task, &j, (int)(n_chunks * j.n_tok_blocks));

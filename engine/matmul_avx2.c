@@ -585,89 +585,159 @@ static void rows16_q8_0(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1
     FOR_ROW_TILES(rows16_tile, m, r0, r1, t0, t1, K16_Q8_0)
 }
 
-/* Group kernels for 16-bit activations: as the 8-bit ones, with the row tile
- * unpacked to int16 weights; a broadcast pair of weights meets the same pair
- * of values of 8 tokens in one _mm256_madd_epi16. */
-typedef struct {
-    _Alignas(32) int16_t q[4][KC][ENG_QK];
-    float d[4][KC];
-    float m[4][KC];  /* offset (m, -8 d, or 0) */
-} unpacked16;
+/* Panel kernels for 16-bit activations (batches of 4 or more tokens).
+ *
+ * 16 weight rows sit in the lanes of two vectors: a row tile is unpacked,
+ * PKB blocks at a time, into pairs of int16 weights transposed so that pair k
+ * of the 16 rows is two aligned loads. A token's pair k of activations is one
+ * 4-byte broadcast from its row-layout block, and one _mm256_madd_epi16 then
+ * multiplies it with 8 rows. 4 tokens x 16 rows keep 8 integer sums in
+ * registers, and each pair of weight loads feeds 8 products: loads per
+ * product are 0.75 where a broadcast weight x 8 tokens needs 1.25, and on
+ * this loop loads, not multiplies, were the limit.
+ *
+ * Float work per block, in the order of the row kernel (batch invariance):
+ * acc = fma(isum, dx d, acc); acc = fma(s, m, acc), restarting acc every KC
+ * blocks and adding the pieces. The float accumulators of the task's tokens
+ * live in memory (a barrier keeps GCC from holding them in registers, where
+ * they would crowd out the integer sums). */
+#define PR 16   /* rows per panel */
+#define PKB 16  /* blocks unpacked at once: 16 x 16 pairs x 16 rows x 4 B = 16 KB */
+#define PANEL_MAX_TOK 128
 
-INLINE void unpack16_tile(const eng__mm *m, int64_t r, int nr, int64_t kc, int nk, const int kind,
-                          unpacked16 *u) {
+typedef struct {
+    _Alignas(32) int32_t w[PKB][ENG_QK / 2][PR];  /* pair k of row r: 2 int16 */
+    _Alignas(32) float d[PKB][PR];
+    _Alignas(32) float m[PKB][PR];                 /* offset (m, -8 d, or 0) */
+} panel16;
+
+/* Transposes an 8 x 8 matrix of 32-bit elements held in 8 vectors. */
+INLINE void transpose8_epi32(__m256i v[8]) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
+        t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
+        v[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
+    }
+}
+
+/* Unpacks blocks [kc, kc + nk) of rows [r, r + nr) (nr <= 16; missing rows
+ * repeat the last one, their results are not stored). */
+INLINE void unpack_panel(const eng__mm *m, int64_t r, int nr, int64_t kc, int nk, const int kind, panel16 *u) {
     const size_t bb = k16_block_bytes(kind);
-    for (int i = 0; i < nr; i++) {
-        const uint8_t *blk = m->w + (r + i) * m->row_bytes + kc * bb;
-        for (int b = 0; b < nk; b++, blk += bb) {
-            __m256i lo, hi;
-            k16_weights(blk, kind, &lo, &hi);
-            _mm256_store_si256((__m256i *)u->q[i][b], lo);
-            _mm256_store_si256((__m256i *)(u->q[i][b] + 16), hi);
-            if (kind == K16_Q8_0) {
-                u->d[i][b] = load_f16(blk);
-                u->m[i][b] = 0.0f;
-            } else {
-                q4_scales(blk, kind == K16_Q4_1, &u->d[i][b], &u->m[i][b]);
+    for (int v = 0; v < PR / 8; v++) {
+        const uint8_t *row[8];
+        for (int i = 0; i < 8; i++)
+            row[i] = m->w + (r + (8 * v + i < nr ? 8 * v + i : nr - 1)) * m->row_bytes + kc * bb;
+        for (int b = 0; b < nk; b++) {
+            __m256i lo[8], hi[8];
+            for (int i = 0; i < 8; i++) {
+                const uint8_t *blk = row[i] + b * bb;
+                k16_weights(blk, kind, &lo[i], &hi[i]);
+                if (kind == K16_Q8_0) {
+                    u->d[b][8 * v + i] = load_f16(blk);
+                    u->m[b][8 * v + i] = 0.0f;
+                } else {
+                    q4_scales(blk, kind == K16_Q4_1, &u->d[b][8 * v + i], &u->m[b][8 * v + i]);
+                }
+            }
+            transpose8_epi32(lo);
+            transpose8_epi32(hi);
+            for (int k = 0; k < 8; k++) {
+                _mm256_store_si256((__m256i *)(u->w[b][k] + 8 * v), lo[k]);
+                _mm256_store_si256((__m256i *)(u->w[b][k + 8] + 8 * v), hi[k]);
             }
         }
     }
 }
 
-INLINE void groups16_tile(const eng__mm *m, const unpacked16 *u, int64_t r, int g, int64_t kc, int nk,
-                          const int NR, const int kind) {
-    const eng__q16x8 *xb = m->xg16 + (int64_t)g * m->nb + kc;
-    __m256 acc[4];
+/* Blocks [kc, kc + nk) of the panel for tokens [t, t + NT); acc and total:
+ * the tokens' float accumulators, 16 floats each. */
+INLINE void panel16_tile(const eng__mm *m, const panel16 *u, int t, int64_t kc, int nk, float *acc,
+                         float *total, const int NT, const int kind) {
+    const eng_block_q16 *xt[4];
 #pragma GCC unroll 4
-    for (int i = 0; i < NR; i++)
-        acc[i] = _mm256_setzero_ps();
-    for (int b = 0; b < nk; b++, xb++) {
-        __m256i s[4];
+    for (int j = 0; j < NT; j++)
+        xt[j] = m->xr16 + (int64_t)(t + j) * m->nb + kc;
+    for (int b = 0; b < nk; b++) {
+        __m256i s[4][2];
 #pragma GCC unroll 4
-        for (int i = 0; i < NR; i++)
-            s[i] = _mm256_setzero_si256();
-        /* unrolled by 2 only: full unrolling made GCC spill the sums */
-#pragma GCC unroll 2
+        for (int j = 0; j < NT; j++)
+            s[j][0] = s[j][1] = _mm256_setzero_si256();
+#pragma GCC unroll 4
         for (int k = 0; k < ENG_QK / 2; k++) {
-            const __m256i xv = _mm256_load_si256((const __m256i *)(xb->qs + 16 * k));
+            const __m256i w0 = _mm256_load_si256((const __m256i *)u->w[b][k]);
+            const __m256i w1 = _mm256_load_si256((const __m256i *)(u->w[b][k] + 8));
 #pragma GCC unroll 4
-            for (int i = 0; i < NR; i++)
-                s[i] = _mm256_add_epi32(s[i], _mm256_madd_epi16(bcast4(u->q[i][b] + 2 * k), xv));
+            for (int j = 0; j < NT; j++) {
+                const __m256i xv = bcast4(xt[j][b].qs + 2 * k);
+                s[j][0] = _mm256_add_epi32(s[j][0], _mm256_madd_epi16(w0, xv));
+                s[j][1] = _mm256_add_epi32(s[j][1], _mm256_madd_epi16(w1, xv));
+            }
         }
-        const __m256 dx = _mm256_load_ps(xb->d);
+        const int64_t gb = kc + b;  /* the block's index in the row */
+        const bool chunk_end = (gb + 1) % KC == 0 || gb + 1 == m->nb;
 #pragma GCC unroll 4
-        for (int i = 0; i < NR; i++) {
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i]), _mm256_mul_ps(dx, _mm256_broadcast_ss(&u->d[i][b])),
-                                     acc[i]);
-            if (kind != K16_Q8_0)
-                acc[i] = _mm256_fmadd_ps(_mm256_load_ps(xb->s), _mm256_broadcast_ss(&u->m[i][b]), acc[i]);
+        for (int j = 0; j < NT; j++) {
+            const __m256 dx = _mm256_set1_ps(xt[j][b].d), sx = _mm256_set1_ps(xt[j][b].s);
+#pragma GCC unroll 2
+            for (int v = 0; v < 2; v++) {
+                float *a = acc + j * PR + 8 * v, *tot = total + j * PR + 8 * v;
+                __m256 av = _mm256_load_ps(a);
+                av = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[j][v]), _mm256_mul_ps(dx, _mm256_load_ps(u->d[b] + 8 * v)), av);
+                if (kind != K16_Q8_0)
+                    av = _mm256_fmadd_ps(sx, _mm256_load_ps(u->m[b] + 8 * v), av);
+                if (chunk_end) {
+                    _mm256_store_ps(tot, gb < KC ? av : _mm256_add_ps(_mm256_load_ps(tot), av));
+                    av = _mm256_setzero_ps();
+                }
+                _mm256_store_ps(a, av);
+            }
         }
+        __asm__ volatile("" ::: "memory");
     }
-    store_group(m, r, g, NR, acc, kc == 0);
 }
 
-#define GROUPS16(name, kind)                                                            \
-    static void name(const eng__mm *m, int64_t r0, int64_t r1, int g0, int g1) {       \
-        unpacked16 u;                                                                  \
-        for (int64_t r = r0; r < r1; r += 4) {                                         \
-            const int nr = r1 - r < 4 ? (int)(r1 - r) : 4;                             \
-            for (int64_t kc = 0; kc < m->nb; kc += KC) {                               \
-                const int nk = m->nb - kc < KC ? (int)(m->nb - kc) : KC;               \
-                unpack16_tile(m, r, nr, kc, nk, kind, &u);                             \
-                for (int g = g0; g < g1; g++) {                                        \
-                    switch (nr) {                                                      \
-                    case 1: groups16_tile(m, &u, r, g, kc, nk, 1, kind); break;        \
-                    case 2: groups16_tile(m, &u, r, g, kc, nk, 2, kind); break;        \
-                    case 3: groups16_tile(m, &u, r, g, kc, nk, 3, kind); break;        \
-                    default: groups16_tile(m, &u, r, g, kc, nk, 4, kind); break;       \
+#define PANEL16(name, kind)                                                             \
+    static void name(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) {       \
+        panel16 u;                                                                     \
+        _Alignas(32) float acc[PANEL_MAX_TOK][PR], total[PANEL_MAX_TOK][PR];          \
+        for (int tb = t0; tb < t1; tb += PANEL_MAX_TOK) {                              \
+            const int te = t1 - tb < PANEL_MAX_TOK ? t1 : tb + PANEL_MAX_TOK;         \
+            for (int64_t r = r0; r < r1; r += PR) {                                    \
+                const int nr = r1 - r < PR ? (int)(r1 - r) : PR;                       \
+                memset(acc, 0, sizeof(float) * PR * (size_t)(te - tb));                \
+                for (int64_t kc = 0; kc < m->nb; kc += PKB) {                          \
+                    const int nk = m->nb - kc < PKB ? (int)(m->nb - kc) : PKB;         \
+                    unpack_panel(m, r, nr, kc, nk, kind, &u);                          \
+                    for (int t = tb; t < te; t += 4) {                                 \
+                        float *a = acc[t - tb], *tot = total[t - tb];                  \
+                        switch (te - t < 4 ? te - t : 4) {                             \
+                        case 1: panel16_tile(m, &u, t, kc, nk, a, tot, 1, kind); break; \
+                        case 2: panel16_tile(m, &u, t, kc, nk, a, tot, 2, kind); break; \
+                        case 3: panel16_tile(m, &u, t, kc, nk, a, tot, 3, kind); break; \
+                        default: panel16_tile(m, &u, t, kc, nk, a, tot, 4, kind); break; \
+                        }                                                              \
                     }                                                                  \
                 }                                                                      \
+                for (int t = tb; t < te; t++)                                          \
+                    for (int i = 0; i < nr; i++)                                       \
+                        m->y[(int64_t)t * m->y_stride + r + i] = total[t - tb][i];     \
             }                                                                          \
         }                                                                              \
     }
-GROUPS16(groups16_q4_0, K16_Q4_0)
-GROUPS16(groups16_q4_1, K16_Q4_1)
-GROUPS16(groups16_q8_0, K16_Q8_0)
+PANEL16(panel16_q4_0, K16_Q4_0)
+PANEL16(panel16_q4_1, K16_Q4_1)
+PANEL16(panel16_q8_0, K16_Q8_0)
 
 /* ---- F32 / F16 ------------------------------------------------------------ */
 
@@ -751,9 +821,9 @@ const eng__mm_kernels eng__mm_kernels_avx2 = {
         [ENG_Q4_1] = rows16_q4_1,
         [ENG_Q8_0] = rows16_q8_0,
     },
-    .groups16 = {
-        [ENG_Q4_0] = groups16_q4_0,
-        [ENG_Q4_1] = groups16_q4_1,
-        [ENG_Q8_0] = groups16_q8_0,
+    .panel16 = {
+        [ENG_Q4_0] = panel16_q4_0,
+        [ENG_Q4_1] = panel16_q4_1,
+        [ENG_Q8_0] = panel16_q8_0,
     },
 };

@@ -18,6 +18,8 @@
 #include "engine/tensor.h"
 
 #define ENG__GROUP 8  /* tokens per group-layout block */
+#define ENG__PANEL_MIN 4  /* tokens from which panel16 serves a batch */
+#define ENG__PANEL_ROWS 16
 
 /* One block of 32 values of 8 tokens. qs[(j / 4) * 32 + t * 4 + j % 4] is
  * value j (0..31) of token t (0..7); d[t], s[t] as in eng_block_q8_1. */
@@ -35,13 +37,6 @@ typedef struct {
  * cannot overflow: 32 * 32767 * 128 < 2^31. */
 typedef struct { float d, s; int16_t qs[ENG_QK]; } eng_block_q16;  /* 72 B */
 
-/* One block of 32 values of 8 tokens, pairs interleaved:
- * qs[(j / 2) * 16 + t * 2 + j % 2] is value j of token t. */
-typedef struct {
-    float d[ENG__GROUP];
-    float s[ENG__GROUP];
-    int16_t qs[ENG_QK * ENG__GROUP];
-} eng__q16x8;  /* 576 B */
 
 /* Everything a kernel needs for y = x . w^T. */
 typedef struct {
@@ -54,8 +49,7 @@ typedef struct {
     const float *x;             /* (n_tok, n_in): f32 activations (F32 / F16 weights) */
     const eng_block_q8_1 *xr;   /* (n_tok, nb): quantized activations, row layout */
     const eng__q8x8 *xg;        /* (groups, nb): the same, group layout, zero-padded */
-    const eng_block_q16 *xr16;  /* 16-bit activations (kernels rows16 / groups16) */
-    const eng__q16x8 *xg16;
+    const eng_block_q16 *xr16;  /* (n_tok, nb): 16-bit activations (rows16, panel16) */
     float *y;                   /* (n_tok, y_stride) */
     int64_t y_stride;
 } eng__mm;
@@ -74,10 +68,12 @@ typedef struct {
     eng__mm_rows_fn rows[ENG_DTYPE_COUNT];      /* per runtime type */
     eng__mm_groups_fn groups[ENG_DTYPE_COUNT];  /* NULL: rows serves every token */
     /* The same for 16-bit activations (eng_block_q16, bit-identical blocks in
-     * every kernel set), for the block-quantized types only. */
+     * every kernel set), for the block-quantized types only: rows16 for any
+     * tokens, panel16 (NULL: rows16 serves) for batches of ENG__PANEL_MIN
+     * tokens or more, tiled by 16 rows. Both read xr16 and give the same bits. */
     void (*quantize16)(const float *x, eng_block_q16 *out, int64_t n);
     eng__mm_rows_fn rows16[ENG_DTYPE_COUNT];
-    eng__mm_groups_fn groups16[ENG_DTYPE_COUNT];
+    eng__mm_rows_fn panel16[ENG_DTYPE_COUNT];
 } eng__mm_kernels;
 
 extern const eng__mm_kernels eng__mm_kernels_avx2;
