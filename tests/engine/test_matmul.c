@@ -8,12 +8,15 @@
  * The reference is a double-precision dot product of the weights decoded by
  * eng_dequantize_row (tensor.c, itself checked bit-exact against gguf-py) and,
  * for quantized weights, of the activations quantized by this file's own copy
- * of the documented rule (d = max|x| / 127, q = nearest-even(x * (1/d))).
+ * of the documented rule (d = max|x| / qmax, q = nearest-even(x * (1/d)),
+ * qmax 127 or 32767).
  * Kernels differ from it only by float rounding, so the tolerance is 2e-6 of
  * the sum of |terms|: a wrong block, nibble, scale or tile gives O(1) errors.
  *
  * These tests cover the 8-bit activation path (ENG_ACT_Q8, set for the whole
- * suite); the f32-activation path has its own tests (test_matmul_act32.c).
+ * suite) and the 16-bit one (ENG_ACT_Q16, the *_q16_* tests); the
+ * f32-activation path and batch invariance have their own tests
+ * (test_matmul_act32.c).
  *
  * Weight conversion: Q4_K / Q6_K -> Q8_0 must equal gguf-py's
  * quantize(dequantize(row), Q8_0) byte for byte (fixtures in

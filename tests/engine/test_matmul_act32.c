@@ -1,9 +1,9 @@
-/* test_matmul_act32.c: block-quantized weights x f32 activations (the default
- * activation mode): results against a double-precision product over the
+/* test_matmul_act32.c: block-quantized weights x f32 activations (the exact
+ * reference mode): results against a double-precision product over the
  * weights decoded by eng_dequantize_row (tensor.c, checked bit-exactly against
- * the gguf package), on both kernel sets; and batch invariance: a token's
- * outputs are bit-identical whatever else is in the batch and however many
- * threads run it. */
+ * the gguf package), on both kernel sets; and batch invariance, for this mode
+ * and for the default 16-bit one: a token's outputs are bit-identical
+ * whatever else is in the batch and however many threads run it. */
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdlib.h>
