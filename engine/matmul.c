@@ -32,22 +32,33 @@
 
 /* ---- scalar kernels ------------------------------------------------------ */
 
+/* The documented activation quantization of one block of 32: d = max|x| /
+ * qmax, q = x * (1 / d) rounded to nearest even (clamped as the AVX2 packs
+ * saturate), returns sum(q). */
+static int quantize_block_scalar(const float *v, float qmax, int32_t q[ENG_QK], float *d_out) {
+    float amax = 0.0f;
+    for (int j = 0; j < ENG_QK; j++)
+        amax = fmaxf(amax, fabsf(v[j]));
+    const float d = amax / qmax;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    int sum = 0;
+    for (int j = 0; j < ENG_QK; j++) {
+        float r = nearbyintf(v[j] * id);
+        r = r > qmax ? qmax : r < -qmax - 1.0f ? -qmax - 1.0f : r;
+        q[j] = (int32_t)r;
+        sum += q[j];
+    }
+    *d_out = d;
+    return sum;
+}
+
 static void quantize_scalar(const float *x, eng_block_q8_1 *out, int64_t n) {
     for (int64_t b = 0; b < n / ENG_QK; b++) {
-        const float *v = x + b * ENG_QK;
-        float amax = 0.0f;
+        int32_t q[ENG_QK];
+        const int sum = quantize_block_scalar(x + b * ENG_QK, 127.0f, q, &out[b].d);
         for (int j = 0; j < ENG_QK; j++)
-            amax = fmaxf(amax, fabsf(v[j]));
-        const float d = amax / 127.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
-        int sum = 0;
-        for (int j = 0; j < ENG_QK; j++) {
-            const int q = (int)nearbyintf(v[j] * id);
-            out[b].qs[j] = (int8_t)q;
-            sum += q;
-        }
-        out[b].d = d;
-        out[b].s = d * (float)sum;
+            out[b].qs[j] = (int8_t)q[j];
+        out[b].s = out[b].d * (float)sum;
     }
 }
 
@@ -126,21 +137,11 @@ static void rows_float_scalar(const eng__mm *m, int64_t r0, int64_t r1, int t0, 
 
 static void quantize16_scalar(const float *x, eng_block_q16 *out, int64_t n) {
     for (int64_t b = 0; b < n / ENG_QK; b++) {
-        const float *v = x + b * ENG_QK;
-        float amax = 0.0f;
+        int32_t q[ENG_QK];
+        const int sum = quantize_block_scalar(x + b * ENG_QK, 32767.0f, q, &out[b].d);
         for (int j = 0; j < ENG_QK; j++)
-            amax = fmaxf(amax, fabsf(v[j]));
-        const float d = amax / 32767.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
-        int sum = 0;
-        for (int j = 0; j < ENG_QK; j++) {
-            float q = nearbyintf(v[j] * id);
-            q = q > 32767.0f ? 32767.0f : q < -32768.0f ? -32768.0f : q;  /* as packs_epi32 */
-            out[b].qs[j] = (int16_t)q;
-            sum += (int)q;
-        }
-        out[b].d = d;
-        out[b].s = d * (float)sum;
+            out[b].qs[j] = (int16_t)q[j];
+        out[b].s = out[b].d * (float)sum;
     }
 }
 

@@ -57,35 +57,44 @@ INLINE void prefetch_ahead(const void *tile, size_t tile_bytes, size_t done) {
 
 /* ---- activation quantization --------------------------------------------- */
 
-static void quantize_avx2(const float *x, eng_block_q8_1 *out, int64_t n) {
+/* The shared part of both activation quantizers: block p's 32 values as
+ * integers q[4] (nearest even, in element order 8 per vector), its scale
+ * d = max|x| / qmax and the sum of the integers. */
+INLINE void quantize_block(const float *p, float qmax, __m256i q[4], float *d, int *sum) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 v[4];
+    for (int k = 0; k < 4; k++)
+        v[k] = _mm256_loadu_ps(p + 8 * k);
+    __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                              _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    *d = _mm_cvtss_f32(m4) / qmax;
+    const __m256 id = _mm256_set1_ps(*d != 0.0f ? 1.0f / *d : 0.0f);
+    for (int k = 0; k < 4; k++)
+        q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], id));  /* nearest even */
+    __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    *sum = _mm_cvtsi128_si32(s4);
+}
+
+static void quantize_avx2(const float *x, eng_block_q8_1 *out, int64_t n) {
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t b = 0; b < n / ENG_QK; b++) {
-        const float *p = x + b * ENG_QK;
-        __m256 v[4];
-        for (int k = 0; k < 4; k++)
-            v[k] = _mm256_loadu_ps(p + 8 * k);
-        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
-                                  _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        const float d = _mm_cvtss_f32(m4) / 127.0f;
-        const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
         __m256i q[4];
-        for (int k = 0; k < 4; k++)
-            q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], id));  /* nearest even */
-        __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        float d;
+        int sum;
+        quantize_block(x + b * ENG_QK, 127.0f, q, &d, &sum);
         /* packs work per 128-bit lane: restore element order afterwards */
         const __m256i q16 = _mm256_packs_epi32(q[0], q[1]);
         const __m256i q16b = _mm256_packs_epi32(q[2], q[3]);
         const __m256i q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16, q16b), order);
         _mm256_storeu_si256((__m256i *)out[b].qs, q8);
         out[b].d = d;
-        out[b].s = d * (float)_mm_cvtsi128_si32(s4);
+        out[b].s = d * (float)sum;
     }
 }
 
@@ -412,33 +421,18 @@ static void groups_q8_0(const eng__mm *m, int64_t r0, int64_t r1, int g0, int g1
 /* ---- 16-bit activations --------------------------------------------------- */
 
 static void quantize16_avx2(const float *x, eng_block_q16 *out, int64_t n) {
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t b = 0; b < n / ENG_QK; b++) {
-        const float *p = x + b * ENG_QK;
-        __m256 v[4];
-        for (int k = 0; k < 4; k++)
-            v[k] = _mm256_loadu_ps(p + 8 * k);
-        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
-                                  _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        const float d = _mm_cvtss_f32(m4) / 32767.0f;
-        const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
         __m256i q[4];
-        for (int k = 0; k < 4; k++)
-            q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], id));  /* nearest even */
-        __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        float d;
+        int sum;
+        quantize_block(x + b * ENG_QK, 32767.0f, q, &d, &sum);
         /* packs works per 128-bit lane: put the quarters back in order */
         const __m256i lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xd8);
         const __m256i hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xd8);
         _mm256_storeu_si256((__m256i *)out[b].qs, lo);
         _mm256_storeu_si256((__m256i *)(out[b].qs + 16), hi);
         out[b].d = d;
-        out[b].s = d * (float)_mm_cvtsi128_si32(s4);
+        out[b].s = d * (float)sum;
     }
 }
 
