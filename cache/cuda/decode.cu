@@ -59,7 +59,7 @@ namespace {
 
 constexpr int NW = 4;            /* warps per block */
 constexpr int NT = NW * 32;
-constexpr int FAN = 16;          /* partials one block merges */
+constexpr int FAN = 32;          /* partials one block merges */
 constexpr int MAX_SPLITS = FAN * FAN;
 /* Shared memory a warp aims at (ring plus conversion buffers; at least 3
  * pages): small enough for 4-5 blocks per multiprocessor at head_dim 64. */
@@ -572,23 +572,6 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF)) decode_kernel(const dec
     const int n_mine = first < end ? (end - first + stride - 1) / stride : 0;
     const int32_t *bt = p.bt + (int64_t)seq * p.bt_stride;
 
-    /* A fragments of the scaled query: rows gid (fp16 hi) and gid + 8 (lo) */
-    uint32_t qa[D / 16][4];
-    {
-        const float *q = p.q + (int64_t)seq * p.q_stride + (int64_t)(head * G + min(gid, G - 1)) * D;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++)
-#pragma unroll
-            for (int hc = 0; hc < 2; hc++) {
-                float2 v = make_float2(0.0f, 0.0f);
-                if (gid < G) v = *reinterpret_cast<const float2 *>(q + kk * 16 + hc * 8 + 2 * tig);
-                __half h0, l0, h1, l1;
-                split_half(v.x * p.qscale, h0, l0);
-                split_half(v.y * p.qscale, h1, l1);
-                qa[kk][2 * hc] = pack_half2(h0, h1);
-                qa[kk][2 * hc + 1] = pack_half2(l0, l1);
-            }
-    }
     warp_state<D, NGV> st;
     st.m = -INFINITY;
     st.l = 0.0f;
@@ -597,6 +580,19 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF)) decode_kernel(const dec
 #pragma unroll
     for (int gi = 0; gi < NGV; gi++) st.vmin[gi] = 0.0f;
 
+    /* A fragments of the scaled query: rows gid (fp16 hi) and gid + 8 (lo);
+     * the query's loads are issued before the block table's and the first
+     * pages', so their latencies overlap */
+    float2 qv[D / 16][2];
+    {
+        const float *q = p.q + (int64_t)seq * p.q_stride + (int64_t)(head * G + min(gid, G - 1)) * D;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++)
+#pragma unroll
+            for (int hc = 0; hc < 2; hc++)
+                qv[kk][hc] = gid < G ? *reinterpret_cast<const float2 *>(q + kk * 16 + hc * 8 + 2 * tig)
+                                     : make_float2(0.0f, 0.0f);
+    }
     /* this warp's pages first, first + stride, ... through its ring: S - 1
      * pages in flight while one computes (one commit group per page, empty
      * groups past the end keep the count uniform) */
@@ -609,6 +605,17 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF)) decode_kernel(const dec
             issue_page<D, KF, VF>(p, ids.next(), head, ctx - (first + j * stride) * B, my + j * R::PAGE, lane);
         cp_async_commit();
     }
+    uint32_t qa[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++)
+#pragma unroll
+        for (int hc = 0; hc < 2; hc++) {
+            __half h0, l0, h1, l1;
+            split_half(qv[kk][hc].x * p.qscale, h0, l0);
+            split_half(qv[kk][hc].y * p.qscale, h1, l1);
+            qa[kk][2 * hc] = pack_half2(h0, h1);
+            qa[kk][2 * hc + 1] = pack_half2(l0, l1);
+        }
     int slot = 0, slot_next = R::S - 1;
     for (int j = 0; j < n_mine; j++) {
         const int jn = j + R::S - 1;
@@ -786,12 +793,14 @@ template <typename F> int with_instance(const kvc_cu_layout *L, int G, F &&f) {
 }
 
 /* The plan (from the sweeps in notes/gpu.md): a warp per (sequence, kv
- * head) when there are pairs for at least half the resident warps;
- * otherwise about two blocks per multiprocessor, but at least 16 pages per
- * warp (a ring fill and a merge cost about as much as a dozen pages); with
- * fewer pairs than multiprocessors (long single sequences), one full wave
- * of resident blocks, at least 4 pages a warp (the two-level merge keeps
- * many splits cheap). */
+ * head) when there are pairs for at least half the resident warps (f16;
+ * quantized K and V, whose warps do more work per byte: twice the resident
+ * warps); otherwise about two blocks per multiprocessor (quantized: four),
+ * but at least 16 pages per warp (a ring fill and a merge cost about as much
+ * as a dozen pages); with fewer pairs than multiprocessors (long single
+ * sequences), as many splits as fit in one wave of resident blocks (a
+ * second, partial wave costs a whole block's time; f16 at most FAN, one
+ * merge level), at least 4 pages a warp. */
 plan make_plan(const kvc_cu_layout *L, int n_seqs, int max_ctx, int n_rep) {
     plan pl;
     const int pages = max_ctx > 0 ? (max_ctx + L->block_size - 1) / L->block_size : 1;
@@ -801,20 +810,23 @@ plan make_plan(const kvc_cu_layout *L, int n_seqs, int max_ctx, int n_rep) {
     });
     if (per_sm < 1) per_sm = 1;
     const long resident = (long)sm_count() * per_sm;
+    const bool quantized = L->k_fmt != KVC_CU_F16 && L->v_fmt != KVC_CU_F16;
     int pps = g_pages_per_split;
     pl.per_warp = 0;
-    if (g_warp_per_seq > 0 || (g_warp_per_seq == 0 && pps == 0 && pairs * 2 >= resident * NW)) {
+    const bool many = quantized ? pairs >= 2 * resident * NW : pairs * 2 >= resident * NW;
+    if (g_warp_per_seq > 0 || (g_warp_per_seq == 0 && pps == 0 && many)) {
         pl.per_warp = 1;
         pl.pps = pages;
         pl.n_splits = 1;
         return pl;
     }
     if (pps <= 0 && pairs < sm_count()) {
-        const long splits = (resident + pairs - 1) / pairs;
+        long splits = resident / pairs > 1 ? resident / pairs : 1;
+        if (!quantized && splits > FAN) splits = FAN;    /* f16: one merge level beats more blocks */
         pps = (int)((pages + splits - 1) / splits);
         if (pps < 4 * NW) pps = 4 * NW < pages ? 4 * NW : pages;
     } else if (pps <= 0) {
-        const long splits = (2L * sm_count() + pairs - 1) / pairs;
+        const long splits = ((quantized ? 4L : 2L) * sm_count() + pairs - 1) / pairs;
         pps = (int)((pages + splits - 1) / splits);
         if (pps < 16 * NW) pps = 16 * NW < pages ? 16 * NW : pages;
     }

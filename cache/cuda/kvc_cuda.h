@@ -20,8 +20,8 @@
  * Decode runs on tensor cores with the query and the softmax weights split
  * into fp16 hi + lo pairs (as exact as fp32; see cuda/decode.cu). Prefill
  * runs on tensor cores (mma.sync f16, f32 accumulation; query and weights
- * rounded to fp16) when K and V are both f16; other codecs use the decode
- * kernel once per query token. Low-rank, latent and hybrid codecs, int4
+ * rounded to fp16; quantized pages dequantized to fp16 tiles in shared
+ * memory, see cuda/prefill.cu). Low-rank, latent and hybrid codecs, int4
  * pairings other than the above and pre-RoPE keys are not on the GPU yet
  * (refused by kvc_cu_layout_init).
  *
@@ -109,14 +109,10 @@ int kvc_cu_decode(const kvc_cu_layout *L, const void *arena, int layer,
  * pos0 + i) attends causally to positions [0, pos0 + i], read from the pages
  * (write the chunk's own K/V with kvc_cu_write first, as kvc_attend expects).
  *   block_table: device (>= ceil((pos0 + n) / block_size)) page ids
- *   q, out: device (n, n_kv_head * n_rep, head_dim) f32, q_stride / out_stride floats per token
- * workspace: kvc_cu_prefill_workspace bytes, zero-filled once (0 bytes on the
- * tensor-core path). */
-size_t kvc_cu_prefill_workspace(const kvc_cu_layout *L, int pos0, int n, int n_rep);
+ *   q, out: device (n, n_kv_head * n_rep, head_dim) f32, q_stride / out_stride floats per token */
 int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int layer,
                    const int32_t *block_table, int pos0, int n, int n_rep, float scale,
-                   const float *q, int64_t q_stride, float *out, int64_t out_stride,
-                   void *workspace, size_t workspace_bytes, void *stream, char *err,
+                   const float *q, int64_t q_stride, float *out, int64_t out_stride, void *stream, char *err,
                    size_t errlen);
 
 /* Tuning for benchmarks: context pages each decode thread block covers (0:

@@ -15,8 +15,12 @@
  * rounded to fp16 after scaling (scale * log2 e); P is rounded to fp16 for
  * the second product; sums stay fp32.
  *
- * Other codecs run the decode kernel once per query token (a sequence of
- * pos0 + i + 1 positions each), which reads int8 pages in registers too. */
+ * Quantized pages (int8, int4; K and V in any pairing the layout accepts)
+ * take the same path: each tile's raw blocks are copied (cp.async, NQ
+ * stages deep) and dequantized by the block into one f16 tile of the
+ * layout above (x = code * scale, or min + scale * code, rounded to fp16: a
+ * relative 2^-12 per number, the same order as the query's and the
+ * weights' rounding); the full-size K/V never reach device memory. */
 #include <math.h>
 
 #include "cache/cuda/common.cuh"
@@ -48,6 +52,17 @@ template <int D> struct smem_shape {
     static constexpr int STAGE = K_HALVES + V_HALVES;
     static constexpr int NS = D == 64 ? 4 : 2;           /* pipeline stages (about 86 KB) */
     static constexpr size_t BYTES = NS * (size_t)STAGE * sizeof(__half);
+};
+
+/* Quantized pages: one f16 tile (STAGE halves), then NQ stages of raw
+ * blocks (PT pages, K block then V block each). */
+template <int D, int KF, int VF> struct raw_shape {
+    static constexpr int KB = kvc__cu_block_bytes(KF, D);
+    static constexpr int VB = kvc__cu_block_bytes(VF, D);
+    static constexpr int PAGE = KB + VB;
+    static constexpr int STAGE = PT * PAGE;              /* bytes */
+    static constexpr int NQ = D == 64 ? 4 : 3;
+    static constexpr size_t BYTES = smem_shape<D>::STAGE * sizeof(__half) + (size_t)NQ * STAGE;
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void *p) {
@@ -111,9 +126,114 @@ __device__ __forceinline__ void load_tile(const prefill_params &p, int head, int
     }
 }
 
-template <int D>
-__global__ void __launch_bounds__(PNT) prefill_f16_kernel(const prefill_params p) {
+/* Copies the raw K and V blocks of tile t's pages into a raw stage (pages
+ * past the context are left out: dequant_tile writes zeros for them). */
+template <int D, int KF, int VF>
+__device__ __forceinline__ void load_raw(const prefill_params &p, int head, int t, int ctx_end, uint8_t *stage) {
+    typedef raw_shape<D, KF, VF> R;
+    const int n_pages = (ctx_end + KVC__CU_B - 1) / KVC__CU_B;
+    for (int c = threadIdx.x; c < R::STAGE / 16; c += PNT) {
+        const int j = c / (R::PAGE / 16), u = c % (R::PAGE / 16);
+        const int pi = t * PT + j;
+        if (pi >= n_pages) continue;
+        const uint8_t *src = u < R::KB / 16 ? kvc__cu_k_block(p.arena, p.g, p.bt[pi], head) + 16 * u
+                                            : kvc__cu_v_block(p.arena, p.g, p.bt[pi], head) + 16 * u - R::KB;
+        cp_async16(stage + 16 * c, src, true);
+    }
+}
+
+/* 16 numbers of a block as halves: x_i = codes_i * scale_i (int8; scale
+ * per number), min + scale * code_i (int4), or the stored halves (f16).
+ * raw points at the first code (f16: the first half). */
+template <int FMT>
+__device__ __forceinline__ void dequant16(const uint8_t *raw, const float (&scale)[16], const float (&mn)[16],
+                                          uint4 (&out)[2]) {
+    if constexpr (FMT == KVC_CU_F16) {
+        out[0] = reinterpret_cast<const uint4 *>(raw)[0];
+        out[1] = reinterpret_cast<const uint4 *>(raw)[1];
+    } else {
+        uint32_t h[8];
+        if constexpr (FMT == KVC_CU_I8) {
+            const uint4 w = *reinterpret_cast<const uint4 *>(raw);
+            const int8_t *c = reinterpret_cast<const int8_t *>(&w);
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                __half2 v = __floats2half2_rn((float)c[2 * i] * scale[2 * i], (float)c[2 * i + 1] * scale[2 * i + 1]);
+                h[i] = *reinterpret_cast<uint32_t *>(&v);
+            }
+        } else {
+            const uint2 w = *reinterpret_cast<const uint2 *>(raw);
+            const uint64_t bits = (uint64_t)w.x | ((uint64_t)w.y << 32);
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                const float c0 = (float)((bits >> (8 * i)) & 15u), c1 = (float)((bits >> (8 * i + 4)) & 15u);
+                __half2 v = __floats2half2_rn(fmaf(scale[2 * i], c0, mn[2 * i]), fmaf(scale[2 * i + 1], c1, mn[2 * i + 1]));
+                h[i] = *reinterpret_cast<uint32_t *>(&v);
+            }
+        }
+        out[0] = make_uint4(h[0], h[1], h[2], h[3]);
+        out[1] = make_uint4(h[4], h[5], h[6], h[7]);
+    }
+}
+
+__device__ __forceinline__ float half_at(const uint8_t *p, int i) {
+    return __half2float(reinterpret_cast<const __half *>(p)[i]);
+}
+
+/* Raw stage of tile t -> the f16 tile (Ks, Vs as load_tile fills them):
+ * K rows (page, dim) of 16 positions; V (position, 16 dims) pieces;
+ * positions at or past ctx_end (and pages past it) become zeros. */
+template <int D, int KF, int VF>
+__device__ __forceinline__ void dequant_tile(const uint8_t *stage, int t, int ctx_end, __half *tile) {
     typedef smem_shape<D> S;
+    typedef raw_shape<D, KF, VF> R;
+    __half *Ks = tile, *Vs = tile + S::K_HALVES;
+    const int n_pages = (ctx_end + KVC__CU_B - 1) / KVC__CU_B;
+    for (int r = threadIdx.x; r < PT * D; r += PNT) {
+        const int j = r / D, dim = r % D;
+        uint4 o[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+        if (t * PT + j < n_pages) {
+            const uint8_t *kb = stage + j * R::PAGE;
+            float sc[16], mn[16];
+#pragma unroll
+            for (int i = 0; i < 16; i++) {
+                sc[i] = KF == KVC_CU_I8 ? half_at(kb + 16 * D, i) : KF == KVC_CU_U4C ? half_at(kb + 8 * D, dim) : 1.0f;
+                mn[i] = KF == KVC_CU_U4C ? half_at(kb + 10 * D, dim) : 0.0f;
+            }
+            dequant16<KF>(kb + dim * (KF == KVC_CU_F16 ? 32 : KF == KVC_CU_I8 ? 16 : 8), sc, mn, o);
+        }
+        uint4 *dst = reinterpret_cast<uint4 *>(Ks + (j * D + dim) * S::K_ROW);
+        dst[0] = o[0];
+        dst[1] = o[1];
+    }
+    for (int c = threadIdx.x; c < TK * D / 16; c += PNT) {
+        const int pos = c / (D / 16), piece = c % (D / 16), j = pos / KVC__CU_B, tk = pos % KVC__CU_B;
+        uint4 o[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+        if (t * TK + pos < ctx_end) {
+            const uint8_t *vb = stage + j * R::PAGE + R::KB;
+            float sc[16], mn[16];
+            const int g = kvc__cu_is_u4t(VF) ? piece * 16 / kvc__cu_u4_group(VF) : 0;
+            constexpr int NG = kvc__cu_is_u4t(VF) ? D / kvc__cu_u4_group(VF) : 1;
+#pragma unroll
+            for (int i = 0; i < 16; i++) {
+                sc[i] = VF == KVC_CU_I8 ? half_at(vb + 16 * D, tk)
+                        : kvc__cu_is_u4t(VF) ? half_at(vb + 8 * D, g * KVC__CU_B + tk) : 1.0f;
+                mn[i] = kvc__cu_is_u4t(VF) ? half_at(vb + 8 * D, (NG + g) * KVC__CU_B + tk) : 0.0f;
+            }
+            const int bpn = VF == KVC_CU_F16 ? 2 : VF == KVC_CU_I8 ? 1 : 0;   /* bytes per number (int4: half) */
+            dequant16<VF>(vb + (bpn ? tk * D * bpn + piece * 16 * bpn : tk * D / 2 + piece * 8), sc, mn, o);
+        }
+        uint4 *dst = reinterpret_cast<uint4 *>(Vs + pos * S::V_ROW + piece * 16);
+        dst[0] = o[0];
+        dst[1] = o[1];
+    }
+}
+
+template <int D, int KF, int VF>
+__global__ void __launch_bounds__(PNT) prefill_kernel(const prefill_params p) {
+    typedef smem_shape<D> S;
+    typedef raw_shape<D, KF, VF> R;
+    constexpr bool F16 = KF == KVC_CU_F16 && VF == KVC_CU_F16;
     constexpr int KS = D / 16;           /* k-steps over dims */
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __half *smem = reinterpret_cast<__half *>(smem_raw);
@@ -155,21 +275,32 @@ __global__ void __launch_bounds__(PNT) prefill_f16_kernel(const prefill_params p
     for (int dn = 0; dn < D / 8; dn++) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 
-    /* NS-stage pipeline: tiles t + 1 .. t + NS - 1 load while t computes;
-     * one commit group per tile (empty past the end) */
+    /* NS-stage pipeline (quantized: NQ raw stages): tiles t + 1 .. t + NS - 1
+     * load while t computes; one commit group per tile (empty past the end) */
     const int n_tiles = (ctx_end + TK - 1) / TK;
+    constexpr int NST = F16 ? S::NS : R::NQ;
+    uint8_t *raw = smem_raw + S::STAGE * sizeof(__half);   /* quantized: after the f16 tile */
 #pragma unroll
-    for (int t = 0; t < S::NS - 1; t++) {
-        if (t < n_tiles) load_tile<D>(p, head, t, ctx_end, smem + t * S::STAGE);
+    for (int t = 0; t < NST - 1; t++) {
+        if (t < n_tiles) {
+            if constexpr (F16) load_tile<D>(p, head, t, ctx_end, smem + t * S::STAGE);
+            else load_raw<D, KF, VF>(p, head, t, ctx_end, raw + t * R::STAGE);
+        }
         cp_async_commit();
     }
     for (int t = 0; t < n_tiles; t++) {
-        cp_async_wait<S::NS - 2>();
+        cp_async_wait<NST - 2>();
         __syncthreads();   /* tile t visible to all; every warp is done with tile t - 1 */
-        if (t + S::NS - 1 < n_tiles)
-            load_tile<D>(p, head, t + S::NS - 1, ctx_end, smem + ((t + S::NS - 1) % S::NS) * S::STAGE);
+        if (t + NST - 1 < n_tiles) {
+            if constexpr (F16) load_tile<D>(p, head, t + NST - 1, ctx_end, smem + ((t + NST - 1) % NST) * S::STAGE);
+            else load_raw<D, KF, VF>(p, head, t + NST - 1, ctx_end, raw + ((t + NST - 1) % NST) * R::STAGE);
+        }
         cp_async_commit();
-        const __half *Ks = smem + (t % S::NS) * S::STAGE, *Vs = Ks + S::K_HALVES;
+        if constexpr (!F16) {
+            dequant_tile<D, KF, VF>(raw + (t % NST) * R::STAGE, t, ctx_end, smem);
+            __syncthreads();
+        }
+        const __half *Ks = F16 ? smem + (t % S::NS) * S::STAGE : smem, *Vs = Ks + S::K_HALVES;
 
         /* S = Q K^T: 8 n-tiles of 8 positions */
         float s[8][4];
@@ -262,30 +393,36 @@ __global__ void __launch_bounds__(PNT) prefill_f16_kernel(const prefill_params p
     }
 }
 
-template <int D>
-int launch_f16(const prefill_params &p, int n_kv_head, cudaStream_t stream, char *err, size_t errlen) {
-    const size_t smem = smem_shape<D>::BYTES;
-    KVC__CU_TRY(cudaFuncSetAttribute(prefill_f16_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+template <int D, int KF, int VF>
+int launch(const prefill_params &p, int n_kv_head, cudaStream_t stream, char *err, size_t errlen) {
+    const size_t smem = KF == KVC_CU_F16 && VF == KVC_CU_F16 ? smem_shape<D>::BYTES : raw_shape<D, KF, VF>::BYTES;
+    KVC__CU_TRY(cudaFuncSetAttribute(prefill_kernel<D, KF, VF>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      (int)smem));
     const int tiles = (p.n * p.G + ROWS - 1) / ROWS;
-    prefill_f16_kernel<D><<<dim3(tiles, n_kv_head), PNT, smem, stream>>>(p);
+    prefill_kernel<D, KF, VF><<<dim3(tiles, n_kv_head), PNT, smem, stream>>>(p);
     KVC__CU_TRY(cudaGetLastError());
     return KVC_OK;
 }
 
-bool tensor_core_path(const kvc_cu_layout *L) { return L->k_fmt == KVC_CU_F16 && L->v_fmt == KVC_CU_F16; }
+/* The instance for the layout's head_dim and formats (kvc_cu_layout_init
+ * admits only these). */
+template <int D> int launch_fmt(const kvc_cu_layout *L, const prefill_params &p, cudaStream_t s, char *err,
+                                size_t errlen) {
+    const int kf = L->k_fmt, vf = L->v_fmt, H = L->n_kv_head;
+    if (kf == KVC_CU_F16 && vf == KVC_CU_F16) return launch<D, KVC_CU_F16, KVC_CU_F16>(p, H, s, err, errlen);
+    if (kf == KVC_CU_I8 && vf == KVC_CU_I8) return launch<D, KVC_CU_I8, KVC_CU_I8>(p, H, s, err, errlen);
+    if (kf == KVC_CU_F16 && vf == KVC_CU_I8) return launch<D, KVC_CU_F16, KVC_CU_I8>(p, H, s, err, errlen);
+    if (kf == KVC_CU_I8 && vf == KVC_CU_F16) return launch<D, KVC_CU_I8, KVC_CU_F16>(p, H, s, err, errlen);
+    if (kf == KVC_CU_U4C && vf == KVC_CU_U4T32) return launch<D, KVC_CU_U4C, KVC_CU_U4T32>(p, H, s, err, errlen);
+    if (kf == KVC_CU_U4C && vf == KVC_CU_U4T64) return launch<D, KVC_CU_U4C, KVC_CU_U4T64>(p, H, s, err, errlen);
+    KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: prefill: formats %d/%d not compiled", kf, vf);
+}
 
 } // namespace
 
-extern "C" size_t kvc_cu_prefill_workspace(const kvc_cu_layout *L, int pos0, int n, int n_rep) {
-    if (!L || n <= 0 || tensor_core_path(L)) return 0;
-    return kvc_cu_decode_workspace(L, n, pos0 + n, n_rep);
-}
-
 extern "C" int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int layer, const int32_t *block_table,
                               int pos0, int n, int n_rep, float scale, const float *q, int64_t q_stride,
-                              float *out, int64_t out_stride, void *workspace, size_t workspace_bytes,
-                              void *stream, char *err, size_t errlen) {
+                              float *out, int64_t out_stride, void *stream, char *err, size_t errlen) {
     int rc = kvc__cu_check_layout(L, layer, err, errlen);
     if (rc) return rc;
     if (n < 0 || pos0 < 0 || (int64_t)pos0 + n > 0x7fffffff - 64)
@@ -301,22 +438,6 @@ extern "C" int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int lay
     if ((q_stride | out_stride) & 1)
         KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: prefill: q_stride %lld / out_stride %lld must be even",
                      (long long)q_stride, (long long)out_stride);
-    if (!tensor_core_path(L)) {
-        kvc_cu_decode_args a;
-        a.block_tables = block_table;
-        a.bt_stride = 0;
-        a.ctx_lens = NULL;
-        a.ctx0 = pos0 + 1;
-        a.n_seqs = n;
-        a.max_ctx = pos0 + n;
-        a.n_rep = n_rep;
-        a.scale = scale;
-        a.q = q;
-        a.q_stride = q_stride;
-        a.out = out;
-        a.out_stride = out_stride;
-        return kvc_cu_decode(L, arena, layer, &a, workspace, workspace_bytes, stream, err, errlen);
-    }
     if ((int64_t)n * n_rep / ROWS + 1 > 0x7fffffff)
         KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: prefill of %d tokens is too many", n);
     prefill_params p;
@@ -332,8 +453,8 @@ extern "C" int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int lay
     p.out = out;
     p.out_stride = out_stride;
     cudaStream_t s = (cudaStream_t)stream;
-    if (L->head_dim == 64) return launch_f16<64>(p, L->n_kv_head, s, err, errlen);
-    if (L->head_dim == 128) return launch_f16<128>(p, L->n_kv_head, s, err, errlen);
+    if (L->head_dim == 64) return launch_fmt<64>(L, p, s, err, errlen);
+    if (L->head_dim == 128) return launch_fmt<128>(L, p, s, err, errlen);
     KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: head_dim %d: the GPU kernels are compiled for 64 and 128",
                  L->head_dim);
 }

@@ -296,10 +296,6 @@ static void bench_prefill(const shape &s, const char *kc, const char *vc, int po
     CK(cudaMalloc(&d_q, sizeof(float) * qs * n));
     CK(cudaMalloc(&d_out, sizeof(float) * qs * n));
     fill(d_q, sizeof(float) * qs * n, 99);
-    size_t wsb = kvc_cu_prefill_workspace(&bp.lay, pos0, n, s.G);
-    void *ws;
-    CK(cudaMalloc(&ws, wsb + 1));
-    CK(cudaMemset(ws, 0, wsb + 1));
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
@@ -307,7 +303,7 @@ static void bench_prefill(const shape &s, const char *kc, const char *vc, int po
     for (int rep = 0; rep < 23; rep++) {
         CK(cudaEventRecord(e0));
         KV(kvc_cu_prefill(&bp.lay, bp.arena, rep % bp.n_layer, d_bt, pos0, n, s.G, 1.0f / sqrtf((float)s.D), d_q, qs,
-                          d_out, qs, ws, wsb, NULL, err_, sizeof err_));
+                          d_out, qs, NULL, err_, sizeof err_));
         CK(cudaEventRecord(e1));
         CK(cudaEventSynchronize(e1));
         float ms;
@@ -320,7 +316,6 @@ static void bench_prefill(const shape &s, const char *kc, const char *vc, int po
     printf("prefill %-8s %-9s pos0 %-5d n %d: %9.1f us, %6.1f TFLOP/s\n", s.name, kc, pos0, n, us, flops / us * 1e-6);
     if (g_csv) fprintf(g_csv, "prefill,%s,%s/%s,%d,%d,,%.3f,,%.0f,\n", s.name, kc, vc, pos0, n, us, flops);
     fflush(stdout);
-    CK(cudaFree(ws));
     CK(cudaFree(d_bt));
     CK(cudaFree(d_q));
     CK(cudaFree(d_out));

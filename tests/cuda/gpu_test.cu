@@ -28,13 +28,18 @@
  * finite afterwards.
  *
  * Error bound, per output vector (query token, head): ||gpu - cpu||_2 /
- * ||cpu||_2 <= 1e-4 * max(1, context / 4096) on the decode kernel (and the
- * int8 prefill, which runs it): its tensor-core products see the query and
- * the softmax weights as fp16 hi + lo pairs (~22-bit operands) and it sums
- * in fp32, so it is as exact as fp32 arithmetic, whose running sums over
- * thousands of pages add ~1e-4 at 20k positions. <= 5e-3 on the tensor-core
- * f16 prefill, which rounds the scaled query and the softmax weights to fp16
- * (each a relative 2^-11 = 4.9e-4; the bound leaves a factor of ten).
+ * ||cpu||_2 <= 1e-4 * max(1, context / 4096) on the decode kernel: its
+ * tensor-core products see the query and the softmax weights as fp16 hi +
+ * lo pairs (~22-bit operands; int4 keys' per-channel scales folded in
+ * without rounding loss) and it sums in fp32, so it is as exact as fp32
+ * arithmetic, whose running sums over thousands of pages add ~1e-4 at 20k
+ * positions. <= 5e-3 * max(1, q_gain) on the prefill, which rounds the
+ * scaled query, the softmax weights and (quantized pages) the dequantized
+ * K/V numbers to fp16 (each a relative 2^-11 = 4.9e-4 at most; the bound
+ * leaves a factor of ten at unit-scale queries): a logit moves by ~2^-11 of
+ * its size, so the error grows with the logits' spread (the peaky case,
+ * queries 4x larger, gets 4x the bound; measured 3.5e-3 and 5.8e-3 there,
+ * <= 1.2e-3 elsewhere).
  *
  * Usage: gpu_test [--seed N] [--quick]   (--quick: fewer, shorter cases, for
  * compute-sanitizer). */
@@ -347,7 +352,7 @@ static void run_case(const test_case &c) {
                 if (rep == 0) printf("  decode %-11s: %d seqs, max rel err %.3g, non-finite %d\n", pps_name[v], S, e, nf);
                 d_out.poison();
             }
-            std::vector<int> ws_back(S * H * 17);   /* the workspace opens with (S, H, 1 + 16) merge counters */
+            std::vector<int> ws_back(S * H * 33);   /* the workspace opens with (S, H, 1 + 32) merge counters */
             CK(cudaMemcpy(ws_back.data(), ws.p, sizeof(int) * ws_back.size(), cudaMemcpyDeviceToHost));
             int dirty = 0;
             for (int x : ws_back) dirty += x != 0;
@@ -372,22 +377,17 @@ static void run_case(const test_case &c) {
         dev_buf<float> d_q(q.size()), d_out(q.size());
         d_q.up(q.data());
         d_out.poison();
-        size_t wsb = kvc_cu_prefill_workspace(&lay, pos0, n, G);
-        dev_buf<uint8_t> ws(wsb + 1);
-        CK(cudaMemset(ws.p, 0, wsb + 1));
-        int rc = kvc_cu_prefill(&lay, arena.p, layer, d_bt.p, pos0, n, G, scale, d_q.p, qs, d_out.p, qs, ws.p, wsb,
-                                NULL, err, sizeof err);
+        int rc = kvc_cu_prefill(&lay, arena.p, layer, d_bt.p, pos0, n, G, scale, d_q.p, qs, d_out.p, qs, NULL, err,
+                                sizeof err);
         EXPECT(rc == KVC_OK, "kvc_cu_prefill: %s", err);
         CK(cudaDeviceSynchronize());
         d_out.down(got.data());
         int nf;
         double e = max_rel_err(got.data(), ref.data(), (size_t)n * H * G, D, &nf);
-        const bool tc = lay.k_fmt == KVC_CU_F16 && lay.v_fmt == KVC_CU_F16;
-        const double bound = tc ? 5e-3 : f32_bound(pos0 + n);
-        EXPECT(nf == 0 && e <= bound, "prefill pos0 %d n %d (%s): max rel err %.3g (bound %.0e), %d non-finite", pos0,
-               n, tc ? "tensor cores" : "decode path", e, bound, nf);
-        printf("  prefill pos0=%d n=%d %s: max rel err %.3g, non-finite %d\n", pos0, n,
-               tc ? "tensor-core" : "decode-path", e, nf);
+        const double bound = 5e-3 * (c.q_gain > 1.0f ? c.q_gain : 1.0f);
+        EXPECT(nf == 0 && e <= bound, "prefill pos0 %d n %d: max rel err %.3g (bound %.0e), %d non-finite", pos0, n,
+               e, bound, nf);
+        printf("  prefill pos0=%d n=%d: max rel err %.3g, non-finite %d\n", pos0, n, e, nf);
     }
 
     for (auto &q : seqs) kvc_seq_release(pool, &q);
