@@ -88,9 +88,10 @@ int kvc_sym_eigen(double *a, int n, double *w, double *vecs) {
 /* ---- statistics ------------------------------------------------------------ */
 
 typedef struct {
-    int64_t n;
-    double *sum;     /* (HD) */
-    double *cov;     /* (HD, HD) sum of x x^T, upper triangle */
+    int64_t n;       /* vectors added */
+    double w;        /* their total weight */
+    double *sum;     /* (HD) weighted sum of x */
+    double *cov;     /* (HD, HD) weighted sum of x x^T, upper triangle */
 } layer_stats;
 
 struct kvc_calib_fit {
@@ -119,8 +120,13 @@ void kvc_calib_fit_destroy(kvc_calib_fit *f) {
 }
 
 void kvc_calib_fit_add(kvc_calib_fit *f, int set, int layer, const float *x, int n, int64_t x_stride) {
-    KVC__CHECK(set >= 0 && set < KVC_CALIB_SETS && layer >= 0 && layer < f->n_layer && n >= 0,
-               "set %d layer %d n %d", set, layer, n);
+    kvc_calib_fit_add_weighted(f, set, layer, x, n, x_stride, 1.0);
+}
+
+void kvc_calib_fit_add_weighted(kvc_calib_fit *f, int set, int layer, const float *x, int n, int64_t x_stride,
+                                double weight) {
+    KVC__CHECK(set >= 0 && set < KVC_CALIB_SETS && layer >= 0 && layer < f->n_layer && n >= 0 && weight > 0,
+               "set %d layer %d n %d weight %g", set, layer, n, weight);
     const int HD = f->n_kv_head * f->head_dim;
     if (!f->stats[set] && !(f->stats[set] = calloc((size_t)f->n_layer, sizeof(layer_stats)))) {
         f->failed = 1;
@@ -143,14 +149,15 @@ void kvc_calib_fit_add(kvc_calib_fit *f, int set, int layer, const float *x, int
         for (int i = 0; i < HD; i++) {
             KVC__CHECK(isfinite(xt[i]), "calibration vector %d of layer %d: %g at %d", t, layer, xt[i], i);
             xd[i] = xt[i];
-            st->sum[i] += xd[i];
+            st->sum[i] += weight * xd[i];
         }
         for (int i = 0; i < HD; i++) {
-            double *row = st->cov + (size_t)i * HD, xi = xd[i];
+            double *row = st->cov + (size_t)i * HD, xi = weight * xd[i];
             for (int j = i; j < HD; j++) row[j] += xi * xd[j];
         }
     }
     st->n += n;
+    st->w += weight * n;
     if (layer == 0) {
         int first = 0;
         while (first < KVC_CALIB_SETS && !f->stats[first]) first++;
@@ -187,7 +194,7 @@ static int put_f32(FILE *fp, const double *x, size_t n) {
  * statistics. mean (n), w (n), vecs (n, n); cov_buf (n, n) scratch. */
 static int pca_block(const layer_stats *st, int HD, int o, int n, double *mean, double *w, double *vecs,
                      double *cov_buf) {
-    double inv = 1.0 / (double)st->n;
+    double inv = 1.0 / st->w;
     for (int i = 0; i < n; i++) mean[i] = st->sum[o + i] * inv;
     for (int i = 0; i < n; i++)
         for (int j = i; j < n; j++) {

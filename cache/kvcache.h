@@ -268,6 +268,11 @@ void kvc_calib_fit_destroy(kvc_calib_fit *fit);
 /* Adds n vectors of one set and layer: x (n, n_kv_head * head_dim), x_stride
  * floats between tokens. Vectors with a NaN or infinity are an invariant error. */
 void kvc_calib_fit_add(kvc_calib_fit *fit, int set, int layer, const float *x, int n, int64_t x_stride);
+/* kvc_calib_fit_add with every vector counted `weight` (> 0) times in the
+ * means and covariances (kvserve calibrate weights the first token of each
+ * window, the attention sink that most queries attend to: see cmd_calibrate.c). */
+void kvc_calib_fit_add_weighted(kvc_calib_fit *fit, int set, int layer, const float *x, int n, int64_t x_stride,
+                                double weight);
 
 typedef struct {
     int rank;                /* > 0: every layer's per-head rank (latent: rank * n_kv_head) */

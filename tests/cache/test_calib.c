@@ -461,3 +461,58 @@ Test(calib, energy_specs_choose_the_ranks_calibrate_writes) {
     unlink(by_energy);
     unlink(by_rank);
 }
+
+/* A vector added with weight w counts as w copies of it: the same means and
+ * the same subspaces (projectors onto each layer's directions) as adding it
+ * w times. */
+Test(calib, weighted_vectors_count_as_copies) {
+    make_designs();
+    const char *copies = tmp_path("copies"), *weighted = tmp_path("weighted");
+    char err[512];
+    float x[N_TOK * HD];
+    kvc_calib_fit *a = kvc_calib_fit_create(L, H, D), *b = kvc_calib_fit_create(L, H, D);
+    for (int l = 0; l < L; l++) {
+        make_vectors(l, x);
+        for (int i = 0; i < 5; i++) kvc_calib_fit_add(a, KVC_CALIB_V, l, x, 1, HD);
+        kvc_calib_fit_add(a, KVC_CALIB_V, l, x + HD, N_TOK - 1, HD);
+        kvc_calib_fit_add_weighted(b, KVC_CALIB_V, l, x, 1, HD, 5.0);
+        kvc_calib_fit_add(b, KVC_CALIB_V, l, x + HD, N_TOK - 1, HD);
+    }
+    kvc_calib_opts o = {.rank = 3, .model = "test model"};
+    cr_assert_eq(kvc_calib_fit_write(a, &o, copies, err, sizeof err), KVC_OK, "%s", err);
+    cr_assert_eq(kvc_calib_fit_write(b, &o, weighted, err, sizeof err), KVC_OK, "%s", err);
+    kvc_calib_fit_destroy(a);
+    kvc_calib_fit_destroy(b);
+    kvc_pool *p[2];
+    const char *files[2] = {copies, weighted};
+    for (int i = 0; i < 2; i++) {
+        kvc_config c = {.n_layer = L, .n_kv_head = H, .head_dim = D, .block_size = 16, .memory_bytes = 1 << 20,
+                        .k_codec = "f16", .v_codec = "latent:6:pca", .calib = files[i]};
+        cr_assert_eq(kvc_pool_create(&c, &p[i], err, sizeof err), KVC_OK, "%s", err);
+    }
+    double mean_moved = 0;
+    for (int l = 0; l < L; l++) {
+        kvc_basis ba, bb;
+        cr_assert_eq(kvc_get_basis(p[0], 1, l, 0, &ba), KVC_OK);
+        cr_assert_eq(kvc_get_basis(p[1], 1, l, 0, &bb), KVC_OK);
+        for (int d = 0; d < HD; d++) {
+            cr_expect(fabs(ba.mean[d] - bb.mean[d]) <= 1e-5 * (1 + fabs(ba.mean[d])), "layer %d mean %d", l, d);
+            mean_moved = fmax(mean_moved, fabs(ba.mean[d] - means[l][d]));
+        }
+        const int R = designs[l].n;      /* the layer's directions: a gap after them */
+        for (int i = 0; i < HD; i++)
+            for (int j = 0; j < HD; j++) {
+                double pa = 0, pb = 0;
+                for (int r = 0; r < R; r++) {
+                    pa += (double)ba.basis[i * ba.rank + r] * ba.basis[j * ba.rank + r];
+                    pb += (double)bb.basis[i * bb.rank + r] * bb.basis[j * bb.rank + r];
+                }
+                cr_expect(fabs(pa - pb) <= 1e-4, "layer %d projector (%d, %d): %g vs %g", l, i, j, pa, pb);
+            }
+    }
+    cr_expect_gt(mean_moved, 1e-3, "the weighted vector moved the means");
+    kvc_pool_destroy(p[0]);
+    kvc_pool_destroy(p[1]);
+    unlink(copies);
+    unlink(weighted);
+}
