@@ -17,7 +17,7 @@
 #   PROMPT_LEN, GEN_LEN   tokens per request [128, 128]
 #   THREADS       compute threads [all cores]
 #   OUT           the PNG [docs/concurrency.png]; the data go beside it (.dat)
-#                 and each run's JSON to .jsonl
+#                 and each run's JSON, with the load average after it, to .jsonl
 # Prints the table (markdown) on stdout.
 set -eu
 
@@ -62,7 +62,7 @@ for c in $CONCURRENCY; do
         echo "plot_concurrency: concurrency $c, KV $codec" >&2
         "$BIN" bench --model "$MODEL" --concurrency "$c" --prompt-len "$PROMPT_LEN" --gen-len "$GEN_LEN" \
             --kv "$codec" --threads "$THREADS" --json > "$tmp"
-        cat "$tmp" >> "$RUNS"
+        sed "s/}\$/, \"load_average_after\": $(load)}/" "$tmp" >> "$RUNS"
         tps=$(field "$tmp" output_tokens_per_s)
         row="$row $tps"; mrow="$mrow $tps |"
     done
