@@ -18,7 +18,7 @@
 static const char usage[] =
     "usage: kvserve bench --model PATH [--prompt-len N] [--gen-len N] [--repeat N]\n"
     "                     [--kv SPEC | --kv-k SPEC --kv-v SPEC] [--calib FILE] [--absorb]\n"
-    "                     [--threads N] [--batch N] [--json]\n\n"
+    "                     [--block-size N] [--threads N] [--batch N] [--json]\n\n"
     "Single-stream prefill and decode tokens/s.\n"
     "With --concurrency N: the engine benchmark (kvserve bench --concurrency N --help).\n"
     "With --capacity: bytes per token and what fits in --kv-memory, per KV setting (--capacity --help).";
@@ -122,7 +122,7 @@ int cmd_bench(int argc, char **argv) {
         if (!strncmp(argv[i], "--concurrency", 13) && (argv[i][13] == 0 || argv[i][13] == '='))
             return cmd_bench_engine(argc, argv);
     const char *model = NULL, *kv = NULL, *kv_k = NULL, *kv_v = NULL, *calib = NULL;
-    int prompt_len = 512, gen_len = 128, repeat = 3, threads = 0, batch = 512;
+    int prompt_len = 512, gen_len = 128, repeat = 3, threads = 0, batch = 512, block_size = 16;
     bool json = false, absorb = false;
     const cli_flag flags[] = {
         {"--model", CLI_STR, &model, "GGUF file or Hugging Face directory"},
@@ -134,6 +134,7 @@ int cmd_bench(int argc, char **argv) {
         {"--kv-v", CLI_STR, &kv_v, "KV codec for values"},
         {"--calib", CLI_STR, &calib, "calibration file for pca codecs"},
         {"--absorb", CLI_BOOL, &absorb, "fold the K/V projections into the codecs' bases where they have one"},
+        {"--block-size", CLI_INT, &block_size, "tokens per KV page (default 16)"},
         {"--threads", CLI_INT, &threads, "compute threads (default: all cores)"},
         {"--batch", CLI_INT, &batch, "prefill chunk in tokens (default 512)"},
         {"--json", CLI_BOOL, &json, "print one JSON object"},
@@ -142,8 +143,8 @@ int cmd_bench(int argc, char **argv) {
     int rc = cli_parse("bench", usage, flags, argc, argv);
     if (rc)
         return rc > 0 ? 0 : 2;
-    if (!model || prompt_len < 1 || gen_len < 1 || repeat < 1 || batch < 1) {
-        fprintf(stderr, "kvserve bench: --model is required; lengths, --repeat and --batch must be >= 1\n");
+    if (!model || prompt_len < 1 || gen_len < 1 || repeat < 1 || batch < 1 || block_size < 1) {
+        fprintf(stderr, "kvserve bench: --model is required; lengths, --repeat, --batch and --block-size must be >= 1\n");
         return 2;
     }
     cli_runtime rt;
@@ -162,7 +163,7 @@ int cmd_bench(int argc, char **argv) {
     if (!kv_v)
         kv_v = kv;
     cli_runtime_opts ro = {.threads = threads, .ctx_tokens = n_ctx, .n_seqs = 1, .kv_k = kv_k, .kv_v = kv_v,
-                           .calib = calib};
+                           .calib = calib, .block_size = block_size};
     char err[512];
     if (cli_runtime_start(&rt, &ro)) {
         cli_runtime_close(&rt);

@@ -1,8 +1,10 @@
 #!/bin/sh
 # quality_table.sh: the KV codec quality table: perplexity of a model on a text
 # for each KV setting (K and V codecs), bytes per token, whole-KV compression
-# ratio against f16, and the change in perplexity against f16; then a PNG of
-# the change against the ratio (tools/plot_quality.gp, gnuplot).
+# ratio against f16, the change in perplexity against f16, and prefill speed
+# (with absorbed projections where the codecs allow them, and without); the
+# Pareto-best settings (no other setting compresses at least as much with a
+# smaller ΔPPL); then a PNG of ΔPPL against the ratio (tools/plot_quality.gp).
 #
 #   tools/quality_table.sh            run every setting not yet in $OUT/quality.tsv, then table + plot
 #   tools/quality_table.sh plot       table + plot from $OUT/quality.tsv only
@@ -10,15 +12,16 @@
 # Environment (defaults in brackets):
 #   KVSERVE_BIN  [./kvserve]   MODEL [~/.cache/kvserve/SmolLM2-135M-Instruct.Q4_1.gguf]
 #   TEXT   [../shared/data/text/wikitext2-test.txt]   TOKENS [16384]   CTX [1024]
-#   CALIB_TEXT [../shared/data/text/wikitext2-valid.txt]: pca bases are fitted on it
-#     (never on the evaluated text) into $OUT/calib.bin unless CALIB names a file
-#   PRE_ROPE [auto]: 1 to include the pre-RoPE rows (the backend must cache keys
-#     before RoPE when the K codec asks: kvc_keys_pre_rope); auto: 1 when a probe
-#     ppl run with an f16:prerope K codec runs and matches the f16 perplexity
-#   THREADS [2]   OUT [quality]   SETTINGS: a file of "name k_spec v_spec [block_size]"
-#     lines instead of the built-in list
+#   CALIB_TEXT [../shared/data/text/wikitext2-valid.txt]: pca bases (keys after and
+#     before RoPE, values) are fitted on it (never on the evaluated text) into
+#     $OUT/calib.bin unless CALIB names a file
+#   PREFILL [1024]: prompt tokens of the prefill timing (kvserve bench, median of
+#     REPEAT [3] runs); PREFILL=0 skips the timing
+#   THREADS [2]   OUT [quality]   PNG [$OUT/kv_quality.png]
+#   SETTINGS: a file of "name k_spec v_spec [block_size]" lines instead of the built-in list
 # Each row is appended to $OUT/quality.tsv as soon as it is measured, so an
-# interrupted run resumes where it stopped. Progress on stderr.
+# interrupted run resumes where it stopped; the build and the machine load of
+# each run are recorded in $OUT/runs.log. Progress on stderr.
 set -eu
 
 BIN=${KVSERVE_BIN:-./kvserve}
@@ -28,8 +31,10 @@ CALIB_TEXT=${CALIB_TEXT:-../shared/data/text/wikitext2-valid.txt}
 TOKENS=${TOKENS:-16384}
 CTX=${CTX:-1024}
 THREADS=${THREADS:-2}
+PREFILL=${PREFILL:-1024}
+REPEAT=${REPEAT:-3}
 OUT=${OUT:-quality}
-PRE_ROPE=${PRE_ROPE:-auto}
+PNG=${PNG:-$OUT/kv_quality.png}
 HERE=$(dirname "$0")
 TSV=$OUT/quality.tsv
 mkdir -p "$OUT"
@@ -37,56 +42,67 @@ mkdir -p "$OUT"
 # name  k_spec  v_spec  [block_size, default 16]   (pca specs use the calibration file)
 builtin_settings() {
     cat <<'EOF'
-f16                     f16                     f16
-f32                     f32                     f32
-int8                    int8                    int8
-int4                    int4                    int4
-int4-block32            int4                    int4                    32
-int4-g64                int4:g64                int4:g64
-int4-g64-block32        int4:g64                int4:g64                32
-int4-g64-block64        int4:g64                int4:g64                64
-K-rotated-int4          lowrank:r64:int4        int4:token
-int4-token-K+V          int4:token              int4:token
-K-int4-token            int4:token              f16
-K-int4-channel          int4:channel            f16
-V-int4-token            f16                     int4:token
-V-int4-channel          f16                     int4:channel
-V-lowrank-r48-orth      f16                     lowrank:r48
-V-lowrank-r48-pca       f16                     lowrank:r48:pca
-V-lowrank-r32-pca       f16                     lowrank:r32:pca
-lowrank-r48-orth        lowrank:r48             lowrank:r48
-lowrank-r48-pca         lowrank:r48:pca         lowrank:r48:pca
-lowrank-r32-pca         lowrank:r32:pca         lowrank:r32:pca
-lowrank-energy90-pca    lowrank:pca             lowrank:pca
-latent-192-pca          latent:192:pca          latent:192:pca
-latent-128-pca          latent:128:pca          latent:128:pca
-latent-96-orth          latent:96               latent:96
-latent-96-pca           latent:96:pca           latent:96:pca
-latent-64-pca           latent:64:pca           latent:64:pca
-hybrid-r48-orth         hybrid:r48              hybrid:r48
-hybrid-r48-pca          hybrid:r48:pca          hybrid:r48:pca
-hybrid-r32-pca          hybrid:r32:pca          hybrid:r32:pca
-hybrid-latent-128-pca   hybrid:latent:128:pca   hybrid:latent:128:pca
-hybrid-latent-64-pca    hybrid:latent:64:pca    hybrid:latent:64:pca
+f16                       f16                                   f16
+f32                       f32                                   f32
+int8                      int8                                  int8
+int4                      int4                                  int4
+int4-g64                  int4:g64                              int4:g64
+int4-block64              int4                                  int4                    64
+int4-g64-block64          int4:g64                              int4:g64                64
+K-int4-token              int4:token                            f16
+K-int4-channel            int4:channel                          f16
+V-int4-token              f16                                   int4:token
+V-int4-channel            f16                                   int4:channel
+V-lowrank-r48-orth        f16                                   lowrank:r48
+V-lowrank-r48-pca         f16                                   lowrank:r48:pca
+V-lowrank-r32-orth        f16                                   lowrank:r32
+V-lowrank-r32-pca         f16                                   lowrank:r32:pca
+V-lowrank-e99-pca         f16                                   lowrank:e99:pca
+lowrank-r48-orth          lowrank:r48                           lowrank:r48
+lowrank-r48-pca           lowrank:r48:pca                       lowrank:r48:pca
+lowrank-r48-pca-preK      lowrank:r48:pca:prerope               lowrank:r48:pca
+lowrank-r32-pca           lowrank:r32:pca                       lowrank:r32:pca
+lowrank-r32-pca-preK      lowrank:r32:pca:prerope               lowrank:r32:pca
+latent-192-pca            latent:192:pca                        latent:192:pca
+latent-128-pca            latent:128:pca                        latent:128:pca
+latent-128-pca-preK       latent:128:pca:prerope                latent:128:pca
+latent-96-orth            latent:96                             latent:96
+latent-96-pca             latent:96:pca                         latent:96:pca
+latent-64-pca             latent:64:pca                         latent:64:pca
+hybrid-r48-orth           hybrid:r48                            hybrid:r48
+hybrid-r48-pca            hybrid:r48:pca                        hybrid:r48:pca
+hybrid-r48-pca-preK       hybrid:r48:pca:prerope                hybrid:r48:pca
+hybrid-r32-orth           hybrid:r32                            hybrid:r32
+hybrid-r32-pca            hybrid:r32:pca                        hybrid:r32:pca
+hybrid-r32-pca-preK       hybrid:r32:pca:prerope                hybrid:r32:pca
+hybrid-latent-128-pca     hybrid:latent:128:pca                 hybrid:latent:128:pca
+hybrid-latent-64-pca      hybrid:latent:64:pca                  hybrid:latent:64:pca
+f16-prerope               f16:prerope                           f16
+K-lowrank-r48-post        lowrank:r48:pca                       f16
+K-lowrank-r48-pre         lowrank:r48:pca:prerope               f16
+K-lowrank-r32-post        lowrank:r32:pca                       f16
+K-lowrank-r32-pre         lowrank:r32:pca:prerope               f16
+K-latent-96-post          latent:96:pca                         f16
+K-latent-96-pre           latent:96:pca:prerope                 f16
+K-latent-64-post          latent:64:pca                         f16
+K-latent-64-pre           latent:64:pca:prerope                 f16
+K-hybrid-latent-96-pre    hybrid:latent:96:pca:prerope          f16
+Klat96hyb-pre+V-int4g64   hybrid:latent:96:pca:prerope          int4:token:g64
+Klat96i4c-pre+V-int4g64   latent:96:pca:int4:channel:prerope    int4:token:g64          64
+Klat80i4c-pre+V-int4g64   latent:80:pca:int4:channel:prerope    int4:token:g64          64
+Klat64i4c-pre+V-int4g64   latent:64:pca:int4:channel:prerope    int4:token:g64          64
+Klat64i4-pre+V-int4g64    latent:64:pca:int4:prerope            int4:token:g64          64
 EOF
-    if [ "$PRE_ROPE" = 1 ]; then
-        cat <<'EOF'
-f16-prerope             f16:prerope             f16
-K-lowrank-r48-post      lowrank:r48:pca         f16
-K-lowrank-r48-pre       lowrank:r48:pca:prerope f16
-K-lowrank-r32-post      lowrank:r32:pca         f16
-K-lowrank-r32-pre       lowrank:r32:pca:prerope f16
-K-latent-96-post        latent:96:pca           f16
-K-latent-96-pre         latent:96:pca:prerope   f16
-K-latent-64-post        latent:64:pca           f16
-K-latent-64-pre         latent:64:pca:prerope   f16
-EOF
-    fi
 }
 
 ppl_json() {   # k v block -> one JSON line
     "$BIN" ppl --model "$MODEL" --text "$TEXT" --ctx "$CTX" --max-tokens "$TOKENS" --threads "$THREADS" \
-        --kv-k "$1" --kv-v "$2" --block-size "$3" --calib "$CALIB" --json
+        --kv-k "$1" --kv-v "$2" --block-size "$3" --calib "$CALIB" --absorb --json
+}
+
+prefill_json() {   # k v block [--absorb] -> one JSON line
+    "$BIN" bench --model "$MODEL" --prompt-len "$PREFILL" --gen-len 1 --repeat "$REPEAT" --threads "$THREADS" \
+        --kv-k "$1" --kv-v "$2" --block-size "$3" --calib "$CALIB" ${4:-} --json
 }
 
 field() {      # json key -> value
@@ -98,23 +114,17 @@ EOF
 if [ "${1:-}" != plot ]; then
     CALIB=${CALIB:-$OUT/calib.bin}
     if [ ! -f "$CALIB" ]; then
-        pre=""
-        [ "$PRE_ROPE" = 1 ] && pre=--pre-rope
         echo "quality: calibrating on $CALIB_TEXT -> $CALIB" >&2
         "$BIN" calibrate --model "$MODEL" --text "$CALIB_TEXT" --energy 0.9 --tokens 16384 --threads "$THREADS" \
-            $pre --out "$CALIB"
+            --pre-rope --out "$CALIB"
     fi
-    if [ "$PRE_ROPE" = auto ]; then
-        PRE_ROPE=0
-        a=$("$BIN" ppl --model "$MODEL" --text "$TEXT" --ctx 256 --max-tokens 256 --kv f16 --json 2>/dev/null || true)
-        b=$("$BIN" ppl --model "$MODEL" --text "$TEXT" --ctx 256 --max-tokens 256 --kv-k f16:prerope --kv-v f16 \
-                --json 2>/dev/null || true)
-        # an unwired backend aborts on a pre-RoPE cache; a wired one matches f16 (up to noise)
-        if [ -n "$b" ] && awk -v a="$(field "$a" ppl)" -v b="$(field "$b" ppl)" \
-                'BEGIN { exit !(b > 0 && (a - b) / a < 0.02 && (b - a) / a < 0.02) }'; then PRE_ROPE=1; fi
-        echo "quality: pre-RoPE rows: $PRE_ROPE" >&2
-    fi
-    [ -f "$TSV" ] || printf 'name\tk\tv\tblock\tbytes_per_token\tratio\tppl\tseconds\n' > "$TSV"
+    build=$(git -C "$HERE/.." rev-parse --short HEAD 2>/dev/null || echo unknown)
+    [ -z "$(git -C "$HERE/.." status --porcelain --untracked-files=no 2>/dev/null)" ] || build="$build+local changes"
+    echo "$(date -u '+%Y-%m-%d %H:%M') build $build, KVSERVE_ACTIVATIONS=${KVSERVE_ACTIVATIONS:-default}," \
+         "$TOKENS tokens of $TEXT at ctx $CTX, $THREADS threads, load $(cut -d' ' -f1-3 /proc/loadavg)" \
+         >> "$OUT/runs.log"
+    [ -f "$TSV" ] || printf 'name\tk\tv\tblock\tbytes_per_token\tratio\tppl\tseconds\tabsorbed\tprefill\tprefill_plain\n' \
+        > "$TSV"
     if [ -n "${SETTINGS:-}" ]; then list=$(cat "$SETTINGS"); else list=$(builtin_settings); fi
     echo "$list" | while read -r name k v block; do
         [ -n "$name" ] || continue
@@ -122,26 +132,52 @@ if [ "${1:-}" != plot ]; then
         if grep -q "^$name	" "$TSV"; then continue; fi
         echo "quality: $name (K $k, V $v, block $block)" >&2
         j=$(ppl_json "$k" "$v" "$block") || { echo "quality: $name failed" >&2; continue; }
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$k" "$v" "$block" "$(field "$j" bytes_per_token)" \
-            "$(field "$j" compression_ratio)" "$(field "$j" ppl)" "$(field "$j" seconds)" >> "$TSV"
+        absorbed=$(field "$j" absorbed)
+        pre=- plain=-
+        if [ "$PREFILL" -gt 0 ]; then
+            if [ "$absorbed" != none ]; then
+                pre=$(field "$(prefill_json "$k" "$v" "$block" --absorb)" prefill_tokens_per_s)
+            fi
+            plain=$(field "$(prefill_json "$k" "$v" "$block")" prefill_tokens_per_s)
+            [ "$absorbed" != none ] || pre=$plain
+        fi
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$k" "$v" "$block" \
+            "$(field "$j" bytes_per_token)" "$(field "$j" compression_ratio)" "$(field "$j" ppl)" \
+            "$(field "$j" seconds)" "$absorbed" "$pre" "$plain" >> "$TSV"
     done
 fi
 
-# the table (markdown) and the plot data: dppl against the f16 row
+# ΔPPL against the f16 row; Pareto-best: no other row with a ratio at least as
+# high and a smaller ΔPPL (or an equal ΔPPL and a higher ratio)
 base=$(awk -F'\t' '$1 == "f16" { print $7 }' "$TSV")
 [ -n "$base" ] || { echo "quality: no f16 row in $TSV" >&2; exit 1; }
-awk -F'\t' -v base="$base" 'NR > 1 { printf "%s\t%s\t%.3f\n", $1, $6, 100 * ($7 - base) / base }' "$TSV" \
-    > "$OUT/quality.dat"
+awk -F'\t' -v base="$base" '
+    NR > 1 { n++; name[n] = $1; r[n] = $6; d[n] = 100 * ($7 - base) / base; line[n] = $0 }
+    END {
+        for (i = 1; i <= n; i++) {
+            best = 1
+            for (j = 1; j <= n && best; j++)
+                if (j != i && r[j] >= r[i] && d[j] <= d[i] && (r[j] > r[i] || d[j] < d[i])) best = 0
+            printf "%s\t%s\t%.3f\t%d\n", name[i], r[i], d[i], best
+        }
+    }' "$TSV" > "$OUT/quality.dat"
+awk -F'\t' '$4 == 1' "$OUT/quality.dat" | sort -t'	' -k2,2g > "$OUT/pareto.dat"
 {
-    echo "| setting | K | V | block | bytes/token | compression | PPL | ΔPPL |"
-    echo "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"
-    awk -F'\t' -v base="$base" 'NR > 1 { printf "| %s | `%s` | `%s` | %d | %d | %.2fx | %.3f | %+.2f%% |\n",
-        $1, $2, $3, $4, $5, $6, $7, 100 * ($7 - base) / base }' "$TSV"
+    echo "| setting | K | V | block | bytes/token | compression | PPL | ΔPPL | prefill tok/s (absorbed: without) | Pareto |"
+    echo "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"
+    awk -F'\t' -v base="$base" -v pareto="$OUT/quality.dat" '
+        BEGIN { while ((getline l < pareto) > 0) { split(l, f, "\t"); best[f[1]] = f[4] } }
+        NR > 1 {
+            speed = $10 == "-" || $10 == "" ? "-" : sprintf("%.0f", $10)
+            if ($9 != "none" && $9 != "" && $11 != "-" && $11 != "") speed = sprintf("%s (%s: %.0f)", speed, $9, $11)
+            printf "| %s | `%s` | `%s` | %d | %d | %.2fx | %.3f | %+.2f%% | %s | %s |\n",
+                $1, $2, $3, $4, $5, $6, $7, 100 * ($7 - base) / base, speed, best[$1] ? "*" : ""
+        }' "$TSV"
 } > "$OUT/quality.md"
 cat "$OUT/quality.md"
 if command -v gnuplot >/dev/null 2>&1; then
-    gnuplot -e "data='$OUT/quality.dat'; out='$OUT/kv_quality.png'" "$HERE/plot_quality.gp"
-    echo "quality: wrote $OUT/quality.md and $OUT/kv_quality.png" >&2
+    gnuplot -e "data='$OUT/quality.dat'; pareto='$OUT/pareto.dat'; out='$PNG'" "$HERE/plot_quality.gp"
+    echo "quality: wrote $OUT/quality.md and $PNG" >&2
 else
     echo "quality: gnuplot not found: wrote $OUT/quality.md only" >&2
 fi
