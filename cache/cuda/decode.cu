@@ -793,7 +793,7 @@ template <typename F> int with_instance(const kvc_cu_layout *L, int G, F &&f) {
 }
 
 /* The plan (from the sweeps in notes/gpu.md): a warp per (sequence, kv
- * head) when there are pairs for at least half the resident warps (f16;
+ * head) when there are pairs for at least a quarter of the resident warps (f16;
  * quantized K and V, whose warps do more work per byte: twice the resident
  * warps); otherwise about two blocks per multiprocessor (quantized: four),
  * but at least 16 pages per warp (a ring fill and a merge cost about as much
@@ -813,7 +813,7 @@ plan make_plan(const kvc_cu_layout *L, int n_seqs, int max_ctx, int n_rep) {
     const bool quantized = L->k_fmt != KVC_CU_F16 && L->v_fmt != KVC_CU_F16;
     int pps = g_pages_per_split;
     pl.per_warp = 0;
-    const bool many = quantized ? pairs >= 2 * resident * NW : pairs * 2 >= resident * NW;
+    const bool many = quantized ? pairs >= 2 * resident * NW : pairs * 4 >= resident * NW;
     if (g_warp_per_seq > 0 || (g_warp_per_seq == 0 && pps == 0 && many)) {
         pl.per_warp = 1;
         pl.pps = pages;
