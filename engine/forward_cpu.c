@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/act.h"
 #include "engine/backend.h"
 #include "engine/matmul.h"
 #include "engine/threadpool.h"
@@ -249,9 +250,8 @@ static void row_task(void *ctx, int task, int worker) {
             break;
         }
         case OP_SWIGLU: {
-            float *g = cb->hb + (size_t)r * 2 * n_ff, *u = g + n_ff;
-            for (int i = 0; i < n_ff; i++)
-                g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+            float *g = cb->hb + (size_t)r * 2 * n_ff;
+            eng_swiglu(g, g + n_ff, n_ff);
             break;
         }
         case OP_GELU: {
