@@ -14,19 +14,22 @@
  * slice of the V basis. Rows of later query tokens of a prefill chunk see
  * more positions (causal inside the chunk): a row's positions past its own
  * are masked to weight 0. Keys cached before RoPE are decoded a block at a
- * time into an f32 tile, rotated by their positions and scored from it. */
+ * time into an f32 tile, rotated by their positions and scored from it; that
+ * decoding costs more than the scores, so up to n_rep tiles (a 16-token query
+ * block's rows) walk the context together and share each decoded block. */
 #include <math.h>
 #include <string.h>
 
 #include "cache/pool_internal.h"
 
-/* The tile's buffers, each 64-byte aligned, in scratch. */
+/* A tile's buffers, each 64-byte aligned, in scratch. */
 typedef struct {
     float *q;       /* (ROWS_MAX, qdim) scaled (and projected) query rows */
     float *acc;     /* (ROWS_MAX, vc.max_dim) weighted sums of stored V numbers */
     float *s;       /* (ROWS_MAX, chunk_pages * block_size) a chunk's scores, then weights */
     float *m, *l;   /* (ROWS_MAX) running max and sum of exp */
-    float *ktile;   /* pre-RoPE keys: (head_dim, block_size) one block's rotated keys */
+    int r0, nr;     /* its rows of the call: [r0, r0 + nr) */
+    int limit[KVC__ROWS_MAX];   /* the last position each row may see */
 } tile_bufs;
 
 static size_t align16(size_t n) { return (n + 15) & ~(size_t)15; }
@@ -41,26 +44,38 @@ static size_t q_dim(const kvc_pool *pool) {
     return pool->kc.pre_rope || pool->kc.shape == KVC__PLAIN ? (size_t)pool->head_dim : (size_t)pool->kc.max_dim;
 }
 
-size_t kvc_attend_scratch_floats(const kvc_pool *pool, int n_ctx, int n_rep) {
+/* Tiles that walk the context together: n_rep (at most ROWS_MAX) with keys
+ * cached before RoPE, so that they share each decoded key block; else one. */
+static int group_tiles(const kvc_pool *pool, int n_rep) {
+    return !pool->kc.pre_rope ? 1 : n_rep < KVC__ROWS_MAX ? n_rep : KVC__ROWS_MAX;
+}
+
+static size_t tile_floats(const kvc_pool *pool) {
     size_t R = KVC__ROWS_MAX;
     size_t vdim = (size_t)(pool->vc.max_dim > pool->head_dim ? pool->vc.max_dim : pool->head_dim);
-    return 16 + align16(R * q_dim(pool)) + align16(R * vdim) +
-           align16(R * (size_t)(chunk_pages(pool->block_size) * pool->block_size)) + 2 * align16(R) +
+    return align16(R * q_dim(pool)) + align16(R * vdim) +
+           align16(R * (size_t)(chunk_pages(pool->block_size) * pool->block_size)) + 2 * align16(R);
+}
+
+size_t kvc_attend_scratch_floats(const kvc_pool *pool, int n_ctx, int n_rep) {
+    return 16 + (size_t)group_tiles(pool, n_rep) * tile_floats(pool) +
            (pool->kc.pre_rope ? align16((size_t)pool->head_dim * pool->block_size) : 0);
 }
 
-static tile_bufs carve(const kvc_pool *pool, float *scratch) {
+/* Carves n_tiles tiles' buffers, then (pre-RoPE keys) the decoded key tile
+ * (head_dim, block_size), from scratch; returns the key tile or NULL. */
+static float *carve(const kvc_pool *pool, float *scratch, tile_bufs *t, int n_tiles) {
     size_t R = KVC__ROWS_MAX;
     size_t vdim = (size_t)(pool->vc.max_dim > pool->head_dim ? pool->vc.max_dim : pool->head_dim);
     float *p = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
-    tile_bufs t;
-    t.q = p;   p += align16(R * q_dim(pool));
-    t.acc = p; p += align16(R * vdim);
-    t.s = p;   p += align16(R * (size_t)(chunk_pages(pool->block_size) * pool->block_size));
-    t.m = p;   p += align16(R);
-    t.l = p;   p += align16(R);
-    t.ktile = pool->kc.pre_rope ? p : NULL;
-    return t;
+    for (int i = 0; i < n_tiles; i++) {
+        t[i].q = p;   p += align16(R * q_dim(pool));
+        t[i].acc = p; p += align16(R * vdim);
+        t[i].s = p;   p += align16(R * (size_t)(chunk_pages(pool->block_size) * pool->block_size));
+        t[i].m = p;   p += align16(R);
+        t[i].l = p;   p += align16(R);
+    }
+    return pool->kc.pre_rope ? p : NULL;
 }
 
 static int32_t page_id(const kvc_seq *seq, int i) {
@@ -109,21 +124,17 @@ static void rope_rotate(float *x, int pos, const kvc_rope *r) {
     }
 }
 
-/* Scores of nr rows against nb tokens of page pi's K block. */
-static void score_block(const kvc_pool *pool, const uint8_t *kblk, int layer, int kv_head, int first_pos, int nb,
-                        const tile_bufs *t, int nr, float *s, int s_stride, const kvc_rope *rope) {
+/* Decodes nb keys of a pre-RoPE K block into ktile (head_dim, B), rotated
+ * by their positions from first_pos. */
+static void decode_rotated(const kvc_pool *pool, const uint8_t *kblk, int layer, int kv_head, int first_pos, int nb,
+                           float *ktile, const kvc_rope *rope) {
     const int B = pool->block_size, D = pool->head_dim;
-    if (!pool->kc.pre_rope) {
-        pool->kc.kern.scores(kblk, B, pool->kc.dim[layer], nb, t->q, nr, s, s_stride);
-        return;
-    }
     float x[1024];                                   /* head_dim <= 1024 */
     for (int j = 0; j < nb; j++) {
         kvc__codec_decode_head(&pool->kc, layer, kv_head, kblk, j, x);
         rope_rotate(x, first_pos + j, rope);
-        for (int d = 0; d < D; d++) t->ktile[(size_t)d * B + j] = x[d];
+        for (int d = 0; d < D; d++) ktile[(size_t)d * B + j] = x[d];
     }
-    kvc__scores_f32(t->ktile, B, D, nb, t->q, nr, s, s_stride);
 }
 
 void kvc_attend(const kvc_pool *pool, const kvc_seq *seq, int layer, int kv_head,
@@ -147,26 +158,32 @@ void kvc_attend_rope(const kvc_pool *pool, const kvc_seq *seq, int layer, int kv
     const int D = pool->head_dim, VD = pool->vc.dim[layer], B = pool->block_size;
     const int kg = kvc__codec_group(&pool->kc, kv_head), vg = kvc__codec_group(&pool->vc, kv_head);
     const kvc__kernels *vk = &pool->vc.kern;
-    const int CP = chunk_pages(B);
-    tile_bufs t = carve(pool, scratch);
+    const int CP = chunk_pages(B), G = group_tiles(pool, n_rep);
+    tile_bufs tiles[KVC__ROWS_MAX];                      /* G <= ROWS_MAX */
+    float *ktile = carve(pool, scratch, tiles, G);
     const int qd = pool->kc.pre_rope ? D : pool->kc.dim[layer];   /* floats per query row in t.q */
     int rows = n_q * n_rep;
-    for (int r0 = 0; r0 < rows; r0 += KVC__ROWS_MAX) {
-        int nr = rows - r0 < KVC__ROWS_MAX ? rows - r0 : KVC__ROWS_MAX;
-        int limit[KVC__ROWS_MAX];     /* last position row i may see */
-        for (int i = 0; i < nr; i++) {
-            int tok = (r0 + i) / n_rep, rep = (r0 + i) % n_rep;
-            const float *qs = q + tok * q_stride + (int64_t)rep * D;
-            float qsc[1024];
-            for (int d = 0; d < D; d++) qsc[d] = qs[d] * scale;
-            if (pool->kc.pre_rope) memcpy(t.q + (size_t)i * qd, qsc, sizeof(float) * (size_t)D);
-            else kvc__codec_project(&pool->kc, layer, kv_head, qsc, t.q + (size_t)i * qd);
-            memset(t.acc + (size_t)i * VD, 0, sizeof(float) * (size_t)VD);
-            t.m[i] = -INFINITY;
-            t.l[i] = 0.0f;
-            limit[i] = pos0 + tok;
+    for (int g0 = 0; g0 < rows; g0 += G * KVC__ROWS_MAX) {
+        /* a group of up to G tiles of up to ROWS_MAX rows each */
+        int nt = 0;
+        for (int r0 = g0; r0 < rows && nt < G; r0 += KVC__ROWS_MAX, nt++) {
+            tile_bufs *t = &tiles[nt];
+            t->r0 = r0;
+            t->nr = rows - r0 < KVC__ROWS_MAX ? rows - r0 : KVC__ROWS_MAX;
+            for (int i = 0; i < t->nr; i++) {
+                int tok = (r0 + i) / n_rep, rep = (r0 + i) % n_rep;
+                const float *qs = q + tok * q_stride + (int64_t)rep * D;
+                float qsc[1024];
+                for (int d = 0; d < D; d++) qsc[d] = qs[d] * scale;
+                if (pool->kc.pre_rope) memcpy(t->q + (size_t)i * qd, qsc, sizeof(float) * (size_t)D);
+                else kvc__codec_project(&pool->kc, layer, kv_head, qsc, t->q + (size_t)i * qd);
+                memset(t->acc + (size_t)i * VD, 0, sizeof(float) * (size_t)VD);
+                t->m[i] = -INFINITY;
+                t->l[i] = 0.0f;
+                t->limit[i] = pos0 + tok;
+            }
         }
-        int ctx_end = limit[nr - 1] + 1;    /* rows come in token order */
+        int ctx_end = tiles[nt - 1].limit[tiles[nt - 1].nr - 1] + 1;    /* rows come in token order */
         int n_pages = (ctx_end - 1) / B + 1;
         for (int pa = 0; pa < n_pages; pa += CP) {
             int pb = pa + CP < n_pages ? pa + CP : n_pages;
@@ -175,32 +192,44 @@ void kvc_attend_rope(const kvc_pool *pool, const kvc_seq *seq, int layer, int kv
             for (int pi = pa; pi < pb; pi++) {
                 int nb = ctx_end - pi * B < B ? ctx_end - pi * B : B;
                 int32_t id = page_id(seq, pi);
+                const uint8_t *kblk = kvc__k_block(pool, id, layer, kg);
                 /* Pages are scattered: fetch the next K block and this V block
                  * while this K block computes. */
                 if (pi + 1 < n_pages) prefetch_block(kvc__k_block(pool, page_id(seq, pi + 1), layer, kg),
                                                      pool->kc.block_bytes[layer]);
                 prefetch_block(kvc__v_block(pool, id, layer, vg), pool->vc.block_bytes[layer]);
-                score_block(pool, kvc__k_block(pool, id, layer, kg), layer, kv_head, pi * B, nb, &t, nr,
-                            t.s + (pi - pa) * B, CP * B, rope);
+                if (ktile) decode_rotated(pool, kblk, layer, kv_head, pi * B, nb, ktile, rope);
+                for (int ti = 0; ti < nt; ti++) {
+                    tile_bufs *t = &tiles[ti];
+                    float *sp = t->s + (pi - pa) * B;
+                    if (ktile) kvc__scores_f32(ktile, B, D, nb, t->q, t->nr, sp, CP * B);
+                    else pool->kc.kern.scores(kblk, B, pool->kc.dim[layer], nb, t->q, t->nr, sp, CP * B);
+                }
             }
-            int valid[KVC__ROWS_MAX];
-            for (int i = 0; i < nr; i++) {
-                int v = limit[i] - c0 + 1;
-                valid[i] = v < 0 ? 0 : v > nc ? nc : v;
-            }
-            pool->softmax(t.s, CP * B, nc, nr, valid, t.m, t.l, t.acc, VD);
-            for (int pi = pa; pi < pb; pi++) {
-                int nb = ctx_end - pi * B < B ? ctx_end - pi * B : B;
-                vk->accum(kvc__v_block(pool, page_id(seq, pi), layer, vg), B, VD, nb,
-                          t.s + (pi - pa) * B, CP * B, nr, t.acc);
+            for (int ti = 0; ti < nt; ti++) {
+                tile_bufs *t = &tiles[ti];
+                int valid[KVC__ROWS_MAX];
+                for (int i = 0; i < t->nr; i++) {
+                    int v = t->limit[i] - c0 + 1;
+                    valid[i] = v < 0 ? 0 : v > nc ? nc : v;
+                }
+                pool->softmax(t->s, CP * B, nc, t->nr, valid, t->m, t->l, t->acc, VD);
+                for (int pi = pa; pi < pb; pi++) {
+                    int nb = ctx_end - pi * B < B ? ctx_end - pi * B : B;
+                    vk->accum(kvc__v_block(pool, page_id(seq, pi), layer, vg), B, VD, nb,
+                              t->s + (pi - pa) * B, CP * B, t->nr, t->acc);
+                }
             }
         }
-        for (int i = 0; i < nr; i++) {
-            int tok = (r0 + i) / n_rep, rep = (r0 + i) % n_rep;
-            float *o = out + tok * out_stride + (int64_t)rep * D;
-            float inv = 1.0f / t.l[i], *a = t.acc + (size_t)i * VD;
-            for (int d = 0; d < VD; d++) a[d] *= inv;
-            kvc__codec_expand(&pool->vc, layer, kv_head, a, o);
+        for (int ti = 0; ti < nt; ti++) {
+            tile_bufs *t = &tiles[ti];
+            for (int i = 0; i < t->nr; i++) {
+                int tok = (t->r0 + i) / n_rep, rep = (t->r0 + i) % n_rep;
+                float *o = out + tok * out_stride + (int64_t)rep * D;
+                float inv = 1.0f / t->l[i], *a = t->acc + (size_t)i * VD;
+                for (int d = 0; d < VD; d++) a[d] *= inv;
+                kvc__codec_expand(&pool->vc, layer, kv_head, a, o);
+            }
         }
     }
 }

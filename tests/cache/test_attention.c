@@ -241,11 +241,15 @@ Test(attention, shapes) {
                     }
 }
 
-/* A query row of a tile that spans more than one tile (n_rep > 16 rows). */
+/* A query row of a tile that spans more than one tile (n_rep > 16 rows);
+ * with pre-RoPE keys, more tiles than share a decoded key block (16). */
 Test(attention, many_heads_per_kv_head) {
     attn_case c = {"f16", 20, 16, 50, 3, 64, 3.0f, 0, NULL, 0};
     double e = run_case(&c);
     cr_expect(e <= 1e-5, "relative error %.3g", e);
+    attn_case p = {"lowrank:r40:prerope", 20, 16, 50, 19, 64, 3.0f, 0, "int8", 1};
+    e = run_case(&p);
+    cr_expect(e <= 1e-5, "pre-RoPE keys: relative error %.3g", e);
 }
 
 /* One position with a much larger score than the rest: attention must pick
