@@ -205,8 +205,10 @@ int kvc_keys_pre_rope(const kvc_pool *pool);
 /* kvc_attend, rotating cached keys by their positions first when they are
  * cached before RoPE (rope must then be given; it is ignored otherwise). The
  * keys of one block are decoded, rotated and scored from an f32 tile in
- * scratch: pre-RoPE low-rank keys cost head_dim * R per cached token and kv
- * head instead of R per query row, the price of their better rank. */
+ * scratch, shared by up to min(n_rep, 16) x 16 query rows: pre-RoPE low-rank
+ * keys cost head_dim * R per cached token and kv head for each such group of
+ * rows instead of R per query row, the price of their better rank (a decode
+ * step pays it once per kv head). */
 void kvc_attend_rope(const kvc_pool *pool, const kvc_seq *seq, int layer, int kv_head,
                      const float *q, int64_t q_stride, int n_q, int n_rep, int pos0, float scale,
                      float *out, int64_t out_stride, float *scratch, const kvc_rope *rope);
