@@ -624,6 +624,26 @@ INLINE void transpose8_epi32(__m256i v[8]) {
     }
 }
 
+/* Asks for the weights the panel after (r, kc) will unpack: the next PKB
+ * blocks of the same rows, or the first ones of the next 16 rows (up to r1).
+ * Sixteen short row segments are more streams than the hardware prefetcher
+ * follows, and small batches leave little compute to hide the misses behind. */
+INLINE void prefetch_panel(const eng__mm *m, int64_t r, int64_t r1, int64_t kc, const int kind) {
+    const size_t bb = k16_block_bytes(kind);
+    int64_t nkc = kc + PKB;
+    if (nkc >= m->nb) {
+        nkc = 0;
+        r += PR;
+    }
+    const int64_t nr = r1 - r < PR ? r1 - r : PR;
+    const int64_t nk = m->nb - nkc < PKB ? m->nb - nkc : PKB;
+    for (int64_t i = 0; i < nr; i++) {
+        const char *p = (const char *)m->w + (r + i) * m->row_bytes + nkc * bb;
+        for (size_t off = 0; off < (size_t)nk * bb; off += 64)
+            _mm_prefetch(p + off, _MM_HINT_T0);
+    }
+}
+
 /* Unpacks blocks [kc, kc + nk) of rows [r, r + nr) (nr <= 16; missing rows
  * repeat the last one, their results are not stored). */
 INLINE void unpack_panel(const eng__mm *m, int64_t r, int nr, int64_t kc, int nk, const int kind, panel16 *u) {
@@ -633,10 +653,8 @@ INLINE void unpack_panel(const eng__mm *m, int64_t r, int nr, int64_t kc, int nk
         for (int i = 0; i < 8; i++)
             row[i] = m->w + (r + (8 * v + i < nr ? 8 * v + i : nr - 1)) * m->row_bytes + kc * bb;
         for (int b = 0; b < nk; b++) {
-            __m256i lo[8], hi[8];
             for (int i = 0; i < 8; i++) {
                 const uint8_t *blk = row[i] + b * bb;
-                k16_weights(blk, kind, &lo[i], &hi[i]);
                 if (kind == K16_Q8_0) {
                     u->d[b][8 * v + i] = load_f16(blk);
                     u->m[b][8 * v + i] = 0.0f;
@@ -644,11 +662,18 @@ INLINE void unpack_panel(const eng__mm *m, int64_t r, int nr, int64_t kc, int nk
                     q4_scales(blk, kind == K16_Q4_1, &u->d[b][8 * v + i], &u->m[b][8 * v + i]);
                 }
             }
-            transpose8_epi32(lo);
-            transpose8_epi32(hi);
-            for (int k = 0; k < 8; k++) {
-                _mm256_store_si256((__m256i *)(u->w[b][k] + 8 * v), lo[k]);
-                _mm256_store_si256((__m256i *)(u->w[b][k + 8] + 8 * v), hi[k]);
+            /* the halves one at a time (decoding a row twice is cheaper than
+             * the spills of 16 live vectors during a transpose) */
+            for (int h = 0; h < 2; h++) {
+                __m256i q[8];
+                for (int i = 0; i < 8; i++) {
+                    __m256i lo, hi;
+                    k16_weights(row[i] + b * bb, kind, &lo, &hi);
+                    q[i] = h ? hi : lo;
+                }
+                transpose8_epi32(q);
+                for (int k = 0; k < 8; k++)
+                    _mm256_store_si256((__m256i *)(u->w[b][8 * h + k] + 8 * v), q[k]);
             }
         }
     }
@@ -713,6 +738,7 @@ INLINE void panel16_tile(const eng__mm *m, const panel16 *u, int t, int64_t kc, 
                 for (int64_t kc = 0; kc < m->nb; kc += PKB) {                          \
                     const int nk = m->nb - kc < PKB ? (int)(m->nb - kc) : PKB;         \
                     unpack_panel(m, r, nr, kc, nk, kind, &u);                          \
+                    prefetch_panel(m, r, r1, kc, kind);                                \
                     for (int t = tb; t < te; t += 4) {                                 \
                         float *a = acc[t - tb], *tot = total[t - tb];                  \
                         switch (te - t < 4 ? te - t : 4) {                             \
