@@ -5,6 +5,9 @@
 # (with absorbed projections where the codecs allow them, and without); the
 # Pareto-best settings (no other setting compresses at least as much with a
 # smaller ΔPPL); then a PNG of ΔPPL against the ratio (tools/plot_quality.gp).
+# Prefill speed is prompt tokens per CPU second of one thread (kvserve bench
+# --threads 1, the prefill's process CPU time): on a shared machine wall-clock
+# speeds swing several-fold with other jobs, CPU time much less.
 #
 #   tools/quality_table.sh            run every setting not yet in $OUT/quality.tsv, then table + plot
 #   tools/quality_table.sh plot       table + plot from $OUT/quality.tsv only
@@ -16,12 +19,15 @@
 #     before RoPE, values) are fitted on it (never on the evaluated text) into
 #     $OUT/calib.bin unless CALIB names a file
 #   PREFILL [1024]: prompt tokens of the prefill timing (kvserve bench, median of
-#     REPEAT [3] runs); PREFILL=0 skips the timing
+#     REPEAT [3] runs), after every setting's perplexity; PREFILL=0 skips it
 #   THREADS [2]   OUT [quality]   PNG [$OUT/kv_quality.png]
+#   BUILD [this checkout's commit, "+local changes" when it has some]: the build
+#     KVSERVE_BIN came from, for $OUT/runs.log and the table's header
 #   SETTINGS: a file of "name k_spec v_spec [block_size]" lines instead of the built-in list
-# Each row is appended to $OUT/quality.tsv as soon as it is measured, so an
-# interrupted run resumes where it stopped; the build and the machine load of
-# each run are recorded in $OUT/runs.log. Progress on stderr.
+# Each row is appended to $OUT/quality.tsv (perplexity) or $OUT/prefill.tsv
+# (timing) as soon as it is measured, so an interrupted run resumes where it
+# stopped; the build and the machine load of each run are recorded in
+# $OUT/runs.log. Progress on stderr.
 set -eu
 
 BIN=${KVSERVE_BIN:-./kvserve}
@@ -100,9 +106,9 @@ ppl_json() {   # k v block -> one JSON line
         --kv-k "$1" --kv-v "$2" --block-size "$3" --calib "$CALIB" --absorb --json
 }
 
-prefill_json() {   # k v block [--absorb] -> one JSON line
-    "$BIN" bench --model "$MODEL" --prompt-len "$PREFILL" --gen-len 1 --repeat "$REPEAT" --threads "$THREADS" \
-        --kv-k "$1" --kv-v "$2" --block-size "$3" --calib "$CALIB" ${4:-} --json
+prefill_cpu() {   # k v block [--absorb] -> median CPU seconds of a PREFILL-token prefill, one thread
+    j=$("$BIN" bench --model "$MODEL" --prompt-len "$PREFILL" --gen-len 1 --repeat "$REPEAT" --threads 1 \
+        --kv-k "$1" --kv-v "$2" --block-size "$3" --calib "$CALIB" ${4:-} --json) && field "$j" prefill_cpu_s
 }
 
 field() {      # json key -> value
@@ -118,13 +124,14 @@ if [ "${1:-}" != plot ]; then
         "$BIN" calibrate --model "$MODEL" --text "$CALIB_TEXT" --energy 0.9 --tokens 16384 --threads "$THREADS" \
             --pre-rope --out "$CALIB"
     fi
-    build=$(git -C "$HERE/.." rev-parse --short HEAD 2>/dev/null || echo unknown)
-    [ -z "$(git -C "$HERE/.." status --porcelain --untracked-files=no 2>/dev/null)" ] || build="$build+local changes"
+    build=${BUILD:-$(git -C "$HERE/.." rev-parse --short HEAD 2>/dev/null || echo unknown)}
+    [ -n "${BUILD:-}" ] || [ -z "$(git -C "$HERE/.." status --porcelain --untracked-files=no 2>/dev/null)" ] ||
+        build="$build+local changes"
     echo "$(date -u '+%Y-%m-%d %H:%M') build $build, KVSERVE_ACTIVATIONS=${KVSERVE_ACTIVATIONS:-default}," \
          "$TOKENS tokens of $TEXT at ctx $CTX, $THREADS threads, load $(cut -d' ' -f1-3 /proc/loadavg)" \
          >> "$OUT/runs.log"
-    [ -f "$TSV" ] || printf 'name\tk\tv\tblock\tbytes_per_token\tratio\tppl\tseconds\tabsorbed\tprefill\tprefill_plain\n' \
-        > "$TSV"
+    [ -f "$TSV" ] || printf 'name\tk\tv\tblock\tbytes_per_token\tratio\tppl\tseconds\tabsorbed\n' > "$TSV"
+    [ -f "$OUT/prefill.tsv" ] || printf 'name\tprompt\tcpu_s\tcpu_s_unabsorbed\n' > "$OUT/prefill.tsv"
     if [ -n "${SETTINGS:-}" ]; then list=$(cat "$SETTINGS"); else list=$(builtin_settings); fi
     echo "$list" | while read -r name k v block; do
         [ -n "$name" ] || continue
@@ -132,18 +139,20 @@ if [ "${1:-}" != plot ]; then
         if grep -q "^$name	" "$TSV"; then continue; fi
         echo "quality: $name (K $k, V $v, block $block)" >&2
         j=$(ppl_json "$k" "$v" "$block") || { echo "quality: $name failed" >&2; continue; }
-        absorbed=$(field "$j" absorbed)
-        pre=- plain=-
-        if [ "$PREFILL" -gt 0 ]; then
-            if [ "$absorbed" != none ]; then
-                pre=$(field "$(prefill_json "$k" "$v" "$block" --absorb)" prefill_tokens_per_s)
-            fi
-            plain=$(field "$(prefill_json "$k" "$v" "$block")" prefill_tokens_per_s)
-            [ "$absorbed" != none ] || pre=$plain
-        fi
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$k" "$v" "$block" \
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$k" "$v" "$block" \
             "$(field "$j" bytes_per_token)" "$(field "$j" compression_ratio)" "$(field "$j" ppl)" \
-            "$(field "$j" seconds)" "$absorbed" "$pre" "$plain" >> "$TSV"
+            "$(field "$j" seconds)" "$(field "$j" absorbed)" >> "$TSV"
+    done
+    [ "$PREFILL" -gt 0 ] && echo "$list" | while read -r name k v block; do
+        [ -n "$name" ] || continue
+        if grep -q "^$name	" "$OUT/prefill.tsv"; then continue; fi
+        absorbed=$(awk -F'\t' -v n="$name" '$1 == n { print $9 }' "$TSV")
+        [ -n "$absorbed" ] || continue
+        echo "quality: prefill timing: $name" >&2
+        plain=$(prefill_cpu "$k" "$v" "${block:-16}") || continue
+        cpu=$plain
+        if [ "$absorbed" != none ]; then cpu=$(prefill_cpu "$k" "$v" "${block:-16}" --absorb) || continue; fi
+        printf '%s\t%s\t%s\t%s\n' "$name" "$PREFILL" "$cpu" "$plain" >> "$OUT/prefill.tsv"
     done
 fi
 
@@ -163,15 +172,19 @@ awk -F'\t' -v base="$base" '
     }' "$TSV" > "$OUT/quality.dat"
 awk -F'\t' '$4 == 1' "$OUT/quality.dat" | sort -t'	' -k2,2g > "$OUT/pareto.dat"
 {
-    echo "| setting | K | V | block | bytes/token | compression | PPL | ΔPPL | prefill tok/s (absorbed: without) | Pareto |"
-    echo "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"
-    awk -F'\t' -v base="$base" -v pareto="$OUT/quality.dat" '
-        BEGIN { while ((getline l < pareto) > 0) { split(l, f, "\t"); best[f[1]] = f[4] } }
+    echo "| setting | K | V | block | bytes/token | compression | PPL | ΔPPL | prefill tok/CPU s | absorbed (without) | Pareto |"
+    echo "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | :---: |"
+    [ -f "$OUT/prefill.tsv" ] || : > "$OUT/prefill.tsv"
+    awk -F'\t' -v base="$base" -v pareto="$OUT/quality.dat" -v prefill="$OUT/prefill.tsv" '
+        BEGIN {
+            while ((getline l < pareto) > 0) { split(l, f, "\t"); best[f[1]] = f[4] }
+            while ((getline l < prefill) > 0) { split(l, f, "\t"); if (f[3] > 0) { speed[f[1]] = f[2] / f[3]; plain[f[1]] = f[2] / f[4] } }
+        }
         NR > 1 {
-            speed = $10 == "-" || $10 == "" ? "-" : sprintf("%.0f", $10)
-            if ($9 != "none" && $9 != "" && $11 != "-" && $11 != "") speed = sprintf("%s (%s: %.0f)", speed, $9, $11)
-            printf "| %s | `%s` | `%s` | %d | %d | %.2fx | %.3f | %+.2f%% | %s | %s |\n",
-                $1, $2, $3, $4, $5, $6, $7, 100 * ($7 - base) / base, speed, best[$1] ? "*" : ""
+            s = $1 in speed ? sprintf("%.0f", speed[$1]) : "-"
+            a = $9 == "none" || $9 == "" ? "" : $1 in plain ? sprintf("%s (%.0f)", $9, plain[$1]) : $9
+            printf "| %s | `%s` | `%s` | %d | %d | %.2fx | %.3f | %+.2f%% | %s | %s | %s |\n",
+                $1, $2, $3, $4, $5, $6, $7, 100 * ($7 - base) / base, s, a, best[$1] ? "*" : ""
         }' "$TSV"
 } > "$OUT/quality.md"
 cat "$OUT/quality.md"
