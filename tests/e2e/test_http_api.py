@@ -114,6 +114,15 @@ class SDK(unittest.TestCase):
         self.assertEqual(a, b)
         self.assertNotEqual(a, c)
 
+    def test_priority_field(self):
+        # vLLM's field through the real SDK: any integer is served, and greedy
+        # output does not depend on it (Endpoints checks the 400s)
+        kw = dict(model=self.model, prompt="The capital of France is", max_tokens=6, temperature=0)
+        plain = self.client.completions.create(**kw).choices[0].text
+        for p in (-3, 0, 7):
+            r = self.client.completions.create(extra_body={"priority": p}, **kw)
+            self.assertEqual(r.choices[0].text, plain)
+
     def test_logprobs(self):
         r = self.client.chat.completions.create(model=self.model, messages=QUESTION, max_tokens=4, temperature=0,
                                                 logprobs=True)
@@ -231,6 +240,9 @@ class Endpoints(unittest.TestCase):
         self.assertError(*self.d.request("POST", "/v1/completions", {"prompt": [1, 99999999]}), 400, "prompt",
                          "out of range")
         self.assertError(*self.d.request("POST", "/detokenize", {"tokens": "1 2"}), 400, "tokens")
+        for bad in ("high", 1.5, 2 ** 31):
+            self.assertError(*self.d.request("POST", "/v1/completions", {"prompt": "x", "priority": bad}), 400,
+                             "priority")
 
     def test_prompt_too_long_names_both_lengths(self):
         status, hdrs, body = self.d.request("POST", "/v1/completions", {"prompt": "hello " * 600, "max_tokens": 4})
