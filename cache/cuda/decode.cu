@@ -3,51 +3,79 @@
  * query heads of a kv head together (each page is read once per step), on
  * tensor cores.
  *
- * Each warp streams pages through its own ring of S page slots in shared
- * memory (cp.async 16 bytes a lane; S - 1 pages in flight while one
- * computes). Per page of 16 positions it computes the scores of its G query
- * heads with mma.sync m16n8k16 (fp16 in, fp32 accumulate), an online softmax
- * (running max m, sum l per head) and O += P V with a second mma. The 16
- * rows of the mma hold only G <= 8 query heads, so rows 8..15 carry the
- * rounding remainder: row g holds fp16(x) and row g + 8 fp16(x - fp16(x)) of
- * the scaled query (and of the weights), and the two rows' results are added
- * in fp32. The products are then those of ~22-bit operands: fp32-like
- * accuracy at no extra tensor-core work (K/V numbers are exact in fp16: f16
- * pages as stored, int8 and int4 codes as integers, their scales and minima
- * applied in fp32 or folded into the hi + lo operands).
+ * Each warp streams its pages through its own ring of S shared memory
+ * slots, S - 1 in flight while one computes: the f16 path by cp.async (16
+ * bytes a lane, S = 3: deeper cp.async rings were measured slower), the
+ * register path by the bulk copy engine (cp.async.bulk: lane 0 copies each
+ * K and V block whole and the slot's mbarrier counts the bytes in; S = 4 at
+ * head_dim 64, 3 at 128).
  *
- * Layouts in a ring slot (16-byte units, swizzled so the transposing
- * ldmatrix reads of 8 rows hit 8 distinct bank groups):
- *   f16 K (D, 16): unit (dim, h) at dim * 2 + (h ^ ((dim >> 2) & 1))
- *   f16 V (16, D): unit (t, u) at t * D / 8 + (u ^ (t & 7))
- *   int8 and int4 blocks are copied raw, then their codes converted
- *   (exactly: small integers) into a per-warp f16 block of the same swizzled
- *   layout, K's first and, once the scores are taken, V's; scales and minima
- *   stay in the raw slot. Positions past the context are zero-filled in f16
- *   and int8 V (garbage there could be inf), their int4 weights are selected
- *   to 0, and they are masked in the scores.
- * Codecs in the scores and sums:
- *   int8: the per-token scale multiplies the score (K) or the weight (V);
- *   int4 keys per channel (x = min_d + scale_d code): the page's query is
- *     q * scale_d, formed in halves without rounding loss (the product of
- *     the hi half by a half scale is exact as hi * s = p + e, p = fp16(hi s),
- *     e = fma(hi, s, -p); lo * s + e is the new lo), and q . min comes from
- *     one more mma whose B columns are all the page's minima;
- *   int4 values per token (x = min_tg + scale_tg code, groups of 32 or 64
- *     numbers): one weight operand per group (p_t scale_tg as hi + lo) and
- *     a running sum of p_t min_tg per group, added to its numbers at the end.
+ * Per slot it computes the scores of its G query heads with mma.sync
+ * m16n8k16 (fp16 in, fp32 accumulate), an online softmax (running max m, sum
+ * l per head) and O += P V with a second mma. The 16 rows of the mma hold
+ * only G <= 8 query heads, so rows 8..15 carry the rounding remainder: row g
+ * holds fp16(x) and row g + 8 fp16(x - fp16(x)) of the scaled query (and of
+ * the weights), and the two rows' results are added in fp32. The products
+ * are then those of ~22-bit operands: fp32-like accuracy at no extra
+ * tensor-core work (K/V numbers are exact in fp16: f16 pages as stored, int8
+ * and int4 codes as integers, their scales and minima applied in fp32 or
+ * folded into the hi + lo operands).
  *
- * Two ways to share the work (make_plan picks one):
- *   - warp per sequence: with many (sequence, kv head) pairs, each warp takes
- *     one pair, all its pages, and writes the output itself;
- *   - split: otherwise a thread block takes one (sequence, kv head, split),
- *     a split being pages_per_split consecutive pages, its NW warps every
- *     NW-th page; warps merge in shared memory, and when a sequence has
- *     several splits each writes (acc, m, l) to the workspace and the last
- *     block to finish (a counter per pair) merges them, in the same launch.
- *     Beyond FAN splits they merge in two levels: the last block of each
- *     group of FAN splits merges the group into its first slot, and the last
- *     group to finish merges the groups (no block reads more than FAN).
+ * Two paths (chosen by the K/V formats):
+ *   - f16 K or V (f16/f16, f16/int8, int8/f16): one page a slot. f16 blocks
+ *     are copied to swizzled 16-byte units that the transposing ldmatrix
+ *     reads without bank conflicts:
+ *       f16 K (D, 16): unit (dim, h) at dim * 2 + (h ^ ((dim >> 2) & 1))
+ *       f16 V (16, D): unit (t, u) at t * D / 8 + (u ^ (t & 7))
+ *     an int8 block beside an f16 one is copied raw and its codes converted
+ *     (exactly: small integers) into a per-warp f16 block of that layout.
+ *   - both quantized (int8/int8, int4 keys per channel / values per token):
+ *     two pages a slot, raw blocks; the codes go from shared memory into
+ *     registers and are turned into mma operands there (byte permutes and
+ *     the 0x6400 trick: the half 0x64XX is 1024 + XX), no f16 staging. The
+ *     mma's reduction index is free to permute as long as the query uses the
+ *     same order, so each thread reads whole 32-bit words:
+ *       int8 K (D, 16): thread (g, t) reads word g & 3 (tokens 4 (g & 3) ..
+ *         + 3) of page g >> 2 of the dimension rows t + 4 i (+ 16 kk); byte
+ *         j of two rows makes a half2 of n-tile j = 0..3 (column g: token
+ *         16 (g >> 2) + 4 (g & 3) + j), two pages' 32 tokens in one mma.
+ *         Thread t then holds the scores of tokens 8 (t & 1) .. + 7 of page
+ *         t >> 1, whose V rows it reads for the P V products.
+ *       int4 K (D rows of 8 bytes, scale and minimum per channel): the
+ *         page's query is q * scale_d (formed in halves without rounding
+ *         loss: hi * s = p + e, p = fp16(hi s), e = fma(hi, s, -p), lo * s + e
+ *         is the new lo), so an mma covers one page: thread g reads the
+ *         byte (g >> 1) + 4 (g & 1) (tokens 2 of it) of the rows 4 t + i (+ 16
+ *         kk); its low nibbles make the even-token n-tile, its high nibbles
+ *         (16 c + 1024, scaled back exactly) the odd one; q . min comes from
+ *         one more mma whose B columns are all the page's minima. Thread t
+ *         then holds tokens 2 t, 2 t + 1, 2 t + 8, 2 t + 9 of each page.
+ *       int8 V (16, D): thread g reads dims (D / 8) g .. + D / 8 of its
+ *         tokens' rows; byte permutes pair two tokens per half2.
+ *       int4 V (16 rows of D / 2 bytes, scale and minimum per token and
+ *         group of 32 or 64 numbers): an n-tile stays inside one group
+ *         (column g: dim GS gamma + (GS / 8) g + k); one weight operand per
+ *         group (p_t scale_tg folded into p's hi + lo halves as for int4 K)
+ *         and the minima's share p_t min_tg from one mma per group whose B
+ *         columns are the minima, added to the group's numbers at the end.
+ *   Positions past the context (only in a warp's last slot: the context's
+ *   last page is always the last page of the warp that has it) and a slot's
+ *   missing second page are masked: scores -inf, and weights, scales and
+ *   minima selected to 0 (what lies there may be anything, inf included).
+ *
+ * Three ways to share the work (make_plan picks one):
+ *   - a warp per (sequence, kv head): each warp takes one pair, all its
+ *     pages, and writes the output itself;
+ *   - two warps per pair, two pairs a block: each warp every other page, the
+ *     two merged in shared memory;
+ *   - split: a thread block takes one (sequence, kv head, split), a split
+ *     being pages_per_split consecutive pages, its NW warps every NW-th
+ *     page; warps merge in shared memory, and when a sequence has several
+ *     splits each writes (acc, m, l) to the workspace and the last block to
+ *     finish (a counter per pair) merges them, in the same launch. Beyond
+ *     FAN splits they merge in two levels: the last block of each group of
+ *     FAN splits merges the group into its first slot, and the last group to
+ *     finish merges the groups (no block reads more than FAN).
  * Scores are kept in log2 units (q pre-multiplied by scale * log2 e). */
 #include <math.h>
 
@@ -61,25 +89,30 @@ constexpr int NW = 4;            /* warps per block */
 constexpr int NT = NW * 32;
 constexpr int FAN = 32;          /* partials one block merges */
 constexpr int MAX_SPLITS = FAN * FAN;
-/* Shared memory a warp aims at (ring plus conversion buffers; at least 3
- * pages): small enough for 4-5 blocks per multiprocessor at head_dim 64. */
-constexpr int RING_BUDGET = 12288;
 
 int g_pages_per_split = 0;       /* kvc_cu_set_decode_tuning */
 int g_warp_per_seq = 0;
 
-/* A warp's shared memory: a ring of S page slots (K block then V block, the
- * global block sizes), then one f16 block that quantized codes are converted
- * into (K's, then V's). */
+/* The register path: both K and V quantized. */
+__host__ __device__ constexpr bool quantized(int kf, int vf) { return kf != KVC_CU_F16 && vf != KVC_CU_F16; }
+
+/* A warp's shared memory: S slots of P pages (K block then V block, the
+ * global block sizes), then (f16 path, one side int8) one f16 block that
+ * int8 codes are converted into (K's, then V's), or (register path) the
+ * slots' mbarriers. */
 template <int D, int KF, int VF> struct ring {
+    static constexpr bool BULK = quantized(KF, VF);
     static constexpr int KB = kvc__cu_block_bytes(KF, D);
     static constexpr int VB = kvc__cu_block_bytes(VF, D);
     static constexpr int PAGE = KB + VB;
-    static constexpr int CONV = KF != KVC_CU_F16 || VF != KVC_CU_F16 ? 32 * D : 0;
-    static constexpr int S0 = (RING_BUDGET - CONV) / PAGE;
-    static constexpr int S = S0 < 3 ? 3 : S0 > 8 ? 8 : S0;
-    static constexpr int WARP_BYTES = S * PAGE + CONV;
+    static constexpr int P = BULK ? 2 : 1;            /* pages a slot */
+    static constexpr int SLOT = P * PAGE;
+    static constexpr int S = !BULK ? 3 : D == 64 ? 4 : 3;
+    static constexpr int CONV = !BULK && (KF != KVC_CU_F16 || VF != KVC_CU_F16) ? 32 * D : 0;
+    static constexpr int MBAR = BULK ? (8 * S + 15) & ~15 : 0;   /* keeps the next warp's slots 16-byte aligned */
+    static constexpr int WARP_BYTES = S * SLOT + CONV + MBAR;
     static constexpr int BYTES = NW * WARP_BYTES;     /* per block */
+    static_assert(SLOT % 16 == 0 && WARP_BYTES % 16 == 0, "bulk copies need 16-byte aligned slots");
 };
 
 struct decode_params {
@@ -90,18 +123,20 @@ struct decode_params {
     const int32_t *ctx_lens;     /* (n_seqs) or NULL: ctx0 + s */
     int ctx0;
     int n_kv_head;
-    int per_warp;                /* 1: warp per (sequence, kv head); 0: split blocks */
+    int ppb;                     /* pairs a block: 4 warp per pair, 2 two warps per pair, 1 split blocks */
     int64_t n_pairs;             /* n_seqs * n_kv_head */
     int pps;                     /* pages per split */
-    int n_splits;                /* gridDim.x when splitting */
+    int n_splits;                /* gridDim.y */
+    uint32_t zero;               /* 0, unknown to the compiler: keeps the code conversions' constants in
+                                  * registers (as immediates each conversion takes two instructions) */
     float qscale;                /* scale * log2(e) */
     const float *q;              /* (n_seqs, q_stride) */
     int64_t q_stride;
     float *out;
     int64_t out_stride;
-    int *counters;               /* (n_seqs, n_kv_head, 1 + FAN) splits / groups finished, reset by the merger */
-    float *ws_ml;                /* (n_seqs, n_kv_head, n_splits, 2, G) m then l */
-    float *ws_acc;               /* (n_seqs, n_kv_head, n_splits, G, D) */
+    int *counters;               /* (n_pairs, 1 + FAN) splits / groups finished, reset by the merger */
+    float *ws_ml;                /* (n_pairs, n_splits, 2, G) m then l */
+    float *ws_acc;               /* (n_pairs, n_splits, G, D) */
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
@@ -114,6 +149,34 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool vali
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+/* The bulk copy engine and its mbarriers (shared addresses as u32). */
+__device__ __forceinline__ void mbar_init(uint32_t mb, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(mb), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_inval(uint32_t mb) {
+    asm volatile("mbarrier.inval.shared::cta.b64 [%0];" ::"r"(mb) : "memory");
+}
+/* One arrival that also expects `bytes` of copies to complete the phase. */
+__device__ __forceinline__ void mbar_expect(uint32_t mb, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(mb), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t mb, uint32_t parity) {
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT;\n"
+        "}\n" ::"r"(mb),
+        "r"(parity)
+        : "memory");
+}
+/* bytes (a multiple of 16, 16-byte aligned) global -> shared, counted on mb. */
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void *src, uint32_t bytes, uint32_t mb) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(mb)
+                 : "memory");
 }
 
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void *p) {
@@ -129,9 +192,20 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+/* 2^x (flushing results below 2^-126 to 0: a weight that small is nothing
+ * beside the largest, which is 1): one MUFU.EX2, where exp2f adds a range
+ * fix of three instructions. */
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 __device__ __forceinline__ uint32_t pack_half2(__half lo, __half hi) {
     return (uint32_t)__half_as_ushort(lo) | ((uint32_t)__half_as_ushort(hi) << 16);
 }
+__device__ __forceinline__ __half2 as_h2(uint32_t x) { return *reinterpret_cast<__half2 *>(&x); }
+__device__ __forceinline__ uint32_t as_u32(__half2 h) { return *reinterpret_cast<uint32_t *>(&h); }
 
 /* x as fp16 hi + fp16 lo. */
 __device__ __forceinline__ void split_half(float x, __half &hi, __half &lo) {
@@ -139,24 +213,78 @@ __device__ __forceinline__ void split_half(float x, __half &hi, __half &lo) {
     lo = __float2half_rn(x - __half2float(hi));
 }
 
+/* The A operand (rows g: fp16 hi, g + 8: lo) of four weights w[0..3] at the
+ * reduction slots 2t, 2t + 1, 2t + 8, 2t + 9. */
+__device__ __forceinline__ void weights_operand(const float *w, uint32_t (&pa)[4]) {
+    const __half2 h01 = __floats2half2_rn(w[0], w[1]), h23 = __floats2half2_rn(w[2], w[3]);
+    const float2 f01 = __half22float2(h01), f23 = __half22float2(h23);
+    pa[0] = as_u32(h01);
+    pa[1] = as_u32(__floats2half2_rn(w[0] - f01.x, w[1] - f01.y));
+    pa[2] = as_u32(h23);
+    pa[3] = as_u32(__floats2half2_rn(w[2] - f23.x, w[3] - f23.y));
+}
+
+/* hi + lo operand pair (ahi, alo) times the half2 s, without rounding loss:
+ * hi s = p + e exactly (p = fp16(hi s), e = fma(hi, s, -p)); lo s + e. */
+__device__ __forceinline__ void scale_pair(uint32_t ahi, uint32_t alo, uint32_t s, uint32_t &rhi, uint32_t &rlo) {
+    const __half2 hi = as_h2(ahi), sc = as_h2(s);
+    const __half2 p = __hmul2(hi, sc);
+    rhi = as_u32(p);
+    rlo = as_u32(__hfma2(as_h2(alo), sc, __hfma2(hi, sc, __hneg2(p))));
+}
+
+/* Code conversions, exact (the half 0x64XX is 1024 + XX). The constants
+ * come in registers (decode_params.zero): x & mask then ^ or | a register
+ * constant is one LOP3. */
+struct cvt_consts {
+    uint32_t i8;                 /* 0x64806480: exponent of 1024 and the sign flip of two bytes */
+    uint32_t u4;                 /* 0x64006400 */
+};
+/* int8: bytes 0 and 2 of x (two codes c, c') -> the half2 (c, c'): with the
+ * sign flipped a byte is c + 128. */
+__device__ __forceinline__ uint32_t i8_half2(uint32_t x, const cvt_consts &k) {
+    const __half2 h = as_h2((x & 0x00ff00ffu) ^ k.i8);         /* 1024 + 128 + c */
+    return as_u32(__hsub2(h, __floats2half2_rn(1152.0f, 1152.0f)));
+}
+/* int8: byte j of a and of b as a half2. */
+template <int J> __device__ __forceinline__ uint32_t i8_pair(uint32_t a, uint32_t b, const cvt_consts &k) {
+    return i8_half2(__byte_perm(a, b, J | ((4 + J) << 8)), k);
+}
+/* int4: the low nibbles of bytes 0 and 2 of x as a half2; the high nibbles
+ * (16 c + 1024, scaled back). */
+__device__ __forceinline__ uint32_t u4_lo(uint32_t x, const cvt_consts &k) {
+    const __half2 h = as_h2((x & 0x000f000fu) | k.u4);
+    return as_u32(__hsub2(h, __floats2half2_rn(1024.0f, 1024.0f)));
+}
+__device__ __forceinline__ uint32_t u4_hi(uint32_t x, const cvt_consts &k) {
+    const __half2 h = as_h2((x & 0x00f000f0u) | k.u4);
+    return as_u32(__hfma2(h, __floats2half2_rn(0.0625f, 0.0625f), __floats2half2_rn(-64.0f, -64.0f)));
+}
+
 /* Swizzled 16-byte unit offsets of the f16 blocks (see the file comment). */
 template <int D> __device__ __forceinline__ int k_unit(int dim, int h) { return dim * 2 + (h ^ ((dim >> 2) & 1)); }
 template <int D> __device__ __forceinline__ int v_unit(int t, int u) { return t * (D / 8) + (u ^ (t & 7)); }
 
-/* Copies a page's K and V blocks of `head` into a ring slot: f16 blocks to
- * their swizzled units, int8 blocks raw. V positions >= valid are zeros. */
+/* A warp's page copies: the K and V blocks of its kv head in page 0 of the
+ * layer, offset by the lane's 16 bytes (a page adds page * page_bytes). */
+struct page_copier {
+    const uint8_t *k, *v;
+    uint32_t page_bytes;
+};
+
+/* Copies one page's K and V blocks into dst: f16 blocks to their swizzled
+ * units (V positions >= valid as zeros), others raw. */
 template <int D, int KF, int VF>
-__device__ __forceinline__ void issue_page(const decode_params &p, int32_t page, int head, int valid, uint8_t *dst,
-                                           int lane) {
+__device__ __forceinline__ void issue_page(const page_copier &pc, int32_t page, int valid, uint8_t *dst, int lane) {
     typedef ring<D, KF, VF> R;
-    const uint8_t *kb = kvc__cu_k_block(p.arena, p.g, page, head);
-    const uint8_t *vb = kvc__cu_v_block(p.arena, p.g, page, head);
+    const uint64_t off = (uint64_t)(uint32_t)page * pc.page_bytes;
+    const uint8_t *kb = pc.k + off, *vb = pc.v + off;
 #pragma unroll
     for (int i = 0; i < (R::KB / 16 + 31) / 32; i++) {
         const int c = lane + 32 * i;
         if (R::KB % 512 == 0 || c < R::KB / 16) {
             const int u = KF == KVC_CU_F16 ? k_unit<D>(c >> 1, c & 1) : c;
-            cp_async16(dst + 16 * u, kb + 16 * c);
+            cp_async16(dst + 16 * u, kb + 512 * i);
         }
     }
     uint8_t *vd = dst + R::KB;
@@ -166,13 +294,9 @@ __device__ __forceinline__ void issue_page(const decode_params &p, int32_t page,
         if (R::VB % 512 == 0 || c < R::VB / 16) {
             if (VF == KVC_CU_F16) {
                 const int t = c / (D / 8), u = c % (D / 8);
-                cp_async16(vd + 16 * v_unit<D>(t, u), vb + 16 * c, t < valid);
-            } else if (VF == KVC_CU_I8) {
-                /* codes: D / 16 units per position; the scales after them */
-                const int t = c / (D / 16);
-                cp_async16(vd + 16 * c, vb + 16 * c, c >= D || t < valid);
+                cp_async16(vd + 16 * v_unit<D>(t, u), vb + 512 * i, t < valid);
             } else {
-                cp_async16(vd + 16 * c, vb + 16 * c);      /* int4 codes are finite */
+                cp_async16(vd + 16 * c, vb + 512 * i);
             }
         }
     }
@@ -180,84 +304,39 @@ __device__ __forceinline__ void issue_page(const decode_params &p, int32_t page,
 
 /* 16 int8 codes -> 16 halves, exactly: with the sign flipped a byte is
  * x + 128, and the half 0x64uu is 1024 + u. */
-__device__ __forceinline__ void i8x16_to_h(const uint4 &w, uint4 &lo, uint4 &hi) {
-    const uint32_t in[4] = {w.x ^ 0x80808080u, w.y ^ 0x80808080u, w.z ^ 0x80808080u, w.w ^ 0x80808080u};
+__device__ __forceinline__ void i8x16_to_h(const uint4 &w, uint4 &lo, uint4 &hi, const cvt_consts &k) {
+    const uint32_t in[4] = {w.x, w.y, w.z, w.w};
     uint32_t o[8];
-    const __half2 off = __floats2half2_rn(1152.0f, 1152.0f);
 #pragma unroll
     for (int i = 0; i < 4; i++) {
-        uint32_t a = __byte_perm(in[i], 0x64646464u, 0x4140), b = __byte_perm(in[i], 0x64646464u, 0x4342);
-        __half2 ha = __hsub2(*reinterpret_cast<__half2 *>(&a), off);
-        __half2 hb = __hsub2(*reinterpret_cast<__half2 *>(&b), off);
-        o[2 * i] = *reinterpret_cast<uint32_t *>(&ha);
-        o[2 * i + 1] = *reinterpret_cast<uint32_t *>(&hb);
+        o[2 * i] = i8_half2(__byte_perm(in[i], 0, 0x0100), k);       /* bytes 0, 1 */
+        o[2 * i + 1] = i8_half2(__byte_perm(in[i], 0, 0x0302), k);   /* bytes 2, 3 */
     }
     lo = make_uint4(o[0], o[1], o[2], o[3]);
     hi = make_uint4(o[4], o[5], o[6], o[7]);
 }
 
-/* 8 int4 codes (nibble i = code i) -> 8 halves in order, exactly. */
-__device__ __forceinline__ uint4 u4x8_to_h(uint32_t w) {
-    const uint32_t even = w & 0x0f0f0f0fu, odd = (w >> 4) & 0x0f0f0f0fu;
-    const uint32_t a = __byte_perm(even, odd, 0x5140), b = __byte_perm(even, odd, 0x7362);   /* bytes x0..x3, x4..x7 */
-    uint32_t o[4] = {__byte_perm(a, 0x64646464u, 0x4140), __byte_perm(a, 0x64646464u, 0x4342),
-                     __byte_perm(b, 0x64646464u, 0x4140), __byte_perm(b, 0x64646464u, 0x4342)};
-    const __half2 off = __floats2half2_rn(1024.0f, 1024.0f);
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        __half2 h = __hsub2(*reinterpret_cast<__half2 *>(&o[i]), off);
-        o[i] = *reinterpret_cast<uint32_t *>(&h);
-    }
-    return make_uint4(o[0], o[1], o[2], o[3]);
-}
-
-/* int4 K (D rows of 8 bytes: 16 tokens) -> f16 swizzled: lane takes rows
- * 2 c and 2 c + 1, c = lane + 32 i. */
-template <int D> __device__ __forceinline__ void convert_k_u4(const uint8_t *raw, uint8_t *dst, int lane) {
-#pragma unroll
-    for (int i = 0; i < D / 64; i++) {
-        const int c = lane + 32 * i;
-        const uint4 w = reinterpret_cast<const uint4 *>(raw)[c];
-        reinterpret_cast<uint4 *>(dst)[k_unit<D>(2 * c, 0)] = u4x8_to_h(w.x);
-        reinterpret_cast<uint4 *>(dst)[k_unit<D>(2 * c, 1)] = u4x8_to_h(w.y);
-        reinterpret_cast<uint4 *>(dst)[k_unit<D>(2 * c + 1, 0)] = u4x8_to_h(w.z);
-        reinterpret_cast<uint4 *>(dst)[k_unit<D>(2 * c + 1, 1)] = u4x8_to_h(w.w);
-    }
-}
-
-/* int4 V (16 rows of D / 2 bytes) -> f16 swizzled: lane takes 32-number
- * units c = lane + 32 i (token c / (D / 32)). */
-template <int D> __device__ __forceinline__ void convert_v_u4(const uint8_t *raw, uint8_t *dst, int lane) {
-#pragma unroll
-    for (int i = 0; i < D / 64; i++) {
-        const int c = lane + 32 * i, t = c / (D / 32), u = 4 * (c % (D / 32));
-        const uint4 w = reinterpret_cast<const uint4 *>(raw)[c];
-        reinterpret_cast<uint4 *>(dst)[v_unit<D>(t, u)] = u4x8_to_h(w.x);
-        reinterpret_cast<uint4 *>(dst)[v_unit<D>(t, u + 1)] = u4x8_to_h(w.y);
-        reinterpret_cast<uint4 *>(dst)[v_unit<D>(t, u + 2)] = u4x8_to_h(w.z);
-        reinterpret_cast<uint4 *>(dst)[v_unit<D>(t, u + 3)] = u4x8_to_h(w.w);
-    }
-}
-
 /* int8 K (D, 16) raw -> f16 swizzled: lane takes dimensions lane + 32 i. */
-template <int D> __device__ __forceinline__ void convert_k(const uint8_t *raw, uint8_t *dst, int lane) {
+template <int D>
+__device__ __forceinline__ void convert_k(const uint8_t *raw, uint8_t *dst, int lane, const cvt_consts &k) {
 #pragma unroll
     for (int i = 0; i < D / 32; i++) {
         const int d = lane + 32 * i;
         uint4 lo, hi;
-        i8x16_to_h(reinterpret_cast<const uint4 *>(raw)[d], lo, hi);
+        i8x16_to_h(reinterpret_cast<const uint4 *>(raw)[d], lo, hi, k);
         reinterpret_cast<uint4 *>(dst)[k_unit<D>(d, 0)] = lo;
         reinterpret_cast<uint4 *>(dst)[k_unit<D>(d, 1)] = hi;
     }
 }
 
 /* int8 V (16, D) raw -> f16 swizzled: lane takes 16-code units lane + 32 i. */
-template <int D> __device__ __forceinline__ void convert_v(const uint8_t *raw, uint8_t *dst, int lane) {
+template <int D>
+__device__ __forceinline__ void convert_v(const uint8_t *raw, uint8_t *dst, int lane, const cvt_consts &k) {
 #pragma unroll
     for (int i = 0; i < D / 32; i++) {
         const int c = lane + 32 * i, t = c / (D / 16), u = 2 * (c % (D / 16));
         uint4 lo, hi;
-        i8x16_to_h(reinterpret_cast<const uint4 *>(raw)[c], lo, hi);
+        i8x16_to_h(reinterpret_cast<const uint4 *>(raw)[c], lo, hi, k);
         reinterpret_cast<uint4 *>(dst)[v_unit<D>(t, u)] = lo;
         reinterpret_cast<uint4 *>(dst)[v_unit<D>(t, u + 1)] = hi;
     }
@@ -284,155 +363,350 @@ template <int D, int VF> struct v_groups {
     static constexpr int value = kvc__cu_is_u4t(VF) ? D / kvc__cu_u4_group(VF) : 1;
 };
 
+/* The query dimension at reduction slot (2t, 2t + 1, 2t + 8, 2t + 9)[i] of
+ * k-chunk kk, in the order the K path reads its codes (file comment). */
+template <int KF, int VF>
+__device__ __forceinline__ int q_dim(int kk, int t, int i) {
+    if constexpr (!quantized(KF, VF)) return 16 * kk + 2 * t + (i & 1) + 8 * (i >> 1);
+    else if constexpr (KF == KVC_CU_I8) return 16 * kk + t + 4 * i;
+    else return 16 * kk + 4 * t + i;
+}
+
+/* The output dimension of accumulator n-tile jd, column col. */
+template <int D, int KF, int VF>
+__device__ __forceinline__ int o_dim(int jd, int col) {
+    if constexpr (!quantized(KF, VF)) return 8 * jd + col;
+    else if constexpr (VF == KVC_CU_I8) return (D / 8) * col + jd;
+    else {
+        constexpr int GS = kvc__cu_u4_group(VF), NK = GS / 8;
+        return GS * (jd / NK) + NK * col + jd % NK;
+    }
+}
+
 /* A thread's share of the warp's state: query head gid = lane / 4 (when <
- * G), its dims 8 dn + 2 (lane % 4) + {0, 1}. o is summed in fp32 registers
- * (a page's mma starts from zero: the tensor cores' fp32 sums are not
- * IEEE-rounded and would drift over thousands of pages). */
+ * G), its output dims o_dim(jd, 2 (lane % 4) + {0, 1}). o is summed in fp32
+ * registers (a slot's mma starts from zero: the tensor cores' fp32 sums are
+ * not IEEE-rounded and would drift over thousands of pages). */
 template <int D, int NGV> struct warp_state {
     float m, l;                  /* m quad-uniform; l this thread's positions' share */
     float o[D / 8][2];
-    float vmin[NGV];             /* int4 V: sum of weight * minimum per group, this thread's share */
+    float vmin[NGV];             /* int4 V: sum of weight * minimum per group (quad-uniform) */
 };
 
-__device__ __forceinline__ __half2 as_h2(uint32_t x) { return *reinterpret_cast<__half2 *>(&x); }
-__device__ __forceinline__ uint32_t as_u32(__half2 h) { return *reinterpret_cast<uint32_t *>(&h); }
-
-/* The A operand of O += P V from this thread's weights of positions 2 tig,
- * 2 tig + 1, 8 + 2 tig, 9 + 2 tig: fp16 hi in row gid, lo in row gid + 8. */
-__device__ __forceinline__ void weights_operand(const float (&w)[4], uint32_t (&pa)[4]) {
-    __half hi[4], lo[4];
+/* Online softmax over this thread's N scores of a slot (quad = one head):
+ * turns x into weights, returns alpha (the factor for the old sums). */
+template <int N> __device__ __forceinline__ float softmax_step(float (&x)[N], float &m, float &l) {
+    float mx = x[0];
 #pragma unroll
-    for (int e = 0; e < 4; e++) split_half(w[e], hi[e], lo[e]);
-    pa[0] = pack_half2(hi[0], hi[1]);
-    pa[1] = pack_half2(lo[0], lo[1]);
-    pa[2] = pack_half2(hi[2], hi[3]);
-    pa[3] = pack_half2(lo[2], lo[3]);
+    for (int i = 1; i < N; i++) mx = fmaxf(mx, x[i]);
+    mx = fmaxf(mx, __shfl_xor_sync(KVC__CU_FULL, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(KVC__CU_FULL, mx, 2));
+    const float m_new = fmaxf(m, mx);
+    const float alpha = ex2(m - m_new);        /* 0 on the first slot */
+    m = m_new;
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < N; i++) {
+        x[i] = ex2(x[i] - m_new);
+        sum += x[i];
+    }
+    l = l * alpha + sum;
+    return alpha;
 }
 
+/* ---- f16 path: one page a slot --------------------------------------------- */
+
 /* One page from its ring slot: kslot, vslot the K and V blocks as copied
- * (f16 swizzled; others raw); conv the warp's conversion block; valid:
- * positions of the page inside the context (>= 1). */
-template <int D, int KF, int VF>
+ * (f16 swizzled; int8 raw); conv the warp's conversion block; valid:
+ * positions of the page inside the context (1..16; MASKED when < 16). */
+template <int D, int KF, int VF, bool MASKED>
 __device__ __forceinline__ void process_page(const uint8_t *kslot, const uint8_t *vslot, uint8_t *conv, int valid,
-                                             const uint32_t (&qa)[D / 16][4], int lane,
-                                             warp_state<D, v_groups<D, VF>::value> &st) {
-    constexpr int NGV = v_groups<D, VF>::value;
+                                             const uint32_t (&qa)[D / 16][4], int lane, const cvt_consts &kc,
+                                             warp_state<D, 1> &st) {
     const int tig = lane & 3, mat = lane >> 3, row = lane & 7;
     const uint8_t *kf = kslot;
-    if (KF != KVC_CU_F16) {
-        if (KF == KVC_CU_I8) convert_k<D>(kslot, conv, lane);
-        else convert_k_u4<D>(kslot, conv, lane);
+    if constexpr (KF == KVC_CU_I8) {
+        convert_k<D>(kslot, conv, lane, kc);
         __syncwarp();
         kf = conv;
     }
     float s0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    float sb[4] = {0.0f, 0.0f, 0.0f, 0.0f};   /* int4 K: q . min, in every column */
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
         uint32_t b[4];
         ldsm_x4_trans(b, kf + 16 * k_unit<D>(kk * 16 + (mat & 1) * 8 + row, mat >> 1));
-        if constexpr (KF == KVC_CU_U4C) {
-            /* scales (D) then minima (D), halves after the codes; this
-             * thread's dims kk * 16 + 8 hc + 2 tig + {0, 1} */
-            const __half2 *sc = reinterpret_cast<const __half2 *>(kslot + 8 * D);
-            const uint32_t *mn = reinterpret_cast<const uint32_t *>(kslot + 10 * D);
-            uint32_t qs[4];
-#pragma unroll
-            for (int hc = 0; hc < 2; hc++) {
-                const __half2 s2 = sc[kk * 8 + hc * 4 + tig];
-                const __half2 hi = as_h2(qa[kk][2 * hc]), lo = as_h2(qa[kk][2 * hc + 1]);
-                const __half2 p = __hmul2(hi, s2);
-                const __half2 e = __hfma2(hi, s2, __hneg2(p));
-                qs[2 * hc] = as_u32(p);
-                qs[2 * hc + 1] = as_u32(__hfma2(lo, s2, e));
-            }
-            mma16816(s0, qs, b[0], b[1]);
-            mma16816(s1, qs, b[2], b[3]);
-            mma16816(sb, qa[kk], mn[kk * 8 + tig], mn[kk * 8 + 4 + tig]);
-        } else {
-            mma16816(s0, qa[kk], b[0], b[1]);
-            mma16816(s1, qa[kk], b[2], b[3]);
-        }
+        mma16816(s0, qa[kk], b[0], b[1]);
+        mma16816(s1, qa[kk], b[2], b[3]);
     }
     /* positions 2 tig, 2 tig + 1, 8 + 2 tig, 9 + 2 tig of query gid */
     float x[4] = {s0[0] + s0[2], s0[1] + s0[3], s1[0] + s1[2], s1[1] + s1[3]};
-    if constexpr (KF == KVC_CU_U4C) {
-        const float base = sb[0] + sb[2];
-#pragma unroll
-        for (int e = 0; e < 4; e++) x[e] += base;
-    }
     if constexpr (KF == KVC_CU_I8) {
         const uint8_t *ks = kslot + 16 * D;
         const float2 a = __half22float2(reinterpret_cast<const __half2 *>(ks)[tig]);
         const float2 c = __half22float2(reinterpret_cast<const __half2 *>(ks)[4 + tig]);
         x[0] *= a.x, x[1] *= a.y, x[2] *= c.x, x[3] *= c.y;
     }
+    if constexpr (MASKED) {
 #pragma unroll
-    for (int e = 0; e < 4; e++) {
-        const int t = (e >> 1) * 8 + 2 * tig + (e & 1);
-        if (t >= valid) x[e] = -INFINITY;
+        for (int e = 0; e < 4; e++)
+            if ((e >> 1) * 8 + 2 * tig + (e & 1) >= valid) x[e] = -INFINITY;
     }
-    float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
-    mx = fmaxf(mx, __shfl_xor_sync(KVC__CU_FULL, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(KVC__CU_FULL, mx, 2));
-    const float m_new = fmaxf(st.m, mx);
-    const float alpha = exp2f(st.m - m_new);   /* 0 on the first page */
-    st.m = m_new;
-    float pr[4];
-#pragma unroll
-    for (int e = 0; e < 4; e++) pr[e] = exp2f(x[e] - m_new);
-    st.l = st.l * alpha + ((pr[0] + pr[1]) + (pr[2] + pr[3]));
+    const float alpha = softmax_step(x, st.m, st.l);
 
     const uint8_t *vf = vslot;
-    if (VF != KVC_CU_F16) {
+    if constexpr (VF == KVC_CU_I8) {
         __syncwarp();                          /* K's reads of conv are done */
-        if (VF == KVC_CU_I8) convert_v<D>(vslot, conv, lane);
-        else convert_v_u4<D>(vslot, conv, lane);
+        convert_v<D>(vslot, conv, lane, kc);
         __syncwarp();
         vf = conv;
-    }
-    uint32_t pa[NGV][4];
-    if constexpr (kvc__cu_is_u4t(VF)) {
-        /* scales (NGV, 16) then minima (NGV, 16), halves after the codes */
-        const __half2 *vsc = reinterpret_cast<const __half2 *>(vslot + 8 * D), *vmn = vsc + NGV * 8;
+        const uint8_t *vs = vslot + 16 * D;
+        const float2 a = __half22float2(reinterpret_cast<const __half2 *>(vs)[tig]);
+        const float2 c = __half22float2(reinterpret_cast<const __half2 *>(vs)[4 + tig]);
+        x[0] *= a.x, x[1] *= a.y, x[2] *= c.x, x[3] *= c.y;
+        if constexpr (MASKED) {                /* scales past the context may be anything */
 #pragma unroll
-        for (int gi = 0; gi < NGV; gi++) {
-            const float2 sa = __half22float2(vsc[gi * 8 + tig]), sc = __half22float2(vsc[gi * 8 + 4 + tig]);
-            const float2 ma = __half22float2(vmn[gi * 8 + tig]), mc = __half22float2(vmn[gi * 8 + 4 + tig]);
-            const float sv[4] = {sa.x, sa.y, sc.x, sc.y}, mv[4] = {ma.x, ma.y, mc.x, mc.y};
-            float w[4], msum = 0.0f;
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const bool in = (e >> 1) * 8 + 2 * tig + (e & 1) < valid;   /* past it: parameters may be anything */
-                w[e] = in ? pr[e] * sv[e] : 0.0f;
-                msum += in ? pr[e] * mv[e] : 0.0f;
-            }
-            st.vmin[gi] = fmaf(st.vmin[gi], alpha, msum);
-            weights_operand(w, pa[gi]);
+            for (int e = 0; e < 4; e++)
+                if ((e >> 1) * 8 + 2 * tig + (e & 1) >= valid) x[e] = 0.0f;
         }
-    } else {
-        if constexpr (VF == KVC_CU_I8) {
-            const uint8_t *vs = vslot + 16 * D;
-            const float2 a = __half22float2(reinterpret_cast<const __half2 *>(vs)[tig]);
-            const float2 c = __half22float2(reinterpret_cast<const __half2 *>(vs)[4 + tig]);
-            pr[0] *= a.x, pr[1] *= a.y, pr[2] *= c.x, pr[3] *= c.y;
-        }
-        weights_operand(pr, pa[0]);
     }
+    uint32_t pa[4];
+    weights_operand(x, pa);
 #pragma unroll
     for (int dn2 = 0; dn2 < D / 16; dn2++) {
-        const int gi = kvc__cu_is_u4t(VF) ? dn2 * 16 / kvc__cu_u4_group(VF) : 0;
         uint32_t b[4];
         ldsm_x4_trans(b, vf + 16 * v_unit<D>((mat & 1) * 8 + row, dn2 * 2 + (mat >> 1)));
         float o0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, o1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        mma16816(o0, pa[gi], b[0], b[1]);
-        mma16816(o1, pa[gi], b[2], b[3]);
+        mma16816(o0, pa, b[0], b[1]);
+        mma16816(o1, pa, b[2], b[3]);
 #pragma unroll
         for (int e = 0; e < 2; e++) {
             st.o[2 * dn2][e] = fmaf(st.o[2 * dn2][e], alpha, o0[e] + o0[e + 2]);
             st.o[2 * dn2 + 1][e] = fmaf(st.o[2 * dn2 + 1][e], alpha, o1[e] + o1[e + 2]);
         }
     }
+}
+
+/* ---- register path: two pages a slot ---------------------------------------- */
+
+/* int8 K and V. slot: page q (0, 1) at q * PAGE, K block then V block;
+ * valid0/1 the pages' positions inside the context (page 1: 0 when the
+ * slot has one page). */
+template <int D, bool MASKED>
+__device__ __forceinline__ void step_i8(const uint8_t *slot, int valid0, int valid1, const uint32_t (&qa)[D / 16][4],
+                                        int lane, const cvt_consts &kc, warp_state<D, 1> &st) {
+    typedef ring<D, KVC_CU_I8, KVC_CU_I8> R;
+    const int g = lane >> 2, t = lane & 3;
+    /* scores: n-tile j, column g = token 4 (g & 3) + j of page g >> 2 */
+    float s[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+    const uint8_t *kp = slot + (g >> 2) * R::PAGE + 16 * t + 4 * (g & 3);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        uint32_t r[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++)    /* dimension row 16 kk + t + 4 i */
+            r[i] = *reinterpret_cast<const uint32_t *>(kp + 256 * kk + 64 * i);
+        mma16816(s[0], qa[kk], i8_pair<0>(r[0], r[1], kc), i8_pair<0>(r[2], r[3], kc));
+        mma16816(s[1], qa[kk], i8_pair<1>(r[0], r[1], kc), i8_pair<1>(r[2], r[3], kc));
+        mma16816(s[2], qa[kk], i8_pair<2>(r[0], r[1], kc), i8_pair<2>(r[2], r[3], kc));
+        mma16816(s[3], qa[kk], i8_pair<3>(r[0], r[1], kc), i8_pair<3>(r[2], r[3], kc));
+    }
+    /* this thread: tokens t0 + i (i < 8) of page pg; token t0 + j from
+     * n-tile j column 2t, t0 + 4 + j from column 2t + 1 */
+    const int pg = t >> 1, t0 = 8 * (t & 1);
+    const uint8_t *kq = slot + pg * R::PAGE, *vp = kq + R::KB;
+    const uint4 ks = *reinterpret_cast<const uint4 *>(kq + 16 * D + 2 * t0);
+    const float2 k01 = __half22float2(as_h2(ks.x)), k23 = __half22float2(as_h2(ks.y));
+    const float2 k45 = __half22float2(as_h2(ks.z)), k67 = __half22float2(as_h2(ks.w));
+    float x[8] = {(s[0][0] + s[0][2]) * k01.x, (s[1][0] + s[1][2]) * k01.y, (s[2][0] + s[2][2]) * k23.x,
+                  (s[3][0] + s[3][2]) * k23.y, (s[0][1] + s[0][3]) * k45.x, (s[1][1] + s[1][3]) * k45.y,
+                  (s[2][1] + s[2][3]) * k67.x, (s[3][1] + s[3][3]) * k67.y};
+    const int valid = pg ? valid1 : valid0;
+    if constexpr (MASKED) {
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if (t0 + i >= valid) x[i] = -INFINITY;
+    }
+    const float alpha = softmax_step(x, st.m, st.l);
+
+    const uint4 vs = *reinterpret_cast<const uint4 *>(vp + 16 * D + 2 * t0);
+    const float2 v01 = __half22float2(as_h2(vs.x)), v23 = __half22float2(as_h2(vs.y));
+    const float2 v45 = __half22float2(as_h2(vs.z)), v67 = __half22float2(as_h2(vs.w));
+    x[0] *= v01.x, x[1] *= v01.y, x[2] *= v23.x, x[3] *= v23.y;
+    x[4] *= v45.x, x[5] *= v45.y, x[6] *= v67.x, x[7] *= v67.y;
+    if constexpr (MASKED) {
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if (t0 + i >= valid) x[i] = 0.0f;
+    }
+    /* chunk c of the P V reduction: slots 2t, 2t + 1, 2t + 8, 2t + 9 are
+     * tokens t0 + 4c + 0..3 */
+    uint32_t pa[2][4];
+    weights_operand(x, pa[0]);
+    weights_operand(x + 4, pa[1]);
+    /* V rows t0 + i of page pg, dims (D / 8) g .. + D / 8: D / 32 words,
+     * read two at a time (fewer live registers at head_dim 128) */
+#pragma unroll
+    for (int wh = 0; wh < D / 64; wh++) {
+        uint32_t rw[8][2];
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const uint2 v = *reinterpret_cast<const uint2 *>(vp + (t0 + i) * D + (D / 8) * g + 8 * wh);
+            rw[i][0] = v.x, rw[i][1] = v.y;
+        }
+#pragma unroll
+        for (int w = 0; w < 2; w++) {
+            uint32_t b[2][2][4];   /* [chunk][b0/b1][dim 4 (2 wh + w) + k] */
+#pragma unroll
+            for (int c = 0; c < 2; c++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const uint32_t ra = rw[4 * c + 2 * h][w], rb = rw[4 * c + 2 * h + 1][w];
+                    b[c][h][0] = i8_pair<0>(ra, rb, kc);
+                    b[c][h][1] = i8_pair<1>(ra, rb, kc);
+                    b[c][h][2] = i8_pair<2>(ra, rb, kc);
+                    b[c][h][3] = i8_pair<3>(ra, rb, kc);
+                }
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                mma16816(o, pa[0], b[0][0][k], b[0][1][k]);
+                mma16816(o, pa[1], b[1][0][k], b[1][1][k]);
+                const int jd = 8 * wh + 4 * w + k;
+                st.o[jd][0] = fmaf(st.o[jd][0], alpha, o[0] + o[2]);
+                st.o[jd][1] = fmaf(st.o[jd][1], alpha, o[1] + o[3]);
+            }
+        }
+    }
+}
+
+/* int4 keys per channel, values per token in groups of GS. Layout of the
+ * slot as in step_i8. */
+template <int D, int VF, bool MASKED>
+__device__ __forceinline__ void step_u4(const uint8_t *slot, int valid0, int valid1, const uint32_t (&qa)[D / 16][4],
+                                        int lane, const cvt_consts &kc, warp_state<D, v_groups<D, VF>::value> &st) {
+    typedef ring<D, KVC_CU_U4C, VF> R;
+    constexpr int GS = kvc__cu_u4_group(VF), NGV = D / GS, NK = GS / 8;
+    const int g = lane >> 2, t = lane & 3;
+    /* scores of tokens 2t, 2t + 1, 2t + 8, 2t + 9 of page q */
+    float x[2][4];
+    const uint32_t sel = (uint32_t)(g >> 1) | ((uint32_t)(4 + (g >> 1)) << 8);
+#pragma unroll
+    for (int q = 0; q < 2; q++) {
+        const uint8_t *kp = slot + q * R::PAGE;
+        const uint8_t *kr = kp + 32 * t + 4 * (g & 1);
+        float se[4] = {0.0f, 0.0f, 0.0f, 0.0f}, so[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            /* scales (D) then minima (D), halves after the codes: dims 16 kk + 4t .. + 3 */
+            const uint2 sc = *reinterpret_cast<const uint2 *>(kp + 8 * D + 2 * (16 * kk + 4 * t));
+            const uint2 mn = *reinterpret_cast<const uint2 *>(kp + 10 * D + 2 * (16 * kk + 4 * t));
+            uint32_t w[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++)    /* dimension row 16 kk + 4t + i, word g & 1 */
+                w[i] = *reinterpret_cast<const uint32_t *>(kr + 128 * kk + 8 * i);
+            const uint32_t x01 = __byte_perm(w[0], w[1], sel), x23 = __byte_perm(w[2], w[3], sel);
+            uint32_t qs[4];
+            scale_pair(qa[kk][0], qa[kk][1], sc.x, qs[0], qs[1]);
+            scale_pair(qa[kk][2], qa[kk][3], sc.y, qs[2], qs[3]);
+            mma16816(se, qs, u4_lo(x01, kc), u4_lo(x23, kc));
+            mma16816(so, qs, u4_hi(x01, kc), u4_hi(x23, kc));
+            mma16816(sb, qa[kk], mn.x, mn.y);
+        }
+        const float base = sb[0] + sb[2];
+        x[q][0] = se[0] + se[2] + base;    /* even n-tile, column 2t: token 2t */
+        x[q][1] = so[0] + so[2] + base;    /* token 2t + 1 */
+        x[q][2] = se[1] + se[3] + base;    /* column 2t + 1: token 2t + 8 */
+        x[q][3] = so[1] + so[3] + base;    /* token 2t + 9 */
+        if constexpr (MASKED) {
+            const int valid = q ? valid1 : valid0;
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                if (2 * t + (e & 1) + 8 * (e >> 1) >= valid) x[q][e] = -INFINITY;
+        }
+    }
+    float xs[8] = {x[0][0], x[0][1], x[0][2], x[0][3], x[1][0], x[1][1], x[1][2], x[1][3]};
+    const float alpha = softmax_step(xs, st.m, st.l);
+    uint32_t pp[2][4];
+    weights_operand(xs, pp[0]);
+    weights_operand(xs + 4, pp[1]);
+
+#pragma unroll
+    for (int gm = 0; gm < NGV; gm++) {
+        /* per page: the group's weight operand and the raw codes of rows 2t,
+         * 2t + 1 (h 0: b0) and 2t + 8, 2t + 9 (h 1: b1), this thread's GS / 8
+         * numbers: dims GS gm + NK g .. + NK */
+        uint32_t pw[2][4], ra[2][2], rb[2][2];
+        float vm[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int q = 0; q < 2; q++) {
+            const uint8_t *vp = slot + q * R::PAGE + R::KB;
+            /* scales (NGV, 16), then minima (NGV, 16): tokens 2t, 2t + 1 and 2t + 8, 2t + 9 */
+            const uint8_t *par = vp + 8 * D + 32 * gm + 4 * t;
+            uint32_t s_lo = *reinterpret_cast<const uint32_t *>(par);
+            uint32_t s_hi = *reinterpret_cast<const uint32_t *>(par + 16);
+            uint32_t m_lo = *reinterpret_cast<const uint32_t *>(par + 32 * NGV);
+            uint32_t m_hi = *reinterpret_cast<const uint32_t *>(par + 32 * NGV + 16);
+            if constexpr (MASKED) {
+                const int valid = q ? valid1 : valid0;
+                const uint32_t keep_lo = (2 * t < valid ? 0xffffu : 0u) | (2 * t + 1 < valid ? 0xffff0000u : 0u);
+                const uint32_t keep_hi = (2 * t + 8 < valid ? 0xffffu : 0u) | (2 * t + 9 < valid ? 0xffff0000u : 0u);
+                s_lo &= keep_lo, m_lo &= keep_lo, s_hi &= keep_hi, m_hi &= keep_hi;
+            }
+            scale_pair(pp[q][0], pp[q][1], s_lo, pw[q][0], pw[q][1]);
+            scale_pair(pp[q][2], pp[q][3], s_hi, pw[q][2], pw[q][3]);
+            mma16816(vm, pp[q], m_lo, m_hi);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *row = vp + (2 * t + 8 * h) * (D / 2) + (GS / 2) * gm + (NK / 2) * g;
+                if constexpr (NK == 4) {
+                    ra[q][h] = *reinterpret_cast<const uint16_t *>(row);
+                    rb[q][h] = *reinterpret_cast<const uint16_t *>(row + D / 2);
+                } else {
+                    ra[q][h] = *reinterpret_cast<const uint32_t *>(row);
+                    rb[q][h] = *reinterpret_cast<const uint32_t *>(row + D / 2);
+                }
+            }
+        }
+        st.vmin[gm] = fmaf(st.vmin[gm], alpha, vm[0] + vm[2]);
+        /* four numbers (n-tiles) at a time: byte pairs of the two rows give
+         * half2s of the low and high nibbles */
+#pragma unroll
+        for (int hw = 0; hw < NK / 4; hw++) {
+            uint32_t bq[2][2][4];
+#pragma unroll
+            for (int q = 0; q < 2; q++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const uint32_t xw = __byte_perm(ra[q][h], rb[q][h], hw ? 0x7632 : 0x5410), xw8 = xw >> 8;
+                    bq[q][h][0] = u4_lo(xw, kc), bq[q][h][1] = u4_hi(xw, kc);
+                    bq[q][h][2] = u4_lo(xw8, kc), bq[q][h][3] = u4_hi(xw8, kc);
+                }
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                mma16816(o, pw[0], bq[0][0][k], bq[0][1][k]);
+                mma16816(o, pw[1], bq[1][0][k], bq[1][1][k]);
+                const int jd = NK * gm + 4 * hw + k;
+                st.o[jd][0] = fmaf(st.o[jd][0], alpha, o[0] + o[2]);
+                st.o[jd][1] = fmaf(st.o[jd][1], alpha, o[1] + o[3]);
+            }
+        }
+    }
+}
+
+/* One ring slot of either path. */
+template <int D, int KF, int VF, bool MASKED>
+__device__ __forceinline__ void process_slot(const uint8_t *slot, uint8_t *conv, int valid0, int valid1,
+                                             const uint32_t (&qa)[D / 16][4], int lane, const cvt_consts &kc,
+                                             warp_state<D, v_groups<D, VF>::value> &st) {
+    if constexpr (!quantized(KF, VF))
+        process_page<D, KF, VF, MASKED>(slot, slot + ring<D, KF, VF>::KB, conv, valid0, qa, lane, kc, st);
+    else if constexpr (KF == KVC_CU_I8)
+        step_i8<D, MASKED>(slot, valid0, valid1, qa, lane, kc, st);
+    else
+        step_u4<D, VF, MASKED>(slot, valid0, valid1, qa, lane, kc, st);
 }
 
 /* Block-wide: counts this block's arrival at *counter; true in the block
@@ -523,13 +797,51 @@ __device__ void merge_partials(const decode_params &p, float *smem, int64_t unit
     }
 }
 
-/* Blocks per multiprocessor the register budget is set for: head_dim 128
- * at 168 registers (3; int4 would take ~180 and fit 2), head_dim 64 at 102
- * (5; int4 at 128, 4). */
-constexpr int min_blocks(int D, int KF) { return D == 128 ? 3 : KF == KVC_CU_U4C ? 4 : 5; }
+/* Block-wide: merges the warps' (acc, m, l) in shared memory, WPP warps per
+ * pair (the block's pairs in order): into the outputs when `final`, else
+ * (one pair a block) into workspace slot `slot` as one partial. */
+template <int D, int G, int WPP>
+__device__ __forceinline__ void merge_warps(const decode_params &p, const float *s_acc, const float *s_m,
+                                            const float *s_l, bool final, int64_t slot) {
+    constexpr int PAIRS = NW / WPP;
+    for (int e = threadIdx.x; e < PAIRS * G * D; e += NT) {
+        const int ps = e / (G * D), r = e - ps * G * D, g = r / D;
+        const int64_t pr = (int64_t)blockIdx.x * PAIRS + ps;
+        if (pr >= p.n_pairs) continue;
+        float mw[WPP], M = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < WPP; w++) M = fmaxf(M, mw[w] = s_m[(ps * WPP + w) * G + g]);
+        float A = 0.0f, Ls = 0.0f;
+        if (M > -INFINITY)
+#pragma unroll
+            for (int w = 0; w < WPP; w++) {
+                const float f = ex2(mw[w] - M);
+                A = fmaf(f, s_acc[((ps * WPP + w) * G + g) * D + (r - g * D)], A);
+                Ls = fmaf(f, s_l[(ps * WPP + w) * G + g], Ls);
+            }
+        if (final) {
+            const int64_t seq = pr / p.n_kv_head, head = pr % p.n_kv_head;
+            p.out[seq * p.out_stride + head * G * D + r] = Ls > 0.0f ? A / Ls : 0.0f;
+        } else {
+            p.ws_acc[slot * G * D + r] = A;
+            if (r - g * D == 0) {
+                p.ws_ml[slot * 2 * G + g] = M;
+                p.ws_ml[slot * 2 * G + G + g] = Ls;
+            }
+        }
+    }
+}
+
+/* Blocks per multiprocessor the register budget is set for: as many as the
+ * shared memory of the S-slot rings lets run (f16 path: head_dim 64 4 at
+ * 128 registers, head_dim 128 2 at 255; register path: int8 at head_dim
+ * 128 2), at most 3 (168 registers) for the register path at head_dim 64
+ * (the main plans hold ~3 blocks a multiprocessor) and 2 for int4 at head
+ * dim 128 (at 168 it spills ~150 bytes a thread). */
+constexpr int min_blocks(int D, int KF, int VF) { return D == 128 ? 2 : quantized(KF, VF) ? 3 : 4; }
 
 template <int D, int G, int KF, int VF>
-__global__ void __launch_bounds__(NT, min_blocks(D, KF)) decode_kernel(const decode_params p) {
+__global__ void __launch_bounds__(NT, min_blocks(D, KF, VF)) decode_kernel(const decode_params p) {
     typedef ring<D, KF, VF> R;
     constexpr int B = KVC__CU_B;
     constexpr int NGV = v_groups<D, VF>::value;
@@ -539,37 +851,27 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF)) decode_kernel(const dec
     const int H = p.n_kv_head;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gid = lane >> 2, tig = lane & 3;
-    int seq, head, split;
-    if (p.per_warp) {                          /* no block-wide barriers on this path */
-        const int64_t pair = (int64_t)blockIdx.x * NW + warp;
-        if (pair >= p.n_pairs) return;
-        seq = (int)(pair / H);
-        head = (int)(pair % H);
-        split = 0;
-    } else {
-        split = blockIdx.x;
-        head = blockIdx.y;
-        seq = blockIdx.z;
-    }
-    const int ctx = p.ctx_lens ? p.ctx_lens[seq] : p.ctx0 + seq;
+    const int wpp = NW / p.ppb;                /* warps per pair */
+    const int64_t pair = (int64_t)blockIdx.x * p.ppb + warp / wpp;
+    const int split = blockIdx.y, rank = warp % wpp;
+    const bool has_pair = pair < p.n_pairs;
+    const int seq = has_pair ? (int)(pair / H) : 0, head = has_pair ? (int)(pair % H) : 0;
+    const int ctx = has_pair ? (p.ctx_lens ? p.ctx_lens[seq] : p.ctx0 + seq) : 0;
     float *out = p.out + (int64_t)seq * p.out_stride + (int64_t)head * G * D;   /* (G, D) */
-    if (ctx <= 0) {
-        if (split == 0) {
-            const int t0 = p.per_warp ? lane : tid, nt = p.per_warp ? 32 : NT;
-            for (int e = t0; e < G * D; e += nt) out[e] = 0.0f;
-        }
+    const int n_pages = (ctx + B - 1) / B;
+    const int n_active = n_pages > 0 ? (n_pages + p.pps - 1) / p.pps : 0;     /* splits with pages */
+    if (p.ppb == 1 && split >= n_active) {    /* one pair a block: the exit is block-uniform */
+        if (ctx <= 0 && split == 0)
+            for (int e = tid; e < G * D; e += NT) out[e] = 0.0f;
         return;
     }
-    const int n_pages = (ctx + B - 1) / B;
-    int n_active = 1, first = 0, stride = 1, end = n_pages;
-    if (!p.per_warp) {
-        n_active = (n_pages + p.pps - 1) / p.pps;
-        if (split >= n_active) return;
-        first = split * p.pps + warp;
-        stride = NW;
+    int first = 0, end = 0;
+    if (ctx > 0 && split < n_active) {
+        first = split * p.pps + rank;
         end = min(split * p.pps + p.pps, n_pages);
     }
-    const int n_mine = first < end ? (end - first + stride - 1) / stride : 0;
+    const int n_mine = first < end ? (end - first + wpp - 1) / wpp : 0;
+    const int n_steps = (n_mine + R::P - 1) / R::P;
     const int32_t *bt = p.bt + (int64_t)seq * p.bt_stride;
 
     warp_state<D, NGV> st;
@@ -583,27 +885,66 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF)) decode_kernel(const dec
     /* A fragments of the scaled query: rows gid (fp16 hi) and gid + 8 (lo);
      * the query's loads are issued before the block table's and the first
      * pages', so their latencies overlap */
-    float2 qv[D / 16][2];
+    float qv[D / 16][4];
     {
         const float *q = p.q + (int64_t)seq * p.q_stride + (int64_t)(head * G + min(gid, G - 1)) * D;
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++)
 #pragma unroll
-            for (int hc = 0; hc < 2; hc++)
-                qv[kk][hc] = gid < G ? *reinterpret_cast<const float2 *>(q + kk * 16 + hc * 8 + 2 * tig)
-                                     : make_float2(0.0f, 0.0f);
+            for (int i = 0; i < 4; i++)
+                qv[kk][i] = gid < G && n_steps > 0 ? q[q_dim<KF, VF>(kk, tig, i)] : 0.0f;
     }
-    /* this warp's pages first, first + stride, ... through its ring: S - 1
-     * pages in flight while one computes (one commit group per page, empty
-     * groups past the end keep the count uniform) */
+    /* this warp's pages first, first + wpp, ... through its ring: S - 1
+     * slots in flight while one computes (one commit group per slot, empty
+     * groups past the end keep the count uniform); positions past the
+     * context only in the last slot */
     uint8_t *my = smem_raw + warp * R::WARP_BYTES;
-    uint8_t *conv = my + R::S * R::PAGE;
-    page_ids ids(bt, first, stride, end, lane);
+    uint8_t *conv = my + R::S * R::SLOT;
+    const uint32_t mbar = smem_u32(my + R::S * R::SLOT);     /* bulk path: slot i's at mbar + 8 i */
+    page_ids ids(bt, first, wpp, end, lane);
+    page_copier pc;
+    pc.k = p.arena + p.g.layer_off + (size_t)head * p.g.k_block_bytes + (R::BULK ? 0 : 16 * lane);
+    pc.v = p.arena + p.g.layer_off + p.g.k_region + (size_t)head * p.g.v_block_bytes + (R::BULK ? 0 : 16 * lane);
+    pc.page_bytes = (uint32_t)p.g.page_bytes;
+    auto page_valid = [&](int j) { return j < n_mine ? min(B, ctx - (first + j * wpp) * B) : 0; };
+    auto issue_slot = [&](int s, int into) {
+        if constexpr (R::BULK) {
+            int32_t pg[R::P];
 #pragma unroll
-    for (int j = 0; j < R::S - 1; j++) {
-        if (j < n_mine)
-            issue_page<D, KF, VF>(p, ids.next(), head, ctx - (first + j * stride) * B, my + j * R::PAGE, lane);
-        cp_async_commit();
+            for (int q = 0; q < R::P; q++) pg[q] = s * R::P + q < n_mine ? ids.next() : -1;
+            if (lane == 0) {
+                const uint32_t mb = mbar + 8 * into, dst = smem_u32(my + into * R::SLOT);
+                mbar_expect(mb, pg[R::P - 1] >= 0 ? R::SLOT : R::PAGE);
+#pragma unroll
+                for (int q = 0; q < R::P; q++)
+                    if (pg[q] >= 0) {
+                        const uint64_t off = (uint64_t)(uint32_t)pg[q] * pc.page_bytes;
+                        bulk_copy(dst + q * R::PAGE, pc.k + off, R::KB, mb);
+                        bulk_copy(dst + q * R::PAGE + R::KB, pc.v + off, R::VB, mb);
+                    }
+            }
+        } else {
+#pragma unroll
+            for (int q = 0; q < R::P; q++) {
+                const int j = s * R::P + q;
+                if (j < n_mine)
+                    issue_page<D, KF, VF>(pc, ids.next(), VF == KVC_CU_F16 ? page_valid(j) : B,
+                                          my + into * R::SLOT + q * R::PAGE, lane);
+            }
+        }
+    };
+    if constexpr (R::BULK) {
+        if (lane == 0) {
+#pragma unroll
+            for (int i = 0; i < R::S; i++) mbar_init(mbar + 8 * i, 1);
+            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        }
+        __syncwarp();
+    }
+#pragma unroll
+    for (int s = 0; s < R::S - 1; s++) {
+        if (s < n_steps) issue_slot(s, s);
+        if constexpr (!R::BULK) cp_async_commit();
     }
     uint32_t qa[D / 16][4];
 #pragma unroll
@@ -611,50 +952,66 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF)) decode_kernel(const dec
 #pragma unroll
         for (int hc = 0; hc < 2; hc++) {
             __half h0, l0, h1, l1;
-            split_half(qv[kk][hc].x * p.qscale, h0, l0);
-            split_half(qv[kk][hc].y * p.qscale, h1, l1);
+            split_half(qv[kk][2 * hc] * p.qscale, h0, l0);
+            split_half(qv[kk][2 * hc + 1] * p.qscale, h1, l1);
             qa[kk][2 * hc] = pack_half2(h0, h1);
             qa[kk][2 * hc + 1] = pack_half2(l0, l1);
         }
+    cvt_consts kc;
+    kc.i8 = 0x64806480u ^ p.zero;
+    kc.u4 = 0x64006400u ^ p.zero;
     int slot = 0, slot_next = R::S - 1;
-    for (int j = 0; j < n_mine; j++) {
-        const int jn = j + R::S - 1;
-        if (jn < n_mine)
-            issue_page<D, KF, VF>(p, ids.next(), head, ctx - (first + jn * stride) * B, my + slot_next * R::PAGE,
-                                  lane);
-        cp_async_commit();
-        cp_async_wait<R::S - 1>();
-        __syncwarp();
-        const uint8_t *kb = my + slot * R::PAGE;
-        process_page<D, KF, VF>(kb, kb + R::KB, conv, ctx - (first + j * stride) * B, qa, lane, st);
+    uint32_t parity = 0;                       /* of the slots' current phase (bulk path) */
+    for (int s = 0; s < n_steps; s++) {
+        const int sn = s + R::S - 1;
+        if (sn < n_steps) issue_slot(sn, slot_next);
+        if constexpr (R::BULK) {
+            mbar_wait(mbar + 8 * slot, parity);
+        } else {
+            cp_async_commit();
+            cp_async_wait<R::S - 1>();
+            __syncwarp();
+        }
+        const uint8_t *sl = my + slot * R::SLOT;
+        int v0 = B, v1 = B;
+        if (s + 1 == n_steps) {
+            v0 = page_valid(s * R::P);
+            if (R::P == 2) v1 = page_valid(s * R::P + 1);
+        }
+        if (v0 == B && v1 == B) process_slot<D, KF, VF, false>(sl, conv, B, B, qa, lane, kc, st);
+        else process_slot<D, KF, VF, true>(sl, conv, v0, v1, qa, lane, kc, st);
         __syncwarp();                          /* the slot and conv are refilled next iteration */
-        slot = slot + 1 == R::S ? 0 : slot + 1;
+        if (++slot == R::S) slot = 0, parity ^= 1;
         slot_next = slot_next + 1 == R::S ? 0 : slot_next + 1;
     }
+    if constexpr (R::BULK) {                   /* every slot filled was waited for: all copies are in */
+        if (lane == 0)
+#pragma unroll
+            for (int i = 0; i < R::S; i++) mbar_inval(mbar + 8 * i);
+        __syncwarp();
+    } else {
+        cp_async_wait<0>();
+    }
 
-    /* finish the warp: l (and the int4 minima sums) over the quad, hi + lo rows */
+    /* finish the warp: l over the quad; the int4 minima's share (an mma
+     * sum: every thread of the quad holds the whole) into its group's dims */
     st.l += __shfl_xor_sync(KVC__CU_FULL, st.l, 1);
     st.l += __shfl_xor_sync(KVC__CU_FULL, st.l, 2);
     if constexpr (kvc__cu_is_u4t(VF)) {
+        constexpr int NK = kvc__cu_u4_group(VF) / 8;
 #pragma unroll
-        for (int gi = 0; gi < NGV; gi++) {
-            st.vmin[gi] += __shfl_xor_sync(KVC__CU_FULL, st.vmin[gi], 1);
-            st.vmin[gi] += __shfl_xor_sync(KVC__CU_FULL, st.vmin[gi], 2);
-        }
-#pragma unroll
-        for (int dn = 0; dn < D / 8; dn++) {
-            const float mv = st.vmin[dn * 8 / kvc__cu_u4_group(VF)];
-            st.o[dn][0] += mv;
-            st.o[dn][1] += mv;
+        for (int jd = 0; jd < D / 8; jd++) {
+            st.o[jd][0] += st.vmin[jd / NK];
+            st.o[jd][1] += st.vmin[jd / NK];
         }
     }
-    if (p.per_warp) {
-        if (gid < G) {
-            const float inv = 1.0f / st.l;
+    if (wpp == 1) {                            /* a warp per pair: no block-wide steps */
+        if (has_pair && gid < G) {
+            const float inv = st.l > 0.0f ? 1.0f / st.l : 0.0f;
 #pragma unroll
-            for (int dn = 0; dn < D / 8; dn++)
-                *reinterpret_cast<float2 *>(out + gid * D + dn * 8 + 2 * tig) =
-                    make_float2(st.o[dn][0] * inv, st.o[dn][1] * inv);
+            for (int jd = 0; jd < D / 8; jd++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) out[gid * D + o_dim<D, KF, VF>(jd, 2 * tig + e)] = st.o[jd][e] * inv;
         }
         return;
     }
@@ -664,10 +1021,9 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF)) decode_kernel(const dec
     float *s_l = s_m + NW * G;                 /* (NW, G) */
     if (gid < G) {
 #pragma unroll
-        for (int dn = 0; dn < D / 8; dn++) {
-            s_acc[(warp * G + gid) * D + dn * 8 + 2 * tig] = st.o[dn][0];
-            s_acc[(warp * G + gid) * D + dn * 8 + 2 * tig + 1] = st.o[dn][1];
-        }
+        for (int jd = 0; jd < D / 8; jd++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) s_acc[(warp * G + gid) * D + o_dim<D, KF, VF>(jd, 2 * tig + e)] = st.o[jd][e];
         if (tig == 0) {
             s_m[warp * G + gid] = st.m;
             s_l[warp * G + gid] = st.l;
@@ -675,36 +1031,17 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF)) decode_kernel(const dec
     }
     __syncthreads();
 
-    /* merge the warps: warp 0 always had a page, so each max is finite */
-    const int64_t unit = ((int64_t)seq * H + head) * p.n_splits;
-    for (int e = tid; e < G * D; e += NT) {
-        const int g = e / D;
-        float M = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < NW; w++) M = fmaxf(M, s_m[w * G + g]);
-        float A = 0.0f, Ls = 0.0f;
-#pragma unroll
-        for (int w = 0; w < NW; w++) {
-            const float f = exp2f(s_m[w * G + g] - M);
-            A = fmaf(f, s_acc[(w * G + g) * D + (e - g * D)], A);
-            Ls = fmaf(f, s_l[w * G + g], Ls);
-        }
-        if (n_active == 1) {
-            out[e] = A / Ls;
-        } else {
-            p.ws_acc[(unit + split) * G * D + e] = A;
-            if (e - g * D == 0) {
-                p.ws_ml[(unit + split) * 2 * G + g] = M;
-                p.ws_ml[(unit + split) * 2 * G + G + g] = Ls;
-            }
-        }
-    }
-    if (n_active == 1) return;
+    /* merge the warps of each pair of the block (a warp without pages has m
+     * = -inf; a pair without positions writes zeros) */
+    const int64_t unit = pair * p.n_splits;    /* ppb 1: this block's pair */
+    if (p.ppb == 1) merge_warps<D, G, NW>(p, s_acc, s_m, s_l, n_active <= 1, unit + split);
+    else merge_warps<D, G, 2>(p, s_acc, s_m, s_l, true, 0);
+    if (p.ppb > 1 || n_active <= 1) return;
 
     /* the last split of a (sequence, head) to finish merges them all; past
      * FAN splits, the last of each group of FAN merges the group into its
      * first slot and the last group to finish merges the groups */
-    int *counters = p.counters + ((int64_t)seq * H + head) * (1 + FAN);
+    int *counters = p.counters + pair * (1 + FAN);
     const int n_groups = (n_active + FAN - 1) / FAN;
     int count = n_active, step = 1;
     if (n_groups > 1) {
@@ -721,7 +1058,7 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF)) decode_kernel(const dec
 /* ---- host side ------------------------------------------------------------- */
 
 struct plan {
-    int per_warp, pps, n_splits;
+    int ppb, pps, n_splits;
 };
 
 int sm_count() {
@@ -753,6 +1090,7 @@ template <int D, int G, int KF, int VF> int blocks_per_sm() {
             cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel<D, G, KF, VF>, NT, smem) != cudaSuccess ||
             n < 1)
             n = 1;
+        (void)cudaGetLastError();              /* a failed query must not look like a failed launch */
     }
     return n;
 }
@@ -792,47 +1130,57 @@ template <typename F> int with_instance(const kvc_cu_layout *L, int G, F &&f) {
     return KVC_ERR_INVAL;
 }
 
-/* The plan (from the sweeps in notes/gpu.md): a warp per (sequence, kv
- * head) when there are pairs for at least a quarter of the resident warps (f16;
- * quantized K and V, whose warps do more work per byte: twice the resident
- * warps); otherwise about two blocks per multiprocessor (quantized: four),
- * but at least 16 pages per warp (a ring fill and a merge cost about as much
- * as a dozen pages); with fewer pairs than multiprocessors (long single
- * sequences), as many splits as fit in one wave of resident blocks (a
- * second, partial wave costs a whole block's time; f16 at most FAN, one
- * merge level), at least 4 pages a warp. */
+/* The plan. Work shares: ppb 4 (a warp per pair), ppb 2 (two warps per
+ * pair), ppb 1 with n splits (blocks of NW warps per (pair, split)). Among
+ * those whose blocks all fit in one wave of resident blocks, the one whose
+ * busiest multiprocessor has the fewest pages per warp-slot wins: cost =
+ * ceil(blocks / SMs) * pages per warp (a multiprocessor's throughput is
+ * shared by its blocks), splits costing a merge (about as much as 8 pages
+ * of a warp) and, past FAN, a second merge level; ties go to more blocks. If
+ * none fits, a warp per pair (the fewest blocks). */
 plan make_plan(const kvc_cu_layout *L, int n_seqs, int max_ctx, int n_rep) {
-    plan pl;
-    const int pages = max_ctx > 0 ? (max_ctx + L->block_size - 1) / L->block_size : 1;
-    const long pairs = (long)(n_seqs > 0 ? n_seqs : 1) * L->n_kv_head;
+    const int sms = sm_count();
     int per_sm = with_instance(L, n_rep, [](auto d, auto g, auto kf, auto vf) {
         return blocks_per_sm<decltype(d)::value, decltype(g)::value, decltype(kf)::value, decltype(vf)::value>();
     });
     if (per_sm < 1) per_sm = 1;
-    const long resident = (long)sm_count() * per_sm;
-    const bool quantized = L->k_fmt != KVC_CU_F16 && L->v_fmt != KVC_CU_F16;
-    int pps = g_pages_per_split;
-    pl.per_warp = 0;
-    const bool many = quantized ? pairs >= 2 * resident * NW : pairs * 4 >= resident * NW;
-    if (g_warp_per_seq > 0 || (g_warp_per_seq == 0 && pps == 0 && many)) {
-        pl.per_warp = 1;
-        pl.pps = pages;
-        pl.n_splits = 1;
-        return pl;
+    const int pages = max_ctx > 0 ? (max_ctx + L->block_size - 1) / L->block_size : 1;
+    const long pairs = (long)(n_seqs > 0 ? n_seqs : 1) * L->n_kv_head;
+    const long resident = (long)sms * per_sm;
+    plan pl = {4, pages, 1};
+    long best_blocks = 0;
+    double best = 0;
+    auto consider = [&](int ppb, int pps) {
+        const int splits = (pages + pps - 1) / pps;
+        if (splits > MAX_SPLITS) return;
+        const long blocks = (pairs + ppb - 1) / ppb * splits;
+        const long per_warp = (pps + NW / ppb - 1) / (NW / ppb);
+        if (blocks > resident) return;
+        double c = (double)((blocks + sms - 1) / sms) * (double)per_warp;
+        if (splits > 1) c += 8.0 * (splits > FAN ? 2 : 1);
+        if (!best_blocks || c < best || (c == best && blocks > best_blocks)) {
+            best = c, best_blocks = blocks;
+            pl.ppb = ppb, pl.pps = pps, pl.n_splits = splits;
+        }
+    };
+    if (g_warp_per_seq > 0) {
+        pl.ppb = g_warp_per_seq >= 2 ? 2 : 4;
+    } else if (g_pages_per_split > 0) {
+        pl.ppb = 1;
+        pl.pps = g_pages_per_split;
+        if ((pages + pl.pps - 1) / pl.pps > MAX_SPLITS) pl.pps = (pages + MAX_SPLITS - 1) / MAX_SPLITS;
+        pl.n_splits = (pages + pl.pps - 1) / pl.pps;
+    } else {
+        if (g_warp_per_seq == 0) {
+            consider(4, pages);
+            consider(2, pages);
+        }
+        for (int splits = 1; splits <= MAX_SPLITS && splits <= pages; splits++) {
+            const int pps = (pages + splits - 1) / splits;
+            if ((pages + pps - 1) / pps == splits) consider(1, pps);
+        }
+        if (!best_blocks && g_warp_per_seq < 0) pl.ppb = 1;   /* nothing fits one wave: the fewest split blocks */
     }
-    if (pps <= 0 && pairs < sm_count()) {
-        long splits = resident / pairs > 1 ? resident / pairs : 1;
-        if (!quantized && splits > FAN) splits = FAN;    /* f16: one merge level beats more blocks */
-        pps = (int)((pages + splits - 1) / splits);
-        if (pps < 4 * NW) pps = 4 * NW < pages ? 4 * NW : pages;
-    } else if (pps <= 0) {
-        const long splits = ((quantized ? 4L : 2L) * sm_count() + pairs - 1) / pairs;
-        pps = (int)((pages + splits - 1) / splits);
-        if (pps < 16 * NW) pps = 16 * NW < pages ? 16 * NW : pages;
-    }
-    if ((pages + pps - 1) / pps > MAX_SPLITS) pps = (pages + MAX_SPLITS - 1) / MAX_SPLITS;
-    pl.pps = pps;
-    pl.n_splits = (pages + pps - 1) / pps;
     return pl;
 }
 
@@ -845,7 +1193,7 @@ struct ws_parts {
 ws_parts ws_layout(const kvc_cu_layout *L, int n_seqs, int n_rep, const plan &pl) {
     ws_parts w;
     const size_t units = (size_t)n_seqs * L->n_kv_head;
-    const size_t splits = pl.per_warp || pl.n_splits == 1 ? 0 : (size_t)pl.n_splits;
+    const size_t splits = pl.ppb > 1 || pl.n_splits == 1 ? 0 : (size_t)pl.n_splits;
     w.counters = 0;
     w.ml = align256(units * (1 + FAN) * sizeof(int));
     w.acc = w.ml + align256(units * splits * 2 * n_rep * sizeof(float));
@@ -897,10 +1245,11 @@ extern "C" int kvc_cu_decode(const kvc_cu_layout *L, const void *arena, int laye
     p.ctx_lens = a->ctx_lens;
     p.ctx0 = a->ctx0;
     p.n_kv_head = L->n_kv_head;
-    p.per_warp = pl.per_warp;
+    p.ppb = pl.ppb;
     p.n_pairs = (int64_t)a->n_seqs * L->n_kv_head;
     p.pps = pl.pps;
     p.n_splits = pl.n_splits;
+    p.zero = 0;
     p.qscale = a->scale * 1.4426950408889634f;
     p.q = a->q;
     p.q_stride = a->q_stride;
@@ -910,8 +1259,7 @@ extern "C" int kvc_cu_decode(const kvc_cu_layout *L, const void *arena, int laye
     p.counters = (int *)(ws + w.counters);
     p.ws_ml = (float *)(ws + w.ml);
     p.ws_acc = (float *)(ws + w.acc);
-    const dim3 grid = pl.per_warp ? dim3((unsigned)((p.n_pairs + NW - 1) / NW))
-                                  : dim3(pl.n_splits, L->n_kv_head, a->n_seqs);
+    const dim3 grid((unsigned)((p.n_pairs + pl.ppb - 1) / pl.ppb), pl.n_splits);
     cudaStream_t stream_ = (cudaStream_t)stream;
     int rc2 = with_instance(L, a->n_rep, [&](auto d, auto g, auto kf, auto vf) -> int {
         constexpr int D_ = decltype(d)::value, G_ = decltype(g)::value, KF_ = decltype(kf)::value,

@@ -117,8 +117,9 @@ int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int layer,
 
 /* Tuning for benchmarks: context pages each decode thread block covers (0:
  * planned from the sizes and the device, the default) and whether each warp
- * takes a whole (sequence, kv head) (1), blocks split the context (-1), or
- * the plan decides (0, the default). Not thread-safe; set before use. */
+ * takes a whole (sequence, kv head) (1), two warps do, two pairs a block
+ * (2), blocks split the context (-1), or the plan decides (0, the default).
+ * Not thread-safe; set before use. */
 void kvc_cu_set_decode_tuning(int pages_per_split, int warp_per_sequence);
 
 #ifdef __cplusplus

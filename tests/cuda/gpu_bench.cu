@@ -12,14 +12,17 @@
  *     >= 800 MB so the 60 MB L2 holds none of it. Timed as a CUDA graph of
  *     2 * n_layer launches replayed 20 times (median replay / launches), and
  *     as single launches between events (median of 50, PyTorch's method),
- *     for several pages-per-split settings ("auto" is the default plan);
+ *     for several plans ("auto" is the default; warp/seq and 2warp/seq a warp
+ *     or two per (sequence, kv head); ppsN splits of N pages);
  *   prefill of a 2048-token chunk at positions 0 and 2048 (TFLOP/s, counting
  *     4 * head_dim per (query row, visible position));
  *   compress-on-write of 64 tokens (a decode step) and 2048 (a chunk).
  * Stored numbers are random halves (int8 blocks: random bytes and scales):
  * never zeros.
  *
- * Usage: gpu_bench [--quick] [--csv FILE]
+ * Usage: gpu_bench [--quick] [--csv FILE] [--match TEXT]...
+ *        (--match: only the decode cases whose label "shape kcodec/vcodec
+ *        NxCTX" contains one of the texts; no prefill or write)
  *        gpu_bench --one smollm2|llama8b KCODEC VCODEC N_SEQS CTX   (20 launches, for ncu)
  *        gpu_bench --chunks   (HBM read bandwidth of random 1..64 KB chunks) */
 #include <cuda_fp16.h>
@@ -59,6 +62,14 @@ extern "C" {
 
 static const double FLOOR_BW = 4.3e12;   /* bytes/s, the copy bandwidth measured on this GPU */
 static FILE *g_csv = NULL;
+static std::vector<const char *> g_match;   /* --match */
+
+static bool selected(const char *label) {
+    if (g_match.empty()) return true;
+    for (const char *m : g_match)
+        if (strstr(label, m)) return true;
+    return false;
+}
 
 __global__ void fill_random(uint32_t *p, size_t n_words, uint32_t seed) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n_words; i += (size_t)gridDim.x * blockDim.x) {
@@ -212,7 +223,7 @@ static void bench_decode(const shape &s, const char *kc, const char *vc, int n_s
     struct tuning {
         int pps, wph;
     };
-    std::vector<tuning> tunings = {{0, 0}, {0, 1}, {16, -1}, {32, -1}, {64, -1}, {128, -1}, {256, -1}};
+    std::vector<tuning> tunings = {{0, 0}, {0, 1}, {0, 2}, {16, -1}, {32, -1}, {64, -1}, {128, -1}, {256, -1}};
     if (quick) tunings = {{0, 0}};
     double best_us = 1e30, auto_us = 0;
     tuning best = {0, 0};
@@ -259,7 +270,7 @@ static void bench_decode(const shape &s, const char *kc, const char *vc, int n_s
         const double ug = median(tg), ue = median(te);
         char pn[32];
         if (tu.pps) snprintf(pn, sizeof pn, "pps%d", tu.pps);
-        else if (tu.wph) snprintf(pn, sizeof pn, "warp/seq");
+        else if (tu.wph) snprintf(pn, sizeof pn, tu.wph == 1 ? "warp/seq" : "2warp/seq");
         else snprintf(pn, sizeof pn, "auto");
         printf("decode %-8s %-9s %4dx%-6d %-7s %8.2f us graph (%6.0f GB/s, %5.1f%% of floor) %8.2f us event (%5.1f%%)  [%.1f MB, floor %.2f us]\n",
                s.name, kc, n_seqs, ctx, pn, ug, bytes / ug * 1e-3, floor_us / ug * 100, ue, floor_us / ue * 100,
@@ -477,8 +488,9 @@ int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--quick")) quick = true;
         else if (!strcmp(argv[i], "--csv") && i + 1 < argc) g_csv = fopen(argv[++i], "w");
+        else if (!strcmp(argv[i], "--match") && i + 1 < argc) g_match.push_back(argv[++i]);
         else {
-            fprintf(stderr, "usage: %s [--quick] [--csv FILE]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--quick] [--csv FILE] [--match TEXT]...\n", argv[0]);
             return 2;
         }
     }
@@ -495,8 +507,16 @@ int main(int argc, char **argv) {
     for (auto &s : shapes)
         for (auto &c : codecs) {
             if (quick && strcmp(c[0], c[1]) != 0) continue;
-            for (auto &cs : cases) bench_decode(s, c[0], c[1], cs[0], cs[1], quick);
+            for (auto &cs : cases) {
+                char label[96];
+                snprintf(label, sizeof label, "%s %s/%s %dx%d", s.name, c[0], c[1], cs[0], cs[1]);
+                if (selected(label)) bench_decode(s, c[0], c[1], cs[0], cs[1], quick);
+            }
         }
+    if (!g_match.empty()) {
+        if (g_csv) fclose(g_csv);
+        return 0;
+    }
     for (auto &s : shapes)
         for (int ci = 0; ci < 3; ci++)
             for (int pos0 : {0, 2048}) bench_prefill(s, codecs[ci][0], codecs[ci][1], pos0, 2048);

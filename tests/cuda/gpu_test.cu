@@ -20,8 +20,9 @@
  *   3. decode: kvc_cu_decode for one query token per sequence at its last
  *      position against kvc_attend, in each plan: the default, forced splits
  *      (8 pages: many partials merged; 3 pages: warps left without a page), a
- *      single split, one warp per (sequence, head) doing all of it. A
- *      context of 0 gives zeros.
+ *      single split, one warp per (sequence, head) doing all of it, two warps
+ *      per (sequence, head) and two pairs a block. A context of 0 gives
+ *      zeros.
  *   4. prefill: chunks [pos0, pos0 + n) of one sequence through
  *      kvc_cu_prefill against kvc_attend (causal inside the chunk).
  * Outputs are poisoned (NaN bytes) before each launch; every element must be
@@ -30,10 +31,10 @@
  * Error bound, per output vector (query token, head): ||gpu - cpu||_2 /
  * ||cpu||_2 <= 1e-4 * max(1, context / 4096) on the decode kernel: its
  * tensor-core products see the query and the softmax weights as fp16 hi +
- * lo pairs (~22-bit operands; int4 keys' per-channel scales folded in
- * without rounding loss) and it sums in fp32, so it is as exact as fp32
- * arithmetic, whose running sums over thousands of pages add ~1e-4 at 20k
- * positions. <= 5e-3 * max(1, q_gain) on the prefill, which rounds the
+ * lo pairs (~22-bit operands; int4 keys' per-channel scales and int4
+ * values' per-token scales folded in without rounding loss; codes exact as
+ * halves) and it sums in fp32, so it is as exact as fp32 arithmetic, whose
+ * running sums over thousands of pages add ~1e-4 at 20k positions. <= 5e-3 * max(1, q_gain) on the prefill, which rounds the
  * scaled query, the softmax weights and (quantized pages) the dequantized
  * K/V numbers to fp16 (each a relative 2^-11 = 4.9e-4 at most; the bound
  * leaves a factor of ten at unit-scale queries): a logit moves by ~2^-11 of
@@ -319,9 +320,9 @@ static void run_case(const test_case &c) {
         d_ctx.up(c.ctx.data());
         dev_buf<float> d_q(q.size()), d_out(q.size());
         d_q.up(q.data());
-        const int pps_set[5] = {0, 8, 3, 1 << 20, 0}, wph_set[5] = {0, -1, -1, -1, 1};
-        const char *pps_name[5] = {"auto", "8 pages", "3 pages", "one split", "warp/head"};
-        for (int v = 0; v < 5; v++) {
+        const int pps_set[6] = {0, 8, 3, 1 << 20, 0, 0}, wph_set[6] = {0, -1, -1, -1, 1, 2};
+        const char *pps_name[6] = {"auto", "8 pages", "3 pages", "one split", "warp/head", "2 warps/head"};
+        for (int v = 0; v < 6; v++) {
             kvc_cu_set_decode_tuning(pps_set[v], wph_set[v]);
             kvc_cu_decode_args a;
             memset(&a, 0, sizeof a);
