@@ -1138,7 +1138,7 @@ template <typename F> int with_instance(const kvc_cu_layout *L, int G, F &&f) {
  * shared by its blocks), splits costing a merge (about as much as 8 pages
  * of a warp) and, past FAN, a second merge level; ties go to more blocks. If
  * none fits, a warp per pair (the fewest blocks). */
-plan make_plan(const kvc_cu_layout *L, int n_seqs, int max_ctx, int n_rep) {
+plan search_plan(const kvc_cu_layout *L, int n_seqs, int max_ctx, int n_rep) {
     const int sms = sm_count();
     int per_sm = with_instance(L, n_rep, [](auto d, auto g, auto kf, auto vf) {
         return blocks_per_sm<decltype(d)::value, decltype(g)::value, decltype(kf)::value, decltype(vf)::value>();
@@ -1182,6 +1182,29 @@ plan make_plan(const kvc_cu_layout *L, int n_seqs, int max_ctx, int n_rep) {
         if (!best_blocks && g_warp_per_seq < 0) pl.ppb = 1;   /* nothing fits one wave: the fewest split blocks */
     }
     return pl;
+}
+
+/* The search costs microseconds of host time (up to MAX_SPLITS candidates)
+ * and a decode step asks once per layer with the same sizes: the last
+ * answer of this host thread is kept. */
+plan make_plan(const kvc_cu_layout *L, int n_seqs, int max_ctx, int n_rep) {
+    struct key {
+        int n_kv_head, head_dim, block_size, k_fmt, v_fmt, n_seqs, max_ctx, n_rep, pps, wps;
+        bool operator==(const key &o) const {
+            return n_kv_head == o.n_kv_head && head_dim == o.head_dim && block_size == o.block_size &&
+                   k_fmt == o.k_fmt && v_fmt == o.v_fmt && n_seqs == o.n_seqs && max_ctx == o.max_ctx &&
+                   n_rep == o.n_rep && pps == o.pps && wps == o.wps;
+        }
+    };
+    thread_local key last_key = {-1, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    thread_local plan last = {4, 1, 1};
+    const key k = {L->n_kv_head, L->head_dim, L->block_size, L->k_fmt, L->v_fmt,
+                   n_seqs, max_ctx, n_rep, g_pages_per_split, g_warp_per_seq};
+    if (!(k == last_key)) {
+        last = search_plan(L, n_seqs, max_ctx, n_rep);
+        last_key = k;
+    }
+    return last;
 }
 
 size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
