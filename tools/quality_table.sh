@@ -117,6 +117,7 @@ $1
 EOF
 }
 
+if [ -n "${SETTINGS:-}" ]; then list=$(cat "$SETTINGS"); else list=$(builtin_settings); fi
 if [ "${1:-}" != plot ]; then
     CALIB=${CALIB:-$OUT/calib.bin}
     if [ ! -f "$CALIB" ]; then
@@ -132,7 +133,6 @@ if [ "${1:-}" != plot ]; then
          >> "$OUT/runs.log"
     [ -f "$TSV" ] || printf 'name\tk\tv\tblock\tbytes_per_token\tratio\tppl\tseconds\tabsorbed\n' > "$TSV"
     [ -f "$OUT/prefill.tsv" ] || printf 'name\tprompt\tcpu_s\tcpu_s_unabsorbed\n' > "$OUT/prefill.tsv"
-    if [ -n "${SETTINGS:-}" ]; then list=$(cat "$SETTINGS"); else list=$(builtin_settings); fi
     echo "$list" | while read -r name k v block; do
         [ -n "$name" ] || continue
         block=${block:-16}
@@ -157,16 +157,17 @@ if [ "${1:-}" != plot ]; then
 fi
 
 # ΔPPL against the f16 row; Pareto-best: no other row with a ratio at least as
-# high and a smaller ΔPPL (or an equal ΔPPL and a higher ratio)
+# high and a smaller ΔPPL (or an equal ΔPPL and a higher ratio), a ΔPPL below
+# zero counting as zero (noise: f32, a full-rank basis)
 base=$(awk -F'\t' '$1 == "f16" { print $7 }' "$TSV")
 [ -n "$base" ] || { echo "quality: no f16 row in $TSV" >&2; exit 1; }
 awk -F'\t' -v base="$base" '
-    NR > 1 { n++; name[n] = $1; r[n] = $6; d[n] = 100 * ($7 - base) / base; line[n] = $0 }
+    NR > 1 { n++; name[n] = $1; r[n] = $6; d[n] = 100 * ($7 - base) / base; c[n] = d[n] < 0 ? 0 : d[n] }
     END {
         for (i = 1; i <= n; i++) {
             best = 1
             for (j = 1; j <= n && best; j++)
-                if (j != i && r[j] >= r[i] && d[j] <= d[i] && (r[j] > r[i] || d[j] < d[i])) best = 0
+                if (j != i && r[j] >= r[i] && c[j] <= c[i] && (r[j] > r[i] || c[j] < c[i])) best = 0
             printf "%s\t%s\t%.3f\t%d\n", name[i], r[i], d[i], best
         }
     }' "$TSV" > "$OUT/quality.dat"
@@ -175,17 +176,21 @@ awk -F'\t' '$4 == 1' "$OUT/quality.dat" | sort -t'	' -k2,2g > "$OUT/pareto.dat"
     echo "| setting | K | V | block | bytes/token | compression | PPL | ΔPPL | prefill tok/CPU s | absorbed (without) | Pareto |"
     echo "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | :---: |"
     [ -f "$OUT/prefill.tsv" ] || : > "$OUT/prefill.tsv"
+    # rows in the order of the settings list, then any others
+    echo "$list" | awk 'NF { print $1 }' > "$OUT/order.txt"
+    awk -F'\t' 'NR == FNR { pos[$1] = FNR; next } FNR > 1 { print ($1 in pos ? pos[$1] : 100000 + FNR) "\t" $0 }' \
+        "$OUT/order.txt" "$TSV" | sort -t'	' -k1,1n | cut -f2- |
     awk -F'\t' -v base="$base" -v pareto="$OUT/quality.dat" -v prefill="$OUT/prefill.tsv" '
         BEGIN {
             while ((getline l < pareto) > 0) { split(l, f, "\t"); best[f[1]] = f[4] }
             while ((getline l < prefill) > 0) { split(l, f, "\t"); if (f[3] > 0) { speed[f[1]] = f[2] / f[3]; plain[f[1]] = f[2] / f[4] } }
         }
-        NR > 1 {
+        {
             s = $1 in speed ? sprintf("%.0f", speed[$1]) : "-"
             a = $9 == "none" || $9 == "" ? "" : $1 in plain ? sprintf("%s (%.0f)", $9, plain[$1]) : $9
             printf "| %s | `%s` | `%s` | %d | %d | %.2fx | %.3f | %+.2f%% | %s | %s | %s |\n",
                 $1, $2, $3, $4, $5, $6, $7, 100 * ($7 - base) / base, s, a, best[$1] ? "*" : ""
-        }' "$TSV"
+        }'
 } > "$OUT/quality.md"
 cat "$OUT/quality.md"
 if command -v gnuplot >/dev/null 2>&1; then
