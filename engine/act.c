@@ -5,7 +5,7 @@
 #include <math.h>
 #include <stdbool.h>
 
-void eng__swiglu_avx2(float *g, const float *u, int n);
+void eng__swiglu_avx2(float *out, const float *g, const float *u, int n);
 
 static bool has_avx2(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -16,15 +16,15 @@ static bool has_avx2(void) {
 #endif
 }
 
-void eng_swiglu(float *g, const float *u, int n) {
+void eng_swiglu(float *out, const float *g, const float *u, int n) {
     static int avx2 = -1;  /* a benign race: every thread computes the same answer */
     if (avx2 < 0)
         avx2 = has_avx2();
     int i = 0;
     if (avx2) {
-        eng__swiglu_avx2(g, u, n - n % 8);
+        eng__swiglu_avx2(out, g, u, n - n % 8);
         i = n - n % 8;
     }
     for (; i < n; i++)
-        g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }

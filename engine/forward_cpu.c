@@ -55,6 +55,7 @@ typedef struct {
     float *xb;    /* (T, max(n_embd, q_dim)) normed input, then attention output */
     float *qkv;   /* (T, qkv_dim) */
     float *hb;    /* (T, 2 n_ff) */
+    float *ff;    /* (T, n_ff) the FFN activation, the down projection's input */
     float *tmp;   /* (T, n_embd) */
     float *coef;  /* (T, coef_dim) absorbed K/V coefficients */
     int *tok_pos; /* (T) position of each token */
@@ -158,8 +159,8 @@ typedef enum {
     OP_NORM,        /* xb = norm(x) * w (+ b) */
     OP_ADD_NORM,    /* x += tmp (+ bias); xb = norm(x) * w (+ b) */
     OP_QKV_POST,    /* qkv += bqkv; rope q and k */
-    OP_SWIGLU,      /* hb[:, :n_ff] = silu(gate) * up */
-    OP_GELU,        /* hb = gelu(hb + b_up) */
+    OP_SWIGLU,      /* ff = silu(gate) * up (gate, up: hb's halves) */
+    OP_GELU,        /* ff = gelu(hb[:, :n_ff] + b_up) */
 } row_op;
 
 typedef struct {
@@ -250,14 +251,15 @@ static void row_task(void *ctx, int task, int worker) {
             break;
         }
         case OP_SWIGLU: {
-            float *g = cb->hb + (size_t)r * 2 * n_ff;
-            eng_swiglu(g, g + n_ff, n_ff);
+            const float *g = cb->hb + (size_t)r * 2 * n_ff;
+            eng_swiglu(cb->ff + (size_t)r * n_ff, g, g + n_ff, n_ff);
             break;
         }
         case OP_GELU: {
-            float *h = cb->hb + (size_t)r * 2 * n_ff;
+            const float *h = cb->hb + (size_t)r * 2 * n_ff;
+            float *o = cb->ff + (size_t)r * n_ff;
             for (int i = 0; i < n_ff; i++)
-                h[i] = gelu_tanh(h[i] + (j->bias ? j->bias[i] : 0.0f));
+                o[i] = gelu_tanh(h[i] + (j->bias ? j->bias[i] : 0.0f));
             break;
         }
         }
@@ -346,10 +348,10 @@ static int grow(cpu_backend *cb, int n_tokens, int max_ctx) {
     if (n_tokens > cb->cap_tokens) {
         int cap = n_tokens;
         size_t wide = (size_t)(c->n_embd > cb->q_dim ? c->n_embd : cb->q_dim);
-        float **bufs[] = {&cb->x, &cb->xb, &cb->qkv, &cb->hb, &cb->tmp, &cb->coef};
-        size_t widths[] = {(size_t)c->n_embd, wide, (size_t)cb->qkv_dim, 2 * (size_t)c->n_ff,
+        float **bufs[] = {&cb->x, &cb->xb, &cb->qkv, &cb->hb, &cb->ff, &cb->tmp, &cb->coef};
+        size_t widths[] = {(size_t)c->n_embd, wide, (size_t)cb->qkv_dim, 2 * (size_t)c->n_ff, (size_t)c->n_ff,
                            (size_t)c->n_embd, (size_t)(cb->coef_dim ? cb->coef_dim : 1)};
-        for (int i = 0; i < 6; i++) {
+        for (int i = 0; i < 7; i++) {
             free(*bufs[i]);
             *bufs[i] = aligned_alloc(64, ((size_t)cap * widths[i] * sizeof(float) + 63) & ~(size_t)63);
             if (!*bufs[i])
@@ -472,10 +474,7 @@ static int cpu_forward(eng_backend *be, const eng_batch *b, float *logits, char 
             eng_matmul(cb->tp, &L->w_gate_up, cb->xb, T, cb->hb, 2 * (int64_t)c->n_ff);
             run_rows(cb, OP_SWIGLU, T, F, F, F);
         }
-        /* down projection reads the first n_ff of each 2 n_ff row: compact first */
-        for (int r = 1; r < T; r++)
-            memmove(cb->hb + (size_t)r * c->n_ff, cb->hb + (size_t)r * 2 * c->n_ff, (size_t)c->n_ff * sizeof(float));
-        eng_matmul(cb->tp, &L->w_down, cb->hb, T, cb->tmp, n_embd);
+        eng_matmul(cb->tp, &L->w_down, cb->ff, T, cb->tmp, n_embd);
         if (l + 1 < c->n_layer)
             run_rows(cb, OP_ADD_NORM, T, VEC(m->layers[l + 1].attn_norm), VEC(m->layers[l + 1].attn_norm_b),
                      VEC(L->b_down));
@@ -525,6 +524,7 @@ static eng_tensor rows_view(const eng_tensor *w, int64_t row0, int64_t n) {
     v.data = (char *)w->data + (size_t)row0 * eng_row_bytes(w->type, w->ne[0]);
     v.ne[1] = n;
     v.owned = false;
+    v.packed = NULL;
     return v;
 }
 
@@ -654,6 +654,7 @@ static void cpu_destroy(eng_backend *be) {
     free(cb->xb);
     free(cb->qkv);
     free(cb->hb);
+    free(cb->ff);
     free(cb->tmp);
     free(cb->coef);
     free(cb->tok_pos);

@@ -292,6 +292,85 @@ static const char *type_name(eng_dtype type, char *buf, size_t len) {
     return buf;
 }
 
+static _Atomic bool packing = true;
+
+void eng_matmul_set_packing(bool on) { packing = on; }
+static bool pack_enabled(void) { return packing; }
+
+/* The 32 codes of a Q4 / Q8_0 block in input order: Q4 unsigned 0..15 (low
+ * nibbles hold inputs 0..15, high nibbles 16..31), Q8_0 the signed bytes. */
+static void block_codes(eng_dtype type, const uint8_t *blk, uint8_t out[ENG_QK]) {
+    if (type == ENG_Q8_0) {
+        memcpy(out, ((const eng_block_q8_0 *)blk)->qs, ENG_QK);
+        return;
+    }
+    const uint8_t *qs = type == ENG_Q4_1 ? ((const eng_block_q4_1 *)blk)->qs : ((const eng_block_q4_0 *)blk)->qs;
+    for (int e = 0; e < ENG_QK / 2; e++) {
+        out[e] = qs[e] & 0x0f;
+        out[e + ENG_QK / 2] = qs[e] >> 4;
+    }
+}
+
+int eng_weight_pack(eng_tensor *t, char *err, size_t errlen) {
+    const size_t pbb = eng__pack_block_bytes(t->type);
+    if (pbb == 0 || !eng__mm_kernels_avx2.panel16[t->type] || kernels() != &eng__mm_kernels_avx2 ||
+        !pack_enabled())
+        return 0;
+    const int64_t n_in = t->ne[0], n_out = t->ne[1], nb = n_in / ENG_QK;
+    const int64_t n_panels = (n_out + ENG__PANEL_ROWS - 1) / ENG__PANEL_ROWS;
+    const size_t row_bytes = eng_row_bytes(t->type, n_in), bb = eng_dtype_block_bytes(t->type);
+    if (row_bytes == 0 || (uint64_t)n_panels * (uint64_t)nb > SIZE_MAX / pbb) {
+        snprintf(err, errlen, "%s matrix of shape [%lld, %lld] cannot be packed", eng_dtype_name(t->type),
+                 (long long)n_in, (long long)n_out);
+        return -1;
+    }
+    uint8_t *dst = aligned_alloc(64, ((size_t)n_panels * (size_t)nb * pbb + 63) & ~(size_t)63);
+    if (!dst) {
+        snprintf(err, errlen, "out of memory packing a %s matrix of shape [%lld, %lld]",
+                 eng_dtype_name(t->type), (long long)n_in, (long long)n_out);
+        return -1;
+    }
+    const bool q8 = t->type == ENG_Q8_0;
+    const size_t codes = q8 ? ENG__PACK_Q8_CODES : ENG__PACK_Q4_CODES;
+    uint8_t *o = dst;
+    for (int64_t p = 0; p < n_panels; p++) {
+        const uint8_t *row[ENG__PANEL_ROWS];
+        for (int i = 0; i < ENG__PANEL_ROWS; i++) {
+            const int64_t r = p * ENG__PANEL_ROWS + i < n_out ? p * ENG__PANEL_ROWS + i : n_out - 1;
+            row[i] = (const uint8_t *)t->data + (size_t)r * row_bytes;
+        }
+        for (int64_t b = 0; b < nb; b++, o += pbb) {
+            float *d = (float *)(o + codes), *mn = d + ENG__PANEL_ROWS;
+            /* pairs of codes as 16-bit units: pair k of row i is c[i][k] */
+            uint16_t c[ENG__PANEL_ROWS][ENG_QK / 2], out[ENG__PACK_Q8_CODES / 2];
+            for (int i = 0; i < ENG__PANEL_ROWS; i++) {
+                uint8_t q[ENG_QK];
+                block_codes(t->type, row[i] + b * bb, q);
+                memcpy(c[i], q, sizeof q);
+            }
+            for (int k = 0; k < ENG_QK / 2; k++)
+                for (int r = 0; r < 8; r++) {
+                    if (q8) {
+                        out[16 * k + r] = c[r][k];
+                        out[16 * k + 8 + r] = c[8 + r][k];
+                    } else {  /* codes < 16: one shift moves both nibbles of the pair up */
+                        out[8 * k + r] = (uint16_t)(c[r][k] | c[8 + r][k] << 4);
+                    }
+                }
+            memcpy(o, out, codes);
+            for (int i = 0; i < ENG__PANEL_ROWS; i++) {
+                const uint8_t *blk = row[i] + b * bb;
+                d[i] = eng_fp16_to_f32(((const eng_fp16_t *)blk)[0]);
+                if (!q8)
+                    mn[i] = t->type == ENG_Q4_1 ? eng_fp16_to_f32(((const eng_fp16_t *)blk)[1]) : -8.0f * d[i];
+            }
+        }
+    }
+    free(t->packed);
+    t->packed = dst;
+    return 0;
+}
+
 int eng_weight_prepare(eng_tensor *t, char *err, size_t errlen) {
     char tbuf[32];
     const char *tname = type_name(t->type, tbuf, sizeof tbuf);
@@ -570,6 +649,8 @@ void eng_matmul(eng_threadpool *tp, const eng_tensor *w, const float *x, int n_t
         .n_out = n_out,
         .wide = quantized && mode == ENG_ACT_Q16,
     };
+    if (j.wide)
+        j.m.wp = w->packed;
     if (quantized) {
         /* Full groups of 8 tokens, and a last partial one when it has 5 or
          * more tokens: a group kernel on 5 of 8 lanes still beats the row
@@ -594,8 +675,8 @@ void eng_matmul(eng_threadpool *tp, const eng_tensor *w, const float *x, int n_t
             j.m.xg = (const eng__q8x8 *)(buf + xr_pad);
         }
         const int n_qtasks = (n_tok + ENG__GROUP - 1) / ENG__GROUP;
-        /* A single token is quantized faster than a job is handed out. */
-        eng_threadpool_run(n_tok * n_in >= 16384 ? tp : NULL, quantize_task, &j, n_qtasks);
+        /* One group of tokens is quantized faster than a job is handed out. */
+        eng_threadpool_run(n_qtasks > 1 ? tp : NULL, quantize_task, &j, n_qtasks);
     }
 
     /* Tasks: chunks of rows x blocks of tokens, enough of them for dynamic

@@ -13,6 +13,7 @@
 #ifndef ENG_MATMUL_H
 #define ENG_MATMUL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -23,6 +24,19 @@
  * conversion is left where it is (e.g. inside a mapping). Returns 0, or -1 with
  * a message naming the type when it cannot be used. */
 int eng_weight_prepare(eng_tensor *t, char *err, size_t errlen);
+
+/* Adds to a runtime-format matrix a second copy of its weights laid out for
+ * the batched kernels (t->packed, matmul_internal.h), when its type has one
+ * (Q4_0, Q4_1, Q8_0 with the AVX2 kernels) and packing is on: steps of 4 or
+ * more tokens then read it with no unpacking (the single-token kernels keep
+ * reading t->data). Costs 0.75 bytes per weight for Q4, 1.125 for Q8_0.
+ * Returns 0 (also when nothing was packed), or -1 with a message when memory
+ * is exhausted. Results are bit-identical with and without it. */
+int eng_weight_pack(eng_tensor *t, char *err, size_t errlen);
+
+/* Packing on (default) or off for later eng_weight_pack calls (KVSERVE_PACKED=0
+ * turns it off in the daemon: less memory, slower batches). */
+void eng_matmul_set_packing(bool on);
 
 /* Is `type` a runtime format? */
 int eng_weight_is_runtime(eng_dtype type);

@@ -679,23 +679,47 @@ INLINE void unpack_panel(const eng__mm *m, int64_t r, int nr, int64_t kc, int nk
     }
 }
 
+/* Pair k of block b's weights for the 16 rows, as two vectors of int16
+ * pairs (rows 0..7, rows 8..15): from the unpacked panel u, or (packed) from
+ * the packed block at pb (matmul_internal.h), widened in registers. */
+INLINE void panel_pair(const panel16 *u, const uint8_t *pb, int b, int k, const int kind, const bool packed,
+                       __m256i *w0, __m256i *w1) {
+    if (!packed) {
+        *w0 = _mm256_load_si256((const __m256i *)u->w[b][k]);
+        *w1 = _mm256_load_si256((const __m256i *)(u->w[b][k] + 8));
+    } else if (kind == K16_Q8_0) {
+        *w0 = _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i *)(pb + 32 * k)));
+        *w1 = _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i *)(pb + 32 * k + 16)));
+    } else {
+        const __m256i v = _mm256_cvtepu8_epi16(_mm_load_si128((const __m128i *)(pb + 16 * k)));
+        *w0 = _mm256_and_si256(v, _mm256_set1_epi16(0x0f));
+        *w1 = _mm256_srli_epi16(v, 4);
+    }
+}
+
 /* Blocks [kc, kc + nk) of the panel for tokens [t, t + NT); acc and total:
- * the tokens' float accumulators, 16 floats each. */
-INLINE void panel16_tile(const eng__mm *m, const panel16 *u, int t, int64_t kc, int nk, float *acc,
-                         float *total, const int NT, const int kind) {
+ * the tokens' float accumulators, 16 floats each. The weights come from u,
+ * or (packed) from the packed blocks starting at pk, block kc's. */
+INLINE void panel16_tile(const eng__mm *m, const panel16 *u, const uint8_t *pk, int t, int64_t kc, int nk,
+                         float *acc, float *total, const int NT, const int kind, const bool packed) {
+    const size_t pbb = kind == K16_Q8_0 ? eng__pack_block_bytes(ENG_Q8_0) : eng__pack_block_bytes(ENG_Q4_1);
+    const size_t codes = kind == K16_Q8_0 ? ENG__PACK_Q8_CODES : ENG__PACK_Q4_CODES;
     const eng_block_q16 *xt[4];
 #pragma GCC unroll 4
     for (int j = 0; j < NT; j++)
         xt[j] = m->xr16 + (int64_t)(t + j) * m->nb + kc;
     for (int b = 0; b < nk; b++) {
+        const uint8_t *pb = packed ? pk + (size_t)b * pbb : NULL;
+        const float *bd = packed ? (const float *)(pb + codes) : u->d[b];
+        const float *bm = packed ? bd + PR : u->m[b];
         __m256i s[4][2];
 #pragma GCC unroll 4
         for (int j = 0; j < NT; j++)
             s[j][0] = s[j][1] = _mm256_setzero_si256();
 #pragma GCC unroll 4
         for (int k = 0; k < ENG_QK / 2; k++) {
-            const __m256i w0 = _mm256_load_si256((const __m256i *)u->w[b][k]);
-            const __m256i w1 = _mm256_load_si256((const __m256i *)(u->w[b][k] + 8));
+            __m256i w0, w1;
+            panel_pair(u, pb, b, k, kind, packed, &w0, &w1);
 #pragma GCC unroll 4
             for (int j = 0; j < NT; j++) {
                 const __m256i xv = bcast4(xt[j][b].qs + 2 * k);
@@ -712,9 +736,9 @@ INLINE void panel16_tile(const eng__mm *m, const panel16 *u, int t, int64_t kc, 
             for (int v = 0; v < 2; v++) {
                 float *a = acc + j * PR + 8 * v, *tot = total + j * PR + 8 * v;
                 __m256 av = _mm256_load_ps(a);
-                av = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[j][v]), _mm256_mul_ps(dx, _mm256_load_ps(u->d[b] + 8 * v)), av);
+                av = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[j][v]), _mm256_mul_ps(dx, _mm256_load_ps(bd + 8 * v)), av);
                 if (kind != K16_Q8_0)
-                    av = _mm256_fmadd_ps(sx, _mm256_load_ps(u->m[b] + 8 * v), av);
+                    av = _mm256_fmadd_ps(sx, _mm256_load_ps(bm + 8 * v), av);
                 if (chunk_end) {
                     _mm256_store_ps(tot, gb < KC ? av : _mm256_add_ps(_mm256_load_ps(tot), av));
                     av = _mm256_setzero_ps();
@@ -726,38 +750,68 @@ INLINE void panel16_tile(const eng__mm *m, const panel16 *u, int t, int64_t kc, 
     }
 }
 
-#define PANEL16(name, kind)                                                             \
-    static void name(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) {       \
-        panel16 u;                                                                     \
-        _Alignas(32) float acc[PANEL_MAX_TOK][PR], total[PANEL_MAX_TOK][PR];          \
-        for (int tb = t0; tb < t1; tb += PANEL_MAX_TOK) {                              \
-            const int te = t1 - tb < PANEL_MAX_TOK ? t1 : tb + PANEL_MAX_TOK;         \
-            for (int64_t r = r0; r < r1; r += PR) {                                    \
-                const int nr = r1 - r < PR ? (int)(r1 - r) : PR;                       \
-                memset(acc, 0, sizeof(float) * PR * (size_t)(te - tb));                \
-                for (int64_t kc = 0; kc < m->nb; kc += PKB) {                          \
-                    const int nk = m->nb - kc < PKB ? (int)(m->nb - kc) : PKB;         \
-                    unpack_panel(m, r, nr, kc, nk, kind, &u);                          \
-                    prefetch_panel(m, r, r1, kc, kind);                                \
-                    for (int t = tb; t < te; t += 4) {                                 \
-                        float *a = acc[t - tb], *tot = total[t - tb];                  \
-                        switch (te - t < 4 ? te - t : 4) {                             \
-                        case 1: panel16_tile(m, &u, t, kc, nk, a, tot, 1, kind); break; \
-                        case 2: panel16_tile(m, &u, t, kc, nk, a, tot, 2, kind); break; \
-                        case 3: panel16_tile(m, &u, t, kc, nk, a, tot, 3, kind); break; \
-                        default: panel16_tile(m, &u, t, kc, nk, a, tot, 4, kind); break; \
-                        }                                                              \
-                    }                                                                  \
-                }                                                                      \
-                for (int t = tb; t < te; t++)                                          \
-                    for (int i = 0; i < nr; i++)                                       \
-                        m->y[(int64_t)t * m->y_stride + r + i] = total[t - tb][i];     \
-            }                                                                          \
-        }                                                                              \
+/* Tokens [t, te) (up to PANEL_MAX_TOK) over blocks [kc, kc + nk), 4 at a time. */
+INLINE void panel16_tokens(const eng__mm *m, const panel16 *u, const uint8_t *pk, int t, int te, int64_t kc,
+                           int nk, float (*acc)[PR], float (*total)[PR], const int kind, const bool packed) {
+    for (int t0 = t; t0 < te; t0 += 4) {
+        float *a = acc[t0 - t], *tot = total[t0 - t];
+        switch (te - t0 < 4 ? te - t0 : 4) {
+        case 1: panel16_tile(m, u, pk, t0, kc, nk, a, tot, 1, kind, packed); break;
+        case 2: panel16_tile(m, u, pk, t0, kc, nk, a, tot, 2, kind, packed); break;
+        case 3: panel16_tile(m, u, pk, t0, kc, nk, a, tot, 3, kind, packed); break;
+        default: panel16_tile(m, u, pk, t0, kc, nk, a, tot, 4, kind, packed); break;
+        }
     }
-PANEL16(panel16_q4_0, K16_Q4_0)
-PANEL16(panel16_q4_1, K16_Q4_1)
-PANEL16(panel16_q8_0, K16_Q8_0)
+}
+
+/* With packed weights (m->wp) a panel's blocks are read in place, every
+ * block for 4 tokens before the next 4; else they are unpacked PKB blocks at
+ * a time and every token runs over them. */
+INLINE void panel16_run(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1, const int kind) {
+    panel16 u;
+    _Alignas(32) float acc[PANEL_MAX_TOK][PR], total[PANEL_MAX_TOK][PR];
+    const size_t pbb = kind == K16_Q8_0 ? eng__pack_block_bytes(ENG_Q8_0) : eng__pack_block_bytes(ENG_Q4_1);
+    for (int tb = t0; tb < t1; tb += PANEL_MAX_TOK) {
+        const int te = t1 - tb < PANEL_MAX_TOK ? t1 : tb + PANEL_MAX_TOK;
+        for (int64_t r = r0; r < r1; r += PR) {
+            const int nr = r1 - r < PR ? (int)(r1 - r) : PR;
+            memset(acc, 0, sizeof(float) * PR * (size_t)(te - tb));
+            if (m->wp) {
+                const uint8_t *pk = m->wp + (size_t)(r / PR) * (size_t)m->nb * pbb;
+                panel16_tokens(m, NULL, pk, tb, te, 0, (int)m->nb, acc, total, kind, true);
+            } else {
+                for (int64_t kc = 0; kc < m->nb; kc += PKB) {
+                    const int nk = m->nb - kc < PKB ? (int)(m->nb - kc) : PKB;
+                    unpack_panel(m, r, nr, kc, nk, kind, &u);
+                    prefetch_panel(m, r, r1, kc, kind);
+                    panel16_tokens(m, &u, NULL, tb, te, kc, nk, acc, total, kind, false);
+                }
+            }
+            for (int t = tb; t < te; t++) {
+                float *y = m->y + (int64_t)t * m->y_stride + r;
+                if (nr == PR) {  /* (GCC makes the loop a call to memcpy) */
+                    _mm256_storeu_ps(y, _mm256_load_ps(total[t - tb]));
+                    _mm256_storeu_ps(y + 8, _mm256_load_ps(total[t - tb] + 8));
+                } else {
+                    for (int i = 0; i < nr; i++)
+                        y[i] = total[t - tb][i];
+                }
+            }
+        }
+    }
+}
+
+static void panel16_q4_0(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) {
+    panel16_run(m, r0, r1, t0, t1, K16_Q4_0);
+}
+
+static void panel16_q4_1(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) {
+    panel16_run(m, r0, r1, t0, t1, K16_Q4_1);
+}
+
+static void panel16_q8_0(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) {
+    panel16_run(m, r0, r1, t0, t1, K16_Q8_0);
+}
 
 /* ---- F32 / F16 ------------------------------------------------------------ */
 

@@ -13,6 +13,7 @@
 #ifndef ENG_MATMUL_INTERNAL_H
 #define ENG_MATMUL_INTERNAL_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "engine/tensor.h"
@@ -38,10 +39,38 @@ typedef struct {
 typedef struct { float d, s; int16_t qs[ENG_QK]; } eng_block_q16;  /* 72 B */
 
 
+/* Panel-packed weights (eng_weight_pack): the batched 16-bit kernel's view
+ * of a Q4_0 / Q4_1 / Q8_0 matrix laid out in advance, so that a batch step
+ * reads its weights with plain loads and no transposes. Rows are cut into
+ * panels of ENG__PANEL_ROWS (the last one padded by repeating its last row);
+ * a panel is nb consecutive blocks, one per 32 inputs, each:
+ *   codes: 16 pairs k (inputs 2k, 2k+1); the pair's lane j (0..15) is
+ *     row j / 2, input 2k + j % 2 of rows 0..7, and the same of rows 8..15:
+ *     Q4: 16 bytes, low nibble rows 0..7, high nibble rows 8..15 (codes
+ *     0..15, unsigned); Q8_0: 32 bytes, rows 0..7 then rows 8..15 (signed).
+ *     Widened to int16, a pair's lanes are exactly the operand of
+ *     _mm256_madd_epi16 against a broadcast pair of activations.
+ *   d[16] (f32): the rows' block scales; Q4 also m[16] (f32): the offsets
+ *     (Q4_1's m, Q4_0's -8 d), the values the unpacking kernel computes. */
+#define ENG__PACK_Q4_CODES (ENG_QK / 2 * ENG__PANEL_ROWS)      /* 256 B */
+#define ENG__PACK_Q8_CODES (ENG_QK * ENG__PANEL_ROWS)          /* 512 B */
+
+/* Bytes of one packed block (16 rows x 32 inputs) of a block type, 0 for
+ * types that are not packed. */
+static inline size_t eng__pack_block_bytes(eng_dtype type) {
+    switch (type) {
+    case ENG_Q4_0:
+    case ENG_Q4_1: return ENG__PACK_Q4_CODES + 2 * ENG__PANEL_ROWS * sizeof(float);
+    case ENG_Q8_0: return ENG__PACK_Q8_CODES + ENG__PANEL_ROWS * sizeof(float);
+    default: return 0;
+    }
+}
+
 /* Everything a kernel needs for y = x . w^T. */
 typedef struct {
     eng_dtype type;             /* w's type (a runtime type) */
     const uint8_t *w;           /* (n_out, row_bytes) */
+    const uint8_t *wp;          /* NULL, or w panel-packed (panel16 reads it) */
     size_t row_bytes;
     int64_t n_in;               /* w->ne[0] */
     int64_t nb;                 /* n_in / 32 for quantized types */

@@ -290,6 +290,16 @@ int eng_model_finish(eng_model *m, char *err, size_t errlen) {
                  : check(&l->w_gate_up, "ffn gate+up", i, c->n_embd, 2 * (int64_t)c->n_ff, true, err, errlen))
             return -1;
     }
+    /* the batched kernels' copies (the tied output's is its own) */
+    for (int i = 0; i < c->n_layer; i++) {
+        eng_layer *l = &m->layers[i];
+        eng_tensor *mats[] = {&l->wqkv, &l->wo, &l->w_gate_up, &l->w_up, &l->w_down};
+        for (size_t k = 0; k < sizeof mats / sizeof mats[0]; k++)
+            if (mats[k]->data && eng_weight_pack(mats[k], err, errlen))
+                return -1;
+    }
+    if (eng_weight_pack(&m->output, err, errlen))
+        return -1;
     if (m->tok && eng_tokenizer_n_vocab(m->tok) > c->n_vocab) {
         snprintf(err, errlen, "tokenizer has %d tokens but the model's vocabulary is %d",
                  eng_tokenizer_n_vocab(m->tok), c->n_vocab);

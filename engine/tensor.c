@@ -283,5 +283,6 @@ void eng_tensor_free(eng_tensor *t) {
         return;
     if (t->owned)
         free(t->data);
+    free(t->packed);
     memset(t, 0, sizeof *t);
 }

@@ -55,6 +55,8 @@ typedef struct {
     int64_t ne[2];
     void *data;
     bool owned;
+    void *packed;  /* NULL, or the same weights in the batched kernels' layout
+                      (eng_weight_pack): always owned, freed with the tensor */
 } eng_tensor;
 
 /* Name of a type ("q4_1"), or NULL when the code is not one kvserve knows. */
@@ -78,7 +80,7 @@ float eng_bf16_to_f32(eng_bf16_t h);
  * -1 for a type it cannot decode. */
 int eng_dequantize_row(eng_dtype type, const void *src, float *dst, int64_t n);
 
-/* Frees owned data and zeroes the view. */
+/* Frees owned data and the packed copy, and zeroes the view. */
 void eng_tensor_free(eng_tensor *t);
 
 #endif

@@ -76,12 +76,21 @@ Test(matmul_act32, q4_1_scalar) { check_type(ENG_Q4_1, "scalar"); }
 Test(matmul_act32, q8_0_scalar) { check_type(ENG_Q8_0, "scalar"); }
 
 /* Token t's outputs computed alone and inside batches of several sizes, with
- * 1 and 2 threads, are bit-identical (in activation mode `mode`). */
-static void check_invariance(const char *isa, eng_act_mode mode, eng_dtype type, int64_t n_in) {
+ * 1 and 2 threads, are bit-identical (in activation mode `mode`); `packed`:
+ * with the batched kernels' packed copy of the weights (eng_weight_pack),
+ * which batches of 4 or more tokens then read. 70 rows: the last 16-row
+ * panel is partial. */
+static void check_invariance_packed(const char *isa, eng_act_mode mode, eng_dtype type, int64_t n_in,
+                                    bool packed) {
     cr_assert_eq(eng_matmul_force_isa(isa), 0);
     eng_matmul_set_activations(mode);
     const int64_t n_out = 70;
     eng_tensor w = random_weights(type, n_in, n_out);
+    if (packed) {
+        char err[128];
+        cr_assert_eq(eng_weight_pack(&w, err, sizeof err), 0, "%s", err);
+        cr_assert_not_null(w.packed, "%s: not packed", eng_dtype_name(type));
+    }
     const int max_t = 130;
     float *x = malloc(sizeof(float) * (size_t)(n_in * max_t));
     float *alone = malloc(sizeof(float) * (size_t)(n_out * max_t)), *y = malloc(sizeof(float) * (size_t)(n_out * max_t));
@@ -107,6 +116,10 @@ static void check_invariance(const char *isa, eng_act_mode mode, eng_dtype type,
     eng_matmul_force_isa(NULL);
 }
 
+static void check_invariance(const char *isa, eng_act_mode mode, eng_dtype type, int64_t n_in) {
+    check_invariance_packed(isa, mode, type, n_in, false);
+}
+
 Test(matmul_act32, batch_invariant_avx2) { check_invariance("avx2", ENG_ACT_F32, ENG_Q4_1, 1536); }
 Test(matmul_act32, batch_invariant_scalar) { check_invariance("scalar", ENG_ACT_F32, ENG_Q4_1, 1536); }
 
@@ -118,5 +131,15 @@ Test(matmul_act32, batch_invariant_q16_avx2) {
     check_invariance("avx2", ENG_ACT_Q16, ENG_Q4_0, 576);
     check_invariance("avx2", ENG_ACT_Q16, ENG_Q8_0, 576);
     check_invariance("avx2", ENG_ACT_Q16, ENG_Q4_1, 4160);
+}
+
+/* The same with packed weights: the packed panel kernel gives the bits of
+ * the row kernel that reads the original blocks. */
+Test(matmul_act32, batch_invariant_q16_packed) {
+    const eng_dtype types[] = {ENG_Q4_1, ENG_Q4_0, ENG_Q8_0};
+    for (int i = 0; i < 3; i++) {
+        check_invariance_packed("avx2", ENG_ACT_Q16, types[i], 576, true);
+        check_invariance_packed("avx2", ENG_ACT_Q16, types[i], 4160, true);
+    }
 }
 Test(matmul_act32, batch_invariant_q16_scalar) { check_invariance("scalar", ENG_ACT_Q16, ENG_Q4_1, 1536); }
