@@ -657,7 +657,7 @@ void eng_matmul(eng_threadpool *tp, const eng_tensor *w, const float *x, int n_t
          * kernel. */
         int n_groups = 0;
         if (j.wide) {
-            if (k->panel16[w->type] && n_tok >= ENG__PANEL_MIN)
+            if (k->panel16[w->type] && n_tok >= (w->packed ? ENG__PANEL_MIN_PACKED : ENG__PANEL_MIN))
                 j.n_grouped = n_tok;
         } else if (k->groups[w->type]) {
             n_groups = n_tok / ENG__GROUP + (n_tok % ENG__GROUP >= 5);

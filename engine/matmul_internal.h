@@ -20,6 +20,7 @@
 
 #define ENG__GROUP 8  /* tokens per group-layout block */
 #define ENG__PANEL_MIN 4  /* tokens from which panel16 serves a batch */
+#define ENG__PANEL_MIN_PACKED 2  /* the same with packed weights (one token: rows16 is as fast) */
 #define ENG__PANEL_ROWS 16
 
 /* One block of 32 values of 8 tokens. qs[(j / 4) * 32 + t * 4 + j % 4] is
