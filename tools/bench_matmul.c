@@ -5,11 +5,12 @@
  *
  *   make bench-matmul                  # builds $(BUILD)/tools/bench_matmul
  *   build/tools/bench_matmul [--threads N] [--isa scalar|avx2] [--act q8|q16|f32]
- *                            [--prefill N] [--seconds S]
+ *                            [--prefill N] [--seconds S] [--no-pack]
  *
  * --act picks how quantized weights meet the activations (matmul.h): q8, the
  * 8-bit integer kernels (default here), q16, the 16-bit integer kernels, or
- * f32, the exact f32 kernels.
+ * f32, the exact f32 kernels. Weights are packed for the batched kernels as
+ * the model loader packs them (eng_weight_pack) unless --no-pack.
  *
  * Per shape, at 1 token and at a prefill batch, it reports the best time of
  * repeated calls on one weight matrix (cache-warm) and GFLOP/s. Then it sweeps
@@ -86,7 +87,13 @@ static eng_tensor make_weights(eng_dtype type, int64_t n_in, int64_t n_out) {
         if (type == ENG_Q4_1)
             memcpy(p + off + 2, &m, 2);
     }
-    return (eng_tensor){.type = type, .ne = {n_in, n_out}, .data = p, .owned = true};
+    eng_tensor t = {.type = type, .ne = {n_in, n_out}, .data = p, .owned = true};
+    char err[128];
+    if (eng_weight_pack(&t, err, sizeof err)) {  /* as the model loader does */
+        fprintf(stderr, "bench_matmul: %s\n", err);
+        exit(1);
+    }
+    return t;
 }
 
 static float *make_x(int n_tok, int64_t n_in) {
@@ -224,9 +231,11 @@ int main(int argc, char **argv) {
             n_prefill = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--seconds") && i + 1 < argc)
             seconds = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--no-pack"))
+            eng_matmul_set_packing(false);
         else {
             fprintf(stderr, "usage: %s [--threads N] [--isa scalar|avx2] [--act q8|q16|f32] [--prefill N] "
-                    "[--seconds S]\n", argv[0]);
+                    "[--seconds S] [--no-pack]\n", argv[0]);
             return 2;
         }
     }
