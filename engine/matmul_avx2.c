@@ -699,9 +699,11 @@ INLINE void panel_pair(const panel16 *u, const uint8_t *pb, int b, int k, const 
 
 /* Blocks [kc, kc + nk) of the panel for tokens [t, t + NT); acc and total:
  * the tokens' float accumulators, 16 floats each. The weights come from u,
- * or (packed) from the packed blocks starting at pk, block kc's. */
-INLINE void panel16_tile(const eng__mm *m, const panel16 *u, const uint8_t *pk, int t, int64_t kc, int nk,
-                         float *acc, float *total, const int NT, const int kind, const bool packed) {
+ * or (packed) from the packed blocks starting at pk, block kc's; pf: NULL,
+ * or the packed blocks to prefetch meanwhile (the next panel's). */
+INLINE void panel16_tile(const eng__mm *m, const panel16 *u, const uint8_t *pk, const uint8_t *pf, int t,
+                         int64_t kc, int nk, float *acc, float *total, const int NT, const int kind,
+                         const bool packed) {
     const size_t pbb = kind == K16_Q8_0 ? eng__pack_block_bytes(ENG_Q8_0) : eng__pack_block_bytes(ENG_Q4_1);
     const size_t codes = kind == K16_Q8_0 ? ENG__PACK_Q8_CODES : ENG__PACK_Q4_CODES;
     const eng_block_q16 *xt[4];
@@ -710,6 +712,9 @@ INLINE void panel16_tile(const eng__mm *m, const panel16 *u, const uint8_t *pk, 
         xt[j] = m->xr16 + (int64_t)(t + j) * m->nb + kc;
     for (int b = 0; b < nk; b++) {
         const uint8_t *pb = packed ? pk + (size_t)b * pbb : NULL;
+        if (packed && pf)
+            for (size_t off = 0; off < pbb; off += 64)
+                _mm_prefetch((const char *)pf + (size_t)b * pbb + off, _MM_HINT_T0);
         const float *bd = packed ? (const float *)(pb + codes) : u->d[b];
         const float *bm = packed ? bd + PR : u->m[b];
         __m256i s[4][2];
@@ -751,15 +756,17 @@ INLINE void panel16_tile(const eng__mm *m, const panel16 *u, const uint8_t *pk, 
 }
 
 /* Tokens [t, te) (up to PANEL_MAX_TOK) over blocks [kc, kc + nk), 4 at a time. */
-INLINE void panel16_tokens(const eng__mm *m, const panel16 *u, const uint8_t *pk, int t, int te, int64_t kc,
-                           int nk, float (*acc)[PR], float (*total)[PR], const int kind, const bool packed) {
+INLINE void panel16_tokens(const eng__mm *m, const panel16 *u, const uint8_t *pk, const uint8_t *pf, int t,
+                           int te, int64_t kc, int nk, float (*acc)[PR], float (*total)[PR], const int kind,
+                           const bool packed) {
     for (int t0 = t; t0 < te; t0 += 4) {
         float *a = acc[t0 - t], *tot = total[t0 - t];
+        const uint8_t *f = t0 == t ? pf : NULL;  /* the first tile prefetches */
         switch (te - t0 < 4 ? te - t0 : 4) {
-        case 1: panel16_tile(m, u, pk, t0, kc, nk, a, tot, 1, kind, packed); break;
-        case 2: panel16_tile(m, u, pk, t0, kc, nk, a, tot, 2, kind, packed); break;
-        case 3: panel16_tile(m, u, pk, t0, kc, nk, a, tot, 3, kind, packed); break;
-        default: panel16_tile(m, u, pk, t0, kc, nk, a, tot, 4, kind, packed); break;
+        case 1: panel16_tile(m, u, pk, f, t0, kc, nk, a, tot, 1, kind, packed); break;
+        case 2: panel16_tile(m, u, pk, f, t0, kc, nk, a, tot, 2, kind, packed); break;
+        case 3: panel16_tile(m, u, pk, f, t0, kc, nk, a, tot, 3, kind, packed); break;
+        default: panel16_tile(m, u, pk, f, t0, kc, nk, a, tot, 4, kind, packed); break;
         }
     }
 }
@@ -777,14 +784,16 @@ INLINE void panel16_run(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1
             const int nr = r1 - r < PR ? (int)(r1 - r) : PR;
             memset(acc, 0, sizeof(float) * PR * (size_t)(te - tb));
             if (m->wp) {
-                const uint8_t *pk = m->wp + (size_t)(r / PR) * (size_t)m->nb * pbb;
-                panel16_tokens(m, NULL, pk, tb, te, 0, (int)m->nb, acc, total, kind, true);
+                const size_t panel_bytes = (size_t)m->nb * pbb;
+                const uint8_t *pk = m->wp + (size_t)(r / PR) * panel_bytes;
+                panel16_tokens(m, NULL, pk, r + PR < r1 ? pk + panel_bytes : NULL, tb, te, 0, (int)m->nb, acc,
+                               total, kind, true);
             } else {
                 for (int64_t kc = 0; kc < m->nb; kc += PKB) {
                     const int nk = m->nb - kc < PKB ? (int)(m->nb - kc) : PKB;
                     unpack_panel(m, r, nr, kc, nk, kind, &u);
                     prefetch_panel(m, r, r1, kc, kind);
-                    panel16_tokens(m, &u, NULL, tb, te, kc, nk, acc, total, kind, false);
+                    panel16_tokens(m, &u, NULL, NULL, tb, te, kc, nk, acc, total, kind, false);
                 }
             }
             for (int t = tb; t < te; t++) {
