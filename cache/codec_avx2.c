@@ -14,7 +14,11 @@
  * int8 multiplies a token's score (K) or weight (V) by its scale; int4 runs the
  * loops per group of 32 numbers and adds scale * dot + min * sum(q) (K), or
  * sums weight * scale over codes and weight * min once per group (V); int4
- * per channel multiplies q by the channel's scale as it is broadcast. */
+ * per channel multiplies q by the channel's scale as it is broadcast.
+ * 4-bit codes are widened 16 at a time without byte shuffles (even and odd
+ * codes into separate registers) and summed in that order; a tile puts its
+ * sums back in order once at its end: that made the int4 kernels as cheap
+ * per number as int8 (they had cost 1.6x as much: README, "KV cache"). */
 #include <immintrin.h>
 #include <string.h>
 
@@ -46,18 +50,30 @@ KVC__INLINE __m256 load8(elem e, const void *base, size_t i) {
     }
 }
 
-/* 16 numbers from element index i into lo (first 8) and hi: 4-bit codes
- * are unpacked from 8 bytes at once. */
+/* 16 numbers from element index i into lo and hi. Other formats come in
+ * order (lo the first 8); 4-bit codes come split: lo the 8 even-indexed
+ * numbers (low nibbles), hi the 8 odd-indexed (high nibbles), from one
+ * zero-extension of 8 bytes to 32-bit lanes, a mask and a shift, with no
+ * byte shuffles. Tiles accumulate in that order and put it back once at
+ * the end (unsplit). */
 KVC__INLINE void load16(elem e, const void *base, size_t i, __m256 *lo, __m256 *hi) {
     if (is_u4(e)) {
-        __m128i b = _mm_loadl_epi64((const __m128i *)((const uint8_t *)base + i / 2)), m = _mm_set1_epi8(0x0f);
-        __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
-        *lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
-        *hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)));
+        __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)base + i / 2)));
+        *lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(0x0f)));
+        *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
         return;
     }
     *lo = load8(e, base, i);
     *hi = load8(e, base, i + 8);
+}
+
+/* Even-indexed numbers ev (0, 2, .., 14) and odd-indexed od (1, .., 15) of
+ * 16 back in order: *ev = numbers 0..7, *od = 8..15. */
+KVC__INLINE void unsplit(__m256 *ev, __m256 *od) {
+    __m256 a = _mm256_unpacklo_ps(*ev, *od);      /* 0 1 2 3 | 8 9 10 11 */
+    __m256 b = _mm256_unpackhi_ps(*ev, *od);      /* 4 5 6 7 | 12 13 14 15 */
+    *ev = _mm256_permute2f128_ps(a, b, 0x20);
+    *od = _mm256_permute2f128_ps(a, b, 0x31);
 }
 
 KVC__INLINE float load1(elem e, const void *base, size_t i) {
@@ -94,8 +110,8 @@ typedef struct {
     float base[4];                                 /* int4 per channel: per row, sum_d q_d min_d */
 } fold_aux;
 
-/* R rows x 8W tokens starting at token j, dimensions [d0, d1): raw dot
- * products of codes. */
+/* R rows x 8W tokens (W = 1 or 2) starting at token j, dimensions
+ * [d0, d1): raw dot products of codes, in token order. */
 KVC__INLINE void dot_tile(elem e, int R, int W, const void *blk, int ks, int qs, int d0, int d1, int j,
                           const float *q, __m256 out[4][2]) {
     __m256 acc[4][2];          /* local, so they stay in registers */
@@ -112,6 +128,7 @@ KVC__INLINE void dot_tile(elem e, int R, int W, const void *blk, int ks, int qs,
         }
     }
     _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+        if (is_u4(e) && W > 1) unsplit(&acc[r][0], &acc[r][1]);
         out[r][0] = acc[r][0];
         out[r][1] = acc[r][1];
     }
@@ -265,14 +282,17 @@ KVC__INLINE void scores_impl(elem e, const void *blk, int B, int dim, int n, con
 
 /* ---- weighted sums: acc[r] += sum_j w[r][j] v_j over a (B, dim) block ----- */
 
-/* R rows x 8W dimensions starting at d0, accumulators in registers; vs:
- * elements between tokens; acc rows are adim floats apart. */
+/* R rows x 8W dimensions (W = 1 or 2) starting at d0, accumulators in
+ * registers; vs: elements between tokens; acc rows are adim floats apart.
+ * 4-bit codes are summed in their split order from zero and added to acc in
+ * order at the end. */
 KVC__INLINE void accum_tile(elem e, int R, int W, const void *blk, int vs, int adim, int n,
                             const float *w, int w_stride, int d0, float *acc) {
+    const int split = is_u4(e) && W > 1;
     __m256 a[4][2];
     _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-        a[r][0] = _mm256_loadu_ps(acc + (size_t)r * adim + d0);
-        a[r][1] = W > 1 ? _mm256_loadu_ps(acc + (size_t)r * adim + d0 + 8) : _mm256_setzero_ps();
+        a[r][0] = split ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + (size_t)r * adim + d0);
+        a[r][1] = W > 1 && !split ? _mm256_loadu_ps(acc + (size_t)r * adim + d0 + 8) : _mm256_setzero_ps();
     }
     for (int j = 0; j < n; j++) {
         size_t base = (size_t)j * vs + d0;
@@ -286,8 +306,14 @@ KVC__INLINE void accum_tile(elem e, int R, int W, const void *blk, int vs, int a
         }
     }
     _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-        _mm256_storeu_ps(acc + (size_t)r * adim + d0, a[r][0]);
-        if (W > 1) _mm256_storeu_ps(acc + (size_t)r * adim + d0 + 8, a[r][1]);
+        float *ar = acc + (size_t)r * adim + d0;
+        if (split) {
+            unsplit(&a[r][0], &a[r][1]);
+            a[r][0] = _mm256_add_ps(a[r][0], _mm256_loadu_ps(ar));
+            a[r][1] = _mm256_add_ps(a[r][1], _mm256_loadu_ps(ar + 8));
+        }
+        _mm256_storeu_ps(ar, a[r][0]);
+        if (W > 1) _mm256_storeu_ps(ar + 8, a[r][1]);
     }
 }
 

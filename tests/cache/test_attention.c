@@ -206,6 +206,19 @@ Test(attention, int4_variants) {
     small_sweep("int4:token:g64", "int4:g64", 64);
     small_sweep("int4:g64", "int4:token:g64", 100);      /* two groups, the second shorter */
 }
+/* 64-token pages (the int4:g64 deployment setting): the AVX2 int4 tiles
+ * read 16 codes at a time in split (even, odd) order over whole pages. */
+Test(attention, int4_64_token_pages) {
+    static const int ctxs[] = {64, 65, 300};
+    for (int x = 0; x < 3; x++)
+        for (int fs = 0; fs < 2; fs++)
+            for (int iq = 0; iq < 2; iq++) {
+                attn_case c = {"int4:g64", 3, 64, ctxs[x], iq ? 19 : 1, 64, 3.0f, fs, "int4:token:g64", 0};
+                double e = run_case(&c);
+                cr_expect(e <= 1e-5, "int4:g64 block 64 %s: ctx %d n_q %d: relative error %.3g",
+                          fs ? "scalar" : "auto", c.ctx, c.n_q, e);
+            }
+}
 Test(attention, lowrank) { small_sweep("lowrank:r24", "lowrank:r64", 64); }
 Test(attention, latent) { small_sweep("latent:40", "latent:128", 64); }
 Test(attention, hybrid) {
