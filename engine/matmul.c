@@ -26,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "engine/matmul_act32.h"
 #include "engine/matmul_internal.h"
@@ -324,7 +325,13 @@ int eng_weight_pack(eng_tensor *t, char *err, size_t errlen) {
                  (long long)n_in, (long long)n_out);
         return -1;
     }
-    uint8_t *dst = aligned_alloc(64, ((size_t)n_panels * (size_t)nb * pbb + 63) & ~(size_t)63);
+    /* large ones in huge pages where the kernel gives them: a batch step
+     * streams every packed byte, and 4 KB pages cost a TLB miss per 4 KB */
+    const size_t need = (size_t)n_panels * (size_t)nb * pbb, huge = (size_t)2 << 20;
+    const size_t align = need >= huge ? huge : 64, bytes = (need + align - 1) & ~(align - 1);
+    uint8_t *dst = aligned_alloc(align, bytes);
+    if (dst && align == huge)
+        madvise(dst, bytes, MADV_HUGEPAGE);
     if (!dst) {
         snprintf(err, errlen, "out of memory packing a %s matrix of shape [%lld, %lld]",
                  eng_dtype_name(t->type), (long long)n_in, (long long)n_out);
