@@ -111,6 +111,12 @@ int kvc_pool_create(const kvc_config *cfg, kvc_pool **out, char *err, size_t err
     p->arena = arena;
     /* Decode walks scattered pages of every layer: huge pages cut TLB misses. */
     madvise(arena, p->arena_bytes, MADV_HUGEPAGE);
+    if (cfg->prefault) {
+        /* a write per 4 KB (the zero-fill the kernel would do at first use,
+         * now rather than inside a decode step) */
+        for (size_t off = 0; off < p->arena_bytes; off += 4096)
+            ((volatile unsigned char *)arena)[off] = 0;
+    }
     /* Hand out low ids first: pop from the end. */
     for (int i = 0; i < p->n_pages; i++) p->free_stack[i] = p->n_pages - 1 - i;
     p->n_free = p->n_pages;

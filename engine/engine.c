@@ -927,6 +927,7 @@ eng_engine *eng_engine_create(const eng_engine_config *cfg, char *err, size_t er
         .n_layer = mc->n_layer, .n_kv_head = mc->n_kv_head, .head_dim = mc->head_dim,
         .block_size = cfg->block_size, .memory_bytes = cfg->kv_memory,
         .k_codec = e->kv_k, .v_codec = e->kv_v, .calib = e->calib_path,
+        .prefault = 1,  /* a serving engine: page faults belong at start-up, not in steps */
     };
     if (kvc_pool_create(&kc, &e->pool, err, errlen) != KVC_OK)
         goto fail;
