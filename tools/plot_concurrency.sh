@@ -23,6 +23,8 @@
 #   THREADS       compute threads [all cores]
 #   MAX_OTHER     cores other processes may take during a run [0.2]
 #   TRIES         runs of a point at most while they take more [3]
+#   REPEAT        runs of each point; the median is drawn [3] (this VM's speed
+#                 wanders by +-15% from run to run even when nothing else runs)
 #   OUT           the PNG [docs/concurrency.png]; the data go beside it (.dat)
 #                 and each run's JSON, with the load average after it and
 #                 other_cpu_cores, to .jsonl
@@ -38,6 +40,7 @@ GEN_LEN=${GEN_LEN:-128}
 THREADS=${THREADS:-0}
 MAX_OTHER=${MAX_OTHER:-0.2}
 TRIES=${TRIES:-3}
+REPEAT=${REPEAT:-3}
 OUT=${OUT:-docs/concurrency.png}
 DATA=${OUT%.png}.dat
 RUNS=${OUT%.png}.jsonl
@@ -81,22 +84,28 @@ table=""
 for c in $CONCURRENCY; do
     row="$c"; mrow="| $c |"
     for codec in $CODECS; do
-        try=1
-        while :; do
-            echo "plot_concurrency: concurrency $c, KV $codec (try $try)" >&2
-            busy0=$(busy_s); times > "$tmp.times"; ours0=$(children_s); t0=$(now_s)
-            "$BIN" bench --model "$MODEL" --concurrency "$c" --prompt-len "$PROMPT_LEN" --gen-len "$GEN_LEN" \
-                --kv "$codec" --threads "$THREADS" --json > "$tmp"
-            t1=$(now_s); times > "$tmp.times"; ours1=$(children_s); busy1=$(busy_s)
-            other=$(awk -v b="$busy1" -v B="$busy0" -v o="$ours1" -v O="$ours0" -v t="$t1" -v T="$t0" \
-                'BEGIN { x = ((b - B) - (o - O)) / (t - T); printf "%.2f", x < 0 ? 0 : x }')
-            sed "s/}\$/, \"load_average_after\": $(load), \"other_cpu_cores\": $other, \"try\": $try}/" "$tmp" >> "$RUNS"
-            awk -v x="$other" -v m="$MAX_OTHER" 'BEGIN { exit !(x > m) }' && [ "$try" -lt "$TRIES" ] || break
-            echo "plot_concurrency: other processes took $other cores: again" >&2
-            try=$((try + 1))
+        runs=""
+        for rep in $(seq "$REPEAT"); do
+            try=1
+            while :; do
+                echo "plot_concurrency: concurrency $c, KV $codec, run $rep of $REPEAT (try $try)" >&2
+                busy0=$(busy_s); times > "$tmp.times"; ours0=$(children_s); t0=$(now_s)
+                "$BIN" bench --model "$MODEL" --concurrency "$c" --prompt-len "$PROMPT_LEN" --gen-len "$GEN_LEN" \
+                    --kv "$codec" --threads "$THREADS" --json > "$tmp"
+                t1=$(now_s); times > "$tmp.times"; ours1=$(children_s); busy1=$(busy_s)
+                other=$(awk -v b="$busy1" -v B="$busy0" -v o="$ours1" -v O="$ours0" -v t="$t1" -v T="$t0" \
+                    'BEGIN { x = ((b - B) - (o - O)) / (t - T); printf "%.2f", x < 0 ? 0 : x }')
+                sed "s/}\$/, \"load_average_after\": $(load), \"other_cpu_cores\": $other, \"run\": $rep, \"try\": $try}/" "$tmp" >> "$RUNS"
+                awk -v x="$other" -v m="$MAX_OTHER" 'BEGIN { exit !(x > m) }' && [ "$try" -lt "$TRIES" ] || break
+                echo "plot_concurrency: other processes took $other cores: again" >&2
+                try=$((try + 1))
+            done
+            other_max=$(awk -v a="$other" -v m="$other_max" 'BEGIN { print (a > m ? a : m) }')
+            runs="$runs $(field "$tmp" output_tokens_per_s)"
         done
-        other_max=$(awk -v a="$other" -v m="$other_max" 'BEGIN { print (a > m ? a : m) }')
-        tps=$(field "$tmp" output_tokens_per_s)
+        # the median of the runs (the lower middle one for an even count)
+        tps=$(echo $runs | tr ' ' '\n' | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }')
+        echo "plot_concurrency: concurrency $c, KV $codec: runs$runs, median $tps" >&2
         row="$row $tps"; mrow="$mrow $tps |"
     done
     echo "$row" >> "$DATA"
@@ -113,7 +122,7 @@ n_codecs=$(echo $CODECS | wc -w)
 gnuplot <<EOF
 set terminal pngcairo size 900,560 font "sans,11" noenhanced
 set output "$OUT"
-set title "kvserve: output tokens/s against concurrency\n$(basename "$MODEL"), $PROMPT_LEN prompt + $GEN_LEN generated tokens per request\n$(nproc) cores; load average $load_start at the start, $load_end at the end; others took up to $other_max cores during a run"
+set title "kvserve: output tokens/s against concurrency (median of $REPEAT runs)\n$(basename "$MODEL"), $PROMPT_LEN prompt + $GEN_LEN generated tokens per request\n$(nproc) cores; load average $load_start at the start, $load_end at the end; others took up to $other_max cores during a run"
 set xlabel "concurrent requests"
 set ylabel "output tokens/s"
 set logscale x 2
