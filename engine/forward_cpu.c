@@ -17,6 +17,7 @@
  * P^T W and P^T (b - mean) are built once per layer, and the coefficients
  * come out of one f32 matmul instead of W's rows followed by the projection. */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -320,23 +321,49 @@ static void att_task(void *ctx, int task, int worker) {
 
 /* ---- K/V into the cache -------------------------------------------------------- */
 
-/* Writes every segment's K and V of layer l into its pages: from the qkv
- * rows, or as absorbed coefficients. Returns 0, or -1 when a page shared
- * with another sequence needs a copy and no page is free. */
-static int write_kv(cpu_backend *cb, const eng_batch *b, int l, int k_col, int v_col, char *err, size_t errlen) {
-    const absorbed_layer *a = cb->absorbed ? &cb->absorbed[l] : NULL;
-    int row = 0;
-    for (int i = 0; i < b->n_segs; i++) {
-        const eng_segment *s = &b->segs[i];
-        const float *qkv = cb->qkv + (size_t)row * cb->qkv_dim, *coef = cb->coef + (size_t)row * cb->coef_dim;
-        const float *k = k_col >= 0 ? qkv + k_col : coef;
-        const float *v = v_col >= 0 ? qkv + v_col : coef + a->v_coef_col;
-        if (kvc_write_ex(cb->pool, s->seq, l, s->pos0, s->n_tokens, k, k_col >= 0 ? cb->qkv_dim : cb->coef_dim,
-                         k_col < 0, v, v_col >= 0 ? cb->qkv_dim : cb->coef_dim, v_col < 0) != KVC_OK) {
-            snprintf(err, errlen, "forward: segment %d: no free KV page to copy a shared page into", i);
-            return -1;
-        }
-        row += s->n_tokens;
+typedef struct {
+    cpu_backend *cb;
+    const eng_batch *b;
+    int layer, k_col, v_col;
+    const int *row0;  /* (n_segs) each segment's first row */
+    _Atomic int failed;  /* 1 + the lowest failing segment, or 0 */
+} kv_job;
+
+/* Segment `task`'s K and V of the layer into its pages (kvc_write may run
+ * concurrently for different sequences): from the qkv rows, or as absorbed
+ * coefficients. Encoding is a real cost for some codecs (int4 keys per
+ * channel re-quantize their page's channel groups), so segments go in parallel. */
+static void kv_task(void *ctx, int task, int worker) {
+    kv_job *j = ctx;
+    cpu_backend *cb = j->cb;
+    const eng_segment *s = &j->b->segs[task];
+    const absorbed_layer *a = cb->absorbed ? &cb->absorbed[j->layer] : NULL;
+    const int row = j->row0[task];
+    const float *qkv = cb->qkv + (size_t)row * cb->qkv_dim, *coef = cb->coef + (size_t)row * cb->coef_dim;
+    const float *k = j->k_col >= 0 ? qkv + j->k_col : coef;
+    const float *v = j->v_col >= 0 ? qkv + j->v_col : coef + a->v_coef_col;
+    if (kvc_write_ex(cb->pool, s->seq, j->layer, s->pos0, s->n_tokens, k,
+                     j->k_col >= 0 ? cb->qkv_dim : cb->coef_dim, j->k_col < 0, v,
+                     j->v_col >= 0 ? cb->qkv_dim : cb->coef_dim, j->v_col < 0) != KVC_OK) {
+        int seen = atomic_load(&j->failed);
+        while ((seen == 0 || seen > task + 1) && !atomic_compare_exchange_weak(&j->failed, &seen, task + 1))
+            ;
+    }
+}
+
+/* Writes every segment's K and V of layer l into its pages. Returns 0, or -1
+ * when a page shared with another sequence needs a copy and no page is free. */
+static int write_kv(cpu_backend *cb, const eng_batch *b, const int *row0, int l, int k_col, int v_col, char *err,
+                    size_t errlen) {
+    kv_job j = {.cb = cb, .b = b, .layer = l, .k_col = k_col, .v_col = v_col, .row0 = row0};
+    if (b->n_segs == 1)
+        kv_task(&j, 0, 0);
+    else
+        eng_threadpool_run(cb->tp, kv_task, &j, b->n_segs);
+    const int failed = atomic_load(&j.failed);
+    if (failed) {
+        snprintf(err, errlen, "forward: segment %d: no free KV page to copy a shared page into", failed - 1);
+        return -1;
     }
     return 0;
 }
@@ -409,7 +436,8 @@ static int cpu_forward(eng_backend *be, const eng_batch *b, float *logits, char 
         snprintf(err, errlen, "forward: out of memory for a batch of %d tokens", T);
         return -1;
     }
-    att_unit *units = malloc((size_t)n_units * sizeof *units);
+    att_unit *units = malloc((size_t)n_units * sizeof *units + (size_t)b->n_segs * sizeof(int));
+    int *seg_row = (int *)(units + n_units);  /* each segment's first row */
     if (!units) {
         snprintf(err, errlen, "forward: out of memory");
         return -1;
@@ -419,6 +447,7 @@ static int cpu_forward(eng_backend *be, const eng_batch *b, float *logits, char 
     int row = 0, u = 0;
     for (int i = 0; i < b->n_segs; i++) {
         const eng_segment *s = &b->segs[i];
+        seg_row[i] = row;
         for (int k = 0; k < c->n_kv_head; k++)
             for (int q0 = 0; q0 < s->n_tokens; q0 += QUERY_BLOCK)
                 units[u++] = (att_unit){.seg = i, .kv_head = k, .q0 = q0, .row0 = row,
@@ -456,7 +485,7 @@ static int cpu_forward(eng_backend *be, const eng_batch *b, float *logits, char 
         if (cb->absorbed)
             eng_matmul(cb->tp, &cb->absorbed[l].w_coef, cb->xb, T, cb->coef, cb->coef_dim);
         run_qkv_post(cb, T, l);
-        if (write_kv(cb, b, l, k_col, v_col, err, errlen)) {
+        if (write_kv(cb, b, seg_row, l, k_col, v_col, err, errlen)) {
             free(units);
             return -1;
         }
