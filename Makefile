@@ -180,12 +180,17 @@ $(BUILD)/tools/bench_attention: tools/bench_attention.c $(BUILD)/libkvserve.a
 
 # ---- plot-concurrency (owned by the scheduler: tools/plot_concurrency.sh) ----
 # Output tokens/s against concurrency, one line per KV codec, from
-# `kvserve bench --concurrency N --json`, drawn with gnuplot. Options:
-# make plot-concurrency PLOT_ENV='CODECS="f16 int8" CONCURRENCY="1 4 16" OUT=build/c.png'
+# `kvserve bench --concurrency N --json`, drawn with gnuplot, for two
+# workloads: generation-heavy (16 prompt + 256 generated tokens per request:
+# docs/concurrency.png) and chat-like (128 + 128: docs/concurrency_128.png).
+# Options: make plot-concurrency PLOT_ENV='CODECS="f16 int8" CONCURRENCY="1 4 16"'
 
 .PHONY: plot-concurrency
 plot-concurrency: kvserve model
-	env KVSERVE_BIN=$(abspath kvserve) MODEL=$(MODEL) $(PLOT_ENV) sh tools/plot_concurrency.sh
+	env KVSERVE_BIN=$(abspath kvserve) MODEL=$(MODEL) CONCURRENCY="1 4 8 16" PROMPT_LEN=16 GEN_LEN=256 \
+	    OUT=docs/concurrency.png $(PLOT_ENV) sh tools/plot_concurrency.sh
+	env KVSERVE_BIN=$(abspath kvserve) MODEL=$(MODEL) CONCURRENCY="1 4 8 16" PROMPT_LEN=128 GEN_LEN=128 \
+	    OUT=docs/concurrency_128.png $(PLOT_ENV) sh tools/plot_concurrency.sh
 
 # ---- http daemon (owned by the daemon: server/http.c, api/, tests/fuzz) ----
 # e2e-deps: the Python packages the HTTP end-to-end tests use (the openai SDK).
