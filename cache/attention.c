@@ -14,9 +14,13 @@
  * slice of the V basis. Rows of later query tokens of a prefill chunk see
  * more positions (causal inside the chunk): a row's positions past its own
  * are masked to weight 0. Keys cached before RoPE are decoded a block at a
- * time into an f32 tile, rotated by their positions and scored from it; that
- * decoding costs more than the scores, so up to n_rep tiles (a 16-token query
- * block's rows) walk the context together and share each decoded block. */
+ * time into an f32 tile (low-rank ones expanded as one (head_dim, R) x (R, 64)
+ * product per 64 tokens), rotated and scored from it; that decoding costs
+ * more than the scores, so up to n_rep tiles (a 16-token query block's rows)
+ * walk the context together and share each decoded block. The rotation is
+ * split in two: each key by its slot in the page (tables built once per
+ * call, read contiguously) and the query rows back by the page's first
+ * position. */
 #include <math.h>
 #include <string.h>
 
@@ -57,14 +61,33 @@ static size_t tile_floats(const kvc_pool *pool) {
            align16(R * (size_t)(chunk_pages(pool->block_size) * pool->block_size)) + 2 * align16(R);
 }
 
-size_t kvc_attend_scratch_floats(const kvc_pool *pool, int n_ctx, int n_rep) {
-    return 16 + (size_t)group_tiles(pool, n_rep) * tile_floats(pool) +
-           (pool->kc.pre_rope ? align16((size_t)pool->head_dim * pool->block_size) : 0);
+/* Pre-RoPE keys: the decoded key tile (head_dim, block_size); the RoPE
+ * cosines and sines of the slots of a page, by pair (head_dim / 2,
+ * block_size) each; a tile's query rows turned back by a page's first
+ * position (ROWS_MAX, head_dim); then the coefficients of up to
+ * KVC__TILE_TOKENS tokens (max_dim, KVC__TILE_TOKENS). */
+static size_t key_tile_floats(const kvc_pool *pool) {
+    if (!pool->kc.pre_rope) return 0;
+    size_t DB = (size_t)pool->head_dim * pool->block_size;
+    return align16(DB) + 2 * align16(DB / 2 + 1) + align16((size_t)KVC__ROWS_MAX * pool->head_dim) +
+           (pool->kc.shape == KVC__PLAIN ? 0 : align16((size_t)pool->kc.max_dim * KVC__TILE_TOKENS));
 }
 
-/* Carves n_tiles tiles' buffers, then (pre-RoPE keys) the decoded key tile
- * (head_dim, block_size), from scratch; returns the key tile or NULL. */
-static float *carve(const kvc_pool *pool, float *scratch, tile_bufs *t, int n_tiles) {
+typedef struct {
+    float *tile;          /* (head_dim, B) a block's keys, decoded and rotated by their slots */
+    float *slot_cos;      /* (rope_dim / 2, B) RoPE of slot j (position j) of a page, by pair */
+    float *slot_sin;
+    float *q;             /* (ROWS_MAX, head_dim) a tile's rows turned back by the page's first position */
+    float *work;          /* (max_dim, KVC__TILE_TOKENS) coefficients */
+} key_bufs;
+
+size_t kvc_attend_scratch_floats(const kvc_pool *pool, int n_ctx, int n_rep) {
+    return 16 + (size_t)group_tiles(pool, n_rep) * tile_floats(pool) + key_tile_floats(pool);
+}
+
+/* Carves n_tiles tiles' buffers, then (pre-RoPE keys) the key buffers, from
+ * scratch. */
+static void carve(const kvc_pool *pool, float *scratch, tile_bufs *t, int n_tiles, key_bufs *kb) {
     size_t R = KVC__ROWS_MAX;
     size_t vdim = (size_t)(pool->vc.max_dim > pool->head_dim ? pool->vc.max_dim : pool->head_dim);
     float *p = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
@@ -75,7 +98,14 @@ static float *carve(const kvc_pool *pool, float *scratch, tile_bufs *t, int n_ti
         t[i].m = p;   p += align16(R);
         t[i].l = p;   p += align16(R);
     }
-    return pool->kc.pre_rope ? p : NULL;
+    memset(kb, 0, sizeof *kb);
+    if (!pool->kc.pre_rope) return;
+    size_t DB = (size_t)pool->head_dim * pool->block_size;
+    kb->tile = p;     p += align16(DB);
+    kb->slot_cos = p; p += align16(DB / 2 + 1);
+    kb->slot_sin = p; p += align16(DB / 2 + 1);
+    kb->q = p;        p += align16((size_t)KVC__ROWS_MAX * pool->head_dim);
+    kb->work = p;
 }
 
 static int32_t page_id(const kvc_seq *seq, int i) {
@@ -112,28 +142,46 @@ void kvc__softmax_scalar(float *s, int s_stride, int nb, int nr, const int *vali
     }
 }
 
-/* Rotates x (head_dim) by position pos as the caller's RoPE does. */
-static void rope_rotate(float *x, int pos, const kvc_rope *r) {
-    const int half = r->rope_dim / 2;
-    const float *cs = r->cos + (size_t)pos * half, *sn = r->sin + (size_t)pos * half;
-    for (int i = 0; i < half; i++) {
-        int ia = r->neox ? i : 2 * i, ib = r->neox ? i + half : 2 * i + 1;
-        float a = x[ia], b = x[ib];
-        x[ia] = a * cs[i] - b * sn[i];
-        x[ib] = a * sn[i] + b * cs[i];
-    }
+/* Pre-RoPE keys are rotated in two turns whose product is their position's:
+ * a key by its slot j in the page (the same tables for every page), and the
+ * query rows back by the page's first position p0, since
+ * q . R(p0 + j) k = (R(p0)^T q) . (R(j) k). */
+
+/* The slot tables of a page: RoPE of positions [0, n) by pair. */
+static void slot_tables(const kvc_rope *rope, int B, int n, key_bufs *kb) {
+    const int half = rope->rope_dim / 2;
+    for (int i = 0; i < half; i++)
+        for (int j = 0; j < n; j++) {
+            kb->slot_cos[(size_t)i * B + j] = rope->cos[(size_t)j * half + i];
+            kb->slot_sin[(size_t)i * B + j] = rope->sin[(size_t)j * half + i];
+        }
 }
 
-/* Decodes nb keys of a pre-RoPE K block into ktile (head_dim, B), rotated
- * by their positions from first_pos. */
-static void decode_rotated(const kvc_pool *pool, const uint8_t *kblk, int layer, int kv_head, int first_pos, int nb,
-                           float *ktile, const kvc_rope *rope) {
-    const int B = pool->block_size, D = pool->head_dim;
-    float x[1024];                                   /* head_dim <= 1024 */
-    for (int j = 0; j < nb; j++) {
-        kvc__codec_decode_head(&pool->kc, layer, kv_head, kblk, j, x);
-        rope_rotate(x, first_pos + j, rope);
-        for (int d = 0; d < D; d++) ktile[(size_t)d * B + j] = x[d];
+/* Decodes nb keys of a pre-RoPE K block into kb->tile (head_dim, B), up to
+ * KVC__TILE_TOKENS tokens at a time, and rotates each by its slot. */
+static void decode_rotated(const kvc_pool *pool, const uint8_t *kblk, int layer, int kv_head, int nb,
+                           const key_bufs *kb, const kvc_rope *rope) {
+    const int B = pool->block_size;
+    for (int j0 = 0; j0 < nb; j0 += KVC__TILE_TOKENS) {
+        int n = nb - j0 < KVC__TILE_TOKENS ? nb - j0 : KVC__TILE_TOKENS;
+        kvc__codec_decode_tile(&pool->kc, layer, kv_head, kblk, j0, n, kb->tile + j0, B, kb->work);
+    }
+    pool->kc.rotate(kb->tile, B, nb, rope->rope_dim, rope->neox, kb->slot_cos, kb->slot_sin, B);
+}
+
+/* out (nr, D) = the rows q (nr, D) turned back by position p0 (R(p0)^T q). */
+static void turn_back(const float *q, int nr, int D, int p0, const kvc_rope *rope, float *out) {
+    const int half = rope->rope_dim / 2;
+    const float *cs = rope->cos + (size_t)p0 * half, *sn = rope->sin + (size_t)p0 * half;
+    memcpy(out, q, sizeof(float) * (size_t)nr * D);
+    for (int r = 0; r < nr; r++) {
+        const float *qr = q + (size_t)r * D;
+        float *o = out + (size_t)r * D;
+        for (int i = 0; i < half; i++) {
+            int ia = rope->neox ? i : 2 * i, ib = rope->neox ? i + half : 2 * i + 1;
+            o[ia] = qr[ia] * cs[i] + qr[ib] * sn[i];
+            o[ib] = qr[ib] * cs[i] - qr[ia] * sn[i];
+        }
     }
 }
 
@@ -160,7 +208,10 @@ void kvc_attend_rope(const kvc_pool *pool, const kvc_seq *seq, int layer, int kv
     const kvc__kernels *vk = &pool->vc.kern;
     const int CP = chunk_pages(B), G = group_tiles(pool, n_rep);
     tile_bufs tiles[KVC__ROWS_MAX];                      /* G <= ROWS_MAX */
-    float *ktile = carve(pool, scratch, tiles, G);
+    key_bufs kb;
+    carve(pool, scratch, tiles, G, &kb);
+    const float *ktile = kb.tile;                        /* pre-RoPE keys only */
+    if (ktile) slot_tables(rope, B, B < pos0 + n_q ? B : pos0 + n_q, &kb);
     const int qd = pool->kc.pre_rope ? D : pool->kc.dim[layer];   /* floats per query row in t.q */
     int rows = n_q * n_rep;
     for (int g0 = 0; g0 < rows; g0 += G * KVC__ROWS_MAX) {
@@ -198,11 +249,14 @@ void kvc_attend_rope(const kvc_pool *pool, const kvc_seq *seq, int layer, int kv
                 if (pi + 1 < n_pages) prefetch_block(kvc__k_block(pool, page_id(seq, pi + 1), layer, kg),
                                                      pool->kc.block_bytes[layer]);
                 prefetch_block(kvc__v_block(pool, id, layer, vg), pool->vc.block_bytes[layer]);
-                if (ktile) decode_rotated(pool, kblk, layer, kv_head, pi * B, nb, ktile, rope);
+                if (ktile) decode_rotated(pool, kblk, layer, kv_head, nb, &kb, rope);
                 for (int ti = 0; ti < nt; ti++) {
                     tile_bufs *t = &tiles[ti];
                     float *sp = t->s + (pi - pa) * B;
-                    if (ktile) kvc__scores_f32(ktile, B, D, nb, t->q, t->nr, sp, CP * B);
+                    if (ktile) {
+                        turn_back(t->q, t->nr, D, pi * B, rope, kb.q);
+                        pool->kc.scores_f32(ktile, B, D, nb, kb.q, t->nr, sp, CP * B);
+                    }
                     else pool->kc.kern.scores(kblk, B, pool->kc.dim[layer], nb, t->q, t->nr, sp, CP * B);
                 }
             }

@@ -428,10 +428,6 @@ KVC__ACCUM(f32, load_f32, NO_SCALE)
 KVC__ACCUM(f16, load_f16, NO_SCALE)
 KVC__ACCUM(i8, load_i8, i8_scale)
 
-void kvc__scores_f32(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int s_stride) {
-    scores_f32(blk, B, dim, n, q, nr, s, s_stride);
-}
-
 /* ---- the format table ------------------------------------------------------ */
 
 static size_t bytes_f32(kvc__role role, int B, int dim) { return (size_t)B * dim * 4; }
@@ -625,6 +621,31 @@ static void expand_scalar(const float *P, int R, int n, const float *coef, const
     }
 }
 
+static void expand_tile_scalar(const float *P, int R, int n, const float *c, int c_stride, int m,
+                               const float *mu, float *out, int out_stride) {
+    for (int d = 0; d < n; d++) {
+        const float *row = P + (size_t)d * R;
+        float *o = out + (size_t)d * out_stride;
+        for (int t = 0; t < m; t++) o[t] = mu ? mu[d] : 0.0f;
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < m; t++) o[t] += row[r] * c[(size_t)r * c_stride + t];
+    }
+}
+
+static void rotate_scalar(float *x, int x_stride, int n, int rope_dim, int neox, const float *cos, const float *sin,
+                          int c_stride) {
+    const int half = rope_dim / 2;
+    for (int i = 0; i < half; i++) {
+        float *xa = x + (size_t)(neox ? i : 2 * i) * x_stride, *xb = x + (size_t)(neox ? i + half : 2 * i + 1) * x_stride;
+        const float *cs = cos + (size_t)i * c_stride, *sn = sin + (size_t)i * c_stride;
+        for (int t = 0; t < n; t++) {
+            float a = xa[t], b = xb[t];
+            xa[t] = a * cs[t] - b * sn[t];
+            xb[t] = a * sn[t] + b * cs[t];
+        }
+    }
+}
+
 /* ---- init -------------------------------------------------------------------- */
 
 void kvc__codec_free(kvc__codec *c) {
@@ -728,15 +749,23 @@ int kvc__codec_init(kvc__codec *c, const char *spec, const char *field, kvc__rol
     c->kern = role == KVC__ROLE_K ? formats[p.fmt].k : formats[p.fmt].v;
     c->project = project_scalar;
     c->expand = expand_scalar;
+    c->expand_tile = expand_tile_scalar;
+    c->scores_f32 = formats[KVC__F32].k.scores;
+    c->rotate = rotate_scalar;
     if (!force_scalar && kvc__have_avx2()) {
         c->project = kvc__project_avx2;
         c->expand = kvc__expand_avx2;
+        c->expand_tile = kvc__expand_tile_avx2;
+        c->rotate = kvc__rotate_avx2;
         kvc__kernels fast;
+        kvc__codec_avx2_get(KVC__F32, KVC__ROLE_K, &fast);
+        c->scores_f32 = fast.scores;
         kvc__codec_avx2_get(p.fmt, role, &fast);
         if (fast.encode) c->kern.encode = fast.encode;
         if (fast.decode) c->kern.decode = fast.decode;
         if (fast.scores) c->kern.scores = fast.scores;
         if (fast.accum) c->kern.accum = fast.accum;
+        if (fast.unpack) c->kern.unpack = fast.unpack;
     }
     return 0;
 nomem:
@@ -795,6 +824,29 @@ void kvc__codec_expand(const kvc__codec *c, int layer, int head, const float *co
     const float *P = basis_rows(c, layer, head, &row0);
     const float *mu = c->mean[(size_t)layer * c->n_groups + kvc__codec_group(c, head)];
     c->expand(P + (size_t)row0 * R, R, D, coef, mu ? mu + row0 : NULL, out);
+}
+
+void kvc__codec_decode_tile(const kvc__codec *c, int layer, int head, const void *blk, int j0, int n,
+                            float *x, int x_stride, float *work) {
+    KVC__CHECK(n >= 0 && n <= KVC__TILE_TOKENS && j0 % 2 == 0, "tile of %d tokens from %d", n, j0);
+    const int R = c->dim[layer], plain = c->shape == KVC__PLAIN;
+    float *dst = plain ? x : work;                    /* (R, n) numbers as stored */
+    const int ds = plain ? x_stride : KVC__TILE_TOKENS;
+    if (c->kern.unpack) {
+        c->kern.unpack(blk, c->block_size, R, j0, n, dst, ds);
+    } else {
+        float v[KVC__DIM_MAX];
+        for (int t = 0; t < n; t++) {
+            c->kern.decode(blk, c->block_size, R, j0 + t, v);
+            for (int r = 0; r < R; r++) dst[(size_t)r * ds + t] = v[r];
+        }
+    }
+    if (plain) return;
+    int row0;
+    const float *P = basis_rows(c, layer, head, &row0);
+    const float *mu = c->mean[(size_t)layer * c->n_groups + kvc__codec_group(c, head)];
+    c->expand_tile(P + (size_t)row0 * R, R, c->head_dim, work, KVC__TILE_TOKENS, n, mu ? mu + row0 : NULL, x,
+                   x_stride);
 }
 
 void kvc__codec_decode_head(const kvc__codec *c, int layer, int head, const void *blk, int slot, float *x) {

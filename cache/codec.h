@@ -56,6 +56,11 @@ typedef struct {
     /* V role: acc[r * dim + d] += sum_{j<n} w[r * w_stride + j] * v_j[d]. */
     void (*accum)(const void *blk, int B, int dim, int n, const float *w, int w_stride,
                   int nr, float *acc);
+    /* K role, optional (NULL: kvc__codec_decode_tile decodes token by token):
+     * x[d * x_stride + t] = number d of token j0 + t as decode gives it, for
+     * t < n, d < dim: tokens of a block widened to f32 in its (dim, B) order.
+     * j0 is even. */
+    void (*unpack)(const void *blk, int B, int dim, int j0, int n, float *x, int x_stride);
 } kvc__kernels;
 
 /* The transform's two loops over a basis P (n rows of R floats, row-major):
@@ -63,6 +68,25 @@ typedef struct {
  * expand:  out[d] = mu[d] + sum_{r<R} P[d][r] coef[r]    (mu NULL: 0) */
 typedef void (*kvc__project_fn)(const float *P, int R, int n, const float *x, const float *mu, float *coef);
 typedef void (*kvc__expand_fn)(const float *P, int R, int n, const float *coef, const float *mu, float *out);
+/* expand for m tokens at once (keys cached before RoPE are expanded a tile
+ * at a time): out[d * out_stride + t] = mu[d] + sum_{r<R} P[d][r] c[r * c_stride + t]
+ * for d < n, t < m, each sum taken in the order of r as expand does. */
+typedef void (*kvc__expand_tile_fn)(const float *P, int R, int n, const float *c, int c_stride, int m,
+                                    const float *mu, float *out, int out_stride);
+/* The f32 scores kernel (kvc__kernels.scores of f32 keys). */
+typedef void (*kvc__scores_fn)(const void *blk, int B, int dim, int n, const float *q, int nr, float *s,
+                               int s_stride);
+
+/* RoPE on a (dim, n) tile of keys cached before RoPE (x[d * x_stride + t]):
+ * token t's pair i turns by the angle whose cosine and sine are
+ * cos[i * c_stride + t], sin[...] (tables by pair, then token: contiguous
+ * over the tile's tokens); the pair is (2i, 2i + 1), or (i, i + rope_dim / 2)
+ * with neox: x_a' = x_a cos - x_b sin, x_b' = x_a sin + x_b cos. */
+typedef void (*kvc__rotate_fn)(float *x, int x_stride, int n, int rope_dim, int neox, const float *cos,
+                               const float *sin, int c_stride);
+
+/* Tokens decoded per kvc__codec_decode_tile call at most. */
+#define KVC__TILE_TOKENS 64
 
 /* The calibration a pca codec reads its bases from (calib.c). */
 typedef struct kvc__calib kvc__calib;
@@ -86,6 +110,9 @@ typedef struct {
     kvc__kernels kern;         /* the element kernels chosen for this machine */
     kvc__project_fn project;   /* portable or AVX2 */
     kvc__expand_fn expand;
+    kvc__expand_tile_fn expand_tile;
+    kvc__scores_fn scores_f32; /* scores over f32 tiles of keys (pre-RoPE keys, rotated) */
+    kvc__rotate_fn rotate;     /* pre-RoPE keys: RoPE on a decoded tile */
 } kvc__codec;
 
 /* Parses `spec` for `role` (field names the config field for messages, e.g.
@@ -115,11 +142,17 @@ void kvc__codec_project(const kvc__codec *c, int layer, int head, const float *q
 /* out (head_dim) = mean_head + P_head coef (coef: dim[layer]); a copy when plain. */
 void kvc__codec_expand(const kvc__codec *c, int layer, int head, const float *coef, float *out);
 
+/* Tokens [j0, j0 + n) (n <= KVC__TILE_TOKENS, j0 even) of kv head `head`'s
+ * K vectors in blk as attention sees them, in the K blocks' dimension-major
+ * order: x[d * x_stride + t] for d < head_dim, t < n. A transform's
+ * coefficients are widened into work (KVC__TILE_TOKENS * max_dim floats) and
+ * expanded as one (head_dim, R) x (R, n) product. */
+void kvc__codec_decode_tile(const kvc__codec *c, int layer, int head, const void *blk, int j0, int n,
+                            float *x, int x_stride, float *work);
+
 /* The group a kv head's numbers live in. */
 static inline int kvc__codec_group(const kvc__codec *c, int head) { return c->shape == KVC__LATENT ? 0 : head; }
 
-/* The f32 K scores kernel (pre-RoPE keys are rotated into an f32 tile). */
-void kvc__scores_f32(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int s_stride);
 
 /* IEEE half conversions (round to nearest even), portable. */
 uint16_t kvc__f32_to_f16(float f);
@@ -161,5 +194,9 @@ uint8_t kvc__u4_round(float v);   /* nearest even, clamped to [0, 15]; NaN gives
 void kvc__codec_avx2_get(kvc__fmt fmt, kvc__role role, kvc__kernels *out);
 void kvc__project_avx2(const float *P, int R, int n, const float *x, const float *mu, float *coef);
 void kvc__expand_avx2(const float *P, int R, int n, const float *coef, const float *mu, float *out);
+void kvc__expand_tile_avx2(const float *P, int R, int n, const float *c, int c_stride, int m,
+                           const float *mu, float *out, int out_stride);
+void kvc__rotate_avx2(float *x, int x_stride, int n, int rope_dim, int neox, const float *cos, const float *sin,
+                      int c_stride);
 
 #endif

@@ -396,6 +396,70 @@ KVC__INLINE void accum_impl(elem e, const void *blk, int B, int dim, int n, cons
     }
 }
 
+/* ---- unpack: a K block's tokens widened to f32, (dim, n) ------------------ */
+
+/* 8 tokens from j of number d, scales and minima applied. */
+KVC__INLINE __m256 unpack8(elem e, const void *blk, int B, int dim, int d, int j, const float *cs, const float *cm) {
+    __m256 v = load8(e, blk, (size_t)d * k_stride(e, B) + j);
+    if (e == E_I8) return _mm256_mul_ps(v, load8(E_F16, i8_scales(blk, B, dim), (size_t)j));
+    if (e == E_U4C) return _mm256_fmadd_ps(_mm256_set1_ps(cs[d]), v, _mm256_set1_ps(cm[d]));
+    if (u4_gs(e)) {
+        const int G = kvc__u4_groups(dim, u4_gs(e));
+        const uint16_t *sc = u4_params(blk, KVC__ROLE_K, B, dim), *mn = sc + (size_t)G * B;
+        size_t p = (size_t)(d / u4_gs(e)) * B + j;
+        return _mm256_fmadd_ps(load8(E_F16, sc, p), v, load8(E_F16, mn, p));
+    }
+    return v;
+}
+
+/* One number as unpack8 gives it (block sizes not a multiple of 8). */
+KVC__INLINE float unpack1(elem e, const void *blk, int B, int dim, int d, int j, const float *cs, const float *cm) {
+    float v = load1(e, blk, (size_t)d * k_stride(e, B) + j);
+    if (e == E_I8) return v * kvc__f16_to_f32(i8_scales(blk, B, dim)[j]);
+    if (e == E_U4C) return cs[d] * v + cm[d];
+    if (u4_gs(e)) {
+        const int G = kvc__u4_groups(dim, u4_gs(e));
+        const uint16_t *sc = u4_params(blk, KVC__ROLE_K, B, dim), *mn = sc + (size_t)G * B;
+        size_t p = (size_t)(d / u4_gs(e)) * B + j;
+        return kvc__f16_to_f32(sc[p]) * v + kvc__f16_to_f32(mn[p]);
+    }
+    return v;
+}
+
+KVC__INLINE void unpack_impl(elem e, const void *blk, int B, int dim, int j0, int n, float *x, int x_stride) {
+    float cs[KVC__DIM_MAX], cm[KVC__DIM_MAX];     /* int4 per channel: scales, minima */
+    if (e == E_U4C) {
+        const uint16_t *p = u4_params(blk, KVC__ROLE_K, B, dim);
+        f16_row(p, dim, cs);
+        f16_row(p + dim, dim, cm);
+    }
+    for (int d = 0; d < dim; d++) {
+        float *xd = x + (size_t)d * x_stride;
+        int t = 0;
+        for (; t + 8 <= n; t += 8) _mm256_storeu_ps(xd + t, unpack8(e, blk, B, dim, d, j0 + t, cs, cm));
+        for (; t < n; t++) xd[t] = unpack1(e, blk, B, dim, d, j0 + t, cs, cm);
+    }
+}
+
+static void unpack_f32(const void *blk, int B, int dim, int j0, int n, float *x, int xs) {
+    unpack_impl(E_F32, blk, B, dim, j0, n, x, xs);
+}
+static void unpack_f16(const void *blk, int B, int dim, int j0, int n, float *x, int xs) {
+    unpack_impl(E_F16, blk, B, dim, j0, n, x, xs);
+}
+static void unpack_i8(const void *blk, int B, int dim, int j0, int n, float *x, int xs) {
+    unpack_impl(E_I8, blk, B, dim, j0, n, x, xs);
+}
+static void unpack_u4(const void *blk, int B, int dim, int j0, int n, float *x, int xs) {
+    unpack_impl(E_U4, blk, B, dim, j0, n, x, xs);
+}
+static void unpack_u4g64(const void *blk, int B, int dim, int j0, int n, float *x, int xs) {
+    unpack_impl(E_U4G64, blk, B, dim, j0, n, x, xs);
+}
+static void unpack_u4c(const void *blk, int B, int dim, int j0, int n, float *x, int xs) {
+    unpack_impl(E_U4C, blk, B, dim, j0, n, x, xs);
+}
+
 static void scores_f32(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int ss) {
     scores_impl(E_F32, blk, B, dim, n, q, nr, s, ss);
 }
@@ -563,34 +627,103 @@ void kvc__expand_avx2(const float *P, int R, int n, const float *coef, const flo
     }
 }
 
+/* NR rows of out from row d: 16 (then 8) tokens at a time, NR x 2
+ * accumulators over r; each product added in the order of r from mu. */
+KVC__INLINE void expand_rows(int NR, const float *P, int R, int d, const float *c, int cs, int m,
+                             const float *mu, float *out, int os) {
+    int t = 0;
+    for (; t + 16 <= m; t += 16) {
+        __m256 a[4][2];
+        _Pragma("GCC unroll 4") for (int i = 0; i < NR; i++) a[i][0] = a[i][1] = _mm256_set1_ps(mu ? mu[d + i] : 0.0f);
+        for (int r = 0; r < R; r++) {
+            __m256 c0 = _mm256_loadu_ps(c + (size_t)r * cs + t), c1 = _mm256_loadu_ps(c + (size_t)r * cs + t + 8);
+            _Pragma("GCC unroll 4") for (int i = 0; i < NR; i++) {
+                __m256 p = _mm256_broadcast_ss(P + (size_t)(d + i) * R + r);
+                a[i][0] = _mm256_fmadd_ps(p, c0, a[i][0]);
+                a[i][1] = _mm256_fmadd_ps(p, c1, a[i][1]);
+            }
+        }
+        _Pragma("GCC unroll 4") for (int i = 0; i < NR; i++) {
+            _mm256_storeu_ps(out + (size_t)(d + i) * os + t, a[i][0]);
+            _mm256_storeu_ps(out + (size_t)(d + i) * os + t + 8, a[i][1]);
+        }
+    }
+    for (; t + 8 <= m; t += 8) {
+        __m256 a[4];
+        _Pragma("GCC unroll 4") for (int i = 0; i < NR; i++) a[i] = _mm256_set1_ps(mu ? mu[d + i] : 0.0f);
+        for (int r = 0; r < R; r++) {
+            __m256 c0 = _mm256_loadu_ps(c + (size_t)r * cs + t);
+            _Pragma("GCC unroll 4") for (int i = 0; i < NR; i++)
+                a[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(P + (size_t)(d + i) * R + r), c0, a[i]);
+        }
+        _Pragma("GCC unroll 4") for (int i = 0; i < NR; i++) _mm256_storeu_ps(out + (size_t)(d + i) * os + t, a[i]);
+    }
+    for (; t < m; t++)
+        _Pragma("GCC unroll 4") for (int i = 0; i < NR; i++) {
+            float a = mu ? mu[d + i] : 0.0f;
+            for (int r = 0; r < R; r++) a = __builtin_fmaf(P[(size_t)(d + i) * R + r], c[(size_t)r * cs + t], a);
+            out[(size_t)(d + i) * os + t] = a;
+        }
+}
+
+/* out (n, m) = mu + P (n, R) c (R, m): 4 rows of P at a time share each
+ * load of c. */
+void kvc__expand_tile_avx2(const float *P, int R, int n, const float *c, int c_stride, int m,
+                           const float *mu, float *out, int out_stride) {
+    int d = 0;
+    for (; d + 4 <= n; d += 4) expand_rows(4, P, R, d, c, c_stride, m, mu, out, out_stride);
+    for (; d < n; d++) expand_rows(1, P, R, d, c, c_stride, m, mu, out, out_stride);
+}
+
+void kvc__rotate_avx2(float *x, int x_stride, int n, int rope_dim, int neox, const float *cos, const float *sin,
+                      int c_stride) {
+    const int half = rope_dim / 2;
+    for (int i = 0; i < half; i++) {
+        float *xa = x + (size_t)(neox ? i : 2 * i) * x_stride, *xb = x + (size_t)(neox ? i + half : 2 * i + 1) * x_stride;
+        const float *cs = cos + (size_t)i * c_stride, *sn = sin + (size_t)i * c_stride;
+        int t = 0;
+        for (; t + 8 <= n; t += 8) {
+            __m256 c = _mm256_loadu_ps(cs + t), s = _mm256_loadu_ps(sn + t);
+            __m256 a = _mm256_loadu_ps(xa + t), b = _mm256_loadu_ps(xb + t);
+            _mm256_storeu_ps(xa + t, _mm256_fmsub_ps(a, c, _mm256_mul_ps(b, s)));
+            _mm256_storeu_ps(xb + t, _mm256_fmadd_ps(a, s, _mm256_mul_ps(b, c)));
+        }
+        for (; t < n; t++) {
+            float a = xa[t], b = xb[t];
+            xa[t] = a * cs[t] - b * sn[t];
+            xb[t] = a * sn[t] + b * cs[t];
+        }
+    }
+}
+
 void kvc__codec_avx2_get(kvc__fmt fmt, kvc__role role, kvc__kernels *out) {
     memset(out, 0, sizeof *out);
     const int k = role == KVC__ROLE_K;
     switch (fmt) {
     case KVC__F32:
-        if (k) out->scores = scores_f32;
+        if (k) out->scores = scores_f32, out->unpack = unpack_f32;
         else out->accum = accum_f32;
         break;
     case KVC__F16:
         out->encode = k ? enc_k_f16 : enc_v_f16;
-        if (k) out->scores = scores_f16;
+        if (k) out->scores = scores_f16, out->unpack = unpack_f16;
         else out->decode = dec_v_f16, out->accum = accum_f16;
         break;
     case KVC__I8:
         out->encode = k ? enc_k_i8 : enc_v_i8;
-        if (k) out->scores = scores_i8;
+        if (k) out->scores = scores_i8, out->unpack = unpack_i8;
         else out->accum = accum_i8;
         break;
     case KVC__U4:
-        if (k) out->scores = scores_u4;
+        if (k) out->scores = scores_u4, out->unpack = unpack_u4;
         else out->accum = accum_u4;
         break;
     case KVC__U4G64:
-        if (k) out->scores = scores_u4g64;
+        if (k) out->scores = scores_u4g64, out->unpack = unpack_u4g64;
         else out->accum = accum_u4g64;
         break;
     case KVC__U4C:
-        if (k) out->scores = scores_u4c;
+        if (k) out->scores = scores_u4c, out->unpack = unpack_u4c;
         break;
     }
 }

@@ -234,6 +234,27 @@ Test(attention, pre_rope) {
     small_sweep("lowrank:r24:int4:channel:prerope", "int4:g64", 64);
 }
 
+/* Pre-RoPE keys of every element format on pages of one decode tile (64
+ * tokens: the AVX2 unpack, the (head_dim, R) x (R, 64) expansion and the
+ * rotation by slot with the query turned back by the page) and larger
+ * (100: two tiles per page), tokens past the tables' first page. */
+Test(attention, pre_rope_pages) {
+    static const char *specs[][2] = {
+        {"latent:80:int4:channel:prerope", "int4:token:g64"}, {"hybrid:latent:96:prerope", "int4:token:g64"},
+        {"latent:40:int4:prerope", "f16"}, {"lowrank:r24:int4:g64:prerope", "int8"},
+        {"f32:prerope", "f32"}, {"int4:channel:prerope", "int4"}};
+    static const int blocks[] = {64, 100}, ctxs[] = {130, 300};
+    for (int c = 0; c < 6; c++)
+        for (int b = 0; b < 2; b++)
+            for (int fs = 0; fs < 2; fs++) {
+                int ctx = ctxs[(c + b) % 2], n_q = (c + fs) % 2 ? 1 : 19;
+                attn_case k = {specs[c][0], 3, blocks[b], ctx, n_q, 64, 3.0f, fs, specs[c][1], (c + b) % 2};
+                double e = run_case(&k);
+                cr_expect(e <= 1e-5, "%s / %s %s: block %d ctx %d n_q %d: relative error %.3g", specs[c][0],
+                          specs[c][1], fs ? "scalar" : "auto", k.block_size, ctx, n_q, e);
+            }
+}
+
 /* Head sizes with SIMD tails, peaky and flat softmax, block sizes not a
  * multiple of 8. */
 Test(attention, shapes) {
