@@ -13,7 +13,9 @@
 #      PROF ("shape kcodec vcodec n_seqs ctx", ';'-separated).
 # Logs go to $OUT (or ./build-gpu/out); the summary is printed last.
 #   STEPS="test san bench sdpa" (default all) picks steps; BENCH_ARGS passes
-#   options to gpu_bench (e.g. --quick).
+#   options to gpu_bench (e.g. --quick, --match lowrank); T_TEST, T_SAN and
+#   T_BENCH are the steps' time limits in seconds (each sanitizer gets T_SAN),
+#   to keep one call inside the device tool's 10 minutes.
 set -u
 BUILD=${BUILD:-build-gpu}
 OUT=${OUT:-$BUILD/out}
@@ -34,7 +36,7 @@ has() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
 
 if has test; then
     echo "== gpu_test"
-    timeout 300 "$bin/gpu_test" >"$OUT/test.log" 2>&1; rc=$?
+    timeout "${T_TEST:-300}" "$bin/gpu_test" >"$OUT/test.log" 2>&1; rc=$?
     echo "gpu_test exit $rc" >>"$OUT/test.log"
     grep -E "FAIL|checks|exit" "$OUT/test.log" | tail -20
     [ $rc = 0 ] || status=1
@@ -43,7 +45,7 @@ fi
 if has san; then
     for tool in memcheck racecheck; do
         echo "== compute-sanitizer $tool"
-        timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 "$bin/gpu_test" --quick >"$OUT/san_$tool.log" 2>&1; rc=$?
+        timeout "${T_SAN:-240}" compute-sanitizer --tool $tool --error-exitcode 9 "$bin/gpu_test" --quick >"$OUT/san_$tool.log" 2>&1; rc=$?
         echo "sanitizer $tool exit $rc" >>"$OUT/san_$tool.log"
         grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Hazard|Invalid|checks|exit" "$OUT/san_$tool.log" | head -12
         [ $rc = 0 ] || status=1
@@ -52,7 +54,7 @@ fi
 
 if has bench; then
     echo "== gpu_bench"
-    timeout 400 "$bin/gpu_bench" --csv "$OUT/bench.csv" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1; rc=$?
+    timeout "${T_BENCH:-400}" "$bin/gpu_bench" --csv "$OUT/bench.csv" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1; rc=$?
     echo "gpu_bench exit $rc" >>"$OUT/bench.log"
     [ $rc = 0 ] || { tail -5 "$OUT/bench.log"; status=1; }
 fi

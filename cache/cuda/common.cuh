@@ -26,6 +26,43 @@ struct kvc__cu_geom {
 /* Fills g for `layer` (cuda/write.cu; reads the pool's layout). */
 kvc__cu_geom kvc__cu_geom_of(const kvc_cu_layout *L, int layer);
 
+/* How the attention kernels see one layer: heads of G query rows, each
+ * reading plain K and V blocks of D numbers per token. Without transforms
+ * that is the layout itself (kv heads, n_rep, head_dim); with them D is the
+ * layer's rank, the query rows are the projected ones and a latent side's
+ * blocks are the same for every head (block stride 0 in g). When both sides
+ * are latent the n_kv_head * n_rep rows of a sequence are regrouped into
+ * heads of up to 8 rows (fewer reads of each shared page). */
+struct kvc__cu_view {
+    int n_heads, G, D;
+    int k_fmt, v_fmt;
+    kvc__cu_geom g;
+};
+
+/* The view of `layer` for n_rep query heads per kv head (cuda/write.cu). */
+kvc__cu_view kvc__cu_view_of(const kvc_cu_layout *L, int layer, int n_rep);
+
+/* Side r's (0 K, 1 V) basis of `layer` in device memory: P (n_groups,
+ * in_dim, R), Pt (n_groups, R, in_dim), mu (n_groups, in_dim). */
+struct kvc__cu_basis {
+    const float *P, *Pt, *mu;
+    int R, in_dim;
+    int latent;                  /* a group for all kv heads: head h's rows start at h * head_dim */
+};
+kvc__cu_basis kvc__cu_basis_of(const kvc_cu_layout *L, int layer, int side);
+
+/* Transforms (cuda/transform.cu), n_rows rows of n_kv_head * n_rep query
+ * heads each: qp (n_rows, n_kv_head * n_rep, R) = each head's q projected on
+ * its kv head's slice of the K basis (q: row i at q + i * q_stride); out
+ * (row i at out + i * out_stride) = mean + P_h c for c (n_rows, n_kv_head *
+ * n_rep, R) of the V basis, zeros for rows without positions (ctx_lens[i],
+ * or ctx0 + i when ctx_lens is NULL, is 0). */
+int kvc__cu_project(const kvc_cu_layout *L, int layer, int n_rows, int n_rep, const float *q, int64_t q_stride,
+                    float *qp, cudaStream_t stream, char *err, size_t errlen);
+int kvc__cu_expand(const kvc_cu_layout *L, int layer, int n_rows, int n_rep, const float *c,
+                   const int32_t *ctx_lens, int ctx0, float *out, int64_t out_stride, cudaStream_t stream, char *err,
+                   size_t errlen);
+
 /* Blocks of (page, kv head) in the layer: K blocks of all heads, then V blocks. */
 __device__ __forceinline__ const uint8_t *kvc__cu_k_block(const uint8_t *arena, const kvc__cu_geom &g,
                                                           int32_t page, int head) {

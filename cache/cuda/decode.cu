@@ -107,7 +107,7 @@ template <int D, int KF, int VF> struct ring {
     static constexpr int PAGE = KB + VB;
     static constexpr int P = BULK ? 2 : 1;            /* pages a slot */
     static constexpr int SLOT = P * PAGE;
-    static constexpr int S = !BULK ? 3 : D == 64 ? 4 : 3;
+    static constexpr int S = !BULK ? 3 : D <= 64 ? 4 : 3;
     static constexpr int CONV = !BULK && (KF != KVC_CU_F16 || VF != KVC_CU_F16) ? 32 * D : 0;
     static constexpr int MBAR = BULK ? (8 * S + 15) & ~15 : 0;   /* keeps the next warp's slots 16-byte aligned */
     static constexpr int WARP_BYTES = S * SLOT + CONV + MBAR;
@@ -263,7 +263,10 @@ __device__ __forceinline__ uint32_t u4_hi(uint32_t x, const cvt_consts &k) {
 
 /* Swizzled 16-byte unit offsets of the f16 blocks (see the file comment). */
 template <int D> __device__ __forceinline__ int k_unit(int dim, int h) { return dim * 2 + (h ^ ((dim >> 2) & 1)); }
-template <int D> __device__ __forceinline__ int v_unit(int t, int u) { return t * (D / 8) + (u ^ (t & 7)); }
+template <int D> __device__ __forceinline__ int v_unit(int t, int u) {
+    if constexpr (D >= 64) return t * (D / 8) + (u ^ (t & 7));
+    else return t * (D / 8) + (u ^ ((t >> 1) & 3));   /* D 32: 4 units a row, two rows per 128 bytes */
+}
 
 /* A warp's page copies: the K and V blocks of its kv head in page 0 of the
  * layer, offset by the lane's 16 bytes (a page adds page * page_bytes). */
@@ -546,17 +549,23 @@ __device__ __forceinline__ void step_i8(const uint8_t *slot, int valid0, int val
     weights_operand(x, pa[0]);
     weights_operand(x + 4, pa[1]);
     /* V rows t0 + i of page pg, dims (D / 8) g .. + D / 8: D / 32 words,
-     * read two at a time (fewer live registers at head_dim 128) */
+     * read two at a time (fewer live registers at head_dim 128; one at 32) */
+    constexpr int WW = D >= 64 ? 2 : 1;
 #pragma unroll
-    for (int wh = 0; wh < D / 64; wh++) {
-        uint32_t rw[8][2];
+    for (int wh = 0; wh < D / (32 * WW); wh++) {
+        uint32_t rw[8][WW];
 #pragma unroll
         for (int i = 0; i < 8; i++) {
-            const uint2 v = *reinterpret_cast<const uint2 *>(vp + (t0 + i) * D + (D / 8) * g + 8 * wh);
-            rw[i][0] = v.x, rw[i][1] = v.y;
+            const uint8_t *src = vp + (t0 + i) * D + (D / 8) * g + 8 * wh;
+            if constexpr (WW == 2) {
+                const uint2 v = *reinterpret_cast<const uint2 *>(src);
+                rw[i][0] = v.x, rw[i][1] = v.y;
+            } else {
+                rw[i][0] = *reinterpret_cast<const uint32_t *>(src);
+            }
         }
 #pragma unroll
-        for (int w = 0; w < 2; w++) {
+        for (int w = 0; w < WW; w++) {
             uint32_t b[2][2][4];   /* [chunk][b0/b1][dim 4 (2 wh + w) + k] */
 #pragma unroll
             for (int c = 0; c < 2; c++)
@@ -1095,11 +1104,11 @@ template <int D, int G, int KF, int VF> int blocks_per_sm() {
     return n;
 }
 
-/* Calls f(D, G, KF, VF) as integral constants for the layout's instance;
- * KVC_ERR_INVAL outside the compiled set. */
-template <typename F> int with_instance(const kvc_cu_layout *L, int G, F &&f) {
+/* Calls f(D, G, KF, VF) as integral constants for the view's instance;
+ * KVC_ERR_INVAL outside the compiled set (D 32: f16/f16 and int8/int8). */
+template <typename F> int with_instance(const kvc__cu_view &v, F &&f) {
     auto by_g = [&](auto d, auto kf, auto vf) -> int {
-        switch (G) {
+        switch (v.G) {
         case 1: return f(d, std::integral_constant<int, 1>(), kf, vf);
         case 2: return f(d, std::integral_constant<int, 2>(), kf, vf);
         case 3: return f(d, std::integral_constant<int, 3>(), kf, vf);
@@ -1111,22 +1120,28 @@ template <typename F> int with_instance(const kvc_cu_layout *L, int G, F &&f) {
         }
         return KVC_ERR_INVAL;
     };
+    typedef std::integral_constant<int, KVC_CU_F16> F16;
+    typedef std::integral_constant<int, KVC_CU_I8> I8;
     auto by_fmt = [&](auto d) -> int {
-        typedef std::integral_constant<int, KVC_CU_F16> F16;
-        typedef std::integral_constant<int, KVC_CU_I8> I8;
-        if (L->k_fmt == KVC_CU_F16 && L->v_fmt == KVC_CU_F16) return by_g(d, F16(), F16());
-        if (L->k_fmt == KVC_CU_I8 && L->v_fmt == KVC_CU_I8) return by_g(d, I8(), I8());
-        if (L->k_fmt == KVC_CU_F16 && L->v_fmt == KVC_CU_I8) return by_g(d, F16(), I8());
-        if (L->k_fmt == KVC_CU_I8 && L->v_fmt == KVC_CU_F16) return by_g(d, I8(), F16());
+        if (v.k_fmt == KVC_CU_F16 && v.v_fmt == KVC_CU_F16) return by_g(d, F16(), F16());
+        if (v.k_fmt == KVC_CU_I8 && v.v_fmt == KVC_CU_I8) return by_g(d, I8(), I8());
+        if (v.k_fmt == KVC_CU_F16 && v.v_fmt == KVC_CU_I8) return by_g(d, F16(), I8());
+        if (v.k_fmt == KVC_CU_I8 && v.v_fmt == KVC_CU_F16) return by_g(d, I8(), F16());
         typedef std::integral_constant<int, KVC_CU_U4C> U4C;
-        if (L->k_fmt == KVC_CU_U4C && L->v_fmt == KVC_CU_U4T32)
+        if (v.k_fmt == KVC_CU_U4C && v.v_fmt == KVC_CU_U4T32)
             return by_g(d, U4C(), std::integral_constant<int, KVC_CU_U4T32>());
-        if (L->k_fmt == KVC_CU_U4C && L->v_fmt == KVC_CU_U4T64)
+        if (v.k_fmt == KVC_CU_U4C && v.v_fmt == KVC_CU_U4T64)
             return by_g(d, U4C(), std::integral_constant<int, KVC_CU_U4T64>());
         return KVC_ERR_INVAL;
     };
-    if (L->head_dim == 64) return by_fmt(std::integral_constant<int, 64>());
-    if (L->head_dim == 128) return by_fmt(std::integral_constant<int, 128>());
+    if (v.D == 32) {
+        typedef std::integral_constant<int, 32> D32;
+        if (v.k_fmt == KVC_CU_F16 && v.v_fmt == KVC_CU_F16) return by_g(D32(), F16(), F16());
+        if (v.k_fmt == KVC_CU_I8 && v.v_fmt == KVC_CU_I8) return by_g(D32(), I8(), I8());
+        return KVC_ERR_INVAL;
+    }
+    if (v.D == 64) return by_fmt(std::integral_constant<int, 64>());
+    if (v.D == 128) return by_fmt(std::integral_constant<int, 128>());
     return KVC_ERR_INVAL;
 }
 
@@ -1138,14 +1153,14 @@ template <typename F> int with_instance(const kvc_cu_layout *L, int G, F &&f) {
  * shared by its blocks), splits costing a merge (about as much as 8 pages
  * of a warp) and, past FAN, a second merge level; ties go to more blocks. If
  * none fits, a warp per pair (the fewest blocks). */
-plan search_plan(const kvc_cu_layout *L, int n_seqs, int max_ctx, int n_rep) {
+plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx) {
     const int sms = sm_count();
-    int per_sm = with_instance(L, n_rep, [](auto d, auto g, auto kf, auto vf) {
+    int per_sm = with_instance(v, [](auto d, auto g, auto kf, auto vf) {
         return blocks_per_sm<decltype(d)::value, decltype(g)::value, decltype(kf)::value, decltype(vf)::value>();
     });
     if (per_sm < 1) per_sm = 1;
-    const int pages = max_ctx > 0 ? (max_ctx + L->block_size - 1) / L->block_size : 1;
-    const long pairs = (long)(n_seqs > 0 ? n_seqs : 1) * L->n_kv_head;
+    const int pages = max_ctx > 0 ? (max_ctx + KVC__CU_B - 1) / KVC__CU_B : 1;
+    const long pairs = (long)(n_seqs > 0 ? n_seqs : 1) * v.n_heads;
     const long resident = (long)sms * per_sm;
     plan pl = {4, pages, 1};
     long best_blocks = 0;
@@ -1187,21 +1202,19 @@ plan search_plan(const kvc_cu_layout *L, int n_seqs, int max_ctx, int n_rep) {
 /* The search costs microseconds of host time (up to MAX_SPLITS candidates)
  * and a decode step asks once per layer with the same sizes: the last
  * answer of this host thread is kept. */
-plan make_plan(const kvc_cu_layout *L, int n_seqs, int max_ctx, int n_rep) {
+plan make_plan(const kvc__cu_view &v, int n_seqs, int max_ctx) {
     struct key {
-        int n_kv_head, head_dim, block_size, k_fmt, v_fmt, n_seqs, max_ctx, n_rep, pps, wps;
+        int n_heads, G, D, k_fmt, v_fmt, n_seqs, max_ctx, pps, wps;
         bool operator==(const key &o) const {
-            return n_kv_head == o.n_kv_head && head_dim == o.head_dim && block_size == o.block_size &&
-                   k_fmt == o.k_fmt && v_fmt == o.v_fmt && n_seqs == o.n_seqs && max_ctx == o.max_ctx &&
-                   n_rep == o.n_rep && pps == o.pps && wps == o.wps;
+            return n_heads == o.n_heads && G == o.G && D == o.D && k_fmt == o.k_fmt && v_fmt == o.v_fmt &&
+                   n_seqs == o.n_seqs && max_ctx == o.max_ctx && pps == o.pps && wps == o.wps;
         }
     };
-    thread_local key last_key = {-1, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    thread_local key last_key = {-1, 0, 0, 0, 0, 0, 0, 0, 0};
     thread_local plan last = {4, 1, 1};
-    const key k = {L->n_kv_head, L->head_dim, L->block_size, L->k_fmt, L->v_fmt,
-                   n_seqs, max_ctx, n_rep, g_pages_per_split, g_warp_per_seq};
+    const key k = {v.n_heads, v.G, v.D, v.k_fmt, v.v_fmt, n_seqs, max_ctx, g_pages_per_split, g_warp_per_seq};
     if (!(k == last_key)) {
-        last = search_plan(L, n_seqs, max_ctx, n_rep);
+        last = search_plan(v, n_seqs, max_ctx);
         last_key = k;
     }
     return last;
@@ -1209,20 +1222,69 @@ plan make_plan(const kvc_cu_layout *L, int n_seqs, int max_ctx, int n_rep) {
 
 size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
 
+/* The workspace: merge counters, split partials, then (transforms) the
+ * projected queries and the coefficient outputs. */
 struct ws_parts {
-    size_t counters, ml, acc, total;
+    size_t counters, ml, acc, qp, cp, total;
 };
 
-ws_parts ws_layout(const kvc_cu_layout *L, int n_seqs, int n_rep, const plan &pl) {
+ws_parts ws_layout(const kvc__cu_view &v, int n_seqs, const plan &pl, bool transform) {
     ws_parts w;
-    const size_t units = (size_t)n_seqs * L->n_kv_head;
+    const size_t units = (size_t)n_seqs * v.n_heads;
     const size_t splits = pl.ppb > 1 || pl.n_splits == 1 ? 0 : (size_t)pl.n_splits;
     w.counters = 0;
     w.ml = align256(units * (1 + FAN) * sizeof(int));
-    w.acc = w.ml + align256(units * splits * 2 * n_rep * sizeof(float));
-    w.total = w.acc + align256(units * splits * n_rep * L->head_dim * sizeof(float));
+    w.acc = w.ml + align256(units * splits * 2 * v.G * sizeof(float));
+    w.qp = w.acc + align256(units * splits * v.G * v.D * sizeof(float));
+    const size_t rows = transform ? units * v.G * v.D * sizeof(float) : 0;
+    w.cp = w.qp + align256(rows);
+    w.total = w.cp + align256(rows);
     return w;
 }
+
+/* The decode kernel over a view: q and out as the view's rows (G rows of D
+ * numbers per head, q_stride / out_stride floats per sequence). */
+int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_args *a, const float *q,
+                  int64_t q_stride, float *out, int64_t out_stride, const plan &pl, const ws_parts &w,
+                  void *workspace, cudaStream_t stream, char *err, size_t errlen) {
+    decode_params p;
+    p.arena = (const uint8_t *)arena;
+    p.g = v.g;
+    p.bt = a->block_tables;
+    p.bt_stride = a->bt_stride;
+    p.ctx_lens = a->ctx_lens;
+    p.ctx0 = a->ctx0;
+    p.n_kv_head = v.n_heads;
+    p.ppb = pl.ppb;
+    p.n_pairs = (int64_t)a->n_seqs * v.n_heads;
+    p.pps = pl.pps;
+    p.n_splits = pl.n_splits;
+    p.zero = 0;
+    p.qscale = a->scale * 1.4426950408889634f;
+    p.q = q;
+    p.q_stride = q_stride;
+    p.out = out;
+    p.out_stride = out_stride;
+    uint8_t *ws = (uint8_t *)workspace;
+    p.counters = (int *)(ws + w.counters);
+    p.ws_ml = (float *)(ws + w.ml);
+    p.ws_acc = (float *)(ws + w.acc);
+    const dim3 grid((unsigned)((p.n_pairs + pl.ppb - 1) / pl.ppb), pl.n_splits);
+    int rc = with_instance(v, [&](auto d, auto g, auto kf, auto vf) -> int {
+        constexpr int D_ = decltype(d)::value, G_ = decltype(g)::value, KF_ = decltype(kf)::value,
+                      VF_ = decltype(vf)::value;
+        blocks_per_sm<D_, G_, KF_, VF_>();     /* sets the shared memory limit */
+        decode_kernel<D_, G_, KF_, VF_><<<grid, NT, smem_bytes<D_, G_, KF_, VF_>(), stream>>>(p);
+        return KVC_OK;
+    });
+    if (rc != KVC_OK)
+        KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: %d stored numbers per token, %d query rows per head, formats %d/%d: "
+                     "not compiled", v.D, v.G, v.k_fmt, v.v_fmt);
+    KVC__CU_TRY(cudaGetLastError());
+    return KVC_OK;
+}
+
+bool has_transform(const kvc_cu_layout *L) { return L->k_shape != KVC_CU_PLAIN || L->v_shape != KVC_CU_PLAIN; }
 
 } // namespace
 
@@ -1231,9 +1293,18 @@ extern "C" void kvc_cu_set_decode_tuning(int pages_per_split, int warp_per_seque
     g_warp_per_seq = warp_per_sequence;
 }
 
+/* The largest workspace over the layers' views (ranks may differ by layer). */
 extern "C" size_t kvc_cu_decode_workspace(const kvc_cu_layout *L, int n_seqs, int max_ctx, int n_rep) {
     if (!L || !L->pool || n_seqs <= 0 || n_rep < 1 || n_rep > 8) return 0;
-    return ws_layout(L, n_seqs, n_rep, make_plan(L, n_seqs, max_ctx, n_rep)).total;
+    size_t most = 0;
+    for (int l = 0; l < L->n_layer; l++) {
+        const kvc__cu_view v = kvc__cu_view_of(L, l, n_rep);
+        if (with_instance(v, [](auto, auto, auto, auto) { return KVC_OK; }) != KVC_OK) continue;
+        const size_t t = ws_layout(v, n_seqs, make_plan(v, n_seqs, max_ctx), has_transform(L)).total;
+        most = t > most ? t : most;
+        if (!has_transform(L)) break;          /* every layer alike */
+    }
+    return most;
 }
 
 extern "C" int kvc_cu_decode(const kvc_cu_layout *L, const void *arena, int layer, const kvc_cu_decode_args *a,
@@ -1256,44 +1327,33 @@ extern "C" int kvc_cu_decode(const kvc_cu_layout *L, const void *arena, int laye
     if ((a->q_stride | a->out_stride) & 1)
         KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: decode: q_stride %lld / out_stride %lld must be even",
                      (long long)a->q_stride, (long long)a->out_stride);
-    const plan pl = make_plan(L, a->n_seqs, a->max_ctx, a->n_rep);
-    const ws_parts w = ws_layout(L, a->n_seqs, a->n_rep, pl);
+    const kvc__cu_view v = kvc__cu_view_of(L, layer, a->n_rep);
+    const bool transform = has_transform(L);
+    const plan pl = make_plan(v, a->n_seqs, a->max_ctx);
+    const ws_parts w = ws_layout(v, a->n_seqs, pl, transform);
     if (workspace_bytes < w.total)
         KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: decode: workspace %zu bytes, need %zu", workspace_bytes, w.total);
-    decode_params p;
-    p.arena = (const uint8_t *)arena;
-    p.g = kvc__cu_geom_of(L, layer);
-    p.bt = a->block_tables;
-    p.bt_stride = a->bt_stride;
-    p.ctx_lens = a->ctx_lens;
-    p.ctx0 = a->ctx0;
-    p.n_kv_head = L->n_kv_head;
-    p.ppb = pl.ppb;
-    p.n_pairs = (int64_t)a->n_seqs * L->n_kv_head;
-    p.pps = pl.pps;
-    p.n_splits = pl.n_splits;
-    p.zero = 0;
-    p.qscale = a->scale * 1.4426950408889634f;
-    p.q = a->q;
-    p.q_stride = a->q_stride;
-    p.out = a->out;
-    p.out_stride = a->out_stride;
+    cudaStream_t st = (cudaStream_t)stream;
+    if (!transform)
+        return launch_decode(v, arena, a, a->q, a->q_stride, a->out, a->out_stride, pl, w, workspace, st, err, errlen);
+
+    /* transforms: project (K), decode over coefficients, expand (V); a plain
+     * side reads q or writes out directly (its rank is head_dim) */
     uint8_t *ws = (uint8_t *)workspace;
-    p.counters = (int *)(ws + w.counters);
-    p.ws_ml = (float *)(ws + w.ml);
-    p.ws_acc = (float *)(ws + w.acc);
-    const dim3 grid((unsigned)((p.n_pairs + pl.ppb - 1) / pl.ppb), pl.n_splits);
-    cudaStream_t stream_ = (cudaStream_t)stream;
-    int rc2 = with_instance(L, a->n_rep, [&](auto d, auto g, auto kf, auto vf) -> int {
-        constexpr int D_ = decltype(d)::value, G_ = decltype(g)::value, KF_ = decltype(kf)::value,
-                      VF_ = decltype(vf)::value;
-        blocks_per_sm<D_, G_, KF_, VF_>();     /* sets the shared memory limit */
-        decode_kernel<D_, G_, KF_, VF_><<<grid, NT, smem_bytes<D_, G_, KF_, VF_>(), stream_>>>(p);
-        return KVC_OK;
-    });
-    if (rc2 != KVC_OK)
-        KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: head_dim %d, n_rep %d, formats %d/%d: not compiled", L->head_dim,
-                     a->n_rep, L->k_fmt, L->v_fmt);
-    KVC__CU_TRY(cudaGetLastError());
-    return KVC_OK;
+    float *qp = (float *)(ws + w.qp), *cp = (float *)(ws + w.cp);
+    const int64_t row_stride = (int64_t)L->n_kv_head * a->n_rep * v.D;   /* = n_heads * G * D */
+    const float *q_in = a->q;
+    int64_t q_in_stride = a->q_stride;
+    if (L->k_shape != KVC_CU_PLAIN) {
+        rc = kvc__cu_project(L, layer, a->n_seqs, a->n_rep, a->q, a->q_stride, qp, st, err, errlen);
+        if (rc) return rc;
+        q_in = qp;
+        q_in_stride = row_stride;
+    }
+    if (L->v_shape == KVC_CU_PLAIN)
+        return launch_decode(v, arena, a, q_in, q_in_stride, a->out, a->out_stride, pl, w, workspace, st, err, errlen);
+    rc = launch_decode(v, arena, a, q_in, q_in_stride, cp, row_stride, pl, w, workspace, st, err, errlen);
+    if (rc) return rc;
+    return kvc__cu_expand(L, layer, a->n_seqs, a->n_rep, cp, a->ctx_lens, a->ctx0, a->out, a->out_stride, st, err,
+                          errlen);
 }

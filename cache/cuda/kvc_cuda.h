@@ -21,9 +21,25 @@
  * into fp16 hi + lo pairs (as exact as fp32; see cuda/decode.cu). Prefill
  * runs on tensor cores (mma.sync f16, f32 accumulation; query and weights
  * rounded to fp16; quantized pages dequantized to fp16 tiles in shared
- * memory, see cuda/prefill.cu). Low-rank, latent and hybrid codecs, int4
- * pairings other than the above and pre-RoPE keys are not on the GPU yet
- * (refused by kvc_cu_layout_init).
+ * memory, see cuda/prefill.cu).
+ *
+ * Transform codecs (lowrank:rR, latent:N, hybrid:rR, hybrid:latent:N, with
+ * orthogonal or pca bases): the pages hold coefficients c = P^T (x - mean),
+ * fp16 or int8 with a scale per token, in the f16 / int8 layouts with R (or
+ * N) numbers in place of head_dim. The write projects each new vector on its
+ * basis (the same fp32 operations as codec.c's portable project, so the
+ * bytes equal kvc_write's with force_scalar); decode and prefill project
+ * each query row once onto its kv head's slice of the K basis, run the
+ * attention kernels over the coefficients (scores q'.c, weighted sums of V
+ * coefficients) and expand each output row once (mean + P_h acc / l). A
+ * latent block is shared by all kv heads of the layer: its query rows are
+ * regrouped (up to 8 a group) over all kv heads so each group reads the
+ * latent pages once. Compiled: stored ranks 32, 64 and 128 (per layer; K and
+ * V of a layer must store the same number of coefficients, a plain side
+ * counting head_dim), elements f16/int8 (at rank 32: both f16 or both int8).
+ * Not on the GPU (refused by kvc_cu_layout_init with a message): keys cached
+ * before RoPE (:prerope), int4 coefficients (:int4...), other ranks, int4
+ * pairings other than the above.
  *
  * All pointers named "device" are device memory; every call is asynchronous
  * on `stream` (a cudaStream_t; NULL is the default stream) and returns KVC_OK,
@@ -46,17 +62,35 @@ extern "C" {
  * KVC__U4, KVC__U4G64, KVC__U4C). */
 enum { KVC_CU_F16 = 1, KVC_CU_I8 = 2, KVC_CU_U4T32 = 3, KVC_CU_U4T64 = 4, KVC_CU_U4C = 5 };
 
+/* Shapes of a side's transform (codec.h's KVC__PLAIN, KVC__LOWRANK, KVC__LATENT). */
+enum { KVC_CU_PLAIN = 0, KVC_CU_LOWRANK = 1, KVC_CU_LATENT = 2 };
+
 /* What the kernels need of a pool's layout. The pool must outlive it. */
 typedef struct {
-    const kvc_pool *pool;           /* per-layer offsets and block sizes */
+    const kvc_pool *pool;           /* per-layer offsets, block sizes and ranks */
     int n_layer, n_kv_head, head_dim, block_size;
-    int k_fmt, v_fmt;               /* KVC_CU_* */
+    int k_fmt, v_fmt;               /* KVC_CU_*: the stored numbers' element format */
+    int k_shape, v_shape;           /* KVC_CU_PLAIN, _LOWRANK, _LATENT */
     size_t page_bytes;
+    /* Transform codecs only (else NULL): the bases in device memory, owned
+     * by the layout (kvc_cu_layout_dispose frees them). For side r (0 K,
+     * 1 V) and layer l, at byte offset basis_off[2 * l + r] of `bases`, f32:
+     *   P  (n_groups, in_dim, R)  row-major, as codec.h's basis
+     *   Pt (n_groups, R, in_dim)  the same transposed (the expansion's reads)
+     *   mu (n_groups, in_dim)     the mean (zeros for orthogonal bases)
+     * (in_dim: head_dim, or n_kv_head * head_dim for a latent; R the layer's rank). */
+    void *bases;
+    size_t *basis_off;              /* host (n_layer * 2) */
 } kvc_cu_layout;
 
-/* Fills L from a pool. KVC_OK, or KVC_ERR_INVAL naming the codec or size
- * the GPU kernels are not compiled for. */
+/* Fills L from a pool; with a transform codec it also copies the bases to
+ * the device (synchronously, on the current device). KVC_OK, KVC_ERR_INVAL
+ * naming the codec or size the GPU kernels are not compiled for, or
+ * KVC_ERR_NOMEM (host or device allocation, message in err). Pair every
+ * successful init with kvc_cu_layout_dispose. */
 int kvc_cu_layout_init(kvc_cu_layout *L, const kvc_pool *pool, char *err, size_t errlen);
+/* Frees what init allocated (nothing for plain codecs); L is zeroed. */
+void kvc_cu_layout_dispose(kvc_cu_layout *L);
 
 /* Compress-on-write: encodes n tokens' K and V of one layer into their page
  * slots, exactly as kvc_write would (same bytes: f16 round-to-nearest-even;
@@ -108,6 +142,9 @@ int kvc_cu_decode(const kvc_cu_layout *L, const void *arena, int layer,
 /* Prefill attention for a chunk of one sequence: query token i (position
  * pos0 + i) attends causally to positions [0, pos0 + i], read from the pages
  * (write the chunk's own K/V with kvc_cu_write first, as kvc_attend expects).
+ * Transform codecs run through the decode kernel (one row per query token,
+ * at most 65535 tokens a call) with a workspace taken stream-ordered
+ * (cudaMallocAsync) and given back after the launch.
  *   block_table: device (>= ceil((pos0 + n) / block_size)) page ids
  *   q, out: device (n, n_kv_head * n_rep, head_dim) f32, q_stride / out_stride floats per token */
 int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int layer,

@@ -20,8 +20,15 @@
  * stages deep) and dequantized by the block into one f16 tile of the
  * layout above (x = code * scale, or min + scale * code, rounded to fp16: a
  * relative 2^-12 per number, the same order as the query's and the
- * weights' rounding); the full-size K/V never reach device memory. */
+ * weights' rounding); the full-size K/V never reach device memory.
+ *
+ * Transform codecs (ranks 64 and 128) run the same kernel over their
+ * coefficients (cuda/common.cuh's view: D = the rank, a latent's pages
+ * shared by all heads), the chunk's query rows projected before it
+ * (transform.cu) and its coefficient outputs expanded after it; rank 32
+ * runs through the decode kernel, a row per query token. */
 #include <math.h>
+#include <string.h>
 
 #include "cache/cuda/common.cuh"
 
@@ -404,11 +411,10 @@ int launch(const prefill_params &p, int n_kv_head, cudaStream_t stream, char *er
     return KVC_OK;
 }
 
-/* The instance for the layout's head_dim and formats (kvc_cu_layout_init
- * admits only these). */
-template <int D> int launch_fmt(const kvc_cu_layout *L, const prefill_params &p, cudaStream_t s, char *err,
+/* The instance for the view's formats (kvc_cu_layout_init admits only
+ * these), H heads of p.G rows. */
+template <int D> int launch_fmt(int kf, int vf, int H, const prefill_params &p, cudaStream_t s, char *err,
                                 size_t errlen) {
-    const int kf = L->k_fmt, vf = L->v_fmt, H = L->n_kv_head;
     if (kf == KVC_CU_F16 && vf == KVC_CU_F16) return launch<D, KVC_CU_F16, KVC_CU_F16>(p, H, s, err, errlen);
     if (kf == KVC_CU_I8 && vf == KVC_CU_I8) return launch<D, KVC_CU_I8, KVC_CU_I8>(p, H, s, err, errlen);
     if (kf == KVC_CU_F16 && vf == KVC_CU_I8) return launch<D, KVC_CU_F16, KVC_CU_I8>(p, H, s, err, errlen);
@@ -440,21 +446,71 @@ extern "C" int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int lay
                      (long long)q_stride, (long long)out_stride);
     if ((int64_t)n * n_rep / ROWS + 1 > 0x7fffffff)
         KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: prefill of %d tokens is too many", n);
+    const bool transform = L->k_shape != KVC_CU_PLAIN || L->v_shape != KVC_CU_PLAIN;
+    const kvc__cu_view v = kvc__cu_view_of(L, layer, n_rep);
+    cudaStream_t s = (cudaStream_t)stream;
+    if (transform && v.D == 32) {
+        /* rank 32 (no tensor-core prefill instance): through decode, query
+         * token i as a sequence of pos0 + i + 1 positions on the chunk's block
+         * table */
+        kvc_cu_decode_args a;
+        memset(&a, 0, sizeof a);
+        a.block_tables = block_table;
+        a.bt_stride = 0;
+        a.ctx_lens = NULL;
+        a.ctx0 = pos0 + 1;
+        a.n_seqs = n;
+        a.max_ctx = pos0 + n;
+        a.n_rep = n_rep;
+        a.scale = scale;
+        a.q = q;
+        a.q_stride = q_stride;
+        a.out = out;
+        a.out_stride = out_stride;
+        const size_t wsb = kvc_cu_decode_workspace(L, n, pos0 + n, n_rep);
+        void *ws = NULL;
+        KVC__CU_TRY(cudaMallocAsync(&ws, wsb, s));
+        KVC__CU_TRY(cudaMemsetAsync(ws, 0, wsb, s));
+        rc = kvc_cu_decode(L, arena, layer, &a, ws, wsb, stream, err, errlen);
+        KVC__CU_TRY(cudaFreeAsync(ws, s));
+        return rc;
+    }
     prefill_params p;
     p.arena = (const uint8_t *)arena;
-    p.g = kvc__cu_geom_of(L, layer);
+    p.g = v.g;
     p.bt = block_table;
     p.pos0 = pos0;
     p.n = n;
-    p.G = n_rep;
+    p.G = v.G;
     p.qscale = scale * 1.4426950408889634f;
     p.q = q;
     p.q_stride = q_stride;
     p.out = out;
     p.out_stride = out_stride;
-    cudaStream_t s = (cudaStream_t)stream;
-    if (L->head_dim == 64) return launch_fmt<64>(L, p, s, err, errlen);
-    if (L->head_dim == 128) return launch_fmt<128>(L, p, s, err, errlen);
-    KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: head_dim %d: the GPU kernels are compiled for 64 and 128",
-                 L->head_dim);
+    /* transforms (ranks 64, 128): the tensor-core kernel over coefficients,
+     * between the queries' projection and the outputs' expansion; the
+     * projected rows and the coefficient outputs live stream-ordered for
+     * the call */
+    float *tmp = NULL;
+    const int64_t row_stride = (int64_t)L->n_kv_head * n_rep * v.D;
+    if (transform) {
+        KVC__CU_TRY(cudaMallocAsync((void **)&tmp, sizeof(float) * 2 * (size_t)n * row_stride, s));
+        float *qp = tmp, *cp = tmp + (size_t)n * row_stride;
+        if (L->k_shape != KVC_CU_PLAIN) {
+            rc = kvc__cu_project(L, layer, n, n_rep, q, q_stride, qp, s, err, errlen);
+            p.q = qp;
+            p.q_stride = row_stride;
+        }
+        if (L->v_shape != KVC_CU_PLAIN) {
+            p.out = cp;
+            p.out_stride = row_stride;
+        }
+    }
+    if (!rc) /* v.D is 64 or 128 here (kvc_cu_layout_init) */
+        rc = v.D == 64 ? launch_fmt<64>(v.k_fmt, v.v_fmt, v.n_heads, p, s, err, errlen)
+                       : launch_fmt<128>(v.k_fmt, v.v_fmt, v.n_heads, p, s, err, errlen);
+    if (!rc && transform && L->v_shape != KVC_CU_PLAIN)
+        rc = kvc__cu_expand(L, layer, n, n_rep, p.out, NULL, pos0 + 1, out, out_stride, s, err, errlen);
+    if (tmp) KVC__CU_TRY(cudaFreeAsync(tmp, s));
+    return rc;
 }

@@ -31,22 +31,71 @@ int kvc__cu_check_layout(const kvc_cu_layout *L, int layer, char *err, size_t er
     return KVC_OK;
 }
 
+/* The element format of a side's stored numbers (0: none the GPU reads). */
 static int fmt_of(const kvc__codec *c) {
-    if (c->shape != KVC__PLAIN || c->pre_rope) return 0;
     switch (c->fmt) {
     case KVC__F16: return KVC_CU_F16;
     case KVC__I8: return KVC_CU_I8;
-    case KVC__U4: return KVC_CU_U4T32;
-    case KVC__U4G64: return KVC_CU_U4T64;
-    case KVC__U4C: return KVC_CU_U4C;
+    case KVC__U4: return c->shape == KVC__PLAIN ? KVC_CU_U4T32 : 0;
+    case KVC__U4G64: return c->shape == KVC__PLAIN ? KVC_CU_U4T64 : 0;
+    case KVC__U4C: return c->shape == KVC__PLAIN ? KVC_CU_U4C : 0;
     default: return 0;
     }
 }
 
-/* The K/V format pairs decode.cu is compiled for. */
-static bool pair_compiled(int kf, int vf) {
+/* The K/V format pairs decode.cu is compiled for, at D stored numbers. */
+static bool pair_compiled(int kf, int vf, int D) {
     const bool plain = (kf == KVC_CU_F16 || kf == KVC_CU_I8) && (vf == KVC_CU_F16 || vf == KVC_CU_I8);
-    return plain || (kf == KVC_CU_U4C && kvc__cu_is_u4t(vf));
+    if (D == 32) return plain && kf == vf;
+    return (D == 64 || D == 128) && (plain || (kf == KVC_CU_U4C && kvc__cu_is_u4t(vf)));
+}
+
+static int shape_of(const kvc__codec *c) {
+    return c->shape == KVC__LATENT ? KVC_CU_LATENT : c->shape == KVC__LOWRANK ? KVC_CU_LOWRANK : KVC_CU_PLAIN;
+}
+
+/* Copies the bases of the transform sides to the device (layout in kvc_cuda.h). */
+static int upload_bases(kvc_cu_layout *L, const kvc_pool *pool, char *err, size_t errlen) {
+    const kvc__codec *cs[2] = {&pool->kc, &pool->vc};
+    L->basis_off = (size_t *)calloc((size_t)pool->n_layer * 2, sizeof(size_t));
+    if (!L->basis_off) KVC__CU_FAIL(KVC_ERR_NOMEM, "kvc_cuda: out of host memory for the bases' offsets");
+    size_t total = 0;
+    for (int l = 0; l < pool->n_layer; l++)
+        for (int r = 0; r < 2; r++) {
+            const kvc__codec *c = cs[r];
+            if (c->shape == KVC__PLAIN) continue;
+            L->basis_off[2 * l + r] = total;
+            total += sizeof(float) * (size_t)c->n_groups * c->in_dim * (2 * (size_t)c->dim[l] + 1);
+        }
+    float *host = (float *)malloc(total);
+    if (!host) KVC__CU_FAIL(KVC_ERR_NOMEM, "kvc_cuda: out of host memory for the bases (%zu bytes)", total);
+    for (int l = 0; l < pool->n_layer; l++)
+        for (int r = 0; r < 2; r++) {
+            const kvc__codec *c = cs[r];
+            if (c->shape == KVC__PLAIN) continue;
+            const size_t R = (size_t)c->dim[l], n = (size_t)c->in_dim, G = (size_t)c->n_groups;
+            float *P = host + L->basis_off[2 * l + r] / sizeof(float), *Pt = P + G * n * R, *mu = Pt + G * n * R;
+            for (size_t g = 0; g < G; g++) {
+                const float *src = c->basis[(size_t)l * G + g], *m = c->mean[(size_t)l * G + g];
+                memcpy(P + g * n * R, src, sizeof(float) * n * R);
+                for (size_t d = 0; d < n; d++)
+                    for (size_t k = 0; k < R; k++) Pt[g * n * R + k * n + d] = src[d * R + k];
+                for (size_t d = 0; d < n; d++) mu[g * n + d] = m ? m[d] : 0.0f;
+            }
+        }
+    cudaError_t e = cudaMalloc(&L->bases, total);
+    if (e == cudaSuccess) e = cudaMemcpy(L->bases, host, total, cudaMemcpyHostToDevice);
+    free(host);
+    if (e != cudaSuccess)
+        KVC__CU_FAIL(KVC_ERR_NOMEM, "kvc_cuda: the bases (%zu bytes) to the device: %s", total, cudaGetErrorString(e));
+    return KVC_OK;
+}
+
+extern "C" void kvc_cu_layout_dispose(kvc_cu_layout *L) {
+    if (!L) return;
+    if (L->bases) cudaFree(L->bases);
+    free(L->basis_off);
+    memset(L, 0, sizeof *L);
 }
 
 extern "C" int kvc_cu_layout_init(kvc_cu_layout *L, const kvc_pool *pool, char *err, size_t errlen) {
@@ -57,22 +106,37 @@ extern "C" int kvc_cu_layout_init(kvc_cu_layout *L, const kvc_pool *pool, char *
     if (pool->block_size != KVC__CU_B)
         KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: block_size %d: the GPU kernels are compiled for %d",
                      pool->block_size, KVC__CU_B);
+    if (pool->kc.pre_rope)
+        KVC__CU_FAIL(KVC_ERR_INVAL,
+                     "kvc_cuda: k_codec \"%s\": keys cached before RoPE (:prerope) are not on the GPU; cache them "
+                     "after RoPE", pool->kc.name);
     const int kf = fmt_of(&pool->kc), vf = fmt_of(&pool->vc);
-    if (!kf || !vf || !pair_compiled(kf, vf))
+    const bool transform = pool->kc.shape != KVC__PLAIN || pool->vc.shape != KVC__PLAIN;
+    if (!kf || !vf || (transform && (kvc__cu_is_u4t(kf) || kf == KVC_CU_U4C || kvc__cu_is_u4t(vf) || vf == KVC_CU_U4C)))
         KVC__CU_FAIL(KVC_ERR_INVAL,
                      "kvc_cuda: k_codec \"%s\" with v_codec \"%s\": the GPU kernels read f16 and int8 (any "
-                     "pairing) and int4 (keys per channel, values per token: \"int4\", \"int4:g64\") so far",
+                     "pairing), int4 (keys per channel, values per token: \"int4\", \"int4:g64\") and the "
+                     "low-rank codecs with f16 or int8 coefficients (lowrank, latent, hybrid; not :int4) so far",
                      pool->kc.name, pool->vc.name);
-    /* the kernels assume these block sizes (decode.cu's block_bytes) */
-    const size_t kb = (size_t)kvc__cu_block_bytes(kf, pool->head_dim);
-    const size_t vb = (size_t)kvc__cu_block_bytes(vf, pool->head_dim);
-    for (int l = 0; l < pool->n_layer; l++)
-        if (pool->kc.dim[l] != pool->head_dim || pool->vc.dim[l] != pool->head_dim ||
-            pool->kc.block_bytes[l] != kb || pool->vc.block_bytes[l] != vb)
+    for (int l = 0; l < pool->n_layer; l++) {
+        /* the kernels assume these block sizes (decode.cu's block_bytes) */
+        const int D = pool->kc.dim[l];
+        const size_t kb = (size_t)kvc__cu_block_bytes(kf, D), vb = (size_t)kvc__cu_block_bytes(vf, D);
+        if (pool->vc.dim[l] != D)
             KVC__CU_FAIL(KVC_ERR_INVAL,
-                         "kvc_cuda: layer %d: %d/%d numbers per token in blocks of %zu/%zu bytes, expected %d in "
-                         "%zu/%zu", l, pool->kc.dim[l], pool->vc.dim[l], pool->kc.block_bytes[l],
-                         pool->vc.block_bytes[l], pool->head_dim, kb, vb);
+                         "kvc_cuda: k_codec \"%s\" with v_codec \"%s\": layer %d stores %d K and %d V numbers per "
+                         "token; the GPU kernels need the same number on both sides", pool->kc.name, pool->vc.name,
+                         l, D, pool->vc.dim[l]);
+        if (!pair_compiled(kf, vf, D))
+            KVC__CU_FAIL(KVC_ERR_INVAL,
+                         "kvc_cuda: k_codec \"%s\" with v_codec \"%s\": %d numbers per token (layer %d) in these "
+                         "formats are not compiled: 64 and 128 take f16/int8 in any pairing and int4 keys per channel "
+                         "with int4 values per token; 32 (ranks) takes f16/f16 or int8/int8",
+                         pool->kc.name, pool->vc.name, D, l);
+        if (pool->kc.block_bytes[l] != kb || pool->vc.block_bytes[l] != vb)
+            KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: layer %d: blocks of %zu/%zu bytes, expected %zu/%zu", l,
+                         pool->kc.block_bytes[l], pool->vc.block_bytes[l], kb, vb);
+    }
     L->pool = pool;
     L->n_layer = pool->n_layer;
     L->n_kv_head = pool->n_kv_head;
@@ -80,7 +144,16 @@ extern "C" int kvc_cu_layout_init(kvc_cu_layout *L, const kvc_pool *pool, char *
     L->block_size = pool->block_size;
     L->k_fmt = kf;
     L->v_fmt = vf;
+    L->k_shape = shape_of(&pool->kc);
+    L->v_shape = shape_of(&pool->vc);
     L->page_bytes = pool->page_bytes;
+    if (transform) {
+        int rc = upload_bases(L, pool, err, errlen);
+        if (rc) {
+            kvc_cu_layout_dispose(L);
+            return rc;
+        }
+    }
     return KVC_OK;
 }
 
@@ -93,6 +166,39 @@ kvc__cu_geom kvc__cu_geom_of(const kvc_cu_layout *L, int layer) {
     g.k_block_bytes = p->kc.block_bytes[layer];
     g.v_block_bytes = p->vc.block_bytes[layer];
     return g;
+}
+
+kvc__cu_view kvc__cu_view_of(const kvc_cu_layout *L, int layer, int n_rep) {
+    kvc__cu_view v;
+    v.g = kvc__cu_geom_of(L, layer);
+    v.D = L->pool->kc.dim[layer];
+    v.k_fmt = L->k_fmt;
+    v.v_fmt = L->v_fmt;
+    v.n_heads = L->n_kv_head;
+    v.G = n_rep;
+    if (L->k_shape == KVC_CU_LATENT) v.g.k_block_bytes = 0;
+    if (L->v_shape == KVC_CU_LATENT) v.g.v_block_bytes = 0;
+    if (L->k_shape == KVC_CU_LATENT && L->v_shape == KVC_CU_LATENT) {
+        const int rows = L->n_kv_head * n_rep;
+        int G = 8;
+        while (rows % G) G--;
+        v.G = G;
+        v.n_heads = rows / G;
+    }
+    return v;
+}
+
+kvc__cu_basis kvc__cu_basis_of(const kvc_cu_layout *L, int layer, int side) {
+    const kvc__codec *c = side ? &L->pool->vc : &L->pool->kc;
+    kvc__cu_basis b;
+    b.R = c->dim[layer];
+    b.in_dim = c->in_dim;
+    b.latent = c->shape == KVC__LATENT;
+    const size_t n = (size_t)c->n_groups * c->in_dim * b.R;
+    b.P = c->shape == KVC__PLAIN ? NULL : (const float *)((const uint8_t *)L->bases + L->basis_off[2 * layer + side]);
+    b.Pt = b.P ? b.P + n : NULL;
+    b.mu = b.P ? b.P + 2 * n : NULL;
+    return b;
 }
 
 /* ---- compress-on-write ---------------------------------------------------- */
@@ -182,7 +288,7 @@ __device__ __forceinline__ void encode_u4_token(uint8_t *blk, int off, const flo
 
 /* grid: ceil(n * n_kv_head * 2 / warps per block); one warp per (token, head, role). */
 __global__ void __launch_bounds__(128) write_kernel(uint8_t *__restrict__ arena, kvc__cu_geom g, int n_kv_head,
-                                                    int B, int D, int kf, int vf,
+                                                    int B, int D, int kf, int vf, bool k_plain, bool v_plain,
                                                     const int32_t *__restrict__ slots, int n,
                                                     const float *__restrict__ k,
                                                     const float *__restrict__ v, int64_t kv_stride) {
@@ -194,7 +300,7 @@ __global__ void __launch_bounds__(128) write_kernel(uint8_t *__restrict__ arena,
     const int head = (int)((unit >> 1) % n_kv_head);
     const int tok = (int)((unit >> 1) / n_kv_head);
     const int32_t slot = slots[tok];
-    if (slot < 0) return;
+    if (slot < 0 || !(role ? v_plain : k_plain)) return;   /* transforms: write_coef_kernel */
     const int32_t page = slot / B, off = slot % B;
     const float *x = (role ? v : k) + (int64_t)tok * kv_stride + (int64_t)head * D;
     uint8_t *blk = const_cast<uint8_t *>(role ? kvc__cu_v_block(arena, g, page, head)
@@ -289,6 +395,88 @@ __global__ void __launch_bounds__(128) write_u4c_kernel(uint8_t *__restrict__ ar
     *rowp = make_uint2((uint32_t)row, (uint32_t)(row >> 32));
 }
 
+/* One side of a transform codec for write_coef_kernel. */
+struct coef_side {
+    const float *P, *mu;         /* (n_groups, in_dim, R), (n_groups, in_dim); P NULL: a plain side */
+    int R, in_dim, n_groups, fmt;
+    size_t base, block_bytes;    /* the side's group 0 block in a page's layer region, and the stride */
+};
+
+/* Transform codecs: block (token, group, side); thread r computes
+ * coefficient r = sum_d P[d][r] (x[d] - mu[d]) in the order of codec.c's
+ * portable project (one rounded product and one rounded sum per d, from d =
+ * 0), then the block encodes the coefficients as f16 or int8 (the int8
+ * layout of R numbers: codes, then one fp16 scale per token). Dynamic shared
+ * memory: in_dim + R floats of the larger side. */
+__global__ void __launch_bounds__(128) write_coef_kernel(uint8_t *__restrict__ arena, size_t page_bytes,
+                                                         size_t layer_off, int D, coef_side ks, coef_side vs,
+                                                         const int32_t *__restrict__ slots,
+                                                         const float *__restrict__ k, const float *__restrict__ v,
+                                                         int64_t kv_stride) {
+    extern __shared__ float sh[];
+    __shared__ float s_max[4];
+    const int tok = blockIdx.x, grp = blockIdx.y, side = blockIdx.z, tid = threadIdx.x;
+    const coef_side &c = side ? vs : ks;
+    const int32_t slot = slots[tok];
+    if (!c.P || grp >= c.n_groups || slot < 0) return;
+    constexpr int B = KVC__CU_B;
+    const int page = slot / B, off = slot % B, R = c.R, n = c.in_dim;
+    const float *x = (side ? v : k) + (int64_t)tok * kv_stride + (int64_t)(c.n_groups > 1 ? grp * D : 0);
+    const float *mu = c.mu + (size_t)grp * n, *P = c.P + (size_t)grp * n * R;
+    float *xd = sh, *coef = sh + n;
+    for (int d = tid; d < n; d += blockDim.x) xd[d] = __fsub_rn(x[d], mu[d]);
+    __syncthreads();
+    float amax = 0.0f;
+    for (int r = tid; r < R; r += blockDim.x) {
+        /* the sum runs in order; the basis numbers of 8 steps are loaded
+         * before they are used (n is a multiple of 64: head_dim or a latent's
+         * n_kv_head * head_dim) */
+        float a = 0.0f;
+#pragma unroll 2
+        for (int d = 0; d < n; d += 8) {
+            float pv[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) pv[j] = __ldg(P + (size_t)(d + j) * R + r);
+#pragma unroll
+            for (int j = 0; j < 8; j++) a = __fadd_rn(a, __fmul_rn(pv[j], xd[d + j]));
+        }
+        coef[r] = a;
+        amax = fmaxf(amax, fabsf(a));
+    }
+    uint8_t *blk = arena + (size_t)page * page_bytes + layer_off + c.base + (size_t)grp * c.block_bytes;
+    if (c.fmt == KVC_CU_F16) {
+        uint16_t *h = reinterpret_cast<uint16_t *>(blk);
+        for (int r = tid; r < R; r += blockDim.x)
+            h[side ? off * R + r : r * B + off] = __half_as_ushort(__float2half_rn(coef[r]));
+        return;
+    }
+#pragma unroll
+    for (int m = 16; m >= 1; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(KVC__CU_FULL, amax, m));
+    if ((tid & 31) == 0) s_max[tid >> 5] = amax;
+    __syncthreads();
+    amax = fmaxf(fmaxf(s_max[0], s_max[1]), fmaxf(s_max[2], s_max[3]));
+    const uint16_t sh16 = i8_scale_half(amax);
+    const float s = half_bits(sh16);
+    int8_t *q = reinterpret_cast<int8_t *>(blk);
+    for (int r = tid; r < R; r += blockDim.x) q[side ? off * R + r : r * B + off] = i8_round(s > 0.0f ? coef[r] / s : 0.0f);
+    if (tid == 0) reinterpret_cast<uint16_t *>(blk + kvc__cu_i8_scale_offset(B, R))[off] = sh16;
+}
+
+static coef_side coef_side_of(const kvc_cu_layout *L, int layer, int side) {
+    const kvc__cu_basis b = kvc__cu_basis_of(L, layer, side);
+    const kvc__codec *c = side ? &L->pool->vc : &L->pool->kc;
+    coef_side cs;
+    cs.P = b.P;
+    cs.mu = b.mu;
+    cs.R = b.R;
+    cs.in_dim = b.in_dim;
+    cs.n_groups = c->n_groups;
+    cs.fmt = side ? L->v_fmt : L->k_fmt;
+    cs.base = side ? L->pool->k_region[layer] : 0;
+    cs.block_bytes = c->block_bytes[layer];
+    return cs;
+}
+
 extern "C" int kvc_cu_write(const kvc_cu_layout *L, void *arena, int layer, const int32_t *slots, int n,
                             const float *k, const float *v, int64_t kv_stride, void *stream, char *err,
                             size_t errlen) {
@@ -304,9 +492,24 @@ extern "C" int kvc_cu_write(const kvc_cu_layout *L, void *arena, int layer, cons
     const long blocks = (warps + 3) / 4;
     if (blocks > 0x7fffffffL) KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: write: %d tokens is too many", n);
     const kvc__cu_geom g = kvc__cu_geom_of(L, layer);
-    write_kernel<<<(unsigned)blocks, 128, 0, (cudaStream_t)stream>>>(
-        (uint8_t *)arena, g, L->n_kv_head, L->block_size, L->head_dim, L->k_fmt, L->v_fmt, slots, n, k, v, kv_stride);
-    KVC__CU_TRY(cudaGetLastError());
+    const bool k_plain = L->k_shape == KVC_CU_PLAIN, v_plain = L->v_shape == KVC_CU_PLAIN;
+    if (k_plain || v_plain) {
+        write_kernel<<<(unsigned)blocks, 128, 0, (cudaStream_t)stream>>>(
+            (uint8_t *)arena, g, L->n_kv_head, L->block_size, L->head_dim, L->k_fmt, L->v_fmt, k_plain, v_plain,
+            slots, n, k, v, kv_stride);
+        KVC__CU_TRY(cudaGetLastError());
+    }
+    if (!k_plain || !v_plain) {
+        const coef_side ks = coef_side_of(L, layer, 0), vs = coef_side_of(L, layer, 1);
+        const int groups = ks.n_groups > vs.n_groups ? ks.n_groups : vs.n_groups;
+        const int fk = ks.P ? ks.in_dim + ks.R : 0, fv = vs.P ? vs.in_dim + vs.R : 0;
+        const size_t smem = sizeof(float) * (size_t)(fk > fv ? fk : fv);
+        if (n > 0x7fffffff || smem > 48 * 1024)
+            KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: write: %d tokens, %zu bytes of shared memory: too many", n, smem);
+        write_coef_kernel<<<dim3((unsigned)n, (unsigned)groups, 2), 128, smem, (cudaStream_t)stream>>>(
+            (uint8_t *)arena, g.page_bytes, g.layer_off, L->head_dim, ks, vs, slots, k, v, kv_stride);
+        KVC__CU_TRY(cudaGetLastError());
+    }
     if (L->k_fmt == KVC_CU_U4C) {
         write_u4c_kernel<<<dim3((unsigned)n, (unsigned)L->n_kv_head), L->head_dim, 0, (cudaStream_t)stream>>>(
             (uint8_t *)arena, g, L->head_dim, slots, n, k, kv_stride);

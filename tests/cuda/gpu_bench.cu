@@ -17,12 +17,16 @@
  *   prefill of a 2048-token chunk at positions 0 and 2048 (TFLOP/s, counting
  *     4 * head_dim per (query row, visible position));
  *   compress-on-write of 64 tokens (a decode step) and 2048 (a chunk).
+ * Transform codecs (lowrank, latent, hybrid) count their stored blocks (a
+ * latent: one block a page for all kv heads); the queries' projection and
+ * the outputs' expansion are two more launches inside each timed call.
  * Stored numbers are random halves (int8 blocks: random bytes and scales):
  * never zeros.
  *
  * Usage: gpu_bench [--quick] [--csv FILE] [--match TEXT]...
  *        (--match: only the decode cases whose label "shape kcodec/vcodec
- *        NxCTX" contains one of the texts; no prefill or write)
+ *        NxCTX" contains one of the texts, and the prefill and write cases
+ *        whose label "shape kcodec/vcodec pw" does)
  *        gpu_bench --one smollm2|llama8b KCODEC VCODEC N_SEQS CTX   (20 launches, for ncu)
  *        gpu_bench --chunks   (HBM read bandwidth of random 1..64 KB chunks) */
 #include <cuda_fp16.h>
@@ -40,7 +44,7 @@ extern "C" {
 #include "cache/kvcache.h"
 #include "cache/pool_internal.h"
 }
-#include "cache/cuda/kvc_cuda.h"
+#include "cache/cuda/common.cuh"   /* kvc__cu_project / kvc__cu_expand: the transforms' share, timed alone */
 
 #define CK(call)                                                                          \
     do {                                                                                  \
@@ -172,6 +176,7 @@ static bench_pool make_pool(const shape &s, const char *kc, const char *vc, int 
 
 static void free_pool(bench_pool &b) {
     CK(cudaFree(b.arena));
+    kvc_cu_layout_dispose(&b.lay);
     kvc_pool_destroy(b.pool);
 }
 
@@ -198,7 +203,9 @@ static void bench_decode(const shape &s, const char *kc, const char *vc, int n_s
     CK(cudaMalloc(&d_out, sizeof(float) * qs * n_seqs));
     fill(d_q, sizeof(float) * qs * n_seqs, 777);   /* halves as floats: small finite numbers */
     const kvc_pool *p = bp.pool;
-    const double kv_bytes = (double)n_seqs * pages_per_seq * s.H * (p->kc.block_bytes[0] + p->vc.block_bytes[0]);
+    /* a latent side has one block a page for all kv heads */
+    const double kv_bytes = (double)n_seqs * pages_per_seq *
+                            ((double)p->kc.n_groups * p->kc.block_bytes[0] + (double)p->vc.n_groups * p->vc.block_bytes[0]);
     const double bytes = kv_bytes + 2.0 * sizeof(float) * qs * n_seqs + 4.0 * n_pages + 4.0 * n_seqs;
     const double floor_us = bytes / FLOOR_BW * 1e6;
 
@@ -284,6 +291,42 @@ static void bench_decode(const shape &s, const char *kc, const char *vc, int n_s
     printf("BEST decode %-8s %s/%s %dx%d: %.2f us (pps %d mode %d), %.1f%% of floor %.2f us; default plan %.2f us (%.1f%%)\n",
            s.name, kc, vc, n_seqs, ctx, best_us, best.pps, best.wph, floor_us / best_us * 100, floor_us, auto_us,
            floor_us / auto_us * 100);
+    if (bp.lay.k_shape != KVC_CU_PLAIN && bp.lay.v_shape != KVC_CU_PLAIN) {
+        /* the two transform launches alone (project q, expand out), graph of
+         * 2 * n_layer pairs as above */
+        float *d_c;
+        CK(cudaMalloc(&d_c, sizeof(float) * qs * n_seqs));
+        CK(cudaMemset(d_c, 0, sizeof(float) * qs * n_seqs));
+        auto pair = [&](int layer) {
+            KV(kvc__cu_project(&bp.lay, layer, n_seqs, s.G, d_q, qs, d_c, st, err_, sizeof err_));
+            KV(kvc__cu_expand(&bp.lay, layer, n_seqs, s.G, d_c, d_ctx, 0, d_out, qs, st, err_, sizeof err_));
+        };
+        pair(0);
+        CK(cudaStreamSynchronize(st));
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+        const int n_launch = 2 * bp.n_layer;
+        CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+        for (int i = 0; i < n_launch; i++) pair(i % bp.n_layer);
+        CK(cudaStreamEndCapture(st, &graph));
+        CK(cudaGraphInstantiate(&exec, graph, 0));
+        std::vector<double> tg;
+        for (int rep = 0; rep < 23; rep++) {
+            CK(cudaEventRecord(e0, st));
+            CK(cudaGraphLaunch(exec, st));
+            CK(cudaEventRecord(e1, st));
+            CK(cudaEventSynchronize(e1));
+            float ms;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            if (rep >= 3) tg.push_back(ms * 1e3 / n_launch);
+        }
+        CK(cudaGraphExecDestroy(exec));
+        CK(cudaGraphDestroy(graph));
+        CK(cudaFree(d_c));
+        printf("TRANSFORM %-8s %s/%s %dx%d: project + expand %.2f us of the default plan's %.2f\n", s.name, kc, vc,
+               n_seqs, ctx, median(tg), auto_us);
+        if (g_csv) fprintf(g_csv, "transform,%s,%s/%s,%d,%d,,%.3f,,,\n", s.name, kc, vc, n_seqs, ctx, median(tg));
+    }
     fflush(stdout);
     kvc_cu_set_decode_tuning(0, 0);
     CK(cudaStreamDestroy(st));
@@ -360,7 +403,8 @@ static void bench_write(const shape &s, const char *kc, const char *vc, int n) {
         if (rep >= 3) t.push_back(ms * 1e3);
     }
     const kvc_pool *p = bp.pool;
-    const double bytes = 2.0 * 4 * kvs * n + (double)n / 16 * s.H * (p->kc.block_bytes[0] + p->vc.block_bytes[0]);
+    const double bytes = 2.0 * 4 * kvs * n + (double)n / 16 *
+                         ((double)p->kc.n_groups * p->kc.block_bytes[0] + (double)p->vc.n_groups * p->vc.block_bytes[0]);
     const double us = median(t);
     printf("write   %-8s %-9s %5d tokens: %8.2f us, %6.0f GB/s\n", s.name, kc, n, us, bytes / us * 1e-3);
     if (g_csv) fprintf(g_csv, "write,%s,%s/%s,%d,,,%.3f,,%.0f,\n", s.name, kc, vc, n, us, bytes);
@@ -501,28 +545,50 @@ int main(int argc, char **argv) {
     printf("copy bandwidth (read + write): %.0f GB/s; floor below uses %.0f GB/s\n", bw * 1e-9, FLOOR_BW * 1e-9);
     if (g_csv) fprintf(g_csv, "copy,,,,,,,,%.0f,\n", bw);
     const shape shapes[2] = {{"smollm2", 3, 3, 64}, {"llama8b", 8, 4, 128}};
-    const int NC = 5;
-    const char *codecs[NC][2] = {{"f16", "f16"}, {"int8", "int8"}, {"int4", "int4"}, {"int4:g64", "int4:g64"}, {"f16", "int8"}};
+    /* codecs: D 0 on both shapes, else only on that head_dim; prefill and
+     * write time the "pw" ones */
+    struct codec {
+        int D;
+        const char *k, *v;
+        bool pw;
+    } codecs[] = {{0, "f16", "f16", true},
+                  {0, "int8", "int8", true},
+                  {0, "int4", "int4", true},
+                  {0, "int4:g64", "int4:g64", false},
+                  {0, "f16", "int8", false},
+                  {64, "lowrank:r32", "lowrank:r32", true},
+                  {64, "hybrid:r32", "hybrid:r32", false},
+                  {64, "latent:64", "latent:64", true},
+                  {64, "hybrid:latent:64", "hybrid:latent:64", false},
+                  {128, "lowrank:r64", "lowrank:r64", true},
+                  {128, "hybrid:r64", "hybrid:r64", false},
+                  {128, "latent:128", "latent:128", true},
+                  {128, "hybrid:latent:128", "hybrid:latent:128", false}};
     const int cases[3][2] = {{64, 2048}, {256, 512}, {1, 32768}};
     for (auto &s : shapes)
         for (auto &c : codecs) {
-            if (quick && strcmp(c[0], c[1]) != 0) continue;
+            if ((c.D && c.D != s.D) || (quick && strcmp(c.k, c.v) != 0)) continue;
             for (auto &cs : cases) {
                 char label[96];
-                snprintf(label, sizeof label, "%s %s/%s %dx%d", s.name, c[0], c[1], cs[0], cs[1]);
-                if (selected(label)) bench_decode(s, c[0], c[1], cs[0], cs[1], quick);
+                snprintf(label, sizeof label, "%s %s/%s %dx%d", s.name, c.k, c.v, cs[0], cs[1]);
+                if (selected(label)) bench_decode(s, c.k, c.v, cs[0], cs[1], quick);
             }
         }
-    if (!g_match.empty()) {
-        if (g_csv) fclose(g_csv);
-        return 0;
-    }
+    /* prefill and write: every "pw" codec, or (--match) those whose label
+     * "shape kcodec/vcodec pw" matches */
+    auto pw_selected = [&](const shape &s, const codec &c) {
+        char label[96];
+        snprintf(label, sizeof label, "%s %s/%s pw", s.name, c.k, c.v);
+        return c.pw && (!c.D || c.D == s.D) && selected(label);
+    };
     for (auto &s : shapes)
-        for (int ci = 0; ci < 3; ci++)
-            for (int pos0 : {0, 2048}) bench_prefill(s, codecs[ci][0], codecs[ci][1], pos0, 2048);
+        for (auto &c : codecs)
+            if (pw_selected(s, c))
+                for (int pos0 : {0, 2048}) bench_prefill(s, c.k, c.v, pos0, 2048);
     for (auto &s : shapes)
-        for (int ci = 0; ci < 3; ci++)
-            for (int n : {64, 2048}) bench_write(s, codecs[ci][0], codecs[ci][1], n);
+        for (auto &c : codecs)
+            if (pw_selected(s, c))
+                for (int n : {64, 2048}) bench_write(s, c.k, c.v, n);
     if (g_csv) fclose(g_csv);
     return 0;
 }

@@ -131,7 +131,12 @@ struct test_case {
     std::vector<int> ctx;                   /* one sequence each (0 allowed) */
     std::vector<std::pair<int, int>> chunks; /* prefill (pos0, n) on the longest sequence */
     float q_gain;
+    const char *calib = nullptr;            /* calibration file for pca codecs */
 };
+
+static bool is_transform(const char *spec) {
+    return !strncmp(spec, "lowrank", 7) || !strncmp(spec, "latent", 6) || !strncmp(spec, "hybrid", 6);
+}
 
 static const char *fmt_name(const char *k, const char *v, char *buf) {
     snprintf(buf, 64, "%s/%s", k, v);
@@ -161,7 +166,11 @@ static void run_case(const test_case &c) {
     cfg.block_size = B;
     cfg.k_codec = c.kc;
     cfg.v_codec = c.vc;
-    cfg.force_scalar = 0;   /* AVX2 where present: the reference is fast; its encoder equals the portable one */
+    cfg.calib = c.calib;
+    /* AVX2 where present: the reference is fast; its element encoders equal
+     * the portable ones. Transform codecs: portable, whose projection the GPU
+     * write repeats operation for operation (AVX2's FMAs round otherwise). */
+    cfg.force_scalar = is_transform(c.kc) || is_transform(c.vc);
     cfg.memory_bytes = (size_t)(total_pages + 4) * (size_t)L * H * D * B * 4 * 2 + (1u << 20);
     kvc_pool *pool;
     char err[256];
@@ -353,7 +362,15 @@ static void run_case(const test_case &c) {
                 if (rep == 0) printf("  decode %-11s: %d seqs, max rel err %.3g, non-finite %d\n", pps_name[v], S, e, nf);
                 d_out.poison();
             }
-            std::vector<int> ws_back(S * H * 33);   /* the workspace opens with (S, H, 1 + 32) merge counters */
+            /* the workspace opens with (S, heads, 1 + 32) merge counters; two
+             * latent sides regroup the H * G rows into heads of up to 8 */
+            int heads = H;
+            if (lay.k_shape == KVC_CU_LATENT && lay.v_shape == KVC_CU_LATENT) {
+                int gv = 8;
+                while ((H * G) % gv) gv--;
+                heads = H * G / gv;
+            }
+            std::vector<int> ws_back(S * heads * 33);
             CK(cudaMemcpy(ws_back.data(), ws.p, sizeof(int) * ws_back.size(), cudaMemcpyDeviceToHost));
             int dirty = 0;
             for (int x : ws_back) dirty += x != 0;
@@ -392,6 +409,7 @@ static void run_case(const test_case &c) {
     }
 
     for (auto &q : seqs) kvc_seq_release(pool, &q);
+    kvc_cu_layout_dispose(&lay);
     kvc_pool_destroy(pool);
 }
 
@@ -401,8 +419,18 @@ static void check_errors(void) {
     struct bad {
         int D, B;
         const char *kc, *vc;
-    } cases[] = {{80, 16, "f16", "f16"},         {64, 32, "f16", "f16"},          {64, 16, "f32", "f16"},
-                 {64, 16, "int4:token", "int4"}, {64, 16, "lowrank:r16", "f16"}, {64, 16, "f16", "int4"}};
+    } cases[] = {{80, 16, "f16", "f16"},
+                 {64, 32, "f16", "f16"},
+                 {64, 16, "f32", "f16"},
+                 {64, 16, "int4:token", "int4"},
+                 {64, 16, "lowrank:r16", "f16"},
+                 {64, 16, "f16", "int4"},
+                 {64, 16, "lowrank:r32:prerope", "lowrank:r32"},   /* pre-RoPE keys: not on the GPU */
+                 {64, 16, "lowrank:r48", "lowrank:r48"},           /* rank not compiled */
+                 {64, 16, "lowrank:r32:int4", "lowrank:r32"},      /* int4 coefficients */
+                 {64, 16, "lowrank:r32", "hybrid:r32"},            /* rank 32: f16 or int8 on both sides */
+                 {64, 16, "f16", "lowrank:r32"},                   /* 64 K numbers, 32 V numbers */
+                 {128, 16, "latent:96", "latent:96"}};                 /* rank not compiled */
     for (auto &b : cases) {
         kvc_config cfg;
         memset(&cfg, 0, sizeof cfg);
@@ -456,8 +484,32 @@ static void check_errors(void) {
         int rc = kvc_cu_decode(&lay, d.p, 0, &a, d.p, 64, NULL, err, sizeof err);
         EXPECT(rc == KVC_ERR_INVAL && err[0], "n_rep 9: rc %d", rc);
         printf("  refused as expected: %s\n", err);
+        kvc_cu_layout_dispose(&lay);
         kvc_pool_destroy(pool);
     }
+}
+
+/* A calibration file (pca bases with means) fitted on random vectors of n_layer
+ * layers, keys and values, at `path`; false on failure. */
+static bool make_calib(const char *path, int n_layer, int H, int D) {
+    kvc_calib_fit *fit = kvc_calib_fit_create(n_layer, H, D);
+    if (!fit) return false;
+    const int n = 600;
+    std::vector<float> x((size_t)n * H * D);
+    for (int set = 0; set < 2; set++)
+        for (int l = 0; l < n_layer; l++) {
+            for (size_t i = 0; i < x.size(); i++) x[i] = nrand() * (0.3f + (float)(i % D) / D) + 0.5f * (float)(i % 5);
+            kvc_calib_fit_add(fit, set, l, x.data(), n, (int64_t)H * D);
+        }
+    kvc_calib_opts opts;
+    memset(&opts, 0, sizeof opts);
+    opts.rank = 32;
+    opts.model = "gpu_test";
+    char err[256];
+    const int rc = kvc_calib_fit_write(fit, &opts, path, err, sizeof err);
+    kvc_calib_fit_destroy(fit);
+    if (rc != KVC_OK) printf("calibration: %s\n", err);
+    return rc == KVC_OK;
 }
 
 int main(int argc, char **argv) {
@@ -515,6 +567,49 @@ int main(int argc, char **argv) {
         cases.push_back(c);
         cases.push_back(d);
         cases.push_back(e);
+    }
+    /* transform codecs (orthogonal bases): rank 32 f16 / int8 (the D 32
+     * instances), latents (one block for all heads; two latent sides regroup
+     * the rows), ranks 64 / 128 with mixed elements, a plain side beside a
+     * transformed one */
+    struct tcase {
+        int D;
+        const char *kc, *vc;
+        bool all_shapes;
+    } tcases[] = {{0, "lowrank:r32", "lowrank:r32", true},        {0, "hybrid:r32", "hybrid:r32", false},
+                  {0, "latent:64", "latent:64", true},            {0, "hybrid:latent:64", "hybrid:latent:64", false},
+                  {0, "lowrank:r64", "hybrid:r64", false},        {64, "f16", "lowrank:r64", false},
+                  {128, "latent:128", "latent:128", true},        {128, "hybrid:latent:128", "lowrank:r128", false},
+                  {128, "latent:128", "hybrid:latent:128", false}};
+    for (auto &sh : shapes)
+        for (auto &t : tcases) {
+            const bool main_shape = sh.D == 64 ? sh.H == 3 : sh.H == 8;
+            if ((t.D && t.D != sh.D) || (!main_shape && !t.all_shapes) || quick) continue;
+            test_case tc = {sh.D, sh.H, sh.G, t.kc, t.vc, mix, chunks, 1.0f};
+            cases.push_back(tc);
+        }
+    /* pca bases: means (the expansion adds them; the K mean cancels) */
+    static const char *calib_path = "/tmp/kvc_gpu_test_calib.bin";
+    const bool have_calib = make_calib(calib_path, 2, 3, 64);
+    EXPECT(have_calib, "calibration file");
+    if (have_calib && !quick) {
+        test_case a = {64, 3, 3, "lowrank:r32:pca", "lowrank:r32:pca", mix, chunks, 1.0f, calib_path};
+        test_case b = {64, 3, 3, "hybrid:latent:64:pca", "latent:64:pca", mix, chunks, 1.0f, calib_path};
+        cases.push_back(a);
+        cases.push_back(b);
+    }
+    if (quick) {
+        test_case a = {64, 3, 3, "hybrid:r32", "hybrid:r32", {1, 17, 0, 300}, {{0, 100}, {200, 33}}, 1.0f};
+        test_case b = {128, 8, 4, "latent:128", "hybrid:latent:128", {1, 17, 0, 300}, {{0, 100}, {200, 33}}, 1.0f};
+        cases.push_back(a);
+        cases.push_back(b);
+    } else {
+        test_case a = {64, 3, 3, "hybrid:r32", "hybrid:r32", {33000, 5}, {{32900, 100}}, 1.0f};
+        test_case b = {128, 8, 4, "latent:128", "latent:128", {20000, 4100}, {{19000, 64}}, 4.0f};
+        test_case c = {64, 3, 3, "lowrank:r32", "lowrank:r32", {4099, 4096, 1}, {{2048, 2048}, {0, 2051}}, 1.0f};
+        cases.push_back(a);
+        cases.push_back(b);
+        cases.push_back(c);
     }
     for (auto &c : cases) run_case(c);
     printf("errors:\n");

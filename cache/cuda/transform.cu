@@ -1,0 +1,209 @@
+/* transform.cu: the two ends of attention over low-rank pages (lowrank,
+ * latent, hybrid codecs): each query row projected once onto its kv head's
+ * slice of the K basis (q' = P_h^T q) before the kernels score the stored
+ * coefficients, and each output row expanded once through the V basis
+ * (out = mean_h + P_h c) after they sum the weighted V coefficients. The
+ * K mean is left out: it adds q . mean to every score of a row and cancels
+ * in the softmax (codec.h).
+ *
+ * Both are small matrix products per kv head h, [rows x head_dim] by the
+ * head's basis slice [head_dim x R] (and back), in fp32 on CUDA cores (the
+ * decode path is fp32-exact; tensor cores would round the operands). A
+ * thread block takes MT = 32 query rows of one kv head (n_rep heads of
+ * consecutive sequences) and first copies the head's basis slice (up to 64
+ * KB: a Llama latent of 128) and its rows into shared memory, every load
+ * issued before any is used: one trip to L2, where the small bases stay.
+ * (Measured, session 4: a block per (sequence, kv head) reading the slice
+ * from L2 per product, and then 32-row blocks reading it four numbers per
+ * dependent step, took 8.5-37 us per call for the two launches.) Thread
+ * (column, part) keeps 32 sums over its part of the reduction, reading the
+ * rows four numbers at a time (the same address across the warp: a
+ * broadcast); the parts are added in shared memory. */
+#include <type_traits>
+
+#include "cache/cuda/common.cuh"
+
+namespace {
+
+constexpr int TT = 256;          /* threads a block */
+constexpr int MT = 32;           /* query rows a block */
+
+__host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
+
+/* Block (tile, kv head h): rows i = tile * MT + m of head h (i = seq * n_rep + g):
+ * qp[seq][h n_rep + g][r] = sum_d P_h[d][r] q[seq][h n_rep + g][d]. */
+/* Dynamic shared memory of both kernels (floats): the basis slice (D x R),
+ * the block's rows (MT x max(D, R)), the parts' sums (TT / n x MT x n, n
+ * the output width): TT x MT either way. */
+template <int D, int R> constexpr size_t smem_floats() { return (size_t)D * R + (size_t)MT * cmax(D, R) + (size_t)TT * MT; }
+
+/* Block (tile, kv head h): rows i = tile * MT + m of head h (i = seq * n_rep + g):
+ * qp[seq][h n_rep + g][r] = sum_d P_h[d][r] q[seq][h n_rep + g][d]. */
+template <int D, int R>
+__global__ void __launch_bounds__(TT) project_kernel(kvc__cu_basis b, int n_seqs, int n_rep, const float *__restrict__ q,
+                                                     int64_t q_stride, float *__restrict__ qp) {
+    constexpr int PARTS = TT / R, SPAN = D / PARTS;
+    extern __shared__ __align__(16) float smem[];
+    float *s_p = smem, *s_x = smem + D * R, *s_sum = s_x + MT * D;   /* (D, R), (MT, D), (PARTS, MT, R) */
+    const int h = blockIdx.y, H = gridDim.y, tid = threadIdx.x;
+    const int64_t i0 = (int64_t)blockIdx.x * MT, total = (int64_t)n_seqs * n_rep;
+    /* the slice and the rows, every load issued before any is used */
+    const float4 *P4 = reinterpret_cast<const float4 *>(b.P + (b.latent ? (size_t)h * D * R : (size_t)h * b.in_dim * R));
+#pragma unroll 4
+    for (int e = tid; e < D * R / 4; e += TT) reinterpret_cast<float4 *>(s_p)[e] = __ldg(P4 + e);
+    for (int e = tid; e < MT * D / 2; e += TT) {   /* float2: q_stride is only even */
+        const int m = e / (D / 2), d2 = e % (D / 2);
+        const int64_t i = i0 + m;
+        float2 x = make_float2(0.0f, 0.0f);
+        if (i < total)
+            x = *reinterpret_cast<const float2 *>(q + (i / n_rep) * q_stride + (int64_t)(h * n_rep + i % n_rep) * D + 2 * d2);
+        reinterpret_cast<float2 *>(s_x)[e] = x;
+    }
+    __syncthreads();
+    const int r = tid % R, part = tid / R;
+    float acc[MT];
+#pragma unroll
+    for (int m = 0; m < MT; m++) acc[m] = 0.0f;
+#pragma unroll 2
+    for (int d = part * SPAN; d < part * SPAN + SPAN; d += 4) {
+        const float p0 = s_p[d * R + r], p1 = s_p[(d + 1) * R + r], p2 = s_p[(d + 2) * R + r], p3 = s_p[(d + 3) * R + r];
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+            const float4 x = *reinterpret_cast<const float4 *>(s_x + m * D + d);
+            acc[m] = fmaf(p3, x.w, fmaf(p2, x.z, fmaf(p1, x.y, fmaf(p0, x.x, acc[m]))));
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; m++) s_sum[(part * MT + m) * R + r] = acc[m];
+    __syncthreads();
+    for (int e = tid; e < MT * R; e += TT) {
+        const int m = e / R, k = e % R;
+        const int64_t i = i0 + m;
+        if (i >= total) break;
+        float x = 0.0f;
+#pragma unroll
+        for (int pp = 0; pp < PARTS; pp++) x += s_sum[(pp * MT + m) * R + k];
+        qp[(((i / n_rep) * H + h) * n_rep + i % n_rep) * R + k] = x;
+    }
+}
+
+/* Block (tile, kv head h), rows as in project_kernel:
+ * out[seq][h n_rep + g][d] = mu_h[d] + sum_r P_h[d][r] c[seq][h n_rep + g][r]
+ * (zeros when the sequence has no positions). */
+template <int D, int R>
+__global__ void __launch_bounds__(TT) expand_kernel(kvc__cu_basis b, int n_seqs, int n_rep, const float *__restrict__ c,
+                                                    const int32_t *__restrict__ ctx_lens, int ctx0,
+                                                    float *__restrict__ out, int64_t out_stride) {
+    constexpr int PARTS = TT / D, SPAN = R / PARTS;
+    extern __shared__ __align__(16) float smem[];
+    float *s_p = smem, *s_x = smem + D * R, *s_sum = s_x + MT * R;   /* Pt (R, D), (MT, R), (PARTS, MT, D) */
+    const int h = blockIdx.y, H = gridDim.y, tid = threadIdx.x;
+    const int64_t i0 = (int64_t)blockIdx.x * MT, total = (int64_t)n_seqs * n_rep;
+    const size_t row0 = b.latent ? (size_t)h * D : 0, grp = b.latent ? 0 : (size_t)h;
+    /* Pt rows r, columns row0 .. row0 + D (16-byte aligned: D and in_dim are multiples of 64) */
+    const float *Pt = b.Pt + grp * (size_t)R * b.in_dim + row0;
+#pragma unroll 4
+    for (int e = tid; e < R * D / 4; e += TT) {
+        const int k = e / (D / 4), d4 = e % (D / 4);
+        reinterpret_cast<float4 *>(s_p)[e] = __ldg(reinterpret_cast<const float4 *>(Pt + (size_t)k * b.in_dim) + d4);
+    }
+    for (int e = tid; e < MT * R / 4; e += TT) {
+        const int m = e / (R / 4), k4 = e % (R / 4);
+        const int64_t i = i0 + m;
+        float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (i < total)
+            x = *reinterpret_cast<const float4 *>(c + (((i / n_rep) * H + h) * n_rep + i % n_rep) * R + 4 * k4);
+        reinterpret_cast<float4 *>(s_x)[e] = x;
+    }
+    __syncthreads();
+    const int d = tid % D, part = tid / D;
+    float acc[MT];
+#pragma unroll
+    for (int m = 0; m < MT; m++) acc[m] = 0.0f;
+#pragma unroll 2
+    for (int k = part * SPAN; k < part * SPAN + SPAN; k += 4) {
+        const float p0 = s_p[k * D + d], p1 = s_p[(k + 1) * D + d], p2 = s_p[(k + 2) * D + d], p3 = s_p[(k + 3) * D + d];
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+            const float4 x = *reinterpret_cast<const float4 *>(s_x + m * R + k);
+            acc[m] = fmaf(p3, x.w, fmaf(p2, x.z, fmaf(p1, x.y, fmaf(p0, x.x, acc[m]))));
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; m++) s_sum[(part * MT + m) * D + d] = acc[m];
+    __syncthreads();
+    const float *mu = b.mu + grp * (size_t)b.in_dim + row0;
+    for (int e = tid; e < MT * D; e += TT) {
+        const int m = e / D, k = e % D;
+        const int64_t i = i0 + m;
+        if (i >= total) break;
+        const int64_t seq = i / n_rep;
+        const int ctx = ctx_lens ? ctx_lens[seq] : ctx0 + (int)seq;
+        float x = mu[k];
+#pragma unroll
+        for (int pp = 0; pp < PARTS; pp++) x += s_sum[(pp * MT + m) * D + k];
+        out[seq * out_stride + (int64_t)(h * n_rep + i % n_rep) * D + k] = ctx > 0 ? x : 0.0f;
+    }
+}
+
+/* Raises the dynamic shared memory limit of the (D, R) instance of both
+ * kernels once; false on failure. */
+template <int D, int R> bool smem_limit() {
+    static bool done = false;
+    if (!done) {
+        const int bytes = (int)(sizeof(float) * smem_floats<D, R>());
+        done = cudaFuncSetAttribute(project_kernel<D, R>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) ==
+                   cudaSuccess &&
+               cudaFuncSetAttribute(expand_kernel<D, R>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) ==
+                   cudaSuccess;
+    }
+    return done;
+}
+
+/* Calls f(D, R) as integral constants (head_dim 64 / 128, rank 32 / 64 / 128). */
+template <typename F> int with_sizes(int D, int R, F &&f) {
+    auto by_r = [&](auto d) -> int {
+        if (R == 32) return f(d, std::integral_constant<int, 32>());
+        if (R == 64) return f(d, std::integral_constant<int, 64>());
+        if (R == 128) return f(d, std::integral_constant<int, 128>());
+        return KVC_ERR_INVAL;
+    };
+    if (D == 64) return by_r(std::integral_constant<int, 64>());
+    if (D == 128) return by_r(std::integral_constant<int, 128>());
+    return KVC_ERR_INVAL;
+}
+
+} // namespace
+
+int kvc__cu_project(const kvc_cu_layout *L, int layer, int n_rows, int n_rep, const float *q, int64_t q_stride,
+                    float *qp, cudaStream_t stream, char *err, size_t errlen) {
+    const kvc__cu_basis b = kvc__cu_basis_of(L, layer, 0);
+    const dim3 grid((unsigned)(((int64_t)n_rows * n_rep + MT - 1) / MT), (unsigned)L->n_kv_head);
+    const int rc = with_sizes(L->head_dim, b.R, [&](auto d, auto r) {
+        constexpr int D_ = decltype(d)::value, R_ = decltype(r)::value;
+        const size_t smem = sizeof(float) * smem_floats<D_, R_>();
+        if (!smem_limit<D_, R_>()) return KVC_ERR_NOMEM;
+        project_kernel<D_, R_><<<grid, TT, smem, stream>>>(b, n_rows, n_rep, q, q_stride, qp);
+        return KVC_OK;
+    });
+    if (rc) KVC__CU_FAIL(rc, "kvc_cuda: project: head_dim %d, K rank %d: not compiled or no shared memory", L->head_dim, b.R);
+    KVC__CU_TRY(cudaGetLastError());
+    return KVC_OK;
+}
+
+int kvc__cu_expand(const kvc_cu_layout *L, int layer, int n_rows, int n_rep, const float *c,
+                   const int32_t *ctx_lens, int ctx0, float *out, int64_t out_stride, cudaStream_t stream, char *err,
+                   size_t errlen) {
+    const kvc__cu_basis b = kvc__cu_basis_of(L, layer, 1);
+    const dim3 grid((unsigned)(((int64_t)n_rows * n_rep + MT - 1) / MT), (unsigned)L->n_kv_head);
+    const int rc = with_sizes(L->head_dim, b.R, [&](auto d, auto r) {
+        constexpr int D_ = decltype(d)::value, R_ = decltype(r)::value;
+        const size_t smem = sizeof(float) * smem_floats<D_, R_>();
+        if (!smem_limit<D_, R_>()) return KVC_ERR_NOMEM;
+        expand_kernel<D_, R_><<<grid, TT, smem, stream>>>(b, n_rows, n_rep, c, ctx_lens, ctx0, out, out_stride);
+        return KVC_OK;
+    });
+    if (rc) KVC__CU_FAIL(rc, "kvc_cuda: expand: head_dim %d, V rank %d: not compiled or no shared memory", L->head_dim, b.R);
+    KVC__CU_TRY(cudaGetLastError());
+    return KVC_OK;
+}
