@@ -13,9 +13,9 @@
  * consecutive sequences) and first copies the head's basis slice (up to 64
  * KB: a Llama latent of 128) and its rows into shared memory, every load
  * issued before any is used: one trip to L2, where the small bases stay.
- * (Measured, session 4: a block per (sequence, kv head) reading the slice
- * from L2 per product, and then 32-row blocks reading it four numbers per
- * dependent step, took 8.5-37 us per call for the two launches.) Thread
+ * With few rows (the slices' reads per (sequence, kv head) under 32 MB) a
+ * block per (sequence, kv head) streams the slice from L2 instead: more,
+ * shorter blocks (measured faster there, session 4). Thread
  * (column, part) keeps 32 sums over its part of the reduction, reading the
  * rows four numbers at a time (the same address across the warp: a
  * broadcast); the parts are added in shared memory. */
@@ -146,6 +146,86 @@ __global__ void __launch_bounds__(TT) expand_kernel(kvc__cu_basis b, int n_seqs,
     }
 }
 
+/* Few rows: a block per (sequence, kv head h) for its n_rep query heads,
+ * the slice read from L2 as the products go (no staging: more blocks, each
+ * a shorter chain). Coefficient r (output d) is shared by TT / R (TT / D)
+ * threads, each summing a part, added in shared memory. */
+template <int D, int R>
+__global__ void __launch_bounds__(TT) project_seq_kernel(kvc__cu_basis b, int n_rep, const float *__restrict__ q,
+                                                         int64_t q_stride, float *__restrict__ qp) {
+    constexpr int PARTS = TT / R, SPAN = D / PARTS, G8 = 8;
+    __shared__ float s_q[G8][D];
+    __shared__ float s_sum[PARTS][G8][R];
+    const int seq = blockIdx.x, h = blockIdx.y, H = gridDim.y, tid = threadIdx.x;
+    const float *qs = q + (int64_t)seq * q_stride + (int64_t)h * n_rep * D;
+    for (int e = tid; e < G8 * D; e += TT) s_q[e / D][e % D] = e < n_rep * D ? qs[e] : 0.0f;
+    __syncthreads();
+    const int r = tid % R, part = tid / R;
+    const float *P = b.P + (b.latent ? (size_t)h * D * R : (size_t)h * b.in_dim * R) + (size_t)part * SPAN * R + r;
+    float acc[G8];
+#pragma unroll
+    for (int g = 0; g < G8; g++) acc[g] = 0.0f;
+#pragma unroll 8
+    for (int d = 0; d < SPAN; d++) {
+        const float pv = __ldg(P + (size_t)d * R);
+#pragma unroll
+        for (int g = 0; g < G8; g++) acc[g] = fmaf(pv, s_q[g][part * SPAN + d], acc[g]);
+    }
+#pragma unroll
+    for (int g = 0; g < G8; g++) s_sum[part][g][r] = acc[g];
+    __syncthreads();
+    float *dst = qp + ((int64_t)seq * H + h) * n_rep * R;
+    for (int e = tid; e < n_rep * R; e += TT) {
+        float x = 0.0f;
+#pragma unroll
+        for (int pp = 0; pp < PARTS; pp++) x += s_sum[pp][e / R][e % R];
+        dst[e] = x;
+    }
+}
+
+template <int D, int R>
+__global__ void __launch_bounds__(TT) expand_seq_kernel(kvc__cu_basis b, int n_rep, const float *__restrict__ c,
+                                                        const int32_t *__restrict__ ctx_lens, int ctx0,
+                                                        float *__restrict__ out, int64_t out_stride) {
+    constexpr int PARTS = TT / D, SPAN = R / PARTS, G8 = 8;
+    __shared__ float s_c[G8][R];
+    __shared__ float s_sum[PARTS][G8][D];
+    const int seq = blockIdx.x, h = blockIdx.y, H = gridDim.y, tid = threadIdx.x;
+    const float *src = c + ((int64_t)seq * H + h) * n_rep * R;
+    for (int e = tid; e < G8 * R; e += TT) s_c[e / R][e % R] = e < n_rep * R ? src[e] : 0.0f;
+    __syncthreads();
+    const int d = tid % D, part = tid / D;
+    const size_t row0 = b.latent ? (size_t)h * D : 0, grp = b.latent ? 0 : (size_t)h;
+    const float *Pt = b.Pt + grp * (size_t)R * b.in_dim + (size_t)part * SPAN * b.in_dim + row0 + d;
+    float acc[G8];
+#pragma unroll
+    for (int g = 0; g < G8; g++) acc[g] = 0.0f;
+#pragma unroll 8
+    for (int k = 0; k < SPAN; k++) {
+        const float pv = __ldg(Pt + (size_t)k * b.in_dim);
+#pragma unroll
+        for (int g = 0; g < G8; g++) acc[g] = fmaf(pv, s_c[g][part * SPAN + k], acc[g]);
+    }
+#pragma unroll
+    for (int g = 0; g < G8; g++) s_sum[part][g][d] = acc[g];
+    __syncthreads();
+    const int ctx = ctx_lens ? ctx_lens[seq] : ctx0 + seq;
+    const float *mu = b.mu + grp * (size_t)b.in_dim + row0;
+    float *o = out + (int64_t)seq * out_stride + (int64_t)h * n_rep * D;
+    for (int e = tid; e < n_rep * D; e += TT) {
+        float x = mu[e % D];
+#pragma unroll
+        for (int pp = 0; pp < PARTS; pp++) x += s_sum[pp][e / D][e % D];
+        o[e] = ctx > 0 ? x : 0.0f;
+    }
+}
+
+/* The per-sequence kernels while their L2 reads of the slices (a slice per
+ * (sequence, kv head)) stay under 32 MB, the tiled ones past that (measured,
+ * session 4: per sequence faster for SmolLM2 at every batch and Llama-8B at
+ * 64 x 2k, tiles faster for Llama-8B at 256 x 512). */
+bool per_sequence(int n_seqs, int H, int D, int R) { return (double)n_seqs * H * D * R * 4 <= 32e6; }
+
 /* Raises the dynamic shared memory limit of the (D, R) instance of both
  * kernels once; false on failure. */
 template <int D, int R> bool smem_limit() {
@@ -181,6 +261,11 @@ int kvc__cu_project(const kvc_cu_layout *L, int layer, int n_rows, int n_rep, co
     const dim3 grid((unsigned)(((int64_t)n_rows * n_rep + MT - 1) / MT), (unsigned)L->n_kv_head);
     const int rc = with_sizes(L->head_dim, b.R, [&](auto d, auto r) {
         constexpr int D_ = decltype(d)::value, R_ = decltype(r)::value;
+        if (per_sequence(n_rows, L->n_kv_head, D_, R_)) {
+            project_seq_kernel<D_, R_><<<dim3((unsigned)n_rows, (unsigned)L->n_kv_head), TT, 0, stream>>>(
+                b, n_rep, q, q_stride, qp);
+            return KVC_OK;
+        }
         const size_t smem = sizeof(float) * smem_floats<D_, R_>();
         if (!smem_limit<D_, R_>()) return KVC_ERR_NOMEM;
         project_kernel<D_, R_><<<grid, TT, smem, stream>>>(b, n_rows, n_rep, q, q_stride, qp);
@@ -198,6 +283,11 @@ int kvc__cu_expand(const kvc_cu_layout *L, int layer, int n_rows, int n_rep, con
     const dim3 grid((unsigned)(((int64_t)n_rows * n_rep + MT - 1) / MT), (unsigned)L->n_kv_head);
     const int rc = with_sizes(L->head_dim, b.R, [&](auto d, auto r) {
         constexpr int D_ = decltype(d)::value, R_ = decltype(r)::value;
+        if (per_sequence(n_rows, L->n_kv_head, D_, R_)) {
+            expand_seq_kernel<D_, R_><<<dim3((unsigned)n_rows, (unsigned)L->n_kv_head), TT, 0, stream>>>(
+                b, n_rep, c, ctx_lens, ctx0, out, out_stride);
+            return KVC_OK;
+        }
         const size_t smem = sizeof(float) * smem_floats<D_, R_>();
         if (!smem_limit<D_, R_>()) return KVC_ERR_NOMEM;
         expand_kernel<D_, R_><<<grid, TT, smem, stream>>>(b, n_rows, n_rep, c, ctx_lens, ctx0, out, out_stride);
