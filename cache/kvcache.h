@@ -97,9 +97,10 @@ typedef struct {
     const char *calib;       /* calibration file for pca bases (kvserve calibrate), or NULL */
     int force_scalar;        /* 1: portable kernels even where AVX2 is available
                               * (tests, comparisons); 0: choose at run time */
-    int prefault;            /* 1: back every page of the arena with memory at
-                              * creation (a daemon: no page faults while serving,
-                              * the whole arena resident at once); 0: on first use */
+    int prefault;            /* 1: back the arena's first GiB with memory at
+                              * creation (at most half the memory available then;
+                              * a daemon: no page faults while serving); 0: all
+                              * on first use */
 } kvc_config;
 
 /* A sequence's block table. Open struct owned by the caller (zero-init it);

@@ -13,9 +13,12 @@
 #include <stdbool.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include "cache/calib.h"
 #include "cache/pool_internal.h"
+
+#define PREFAULT_MAX ((size_t)1 << 30)
 
 const char *kvc_strerror(int code) {
     switch (code) {
@@ -113,8 +116,16 @@ int kvc_pool_create(const kvc_config *cfg, kvc_pool **out, char *err, size_t err
     madvise(arena, p->arena_bytes, MADV_HUGEPAGE);
     if (cfg->prefault) {
         /* a write per 4 KB (the zero-fill the kernel would do at first use,
-         * now rather than inside a decode step) */
-        for (size_t off = 0; off < p->arena_bytes; off += 4096)
+         * now rather than inside a decode step) over the first pages handed
+         * out (low ids go first), up to PREFAULT_MAX (about 0.5 s per GiB
+         * here) and half the memory available: an arena larger than the
+         * machine (a GPU profile's size on the CPU backend) keeps faulting
+         * lazily instead of being killed at start-up */
+        const long avail = sysconf(_SC_AVPHYS_PAGES), psize = sysconf(_SC_PAGESIZE);
+        size_t n = p->arena_bytes < PREFAULT_MAX ? p->arena_bytes : PREFAULT_MAX;
+        if (avail > 0 && psize > 0 && n > (size_t)avail / 2 * (size_t)psize)
+            n = (size_t)avail / 2 * (size_t)psize;
+        for (size_t off = 0; off < n; off += 4096)
             ((volatile unsigned char *)arena)[off] = 0;
     }
     /* Hand out low ids first: pop from the end. */
