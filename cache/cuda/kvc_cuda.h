@@ -142,9 +142,10 @@ int kvc_cu_decode(const kvc_cu_layout *L, const void *arena, int layer,
 /* Prefill attention for a chunk of one sequence: query token i (position
  * pos0 + i) attends causally to positions [0, pos0 + i], read from the pages
  * (write the chunk's own K/V with kvc_cu_write first, as kvc_attend expects).
- * Transform codecs run through the decode kernel (one row per query token,
- * at most 65535 tokens a call) with a workspace taken stream-ordered
- * (cudaMallocAsync) and given back after the launch.
+ * Transform codecs run the tensor-core kernel over the coefficients between
+ * the query projection and the output expansion, with scratch for the
+ * projected rows and the coefficient outputs taken stream-ordered
+ * (cudaMallocAsync) and given back after the launches.
  *   block_table: device (>= ceil((pos0 + n) / block_size)) page ids
  *   q, out: device (n, n_kv_head * n_rep, head_dim) f32, q_stride / out_stride floats per token */
 int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int layer,

@@ -22,13 +22,11 @@
  * relative 2^-12 per number, the same order as the query's and the
  * weights' rounding); the full-size K/V never reach device memory.
  *
- * Transform codecs (ranks 64 and 128) run the same kernel over their
- * coefficients (cuda/common.cuh's view: D = the rank, a latent's pages
+ * Transform codecs run the same kernel over their coefficients
+ * (cuda/common.cuh's view: D = the rank, 32, 64 or 128; a latent's pages
  * shared by all heads), the chunk's query rows projected before it
- * (transform.cu) and its coefficient outputs expanded after it; rank 32
- * runs through the decode kernel, a row per query token. */
+ * (transform.cu) and its coefficient outputs expanded after it. */
 #include <math.h>
-#include <string.h>
 
 #include "cache/cuda/common.cuh"
 
@@ -57,7 +55,7 @@ template <int D> struct smem_shape {
     static constexpr int K_HALVES = PT * D * K_ROW;
     static constexpr int V_HALVES = TK * V_ROW;
     static constexpr int STAGE = K_HALVES + V_HALVES;
-    static constexpr int NS = D == 64 ? 4 : 2;           /* pipeline stages (about 86 KB) */
+    static constexpr int NS = D <= 64 ? 4 : 2;           /* pipeline stages (about 86 KB at 64, 128) */
     static constexpr size_t BYTES = NS * (size_t)STAGE * sizeof(__half);
 };
 
@@ -68,7 +66,7 @@ template <int D, int KF, int VF> struct raw_shape {
     static constexpr int VB = kvc__cu_block_bytes(VF, D);
     static constexpr int PAGE = KB + VB;
     static constexpr int STAGE = PT * PAGE;              /* bytes */
-    static constexpr int NQ = D == 64 ? 4 : 3;
+    static constexpr int NQ = D <= 64 ? 4 : 3;
     static constexpr size_t BYTES = smem_shape<D>::STAGE * sizeof(__half) + (size_t)NQ * STAGE;
 };
 
@@ -449,32 +447,6 @@ extern "C" int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int lay
     const bool transform = L->k_shape != KVC_CU_PLAIN || L->v_shape != KVC_CU_PLAIN;
     const kvc__cu_view v = kvc__cu_view_of(L, layer, n_rep);
     cudaStream_t s = (cudaStream_t)stream;
-    if (transform && v.D == 32) {
-        /* rank 32 (no tensor-core prefill instance): through decode, query
-         * token i as a sequence of pos0 + i + 1 positions on the chunk's block
-         * table */
-        kvc_cu_decode_args a;
-        memset(&a, 0, sizeof a);
-        a.block_tables = block_table;
-        a.bt_stride = 0;
-        a.ctx_lens = NULL;
-        a.ctx0 = pos0 + 1;
-        a.n_seqs = n;
-        a.max_ctx = pos0 + n;
-        a.n_rep = n_rep;
-        a.scale = scale;
-        a.q = q;
-        a.q_stride = q_stride;
-        a.out = out;
-        a.out_stride = out_stride;
-        const size_t wsb = kvc_cu_decode_workspace(L, n, pos0 + n, n_rep);
-        void *ws = NULL;
-        KVC__CU_TRY(cudaMallocAsync(&ws, wsb, s));
-        KVC__CU_TRY(cudaMemsetAsync(ws, 0, wsb, s));
-        rc = kvc_cu_decode(L, arena, layer, &a, ws, wsb, stream, err, errlen);
-        KVC__CU_TRY(cudaFreeAsync(ws, s));
-        return rc;
-    }
     prefill_params p;
     p.arena = (const uint8_t *)arena;
     p.g = v.g;
@@ -487,7 +459,7 @@ extern "C" int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int lay
     p.q_stride = q_stride;
     p.out = out;
     p.out_stride = out_stride;
-    /* transforms (ranks 64, 128): the tensor-core kernel over coefficients,
+    /* transforms: the tensor-core kernel over coefficients,
      * between the queries' projection and the outputs' expansion; the
      * projected rows and the coefficient outputs live stream-ordered for
      * the call */
@@ -506,9 +478,12 @@ extern "C" int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int lay
             p.out_stride = row_stride;
         }
     }
-    if (!rc) /* v.D is 64 or 128 here (kvc_cu_layout_init) */
-        rc = v.D == 64 ? launch_fmt<64>(v.k_fmt, v.v_fmt, v.n_heads, p, s, err, errlen)
-                       : launch_fmt<128>(v.k_fmt, v.v_fmt, v.n_heads, p, s, err, errlen);
+    if (!rc) { /* v.D is 32 (ranks; f16/f16 or int8/int8), 64 or 128 here (kvc_cu_layout_init) */
+        if (v.D == 32 && v.k_fmt == KVC_CU_F16) rc = launch<32, KVC_CU_F16, KVC_CU_F16>(p, v.n_heads, s, err, errlen);
+        else if (v.D == 32) rc = launch<32, KVC_CU_I8, KVC_CU_I8>(p, v.n_heads, s, err, errlen);
+        else if (v.D == 64) rc = launch_fmt<64>(v.k_fmt, v.v_fmt, v.n_heads, p, s, err, errlen);
+        else rc = launch_fmt<128>(v.k_fmt, v.v_fmt, v.n_heads, p, s, err, errlen);
+    }
     if (!rc && transform && L->v_shape != KVC_CU_PLAIN)
         rc = kvc__cu_expand(L, layer, n, n_rep, p.out, NULL, pos0 + 1, out, out_stride, s, err, errlen);
     if (tmp) KVC__CU_TRY(cudaFreeAsync(tmp, s));

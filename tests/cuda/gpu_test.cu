@@ -42,6 +42,14 @@
  * queries 4x larger, gets 4x the bound; measured 3.5e-3 and 5.8e-3 there,
  * <= 1.2e-3 elsewhere).
  *
+ * Transform codecs (lowrank, latent, hybrid; orthogonal and pca bases) take
+ * the same steps. Their CPU pool uses the portable kernels (force_scalar),
+ * whose projection the GPU write repeats operation for operation, so the
+ * arenas must again be byte-identical; decode keeps the decode bound (the
+ * query's projection and the output's expansion add fp32 sums of head_dim
+ * or R products, far below it) and prefill the prefill bound (the
+ * tensor-core kernel over the coefficients).
+ *
  * Usage: gpu_test [--seed N] [--quick]   (--quick: fewer, shorter cases, for
  * compute-sanitizer). */
 #include <cuda_runtime.h>
