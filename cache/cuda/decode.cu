@@ -78,6 +78,7 @@
  *     finish merges the groups (no block reads more than FAN).
  * Scores are kept in log2 units (q pre-multiplied by scale * log2 e). */
 #include <math.h>
+#include <stdlib.h>
 
 #include <type_traits>
 
@@ -847,13 +848,20 @@ __device__ __forceinline__ void merge_warps(const decode_params &p, const float 
  * 128 2), at most 3 (168 registers) for the register path at head_dim 64
  * (the main plans hold ~3 blocks a multiprocessor) and 2 for int4 at head
  * dim 128 (at 168 it spills ~150 bytes a thread). */
-constexpr int min_blocks(int D, int KF, int VF) { return D == 128 ? 2 : quantized(KF, VF) ? 3 : 4; }
+constexpr int min_blocks(int D, int KF, int VF, int NH) {
+    return D == 128 ? 2 : NH > 1 ? (NH > 2 || quantized(KF, VF) ? 2 : 3) : quantized(KF, VF) ? 3 : 4;
+}
 
-template <int D, int G, int KF, int VF>
-__global__ void __launch_bounds__(NT, min_blocks(D, KF, VF)) decode_kernel(const decode_params p) {
+/* NH > 1 (both sides latent: every head's blocks are the same): a warp
+ * takes NH heads of G rows (GT = NH G consecutive rows of q and out) and
+ * runs each slot of its ring through the NH heads' mmas, so a shared page
+ * is copied once per NH heads; "heads" below are then those groups. */
+template <int D, int G, int KF, int VF, int NH>
+__global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(const decode_params p) {
     typedef ring<D, KF, VF> R;
     constexpr int B = KVC__CU_B;
     constexpr int NGV = v_groups<D, VF>::value;
+    constexpr int GT = NH * G;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     float *smem = reinterpret_cast<float *>(smem_raw);
     __shared__ int s_last;
@@ -866,12 +874,12 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF)) decode_kernel(const
     const bool has_pair = pair < p.n_pairs;
     const int seq = has_pair ? (int)(pair / H) : 0, head = has_pair ? (int)(pair % H) : 0;
     const int ctx = has_pair ? (p.ctx_lens ? p.ctx_lens[seq] : p.ctx0 + seq) : 0;
-    float *out = p.out + (int64_t)seq * p.out_stride + (int64_t)head * G * D;   /* (G, D) */
+    float *out = p.out + (int64_t)seq * p.out_stride + (int64_t)head * GT * D;   /* (GT, D) */
     const int n_pages = (ctx + B - 1) / B;
     const int n_active = n_pages > 0 ? (n_pages + p.pps - 1) / p.pps : 0;     /* splits with pages */
     if (p.ppb == 1 && split >= n_active) {    /* one pair a block: the exit is block-uniform */
         if (ctx <= 0 && split == 0)
-            for (int e = tid; e < G * D; e += NT) out[e] = 0.0f;
+            for (int e = tid; e < GT * D; e += NT) out[e] = 0.0f;
         return;
     }
     int first = 0, end = 0;
@@ -883,25 +891,29 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF)) decode_kernel(const
     const int n_steps = (n_mine + R::P - 1) / R::P;
     const int32_t *bt = p.bt + (int64_t)seq * p.bt_stride;
 
-    warp_state<D, NGV> st;
-    st.m = -INFINITY;
-    st.l = 0.0f;
+    warp_state<D, NGV> sts[NH];
 #pragma unroll
-    for (int dn = 0; dn < D / 8; dn++) st.o[dn][0] = st.o[dn][1] = 0.0f;
+    for (int h = 0; h < NH; h++) {
+        sts[h].m = -INFINITY;
+        sts[h].l = 0.0f;
 #pragma unroll
-    for (int gi = 0; gi < NGV; gi++) st.vmin[gi] = 0.0f;
+        for (int dn = 0; dn < D / 8; dn++) sts[h].o[dn][0] = sts[h].o[dn][1] = 0.0f;
+#pragma unroll
+        for (int gi = 0; gi < NGV; gi++) sts[h].vmin[gi] = 0.0f;
+    }
 
     /* A fragments of the scaled query: rows gid (fp16 hi) and gid + 8 (lo);
      * the query's loads are issued before the block table's and the first
      * pages', so their latencies overlap */
-    float qv[D / 16][4];
-    {
-        const float *q = p.q + (int64_t)seq * p.q_stride + (int64_t)(head * G + min(gid, G - 1)) * D;
+    float qv[NH][D / 16][4];
+#pragma unroll
+    for (int h = 0; h < NH; h++) {
+        const float *q = p.q + (int64_t)seq * p.q_stride + (int64_t)(head * GT + h * G + min(gid, G - 1)) * D;
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++)
 #pragma unroll
             for (int i = 0; i < 4; i++)
-                qv[kk][i] = gid < G && n_steps > 0 ? q[q_dim<KF, VF>(kk, tig, i)] : 0.0f;
+                qv[h][kk][i] = gid < G && n_steps > 0 ? q[q_dim<KF, VF>(kk, tig, i)] : 0.0f;
     }
     /* this warp's pages first, first + wpp, ... through its ring: S - 1
      * slots in flight while one computes (one commit group per slot, empty
@@ -955,17 +967,19 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF)) decode_kernel(const
         if (s < n_steps) issue_slot(s, s);
         if constexpr (!R::BULK) cp_async_commit();
     }
-    uint32_t qa[D / 16][4];
+    uint32_t qa[NH][D / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < D / 16; kk++)
+    for (int h = 0; h < NH; h++)
 #pragma unroll
-        for (int hc = 0; hc < 2; hc++) {
-            __half h0, l0, h1, l1;
-            split_half(qv[kk][2 * hc] * p.qscale, h0, l0);
-            split_half(qv[kk][2 * hc + 1] * p.qscale, h1, l1);
-            qa[kk][2 * hc] = pack_half2(h0, h1);
-            qa[kk][2 * hc + 1] = pack_half2(l0, l1);
-        }
+        for (int kk = 0; kk < D / 16; kk++)
+#pragma unroll
+            for (int hc = 0; hc < 2; hc++) {
+                __half h0, l0, h1, l1;
+                split_half(qv[h][kk][2 * hc] * p.qscale, h0, l0);
+                split_half(qv[h][kk][2 * hc + 1] * p.qscale, h1, l1);
+                qa[h][kk][2 * hc] = pack_half2(h0, h1);
+                qa[h][kk][2 * hc + 1] = pack_half2(l0, l1);
+            }
     cvt_consts kc;
     kc.i8 = 0x64806480u ^ p.zero;
     kc.u4 = 0x64006400u ^ p.zero;
@@ -987,8 +1001,12 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF)) decode_kernel(const
             v0 = page_valid(s * R::P);
             if (R::P == 2) v1 = page_valid(s * R::P + 1);
         }
-        if (v0 == B && v1 == B) process_slot<D, KF, VF, false>(sl, conv, B, B, qa, lane, kc, st);
-        else process_slot<D, KF, VF, true>(sl, conv, v0, v1, qa, lane, kc, st);
+#pragma unroll
+        for (int h = 0; h < NH; h++) {
+            if (h) __syncwarp();               /* conv is reused by the next head */
+            if (v0 == B && v1 == B) process_slot<D, KF, VF, false>(sl, conv, B, B, qa[h], lane, kc, sts[h]);
+            else process_slot<D, KF, VF, true>(sl, conv, v0, v1, qa[h], lane, kc, sts[h]);
+        }
         __syncwarp();                          /* the slot and conv are refilled next iteration */
         if (++slot == R::S) slot = 0, parity ^= 1;
         slot_next = slot_next + 1 == R::S ? 0 : slot_next + 1;
@@ -1004,38 +1022,50 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF)) decode_kernel(const
 
     /* finish the warp: l over the quad; the int4 minima's share (an mma
      * sum: every thread of the quad holds the whole) into its group's dims */
-    st.l += __shfl_xor_sync(KVC__CU_FULL, st.l, 1);
-    st.l += __shfl_xor_sync(KVC__CU_FULL, st.l, 2);
-    if constexpr (kvc__cu_is_u4t(VF)) {
-        constexpr int NK = kvc__cu_u4_group(VF) / 8;
 #pragma unroll
-        for (int jd = 0; jd < D / 8; jd++) {
-            st.o[jd][0] += st.vmin[jd / NK];
-            st.o[jd][1] += st.vmin[jd / NK];
+    for (int h = 0; h < NH; h++) {
+        warp_state<D, NGV> &st = sts[h];
+        st.l += __shfl_xor_sync(KVC__CU_FULL, st.l, 1);
+        st.l += __shfl_xor_sync(KVC__CU_FULL, st.l, 2);
+        if constexpr (kvc__cu_is_u4t(VF)) {
+            constexpr int NK = kvc__cu_u4_group(VF) / 8;
+#pragma unroll
+            for (int jd = 0; jd < D / 8; jd++) {
+                st.o[jd][0] += st.vmin[jd / NK];
+                st.o[jd][1] += st.vmin[jd / NK];
+            }
         }
     }
     if (wpp == 1) {                            /* a warp per pair: no block-wide steps */
         if (has_pair && gid < G) {
-            const float inv = st.l > 0.0f ? 1.0f / st.l : 0.0f;
 #pragma unroll
-            for (int jd = 0; jd < D / 8; jd++)
+            for (int h = 0; h < NH; h++) {
+                const float inv = sts[h].l > 0.0f ? 1.0f / sts[h].l : 0.0f;
 #pragma unroll
-                for (int e = 0; e < 2; e++) out[gid * D + o_dim<D, KF, VF>(jd, 2 * tig + e)] = st.o[jd][e] * inv;
+                for (int jd = 0; jd < D / 8; jd++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++)
+                        out[(h * G + gid) * D + o_dim<D, KF, VF>(jd, 2 * tig + e)] = sts[h].o[jd][e] * inv;
+            }
         }
         return;
     }
     __syncthreads();                           /* the rings are reused below */
-    float *s_acc = smem;                       /* (NW, G, D) */
-    float *s_m = smem + NW * G * D;            /* (NW, G) */
-    float *s_l = s_m + NW * G;                 /* (NW, G) */
+    float *s_acc = smem;                       /* (NW, GT, D) */
+    float *s_m = smem + NW * GT * D;           /* (NW, GT) */
+    float *s_l = s_m + NW * GT;                /* (NW, GT) */
     if (gid < G) {
 #pragma unroll
-        for (int jd = 0; jd < D / 8; jd++)
+        for (int h = 0; h < NH; h++) {
+            const int r = warp * GT + h * G + gid;
 #pragma unroll
-            for (int e = 0; e < 2; e++) s_acc[(warp * G + gid) * D + o_dim<D, KF, VF>(jd, 2 * tig + e)] = st.o[jd][e];
-        if (tig == 0) {
-            s_m[warp * G + gid] = st.m;
-            s_l[warp * G + gid] = st.l;
+            for (int jd = 0; jd < D / 8; jd++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) s_acc[r * D + o_dim<D, KF, VF>(jd, 2 * tig + e)] = sts[h].o[jd][e];
+            if (tig == 0) {
+                s_m[r] = sts[h].m;
+                s_l[r] = sts[h].l;
+            }
         }
     }
     __syncthreads();
@@ -1043,8 +1073,8 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF)) decode_kernel(const
     /* merge the warps of each pair of the block (a warp without pages has m
      * = -inf; a pair without positions writes zeros) */
     const int64_t unit = pair * p.n_splits;    /* ppb 1: this block's pair */
-    if (p.ppb == 1) merge_warps<D, G, NW>(p, s_acc, s_m, s_l, n_active <= 1, unit + split);
-    else merge_warps<D, G, 2>(p, s_acc, s_m, s_l, true, 0);
+    if (p.ppb == 1) merge_warps<D, GT, NW>(p, s_acc, s_m, s_l, n_active <= 1, unit + split);
+    else merge_warps<D, GT, 2>(p, s_acc, s_m, s_l, true, 0);
     if (p.ppb > 1 || n_active <= 1) return;
 
     /* the last split of a (sequence, head) to finish merges them all; past
@@ -1056,12 +1086,12 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF)) decode_kernel(const
     if (n_groups > 1) {
         const int grp = split / FAN, g_first = grp * FAN, g_count = min(FAN, n_active - g_first);
         if (!last_arrival(counters + 1 + grp, g_count, s_last)) return;
-        merge_partials<D, G>(p, smem, unit, g_first, g_count, 1, false, out);
+        merge_partials<D, GT>(p, smem, unit, g_first, g_count, 1, false, out);
         count = n_groups;
         step = FAN;
     }
     if (!last_arrival(counters, count, s_last)) return;
-    merge_partials<D, G>(p, smem, unit, 0, count, step, true, out);
+    merge_partials<D, GT>(p, smem, unit, 0, count, step, true, out);
 }
 
 /* ---- host side ------------------------------------------------------------- */
@@ -1081,22 +1111,23 @@ int sm_count() {
     return n;
 }
 
-template <int D, int G, int KF, int VF> size_t smem_bytes() {
-    const size_t f1 = (size_t)NW * G * (D + 2) * sizeof(float);
-    const size_t f2 = ((size_t)2 * FAN * G + 4 + (size_t)NW * G * D) * sizeof(float);
+template <int D, int G, int KF, int VF, int NH> size_t smem_bytes() {
+    constexpr int GT = NH * G;
+    const size_t f1 = (size_t)NW * GT * (D + 2) * sizeof(float);
+    const size_t f2 = ((size_t)2 * FAN * GT + 4 + (size_t)NW * GT * D) * sizeof(float);
     const size_t r = ring<D, KF, VF>::BYTES;
     return r > f1 ? (r > f2 ? r : f2) : (f1 > f2 ? f1 : f2);
 }
 
 /* Blocks of this instance resident on one multiprocessor (sets its shared
  * memory limit the first time). */
-template <int D, int G, int KF, int VF> int blocks_per_sm() {
+template <int D, int G, int KF, int VF, int NH> int blocks_per_sm() {
     static int n = 0;
     if (!n) {
-        const size_t smem = smem_bytes<D, G, KF, VF>();
-        if (cudaFuncSetAttribute(decode_kernel<D, G, KF, VF>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        const size_t smem = smem_bytes<D, G, KF, VF, NH>();
+        if (cudaFuncSetAttribute(decode_kernel<D, G, KF, VF, NH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  (int)smem) != cudaSuccess ||
-            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel<D, G, KF, VF>, NT, smem) != cudaSuccess ||
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel<D, G, KF, VF, NH>, NT, smem) != cudaSuccess ||
             n < 1)
             n = 1;
         (void)cudaGetLastError();              /* a failed query must not look like a failed launch */
@@ -1104,19 +1135,57 @@ template <int D, int G, int KF, int VF> int blocks_per_sm() {
     return n;
 }
 
-/* Calls f(D, G, KF, VF) as integral constants for the view's instance;
- * KVC_ERR_INVAL outside the compiled set (D 32: f16/f16 and int8/int8). */
+/* The NH > 1 instances compiled (each costs build time): f16/f16 and
+ * int8/int8, head dim 64 with G 3 or 8 (NH 3; NH 2 at G 8), head dim 128
+ * with G 5 or 8 (NH 2): SmolLM2 latent:64 (3 heads of 3 rows), Llama-8B
+ * latent:128 (4 heads of 8) and the test shapes. */
+constexpr bool nh_compiled(int D, int G, int KF, int VF, int NH) {
+    return KF == VF && (KF == KVC_CU_F16 || KF == KVC_CU_I8) &&
+           ((D == 64 && ((NH == 3 && (G == 3 || G == 8)) || (NH == 2 && G == 8))) ||
+            (D == 128 && NH == 2 && (G == 5 || G == 8)));
+}
+
+/* Heads a warp takes (NH, see decode_kernel): with both sides latent, the
+ * largest compiled NH (3, 2) dividing the view's heads; else 1.
+ * KVC_CU_LATENT_NH=1 in the environment turns it off (benchmarks'
+ * before/after). */
+int latent_nh(const kvc__cu_view &v) {
+    static int env = -2;
+    if (env == -2) {
+        const char *e = getenv("KVC_CU_LATENT_NH");
+        env = e && *e ? atoi(e) : -1;
+    }
+    if (env == 1 || v.g.k_block_bytes != 0 || v.g.v_block_bytes != 0) return 1;
+    for (int nh = 3; nh >= 2; nh--)
+        if ((env < 0 || env == nh) && v.n_heads % nh == 0 && nh_compiled(v.D, v.G, v.k_fmt, v.v_fmt, nh)) return nh;
+    return 1;
+}
+
+/* Calls f(D, G, KF, VF, NH) as integral constants for the view's instance
+ * (NH = latent_nh(v)); KVC_ERR_INVAL outside the compiled set (D 32: f16/f16
+ * and int8/int8). */
 template <typename F> int with_instance(const kvc__cu_view &v, F &&f) {
+    const int nh = latent_nh(v);
+    typedef std::integral_constant<int, 1> N1;
     auto by_g = [&](auto d, auto kf, auto vf) -> int {
+        auto by_nh = [&](auto g) -> int {
+            constexpr int D_ = decltype(d)::value, G_ = decltype(g)::value, KF_ = decltype(kf)::value,
+                          VF_ = decltype(vf)::value;
+            if constexpr (nh_compiled(D_, G_, KF_, VF_, 3))
+                if (nh == 3) return f(d, g, kf, vf, std::integral_constant<int, 3>());
+            if constexpr (nh_compiled(D_, G_, KF_, VF_, 2))
+                if (nh == 2) return f(d, g, kf, vf, std::integral_constant<int, 2>());
+            return f(d, g, kf, vf, N1());
+        };
         switch (v.G) {
-        case 1: return f(d, std::integral_constant<int, 1>(), kf, vf);
-        case 2: return f(d, std::integral_constant<int, 2>(), kf, vf);
-        case 3: return f(d, std::integral_constant<int, 3>(), kf, vf);
-        case 4: return f(d, std::integral_constant<int, 4>(), kf, vf);
-        case 5: return f(d, std::integral_constant<int, 5>(), kf, vf);
-        case 6: return f(d, std::integral_constant<int, 6>(), kf, vf);
-        case 7: return f(d, std::integral_constant<int, 7>(), kf, vf);
-        case 8: return f(d, std::integral_constant<int, 8>(), kf, vf);
+        case 1: return by_nh(std::integral_constant<int, 1>());
+        case 2: return by_nh(std::integral_constant<int, 2>());
+        case 3: return by_nh(std::integral_constant<int, 3>());
+        case 4: return by_nh(std::integral_constant<int, 4>());
+        case 5: return by_nh(std::integral_constant<int, 5>());
+        case 6: return by_nh(std::integral_constant<int, 6>());
+        case 7: return by_nh(std::integral_constant<int, 7>());
+        case 8: return by_nh(std::integral_constant<int, 8>());
         }
         return KVC_ERR_INVAL;
     };
@@ -1155,12 +1224,13 @@ template <typename F> int with_instance(const kvc__cu_view &v, F &&f) {
  * none fits, a warp per pair (the fewest blocks). */
 plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx) {
     const int sms = sm_count();
-    int per_sm = with_instance(v, [](auto d, auto g, auto kf, auto vf) {
-        return blocks_per_sm<decltype(d)::value, decltype(g)::value, decltype(kf)::value, decltype(vf)::value>();
+    int per_sm = with_instance(v, [](auto d, auto g, auto kf, auto vf, auto nh) {
+        return blocks_per_sm<decltype(d)::value, decltype(g)::value, decltype(kf)::value, decltype(vf)::value,
+                             decltype(nh)::value>();
     });
     if (per_sm < 1) per_sm = 1;
     const int pages = max_ctx > 0 ? (max_ctx + KVC__CU_B - 1) / KVC__CU_B : 1;
-    const long pairs = (long)(n_seqs > 0 ? n_seqs : 1) * v.n_heads;
+    const long pairs = (long)(n_seqs > 0 ? n_seqs : 1) * (v.n_heads / latent_nh(v));
     const long resident = (long)sms * per_sm;
     plan pl = {4, pages, 1};
     long best_blocks = 0;
@@ -1204,15 +1274,16 @@ plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx) {
  * answer of this host thread is kept. */
 plan make_plan(const kvc__cu_view &v, int n_seqs, int max_ctx) {
     struct key {
-        int n_heads, G, D, k_fmt, v_fmt, n_seqs, max_ctx, pps, wps;
+        int n_heads, G, D, k_fmt, v_fmt, n_seqs, max_ctx, pps, wps, nh;
         bool operator==(const key &o) const {
-            return n_heads == o.n_heads && G == o.G && D == o.D && k_fmt == o.k_fmt && v_fmt == o.v_fmt &&
+            return n_heads == o.n_heads && nh == o.nh && G == o.G && D == o.D && k_fmt == o.k_fmt && v_fmt == o.v_fmt &&
                    n_seqs == o.n_seqs && max_ctx == o.max_ctx && pps == o.pps && wps == o.wps;
         }
     };
-    thread_local key last_key = {-1, 0, 0, 0, 0, 0, 0, 0, 0};
+    thread_local key last_key = {-1, 0, 0, 0, 0, 0, 0, 0, 0, 0};
     thread_local plan last = {4, 1, 1};
-    const key k = {v.n_heads, v.G, v.D, v.k_fmt, v.v_fmt, n_seqs, max_ctx, g_pages_per_split, g_warp_per_seq};
+    const key k = {v.n_heads, v.G, v.D, v.k_fmt, v.v_fmt, n_seqs, max_ctx, g_pages_per_split, g_warp_per_seq,
+                     latent_nh(v)};
     if (!(k == last_key)) {
         last = search_plan(v, n_seqs, max_ctx);
         last_key = k;
@@ -1254,9 +1325,9 @@ int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_
     p.bt_stride = a->bt_stride;
     p.ctx_lens = a->ctx_lens;
     p.ctx0 = a->ctx0;
-    p.n_kv_head = v.n_heads;
+    p.n_kv_head = v.n_heads / latent_nh(v);   /* heads of NH groups */
     p.ppb = pl.ppb;
-    p.n_pairs = (int64_t)a->n_seqs * v.n_heads;
+    p.n_pairs = (int64_t)a->n_seqs * p.n_kv_head;
     p.pps = pl.pps;
     p.n_splits = pl.n_splits;
     p.zero = 0;
@@ -1270,11 +1341,11 @@ int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_
     p.ws_ml = (float *)(ws + w.ml);
     p.ws_acc = (float *)(ws + w.acc);
     const dim3 grid((unsigned)((p.n_pairs + pl.ppb - 1) / pl.ppb), pl.n_splits);
-    int rc = with_instance(v, [&](auto d, auto g, auto kf, auto vf) -> int {
+    int rc = with_instance(v, [&](auto d, auto g, auto kf, auto vf, auto nh) -> int {
         constexpr int D_ = decltype(d)::value, G_ = decltype(g)::value, KF_ = decltype(kf)::value,
-                      VF_ = decltype(vf)::value;
-        blocks_per_sm<D_, G_, KF_, VF_>();     /* sets the shared memory limit */
-        decode_kernel<D_, G_, KF_, VF_><<<grid, NT, smem_bytes<D_, G_, KF_, VF_>(), stream>>>(p);
+                      VF_ = decltype(vf)::value, NH_ = decltype(nh)::value;
+        blocks_per_sm<D_, G_, KF_, VF_, NH_>();   /* sets the shared memory limit */
+        decode_kernel<D_, G_, KF_, VF_, NH_><<<grid, NT, smem_bytes<D_, G_, KF_, VF_, NH_>(), stream>>>(p);
         return KVC_OK;
     });
     if (rc != KVC_OK)
@@ -1299,7 +1370,7 @@ extern "C" size_t kvc_cu_decode_workspace(const kvc_cu_layout *L, int n_seqs, in
     size_t most = 0;
     for (int l = 0; l < L->n_layer; l++) {
         const kvc__cu_view v = kvc__cu_view_of(L, l, n_rep);
-        if (with_instance(v, [](auto, auto, auto, auto) { return KVC_OK; }) != KVC_OK) continue;
+        if (with_instance(v, [](auto, auto, auto, auto, auto) { return KVC_OK; }) != KVC_OK) continue;
         const size_t t = ws_layout(v, n_seqs, make_plan(v, n_seqs, max_ctx), has_transform(L)).total;
         most = t > most ? t : most;
         if (!has_transform(L)) break;          /* every layer alike */

@@ -611,7 +611,27 @@ int main(int argc, char **argv) {
         test_case b = {128, 8, 4, "latent:128", "hybrid:latent:128", {1, 17, 0, 300}, {{0, 100}, {200, 33}}, 1.0f};
         cases.push_back(a);
         cases.push_back(b);
+        /* a warp over several latent heads (NH 3 f16, NH 2 int8) */
+        test_case c = {64, 3, 3, "latent:64", "latent:64", {1, 17, 0, 300}, {{0, 100}}, 1.0f};
+        test_case d = {128, 8, 4, "hybrid:latent:128", "hybrid:latent:128", {1, 17, 0, 300}, {{0, 100}}, 1.0f};
+        cases.push_back(c);
+        cases.push_back(d);
     } else {
+        /* both sides latent: a warp takes NH heads of G rows (NH 3 at head
+         * dim 64, 2 at 128; f16 and int8): G 8 with NH 3 and 2, the int8
+         * register path at both head dims, many splits merged */
+        test_case n1 = {64, 6, 4, "latent:64", "latent:64", mix, {{0, 300}}, 1.0f};
+        test_case n2 = {64, 6, 4, "hybrid:latent:64", "hybrid:latent:64", mix, {{0, 300}}, 1.0f};
+        test_case n3 = {64, 4, 4, "latent:64", "latent:64", mix, {{0, 300}}, 1.0f};
+        test_case n4 = {128, 8, 4, "hybrid:latent:128", "hybrid:latent:128", mix, {{0, 300}}, 1.0f};
+        test_case n5 = {64, 3, 3, "hybrid:latent:64", "hybrid:latent:64", {33000, 5}, {{32900, 100}}, 4.0f};
+        test_case n6 = {128, 8, 4, "hybrid:latent:128", "hybrid:latent:128", {20000, 4100}, {{19000, 64}}, 1.0f};
+        cases.push_back(n1);
+        cases.push_back(n2);
+        cases.push_back(n3);
+        cases.push_back(n4);
+        cases.push_back(n5);
+        cases.push_back(n6);
         test_case a = {64, 3, 3, "hybrid:r32", "hybrid:r32", {33000, 5}, {{32900, 100}}, 1.0f};
         test_case b = {128, 8, 4, "latent:128", "latent:128", {20000, 4100}, {{19000, 64}}, 4.0f};
         test_case c = {64, 3, 3, "lowrank:r32", "lowrank:r32", {4099, 4096, 1}, {{2048, 2048}, {0, 2051}}, 1.0f};
