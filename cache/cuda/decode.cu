@@ -1136,13 +1136,15 @@ template <int D, int G, int KF, int VF, int NH> int blocks_per_sm() {
 }
 
 /* The NH > 1 instances compiled (each costs build time): f16/f16 and
- * int8/int8, head dim 64 with G 3 or 8 (NH 3; NH 2 at G 8), head dim 128
- * with G 5 or 8 (NH 2): SmolLM2 latent:64 (3 heads of 3 rows), Llama-8B
- * latent:128 (4 heads of 8) and the test shapes. */
+ * int8/int8 at head dim 64 with G 3 or 8 (NH 3; NH 2 at G 8), f16/f16 at
+ * head dim 128 with G 5 or 8 (NH 2): SmolLM2 latent:64 (3 heads of 3 rows),
+ * Llama-8B latent:128 (4 heads of 8) and the test shapes. Not int8 at head
+ * dim 128: that instance spills (204 bytes a thread) and made
+ * hybrid:latent:128 slower than NH 1 (notes/gpu.md, session 4 run 7). */
 constexpr bool nh_compiled(int D, int G, int KF, int VF, int NH) {
     return KF == VF && (KF == KVC_CU_F16 || KF == KVC_CU_I8) &&
            ((D == 64 && ((NH == 3 && (G == 3 || G == 8)) || (NH == 2 && G == 8))) ||
-            (D == 128 && NH == 2 && (G == 5 || G == 8)));
+            (D == 128 && KF == KVC_CU_F16 && NH == 2 && (G == 5 || G == 8)));
 }
 
 /* Heads a warp takes (NH, see decode_kernel): with both sides latent, the
