@@ -294,6 +294,21 @@ KVC__U4_KERNELS(64)
  * prefill writes a page's tokens in one run, so each page is coded once from
  * its own range as KIVI does; decode appends widen it now and then. Earlier
  * slots must hold this block's tokens (kvc_write writes positions in order). */
+/* The smallest and largest of number d's codes in slots [0, slot): its
+ * decoded range is m + s * those two (m + s * code only grows with the code,
+ * s >= 0), without decoding every slot. */
+static void u4_code_range(kvc__role role, const void *blk, int B, int dim, int slot, int d, int *cmin, int *cmax) {
+    int lo = 15, hi = 0;
+    for (int j = 0; j < slot; j++) {
+        const size_t i = u4_idx(role, B, dim, j, d);
+        const int c = (((const uint8_t *)blk)[i >> 1] >> ((i & 1) * 4)) & 15;
+        lo = c < lo ? c : lo;
+        hi = c > hi ? c : hi;
+    }
+    *cmin = lo;
+    *cmax = hi;
+}
+
 static void enc_u4c(kvc__role role, void *blk, int B, int dim, int slot, int n, const float *x, int64_t xs) {
     uint16_t *sc = u4_scales(blk, role, B, dim), *mn = sc + dim;
     for (int d = 0; d < dim; d++) {
@@ -305,12 +320,9 @@ static void enc_u4c(kvc__role role, void *blk, int B, int dim, int slot, int n, 
         }
         float m_old = kvc__f16_to_f32(mn[d]), s_old = kvc__f16_to_f32(sc[d]);
         if (slot > 0) {
-            float olo = INFINITY, ohi = -INFINITY;
-            for (int j = 0; j < slot; j++) {
-                float v = m_old + s_old * load_u4(blk, u4_idx(role, B, dim, j, d));
-                olo = v < olo ? v : olo;
-                ohi = v > ohi ? v : ohi;
-            }
+            int cmin, cmax;
+            u4_code_range(role, blk, B, dim, slot, d, &cmin, &cmax);
+            const float olo = m_old + s_old * (float)cmin, ohi = m_old + s_old * (float)cmax;
             if (!(lo < olo) && !(hi > ohi)) {     /* inside the range: code with it */
                 for (int t = 0; t < n; t++)
                     store_u4(blk, u4_idx(role, B, dim, slot + t, d), u4_code(x[t * xs + d], m_old, s_old));
