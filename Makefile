@@ -142,10 +142,10 @@ test: deps
 	$(MAKE) e2e-deps
 	$(MAKE) e2e
 
-unit: $(TEST_BIN)
+unit: $(TEST_BIN) fixtures
 	@fail=0; for t in $(TEST_BIN); do \
 	  echo "== $$t"; \
-	  KVSERVE_SHARED=$(SHARED) KVSERVE_MODEL=$(MODEL) ASAN_OPTIONS=detect_leaks=1 \
+	  KVSERVE_SHARED=$(SHARED) KVSERVE_MODEL=$(MODEL) KVSERVE_FIXTURES=$(FIXTURE_DIR) ASAN_OPTIONS=detect_leaks=1 \
 	    $$t --jobs 2 || fail=1; \
 	done; exit $$fail
 
@@ -205,6 +205,18 @@ clean-fuzz:
 e2e-deps:
 	@$(PYTHON) -c "import openai" 2>/dev/null || $(PYTHON) -m pip install --quiet openai || \
 	  $(PYTHON) -m pip install --quiet --break-system-packages openai
+
+# fixtures: small GGUF files written by gguf-py (the reference writer, from
+# PyPI), generated into the cache rather than committed: the tokenizer
+# loader's odd vocabularies and test_gguf's pywriter.gguf.
+FIXTURE_DIR ?= $(MODEL_DIR)/fixtures
+.PHONY: fixtures
+fixtures:
+	@$(PYTHON) -c "import gguf, numpy" 2>/dev/null || $(PYTHON) -m pip install --quiet gguf numpy || \
+	  $(PYTHON) -m pip install --quiet --break-system-packages gguf numpy
+	@mkdir -p $(FIXTURE_DIR)
+	@$(PYTHON) tests/fixtures/tokenizer/make_gguf_fixtures.py $(FIXTURE_DIR)
+	@$(PYTHON) tests/fixtures/gguf/gen_gguf_fixture.py $(FIXTURE_DIR) > /dev/null
 
 FUZZ_RUNS   ?= 1000000
 FUZZ_DIR    := build-fuzz

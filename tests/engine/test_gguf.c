@@ -4,7 +4,7 @@
  * A small GGUF writer lives here: it builds files with every metadata type
  * (nested arrays included), several tensors of several types and alignments,
  * which the reader must give back value for value. A file written by gguf-py
- * (tests/fixtures/gguf/pywriter.gguf, see gen_gguf_fixture.py) checks the
+ * (pywriter.gguf in $KVSERVE_FIXTURES, from gen_gguf_fixture.py) checks the
  * reader against the reference writer. Robustness: every truncation of a
  * valid file, targeted corruption of each header field, and random byte
  * flips must fail with a message and never crash (the suite runs under ASan
@@ -617,8 +617,11 @@ static uint32_t f32_bits(float f) {
 }
 
 Test(gguf, reads_gguf_py_writer_output) {
-    char err[512] = "";
-    eng_gguf *g = eng_gguf_open(FIXTURES "pywriter.gguf", err, sizeof err);
+    char err[512] = "", path[1024];
+    const char *dir = getenv("KVSERVE_FIXTURES");
+    cr_assert_not_null(dir, "KVSERVE_FIXTURES is not set (make unit sets it: make fixtures writes pywriter.gguf)");
+    snprintf(path, sizeof path, "%s/pywriter.gguf", dir);
+    eng_gguf *g = eng_gguf_open(path, err, sizeof err);
     cr_assert_not_null(g, "%s", err);
     cr_assert_eq(eng_gguf_version(g), 3);
     char *s = NULL;

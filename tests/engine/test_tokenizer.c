@@ -588,9 +588,18 @@ Test(hf, missing_directory) {
     cr_assert(strstr(err, "/nonexistent/dir") != NULL, "message: %s", err);
 }
 
+/* A GGUF vocabulary written by make_gguf_fixtures.py into $KVSERVE_FIXTURES
+ * (make fixtures; make unit sets the variable). */
+static const char *gen_fixture(const char *name, char *path, size_t len) {
+    const char *dir = getenv("KVSERVE_FIXTURES");
+    cr_assert_not_null(dir, "KVSERVE_FIXTURES is not set (make unit sets it; make fixtures writes %s)", name);
+    snprintf(path, len, "%s/%s", dir, name);
+    return path;
+}
+
 Test(gguf_loader, refuses_unknown_pre_tokenizer) {
-    char err[512] = "";
-    eng_gguf *g = eng_gguf_open(FIXTURES "tiny_badpre.gguf", err, sizeof(err));
+    char err[512] = "", path[1024];
+    eng_gguf *g = eng_gguf_open(gen_fixture("tiny_badpre.gguf", path, sizeof path), err, sizeof(err));
     cr_assert_not_null(g, "%s", err);
     cr_assert_null(eng_tokenizer_from_gguf(g, err, sizeof(err)));
     cr_assert(strstr(err, "no-such-pre") && strstr(err, "tokenizer.ggml.pre"), "message: %s", err);
@@ -598,8 +607,8 @@ Test(gguf_loader, refuses_unknown_pre_tokenizer) {
 }
 
 Test(gguf_loader, rejects_wrong_token_type) {
-    char err[512] = "";
-    eng_gguf *g = eng_gguf_open(FIXTURES "tiny_badtokens.gguf", err, sizeof(err));
+    char err[512] = "", path[1024];
+    eng_gguf *g = eng_gguf_open(gen_fixture("tiny_badtokens.gguf", path, sizeof path), err, sizeof(err));
     cr_assert_not_null(g, "%s", err);
     cr_assert_null(eng_tokenizer_from_gguf(g, err, sizeof(err)));
     cr_assert(strstr(err, "tokenizer.ggml.tokens") && strstr(err, "string"), "message: %s", err);
@@ -609,7 +618,8 @@ Test(gguf_loader, rejects_wrong_token_type) {
 /* tokens a, b, c, ab, bc, abc with merges (b c), (a b): merging gives a|bc,
  * while llama-bpe (ignore_merges) takes the whole word "abc" */
 Test(gguf_loader, ignore_merges_follows_pre_tokenizer) {
-    loaded l = load_gguf(FIXTURES "tiny_gpt2.gguf");
+    char path[1024];
+    loaded l = load_gguf(gen_fixture("tiny_gpt2.gguf", path, sizeof path));
     int n;
     int32_t *ids = encode(l.t, "abc", 3, false, false, &n);
     cr_assert_eq(n, 2);
@@ -619,7 +629,7 @@ Test(gguf_loader, ignore_merges_follows_pre_tokenizer) {
     cr_assert_eq(eng_tokenizer_eos(l.t), -1);   /* out-of-range id ignored */
     free(ids);
     unload(l);
-    l = load_gguf(FIXTURES "tiny_llama_bpe.gguf");
+    l = load_gguf(gen_fixture("tiny_llama_bpe.gguf", path, sizeof path));
     ids = encode(l.t, "abc", 3, false, false, &n);
     cr_assert_eq(n, 1);
     cr_assert_eq(ids[0], 5);
