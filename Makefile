@@ -206,17 +206,22 @@ e2e-deps:
 	@$(PYTHON) -c "import openai" 2>/dev/null || $(PYTHON) -m pip install --quiet openai || \
 	  $(PYTHON) -m pip install --quiet --break-system-packages openai
 
-# fixtures: small GGUF files written by gguf-py (the reference writer, from
-# PyPI), generated into the cache rather than committed: the tokenizer
-# loader's odd vocabularies and test_gguf's pywriter.gguf.
+# fixtures: GGUF files written by gguf-py (the reference writer, from PyPI),
+# generated into the cache rather than committed: the tokenizer loader's odd
+# vocabularies, test_gguf's pywriter.gguf, and the tiny Llama fixture
+# (tests/fixtures/models/llama, safetensors) converted the way llama.cpp's
+# converter does, in f32 and q8_0.
 FIXTURE_DIR ?= $(MODEL_DIR)/fixtures
 .PHONY: fixtures
 fixtures:
-	@$(PYTHON) -c "import gguf, numpy" 2>/dev/null || $(PYTHON) -m pip install --quiet gguf numpy || \
-	  $(PYTHON) -m pip install --quiet --break-system-packages gguf numpy
-	@mkdir -p $(FIXTURE_DIR)
+	@$(PYTHON) -c "import gguf, numpy, safetensors" 2>/dev/null || \
+	  $(PYTHON) -m pip install --quiet gguf numpy safetensors || \
+	  $(PYTHON) -m pip install --quiet --break-system-packages gguf numpy safetensors
+	@mkdir -p $(FIXTURE_DIR)/llama
 	@$(PYTHON) tests/fixtures/tokenizer/make_gguf_fixtures.py $(FIXTURE_DIR)
 	@$(PYTHON) tests/fixtures/gguf/gen_gguf_fixture.py $(FIXTURE_DIR) > /dev/null
+	@for q in f32 q8_0; do $(PYTHON) tools/hf_to_gguf_fixture.py tests/fixtures/models/llama \
+	  $(FIXTURE_DIR)/llama/model-$$q.gguf $$q > /dev/null; done
 
 FUZZ_RUNS   ?= 1000000
 FUZZ_DIR    := build-fuzz

@@ -11,6 +11,7 @@
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -340,8 +341,11 @@ static void on_free(const volatile void *p) {}
 
 /* Peak heap growth (bytes) over the prefill of n tokens, after set-up. */
 static size_t prefill_heap_growth(int n) {
-    char err[512];
-    eng_model *m = eng_model_load("tests/fixtures/models/llama/model-f32.gguf", err, sizeof err);
+    char err[512], path[1024];
+    const char *dir = getenv("KVSERVE_FIXTURES");
+    cr_assert_not_null(dir, "KVSERVE_FIXTURES is not set (make unit sets it; make fixtures writes llama/model-f32.gguf)");
+    snprintf(path, sizeof path, "%s/llama/model-f32.gguf", dir);
+    eng_model *m = eng_model_load(path, err, sizeof err);
     cr_assert(m, "%s", err);
     const eng_model_config *mc = &m->cfg;
     kvc_config c = {.n_layer = mc->n_layer, .n_kv_head = mc->n_kv_head, .head_dim = mc->head_dim, .block_size = 16,

@@ -23,6 +23,15 @@
 
 #define FIX "tests/fixtures/models/"
 
+/* The Llama fixture as GGUF, converted into $KVSERVE_FIXTURES by make fixtures
+ * (tools/hf_to_gguf_fixture.py; make unit sets the variable). */
+static const char *llama_gguf(const char *type, char *path, size_t len) {
+    const char *dir = getenv("KVSERVE_FIXTURES");
+    cr_assert_not_null(dir, "KVSERVE_FIXTURES is not set (make unit sets it; make fixtures writes model-%s.gguf)", type);
+    snprintf(path, len, "%s/llama/model-%s.gguf", dir, type);
+    return path;
+}
+
 typedef struct {
     int n_seq;
     int len[4];
@@ -160,8 +169,14 @@ Test(forward_cpu, mistral_sharded) { check_model(FIX "mistral-sharded", FIX "mis
 Test(forward_cpu, gpt2) { check_model(FIX "gpt2", FIX "gpt2", 1e-4); }
 /* The same Llama written as GGUF (tools/hf_to_gguf_fixture.py): f32 exactly,
  * Q8_0 within the error of 8-bit weights and activations. */
-Test(forward_cpu, llama_gguf_f32) { check_model(FIX "llama/model-f32.gguf", FIX "llama", 1e-4); }
-Test(forward_cpu, llama_gguf_q8_0) { check_model(FIX "llama/model-q8_0.gguf", FIX "llama", 6e-2); }
+Test(forward_cpu, llama_gguf_f32) {
+    char path[1024];
+    check_model(llama_gguf("f32", path, sizeof path), FIX "llama", 1e-4);
+}
+Test(forward_cpu, llama_gguf_q8_0) {
+    char path[1024];
+    check_model(llama_gguf("q8_0", path, sizeof path), FIX "llama", 6e-2);
+}
 
 /* Two sequences in one batch (a prefill chunk of one beside a decode token of
  * the other) give the same logits as each alone. */
@@ -236,7 +251,8 @@ Test(forward_cpu, rejects_bad_tokens_and_unreserved_positions) {
 static const kv_opts pre_rope_f32 = {.k = "f32:prerope", .v = "f32"};
 Test(forward_cpu, pre_rope_keys_llama) { check_model_kv(FIX "llama", FIX "llama", 1e-4, &pre_rope_f32); }
 Test(forward_cpu, pre_rope_keys_gguf_pairs) {
-    check_model_kv(FIX "llama/model-f32.gguf", FIX "llama", 1e-4, &pre_rope_f32);
+    char path[1024];
+    check_model_kv(llama_gguf("f32", path, sizeof path), FIX "llama", 1e-4, &pre_rope_f32);
 }
 Test(forward_cpu, pre_rope_keys_llama3_scaling) {
     check_model_kv(FIX "llama3-tied", FIX "llama3-tied", 1e-4, &pre_rope_f32);
