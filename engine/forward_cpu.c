@@ -437,11 +437,11 @@ static int cpu_forward(eng_backend *be, const eng_batch *b, float *logits, char 
         return -1;
     }
     att_unit *units = malloc((size_t)n_units * sizeof *units + (size_t)b->n_segs * sizeof(int));
-    int *seg_row = (int *)(units + n_units);  /* each segment's first row */
     if (!units) {
         snprintf(err, errlen, "forward: out of memory");
         return -1;
     }
+    int *seg_row = (int *)(units + n_units);  /* each segment's first row */
 
     /* embeddings, positions, attention work units */
     int row = 0, u = 0;
