@@ -1098,6 +1098,7 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
 
 struct plan {
     int ppb, pps, n_splits;
+    int nh;                      /* latent_nh */
 };
 
 int sm_count() {
@@ -1148,10 +1149,18 @@ constexpr bool nh_compiled(int D, int G, int KF, int VF, int NH) {
 }
 
 /* Heads a warp takes (NH, see decode_kernel): with both sides latent, the
- * largest compiled NH (3, 2) dividing the view's heads; else 1.
- * KVC_CU_LATENT_NH=1 in the environment turns it off (benchmarks'
- * before/after). */
-int latent_nh(const kvc__cu_view &v) {
+ * largest compiled NH (3, 2) dividing the view's heads that leaves at least
+ * LATENT_NH_UNITS (sequence, head group) units; else 1. With fewer units
+ * NH > 1 leaves too few warps for the pages and the plan's splits do not make
+ * up for it (session 5, default plans: SmolLM2 latent:64 1 x 32k 26.4 us at
+ * NH 1, 29.5 at NH 3; 2 x 16k 25.5 / 28.0; 4 x 8k 25.9 / 25.9; 16 x 2k 24.8 /
+ * 23.7; Llama-8B latent:128 1 x 32k 53.1 / 57.1 at NH 1 / 2, 2 x 16k 53.5 /
+ * 50.2: the crossing is at about 4 units for both). KVC_CU_LATENT_NH=N in
+ * the environment forces NH N where it is compiled (benchmarks' before and
+ * after). */
+constexpr int LATENT_NH_UNITS = 4;
+
+int latent_nh(const kvc__cu_view &v, int n_seqs) {
     static int env = -2;
     if (env == -2) {
         const char *e = getenv("KVC_CU_LATENT_NH");
@@ -1159,15 +1168,16 @@ int latent_nh(const kvc__cu_view &v) {
     }
     if (env == 1 || v.g.k_block_bytes != 0 || v.g.v_block_bytes != 0) return 1;
     for (int nh = 3; nh >= 2; nh--)
-        if ((env < 0 || env == nh) && v.n_heads % nh == 0 && nh_compiled(v.D, v.G, v.k_fmt, v.v_fmt, nh)) return nh;
+        if ((env < 0 ? (long)n_seqs * (v.n_heads / nh) >= LATENT_NH_UNITS : env == nh) && v.n_heads % nh == 0 &&
+            nh_compiled(v.D, v.G, v.k_fmt, v.v_fmt, nh))
+            return nh;
     return 1;
 }
 
 /* Calls f(D, G, KF, VF, NH) as integral constants for the view's instance
- * (NH = latent_nh(v)); KVC_ERR_INVAL outside the compiled set (D 32: f16/f16
- * and int8/int8). */
-template <typename F> int with_instance(const kvc__cu_view &v, F &&f) {
-    const int nh = latent_nh(v);
+ * (nh from latent_nh; NH 1 where nh is not compiled); KVC_ERR_INVAL outside
+ * the compiled set (D 32: f16/f16 and int8/int8). */
+template <typename F> int with_instance(const kvc__cu_view &v, int nh, F &&f) {
     typedef std::integral_constant<int, 1> N1;
     auto by_g = [&](auto d, auto kf, auto vf) -> int {
         auto by_nh = [&](auto g) -> int {
@@ -1224,17 +1234,17 @@ template <typename F> int with_instance(const kvc__cu_view &v, F &&f) {
  * shared by its blocks), splits costing a merge (about as much as 8 pages
  * of a warp) and, past FAN, a second merge level; ties go to more blocks. If
  * none fits, a warp per pair (the fewest blocks). */
-plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx) {
+plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx, int nh) {
     const int sms = sm_count();
-    int per_sm = with_instance(v, [](auto d, auto g, auto kf, auto vf, auto nh) {
+    int per_sm = with_instance(v, nh, [](auto d, auto g, auto kf, auto vf, auto h) {
         return blocks_per_sm<decltype(d)::value, decltype(g)::value, decltype(kf)::value, decltype(vf)::value,
-                             decltype(nh)::value>();
+                             decltype(h)::value>();
     });
     if (per_sm < 1) per_sm = 1;
     const int pages = max_ctx > 0 ? (max_ctx + KVC__CU_B - 1) / KVC__CU_B : 1;
-    const long pairs = (long)(n_seqs > 0 ? n_seqs : 1) * (v.n_heads / latent_nh(v));
+    const long pairs = (long)(n_seqs > 0 ? n_seqs : 1) * (v.n_heads / nh);
     const long resident = (long)sms * per_sm;
-    plan pl = {4, pages, 1};
+    plan pl = {4, pages, 1, nh};
     long best_blocks = 0;
     double best = 0;
     auto consider = [&](int ppb, int pps) {
@@ -1283,11 +1293,11 @@ plan make_plan(const kvc__cu_view &v, int n_seqs, int max_ctx) {
         }
     };
     thread_local key last_key = {-1, 0, 0, 0, 0, 0, 0, 0, 0, 0};
-    thread_local plan last = {4, 1, 1};
-    const key k = {v.n_heads, v.G, v.D, v.k_fmt, v.v_fmt, n_seqs, max_ctx, g_pages_per_split, g_warp_per_seq,
-                     latent_nh(v)};
+    thread_local plan last = {4, 1, 1, 1};
+    const int nh = latent_nh(v, n_seqs);
+    const key k = {v.n_heads, v.G, v.D, v.k_fmt, v.v_fmt, n_seqs, max_ctx, g_pages_per_split, g_warp_per_seq, nh};
     if (!(k == last_key)) {
-        last = search_plan(v, n_seqs, max_ctx);
+        last = search_plan(v, n_seqs, max_ctx, nh);
         last_key = k;
     }
     return last;
@@ -1327,7 +1337,7 @@ int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_
     p.bt_stride = a->bt_stride;
     p.ctx_lens = a->ctx_lens;
     p.ctx0 = a->ctx0;
-    p.n_kv_head = v.n_heads / latent_nh(v);   /* heads of NH groups */
+    p.n_kv_head = v.n_heads / pl.nh;   /* heads of NH groups */
     p.ppb = pl.ppb;
     p.n_pairs = (int64_t)a->n_seqs * p.n_kv_head;
     p.pps = pl.pps;
@@ -1343,7 +1353,7 @@ int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_
     p.ws_ml = (float *)(ws + w.ml);
     p.ws_acc = (float *)(ws + w.acc);
     const dim3 grid((unsigned)((p.n_pairs + pl.ppb - 1) / pl.ppb), pl.n_splits);
-    int rc = with_instance(v, [&](auto d, auto g, auto kf, auto vf, auto nh) -> int {
+    int rc = with_instance(v, pl.nh, [&](auto d, auto g, auto kf, auto vf, auto nh) -> int {
         constexpr int D_ = decltype(d)::value, G_ = decltype(g)::value, KF_ = decltype(kf)::value,
                       VF_ = decltype(vf)::value, NH_ = decltype(nh)::value;
         blocks_per_sm<D_, G_, KF_, VF_, NH_>();   /* sets the shared memory limit */
@@ -1372,7 +1382,7 @@ extern "C" size_t kvc_cu_decode_workspace(const kvc_cu_layout *L, int n_seqs, in
     size_t most = 0;
     for (int l = 0; l < L->n_layer; l++) {
         const kvc__cu_view v = kvc__cu_view_of(L, l, n_rep);
-        if (with_instance(v, [](auto, auto, auto, auto, auto) { return KVC_OK; }) != KVC_OK) continue;
+        if (with_instance(v, 1, [](auto, auto, auto, auto, auto) { return KVC_OK; }) != KVC_OK) continue;
         const size_t t = ws_layout(v, n_seqs, make_plan(v, n_seqs, max_ctx), has_transform(L)).total;
         most = t > most ? t : most;
         if (!has_transform(L)) break;          /* every layer alike */

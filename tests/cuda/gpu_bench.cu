@@ -23,10 +23,11 @@
  * Stored numbers are random halves (int8 blocks: random bytes and scales):
  * never zeros.
  *
- * Usage: gpu_bench [--quick] [--csv FILE] [--match TEXT]...
+ * Usage: gpu_bench [--quick] [--csv FILE] [--match TEXT]... [--cases NxCTX,...]
  *        (--match: only the decode cases whose label "shape kcodec/vcodec
  *        NxCTX" contains one of the texts, and the prefill and write cases
- *        whose label "shape kcodec/vcodec pw" does)
+ *        whose label "shape kcodec/vcodec pw" does; --cases: the decode
+ *        cases instead of 64x2048,256x512,1x32768)
  *        gpu_bench --one smollm2|llama8b KCODEC VCODEC N_SEQS CTX   (20 launches, for ncu)
  *        gpu_bench --chunks   (HBM read bandwidth of random 1..64 KB chunks) */
 #include <cuda_fp16.h>
@@ -38,6 +39,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 extern "C" {
@@ -518,8 +520,27 @@ static void one_decode(const shape &s, const char *kc, const char *vc, int n_seq
     printf("one: %s %s/%s %dx%d done\n", s.name, kc, vc, n_seqs, ctx);
 }
 
+/* "64x2048,1x32768" -> cases; false (nothing changed) on anything else. */
+static bool parse_cases(const char *s, std::vector<std::pair<int, int>> &cases) {
+    std::vector<std::pair<int, int>> out;
+    while (*s) {
+        char *end;
+        const long n = strtol(s, &end, 10);
+        if (end == s || *end != 'x' || n < 1 || n > 65535) return false;
+        s = end + 1;
+        const long ctx = strtol(s, &end, 10);
+        if (end == s || ctx < 1 || ctx > (1 << 20) || (*end && *end != ',')) return false;
+        out.push_back({(int)n, (int)ctx});
+        s = *end ? end + 1 : end;
+    }
+    if (out.empty()) return false;
+    cases = out;
+    return true;
+}
+
 int main(int argc, char **argv) {
     bool quick = false;
+    std::vector<std::pair<int, int>> cases = {{64, 2048}, {256, 512}, {1, 32768}};
     if (argc == 7 && !strcmp(argv[1], "--one")) {
         static const shape shapes[2] = {{"smollm2", 3, 3, 64}, {"llama8b", 8, 4, 128}};
         one_decode(shapes[strcmp(argv[2], "smollm2") ? 1 : 0], argv[3], argv[4], atoi(argv[5]), atoi(argv[6]));
@@ -533,8 +554,9 @@ int main(int argc, char **argv) {
         if (!strcmp(argv[i], "--quick")) quick = true;
         else if (!strcmp(argv[i], "--csv") && i + 1 < argc) g_csv = fopen(argv[++i], "w");
         else if (!strcmp(argv[i], "--match") && i + 1 < argc) g_match.push_back(argv[++i]);
+        else if (!strcmp(argv[i], "--cases") && i + 1 < argc && parse_cases(argv[++i], cases)) continue;
         else {
-            fprintf(stderr, "usage: %s [--quick] [--csv FILE] [--match TEXT]...\n", argv[0]);
+            fprintf(stderr, "usage: %s [--quick] [--csv FILE] [--match TEXT]... [--cases NxCTX,...]\n", argv[0]);
             return 2;
         }
     }
@@ -564,14 +586,13 @@ int main(int argc, char **argv) {
                   {128, "hybrid:r64", "hybrid:r64", false},
                   {128, "latent:128", "latent:128", true},
                   {128, "hybrid:latent:128", "hybrid:latent:128", false}};
-    const int cases[3][2] = {{64, 2048}, {256, 512}, {1, 32768}};
     for (auto &s : shapes)
         for (auto &c : codecs) {
             if ((c.D && c.D != s.D) || (quick && strcmp(c.k, c.v) != 0)) continue;
             for (auto &cs : cases) {
                 char label[96];
-                snprintf(label, sizeof label, "%s %s/%s %dx%d", s.name, c.k, c.v, cs[0], cs[1]);
-                if (selected(label)) bench_decode(s, c.k, c.v, cs[0], cs[1], quick);
+                snprintf(label, sizeof label, "%s %s/%s %dx%d", s.name, c.k, c.v, cs.first, cs.second);
+                if (selected(label)) bench_decode(s, c.k, c.v, cs.first, cs.second, quick);
             }
         }
     /* prefill and write: every "pw" codec, or (--match) those whose label
