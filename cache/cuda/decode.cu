@@ -7,8 +7,8 @@
  * slots, S - 1 in flight while one computes: the f16 path by cp.async (16
  * bytes a lane, S = 3: deeper cp.async rings were measured slower), the
  * register path by the bulk copy engine (cp.async.bulk: lane 0 copies each
- * K and V block whole and the slot's mbarrier counts the bytes in; S = 4 at
- * head_dim 64, 3 at 128).
+ * K and V block whole and the slot's mbarrier counts the bytes in; S = 4
+ * for int4 at head_dim 64, else 3).
  *
  * Per slot it computes the scores of its G query heads with mma.sync
  * m16n8k16 (fp16 in, fp32 accumulate), an online softmax (running max m, sum
@@ -108,7 +108,7 @@ template <int D, int KF, int VF> struct ring {
     static constexpr int PAGE = KB + VB;
     static constexpr int P = BULK ? 2 : 1;            /* pages a slot */
     static constexpr int SLOT = P * PAGE;
-    static constexpr int S = !BULK ? 3 : D <= 64 ? 4 : 3;
+    static constexpr int S = !BULK ? 3 : D <= 64 && KF != KVC_CU_I8 ? 4 : 3;
     static constexpr int CONV = !BULK && (KF != KVC_CU_F16 || VF != KVC_CU_F16) ? 32 * D : 0;
     static constexpr int MBAR = BULK ? (8 * S + 15) & ~15 : 0;   /* keeps the next warp's slots 16-byte aligned */
     static constexpr int WARP_BYTES = S * SLOT + CONV + MBAR;
@@ -845,11 +845,14 @@ __device__ __forceinline__ void merge_warps(const decode_params &p, const float 
 /* Blocks per multiprocessor the register budget is set for: as many as the
  * shared memory of the S-slot rings lets run (f16 path: head_dim 64 4 at
  * 128 registers, head_dim 128 2 at 255; register path: int8 at head_dim
- * 128 2), at most 3 (168 registers) for the register path at head_dim 64
- * (the main plans hold ~3 blocks a multiprocessor) and 2 for int4 at head
- * dim 128 (at 168 it spills ~150 bytes a thread). */
+ * 128 2, int8 at head_dim <= 64 4 with 3 slots: 4 bytes of spills, SmolLM2
+ * 64 x 2k 25.35 -> 24.39 us against 3 blocks of 4 slots), 3 (168 registers)
+ * for int4 at head_dim 64 (at 4 blocks of 3 slots it spills 36-56 bytes and
+ * was no faster) and 2 for int4 at head dim 128 (at 168 it spills ~150
+ * bytes a thread). */
 constexpr int min_blocks(int D, int KF, int VF, int NH) {
-    return D == 128 ? 2 : NH > 1 ? (NH > 2 || quantized(KF, VF) ? 2 : 3) : quantized(KF, VF) ? 3 : 4;
+    return D == 128 ? 2 : NH > 1 ? (NH > 2 || quantized(KF, VF) ? 2 : 3)
+                    : quantized(KF, VF) ? (KF == KVC_CU_I8 ? 4 : 3) : 4;
 }
 
 /* NH > 1 (both sides latent: every head's blocks are the same): a warp
