@@ -30,19 +30,41 @@ constexpr int MT = 32;           /* query rows a block */
 
 __host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
 
-/* Block (tile, kv head h): rows i = tile * MT + m of head h (i = seq * n_rep + g):
- * qp[seq][h n_rep + g][r] = sum_d P_h[d][r] q[seq][h n_rep + g][d]. */
 /* Dynamic shared memory of both kernels (floats): the basis slice (D x R),
  * the block's rows (MT x max(D, R)), the parts' sums (TT / n x MT x n, n
  * the output width): TT x MT either way. */
 template <int D, int R> constexpr size_t smem_floats() { return (size_t)D * R + (size_t)MT * cmax(D, R) + (size_t)TT * MT; }
+
+/* The block's products, MT rows by a staged matrix: s_sum[part][m][o] =
+ * sum over the part's SPAN inputs k of s_p[k][o] s_x[m][k], thread (o, part)
+ * = (tid % OUT, tid / OUT) (s_p (IN, OUT), s_x (MT, IN), s_sum (TT / OUT,
+ * MT, OUT); the caller adds the parts). */
+template <int IN, int OUT> __device__ __forceinline__ void tile_products(const float *s_p, const float *s_x, float *s_sum, int tid) {
+    constexpr int PARTS = TT / OUT, SPAN = IN / PARTS;
+    const int o = tid % OUT, part = tid / OUT;
+    float acc[MT];
+#pragma unroll
+    for (int m = 0; m < MT; m++) acc[m] = 0.0f;
+#pragma unroll 2
+    for (int k = part * SPAN; k < part * SPAN + SPAN; k += 4) {
+        const float p0 = s_p[k * OUT + o], p1 = s_p[(k + 1) * OUT + o], p2 = s_p[(k + 2) * OUT + o],
+                    p3 = s_p[(k + 3) * OUT + o];
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+            const float4 x = *reinterpret_cast<const float4 *>(s_x + m * IN + k);
+            acc[m] = fmaf(p3, x.w, fmaf(p2, x.z, fmaf(p1, x.y, fmaf(p0, x.x, acc[m]))));
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; m++) s_sum[(part * MT + m) * OUT + o] = acc[m];
+}
 
 /* Block (tile, kv head h): rows i = tile * MT + m of head h (i = seq * n_rep + g):
  * qp[seq][h n_rep + g][r] = sum_d P_h[d][r] q[seq][h n_rep + g][d]. */
 template <int D, int R>
 __global__ void __launch_bounds__(TT) project_kernel(kvc__cu_basis b, int n_seqs, int n_rep, const float *__restrict__ q,
                                                      int64_t q_stride, float *__restrict__ qp) {
-    constexpr int PARTS = TT / R, SPAN = D / PARTS;
+    constexpr int PARTS = TT / R;
     extern __shared__ __align__(16) float smem[];
     float *s_p = smem, *s_x = smem + D * R, *s_sum = s_x + MT * D;   /* (D, R), (MT, D), (PARTS, MT, R) */
     const int h = blockIdx.y, H = gridDim.y, tid = threadIdx.x;
@@ -60,21 +82,7 @@ __global__ void __launch_bounds__(TT) project_kernel(kvc__cu_basis b, int n_seqs
         reinterpret_cast<float2 *>(s_x)[e] = x;
     }
     __syncthreads();
-    const int r = tid % R, part = tid / R;
-    float acc[MT];
-#pragma unroll
-    for (int m = 0; m < MT; m++) acc[m] = 0.0f;
-#pragma unroll 2
-    for (int d = part * SPAN; d < part * SPAN + SPAN; d += 4) {
-        const float p0 = s_p[d * R + r], p1 = s_p[(d + 1) * R + r], p2 = s_p[(d + 2) * R + r], p3 = s_p[(d + 3) * R + r];
-#pragma unroll
-        for (int m = 0; m < MT; m++) {
-            const float4 x = *reinterpret_cast<const float4 *>(s_x + m * D + d);
-            acc[m] = fmaf(p3, x.w, fmaf(p2, x.z, fmaf(p1, x.y, fmaf(p0, x.x, acc[m]))));
-        }
-    }
-#pragma unroll
-    for (int m = 0; m < MT; m++) s_sum[(part * MT + m) * R + r] = acc[m];
+    tile_products<D, R>(s_p, s_x, s_sum, tid);
     __syncthreads();
     for (int e = tid; e < MT * R; e += TT) {
         const int m = e / R, k = e % R;
@@ -94,7 +102,7 @@ template <int D, int R>
 __global__ void __launch_bounds__(TT) expand_kernel(kvc__cu_basis b, int n_seqs, int n_rep, const float *__restrict__ c,
                                                     const int32_t *__restrict__ ctx_lens, int ctx0,
                                                     float *__restrict__ out, int64_t out_stride) {
-    constexpr int PARTS = TT / D, SPAN = R / PARTS;
+    constexpr int PARTS = TT / D;
     extern __shared__ __align__(16) float smem[];
     float *s_p = smem, *s_x = smem + D * R, *s_sum = s_x + MT * R;   /* Pt (R, D), (MT, R), (PARTS, MT, D) */
     const int h = blockIdx.y, H = gridDim.y, tid = threadIdx.x;
@@ -116,21 +124,7 @@ __global__ void __launch_bounds__(TT) expand_kernel(kvc__cu_basis b, int n_seqs,
         reinterpret_cast<float4 *>(s_x)[e] = x;
     }
     __syncthreads();
-    const int d = tid % D, part = tid / D;
-    float acc[MT];
-#pragma unroll
-    for (int m = 0; m < MT; m++) acc[m] = 0.0f;
-#pragma unroll 2
-    for (int k = part * SPAN; k < part * SPAN + SPAN; k += 4) {
-        const float p0 = s_p[k * D + d], p1 = s_p[(k + 1) * D + d], p2 = s_p[(k + 2) * D + d], p3 = s_p[(k + 3) * D + d];
-#pragma unroll
-        for (int m = 0; m < MT; m++) {
-            const float4 x = *reinterpret_cast<const float4 *>(s_x + m * R + k);
-            acc[m] = fmaf(p3, x.w, fmaf(p2, x.z, fmaf(p1, x.y, fmaf(p0, x.x, acc[m]))));
-        }
-    }
-#pragma unroll
-    for (int m = 0; m < MT; m++) s_sum[(part * MT + m) * D + d] = acc[m];
+    tile_products<R, D>(s_p, s_x, s_sum, tid);
     __syncthreads();
     const float *mu = b.mu + grp * (size_t)b.in_dim + row0;
     for (int e = tid; e < MT * D; e += TT) {
@@ -146,6 +140,29 @@ __global__ void __launch_bounds__(TT) expand_kernel(kvc__cu_basis b, int n_seqs,
     }
 }
 
+/* The per-sequence kernels' products: s_sum[part][g][o] = sum over the
+ * part's SPAN inputs k of P[k][o] s_x[g][k] for the G8 rows, the matrix read
+ * from L2 down column o (pcol: its first input of the part, pstride floats
+ * between inputs); thread (o, part) = (tid % OUT, tid / OUT). */
+constexpr int G8 = 8;            /* rows of a per-sequence block (n_rep <= 8) */
+template <int IN, int OUT>
+__device__ __forceinline__ void seq_products(const float *pcol, size_t pstride, const float (*s_x)[IN],
+                                             float (*s_sum)[G8][OUT], int tid) {
+    constexpr int PARTS = TT / OUT, SPAN = IN / PARTS;
+    const int o = tid % OUT, part = tid / OUT;
+    float acc[G8];
+#pragma unroll
+    for (int g = 0; g < G8; g++) acc[g] = 0.0f;
+#pragma unroll 8
+    for (int k = 0; k < SPAN; k++) {
+        const float pv = __ldg(pcol + (size_t)k * pstride);
+#pragma unroll
+        for (int g = 0; g < G8; g++) acc[g] = fmaf(pv, s_x[g][part * SPAN + k], acc[g]);
+    }
+#pragma unroll
+    for (int g = 0; g < G8; g++) s_sum[part][g][o] = acc[g];
+}
+
 /* Few rows: a block per (sequence, kv head h) for its n_rep query heads,
  * the slice read from L2 as the products go (no staging: more blocks, each
  * a shorter chain). Coefficient r (output d) is shared by TT / R (TT / D)
@@ -153,7 +170,7 @@ __global__ void __launch_bounds__(TT) expand_kernel(kvc__cu_basis b, int n_seqs,
 template <int D, int R>
 __global__ void __launch_bounds__(TT) project_seq_kernel(kvc__cu_basis b, int n_rep, const float *__restrict__ q,
                                                          int64_t q_stride, float *__restrict__ qp) {
-    constexpr int PARTS = TT / R, SPAN = D / PARTS, G8 = 8;
+    constexpr int PARTS = TT / R, SPAN = D / PARTS;
     __shared__ float s_q[G8][D];
     __shared__ float s_sum[PARTS][G8][R];
     const int seq = blockIdx.x, h = blockIdx.y, H = gridDim.y, tid = threadIdx.x;
@@ -162,17 +179,7 @@ __global__ void __launch_bounds__(TT) project_seq_kernel(kvc__cu_basis b, int n_
     __syncthreads();
     const int r = tid % R, part = tid / R;
     const float *P = b.P + (b.latent ? (size_t)h * D * R : (size_t)h * b.in_dim * R) + (size_t)part * SPAN * R + r;
-    float acc[G8];
-#pragma unroll
-    for (int g = 0; g < G8; g++) acc[g] = 0.0f;
-#pragma unroll 8
-    for (int d = 0; d < SPAN; d++) {
-        const float pv = __ldg(P + (size_t)d * R);
-#pragma unroll
-        for (int g = 0; g < G8; g++) acc[g] = fmaf(pv, s_q[g][part * SPAN + d], acc[g]);
-    }
-#pragma unroll
-    for (int g = 0; g < G8; g++) s_sum[part][g][r] = acc[g];
+    seq_products<D, R>(P, R, s_q, s_sum, tid);
     __syncthreads();
     float *dst = qp + ((int64_t)seq * H + h) * n_rep * R;
     for (int e = tid; e < n_rep * R; e += TT) {
@@ -187,7 +194,7 @@ template <int D, int R>
 __global__ void __launch_bounds__(TT) expand_seq_kernel(kvc__cu_basis b, int n_rep, const float *__restrict__ c,
                                                         const int32_t *__restrict__ ctx_lens, int ctx0,
                                                         float *__restrict__ out, int64_t out_stride) {
-    constexpr int PARTS = TT / D, SPAN = R / PARTS, G8 = 8;
+    constexpr int PARTS = TT / D, SPAN = R / PARTS;
     __shared__ float s_c[G8][R];
     __shared__ float s_sum[PARTS][G8][D];
     const int seq = blockIdx.x, h = blockIdx.y, H = gridDim.y, tid = threadIdx.x;
@@ -197,17 +204,7 @@ __global__ void __launch_bounds__(TT) expand_seq_kernel(kvc__cu_basis b, int n_r
     const int d = tid % D, part = tid / D;
     const size_t row0 = b.latent ? (size_t)h * D : 0, grp = b.latent ? 0 : (size_t)h;
     const float *Pt = b.Pt + grp * (size_t)R * b.in_dim + (size_t)part * SPAN * b.in_dim + row0 + d;
-    float acc[G8];
-#pragma unroll
-    for (int g = 0; g < G8; g++) acc[g] = 0.0f;
-#pragma unroll 8
-    for (int k = 0; k < SPAN; k++) {
-        const float pv = __ldg(Pt + (size_t)k * b.in_dim);
-#pragma unroll
-        for (int g = 0; g < G8; g++) acc[g] = fmaf(pv, s_c[g][part * SPAN + k], acc[g]);
-    }
-#pragma unroll
-    for (int g = 0; g < G8; g++) s_sum[part][g][d] = acc[g];
+    seq_products<R, D>(Pt, b.in_dim, s_c, s_sum, tid);
     __syncthreads();
     const int ctx = ctx_lens ? ctx_lens[seq] : ctx0 + seq;
     const float *mu = b.mu + grp * (size_t)b.in_dim + row0;
