@@ -8,7 +8,9 @@
  * bytes a lane, S = 3: deeper cp.async rings were measured slower), the
  * register path by the bulk copy engine (cp.async.bulk: lane 0 copies each
  * K and V block whole and the slot's mbarrier counts the bytes in; S = 4
- * for int4 at head_dim 64, else 3).
+ * for int4 at head_dim 64, 2 for int8 at head_dim <= 64 with one head a
+ * warp, else 3: with few slots a warp per launch, a shallower ring gets
+ * every warp's first slot in sooner and is faster, notes/gpu.md session 5).
  *
  * Per slot it computes the scores of its G query heads with mma.sync
  * m16n8k16 (fp16 in, fp32 accumulate), an online softmax (running max m, sum
@@ -101,14 +103,14 @@ __host__ __device__ constexpr bool quantized(int kf, int vf) { return kf != KVC_
  * global block sizes), then (f16 path, one side int8) one f16 block that
  * int8 codes are converted into (K's, then V's), or (register path) the
  * slots' mbarriers. */
-template <int D, int KF, int VF> struct ring {
+template <int D, int KF, int VF, int NH = 1> struct ring {
     static constexpr bool BULK = quantized(KF, VF);
     static constexpr int KB = kvc__cu_block_bytes(KF, D);
     static constexpr int VB = kvc__cu_block_bytes(VF, D);
     static constexpr int PAGE = KB + VB;
     static constexpr int P = BULK ? 2 : 1;            /* pages a slot */
     static constexpr int SLOT = P * PAGE;
-    static constexpr int S = !BULK ? 3 : D <= 64 && KF != KVC_CU_I8 ? 4 : 3;
+    static constexpr int S = !BULK ? 3 : D <= 64 && KF != KVC_CU_I8 ? 4 : D <= 64 && NH == 1 ? 2 : 3;
     static constexpr int CONV = !BULK && (KF != KVC_CU_F16 || VF != KVC_CU_F16) ? 32 * D : 0;
     static constexpr int MBAR = BULK ? (8 * S + 15) & ~15 : 0;   /* keeps the next warp's slots 16-byte aligned */
     static constexpr int WARP_BYTES = S * SLOT + CONV + MBAR;
@@ -845,8 +847,9 @@ __device__ __forceinline__ void merge_warps(const decode_params &p, const float 
 /* Blocks per multiprocessor the register budget is set for: as many as the
  * shared memory of the S-slot rings lets run (f16 path: head_dim 64 4 at
  * 128 registers, head_dim 128 2 at 255; register path: int8 at head_dim
- * 128 2, int8 at head_dim <= 64 4 with 3 slots: 4 bytes of spills, SmolLM2
- * 64 x 2k 25.35 -> 24.39 us against 3 blocks of 4 slots), 3 (168 registers)
+ * 128 2, int8 at head_dim <= 64 4 with 2 slots: 4 bytes of spills, SmolLM2
+ * 64 x 2k 25.35 -> 24.39 us with 3 slots against 3 blocks of 4 slots, 24.4
+ * -> 21.5 us with 2 slots), 3 (168 registers)
  * for int4 at head_dim 64 (at 4 blocks of 3 slots it spills 36-56 bytes and
  * was no faster) and 2 for int4 at head dim 128 (at 168 it spills ~150
  * bytes a thread). */
@@ -861,7 +864,7 @@ constexpr int min_blocks(int D, int KF, int VF, int NH) {
  * is copied once per NH heads; "heads" below are then those groups. */
 template <int D, int G, int KF, int VF, int NH>
 __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(const decode_params p) {
-    typedef ring<D, KF, VF> R;
+    typedef ring<D, KF, VF, NH> R;
     constexpr int B = KVC__CU_B;
     constexpr int NGV = v_groups<D, VF>::value;
     constexpr int GT = NH * G;
@@ -1119,7 +1122,7 @@ template <int D, int G, int KF, int VF, int NH> size_t smem_bytes() {
     constexpr int GT = NH * G;
     const size_t f1 = (size_t)NW * GT * (D + 2) * sizeof(float);
     const size_t f2 = ((size_t)2 * FAN * GT + 4 + (size_t)NW * GT * D) * sizeof(float);
-    const size_t r = ring<D, KF, VF>::BYTES;
+    const size_t r = ring<D, KF, VF, NH>::BYTES;
     return r > f1 ? (r > f2 ? r : f2) : (f1 > f2 ? f1 : f2);
 }
 
