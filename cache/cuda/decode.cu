@@ -848,8 +848,8 @@ __device__ __forceinline__ void merge_warps(const decode_params &p, const float 
  * shared memory of the S-slot rings lets run (f16 path: head_dim 64 4 at
  * 128 registers, head_dim 128 2 at 255; register path: int8 at head_dim
  * 128 2, int8 at head_dim <= 64 4 with 2 slots: 4 bytes of spills, SmolLM2
- * 64 x 2k 25.35 -> 24.39 us with 3 slots against 3 blocks of 4 slots, 24.4
- * -> 21.5 us with 2 slots), 3 (168 registers)
+ * 64 x 2k 25.35 -> 24.39 us with 3 slots against 3 blocks of 4 slots,
+ * 24.3 -> 21.5-22.0 us with 2 slots), 3 (168 registers)
  * for int4 at head_dim 64 (at 4 blocks of 3 slots it spills 36-56 bytes and
  * was no faster) and 2 for int4 at head dim 128 (at 168 it spills ~150
  * bytes a thread). */
