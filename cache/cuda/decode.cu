@@ -7,10 +7,10 @@
  * slots, S - 1 in flight while one computes: the f16 path by cp.async (16
  * bytes a lane, S = 3: deeper cp.async rings were measured slower), the
  * register path by the bulk copy engine (cp.async.bulk: lane 0 copies each
- * K and V block whole and the slot's mbarrier counts the bytes in; S = 4
- * for int4 at head_dim 64, 2 for int8 at head_dim <= 64 with one head a
- * warp, else 3: with few slots a warp per launch, a shallower ring gets
- * every warp's first slot in sooner and is faster, notes/gpu.md session 5).
+ * K and V block whole and the slot's mbarrier counts the bytes in; S = 2
+ * at head_dim <= 64 with one head a warp (int8 and int4), else 3: with few
+ * slots a warp per launch, a shallower ring gets every warp's first slot in
+ * sooner and is faster, notes/gpu.md session 5).
  *
  * Per slot it computes the scores of its G query heads with mma.sync
  * m16n8k16 (fp16 in, fp32 accumulate), an online softmax (running max m, sum
@@ -110,7 +110,7 @@ template <int D, int KF, int VF, int NH = 1> struct ring {
     static constexpr int PAGE = KB + VB;
     static constexpr int P = BULK ? 2 : 1;            /* pages a slot */
     static constexpr int SLOT = P * PAGE;
-    static constexpr int S = !BULK ? 3 : D <= 64 && KF != KVC_CU_I8 ? 4 : D <= 64 && NH == 1 ? 2 : 3;
+    static constexpr int S = !BULK ? 3 : D <= 64 && NH == 1 ? 2 : 3;
     static constexpr int CONV = !BULK && (KF != KVC_CU_F16 || VF != KVC_CU_F16) ? 32 * D : 0;
     static constexpr int MBAR = BULK ? (8 * S + 15) & ~15 : 0;   /* keeps the next warp's slots 16-byte aligned */
     static constexpr int WARP_BYTES = S * SLOT + CONV + MBAR;
@@ -851,8 +851,9 @@ __device__ __forceinline__ void merge_warps(const decode_params &p, const float 
  * 64 x 2k 25.35 -> 24.39 us with 3 slots against 3 blocks of 4 slots,
  * 24.3 -> 21.5-22.0 us with 2 slots), 3 (168 registers)
  * for int4 at head_dim 64 (at 4 blocks of 3 slots it spills 36-56 bytes and
- * was no faster) and 2 for int4 at head dim 128 (at 168 it spills ~150
- * bytes a thread). */
+ * was no faster; 2 slots instead of 4 at 3 blocks: 22.48 / 21.16 -> 21.29 /
+ * 19.64 us at 64 x 2k / 256 x 512) and 2 for int4 at head dim 128 (at 168
+ * it spills ~150 bytes a thread). */
 constexpr int min_blocks(int D, int KF, int VF, int NH) {
     return D == 128 ? 2 : NH > 1 ? (NH > 2 || quantized(KF, VF) ? 2 : 3)
                     : quantized(KF, VF) ? (KF == KVC_CU_I8 ? 4 : 3) : 4;
