@@ -47,15 +47,8 @@ extern "C" {
 #include "cache/pool_internal.h"
 }
 #include "cache/cuda/common.cuh"   /* kvc__cu_project / kvc__cu_expand: the transforms' share, timed alone */
+#include "tests/cuda/check.cuh"
 
-#define CK(call)                                                                          \
-    do {                                                                                  \
-        cudaError_t e_ = (call);                                                          \
-        if (e_ != cudaSuccess) {                                                          \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-            exit(2);                                                                      \
-        }                                                                                 \
-    } while (0)
 #define KV(call)                                                                          \
     do {                                                                                  \
         char err_[256] = "";                                                              \
@@ -182,28 +175,93 @@ static void free_pool(bench_pool &b) {
     kvc_pool_destroy(b.pool);
 }
 
-static void bench_decode(const shape &s, const char *kc, const char *vc, int n_seqs, int ctx, bool quick) {
-    const int B = 16, pages_per_seq = (ctx + B - 1) / B;
-    const int n_pages = n_seqs * pages_per_seq;
-    bench_pool bp = make_pool(s, kc, vc, n_pages);
-    std::vector<int32_t> perm(n_pages);
-    for (int i = 0; i < n_pages; i++) perm[i] = i;
+/* One decode configuration on the device: a pool of n_seqs sequences of
+ * ctx positions (their pages a random permutation of the pool's), queries
+ * (halves as floats: small finite numbers), outputs and the call's
+ * arguments. */
+struct decode_case {
+    bench_pool bp;
+    int pages_per_seq, n_pages;
+    int32_t *d_bt, *d_ctx;
+    float *d_q, *d_out;
+    int64_t qs;                  /* floats a sequence's query (and output) */
+    kvc_cu_decode_args a;
+};
+
+static decode_case make_decode_case(const shape &s, const char *kc, const char *vc, int n_seqs, int ctx) {
+    decode_case c;
+    c.pages_per_seq = (ctx + 15) / 16;
+    c.n_pages = n_seqs * c.pages_per_seq;
+    c.bp = make_pool(s, kc, vc, c.n_pages);
+    std::vector<int32_t> perm(c.n_pages);
+    for (int i = 0; i < c.n_pages; i++) perm[i] = i;
     uint64_t r = 88172645463325252ull;
-    for (int i = n_pages - 1; i > 0; i--) {
+    for (int i = c.n_pages - 1; i > 0; i--) {
         r ^= r << 13, r ^= r >> 7, r ^= r << 17;
         std::swap(perm[i], perm[r % (uint64_t)(i + 1)]);
     }
-    int32_t *d_bt, *d_ctx;
-    CK(cudaMalloc(&d_bt, sizeof(int32_t) * n_pages));
-    CK(cudaMemcpy(d_bt, perm.data(), sizeof(int32_t) * n_pages, cudaMemcpyHostToDevice));
+    CK(cudaMalloc(&c.d_bt, sizeof(int32_t) * c.n_pages));
+    CK(cudaMemcpy(c.d_bt, perm.data(), sizeof(int32_t) * c.n_pages, cudaMemcpyHostToDevice));
     std::vector<int32_t> ctxs(n_seqs, ctx);
-    CK(cudaMalloc(&d_ctx, sizeof(int32_t) * n_seqs));
-    CK(cudaMemcpy(d_ctx, ctxs.data(), sizeof(int32_t) * n_seqs, cudaMemcpyHostToDevice));
-    const int64_t qs = (int64_t)s.H * s.G * s.D;
-    float *d_q, *d_out;
-    CK(cudaMalloc(&d_q, sizeof(float) * qs * n_seqs));
-    CK(cudaMalloc(&d_out, sizeof(float) * qs * n_seqs));
-    fill(d_q, sizeof(float) * qs * n_seqs, 777);   /* halves as floats: small finite numbers */
+    CK(cudaMalloc(&c.d_ctx, sizeof(int32_t) * n_seqs));
+    CK(cudaMemcpy(c.d_ctx, ctxs.data(), sizeof(int32_t) * n_seqs, cudaMemcpyHostToDevice));
+    c.qs = (int64_t)s.H * s.G * s.D;
+    CK(cudaMalloc(&c.d_q, sizeof(float) * c.qs * n_seqs));
+    CK(cudaMalloc(&c.d_out, sizeof(float) * c.qs * n_seqs));
+    fill(c.d_q, sizeof(float) * c.qs * n_seqs, 777);
+    memset(&c.a, 0, sizeof c.a);
+    c.a.block_tables = c.d_bt;
+    c.a.bt_stride = c.pages_per_seq;
+    c.a.ctx_lens = c.d_ctx;
+    c.a.n_seqs = n_seqs;
+    c.a.max_ctx = ctx;
+    c.a.n_rep = s.G;
+    c.a.scale = 1.0f / sqrtf((float)s.D);
+    c.a.q = c.d_q;
+    c.a.q_stride = c.qs;
+    c.a.out = c.d_out;
+    c.a.out_stride = c.qs;
+    return c;
+}
+
+static void free_decode_case(decode_case &c) {
+    CK(cudaFree(c.d_bt));
+    CK(cudaFree(c.d_ctx));
+    CK(cudaFree(c.d_q));
+    CK(cudaFree(c.d_out));
+    free_pool(c.bp);
+}
+
+/* Microseconds a launch: n_launch calls of launch(i) captured in one CUDA
+ * graph on st, replayed 23 times (the first 3 dropped), the median. */
+template <typename F> static double graph_us(cudaStream_t st, cudaEvent_t e0, cudaEvent_t e1, int n_launch, F &&launch) {
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+    for (int i = 0; i < n_launch; i++) launch(i);
+    CK(cudaStreamEndCapture(st, &graph));
+    CK(cudaGraphInstantiate(&exec, graph, 0));
+    std::vector<double> t;
+    for (int rep = 0; rep < 23; rep++) {
+        CK(cudaEventRecord(e0, st));
+        CK(cudaGraphLaunch(exec, st));
+        CK(cudaEventRecord(e1, st));
+        CK(cudaEventSynchronize(e1));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        if (rep >= 3) t.push_back(ms * 1e3 / n_launch);
+    }
+    CK(cudaGraphExecDestroy(exec));
+    CK(cudaGraphDestroy(graph));
+    return median(t);
+}
+
+static void bench_decode(const shape &s, const char *kc, const char *vc, int n_seqs, int ctx, bool quick) {
+    decode_case dc = make_decode_case(s, kc, vc, n_seqs, ctx);
+    bench_pool &bp = dc.bp;
+    const int pages_per_seq = dc.pages_per_seq, n_pages = dc.n_pages;
+    const int64_t qs = dc.qs;
+    kvc_cu_decode_args &a = dc.a;
     const kvc_pool *p = bp.pool;
     /* a latent side has one block a page for all kv heads */
     const double kv_bytes = (double)n_seqs * pages_per_seq *
@@ -211,19 +269,6 @@ static void bench_decode(const shape &s, const char *kc, const char *vc, int n_s
     const double bytes = kv_bytes + 2.0 * sizeof(float) * qs * n_seqs + 4.0 * n_pages + 4.0 * n_seqs;
     const double floor_us = bytes / FLOOR_BW * 1e6;
 
-    kvc_cu_decode_args a;
-    memset(&a, 0, sizeof a);
-    a.block_tables = d_bt;
-    a.bt_stride = pages_per_seq;
-    a.ctx_lens = d_ctx;
-    a.n_seqs = n_seqs;
-    a.max_ctx = ctx;
-    a.n_rep = s.G;
-    a.scale = 1.0f / sqrtf((float)s.D);
-    a.q = d_q;
-    a.q_stride = qs;
-    a.out = d_out;
-    a.out_stride = qs;
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     cudaEvent_t e0, e1;
@@ -246,24 +291,10 @@ static void bench_decode(const shape &s, const char *kc, const char *vc, int n_s
         KV(kvc_cu_decode(&bp.lay, bp.arena, 0, &a, ws, wsb, st, err_, sizeof err_));   /* outside capture: first-use setup */
         CK(cudaStreamSynchronize(st));
         /* graph of 2 * n_layer launches, one per layer in turn */
-        const int n_launch = 2 * bp.n_layer;
-        cudaGraph_t graph;
-        cudaGraphExec_t exec;
-        CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-        for (int i = 0; i < n_launch; i++)
+        const double ug = graph_us(st, e0, e1, 2 * bp.n_layer, [&](int i) {
             KV(kvc_cu_decode(&bp.lay, bp.arena, i % bp.n_layer, &a, ws, wsb, st, err_, sizeof err_));
-        CK(cudaStreamEndCapture(st, &graph));
-        CK(cudaGraphInstantiate(&exec, graph, 0));
-        std::vector<double> tg, te;
-        for (int rep = 0; rep < 23; rep++) {
-            CK(cudaEventRecord(e0, st));
-            CK(cudaGraphLaunch(exec, st));
-            CK(cudaEventRecord(e1, st));
-            CK(cudaEventSynchronize(e1));
-            float ms;
-            CK(cudaEventElapsedTime(&ms, e0, e1));
-            if (rep >= 3) tg.push_back(ms * 1e3 / n_launch);
-        }
+        });
+        std::vector<double> te;
         for (int rep = 0; rep < 55; rep++) {
             CK(cudaEventRecord(e0, st));
             KV(kvc_cu_decode(&bp.lay, bp.arena, rep % bp.n_layer, &a, ws, wsb, st, err_, sizeof err_));
@@ -273,10 +304,8 @@ static void bench_decode(const shape &s, const char *kc, const char *vc, int n_s
             CK(cudaEventElapsedTime(&ms, e0, e1));
             if (rep >= 5) te.push_back(ms * 1e3);
         }
-        CK(cudaGraphExecDestroy(exec));
-        CK(cudaGraphDestroy(graph));
         CK(cudaFree(ws));
-        const double ug = median(tg), ue = median(te);
+        const double ue = median(te);
         char pn[32];
         if (tu.pps) snprintf(pn, sizeof pn, "pps%d", tu.pps);
         else if (tu.wph) snprintf(pn, sizeof pn, tu.wph == 1 ? "warp/seq" : "2warp/seq");
@@ -299,44 +328,23 @@ static void bench_decode(const shape &s, const char *kc, const char *vc, int n_s
         float *d_c;
         CK(cudaMalloc(&d_c, sizeof(float) * qs * n_seqs));
         CK(cudaMemset(d_c, 0, sizeof(float) * qs * n_seqs));
-        auto pair = [&](int layer) {
-            KV(kvc__cu_project(&bp.lay, layer, n_seqs, s.G, d_q, qs, d_c, st, err_, sizeof err_));
-            KV(kvc__cu_expand(&bp.lay, layer, n_seqs, s.G, d_c, d_ctx, 0, d_out, qs, st, err_, sizeof err_));
+        auto pair = [&](int i) {
+            const int layer = i % bp.n_layer;
+            KV(kvc__cu_project(&bp.lay, layer, n_seqs, s.G, dc.d_q, qs, d_c, st, err_, sizeof err_));
+            KV(kvc__cu_expand(&bp.lay, layer, n_seqs, s.G, d_c, dc.d_ctx, 0, dc.d_out, qs, st, err_, sizeof err_));
         };
         pair(0);
         CK(cudaStreamSynchronize(st));
-        cudaGraph_t graph;
-        cudaGraphExec_t exec;
-        const int n_launch = 2 * bp.n_layer;
-        CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-        for (int i = 0; i < n_launch; i++) pair(i % bp.n_layer);
-        CK(cudaStreamEndCapture(st, &graph));
-        CK(cudaGraphInstantiate(&exec, graph, 0));
-        std::vector<double> tg;
-        for (int rep = 0; rep < 23; rep++) {
-            CK(cudaEventRecord(e0, st));
-            CK(cudaGraphLaunch(exec, st));
-            CK(cudaEventRecord(e1, st));
-            CK(cudaEventSynchronize(e1));
-            float ms;
-            CK(cudaEventElapsedTime(&ms, e0, e1));
-            if (rep >= 3) tg.push_back(ms * 1e3 / n_launch);
-        }
-        CK(cudaGraphExecDestroy(exec));
-        CK(cudaGraphDestroy(graph));
+        const double ut = graph_us(st, e0, e1, 2 * bp.n_layer, pair);
         CK(cudaFree(d_c));
         printf("TRANSFORM %-8s %s/%s %dx%d: project + expand %.2f us of the default plan's %.2f\n", s.name, kc, vc,
-               n_seqs, ctx, median(tg), auto_us);
-        if (g_csv) fprintf(g_csv, "transform,%s,%s/%s,%d,%d,,%.3f,,,\n", s.name, kc, vc, n_seqs, ctx, median(tg));
+               n_seqs, ctx, ut, auto_us);
+        if (g_csv) fprintf(g_csv, "transform,%s,%s/%s,%d,%d,,%.3f,,,\n", s.name, kc, vc, n_seqs, ctx, ut);
     }
     fflush(stdout);
     kvc_cu_set_decode_tuning(0, 0);
     CK(cudaStreamDestroy(st));
-    CK(cudaFree(d_bt));
-    CK(cudaFree(d_ctx));
-    CK(cudaFree(d_q));
-    CK(cudaFree(d_out));
-    free_pool(bp);
+    free_decode_case(dc);
 }
 
 static void bench_prefill(const shape &s, const char *kc, const char *vc, int pos0, int n) {
@@ -482,41 +490,16 @@ static void bench_chunks(void) {
 /* --one: a single decode configuration launched 20 times (layers in turn),
  * nothing else: a target for ncu. */
 static void one_decode(const shape &s, const char *kc, const char *vc, int n_seqs, int ctx) {
-    const int B = 16, pages_per_seq = (ctx + B - 1) / B, n_pages = n_seqs * pages_per_seq;
-    bench_pool bp = make_pool(s, kc, vc, n_pages);
-    std::vector<int32_t> perm(n_pages);
-    for (int i = 0; i < n_pages; i++) perm[i] = (int32_t)(((int64_t)i * 7919) % n_pages);
-    int32_t *d_bt, *d_ctx;
-    CK(cudaMalloc(&d_bt, sizeof(int32_t) * n_pages));
-    CK(cudaMemcpy(d_bt, perm.data(), sizeof(int32_t) * n_pages, cudaMemcpyHostToDevice));
-    std::vector<int32_t> ctxs(n_seqs, ctx);
-    CK(cudaMalloc(&d_ctx, sizeof(int32_t) * n_seqs));
-    CK(cudaMemcpy(d_ctx, ctxs.data(), sizeof(int32_t) * n_seqs, cudaMemcpyHostToDevice));
-    const int64_t qs = (int64_t)s.H * s.G * s.D;
-    float *d_q, *d_out;
-    CK(cudaMalloc(&d_q, sizeof(float) * qs * n_seqs));
-    CK(cudaMalloc(&d_out, sizeof(float) * qs * n_seqs));
-    fill(d_q, sizeof(float) * qs * n_seqs, 777);
-    kvc_cu_decode_args a;
-    memset(&a, 0, sizeof a);
-    a.block_tables = d_bt;
-    a.bt_stride = pages_per_seq;
-    a.ctx_lens = d_ctx;
-    a.n_seqs = n_seqs;
-    a.max_ctx = ctx;
-    a.n_rep = s.G;
-    a.scale = 1.0f / sqrtf((float)s.D);
-    a.q = d_q;
-    a.q_stride = qs;
-    a.out = d_out;
-    a.out_stride = qs;
-    size_t wsb = kvc_cu_decode_workspace(&bp.lay, n_seqs, ctx, s.G);
+    decode_case dc = make_decode_case(s, kc, vc, n_seqs, ctx);
+    size_t wsb = kvc_cu_decode_workspace(&dc.bp.lay, n_seqs, ctx, s.G);
     void *ws;
     CK(cudaMalloc(&ws, wsb));
     CK(cudaMemset(ws, 0, wsb));
     for (int i = 0; i < 20; i++)
-        KV(kvc_cu_decode(&bp.lay, bp.arena, i % bp.n_layer, &a, ws, wsb, NULL, err_, sizeof err_));
+        KV(kvc_cu_decode(&dc.bp.lay, dc.bp.arena, i % dc.bp.n_layer, &dc.a, ws, wsb, NULL, err_, sizeof err_));
     CK(cudaDeviceSynchronize());
+    CK(cudaFree(ws));
+    free_decode_case(dc);
     printf("one: %s %s/%s %dx%d done\n", s.name, kc, vc, n_seqs, ctx);
 }
 

@@ -67,15 +67,7 @@ extern "C" {
 #include "cache/pool_internal.h"
 }
 #include "cache/cuda/kvc_cuda.h"
-
-#define CK(call)                                                                          \
-    do {                                                                                  \
-        cudaError_t e_ = (call);                                                          \
-        if (e_ != cudaSuccess) {                                                          \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-            exit(2);                                                                      \
-        }                                                                                 \
-    } while (0)
+#include "tests/cuda/check.cuh"
 
 static int g_fail = 0, g_checks = 0;
 
