@@ -27,6 +27,7 @@
 #include "engine/model.h"
 #include "engine/safetensors.h"
 #include "engine/tokenizer.h"
+#include "engine/util.h"
 
 typedef enum { HF_LLAMA, HF_MISTRAL, HF_QWEN2, HF_GPT2 } hf_kind;
 
@@ -61,26 +62,6 @@ typedef struct {
     size_t errlen;
 } hf_src;
 
-__attribute__((format(printf, 3, 4)))
-static void hf_fail(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
-static char *hf_join(const char *dir, const char *name)
-{
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = malloc(n);
-    if (p)
-        snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
-
 /* A JSON value as compact text for "found ..." (at most 40 characters). */
 static void hf_found(const json_t *v, char *buf, size_t cap)
 {
@@ -99,7 +80,7 @@ static int hf_int(const hf_src *s, json_t *obj, const char *ctx, const char *key
     json_t *v = json_object_get(obj, key);
     if (!v || json_is_null(v)) {
         if (required) {
-            hf_fail(s->err, s->errlen, "%s: missing field '%s%s'", s->file, ctx, key);
+            eng_seterr(s->err, s->errlen, "%s: missing field '%s%s'", s->file, ctx, key);
             return -1;
         }
         *out = def;
@@ -108,7 +89,7 @@ static int hf_int(const hf_src *s, json_t *obj, const char *ctx, const char *key
     if (!json_is_integer(v) || json_integer_value(v) < lo || json_integer_value(v) > hi) {
         char f[64];
         hf_found(v, f, sizeof f);
-        hf_fail(s->err, s->errlen, "%s: field '%s%s': expected an integer in [%d, %d], found %s",
+        eng_seterr(s->err, s->errlen, "%s: field '%s%s': expected an integer in [%d, %d], found %s",
                 s->file, ctx, key, lo, hi, f);
         return -1;
     }
@@ -123,7 +104,7 @@ static int hf_float(const hf_src *s, json_t *obj, const char *ctx, const char *k
     json_t *v = json_object_get(obj, key);
     if (!v || json_is_null(v)) {
         if (required) {
-            hf_fail(s->err, s->errlen, "%s: missing field '%s%s'", s->file, ctx, key);
+            eng_seterr(s->err, s->errlen, "%s: missing field '%s%s'", s->file, ctx, key);
             return -1;
         }
         *out = (float)def;
@@ -133,7 +114,7 @@ static int hf_float(const hf_src *s, json_t *obj, const char *ctx, const char *k
     if (!(isfinite(d) && d > 0 && d < 1e30)) {
         char f[64];
         hf_found(v, f, sizeof f);
-        hf_fail(s->err, s->errlen, "%s: field '%s%s': expected a positive number, found %s",
+        eng_seterr(s->err, s->errlen, "%s: field '%s%s': expected a positive number, found %s",
                 s->file, ctx, key, f);
         return -1;
     }
@@ -151,7 +132,7 @@ static int hf_bool(const hf_src *s, json_t *obj, const char *key, bool def, bool
     if (!json_is_boolean(v)) {
         char f[64];
         hf_found(v, f, sizeof f);
-        hf_fail(s->err, s->errlen, "%s: field '%s': expected true or false, found %s", s->file, key, f);
+        eng_seterr(s->err, s->errlen, "%s: field '%s': expected true or false, found %s", s->file, key, f);
         return -1;
     }
     *out = json_is_true(v);
@@ -170,7 +151,7 @@ static int hf_str(const hf_src *s, json_t *obj, const char *ctx, const char *key
     if (!json_is_string(v)) {
         char f[64];
         hf_found(v, f, sizeof f);
-        hf_fail(s->err, s->errlen, "%s: field '%s%s': expected a string, found %s", s->file, ctx, key, f);
+        eng_seterr(s->err, s->errlen, "%s: field '%s%s': expected a string, found %s", s->file, ctx, key, f);
         return -1;
     }
     *out = json_string_value(v);
@@ -183,7 +164,7 @@ static int hf_find_arch(const hf_src *s, json_t *root, int *arch)
     json_t *archs = json_object_get(root, "architectures");
     if (archs && !json_is_null(archs)) {
         if (!json_is_array(archs) || json_array_size(archs) == 0) {
-            hf_fail(s->err, s->errlen, "%s: field 'architectures': expected a non-empty array of names",
+            eng_seterr(s->err, s->errlen, "%s: field 'architectures': expected a non-empty array of names",
                     s->file);
             return -1;
         }
@@ -199,7 +180,7 @@ static int hf_find_arch(const hf_src *s, json_t *root, int *arch)
         }
         char f[64];
         hf_found(archs, f, sizeof f);
-        hf_fail(s->err, s->errlen, "%s: architecture %s is not supported (supported: " HF_SUPPORTED ")",
+        eng_seterr(s->err, s->errlen, "%s: architecture %s is not supported (supported: " HF_SUPPORTED ")",
                 s->file, f);
         return -1;
     }
@@ -207,7 +188,7 @@ static int hf_find_arch(const hf_src *s, json_t *root, int *arch)
     if (hf_str(s, root, "", "model_type", NULL, &mt) != 0)
         return -1;
     if (!mt) {
-        hf_fail(s->err, s->errlen, "%s: neither 'architectures' nor 'model_type' is set", s->file);
+        eng_seterr(s->err, s->errlen, "%s: neither 'architectures' nor 'model_type' is set", s->file);
         return -1;
     }
     for (size_t k = 0; k < HF_N_ARCHS; k++) {
@@ -216,7 +197,7 @@ static int hf_find_arch(const hf_src *s, json_t *root, int *arch)
             return 0;
         }
     }
-    hf_fail(s->err, s->errlen, "%s: model_type '%.40s' is not supported (supported: llama, mistral, qwen2, gpt2)",
+    eng_seterr(s->err, s->errlen, "%s: model_type '%.40s' is not supported (supported: llama, mistral, qwen2, gpt2)",
             s->file, mt);
     return -1;
 }
@@ -229,7 +210,7 @@ static int hf_rope(const hf_src *s, json_t *root, eng_model_config *c)
     const char *ctx = "rope_parameters.";
     if (params && !json_is_null(params)) {
         if (!json_is_object(params)) {
-            hf_fail(s->err, s->errlen, "%s: field 'rope_parameters': expected an object", s->file);
+            eng_seterr(s->err, s->errlen, "%s: field 'rope_parameters': expected an object", s->file);
             return -1;
         }
         if (hf_float(s, params, ctx, "rope_theta", false, 10000.0, &c->rope_theta) != 0)
@@ -240,7 +221,7 @@ static int hf_rope(const hf_src *s, json_t *root, eng_model_config *c)
         params = json_object_get(root, "rope_scaling");
         ctx = "rope_scaling.";
         if (params && !json_is_null(params) && !json_is_object(params)) {
-            hf_fail(s->err, s->errlen, "%s: field 'rope_scaling': expected an object or null", s->file);
+            eng_seterr(s->err, s->errlen, "%s: field 'rope_scaling': expected an object or null", s->file);
             return -1;
         }
     }
@@ -267,13 +248,13 @@ static int hf_rope(const hf_src *s, json_t *root, eng_model_config *c)
                    &c->rope_orig_ctx) != 0)
             return -1;
         if (c->rope_high_freq_factor <= c->rope_low_freq_factor) {
-            hf_fail(s->err, s->errlen, "%s: %shigh_freq_factor (%g) must be greater than low_freq_factor (%g)",
+            eng_seterr(s->err, s->errlen, "%s: %shigh_freq_factor (%g) must be greater than low_freq_factor (%g)",
                     s->file, ctx, c->rope_high_freq_factor, c->rope_low_freq_factor);
             return -1;
         }
         return 0;
     }
-    hf_fail(s->err, s->errlen, "%s: %srope_type '%.40s' is not supported (supported: default, linear, llama3)",
+    eng_seterr(s->err, s->errlen, "%s: %srope_type '%.40s' is not supported (supported: default, linear, llama3)",
             s->file, ctx, type);
     return -1;
 }
@@ -290,7 +271,7 @@ static int hf_sliding_window(const hf_src *s, json_t *root, hf_kind kind, int n_
         size_t i;
         json_t *t;
         if (!json_is_array(types) || json_array_size(types) != (size_t)n_layer) {
-            hf_fail(s->err, s->errlen, "%s: field 'layer_types': expected an array of %d layer types",
+            eng_seterr(s->err, s->errlen, "%s: field 'layer_types': expected an array of %d layer types",
                     s->file, n_layer);
             return -1;
         }
@@ -301,7 +282,7 @@ static int hf_sliding_window(const hf_src *s, json_t *root, hf_kind kind, int n_
             } else if (strcmp(v, "full_attention") != 0) {
                 char f[64];
                 hf_found(t, f, sizeof f);
-                hf_fail(s->err, s->errlen, "%s: field 'layer_types[%zu]': expected \"full_attention\" or "
+                eng_seterr(s->err, s->errlen, "%s: field 'layer_types[%zu]': expected \"full_attention\" or "
                         "\"sliding_attention\", found %s", s->file, i, f);
                 return -1;
             }
@@ -339,20 +320,20 @@ static int hf_parse_llama(const hf_src *s, json_t *root, hf_config *h)
         hf_rope(s, root, c) != 0)
         return -1;
     if (c->n_head % c->n_kv_head != 0) {
-        hf_fail(s->err, s->errlen, "%s: num_attention_heads (%d) is not a multiple of num_key_value_heads (%d)",
+        eng_seterr(s->err, s->errlen, "%s: num_attention_heads (%d) is not a multiple of num_key_value_heads (%d)",
                 s->file, c->n_head, c->n_kv_head);
         return -1;
     }
     json_t *hd = json_object_get(root, "head_dim");
     if ((!hd || json_is_null(hd)) && c->n_embd % c->n_head != 0) {
-        hf_fail(s->err, s->errlen, "%s: hidden_size (%d) is not a multiple of num_attention_heads (%d) "
+        eng_seterr(s->err, s->errlen, "%s: hidden_size (%d) is not a multiple of num_attention_heads (%d) "
                 "and head_dim is not given", s->file, c->n_embd, c->n_head);
         return -1;
     }
     if (hf_int(s, root, "", "head_dim", false, c->n_embd / c->n_head, 2, 65536, &c->head_dim) != 0)
         return -1;
     if (c->head_dim % 2 != 0 || (int64_t)c->head_dim * c->n_head > HF_MAX_DIM) {
-        hf_fail(s->err, s->errlen, "%s: head_dim %d: expected an even number with head_dim * "
+        eng_seterr(s->err, s->errlen, "%s: head_dim %d: expected an even number with head_dim * "
                 "num_attention_heads <= %d", s->file, c->head_dim, HF_MAX_DIM);
         return -1;
     }
@@ -361,7 +342,7 @@ static int hf_parse_llama(const hf_src *s, json_t *root, hf_config *h)
     if (hf_str(s, root, "", "hidden_act", "silu", &act) != 0)
         return -1;
     if (strcmp(act, "silu") != 0 && strcmp(act, "swish") != 0) {
-        hf_fail(s->err, s->errlen, "%s: hidden_act '%.40s' is not supported for %s (expected silu)",
+        eng_seterr(s->err, s->errlen, "%s: hidden_act '%.40s' is not supported for %s (expected silu)",
                 s->file, act, hf_archs[h->arch].arch);
         return -1;
     }
@@ -369,7 +350,7 @@ static int hf_parse_llama(const hf_src *s, json_t *root, hf_config *h)
     if (hf_float(s, root, "", "partial_rotary_factor", false, 1.0, &partial) != 0)
         return -1;
     if (partial != 1.0f) {
-        hf_fail(s->err, s->errlen, "%s: partial_rotary_factor %g is not supported (expected 1)", s->file,
+        eng_seterr(s->err, s->errlen, "%s: partial_rotary_factor %g is not supported (expected 1)", s->file,
                 partial);
         return -1;
     }
@@ -379,7 +360,7 @@ static int hf_parse_llama(const hf_src *s, json_t *root, hf_config *h)
          hf_bool(s, root, "mlp_bias", false, &mlp_bias) != 0))
         return -1;
     if (mlp_bias) {
-        hf_fail(s->err, s->errlen, "%s: mlp_bias true is not supported (MLP projections without bias only)",
+        eng_seterr(s->err, s->errlen, "%s: mlp_bias true is not supported (MLP projections without bias only)",
                 s->file);
         return -1;
     }
@@ -415,7 +396,7 @@ static int hf_parse_gpt2(const hf_src *s, json_t *root, hf_config *h)
         hf_int(s, root, "", "n_inner", false, 4 * c->n_embd, 1, HF_MAX_DIM, &c->n_ff) != 0)
         return -1;
     if (c->n_embd % c->n_head != 0) {
-        hf_fail(s->err, s->errlen, "%s: n_embd (%d) is not a multiple of n_head (%d)", s->file, c->n_embd,
+        eng_seterr(s->err, s->errlen, "%s: n_embd (%d) is not a multiple of n_head (%d)", s->file, c->n_embd,
                 c->n_head);
         return -1;
     }
@@ -425,7 +406,7 @@ static int hf_parse_gpt2(const hf_src *s, json_t *root, hf_config *h)
     if (hf_str(s, root, "", "activation_function", "gelu_new", &act) != 0)
         return -1;
     if (strcmp(act, "gelu_new") != 0 && strcmp(act, "gelu") != 0 && strcmp(act, "gelu_pytorch_tanh") != 0) {
-        hf_fail(s->err, s->errlen, "%s: activation_function '%.40s' is not supported (expected gelu_new or gelu)",
+        eng_seterr(s->err, s->errlen, "%s: activation_function '%.40s' is not supported (expected gelu_new or gelu)",
                 s->file, act);
         return -1;
     }
@@ -434,7 +415,7 @@ static int hf_parse_gpt2(const hf_src *s, json_t *root, hf_config *h)
         hf_bool(s, root, "scale_attn_by_inverse_layer_idx", false, &scale_by_layer) != 0)
         return -1;
     if (!scale_weights || scale_by_layer) {
-        hf_fail(s->err, s->errlen, "%s: %s is not supported (attention scaled by 1/sqrt(head_dim) only)",
+        eng_seterr(s->err, s->errlen, "%s: %s is not supported (attention scaled by 1/sqrt(head_dim) only)",
                 s->file, !scale_weights ? "scale_attn_weights false" : "scale_attn_by_inverse_layer_idx true");
         return -1;
     }
@@ -446,9 +427,9 @@ static int hf_parse_gpt2(const hf_src *s, json_t *root, hf_config *h)
 
 static int hf_parse_config(const char *dir, hf_config *h, char *err, size_t errlen)
 {
-    char *path = hf_join(dir, "config.json");
+    char *path = eng_path_join(dir, "config.json");
     if (!path) {
-        hf_fail(err, errlen, "%s: out of memory", dir);
+        eng_seterr(err, errlen, "%s: out of memory", dir);
         return -1;
     }
     hf_src s = {path, err, errlen};
@@ -457,13 +438,13 @@ static int hf_parse_config(const char *dir, hf_config *h, char *err, size_t errl
     int rc = -1;
     memset(h, 0, sizeof *h);
     if (!root) {
-        hf_fail(err, errlen, "%s: %s (line %d, column %d)", path, jerr.text, jerr.line, jerr.column);
+        eng_seterr(err, errlen, "%s: %s (line %d, column %d)", path, jerr.text, jerr.line, jerr.column);
     } else if (!json_is_object(root)) {
-        hf_fail(err, errlen, "%s: expected a JSON object", path);
+        eng_seterr(err, errlen, "%s: expected a JSON object", path);
     } else if (json_is_object(json_object_get(root, "quantization_config"))) {
         const char *qm = json_string_value(json_object_get(json_object_get(root, "quantization_config"),
                                                            "quant_method"));
-        hf_fail(err, errlen, "%s: quantized checkpoints (quantization_config, quant_method '%.40s') are "
+        eng_seterr(err, errlen, "%s: quantized checkpoints (quantization_config, quant_method '%.40s') are "
                 "not supported: use the original F32/F16/BF16 weights or a GGUF file", path, qm ? qm : "?");
     } else if (hf_find_arch(&s, root, &h->arch) == 0) {
         rc = hf_archs[h->arch].kind == HF_GPT2 ? hf_parse_gpt2(&s, root, h) : hf_parse_llama(&s, root, h);
@@ -504,7 +485,7 @@ static int hf_find_checked(const hf_weights *w, const char *name, int64_t rows, 
     const eng_st_tensor *t = hf_lookup(w, name);
     *found = t;
     if (!t) {
-        hf_fail(w->err, w->errlen, "%s: tensor '%s' is missing", eng_st_path(w->st), name);
+        eng_seterr(w->err, w->errlen, "%s: tensor '%s' is missing", eng_st_path(w->st), name);
         return -1;
     }
     if (eng_st_check_float(t, w->err, w->errlen) != 0)
@@ -517,7 +498,7 @@ static int hf_find_checked(const hf_weights *w, const char *name, int64_t rows, 
             snprintf(exp, sizeof exp, "[%lld]", (long long)cols);
         else
             snprintf(exp, sizeof exp, "[%lld, %lld]", (long long)rows, (long long)cols);
-        hf_fail(w->err, w->errlen, "%s: tensor '%s': expected shape %s, found %s", t->file, name, exp,
+        eng_seterr(w->err, w->errlen, "%s: tensor '%s': expected shape %s, found %s", t->file, name, exp,
                 eng_st_shape_str(t, got, sizeof got));
         return -1;
     }
@@ -536,7 +517,7 @@ static int hf_view(const hf_weights *w, const eng_st_tensor *t, int64_t rows, in
     if ((uintptr_t)t->data % hf_elem_size(t->type) != 0) {
         out->data = malloc(t->nbytes ? t->nbytes : 1);
         if (!out->data) {
-            hf_fail(w->err, w->errlen, "%s: tensor '%s': out of memory", t->file, t->name);
+            eng_seterr(w->err, w->errlen, "%s: tensor '%s': out of memory", t->file, t->name);
             return -1;
         }
         memcpy(out->data, t->data, t->nbytes);
@@ -580,7 +561,7 @@ static int hf_conv1d(const hf_weights *w, int64_t n_in, int64_t n_out, eng_tenso
     size_t es = hf_elem_size(t->type);
     unsigned char *dst = malloc(t->nbytes ? t->nbytes : 1);
     if (!dst) {
-        hf_fail(w->err, w->errlen, "%s: tensor '%s': out of memory", t->file, name);
+        eng_seterr(w->err, w->errlen, "%s: tensor '%s': out of memory", t->file, name);
         return -1;
     }
     /* src (n_in, n_out) -> dst (n_out, n_in), in tiles so that both sides
@@ -700,7 +681,7 @@ static char *hf_read_text(const char *path, size_t max, char *err, size_t errlen
 {
     FILE *f = fopen(path, "rb");
     if (!f) {
-        hf_fail(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+        eng_seterr(err, errlen, "%s: cannot open: %s", path, strerror(errno));
         return NULL;
     }
     char *buf = malloc(max + 1);
@@ -708,7 +689,7 @@ static char *hf_read_text(const char *path, size_t max, char *err, size_t errlen
     bool bad = !buf || ferror(f) || n > max;
     fclose(f);
     if (bad) {
-        hf_fail(err, errlen, "%s: %s", path, !buf ? "out of memory" : n > max ? "file too large" : "read error");
+        eng_seterr(err, errlen, "%s: %s", path, !buf ? "out of memory" : n > max ? "file too large" : "read error");
         free(buf);
         return NULL;
     }
@@ -723,12 +704,12 @@ static int hf_chat_template(const char *dir, char **out, char *err, size_t errle
 {
     struct stat sb;
     *out = NULL;
-    char *jinja = hf_join(dir, "chat_template.jinja");
-    char *tc = hf_join(dir, "tokenizer_config.json");
+    char *jinja = eng_path_join(dir, "chat_template.jinja");
+    char *tc = eng_path_join(dir, "tokenizer_config.json");
     int rc = -1;
     json_t *root = NULL;
     if (!jinja || !tc) {
-        hf_fail(err, errlen, "%s: out of memory", dir);
+        eng_seterr(err, errlen, "%s: out of memory", dir);
         goto done;
     }
     if (stat(jinja, &sb) == 0) {
@@ -743,7 +724,7 @@ static int hf_chat_template(const char *dir, char **out, char *err, size_t errle
     json_error_t jerr;
     root = json_load_file(tc, 0, &jerr);
     if (!root) {
-        hf_fail(err, errlen, "%s: %s (line %d, column %d)", tc, jerr.text, jerr.line, jerr.column);
+        eng_seterr(err, errlen, "%s: %s (line %d, column %d)", tc, jerr.text, jerr.line, jerr.column);
         goto done;
     }
     json_t *ct = json_object_get(root, "chat_template");
@@ -761,11 +742,11 @@ static int hf_chat_template(const char *dir, char **out, char *err, size_t errle
         }
     }
     if (ct && !json_is_null(ct) && !text) {
-        hf_fail(err, errlen, "%s: field 'chat_template': expected a string or a list of {name, template}", tc);
+        eng_seterr(err, errlen, "%s: field 'chat_template': expected a string or a list of {name, template}", tc);
         goto done;
     }
     if (text && !(*out = strdup(text))) {
-        hf_fail(err, errlen, "%s: out of memory", tc);
+        eng_seterr(err, errlen, "%s: out of memory", tc);
         goto done;
     }
     rc = 0;
@@ -805,7 +786,7 @@ eng_model *eng_model_load_hf(const char *dir, char *err, size_t errlen)
     if (!m || !layers) {
         free(m);
         free(layers);
-        hf_fail(err, errlen, "%s: out of memory", dir);
+        eng_seterr(err, errlen, "%s: out of memory", dir);
         return NULL;
     }
     m->cfg = h.cfg;
@@ -813,7 +794,7 @@ eng_model *eng_model_load_hf(const char *dir, char *err, size_t errlen)
     m->path = strdup(dir);
     m->name = hf_base_name(dir);
     if (!m->path || !m->name) {
-        hf_fail(err, errlen, "%s: out of memory", dir);
+        eng_seterr(err, errlen, "%s: out of memory", dir);
         goto fail;
     }
 

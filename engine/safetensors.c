@@ -7,7 +7,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,6 +14,8 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include "engine/util.h"
 
 typedef struct {
     char *path;
@@ -42,26 +43,6 @@ static const struct { const char *name; eng_dtype type; unsigned bits; } st_dtyp
     {"F8_E5M2", ENG_DTYPE_COUNT, 8}, {"F8_E8M0", ENG_DTYPE_COUNT, 8},
     {"F6_E2M3", ENG_DTYPE_COUNT, 6}, {"F6_E3M2", ENG_DTYPE_COUNT, 6}, {"F4", ENG_DTYPE_COUNT, 4},
 };
-
-__attribute__((format(printf, 3, 4)))
-static void st_fail(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
-static char *st_join(const char *dir, const char *name)
-{
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = malloc(n);
-    if (p)
-        snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
 
 /* A JSON value in a few words, for "found ..." in messages. */
 static const char *st_json_kind(const json_t *v)
@@ -97,7 +78,7 @@ static int st_parse_entry(const char *path, const char *name, json_t *entry, uin
                           eng_st_tensor *t, uint64_t *begin, uint64_t *end, char *err, size_t errlen)
 {
     if (!json_is_object(entry)) {
-        st_fail(err, errlen, "%s: tensor '%s': expected an object, found %s", path, name,
+        eng_seterr(err, errlen, "%s: tensor '%s': expected an object, found %s", path, name,
                 st_json_kind(entry));
         return -1;
     }
@@ -105,12 +86,12 @@ static int st_parse_entry(const char *path, const char *name, json_t *entry, uin
     json_t *js = json_object_get(entry, "shape");
     json_t *jo = json_object_get(entry, "data_offsets");
     if (!jd || !js || !jo) {
-        st_fail(err, errlen, "%s: tensor '%s': missing \"%s\"", path, name,
+        eng_seterr(err, errlen, "%s: tensor '%s': missing \"%s\"", path, name,
                 !jd ? "dtype" : !js ? "shape" : "data_offsets");
         return -1;
     }
     if (!json_is_string(jd)) {
-        st_fail(err, errlen, "%s: tensor '%s': dtype: expected a string, found %s", path, name,
+        eng_seterr(err, errlen, "%s: tensor '%s': dtype: expected a string, found %s", path, name,
                 st_json_kind(jd));
         return -1;
     }
@@ -120,7 +101,7 @@ static int st_parse_entry(const char *path, const char *name, json_t *entry, uin
         if (strcmp(dt, st_dtypes[k].name) == 0)
             break;
     if (k == n_known) {
-        st_fail(err, errlen, "%s: tensor '%s': unknown dtype '%.32s' (expected F32, F16 or BF16)",
+        eng_seterr(err, errlen, "%s: tensor '%s': unknown dtype '%.32s' (expected F32, F16 or BF16)",
                 path, name, dt);
         return -1;
     }
@@ -128,13 +109,13 @@ static int st_parse_entry(const char *path, const char *name, json_t *entry, uin
     t->dtype = st_dtypes[k].name;
 
     if (!json_is_array(js)) {
-        st_fail(err, errlen, "%s: tensor '%s': shape: expected an array, found %s", path, name,
+        eng_seterr(err, errlen, "%s: tensor '%s': shape: expected an array, found %s", path, name,
                 st_json_kind(js));
         return -1;
     }
     size_t nd = json_array_size(js);
     if (nd > ENG_ST_MAX_DIMS) {
-        st_fail(err, errlen, "%s: tensor '%s': shape has %zu dimensions (at most %d supported)",
+        eng_seterr(err, errlen, "%s: tensor '%s': shape has %zu dimensions (at most %d supported)",
                 path, name, nd, ENG_ST_MAX_DIMS);
         return -1;
     }
@@ -143,13 +124,13 @@ static int st_parse_entry(const char *path, const char *name, json_t *entry, uin
     for (size_t i = 0; i < nd; i++) {
         json_t *d = json_array_get(js, i);
         if (!json_is_integer(d) || json_integer_value(d) < 0) {
-            st_fail(err, errlen, "%s: tensor '%s': shape[%zu]: expected a non-negative integer, found %s",
+            eng_seterr(err, errlen, "%s: tensor '%s': shape[%zu]: expected a non-negative integer, found %s",
                     path, name, i, st_json_kind(d));
             return -1;
         }
         uint64_t v = (uint64_t)json_integer_value(d);
         if (v != 0 && elems > (UINT64_MAX / bits) / v) {
-            st_fail(err, errlen, "%s: tensor '%s': shape is too large (element count overflows)", path, name);
+            eng_seterr(err, errlen, "%s: tensor '%s': shape is too large (element count overflows)", path, name);
             return -1;
         }
         elems *= v;
@@ -160,32 +141,32 @@ static int st_parse_entry(const char *path, const char *name, json_t *entry, uin
     if (!json_is_array(jo) || json_array_size(jo) != 2 ||
         !json_is_integer(json_array_get(jo, 0)) || !json_is_integer(json_array_get(jo, 1)) ||
         json_integer_value(json_array_get(jo, 0)) < 0 || json_integer_value(json_array_get(jo, 1)) < 0) {
-        st_fail(err, errlen, "%s: tensor '%s': data_offsets: expected two non-negative integers [begin, end]",
+        eng_seterr(err, errlen, "%s: tensor '%s': data_offsets: expected two non-negative integers [begin, end]",
                 path, name);
         return -1;
     }
     *begin = (uint64_t)json_integer_value(json_array_get(jo, 0));
     *end = (uint64_t)json_integer_value(json_array_get(jo, 1));
     if (*begin > *end) {
-        st_fail(err, errlen, "%s: tensor '%s': data_offsets [%llu, %llu]: begin is after end", path, name,
+        eng_seterr(err, errlen, "%s: tensor '%s': data_offsets [%llu, %llu]: begin is after end", path, name,
                 (unsigned long long)*begin, (unsigned long long)*end);
         return -1;
     }
     if (*end > data_size) {
-        st_fail(err, errlen, "%s: tensor '%s': data_offsets [%llu, %llu] end past the data section (%llu bytes)",
+        eng_seterr(err, errlen, "%s: tensor '%s': data_offsets [%llu, %llu] end past the data section (%llu bytes)",
                 path, name, (unsigned long long)*begin, (unsigned long long)*end,
                 (unsigned long long)data_size);
         return -1;
     }
     if (elems * bits % 8 != 0) {
-        st_fail(err, errlen, "%s: tensor '%s': %llu elements of %s do not fill whole bytes", path, name,
+        eng_seterr(err, errlen, "%s: tensor '%s': %llu elements of %s do not fill whole bytes", path, name,
                 (unsigned long long)elems, dt);
         return -1;
     }
     uint64_t need = elems * bits / 8;
     if (*end - *begin != need) {
         char sb[160];
-        st_fail(err, errlen, "%s: tensor '%s': data_offsets [%llu, %llu] hold %llu bytes, but dtype %s "
+        eng_seterr(err, errlen, "%s: tensor '%s': data_offsets [%llu, %llu] hold %llu bytes, but dtype %s "
                 "and shape %s need %llu", path, name, (unsigned long long)*begin,
                 (unsigned long long)*end, (unsigned long long)(*end - *begin), dt,
                 eng_st_shape_str(t, sb, sizeof sb), (unsigned long long)need);
@@ -210,7 +191,7 @@ static int st_load_file(eng_st *st, const char *path, char *err, size_t errlen)
 {
     st_file *files = realloc(st->files, (size_t)(st->n_files + 1) * sizeof *files);
     if (!files) {
-        st_fail(err, errlen, "%s: out of memory", path);
+        eng_seterr(err, errlen, "%s: out of memory", path);
         return -1;
     }
     st->files = files;
@@ -218,24 +199,24 @@ static int st_load_file(eng_st *st, const char *path, char *err, size_t errlen)
     memset(f, 0, sizeof *f);
     f->path = strdup(path);
     if (!f->path) {
-        st_fail(err, errlen, "%s: out of memory", path);
+        eng_seterr(err, errlen, "%s: out of memory", path);
         return -1;
     }
     st->n_files++;  /* from here on eng_st_close releases it */
 
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-        st_fail(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+        eng_seterr(err, errlen, "%s: cannot open: %s", path, strerror(errno));
         return -1;
     }
     struct stat sb;
     if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
-        st_fail(err, errlen, "%s: not a regular file", path);
+        eng_seterr(err, errlen, "%s: not a regular file", path);
         close(fd);
         return -1;
     }
     if (sb.st_size < 8) {
-        st_fail(err, errlen, "%s: truncated: %lld bytes, a safetensors file needs at least 8 "
+        eng_seterr(err, errlen, "%s: truncated: %lld bytes, a safetensors file needs at least 8 "
                 "(the header length)", path, (long long)sb.st_size);
         close(fd);
         return -1;
@@ -244,7 +225,7 @@ static int st_load_file(eng_st *st, const char *path, char *err, size_t errlen)
     int map_errno = errno;
     close(fd);
     if (map == MAP_FAILED) {
-        st_fail(err, errlen, "%s: mmap failed: %s", path, strerror(map_errno));
+        eng_seterr(err, errlen, "%s: mmap failed: %s", path, strerror(map_errno));
         return -1;
     }
     f->map = map;
@@ -255,17 +236,17 @@ static int st_load_file(eng_st *st, const char *path, char *err, size_t errlen)
     for (int i = 7; i >= 0; i--)
         hlen = (hlen << 8) | bytes[i];
     if (hlen > ENG_ST_MAX_HEADER) {
-        st_fail(err, errlen, "%s: header length %llu exceeds the format's limit of %llu bytes",
+        eng_seterr(err, errlen, "%s: header length %llu exceeds the format's limit of %llu bytes",
                 path, (unsigned long long)hlen, (unsigned long long)ENG_ST_MAX_HEADER);
         return -1;
     }
     if (hlen > f->size - 8) {
-        st_fail(err, errlen, "%s: truncated: header length %llu, but only %zu bytes follow it",
+        eng_seterr(err, errlen, "%s: truncated: header length %llu, but only %zu bytes follow it",
                 path, (unsigned long long)hlen, f->size - 8);
         return -1;
     }
     if (hlen < 2 || bytes[8] != '{') {
-        st_fail(err, errlen, "%s: not a safetensors file: the header does not start with '{'", path);
+        eng_seterr(err, errlen, "%s: not a safetensors file: the header does not start with '{'", path);
         return -1;
     }
     uint64_t data_size = f->size - 8 - hlen;
@@ -274,12 +255,12 @@ static int st_load_file(eng_st *st, const char *path, char *err, size_t errlen)
     json_error_t jerr;
     json_t *root = json_loadb((const char *)bytes + 8, (size_t)hlen, JSON_REJECT_DUPLICATES, &jerr);
     if (!root) {
-        st_fail(err, errlen, "%s: header JSON: %s (at byte %d of the header)", path, jerr.text,
+        eng_seterr(err, errlen, "%s: header JSON: %s (at byte %d of the header)", path, jerr.text,
                 jerr.position);
         return -1;
     }
     if (!json_is_object(root)) {
-        st_fail(err, errlen, "%s: header JSON: expected an object, found %s", path, st_json_kind(root));
+        eng_seterr(err, errlen, "%s: header JSON: expected an object, found %s", path, st_json_kind(root));
         json_decref(root);
         return -1;
     }
@@ -290,7 +271,7 @@ static int st_load_file(eng_st *st, const char *path, char *err, size_t errlen)
     if (ts)
         st->tensors = ts;
     if (!ts || !ranges) {
-        st_fail(err, errlen, "%s: out of memory", path);
+        eng_seterr(err, errlen, "%s: out of memory", path);
         free(ranges);
         json_decref(root);
         return -1;
@@ -304,7 +285,7 @@ static int st_load_file(eng_st *st, const char *path, char *err, size_t errlen)
         if (strcmp(name, "__metadata__") == 0)
             continue;
         if (name[0] == '\0') {
-            st_fail(err, errlen, "%s: a tensor has an empty name", path);
+            eng_seterr(err, errlen, "%s: a tensor has an empty name", path);
             rc = -1;
             break;
         }
@@ -317,7 +298,7 @@ static int st_load_file(eng_st *st, const char *path, char *err, size_t errlen)
         }
         t->name = strdup(name);
         if (!t->name) {
-            st_fail(err, errlen, "%s: out of memory", path);
+            eng_seterr(err, errlen, "%s: out of memory", path);
             rc = -1;
             break;
         }
@@ -338,7 +319,7 @@ static int st_load_file(eng_st *st, const char *path, char *err, size_t errlen)
             if (r->begin == r->end)
                 continue;
             if (far && r->begin < far->end) {
-                st_fail(err, errlen, "%s: tensors '%s' [%llu, %llu] and '%s' [%llu, %llu] overlap", path,
+                eng_seterr(err, errlen, "%s: tensors '%s' [%llu, %llu] and '%s' [%llu, %llu] overlap", path,
                         st->tensors[far->idx].name, (unsigned long long)far->begin,
                         (unsigned long long)far->end, st->tensors[r->idx].name,
                         (unsigned long long)r->begin, (unsigned long long)r->end);
@@ -365,7 +346,7 @@ static int st_index_names(eng_st *st, char *err, size_t errlen)
         qsort(st->tensors, st->n_tensors, sizeof *st->tensors, st_name_cmp);
     for (size_t i = 1; i < st->n_tensors; i++) {
         if (strcmp(st->tensors[i - 1].name, st->tensors[i].name) == 0) {
-            st_fail(err, errlen, "%s: tensor '%s' is in both %s and %s", st->path, st->tensors[i].name,
+            eng_seterr(err, errlen, "%s: tensor '%s' is in both %s and %s", st->path, st->tensors[i].name,
                     st->tensors[i - 1].file, st->tensors[i].file);
             return -1;
         }
@@ -380,7 +361,7 @@ static eng_st *st_create(const char *path, char *err, size_t errlen)
         st->path = strdup(path);
     if (!st || !st->path) {
         free(st);
-        st_fail(err, errlen, "%s: out of memory", path);
+        eng_seterr(err, errlen, "%s: out of memory", path);
         return NULL;
     }
     return st;
@@ -409,12 +390,12 @@ eng_st *eng_st_open_index(const char *index_path, char *err, size_t errlen)
     json_error_t jerr;
     json_t *root = json_load_file(index_path, JSON_REJECT_DUPLICATES, &jerr);
     if (!root) {
-        st_fail(err, errlen, "%s: %s (line %d, column %d)", index_path, jerr.text, jerr.line, jerr.column);
+        eng_seterr(err, errlen, "%s: %s (line %d, column %d)", index_path, jerr.text, jerr.line, jerr.column);
         return NULL;
     }
     json_t *wm = json_object_get(root, "weight_map");
     if (!json_is_object(root) || !json_is_object(wm) || json_object_size(wm) == 0) {
-        st_fail(err, errlen, "%s: weight_map: expected a non-empty object, found %s", index_path,
+        eng_seterr(err, errlen, "%s: weight_map: expected a non-empty object, found %s", index_path,
                 wm ? st_json_kind(wm) : "nothing");
         json_decref(root);
         return NULL;
@@ -422,7 +403,7 @@ eng_st *eng_st_open_index(const char *index_path, char *err, size_t errlen)
     eng_st *st = st_create(index_path, err, errlen);
     char *dir = strdup(index_path);
     if (!st || !dir) {
-        st_fail(err, errlen, "%s: out of memory", index_path);
+        eng_seterr(err, errlen, "%s: out of memory", index_path);
         goto fail;
     }
     char *slash = strrchr(dir, '/');
@@ -435,14 +416,14 @@ eng_st *eng_st_open_index(const char *index_path, char *err, size_t errlen)
     json_t *jf;
     json_object_foreach(wm, name, jf) {
         if (!json_is_string(jf) || !st_plain_file_name(json_string_value(jf))) {
-            st_fail(err, errlen, "%s: weight_map['%s']: expected a file name in the index's directory, "
+            eng_seterr(err, errlen, "%s: weight_map['%s']: expected a file name in the index's directory, "
                     "found %s%s%s", index_path, name, st_json_kind(jf),
                     json_is_string(jf) ? " " : "", json_is_string(jf) ? json_string_value(jf) : "");
             goto fail;
         }
-        char *fpath = st_join(dir, json_string_value(jf));
+        char *fpath = eng_path_join(dir, json_string_value(jf));
         if (!fpath) {
-            st_fail(err, errlen, "%s: out of memory", index_path);
+            eng_seterr(err, errlen, "%s: out of memory", index_path);
             goto fail;
         }
         bool seen = false;
@@ -458,14 +439,14 @@ eng_st *eng_st_open_index(const char *index_path, char *err, size_t errlen)
     json_object_foreach(wm, name, jf) {
         const eng_st_tensor *t = eng_st_find(st, name);
         if (!t) {
-            st_fail(err, errlen, "%s: weight_map puts tensor '%s' in %s, but that file has no such tensor",
+            eng_seterr(err, errlen, "%s: weight_map puts tensor '%s' in %s, but that file has no such tensor",
                     index_path, name, json_string_value(jf));
             goto fail;
         }
         const char *base = strrchr(t->file, '/');
         base = base ? base + 1 : t->file;
         if (strcmp(base, json_string_value(jf)) != 0) {
-            st_fail(err, errlen, "%s: weight_map puts tensor '%s' in %s, but it is in %s", index_path,
+            eng_seterr(err, errlen, "%s: weight_map puts tensor '%s' in %s, but it is in %s", index_path,
                     name, json_string_value(jf), t->file);
             goto fail;
         }
@@ -488,21 +469,21 @@ static bool st_exists(const char *path)
 
 eng_st *eng_st_open_dir(const char *dir, char *err, size_t errlen)
 {
-    char *single = st_join(dir, "model.safetensors");
-    char *index = st_join(dir, "model.safetensors.index.json");
-    char *bin = st_join(dir, "pytorch_model.bin");
+    char *single = eng_path_join(dir, "model.safetensors");
+    char *index = eng_path_join(dir, "model.safetensors.index.json");
+    char *bin = eng_path_join(dir, "pytorch_model.bin");
     eng_st *st = NULL;
     if (!single || !index || !bin)
-        st_fail(err, errlen, "%s: out of memory", dir);
+        eng_seterr(err, errlen, "%s: out of memory", dir);
     else if (st_exists(single))
         st = eng_st_open(single, err, errlen);
     else if (st_exists(index))
         st = eng_st_open_index(index, err, errlen);
     else if (st_exists(bin))
-        st_fail(err, errlen, "%s: has only pytorch_model.bin; kvserve reads safetensors weights "
+        eng_seterr(err, errlen, "%s: has only pytorch_model.bin; kvserve reads safetensors weights "
                 "(model.safetensors or model.safetensors.index.json)", dir);
     else
-        st_fail(err, errlen, "%s: no model.safetensors or model.safetensors.index.json", dir);
+        eng_seterr(err, errlen, "%s: no model.safetensors or model.safetensors.index.json", dir);
     free(single);
     free(index);
     free(bin);
@@ -538,7 +519,7 @@ int eng_st_check_float(const eng_st_tensor *t, char *err, size_t errlen)
 {
     if (t->type == ENG_F32 || t->type == ENG_F16 || t->type == ENG_BF16)
         return 0;
-    st_fail(err, errlen, "%s: tensor '%s': dtype %s is not supported (expected F32, F16 or BF16)", t->file,
+    eng_seterr(err, errlen, "%s: tensor '%s': dtype %s is not supported (expected F32, F16 or BF16)", t->file,
             t->name, t->dtype);
     return -1;
 }

@@ -29,12 +29,12 @@
 #include <errno.h>
 #include <jansson.h>
 #include <limits.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "engine/gguf.h"
+#include "engine/util.h"
 #include "engine/unicode.h"
 
 /* Token types, as GGUF's tokenizer.ggml.token_type numbers them. */
@@ -92,14 +92,6 @@ struct eng_tokenizer {
 };
 
 /* ---- small helpers -------------------------------------------------------- */
-
-static void seterr(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || !errlen) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 static uint32_t hash_bytes(const char *s, size_t n) {
     uint64_t h = 1469598103934665603ull;
@@ -203,7 +195,7 @@ static int tok_alloc(eng_tokenizer *t, int n, char *err, size_t errlen) {
     t->type = malloc((size_t) n);
     t->flags = calloc((size_t) n, 1);
     if (!t->text_off || !t->piece_off || !t->score || !t->type || !t->flags) {
-        seterr(err, errlen, "tokenizer: out of memory for %d tokens", n);
+        eng_seterr(err, errlen, "tokenizer: out of memory for %d tokens", n);
         return -1;
     }
     memset(t->type, TT_NORMAL, (size_t) n);
@@ -219,7 +211,7 @@ static int tok_set_texts(eng_tokenizer *t, const srcstr *src, const char *what,
     for (int i = 0; i < t->n_vocab; i++) {
         total += src[i].len;
         if (total > UINT32_MAX / 2) {
-            seterr(err, errlen, "%s: token texts too large", what);
+            eng_seterr(err, errlen, "%s: token texts too large", what);
             return -1;
         }
     }
@@ -227,7 +219,7 @@ static int tok_set_texts(eng_tokenizer *t, const srcstr *src, const char *what,
     uint32_t size = pow2_at_least((size_t) t->n_vocab * 2);
     t->vocab_tab = malloc((size_t) size * sizeof(int32_t));
     if (!t->text || !t->vocab_tab) {
-        seterr(err, errlen, "%s: out of memory", what);
+        eng_seterr(err, errlen, "%s: out of memory", what);
         return -1;
     }
     t->vocab_mask = size - 1;
@@ -253,7 +245,7 @@ static int tok_set_texts(eng_tokenizer *t, const srcstr *src, const char *what,
             size_t l2;
             const char *s2 = tok_text(t, id, &l2);
             if (l2 == len && memcmp(s, s2, len) == 0) {
-                seterr(err, errlen, "%s: duplicate token text '%.*s' at ids %d and %d", what,
+                eng_seterr(err, errlen, "%s: duplicate token text '%.*s' at ids %d and %d", what,
                        (int) (len > 40 ? 40 : len), s, id, i);
                 return -1;
             }
@@ -289,7 +281,7 @@ static int tok_alloc_merges(eng_tokenizer *t, size_t n, char *err, size_t errlen
     uint32_t size = pow2_at_least(n * 2 + 1);
     t->merge_tab = malloc((size_t) size * sizeof(merge_ent));
     if (!t->merge_tab) {
-        seterr(err, errlen, "tokenizer: out of memory for %zu merges", n);
+        eng_seterr(err, errlen, "tokenizer: out of memory for %zu merges", n);
         return -1;
     }
     for (uint32_t i = 0; i < size; i++) t->merge_tab[i].key = UINT64_MAX;
@@ -346,7 +338,7 @@ static int tok_finish(eng_tokenizer *t, char *err, size_t errlen) {
      * decoding only shrink it) */
     t->piece = malloc(t->text_off[n] ? t->text_off[n] : 1);
     if (!t->piece) {
-        seterr(err, errlen, "tokenizer: out of memory");
+        eng_seterr(err, errlen, "tokenizer: out of memory");
         return -1;
     }
     uint32_t off = 0;
@@ -421,7 +413,7 @@ static int tok_finish(eng_tokenizer *t, char *err, size_t errlen) {
     }
     t->special = malloc((size_t) (n_special ? n_special : 1) * sizeof(int32_t));
     if (!t->special) {
-        seterr(err, errlen, "tokenizer: out of memory");
+        eng_seterr(err, errlen, "tokenizer: out of memory");
         return -1;
     }
     n_special = 0;
@@ -616,13 +608,13 @@ static const pre_entry *pre_find(const char *name) {
 static int tok_add_stage(eng_tokenizer *t, const char *pattern, bool drop, const char *what,
                          char *err, size_t errlen) {
     if (t->n_stages == MAX_STAGES) {
-        seterr(err, errlen, "%s: more than %d pre-tokenizer splits", what, MAX_STAGES);
+        eng_seterr(err, errlen, "%s: more than %d pre-tokenizer splits", what, MAX_STAGES);
         return -1;
     }
     char msg[256];
     eng_uregex *re = eng_uregex_compile(pattern, msg, sizeof(msg));
     if (!re) {
-        seterr(err, errlen, "%s: pre-tokenizer %s", what, msg);
+        eng_seterr(err, errlen, "%s: pre-tokenizer %s", what, msg);
         return -1;
     }
     t->stage[t->n_stages] = re;
@@ -1001,11 +993,11 @@ static bool want_prefix(const eng_tokenizer *t, size_t start) {
 int eng_tokenize(const eng_tokenizer *t, const char *text, size_t len, bool add_bos,
                  bool parse_special, int32_t *out, int cap, char *err, size_t errlen) {
     if (!t || (!text && len > 0) || cap < 0 || (!out && cap > 0)) {
-        seterr(err, errlen, "eng_tokenize: invalid arguments");
+        eng_seterr(err, errlen, "eng_tokenize: invalid arguments");
         return -1;
     }
     if (len > (size_t) INT32_MAX / 4) {
-        seterr(err, errlen, "eng_tokenize: text of %zu bytes is too long (max %d)", len,
+        eng_seterr(err, errlen, "eng_tokenize: text of %zu bytes is too long (max %d)", len,
                INT32_MAX / 4);
         return -1;
     }
@@ -1047,11 +1039,11 @@ int eng_tokenize(const eng_tokenizer *t, const char *text, size_t len, bool add_
     bool oom = w.oom;
     work_free(&w);
     if (oom) {
-        seterr(err, errlen, "eng_tokenize: out of memory");
+        eng_seterr(err, errlen, "eng_tokenize: out of memory");
         return -1;
     }
     if (o.n > INT_MAX) {
-        seterr(err, errlen, "eng_tokenize: more than %d tokens", INT_MAX);
+        eng_seterr(err, errlen, "eng_tokenize: more than %d tokens", INT_MAX);
         return -1;
     }
     return (int) o.n;
@@ -1194,7 +1186,7 @@ static const eng_gguf_kv *gguf_array(const eng_gguf *g, const char *key, bool wa
     const eng_gguf_kv *kv = eng_gguf_find(g, key);
     if (!kv) {
         if (required) {
-            seterr(err, errlen, "%s: missing key %s", eng_gguf_path(g), key);
+            eng_seterr(err, errlen, "%s: missing key %s", eng_gguf_path(g), key);
             *failed = 1;
         }
         return NULL;
@@ -1204,7 +1196,7 @@ static const eng_gguf_kv *gguf_array(const eng_gguf *g, const char *key, bool wa
     bool ok = want_strings ? (kv->type == ENG_GGUF_ARRAY && kv->arr_type == ENG_GGUF_STRING)
                            : numeric;
     if (!ok) {
-        seterr(err, errlen, "%s: key %s: expected an array of %s, found %s of %s", eng_gguf_path(g),
+        eng_seterr(err, errlen, "%s: key %s: expected an array of %s, found %s of %s", eng_gguf_path(g),
                key, want_strings ? "string" : "numbers", eng_gguf_vtype_name(kv->type),
                kv->type == ENG_GGUF_ARRAY ? eng_gguf_vtype_name(kv->arr_type) : "-");
         *failed = 1;
@@ -1247,12 +1239,12 @@ eng_tokenizer *eng_tokenizer_from_gguf(const struct eng_gguf *g, char *err, size
     eng_tokenizer *t = tok_new();
     int failed = 0;
     if (!t) {
-        seterr(err, errlen, "%s: out of memory", path);
+        eng_seterr(err, errlen, "%s: out of memory", path);
         return NULL;
     }
     int rc = eng_gguf_get_str(g, "tokenizer.ggml.model", &model, err, errlen);
     if (rc != 0) {
-        if (rc > 0) seterr(err, errlen, "%s: missing key tokenizer.ggml.model", path);
+        if (rc > 0) eng_seterr(err, errlen, "%s: missing key tokenizer.ggml.model", path);
         goto fail;
     }
     if (strcmp(model, "gpt2") == 0) {
@@ -1265,7 +1257,7 @@ eng_tokenizer *eng_tokenizer_from_gguf(const struct eng_gguf *g, char *err, size
         t->add_space_prefix = true;
         t->add_bos = true;
     } else {
-        seterr(err, errlen, "%s: tokenizer.ggml.model is '%s'; supported: gpt2 (byte-level BPE), "
+        eng_seterr(err, errlen, "%s: tokenizer.ggml.model is '%s'; supported: gpt2 (byte-level BPE), "
                "llama (SentencePiece)", path, model);
         goto fail;
     }
@@ -1273,7 +1265,7 @@ eng_tokenizer *eng_tokenizer_from_gguf(const struct eng_gguf *g, char *err, size
     const eng_gguf_kv *tokens = gguf_array(g, "tokenizer.ggml.tokens", true, true, &failed, err, errlen);
     if (failed) goto fail;
     if (tokens->arr_len == 0 || tokens->arr_len > INT32_MAX / 2) {
-        seterr(err, errlen, "%s: tokenizer.ggml.tokens has %llu entries", path,
+        eng_seterr(err, errlen, "%s: tokenizer.ggml.tokens has %llu entries", path,
                (unsigned long long) tokens->arr_len);
         goto fail;
     }
@@ -1281,7 +1273,7 @@ eng_tokenizer *eng_tokenizer_from_gguf(const struct eng_gguf *g, char *err, size
     if (tok_alloc(t, n, err, errlen) < 0) goto fail;
     src = malloc((size_t) n * sizeof(*src));
     if (!src) {
-        seterr(err, errlen, "%s: out of memory", path);
+        eng_seterr(err, errlen, "%s: out of memory", path);
         goto fail;
     }
     gguf_strings(tokens, src, (uint64_t) n);
@@ -1291,7 +1283,7 @@ eng_tokenizer *eng_tokenizer_from_gguf(const struct eng_gguf *g, char *err, size
     const eng_gguf_kv *types = gguf_array(g, "tokenizer.ggml.token_type", false, false, &failed, err, errlen);
     if (failed) goto fail;
     if ((scores && scores->arr_len < (uint64_t) n) || (types && types->arr_len < (uint64_t) n)) {
-        seterr(err, errlen, "%s: tokenizer.ggml.%s has %llu entries, expected %d", path,
+        eng_seterr(err, errlen, "%s: tokenizer.ggml.%s has %llu entries, expected %d", path,
                scores && scores->arr_len < (uint64_t) n ? "scores" : "token_type",
                (unsigned long long) (scores && scores->arr_len < (uint64_t) n ? scores->arr_len
                                                                            : types->arr_len), n);
@@ -1328,7 +1320,7 @@ eng_tokenizer *eng_tokenizer_from_gguf(const struct eng_gguf *g, char *err, size
         }
         const pre_entry *pe = pre_find(pre ? pre : "default");
         if (!pe) {
-            seterr(err, errlen, "%s: tokenizer.ggml.pre is '%s', a pre-tokenizer kvserve does not "
+            eng_seterr(err, errlen, "%s: tokenizer.ggml.pre is '%s', a pre-tokenizer kvserve does not "
                    "know; it would split text differently from the model, so it is refused", path, pre);
             goto fail;
         }
@@ -1343,7 +1335,7 @@ eng_tokenizer *eng_tokenizer_from_gguf(const struct eng_gguf *g, char *err, size
         size_t nm = (size_t) merges->arr_len;
         srcstr *msrc = malloc((nm ? nm : 1) * sizeof(*msrc));
         if (!msrc) {
-            seterr(err, errlen, "%s: out of memory", path);
+            eng_seterr(err, errlen, "%s: out of memory", path);
             goto fail;
         }
         gguf_strings(merges, msrc, nm);
@@ -1352,7 +1344,7 @@ eng_tokenizer *eng_tokenizer_from_gguf(const struct eng_gguf *g, char *err, size
         mbuf = malloc(maxlen + 1);
         if (!mbuf || tok_alloc_merges(t, nm, err, errlen) < 0) {
             free(msrc);
-            seterr(err, errlen, "%s: out of memory", path);
+            eng_seterr(err, errlen, "%s: out of memory", path);
             goto fail;
         }
         for (size_t i = 0; i < nm; i++) {
@@ -1412,7 +1404,7 @@ fail:
 static char *read_file(const char *path, size_t *len_out, char *err, size_t errlen) {
     FILE *f = fopen(path, "rb");
     if (!f) {
-        seterr(err, errlen, "%s: %s", path, strerror(errno));
+        eng_seterr(err, errlen, "%s: %s", path, strerror(errno));
         return NULL;
     }
     size_t cap = 1 << 16, len = 0;
@@ -1434,7 +1426,7 @@ static char *read_file(const char *path, size_t *len_out, char *err, size_t errl
     fclose(f);
     if (!buf || bad) {
         free(buf);
-        seterr(err, errlen, "%s: %s", path, bad ? "read error" : "out of memory");
+        eng_seterr(err, errlen, "%s: %s", path, bad ? "read error" : "out of memory");
         return NULL;
     }
     *len_out = len;
@@ -1444,7 +1436,7 @@ static char *read_file(const char *path, size_t *len_out, char *err, size_t errl
 static json_t *load_json(const char *path, char *err, size_t errlen) {
     json_error_t je;
     json_t *root = json_load_file(path, JSON_ALLOW_NUL, &je);
-    if (!root) seterr(err, errlen, "%s:%d:%d: %s", path, je.line, je.column, je.text);
+    if (!root) eng_seterr(err, errlen, "%s:%d:%d: %s", path, je.line, je.column, je.text);
     return root;
 }
 
@@ -1467,7 +1459,7 @@ static int add_literal_stage(eng_tokenizer *t, const char *lit, bool drop, const
     size_t n = strlen(lit);
     char *pat = malloc(2 * n + 1);
     if (!pat) {
-        seterr(err, errlen, "%s: out of memory", what);
+        eng_seterr(err, errlen, "%s: out of memory", what);
         return -1;
     }
     size_t m = 0;
@@ -1510,7 +1502,7 @@ static int hf_normalizer(eng_tokenizer *t, json_t *nz, const char *what, char *e
     } else if (strcmp(type, "NFC") == 0) {
         return 0;   /* not applied (as in llama.cpp); text is nearly always NFC already */
     }
-    seterr(err, errlen, "%s: normalizer %s is not supported (only Prepend(U+2581), "
+    eng_seterr(err, errlen, "%s: normalizer %s is not supported (only Prepend(U+2581), "
            "Replace(' ' -> U+2581), NFC and Sequence of them)", what, type);
     return -1;
 }
@@ -1543,7 +1535,7 @@ static int hf_pre_tokenizer(eng_tokenizer *t, json_t *pt, const char *what, char
         bool drop = behavior && strcmp(behavior, "Removed") == 0;
         if (!behavior || (!drop && strcmp(behavior, "Isolated") != 0) ||
             json_is_true(json_object_get(pt, "invert"))) {
-            seterr(err, errlen, "%s: Split pre-tokenizer with behavior %s%s is not supported "
+            eng_seterr(err, errlen, "%s: Split pre-tokenizer with behavior %s%s is not supported "
                    "(only Isolated and Removed)", what, behavior ? behavior : "(none)",
                    json_is_true(json_object_get(pt, "invert")) ? " and invert" : "");
             return -1;
@@ -1552,7 +1544,7 @@ static int hf_pre_tokenizer(eng_tokenizer *t, json_t *pt, const char *what, char
         if (rx) return tok_add_stage(t, rx, drop, what, err, errlen);
         const char *lit = json_string_value(json_object_get(pattern, "String"));
         if (lit) return add_literal_stage(t, lit, drop, what, err, errlen);
-        seterr(err, errlen, "%s: Split pre-tokenizer without a Regex or String pattern", what);
+        eng_seterr(err, errlen, "%s: Split pre-tokenizer without a Regex or String pattern", what);
         return -1;
     }
     if (strcmp(type, "Digits") == 0) {
@@ -1562,7 +1554,7 @@ static int hf_pre_tokenizer(eng_tokenizer *t, json_t *pt, const char *what, char
     if (strcmp(type, "Metaspace") == 0) {
         const char *rep = json_string_value(json_object_get(pt, "replacement"));
         if (rep && strcmp(rep, "\xE2\x96\x81") != 0) {
-            seterr(err, errlen, "%s: Metaspace with replacement '%s' is not supported", what, rep);
+            eng_seterr(err, errlen, "%s: Metaspace with replacement '%s' is not supported", what, rep);
             return -1;
         }
         t->escape_spaces = true;
@@ -1577,7 +1569,7 @@ static int hf_pre_tokenizer(eng_tokenizer *t, json_t *pt, const char *what, char
         }
         return 0;
     }
-    seterr(err, errlen, "%s: pre-tokenizer %s is not supported (ByteLevel, Split, Digits, "
+    eng_seterr(err, errlen, "%s: pre-tokenizer %s is not supported (ByteLevel, Split, Digits, "
            "Metaspace and Sequence are)", what, type);
     return -1;
 }
@@ -1624,7 +1616,7 @@ static int hf_config(eng_tokenizer *t, const char *dir, const char *tmpl_bos, ch
     json_t *cfg = load_json(path, err, errlen);
     if (!cfg) return -1;
     if (!json_is_object(cfg)) {
-        seterr(err, errlen, "%s: expected a JSON object", path);
+        eng_seterr(err, errlen, "%s: expected a JSON object", path);
         json_decref(cfg);
         return -1;
     }
@@ -1650,7 +1642,7 @@ static int hf_config(eng_tokenizer *t, const char *dir, const char *tmpl_bos, ch
     if (tmpl) {
         t->chat_template = strdup(tmpl);
         if (!t->chat_template) {
-            seterr(err, errlen, "%s: out of memory", path);
+            eng_seterr(err, errlen, "%s: out of memory", path);
             json_decref(cfg);
             return -1;
         }
@@ -1675,7 +1667,7 @@ static int hf_merges_json(eng_tokenizer *t, json_t *merges, const char *what, ch
             size_t len = json_string_length(m);
             const char *sp = len > 1 ? memchr(s + 1, ' ', len - 1) : NULL;
             if (!sp) {
-                seterr(err, errlen, "%s: merge %zu '%s' has no space", what, i, s);
+                eng_seterr(err, errlen, "%s: merge %zu '%s' has no space", what, i, s);
                 free(buf);
                 return -1;
             }
@@ -1690,7 +1682,7 @@ static int hf_merges_json(eng_tokenizer *t, json_t *merges, const char *what, ch
             b = json_string_value(json_array_get(m, 1));
             nb = json_string_length(json_array_get(m, 1));
         } else {
-            seterr(err, errlen, "%s: merge %zu is neither \"a b\" nor [a, b]", what, i);
+            eng_seterr(err, errlen, "%s: merge %zu is neither \"a b\" nor [a, b]", what, i);
             free(buf);
             return -1;
         }
@@ -1699,7 +1691,7 @@ static int hf_merges_json(eng_tokenizer *t, json_t *merges, const char *what, ch
             char *nbuf = realloc(buf, cap);
             if (!nbuf) {
                 free(buf);
-                seterr(err, errlen, "%s: out of memory", what);
+                eng_seterr(err, errlen, "%s: out of memory", what);
                 return -1;
             }
             buf = nbuf;
@@ -1714,7 +1706,7 @@ static int hf_merges_json(eng_tokenizer *t, json_t *merges, const char *what, ch
 static int hf_vocab(eng_tokenizer *t, json_t *vocab, json_t *added, srcstr **src_out,
                     const char *what, char *err, size_t errlen) {
     if (!json_is_object(vocab)) {
-        seterr(err, errlen, "%s: model.vocab is not an object", what);
+        eng_seterr(err, errlen, "%s: model.vocab is not an object", what);
         return -1;
     }
     json_int_t max_id = -1;
@@ -1722,7 +1714,7 @@ static int hf_vocab(eng_tokenizer *t, json_t *vocab, json_t *added, srcstr **src
     json_t *v;
     json_object_foreach(vocab, key, v) {
         if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) >= INT32_MAX / 2) {
-            seterr(err, errlen, "%s: vocab entry '%.40s' has no valid id", what, key);
+            eng_seterr(err, errlen, "%s: vocab entry '%.40s' has no valid id", what, key);
             return -1;
         }
         if (json_integer_value(v) > max_id) max_id = json_integer_value(v);
@@ -1732,26 +1724,26 @@ static int hf_vocab(eng_tokenizer *t, json_t *vocab, json_t *added, srcstr **src
         json_t *id = json_object_get(v, "id");
         if (!json_is_integer(id) || json_integer_value(id) < 0 || json_integer_value(id) >= INT32_MAX / 2 ||
             !json_is_string(json_object_get(v, "content"))) {
-            seterr(err, errlen, "%s: added_tokens[%zu] needs an id and a content", what, i);
+            eng_seterr(err, errlen, "%s: added_tokens[%zu] needs an id and a content", what, i);
             return -1;
         }
         if (json_integer_value(id) > max_id) max_id = json_integer_value(id);
     }
     if (max_id < 0) {
-        seterr(err, errlen, "%s: empty vocabulary", what);
+        eng_seterr(err, errlen, "%s: empty vocabulary", what);
         return -1;
     }
     int n = (int) max_id + 1;
     if (tok_alloc(t, n, err, errlen) < 0) return -1;
     srcstr *src = calloc((size_t) n, sizeof(*src));
     if (!src) {
-        seterr(err, errlen, "%s: out of memory", what);
+        eng_seterr(err, errlen, "%s: out of memory", what);
         return -1;
     }
     json_object_foreach(vocab, key, v) {
         int id = (int) json_integer_value(v);
         if (src[id].ptr) {
-            seterr(err, errlen, "%s: id %d is given to both '%.40s' and '%.40s'", what, id, src[id].ptr, key);
+            eng_seterr(err, errlen, "%s: id %d is given to both '%.40s' and '%.40s'", what, id, src[id].ptr, key);
             free(src);
             return -1;
         }
@@ -1781,19 +1773,19 @@ static int hf_tokenizer_json(eng_tokenizer *t, const char *path, const char **tm
                              char *err, size_t errlen) {
     json_t *model = json_object_get(root, "model");
     if (!json_is_object(model)) {
-        seterr(err, errlen, "%s: no model object", path);
+        eng_seterr(err, errlen, "%s: no model object", path);
         return -1;
     }
     const char *mtype = json_string_value(json_object_get(model, "type"));
     if (mtype && strcmp(mtype, "BPE") != 0) {
-        seterr(err, errlen, "%s: model.type is %s; only BPE is supported", path, mtype);
+        eng_seterr(err, errlen, "%s: model.type is %s; only BPE is supported", path, mtype);
         return -1;
     }
     static const char *const unsupported[] = {"continuing_subword_prefix", "end_of_word_suffix"};
     for (size_t k = 0; k < 2; k++) {
         const char *s = json_string_value(json_object_get(model, unsupported[k]));
         if (s && *s) {
-            seterr(err, errlen, "%s: model.%s is not supported", path, unsupported[k]);
+            eng_seterr(err, errlen, "%s: model.%s is not supported", path, unsupported[k]);
             return -1;
         }
     }
@@ -1824,14 +1816,14 @@ static int hf_tokenizer_json(eng_tokenizer *t, const char *path, const char **tm
         return -1;
     }
     if (t->byte_level && t->escape_spaces) {
-        seterr(err, errlen, "%s: a ByteLevel pre-tokenizer together with U+2581 spaces is not supported",
+        eng_seterr(err, errlen, "%s: a ByteLevel pre-tokenizer together with U+2581 spaces is not supported",
                path);
         return -1;
     }
     *tmpl_bos = hf_template_bos(json_object_get(root, "post_processor"));
     json_t *merges = json_object_get(model, "merges");
     if (!json_is_array(merges)) {
-        seterr(err, errlen, "%s: model.merges is not an array", path);
+        eng_seterr(err, errlen, "%s: model.merges is not an array", path);
         return -1;
     }
     return hf_merges_json(t, merges, path, err, errlen);
@@ -1876,14 +1868,14 @@ static int hf_gpt2_files(eng_tokenizer *t, const char *dir, char *err, size_t er
         if (ll == 0 || (rank == 0 && ll >= 8 && memcmp(line, "#version", 8) == 0)) continue;
         const char *sp = ll > 1 ? memchr(line + 1, ' ', ll - 1) : NULL;
         if (!sp) {
-            seterr(err, errlen, "%s: line '%.*s' is not a merge", path, (int) (ll > 40 ? 40 : ll), line);
+            eng_seterr(err, errlen, "%s: line '%.*s' is not a merge", path, (int) (ll > 40 ? 40 : ll), line);
             rc = -1;
             break;
         }
         size_t na = (size_t) (sp - line);
         tok_add_merge(t, line, na, sp + 1, ll - na - 1, rank++, buf);
     }
-    if (!buf) seterr(err, errlen, "%s: out of memory", path);
+    if (!buf) eng_seterr(err, errlen, "%s: out of memory", path);
     free(buf);
     free(txt);
     return rc;
@@ -1892,7 +1884,7 @@ static int hf_gpt2_files(eng_tokenizer *t, const char *dir, char *err, size_t er
 eng_tokenizer *eng_tokenizer_from_hf_dir(const char *dir, char *err, size_t errlen) {
     eng_tokenizer *t = tok_new();
     if (!t) {
-        seterr(err, errlen, "%s: out of memory", dir);
+        eng_seterr(err, errlen, "%s: out of memory", dir);
         return NULL;
     }
     char path[4096];
@@ -1907,7 +1899,7 @@ eng_tokenizer *eng_tokenizer_from_hf_dir(const char *dir, char *err, size_t errl
         char vpath[4096];
         snprintf(vpath, sizeof(vpath), "%s/vocab.json", dir);
         if (!file_exists(vpath)) {
-            seterr(err, errlen, "%s: no tokenizer.json, nor vocab.json with merges.txt", dir);
+            eng_seterr(err, errlen, "%s: no tokenizer.json, nor vocab.json with merges.txt", dir);
             eng_tokenizer_free(t);
             return NULL;
         }
