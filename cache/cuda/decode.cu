@@ -133,6 +133,7 @@ struct decode_params {
     uint32_t zero;               /* 0, unknown to the compiler: keeps the code conversions' constants in
                                   * registers (as immediates each conversion takes two instructions) */
     float qscale;                /* scale * log2(e) */
+    int pdl_early;               /* let the next kernel launch at this one's start (else at its exit) */
     const float *q;              /* (n_seqs, q_stride) */
     int64_t q_stride;
     float *out;
@@ -872,6 +873,11 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
     extern __shared__ __align__(16) unsigned char smem_raw[];
     float *smem = reinterpret_cast<float *>(smem_raw);
     __shared__ int s_last;
+    /* programmatic dependent launch (pdl_mode): wait for the kernel before
+     * this one in the stream (its writes visible) before any global access;
+     * then, pdl_early, let the next one's blocks take the free slots */
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    if (p.pdl_early) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     const int H = p.n_kv_head;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gid = lane >> 2, tig = lane & 3;
@@ -1332,11 +1338,33 @@ ws_parts ws_layout(const kvc__cu_view &v, int n_seqs, const plan &pl, bool trans
     return w;
 }
 
+/* Programmatic dependent launch (Hopper): a decode launch may start while
+ * the kernel before it in the stream finishes (its blocks wait in
+ * griddepcontrol.wait before reading anything), which hides the launch and
+ * block scheduling behind that kernel's tail. Where the next launch's blocks
+ * are released matters (notes/gpu.md, session 6): released at the start,
+ * they take the slots this grid leaves free at once and the rest as it
+ * finishes, so a grid that leaves some slots free (SmolLM2 f16 and int8 at
+ * 64 x 2k: 384 blocks of 528) lands unevenly and runs 10-20% slower; released
+ * at the exit they wait for the whole grid. So: at the start when the next
+ * grid fits beside this one (1 x 32k: -5%) or, on the register path, when
+ * nearly every slot is taken (-1 to -3%); else at the exit. KVC_CU_PDL in the
+ * environment: 0 off (plain launches), 1 always at the start, 3 always at
+ * the exit (benchmarks' before and after). */
+int pdl_mode() {
+    static int mode = -2;
+    if (mode == -2) {
+        const char *e = getenv("KVC_CU_PDL");
+        mode = e && *e ? atoi(e) : -1;
+    }
+    return mode;
+}
+
 /* The decode kernel over a view: q and out as the view's rows (G rows of D
  * numbers per head, q_stride / out_stride floats per sequence). */
 int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_args *a, const float *q,
                   int64_t q_stride, float *out, int64_t out_stride, const plan &pl, const ws_parts &w,
-                  void *workspace, cudaStream_t stream, char *err, size_t errlen) {
+                  void *workspace, bool pdl, cudaStream_t stream, char *err, size_t errlen) {
     decode_params p;
     p.arena = (const uint8_t *)arena;
     p.g = v.g;
@@ -1351,6 +1379,7 @@ int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_
     p.n_splits = pl.n_splits;
     p.zero = 0;
     p.qscale = a->scale * 1.4426950408889634f;
+    const int pm = pdl ? pdl_mode() : 0;
     p.q = q;
     p.q_stride = q_stride;
     p.out = out;
@@ -1360,16 +1389,33 @@ int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_
     p.ws_ml = (float *)(ws + w.ml);
     p.ws_acc = (float *)(ws + w.acc);
     const dim3 grid((unsigned)((p.n_pairs + pl.ppb - 1) / pl.ppb), pl.n_splits);
+    cudaError_t launch_err = cudaSuccess;
     int rc = with_instance(v, pl.nh, [&](auto d, auto g, auto kf, auto vf, auto nh) -> int {
         constexpr int D_ = decltype(d)::value, G_ = decltype(g)::value, KF_ = decltype(kf)::value,
                       VF_ = decltype(vf)::value, NH_ = decltype(nh)::value;
-        blocks_per_sm<D_, G_, KF_, VF_, NH_>();   /* sets the shared memory limit */
-        decode_kernel<D_, G_, KF_, VF_, NH_><<<grid, NT, smem_bytes<D_, G_, KF_, VF_, NH_>(), stream>>>(p);
+        /* (also sets the shared memory limit) */
+        const long resident = (long)sm_count() * blocks_per_sm<D_, G_, KF_, VF_, NH_>();
+        const long blocks = (long)grid.x * grid.y;
+        const long free_slots = resident - blocks;
+        const bool early = free_slots >= blocks || (quantized(KF_, VF_) && free_slots * 16 <= blocks);
+        p.pdl_early = pm == 1 || (pm < 0 && early);
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = grid;
+        cfg.blockDim = dim3(NT);
+        cfg.dynamicSmemBytes = smem_bytes<D_, G_, KF_, VF_, NH_>();
+        cfg.stream = stream;
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = pm != 0 ? 1 : 0;
+        launch_err = cudaLaunchKernelEx(&cfg, decode_kernel<D_, G_, KF_, VF_, NH_>, p);
         return KVC_OK;
     });
     if (rc != KVC_OK)
         KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: %d stored numbers per token, %d query rows per head, formats %d/%d: "
                      "not compiled", v.D, v.G, v.k_fmt, v.v_fmt);
+    KVC__CU_TRY(launch_err);
     KVC__CU_TRY(cudaGetLastError());
     return KVC_OK;
 }
@@ -1425,7 +1471,8 @@ extern "C" int kvc_cu_decode(const kvc_cu_layout *L, const void *arena, int laye
         KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: decode: workspace %zu bytes, need %zu", workspace_bytes, w.total);
     cudaStream_t st = (cudaStream_t)stream;
     if (!transform)
-        return launch_decode(v, arena, a, a->q, a->q_stride, a->out, a->out_stride, pl, w, workspace, st, err, errlen);
+        return launch_decode(v, arena, a, a->q, a->q_stride, a->out, a->out_stride, pl, w, workspace, true, st, err,
+                             errlen);
 
     /* transforms: project (K), decode over coefficients, expand (V); a plain
      * side reads q or writes out directly (its rank is head_dim) */
@@ -1434,6 +1481,9 @@ extern "C" int kvc_cu_decode(const kvc_cu_layout *L, const void *arena, int laye
     const int64_t row_stride = (int64_t)L->n_kv_head * a->n_rep * v.D;   /* = n_heads * G * D */
     const float *q_in = a->q;
     int64_t q_in_stride = a->q_stride;
+    /* not after the projection launch: there programmatic launch measured
+     * 1-3% slower (session 6: SmolLM2 hybrid:r32 20.7 -> 21.2 us) */
+    const bool pdl = L->k_shape == KVC_CU_PLAIN;
     if (L->k_shape != KVC_CU_PLAIN) {
         rc = kvc__cu_project(L, layer, a->n_seqs, a->n_rep, a->q, a->q_stride, qp, st, err, errlen);
         if (rc) return rc;
@@ -1441,8 +1491,9 @@ extern "C" int kvc_cu_decode(const kvc_cu_layout *L, const void *arena, int laye
         q_in_stride = row_stride;
     }
     if (L->v_shape == KVC_CU_PLAIN)
-        return launch_decode(v, arena, a, q_in, q_in_stride, a->out, a->out_stride, pl, w, workspace, st, err, errlen);
-    rc = launch_decode(v, arena, a, q_in, q_in_stride, cp, row_stride, pl, w, workspace, st, err, errlen);
+        return launch_decode(v, arena, a, q_in, q_in_stride, a->out, a->out_stride, pl, w, workspace, pdl, st, err,
+                             errlen);
+    rc = launch_decode(v, arena, a, q_in, q_in_stride, cp, row_stride, pl, w, workspace, pdl, st, err, errlen);
     if (rc) return rc;
     return kvc__cu_expand(L, layer, a->n_seqs, a->n_rep, cp, a->ctx_lens, a->ctx0, a->out, a->out_stride, st, err,
                           errlen);
