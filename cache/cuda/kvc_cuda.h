@@ -45,7 +45,14 @@
  * on `stream` (a cudaStream_t; NULL is the default stream) and returns KVC_OK,
  * KVC_ERR_INVAL (bad arguments, message in err) or KVC_ERR_NOMEM (a CUDA
  * error: launch failure, too little shared memory; message in err). Threading:
- * calls may come from any host thread; the caller orders work on the arena. */
+ * calls may come from any host thread; the caller orders work on the arena.
+ * Decode is a programmatic dependent launch (Hopper): its blocks may become
+ * resident during the previous kernel's tail but read nothing before that
+ * kernel has completed, so stream order holds as for a plain launch; a
+ * kernel of the caller's launched after it with the programmatic attribute
+ * must itself wait (griddepcontrol.wait / cudaGridDependencySynchronize)
+ * before reading decode's output. KVC_CU_PDL=0 in the environment makes
+ * every launch plain. */
 #ifndef KVC_CUDA_H
 #define KVC_CUDA_H
 
