@@ -94,28 +94,37 @@ static double median(std::vector<double> v) {
     return v[v.size() / 2];
 }
 
+/* Microseconds a call: launch(rep) between two events on st, reps times,
+ * the first `warm` dropped, the median. */
+template <typename F> static double event_us(cudaStream_t st, int reps, int warm, F &&launch) {
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    std::vector<double> t;
+    for (int rep = 0; rep < reps; rep++) {
+        CK(cudaEventRecord(e0, st));
+        launch(rep);
+        CK(cudaEventRecord(e1, st));
+        CK(cudaEventSynchronize(e1));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        if (rep >= warm) t.push_back(ms * 1e3);
+    }
+    CK(cudaEventDestroy(e0));
+    CK(cudaEventDestroy(e1));
+    return median(t);
+}
+
 static double copy_bandwidth(void) {
     const size_t bytes = (size_t)2 << 30;
     void *a, *b;
     CK(cudaMalloc(&a, bytes));
     CK(cudaMalloc(&b, bytes));
     fill(a, bytes, 1);
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    std::vector<double> t;
-    for (int i = 0; i < 13; i++) {
-        CK(cudaEventRecord(e0));
-        CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
-        CK(cudaEventRecord(e1));
-        CK(cudaEventSynchronize(e1));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        if (i >= 3) t.push_back(ms * 1e-3);
-    }
+    const double us = event_us(NULL, 13, 3, [&](int) { CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); });
     CK(cudaFree(a));
     CK(cudaFree(b));
-    return 2.0 * bytes / median(t);
+    return 2.0 * bytes / (us * 1e-6);
 }
 
 struct shape {
@@ -234,26 +243,17 @@ static void free_decode_case(decode_case &c) {
 
 /* Microseconds a launch: n_launch calls of launch(i) captured in one CUDA
  * graph on st, replayed 23 times (the first 3 dropped), the median. */
-template <typename F> static double graph_us(cudaStream_t st, cudaEvent_t e0, cudaEvent_t e1, int n_launch, F &&launch) {
+template <typename F> static double graph_us(cudaStream_t st, int n_launch, F &&launch) {
     cudaGraph_t graph;
     cudaGraphExec_t exec;
     CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
     for (int i = 0; i < n_launch; i++) launch(i);
     CK(cudaStreamEndCapture(st, &graph));
     CK(cudaGraphInstantiate(&exec, graph, 0));
-    std::vector<double> t;
-    for (int rep = 0; rep < 23; rep++) {
-        CK(cudaEventRecord(e0, st));
-        CK(cudaGraphLaunch(exec, st));
-        CK(cudaEventRecord(e1, st));
-        CK(cudaEventSynchronize(e1));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        if (rep >= 3) t.push_back(ms * 1e3 / n_launch);
-    }
+    const double us = event_us(st, 23, 3, [&](int) { CK(cudaGraphLaunch(exec, st)); });
     CK(cudaGraphExecDestroy(exec));
     CK(cudaGraphDestroy(graph));
-    return median(t);
+    return us / n_launch;
 }
 
 static void bench_decode(const shape &s, const char *kc, const char *vc, int n_seqs, int ctx, bool quick) {
@@ -271,9 +271,6 @@ static void bench_decode(const shape &s, const char *kc, const char *vc, int n_s
 
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
     struct tuning {
         int pps, wph;
     };
@@ -291,21 +288,13 @@ static void bench_decode(const shape &s, const char *kc, const char *vc, int n_s
         KV(kvc_cu_decode(&bp.lay, bp.arena, 0, &a, ws, wsb, st, err_, sizeof err_));   /* outside capture: first-use setup */
         CK(cudaStreamSynchronize(st));
         /* graph of 2 * n_layer launches, one per layer in turn */
-        const double ug = graph_us(st, e0, e1, 2 * bp.n_layer, [&](int i) {
+        const double ug = graph_us(st, 2 * bp.n_layer, [&](int i) {
             KV(kvc_cu_decode(&bp.lay, bp.arena, i % bp.n_layer, &a, ws, wsb, st, err_, sizeof err_));
         });
-        std::vector<double> te;
-        for (int rep = 0; rep < 55; rep++) {
-            CK(cudaEventRecord(e0, st));
+        const double ue = event_us(st, 55, 5, [&](int rep) {
             KV(kvc_cu_decode(&bp.lay, bp.arena, rep % bp.n_layer, &a, ws, wsb, st, err_, sizeof err_));
-            CK(cudaEventRecord(e1, st));
-            CK(cudaEventSynchronize(e1));
-            float ms;
-            CK(cudaEventElapsedTime(&ms, e0, e1));
-            if (rep >= 5) te.push_back(ms * 1e3);
-        }
+        });
         CK(cudaFree(ws));
-        const double ue = median(te);
         char pn[32];
         if (tu.pps) snprintf(pn, sizeof pn, "pps%d", tu.pps);
         else if (tu.wph) snprintf(pn, sizeof pn, tu.wph == 1 ? "warp/seq" : "2warp/seq");
@@ -335,7 +324,7 @@ static void bench_decode(const shape &s, const char *kc, const char *vc, int n_s
         };
         pair(0);
         CK(cudaStreamSynchronize(st));
-        const double ut = graph_us(st, e0, e1, 2 * bp.n_layer, pair);
+        const double ut = graph_us(st, 2 * bp.n_layer, pair);
         CK(cudaFree(d_c));
         printf("TRANSFORM %-8s %s/%s %dx%d: project + expand %.2f us of the default plan's %.2f\n", s.name, kc, vc,
                n_seqs, ctx, ut, auto_us);
@@ -360,21 +349,10 @@ static void bench_prefill(const shape &s, const char *kc, const char *vc, int po
     CK(cudaMalloc(&d_q, sizeof(float) * qs * n));
     CK(cudaMalloc(&d_out, sizeof(float) * qs * n));
     fill(d_q, sizeof(float) * qs * n, 99);
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    std::vector<double> t;
-    for (int rep = 0; rep < 23; rep++) {
-        CK(cudaEventRecord(e0));
+    const double us = event_us(NULL, 23, 3, [&](int rep) {
         KV(kvc_cu_prefill(&bp.lay, bp.arena, rep % bp.n_layer, d_bt, pos0, n, s.G, 1.0f / sqrtf((float)s.D), d_q, qs,
                           d_out, qs, NULL, err_, sizeof err_));
-        CK(cudaEventRecord(e1));
-        CK(cudaEventSynchronize(e1));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        if (rep >= 3) t.push_back(ms * 1e3);
-    }
-    const double us = median(t);
+    });
     double flops = 0;
     for (int i = 0; i < n; i++) flops += 4.0 * s.D * (pos0 + i + 1) * s.H * s.G;
     printf("prefill %-8s %-9s pos0 %-5d n %d: %9.1f us, %6.1f TFLOP/s\n", s.name, kc, pos0, n, us, flops / us * 1e-6);
@@ -399,23 +377,12 @@ static void bench_write(const shape &s, const char *kc, const char *vc, int n) {
     CK(cudaMalloc(&d_v, sizeof(float) * kvs * n));
     fill(d_k, sizeof(float) * kvs * n, 5);
     fill(d_v, sizeof(float) * kvs * n, 6);
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    std::vector<double> t;
-    for (int rep = 0; rep < 23; rep++) {
-        CK(cudaEventRecord(e0));
+    const double us = event_us(NULL, 23, 3, [&](int rep) {
         KV(kvc_cu_write(&bp.lay, bp.arena, rep % bp.n_layer, d_slots, n, d_k, d_v, kvs, NULL, err_, sizeof err_));
-        CK(cudaEventRecord(e1));
-        CK(cudaEventSynchronize(e1));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        if (rep >= 3) t.push_back(ms * 1e3);
-    }
+    });
     const kvc_pool *p = bp.pool;
     const double bytes = 2.0 * 4 * kvs * n + (double)n / 16 *
                          ((double)p->kc.n_groups * p->kc.block_bytes[0] + (double)p->vc.n_groups * p->vc.block_bytes[0]);
-    const double us = median(t);
     printf("write   %-8s %-9s %5d tokens: %8.2f us, %6.0f GB/s\n", s.name, kc, n, us, bytes / us * 1e-3);
     if (g_csv) fprintf(g_csv, "write,%s,%s/%s,%d,,,%.3f,,%.0f,\n", s.name, kc, vc, n, us, bytes);
     CK(cudaFree(d_slots));
@@ -455,9 +422,6 @@ static void bench_chunks(void) {
     CK(cudaMalloc(&base, buf));
     CK(cudaMalloc(&sink, 4));
     fill(base, buf, 3);
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
     for (int kb : {1, 2, 4, 8, 12, 16, 32, 64}) {
         const size_t chunk = (size_t)kb << 10, n = total / chunk, slots = buf / chunk;
         std::vector<int64_t> off(n);
@@ -469,18 +433,11 @@ static void bench_chunks(void) {
         int64_t *d_off;
         CK(cudaMalloc(&d_off, sizeof(int64_t) * n));
         CK(cudaMemcpy(d_off, off.data(), sizeof(int64_t) * n, cudaMemcpyHostToDevice));
-        std::vector<double> t;
-        for (int rep = 0; rep < 8; rep++) {
-            CK(cudaEventRecord(e0));
+        const double us = event_us(NULL, 8, 2, [&](int) {
             chunk_read<<<132 * 8, 256>>>(base, d_off, (int)(chunk / 16), (int64_t)(total / 16), sink);
-            CK(cudaEventRecord(e1));
-            CK(cudaEventSynchronize(e1));
-            float ms;
-            CK(cudaEventElapsedTime(&ms, e0, e1));
-            if (rep >= 2) t.push_back(ms * 1e-3);
-        }
+        });
         CK(cudaGetLastError());
-        printf("chunks %2d KB random: %6.0f GB/s\n", kb, total / median(t) * 1e-9);
+        printf("chunks %2d KB random: %6.0f GB/s\n", kb, total / us * 1e-3);
         CK(cudaFree(d_off));
     }
     CK(cudaFree(base));
