@@ -113,6 +113,24 @@ int cli_parse(const char *cmd, const char *usage, const cli_flag *flags, int arg
     return 0;
 }
 
+int cli_check_min(const char *cmd, const cli_flag *flags, const char *names, int min) {
+    for (const char *n = names; *n;) {
+        size_t len = strcspn(n, " ");
+        for (const cli_flag *f = flags; f->name; f++) {
+            if (f->type != CLI_INT || strlen(f->name) != len || strncmp(f->name, n, len))
+                continue;
+            const int v = *(const int *)f->value;
+            if (v < min) {
+                fprintf(stderr, "kvserve %s: %s %d: must be >= %d\n", cmd, f->name, v, min);
+                return -1;
+            }
+        }
+        n += len;
+        n += strspn(n, " ");
+    }
+    return 0;
+}
+
 char *cli_read_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) {

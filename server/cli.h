@@ -27,6 +27,11 @@ typedef struct {
  * G suffixes (binary). */
 int cli_parse(const char *cmd, const char *usage, const cli_flag *flags, int argc, char **argv);
 
+/* After cli_parse: each CLI_INT flag named in `names` (space-separated) must
+ * hold at least `min`. Prints "kvserve CMD: --flag V: must be >= MIN" for
+ * the first that does not and returns -1; else 0. */
+int cli_check_min(const char *cmd, const cli_flag *flags, const char *names, int min);
+
 /* Everything a subcommand needs to run the model. */
 typedef struct {
     eng_model *model;

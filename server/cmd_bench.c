@@ -72,10 +72,12 @@ static int bench_capacity(int argc, char **argv) {
                        flags, argc, argv);
     if (rc)
         return rc > 0 ? 0 : 2;
-    if (!model || ctx < 1) {
-        fprintf(stderr, "kvserve bench --capacity: --model is required; --ctx must be >= 1\n");
+    if (!model) {
+        fprintf(stderr, "kvserve bench --capacity: --model is required (see --help)\n");
         return 2;
     }
+    if (cli_check_min("bench --capacity", flags, "--ctx --block-size", 1))
+        return 2;
     cli_runtime rt;
     if (cli_runtime_load(&rt, model))
         return 1;
@@ -153,10 +155,12 @@ int cmd_bench(int argc, char **argv) {
     int rc = cli_parse("bench", usage, flags, argc, argv);
     if (rc)
         return rc > 0 ? 0 : 2;
-    if (!model || prompt_len < 1 || gen_len < 1 || repeat < 1 || batch < 1 || block_size < 1) {
-        fprintf(stderr, "kvserve bench: --model is required; lengths, --repeat, --batch and --block-size must be >= 1\n");
+    if (!model) {
+        fprintf(stderr, "kvserve bench: --model is required (see --help)\n");
         return 2;
     }
+    if (cli_check_min("bench", flags, "--prompt-len --gen-len --repeat --batch --block-size", 1))
+        return 2;
     cli_runtime rt;
     if (cli_runtime_load(&rt, model))
         return 1;

@@ -184,11 +184,12 @@ int cmd_bench_engine(int argc, char **argv) {
         return rc > 0 ? 0 : 2;
     if (n_requests == 0)
         n_requests = concurrency;
-    if (!model || concurrency < 1 || prompt_len < 1 || gen_len < 1 || n_requests < 1 || block_size < 1) {
-        fprintf(stderr, "kvserve bench: --model is required; --concurrency, lengths, --requests and "
-                        "--block-size must be >= 1\n");
+    if (!model) {
+        fprintf(stderr, "kvserve bench: --model is required (see --help)\n");
         return 2;
     }
+    if (cli_check_min("bench", flags, "--concurrency --prompt-len --gen-len --requests --block-size", 1))
+        return 2;
     if (!kv_k)
         kv_k = kv ? kv : "f16";
     if (!kv_v)

@@ -44,9 +44,20 @@ class EngineBench(unittest.TestCase):
         self.assertGreater(r["output_tokens_per_s"], 0)
 
     def test_bad_flags(self):
-        rc, _, err = run("bench", "--model", MODEL, "--concurrency", 0, check=False)
+        # each bad number is named with its value, and only it
+        for args, flag, value in ((("--concurrency", 0), "--concurrency", "0"),
+                                  (("--concurrency", 4, "--prompt-len", -5), "--prompt-len", "-5"),
+                                  (("--concurrency", 4, "--requests", -1), "--requests", "-1"),
+                                  (("--concurrency", 2, "--block-size", 0), "--block-size", "0"),
+                                  (("--gen-len", 0), "--gen-len", "0"),
+                                  (("--capacity", "--ctx", 0), "--ctx", "0")):
+            rc, _, err = run("bench", "--model", MODEL, *args, check=False)
+            self.assertEqual(rc, 2, args)
+            self.assertIn("%s %s: must be >= 1" % (flag, value), err)
+            self.assertNotIn("--model", err)
+        rc, _, err = run("bench", "--concurrency", 2, check=False)
         self.assertEqual(rc, 2)
-        self.assertIn("--concurrency", err)
+        self.assertIn("--model is required", err)
         rc, _, err = run("bench", "--model", MODEL, "--concurrency", 2, "--kv", "nope", "--prompt-len", 8,
                          "--gen-len", 2, check=False)
         self.assertNotEqual(rc, 0)
