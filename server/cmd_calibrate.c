@@ -140,8 +140,10 @@ int cmd_calibrate(int argc, char **argv) {
         fprintf(stderr, "kvserve calibrate: give exactly one of --rank R (>= 1) or --energy E (in (0, 1])\n");
         return 2;
     }
-    if (tokens < 2 || ctx < 2 || batch < 1 || (sink_weight <= 0 && sink_weight != -1)) {
-        fprintf(stderr, "kvserve calibrate: --tokens and --ctx must be >= 2, --batch >= 1, --sink-weight > 0\n");
+    if (cli_check_min("calibrate", flags, "--tokens --ctx", 2) || cli_check_min("calibrate", flags, "--batch", 1))
+        return 2;
+    if (sink_weight <= 0 && sink_weight != -1) {
+        fprintf(stderr, "kvserve calibrate: --sink-weight %g: must be > 0\n", sink_weight);
         return 2;
     }
     size_t len;

@@ -90,10 +90,8 @@ int cmd_generate(int argc, char **argv) {
         fprintf(stderr, "kvserve generate: --model and --prompt are required (see --help)\n");
         return 2;
     }
-    if (max_tokens < 0) {
-        fprintf(stderr, "kvserve generate: --max-tokens %d: must be >= 0\n", max_tokens);
+    if (cli_check_min("generate", flags, "--max-tokens", 0))
         return 2;
-    }
     const char *bad = eng_sampling_params_check(&sp);
     if (bad) {
         fprintf(stderr, "kvserve generate: %s\n", bad);

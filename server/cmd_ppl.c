@@ -62,10 +62,9 @@ int cmd_ppl(int argc, char **argv) {
         fprintf(stderr, "kvserve ppl: --model and --text are required (see --help)\n");
         return 2;
     }
-    if (ctx < 2 || batch < 1 || max_tokens < 0) {
-        fprintf(stderr, "kvserve ppl: --ctx must be >= 2, --batch >= 1, --max-tokens >= 0\n");
+    if (cli_check_min("ppl", flags, "--ctx", 2) || cli_check_min("ppl", flags, "--batch --block-size", 1) ||
+        cli_check_min("ppl", flags, "--max-tokens", 0))
         return 2;
-    }
     if (!kv_k)
         kv_k = kv;
     if (!kv_v)

@@ -75,6 +75,16 @@ class Errors(unittest.TestCase):
         self.assertIn("--max-tokens", err)
         self.assertIn("many", err)
 
+    def test_out_of_range_value_names_flag(self):
+        for args, msg in ((("ppl", "--text", WIKITEXT, "--ctx", 1), "ppl: --ctx 1: must be >= 2"),
+                          (("ppl", "--text", WIKITEXT, "--max-tokens", -1), "ppl: --max-tokens -1: must be >= 0"),
+                          (("generate", "--prompt", "x", "--max-tokens", -3), "generate: --max-tokens -3: must be >= 0"),
+                          (("calibrate", "--text", WIKITEXT, "--out", os.devnull, "--rank", 4, "--tokens", 1),
+                           "calibrate: --tokens 1: must be >= 2")):
+            rc, _, err = run(args[0], "--model", MODEL, *args[1:], check=False)
+            self.assertEqual(rc, 2, args)
+            self.assertIn(msg, err)
+
     def test_unknown_command(self):
         rc, _, err = run("frobnicate", check=False)
         self.assertEqual(rc, 2)
