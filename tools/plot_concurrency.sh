@@ -127,6 +127,7 @@ set xlabel "concurrent requests"
 set ylabel "output tokens/s"
 set logscale x 2
 set xtics ($(echo $CONCURRENCY | sed 's/ /, /g'))
+set offsets graph 0.04, graph 0.04, 0, 0
 set yrange [0:*]
 set key top left
 set grid
