@@ -116,14 +116,17 @@ int cli_parse(const char *cmd, const char *usage, const cli_flag *flags, int arg
 int cli_check_min(const char *cmd, const cli_flag *flags, const char *names, int min) {
     for (const char *n = names; *n;) {
         size_t len = strcspn(n, " ");
-        for (const cli_flag *f = flags; f->name; f++) {
-            if (f->type != CLI_INT || strlen(f->name) != len || strncmp(f->name, n, len))
-                continue;
-            const int v = *(const int *)f->value;
-            if (v < min) {
-                fprintf(stderr, "kvserve %s: %s %d: must be >= %d\n", cmd, f->name, v, min);
-                return -1;
-            }
+        const cli_flag *f = flags;
+        while (f->name && (f->type != CLI_INT || strlen(f->name) != len || strncmp(f->name, n, len)))
+            f++;
+        if (!f->name) {  /* a misspelt name must not drop its check silently */
+            fprintf(stderr, "kvserve %s: internal error: no integer flag '%.*s'\n", cmd, (int)len, n);
+            return -1;
+        }
+        const int v = *(const int *)f->value;
+        if (v < min) {
+            fprintf(stderr, "kvserve %s: %s %d: must be >= %d\n", cmd, f->name, v, min);
+            return -1;
         }
         n += len;
         n += strspn(n, " ");

@@ -29,7 +29,8 @@ int cli_parse(const char *cmd, const char *usage, const cli_flag *flags, int arg
 
 /* After cli_parse: each CLI_INT flag named in `names` (space-separated) must
  * hold at least `min`. Prints "kvserve CMD: --flag V: must be >= MIN" for
- * the first that does not and returns -1; else 0. */
+ * the first that does not and returns -1 (also for a name that is not an
+ * integer flag of the table); else 0. */
 int cli_check_min(const char *cmd, const cli_flag *flags, const char *names, int min);
 
 /* Everything a subcommand needs to run the model. */
