@@ -263,7 +263,7 @@ int cmd_bench_engine(int argc, char **argv) {
         bench_ref wref = {&wst, 0};
         eng_request w = q;
         w.n_prompt = prompt_len < 16 ? prompt_len : 16;
-        w.max_tokens = 4;
+        w.max_tokens = gen_len < 4 ? gen_len : 4;   /* inside the context of prompt_len + gen_len */
         w.user = &wref;
         for (int i = 0; i < w.n_prompt; i++)
             prompt[i] = (int32_t)(i * 7 + 11) % n_vocab;

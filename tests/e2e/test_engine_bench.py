@@ -33,6 +33,13 @@ class EngineBench(unittest.TestCase):
         self.assertIn("KV cache: ", err)
         self.assertIn("max concurrency", err)
 
+    def test_short_requests(self):
+        # a context of prompt + 2 tokens: the warm-up request must fit in it too
+        r, _ = bench("--concurrency", 2, "--prompt-len", 4, "--gen-len", 2, "--kv", "int8")
+        self.assertEqual(r["requests"], 2)
+        self.assertEqual(r["gen_len"], 2)
+        self.assertGreater(r["output_tokens_per_s"], 0)
+
     def test_small_arena_preempts_and_finishes(self):
         # room for about 2 of the 6 sequences in flight: preemption, then recompute
         page = 16 * 30 * 3 * 64 * 2 * 2
