@@ -72,16 +72,19 @@
  *     two merged in shared memory;
  *   - split: a thread block takes one (sequence, kv head, split), a split
  *     being pages_per_split consecutive pages, its NW warps every NW-th
- *     page; warps merge in shared memory, and when a sequence has several
- *     splits each writes (acc, m, l) to the workspace and the last block to
- *     finish (a counter per pair) merges them, in the same launch. Beyond
- *     FAN splits they merge in two levels: the last block of each group of
- *     FAN splits merges the group into its first slot, and the last group to
- *     finish merges the groups (no block reads more than FAN).
+ *     page; warps merge in shared memory. When a pair has 2..8 splits they
+ *     run as one thread block cluster and split 0 merges the others'
+ *     partials from their shared memory (cluster_merge); with more, each
+ *     writes (acc, m, l) to the workspace and the last block to finish (a
+ *     counter per pair) merges them, in the same launch. Beyond FAN splits
+ *     they merge in two levels: the last block of each group of FAN splits
+ *     merges the group into its first slot, and the last group to finish
+ *     merges the groups (no block reads more than FAN).
  * Scores are kept in log2 units (q pre-multiplied by scale * log2 e). */
 #include <math.h>
 #include <stdlib.h>
 
+#include <cooperative_groups.h>
 #include <type_traits>
 
 #include "cache/cuda/common.cuh"
@@ -134,6 +137,7 @@ struct decode_params {
                                   * registers (as immediates each conversion takes two instructions) */
     float qscale;                /* scale * log2(e) */
     int pdl_early;               /* let the next kernel launch at this one's start (else at its exit) */
+    int cluster;                 /* > 1: the n_splits blocks of a pair are one cluster, merged in shared memory */
     const float *q;              /* (n_seqs, q_stride) */
     int64_t q_stride;
     float *out;
@@ -812,10 +816,11 @@ __device__ void merge_partials(const decode_params &p, float *smem, int64_t unit
 
 /* Block-wide: merges the warps' (acc, m, l) in shared memory, WPP warps per
  * pair (the block's pairs in order): into the outputs when `final`, else
- * (one pair a block) into workspace slot `slot` as one partial. */
+ * (one pair a block) into one partial: acc (G, D) at acc_dst, m (G) then l
+ * (G) at ml_dst (a workspace slot or the block's shared memory). */
 template <int D, int G, int WPP>
 __device__ __forceinline__ void merge_warps(const decode_params &p, const float *s_acc, const float *s_m,
-                                            const float *s_l, bool final, int64_t slot) {
+                                            const float *s_l, bool final, float *acc_dst, float *ml_dst) {
     constexpr int PAIRS = NW / WPP;
     for (int e = threadIdx.x; e < PAIRS * G * D; e += NT) {
         const int ps = e / (G * D), r = e - ps * G * D, g = r / D;
@@ -836,13 +841,46 @@ __device__ __forceinline__ void merge_warps(const decode_params &p, const float 
             const int64_t seq = pr / p.n_kv_head, head = pr % p.n_kv_head;
             p.out[seq * p.out_stride + head * G * D + r] = Ls > 0.0f ? A / Ls : 0.0f;
         } else {
-            p.ws_acc[slot * G * D + r] = A;
+            acc_dst[r] = A;
             if (r - g * D == 0) {
-                p.ws_ml[slot * 2 * G + g] = M;
-                p.ws_ml[slot * 2 * G + G + g] = Ls;
+                ml_dst[g] = M;
+                ml_dst[G + g] = Ls;
             }
         }
     }
+}
+
+/* The splits of a pair as one thread block cluster (p.cluster of them, the
+ * cluster's block rank = split): each block's partial (acc (G, D), m (G), l
+ * (G)) is in its shared memory at s_part; rank 0 reads them all through
+ * distributed shared memory and writes the output. No workspace round trip,
+ * no counters: the last split's merge costs two cluster barriers instead of
+ * a fence, an atomic and the partials' reads from L2 (~2 us at the end of a
+ * SmolLM2 64 x 2k launch, notes/gpu.md session 7). Every block of the
+ * cluster gets here (none returns early): ranks without pages hold m = -inf,
+ * l = 0 and add nothing; a pair without positions gets zeros. */
+template <int D, int G>
+__device__ __forceinline__ void cluster_merge(float *s_part, int n, float *out) {
+    namespace cg = cooperative_groups;
+    cg::cluster_group cl = cg::this_cluster();
+    cl.sync();                                 /* every partial is in its block's shared memory */
+    if (cl.block_rank() == 0) {
+        for (int e = threadIdx.x; e < G * D; e += NT) {
+            const int g = e / D;
+            float M = -INFINITY;
+            for (int r = 0; r < n; r++) M = fmaxf(M, cl.map_shared_rank(s_part, r)[G * D + g]);
+            float A = 0.0f, Ls = 0.0f;
+            if (M > -INFINITY)
+                for (int r = 0; r < n; r++) {
+                    const float *pr = cl.map_shared_rank(s_part, r);
+                    const float f = ex2(pr[G * D + g] - M);
+                    A = fmaf(f, pr[e], A);
+                    Ls = fmaf(f, pr[G * D + G + g], Ls);
+                }
+            out[e] = Ls > 0.0f ? A / Ls : 0.0f;
+        }
+    }
+    cl.sync();                                 /* no block leaves while rank 0 reads its shared memory */
 }
 
 /* Blocks per multiprocessor the register budget is set for: as many as the
@@ -890,7 +928,7 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
     float *out = p.out + (int64_t)seq * p.out_stride + (int64_t)head * GT * D;   /* (GT, D) */
     const int n_pages = (ctx + B - 1) / B;
     const int n_active = n_pages > 0 ? (n_pages + p.pps - 1) / p.pps : 0;     /* splits with pages */
-    if (p.ppb == 1 && split >= n_active) {    /* one pair a block: the exit is block-uniform */
+    if (p.ppb == 1 && split >= n_active && p.cluster <= 1) {   /* one pair a block: the exit is block-uniform */
         if (ctx <= 0 && split == 0)
             for (int e = tid; e < GT * D; e += NT) out[e] = 0.0f;
         return;
@@ -1086,8 +1124,16 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
     /* merge the warps of each pair of the block (a warp without pages has m
      * = -inf; a pair without positions writes zeros) */
     const int64_t unit = pair * p.n_splits;    /* ppb 1: this block's pair */
-    if (p.ppb == 1) merge_warps<D, GT, NW>(p, s_acc, s_m, s_l, n_active <= 1, unit + split);
-    else merge_warps<D, GT, 2>(p, s_acc, s_m, s_l, true, 0);
+    if (p.cluster > 1) {                       /* ppb 1, the pair's splits one cluster */
+        float *s_part = s_l + NW * GT;         /* (GT, D) acc, then m (GT), l (GT) */
+        merge_warps<D, GT, NW>(p, s_acc, s_m, s_l, false, s_part, s_part + GT * D);
+        cluster_merge<D, GT>(s_part, p.cluster, out);
+        return;
+    }
+    if (p.ppb == 1)
+        merge_warps<D, GT, NW>(p, s_acc, s_m, s_l, n_active <= 1, p.ws_acc + (unit + split) * GT * D,
+                               p.ws_ml + (unit + split) * 2 * GT);
+    else merge_warps<D, GT, 2>(p, s_acc, s_m, s_l, true, nullptr, nullptr);
     if (p.ppb > 1 || n_active <= 1) return;
 
     /* the last split of a (sequence, head) to finish merges them all; past
@@ -1127,7 +1173,7 @@ int sm_count() {
 
 template <int D, int G, int KF, int VF, int NH> size_t smem_bytes() {
     constexpr int GT = NH * G;
-    const size_t f1 = (size_t)NW * GT * (D + 2) * sizeof(float);
+    const size_t f1 = (size_t)(NW + 1) * GT * (D + 2) * sizeof(float);   /* warps' and (cluster) the block's */
     const size_t f2 = ((size_t)2 * FAN * GT + 4 + (size_t)NW * GT * D) * sizeof(float);
     const size_t r = ring<D, KF, VF, NH>::BYTES;
     return r > f1 ? (r > f2 ? r : f2) : (f1 > f2 ? f1 : f2);
@@ -1360,6 +1406,20 @@ int pdl_mode() {
     return mode;
 }
 
+/* Split blocks as a thread block cluster (cluster_merge) when a pair has 2
+ * to MAX_CLUSTER splits; KVC_CU_CLUSTER=0 in the environment turns it off
+ * (benchmarks' before and after). */
+constexpr int MAX_CLUSTER = 8;                 /* the portable cluster size */
+
+bool cluster_on() {
+    static int on = -1;
+    if (on < 0) {
+        const char *e = getenv("KVC_CU_CLUSTER");
+        on = !(e && *e && atoi(e) == 0);
+    }
+    return on;
+}
+
 /* The decode kernel over a view: q and out as the view's rows (G rows of D
  * numbers per head, q_stride / out_stride floats per sequence). */
 int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_args *a, const float *q,
@@ -1380,6 +1440,7 @@ int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_
     p.zero = 0;
     p.qscale = a->scale * 1.4426950408889634f;
     const int pm = pdl ? pdl_mode() : 0;
+    p.cluster = pl.ppb == 1 && pl.n_splits > 1 && pl.n_splits <= MAX_CLUSTER && cluster_on() ? pl.n_splits : 1;
     p.q = q;
     p.q_stride = q_stride;
     p.out = out;
@@ -1404,12 +1465,28 @@ int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_
         cfg.blockDim = dim3(NT);
         cfg.dynamicSmemBytes = smem_bytes<D_, G_, KF_, VF_, NH_>();
         cfg.stream = stream;
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cudaLaunchAttribute attr[2];
+        unsigned n_attr = 0;
+        if (pm != 0) {
+            attr[n_attr].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+            attr[n_attr++].val.programmaticStreamSerializationAllowed = 1;
+        }
+        if (p.cluster > 1) {
+            attr[n_attr].id = cudaLaunchAttributeClusterDimension;
+            attr[n_attr].val.clusterDim.x = 1;
+            attr[n_attr].val.clusterDim.y = (unsigned)p.cluster;
+            attr[n_attr++].val.clusterDim.z = 1;
+        }
         cfg.attrs = attr;
-        cfg.numAttrs = pm != 0 ? 1 : 0;
+        cfg.numAttrs = n_attr;
         launch_err = cudaLaunchKernelEx(&cfg, decode_kernel<D_, G_, KF_, VF_, NH_>, p);
+        if (launch_err != cudaSuccess && p.cluster > 1) {   /* no room for the clusters (a partitioned GPU):
+                                                            * the workspace merge, which the workspace has */
+            (void)cudaGetLastError();
+            p.cluster = 1;
+            cfg.numAttrs = pm != 0 ? 1 : 0;
+            launch_err = cudaLaunchKernelEx(&cfg, decode_kernel<D_, G_, KF_, VF_, NH_>, p);
+        }
         return KVC_OK;
     });
     if (rc != KVC_OK)

@@ -120,7 +120,10 @@ int kvc_cu_write(const kvc_cu_layout *L, void *arena, int layer, const int32_t *
  * [0, ctx_lens[s]) through its block table; the n_rep query heads of each kv
  * head are processed together, so each page is read once per step. Long
  * contexts are split across thread blocks and merged in the same launch
- * (the last block of a (sequence, kv head) merges; no second kernel). */
+ * (up to 8 splits of a (sequence, kv head) as one thread block cluster
+ * merged through distributed shared memory, more by the last block to
+ * finish through the workspace; no second kernel; KVC_CU_CLUSTER=0 in the
+ * environment turns the clusters off). */
 typedef struct {
     const int32_t *block_tables;  /* device (n_seqs, bt_stride) page ids; bt_stride 0: one shared table */
     int bt_stride;

@@ -391,55 +391,236 @@ static void bench_write(const shape &s, const char *kc, const char *vc, int n) {
     free_pool(bp);
 }
 
-/* --chunks: read bandwidth of random chunks of 1..64 KB out of 2 GiB (what
- * a paged layout's scattered blocks can get from HBM), every 16 bytes once. */
-__global__ void chunk_read(const uint4 *__restrict__ base, const int64_t *__restrict__ chunk_u4, int per_chunk,
-                           int64_t n_items, uint32_t *sink) {
+/* --chunks: read bandwidth of chunks of 1..64 KB at random places of 2 GiB
+ * (what a paged layout's scattered blocks can get from HBM), each byte once,
+ * and of the same chunks in order (sequential), two ways:
+ *   ld:   a warp per chunk in turn, 16 bytes a lane a load, 8 loads in
+ *         flight a lane (as the cp.async rings issue them);
+ *   bulk: a warp per chunk in turn, lane 0 copying pieces of <= 8 KB into a
+ *         ring of 16-24 KB of shared memory by the bulk copy engine
+ *         (cp.async.bulk, an mbarrier a slot), all but one slot in flight.
+ * The chunk offsets are read from a table, as a block table is. */
+template <int UPL>   /* 16-byte units a lane per chunk */
+__global__ void chunk_ld(const uint4 *__restrict__ base, const int64_t *__restrict__ chunk_u4, int n_chunks,
+                         uint32_t *sink) {
+    const int lane = threadIdx.x & 31, nw = gridDim.x * (blockDim.x >> 5);
+    const int w = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int mine = n_chunks > w ? (n_chunks - w + nw - 1) / nw : 0, n_items = mine * UPL;
     uint32_t acc = 0;
-    const int64_t T = (int64_t)gridDim.x * blockDim.x;
-    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    for (; i + 3 * T < n_items; i += 4 * T) {
-        uint4 v[4];
+    for (int j = 0; j < n_items; j += 8) {
+        uint4 v[8];
 #pragma unroll
-        for (int k = 0; k < 4; k++) {
-            const int64_t it = i + k * T;
-            v[k] = __ldcs(base + chunk_u4[it / per_chunk] + it % per_chunk);
+        for (int k = 0; k < 8; k++) {
+            const int jj = j + k;
+            v[k] = jj < n_items ? __ldcs(base + chunk_u4[w + nw * (jj / UPL)] + lane + 32 * (jj % UPL))
+                                : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
-        for (int k = 0; k < 4; k++) acc ^= v[k].x ^ v[k].y ^ v[k].z ^ v[k].w;
-    }
-    for (; i < n_items; i += T) {
-        const uint4 v = __ldcs(base + chunk_u4[i / per_chunk] + i % per_chunk);
-        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+        for (int k = 0; k < 8; k++) acc ^= v[k].x ^ v[k].y ^ v[k].z ^ v[k].w;
     }
     if (acc == 0x12345678u) *sink = acc;
 }
 
+__global__ void chunk_bulk(const uint8_t *__restrict__ base, const int64_t *__restrict__ chunk_u4, int n_chunks,
+                           int piece, int n_pieces, int slots, uint32_t *sink) {
+    extern __shared__ __align__(16) unsigned char ring_raw[];
+    const int lane = threadIdx.x & 31, wl = threadIdx.x >> 5, nw = gridDim.x * (blockDim.x >> 5);
+    const int w = blockIdx.x * (blockDim.x >> 5) + wl;
+    unsigned char *ring = ring_raw + (size_t)wl * (slots * piece + 8 * 32);
+    const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(ring), mbar = ring_s + slots * piece;
+    const int mine = n_chunks > w ? (n_chunks - w + nw - 1) / nw : 0, n_items = mine * n_pieces;
+    if (lane == 0) {
+        for (int i = 0; i < slots; i++) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(mbar + 8 * i));
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncwarp();
+    auto issue = [&](int j) {
+        if (lane == 0 && j < n_items) {
+            const int s = j % slots;
+            const uint8_t *src = base + 16 * chunk_u4[w + nw * (j / n_pieces)] + (size_t)piece * (j % n_pieces);
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(mbar + 8 * s), "r"(piece)
+                         : "memory");
+            asm volatile(
+                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                    ring_s + s * piece),
+                "l"(src), "r"(piece), "r"(mbar + 8 * s)
+                : "memory");
+        }
+    };
+    for (int j = 0; j < slots - 1; j++) issue(j);
+    uint32_t acc = 0;
+    for (int j = 0; j < n_items; j++) {
+        issue(j + slots - 1);
+        const int s = j % slots;
+        const uint32_t parity = (uint32_t)(j / slots) & 1;
+        asm volatile(
+            "{\n.reg .pred done;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+            "@!done bra WAIT;\n}\n" ::"r"(mbar + 8 * s),
+            "r"(parity)
+            : "memory");
+        acc ^= reinterpret_cast<const uint32_t *>(ring + s * piece)[lane];
+        __syncwarp();
+    }
+    if (acc == 0x12345678u) *sink = acc;
+}
+
+/* The decode kernels' f16 copy pattern: a warp's ring of S slots of P 2 KB
+ * chunks, 16 bytes a lane by cp.async, S - 1 slots in flight. */
+template <int S, int P>
+__global__ void chunk_cpa(const uint8_t *__restrict__ base, const int64_t *__restrict__ chunk_u4, int n_chunks,
+                          uint32_t *sink) {
+    extern __shared__ __align__(16) unsigned char ring_raw[];
+    constexpr int SLOT = P * 2048;
+    const int lane = threadIdx.x & 31, wl = threadIdx.x >> 5, nw = gridDim.x * (blockDim.x >> 5);
+    const int w = blockIdx.x * (blockDim.x >> 5) + wl;
+    unsigned char *ring = ring_raw + (size_t)wl * S * SLOT;
+    const int mine = n_chunks > w ? (n_chunks - w + nw - 1) / nw : 0, n_slots = (mine + P - 1) / P;
+    auto issue = [&](int j) {
+        if (j < n_slots)
+#pragma unroll
+            for (int q = 0; q < P; q++) {
+                const int c = j * P + q;
+                if (c < mine) {
+                    const uint8_t *src = base + 16 * chunk_u4[w + nw * c] + 16 * lane;
+                    const uint32_t dst = (uint32_t)__cvta_generic_to_shared(ring + (j % S) * SLOT + q * 2048 + 16 * lane);
+#pragma unroll
+                    for (int i = 0; i < 4; i++)
+                        asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(dst + 512 * i),
+                                     "l"(src + 512 * i));
+                }
+            }
+        asm volatile("cp.async.commit_group;");
+    };
+    for (int j = 0; j < S - 1; j++) issue(j);
+    uint32_t acc = 0;
+    for (int j = 0; j < n_slots; j++) {
+        issue(j + S - 1);
+        asm volatile("cp.async.wait_group %0;" ::"n"(S - 1));
+        __syncwarp();
+        acc ^= reinterpret_cast<const uint32_t *>(ring + (j % S) * SLOT)[lane];
+        __syncwarp();
+    }
+    if (acc == 0x12345678u) *sink = acc;
+}
+
+/* 2 KB random chunks through chunk_cpa at S slots and `per_sm` blocks of 4
+ * warps: one launch between events, and a graph of 8 launches (each on
+ * another of 4 offset tables: d_off holds 4 n). */
+template <int S, int P> static void bench_cpa(const uint8_t *base, const int64_t *d_off, size_t n, size_t bytes,
+                                              int n_sm, uint32_t *sink, cudaStream_t st) {
+    const size_t smem = (size_t)4 * S * P * 2048;
+    CK(cudaFuncSetAttribute(chunk_cpa<S, P>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    int max_sm = 0;
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&max_sm, chunk_cpa<S, P>, 128, smem));
+    std::vector<int> grids;
+    for (int per_sm = 2; per_sm <= max_sm; per_sm++) grids.push_back(n_sm * per_sm);
+    if (S == 3 && P == 2) grids.insert(grids.end(), {192, 264, 300, 350, 384, 390});
+    for (int grid : grids) {
+        const int per_sm = (grid + n_sm - 1) / n_sm;
+        auto launch = [&](int i) {
+            chunk_cpa<S, P><<<grid, 128, smem, st>>>(base, d_off + (i % 4) * n, (int)n, sink);
+        };
+        const double us = event_us(st, 8, 2, launch);
+        const double ug = graph_us(st, 8, launch);
+        CK(cudaGetLastError());
+        printf("cp.async ring %d slots of %d KB, %4d blocks, %2d warps an SM (%3d KB in flight an SM), %4zu MB: "
+               "%6.0f GB/s (%.2f us), graph %6.0f GB/s (%.2f us)\n",
+               S, 2 * P, grid, 4 * per_sm, 4 * per_sm * (S - 1) * 2 * P, bytes >> 20, bytes / us * 1e-3, us,
+               bytes / ug * 1e-3, ug);
+    }
+}
+
 static void bench_chunks(void) {
     const size_t buf = (size_t)2 << 30, total = (size_t)512 << 20;
-    uint4 *base;
+    uint8_t *base;
     uint32_t *sink;
     CK(cudaMalloc(&base, buf));
     CK(cudaMalloc(&sink, 4));
     fill(base, buf, 3);
-    for (int kb : {1, 2, 4, 8, 12, 16, 32, 64}) {
-        const size_t chunk = (size_t)kb << 10, n = total / chunk, slots = buf / chunk;
-        std::vector<int64_t> off(n);
-        uint64_t r = 0x9E3779B97F4A7C15ull * (uint64_t)kb;
-        for (size_t c = 0; c < n; c++) {
+    int n_sm;
+    CK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, 0));
+    for (int kb : {1, 2, 4, 6, 8, 12, 16, 32, 64}) {
+        const size_t chunk = (size_t)kb << 10, n = total / chunk, slots_total = buf / chunk;
+        const int piece = chunk <= 8192 ? (int)chunk : chunk % 8192 ? 4096 : 8192;
+        const int slots = std::max(2, std::min(24576 / piece, 8));
+        const size_t smem = 4 * ((size_t)slots * piece + 8 * 32);
+        CK(cudaFuncSetAttribute(chunk_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        for (int seq = 0; seq < 2; seq++) {
+            std::vector<int64_t> off(n);
+            uint64_t r = 0x9E3779B97F4A7C15ull * (uint64_t)kb;
+            for (size_t c = 0; c < n; c++) {
+                r ^= r << 13, r ^= r >> 7, r ^= r << 17;
+                off[c] = (int64_t)(seq ? c : r % slots_total) * (int64_t)(chunk / 16);
+            }
+            int64_t *d_off;
+            CK(cudaMalloc(&d_off, sizeof(int64_t) * n));
+            CK(cudaMemcpy(d_off, off.data(), sizeof(int64_t) * n, cudaMemcpyHostToDevice));
+            const int upl = (int)(chunk / 512);
+            const double us_ld = event_us(NULL, 8, 2, [&](int) {
+#define CHUNK_LD(U) \
+    case U: chunk_ld<U><<<n_sm * 8, 256>>>((const uint4 *)base, d_off, (int)n, sink); break;
+                switch (upl) {
+                    CHUNK_LD(2) CHUNK_LD(4) CHUNK_LD(8) CHUNK_LD(12) CHUNK_LD(16) CHUNK_LD(24) CHUNK_LD(32)
+                    CHUNK_LD(64) CHUNK_LD(128)
+                }
+#undef CHUNK_LD
+            });
+            CK(cudaGetLastError());
+            int per_sm = 0;
+            CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, chunk_bulk, 128, smem));
+            const double us_bulk = event_us(NULL, 8, 2, [&](int) {
+                chunk_bulk<<<n_sm * per_sm, 128, smem>>>(base, d_off, (int)n, piece, (int)(chunk / piece), slots,
+                                                         sink);
+            });
+            CK(cudaGetLastError());
+            printf("chunks %2d KB %-10s: ld %6.0f GB/s, bulk %6.0f GB/s (pieces of %d B, %d slots a warp, %d warps an SM)\n",
+                   kb, seq ? "sequential" : "random", total / us_ld * 1e-3, total / us_bulk * 1e-3, piece, slots,
+                   4 * per_sm);
+            CK(cudaFree(d_off));
+        }
+    }
+    cudaStream_t st;
+    CK(cudaStreamCreate(&st));
+    for (size_t bytes : {(size_t)25 << 20, (size_t)100 << 20, (size_t)512 << 20}) {
+        const size_t n = bytes / 2048, slots_total = buf / 2048;
+        std::vector<int64_t> off(4 * n);
+        uint64_t r = 0x2545F4914F6CDD1Dull;
+        for (size_t c = 0; c < 4 * n; c++) {
             r ^= r << 13, r ^= r >> 7, r ^= r << 17;
-            off[c] = (int64_t)(r % slots) * (int64_t)(chunk / 16);
+            off[c] = (int64_t)(r % slots_total) * 128;
         }
         int64_t *d_off;
-        CK(cudaMalloc(&d_off, sizeof(int64_t) * n));
-        CK(cudaMemcpy(d_off, off.data(), sizeof(int64_t) * n, cudaMemcpyHostToDevice));
-        const double us = event_us(NULL, 8, 2, [&](int) {
-            chunk_read<<<132 * 8, 256>>>(base, d_off, (int)(chunk / 16), (int64_t)(total / 16), sink);
-        });
-        CK(cudaGetLastError());
-        printf("chunks %2d KB random: %6.0f GB/s\n", kb, total / us * 1e-3);
+        CK(cudaMalloc(&d_off, sizeof(int64_t) * 4 * n));
+        CK(cudaMemcpy(d_off, off.data(), sizeof(int64_t) * 4 * n, cudaMemcpyHostToDevice));
+        bench_cpa<2, 2>(base, d_off, n, bytes, n_sm, sink, st);
+        bench_cpa<3, 2>(base, d_off, n, bytes, n_sm, sink, st);
+        bench_cpa<4, 2>(base, d_off, n, bytes, n_sm, sink, st);
+        bench_cpa<6, 2>(base, d_off, n, bytes, n_sm, sink, st);
+        bench_cpa<3, 4>(base, d_off, n, bytes, n_sm, sink, st);
         CK(cudaFree(d_off));
     }
+    /* the decode pattern: 2 KB blocks at 6 fixed offsets (3 heads' K and V)
+     * of pages of `stride` bytes, pages at random */
+    for (size_t stride_kb : {2, 12, 14, 96, 98, 360, 362, 128, 130}) {
+        const size_t bytes = (size_t)100 << 20, n = bytes / 2048, stride = stride_kb << 10, pages = buf / stride;
+        std::vector<int64_t> off(4 * n);
+        uint64_t r = 0x2545F4914F6CDD1Dull;
+        for (size_t c = 0; c < 4 * n; c++) {
+            r ^= r << 13, r ^= r >> 7, r ^= r << 17;
+            const size_t page = (r >> 8) % pages, blk = stride_kb >= 12 ? (r & 0xff) % 6 : 0;
+            off[c] = (int64_t)((page * stride + blk * 2048) / 16);
+        }
+        int64_t *d_off;
+        CK(cudaMalloc(&d_off, sizeof(int64_t) * 4 * n));
+        CK(cudaMemcpy(d_off, off.data(), sizeof(int64_t) * 4 * n, cudaMemcpyHostToDevice));
+        const size_t smem = (size_t)4 * 3 * 2 * 2048;
+        auto launch = [&](int i) { chunk_cpa<3, 2><<<384, 128, smem, st>>>(base, d_off + (i % 4) * n, (int)n, sink); };
+        const double ug = graph_us(st, 8, launch);
+        printf("paged 2 KB blocks, 6 a page, pages of %3zu KB at random: graph %6.0f GB/s (%.2f us)\n", stride_kb,
+               bytes / ug * 1e-3, ug);
+        CK(cudaFree(d_off));
+    }
+    CK(cudaStreamDestroy(st));
     CK(cudaFree(base));
     CK(cudaFree(sink));
 }
