@@ -89,6 +89,54 @@
 
 #include "cache/cuda/common.cuh"
 
+/* Built with -DKVC_CU_TIMELINE (`make BUILD=build-gpu-tl NVCCFLAGS="-O3
+ * -DKVC_CU_TIMELINE" gpu-bins`), every decode block records when it starts
+ * (mark 0), its SM (1), when warp 0's first slot is in (2), when each warp's
+ * page loop ends (3..6) and when it exits (7), in globaltimer nanoseconds;
+ * `gpu_bench --timeline` reads one launch's marks (notes/gpu.md session 7:
+ * where a launch's time goes, SM by SM). Off, the marks compile to nothing. */
+#ifdef KVC_CU_TIMELINE
+constexpr int TL_BLOCKS = 16384;
+__device__ unsigned long long kvc__cu_tl[8 * TL_BLOCKS];
+extern "C" int kvc__cu_timeline_read(unsigned long long *dst, size_t n) {
+    return (int)cudaMemcpyFromSymbol(dst, kvc__cu_tl, (n < 8 * TL_BLOCKS ? n : 8 * TL_BLOCKS) * sizeof *dst);
+}
+extern "C" int kvc__cu_timeline_clear(void) {
+    void *p;
+    if (cudaGetSymbolAddress(&p, kvc__cu_tl) != cudaSuccess) return -1;
+    return (int)cudaMemset(p, 0, sizeof kvc__cu_tl);
+}
+__device__ __forceinline__ void tl_mark(int k, unsigned long long v) {
+    const int b = blockIdx.x + gridDim.x * blockIdx.y;
+    if (b < TL_BLOCKS) kvc__cu_tl[8 * b + k] = v;
+}
+__device__ __forceinline__ unsigned long long tl_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ unsigned tl_smid() {
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    return sm;
+}
+struct tl_exit {
+    __device__ ~tl_exit() {
+        if (threadIdx.x == 0) tl_mark(7, tl_now());
+    }
+};
+#define TL(k, thread)                                          \
+    do {                                                       \
+        if (threadIdx.x == (thread)) tl_mark((k), tl_now());   \
+    } while (0)
+#define TL_START()                                             \
+    tl_exit tl_exit_;                                          \
+    if (threadIdx.x == 0) tl_mark(0, tl_now()), tl_mark(1, tl_smid())
+#else
+#define TL(k, thread) ((void)0)
+#define TL_START() ((void)0)
+#endif
+
 namespace {
 
 constexpr int NW = 4;            /* warps per block */
@@ -911,6 +959,7 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
     extern __shared__ __align__(16) unsigned char smem_raw[];
     float *smem = reinterpret_cast<float *>(smem_raw);
     __shared__ int s_last;
+    TL_START();
     /* programmatic dependent launch (pdl_mode): wait for the kernel before
      * this one in the stream (its writes visible) before any global access;
      * then, pdl_early, let the next one's blocks take the free slots */
@@ -1046,6 +1095,7 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
             cp_async_wait<R::S - 1>();
             __syncwarp();
         }
+        if (s == 0) TL(2, 0);
         const uint8_t *sl = my + slot * R::SLOT;
         int v0 = B, v1 = B;
         if (s + 1 == n_steps) {
@@ -1062,6 +1112,7 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
         if (++slot == R::S) slot = 0, parity ^= 1;
         slot_next = slot_next + 1 == R::S ? 0 : slot_next + 1;
     }
+    TL(3 + warp, warp * 32);
     if constexpr (R::BULK) {                   /* every slot filled was waited for: all copies are in */
         if (lane == 0)
 #pragma unroll

@@ -29,7 +29,10 @@
  *        whose label "shape kcodec/vcodec pw" does; --cases: the decode
  *        cases instead of 64x2048,256x512,1x32768)
  *        gpu_bench --one smollm2|llama8b KCODEC VCODEC N_SEQS CTX   (20 launches, for ncu)
- *        gpu_bench --chunks   (HBM read bandwidth of random 1..64 KB chunks) */
+ *        gpu_bench --chunks   (HBM read bandwidth of random 1..64 KB chunks)
+ *        gpu_bench --timeline smollm2|llama8b KCODEC VCODEC N_SEQS CTX [CSV]
+ *          (a build with -DKVC_CU_TIMELINE: one launch's per-block marks,
+ *          see decode.cu; CSV gets block, SM and the marks in us) */
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -641,6 +644,89 @@ static void one_decode(const shape &s, const char *kc, const char *vc, int n_seq
     printf("one: %s %s/%s %dx%d done\n", s.name, kc, vc, n_seqs, ctx);
 }
 
+#ifdef KVC_CU_TIMELINE
+extern "C" int kvc__cu_timeline_read(unsigned long long *dst, size_t n);
+extern "C" int kvc__cu_timeline_clear(void);
+
+/* --timeline: one decode launch after three (the graph time for scale):
+ * each mark's spread over the blocks, the page loops' ends by how many
+ * blocks shared the SM, and the blocks' marks into csv. */
+static void timeline(const shape &s, const char *kc, const char *vc, int n_seqs, int ctx, const char *csv) {
+    decode_case dc = make_decode_case(s, kc, vc, n_seqs, ctx);
+    const size_t wsb = kvc_cu_decode_workspace(&dc.bp.lay, n_seqs, ctx, s.G);
+    void *ws;
+    CK(cudaMalloc(&ws, wsb));
+    CK(cudaMemset(ws, 0, wsb));
+    cudaStream_t st;
+    CK(cudaStreamCreate(&st));
+    auto launch = [&](int i) {
+        KV(kvc_cu_decode(&dc.bp.lay, dc.bp.arena, i % dc.bp.n_layer, &dc.a, ws, wsb, st, err_, sizeof err_));
+    };
+    const double ug = graph_us(st, 2 * dc.bp.n_layer, launch);
+    CK(cudaStreamSynchronize(st));
+    CK((cudaError_t)kvc__cu_timeline_clear());
+    for (int i = 0; i < 4; i++) launch(i);
+    CK(cudaStreamSynchronize(st));
+    std::vector<unsigned long long> tl(8 * 16384);
+    CK((cudaError_t)kvc__cu_timeline_read(tl.data(), tl.size()));
+    unsigned long long t0 = ~0ull;
+    std::vector<int> blocks;
+    for (int b = 0; b < 16384; b++)
+        if (tl[8 * b]) blocks.push_back(b), t0 = std::min(t0, tl[8 * b]);
+    auto us = [&](int b, int k) { return tl[8 * b + k] ? (tl[8 * b + k] - t0) * 1e-3 : -1.0; };
+    auto loop_end = [&](int b) {
+        double m = 0;
+        for (int k = 3; k < 7; k++) m = std::max(m, us(b, k));
+        return m;
+    };
+    double span = 0;
+    for (int b : blocks) span = std::max(span, us(b, 7));
+    printf("timeline %s %s/%s %dx%d: graph %.2f us a launch; %zu blocks, first start to last exit %.2f us\n", s.name,
+           kc, vc, n_seqs, ctx, ug, blocks.size(), span);
+    const char *names[8] = {"start", "", "slot 0 in (w0)", "loop end w0", "loop end w1", "loop end w2", "loop end w3",
+                            "exit"};
+    for (int k : {0, 2, 3, 4, 5, 6, 7}) {
+        std::vector<double> v;
+        for (int b : blocks)
+            if (us(b, k) >= 0) v.push_back(us(b, k));
+        if (v.empty()) continue;
+        std::sort(v.begin(), v.end());
+        auto q = [&](double f) { return v[(size_t)(f * (v.size() - 1))]; };
+        printf("  %-15s min %7.2f  p10 %7.2f  p50 %7.2f  p90 %7.2f  max %7.2f us\n", names[k], q(0), q(0.1),
+               q(0.5), q(0.9), q(1));
+    }
+    std::vector<std::vector<double>> by_sm(1024);
+    for (int b : blocks) by_sm[tl[8 * b + 1] & 1023].push_back(loop_end(b));
+    std::vector<std::pair<double, int>> sm_mean;
+    for (int sm = 0; sm < 1024; sm++)
+        if (!by_sm[sm].empty()) {
+            double m = 0;
+            for (double x : by_sm[sm]) m += x;
+            sm_mean.push_back({m / by_sm[sm].size(), sm});
+        }
+    std::sort(sm_mean.begin(), sm_mean.end());
+    printf("  page loops' end by SM (mean of its blocks): %zu SMs, fastest", sm_mean.size());
+    for (size_t i = 0; i < sm_mean.size() && i < 6; i++) printf(" %d:%.1f", sm_mean[i].second, sm_mean[i].first);
+    printf(", median %.1f, slowest %d:%.1f us\n", sm_mean[sm_mean.size() / 2].first, sm_mean.back().second,
+           sm_mean.back().first);
+    if (csv) {
+        FILE *f = fopen(csv, "w");
+        if (!f) {
+            fprintf(stderr, "timeline: cannot write %s\n", csv);
+            exit(2);
+        }
+        fprintf(f, "block,sm,start,slot0,end_w0,end_w1,end_w2,end_w3,exit\n");
+        for (int b : blocks)
+            fprintf(f, "%d,%llu,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f\n", b, tl[8 * b + 1], us(b, 0), us(b, 2), us(b, 3),
+                    us(b, 4), us(b, 5), us(b, 6), us(b, 7));
+        fclose(f);
+    }
+    CK(cudaFree(ws));
+    CK(cudaStreamDestroy(st));
+    free_decode_case(dc);
+}
+#endif
+
 /* "64x2048,1x32768" -> cases; false (nothing changed) on anything else. */
 static bool parse_cases(const char *s, std::vector<std::pair<int, int>> &cases) {
     std::vector<std::pair<int, int>> out;
@@ -667,6 +753,14 @@ int main(int argc, char **argv) {
         one_decode(shapes[strcmp(argv[2], "smollm2") ? 1 : 0], argv[3], argv[4], atoi(argv[5]), atoi(argv[6]));
         return 0;
     }
+#ifdef KVC_CU_TIMELINE
+    if ((argc == 7 || argc == 8) && !strcmp(argv[1], "--timeline")) {
+        static const shape shapes[2] = {{"smollm2", 3, 3, 64}, {"llama8b", 8, 4, 128}};
+        timeline(shapes[strcmp(argv[2], "smollm2") ? 1 : 0], argv[3], argv[4], atoi(argv[5]), atoi(argv[6]),
+                 argc == 8 ? argv[7] : NULL);
+        return 0;
+    }
+#endif
     if (argc == 2 && !strcmp(argv[1], "--chunks")) {
         bench_chunks();
         return 0;
