@@ -72,9 +72,10 @@
  *     two merged in shared memory;
  *   - split: a thread block takes one (sequence, kv head, split), a split
  *     being pages_per_split consecutive pages, its NW warps every NW-th
- *     page; warps merge in shared memory. When a pair has 2..8 splits they
- *     run as one thread block cluster and split 0 merges the others'
- *     partials from their shared memory (cluster_merge); with more, each
+ *     page; warps merge in shared memory. When a pair has 2..8 splits and
+ *     the grid fills the GPU in one wave they run as one thread block
+ *     cluster and split 0 merges the others' partials from their shared
+ *     memory (cluster_merge, cluster_mode); otherwise each
  *     writes (acc, m, l) to the workspace and the last block to finish (a
  *     counter per pair) merges them, in the same launch. Beyond FAN splits
  *     they merge in two levels: the last block of each group of FAN splits
@@ -1457,18 +1458,27 @@ int pdl_mode() {
     return mode;
 }
 
-/* Split blocks as a thread block cluster (cluster_merge) when a pair has 2
- * to MAX_CLUSTER splits; KVC_CU_CLUSTER=0 in the environment turns it off
- * (benchmarks' before and after). */
+/* Split blocks as a thread block cluster (cluster_merge): when a pair has 2
+ * to MAX_CLUSTER splits, the grid is one wave filling at least half the
+ * resident slots and at least 3 blocks fit a multiprocessor. Measured
+ * (session 7, graph, default plans unless named): SmolLM2 64 x 2k (384
+ * blocks of 528, 2 splits) f16 34.9-35.1 -> 33.8-34.5 us, int8 21.9 ->
+ * 20.9-21.1, int4 20.6-20.7 -> 19.8-20.1; but Llama-8B (2 blocks a
+ * multiprocessor) pps128 at 4 x 8k (128 blocks, 4 splits) 44.9 -> 68.4 and
+ * pps64 at 64 x 2k (four waves) 162.5 -> 168.9, and clusters of 8 with a
+ * workspace merge above them for more splits made every 1 x 32k case slower
+ * (SmolLM2 f16 14.0 -> 16.0, Llama f16 45.3 -> 62.4): cluster placement
+ * needs the cluster's blocks free at once in one GPC. */
 constexpr int MAX_CLUSTER = 8;                 /* the portable cluster size */
 
-bool cluster_on() {
-    static int on = -1;
-    if (on < 0) {
+int g_cluster = -2;              /* kvc_cu_set_decode_cluster; -2: not set, the environment's */
+
+int cluster_mode() {
+    if (g_cluster == -2) {
         const char *e = getenv("KVC_CU_CLUSTER");
-        on = !(e && *e && atoi(e) == 0);
+        g_cluster = e && *e ? (atoi(e) == 0 ? 0 : atoi(e) == 2 ? 1 : -1) : -1;
     }
-    return on;
+    return g_cluster;
 }
 
 /* The decode kernel over a view: q and out as the view's rows (G rows of D
@@ -1491,7 +1501,6 @@ int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_
     p.zero = 0;
     p.qscale = a->scale * 1.4426950408889634f;
     const int pm = pdl ? pdl_mode() : 0;
-    p.cluster = pl.ppb == 1 && pl.n_splits > 1 && pl.n_splits <= MAX_CLUSTER && cluster_on() ? pl.n_splits : 1;
     p.q = q;
     p.q_stride = q_stride;
     p.out = out;
@@ -1506,8 +1515,14 @@ int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_
         constexpr int D_ = decltype(d)::value, G_ = decltype(g)::value, KF_ = decltype(kf)::value,
                       VF_ = decltype(vf)::value, NH_ = decltype(nh)::value;
         /* (also sets the shared memory limit) */
-        const long resident = (long)sm_count() * blocks_per_sm<D_, G_, KF_, VF_, NH_>();
+        const int per_sm = blocks_per_sm<D_, G_, KF_, VF_, NH_>();
+        const long resident = (long)sm_count() * per_sm;
         const long blocks = (long)grid.x * grid.y;
+        const int cm = cluster_mode();
+        p.cluster = pl.ppb == 1 && pl.n_splits > 1 && pl.n_splits <= MAX_CLUSTER &&
+                            (cm == 1 || (cm < 0 && per_sm >= 3 && blocks <= resident && 2 * blocks >= resident))
+                        ? pl.n_splits
+                        : 1;
         const long free_slots = resident - blocks;
         const bool early = free_slots >= blocks || (quantized(KF_, VF_) && free_slots * 16 <= blocks);
         p.pdl_early = pm == 1 || (pm < 0 && early);
@@ -1551,6 +1566,8 @@ int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_
 bool has_transform(const kvc_cu_layout *L) { return L->k_shape != KVC_CU_PLAIN || L->v_shape != KVC_CU_PLAIN; }
 
 } // namespace
+
+extern "C" void kvc_cu_set_decode_cluster(int mode) { g_cluster = mode < 0 ? -1 : mode > 0 ? 1 : 0; }
 
 extern "C" void kvc_cu_set_decode_tuning(int pages_per_split, int warp_per_sequence) {
     g_pages_per_split = pages_per_split > 0 ? pages_per_split : 0;

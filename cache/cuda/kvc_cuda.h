@@ -120,10 +120,9 @@ int kvc_cu_write(const kvc_cu_layout *L, void *arena, int layer, const int32_t *
  * [0, ctx_lens[s]) through its block table; the n_rep query heads of each kv
  * head are processed together, so each page is read once per step. Long
  * contexts are split across thread blocks and merged in the same launch
- * (up to 8 splits of a (sequence, kv head) as one thread block cluster
- * merged through distributed shared memory, more by the last block to
- * finish through the workspace; no second kernel; KVC_CU_CLUSTER=0 in the
- * environment turns the clusters off). */
+ * (no second kernel): 2..8 splits of a (sequence, kv head) filling the GPU
+ * in one wave as one thread block cluster, merged through distributed shared
+ * memory; otherwise by the last block to finish, through the workspace. */
 typedef struct {
     const int32_t *block_tables;  /* device (n_seqs, bt_stride) page ids; bt_stride 0: one shared table */
     int bt_stride;
@@ -169,6 +168,11 @@ int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int layer,
  * (2), blocks split the context (-1), or the plan decides (0, the default).
  * Not thread-safe; set before use. */
 void kvc_cu_set_decode_tuning(int pages_per_split, int warp_per_sequence);
+/* Whether the 2..8 split blocks of a (sequence, kv head) run as one thread
+ * block cluster: -1 where the plan fills one wave (the default; the
+ * environment's KVC_CU_CLUSTER=0 turns it off, =2 on), 0 never, 1 always
+ * (tests of both merges). Not thread-safe; set before use. */
+void kvc_cu_set_decode_cluster(int mode);
 
 #ifdef __cplusplus
 }

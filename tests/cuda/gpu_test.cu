@@ -329,10 +329,17 @@ static void run_case(const test_case &c) {
         d_ctx.up(c.ctx.data());
         dev_buf<float> d_q(q.size()), d_out(q.size());
         d_q.up(q.data());
-        const int pps_set[6] = {0, 8, 3, 1 << 20, 0, 0}, wph_set[6] = {0, -1, -1, -1, 1, 2};
-        const char *pps_name[6] = {"auto", "8 pages", "3 pages", "one split", "warp/head", "2 warps/head"};
-        for (int v = 0; v < 6; v++) {
+        /* the split plans, and 8 and 3 splits as clusters and not (the
+         * default decides by the grid, which small test grids rarely fill) */
+        const int p8 = (max_pages + 7) / 8, p3 = (max_pages + 2) / 3;
+        const int pps_set[10] = {0, 8, 3, 1 << 20, 0, 0, p8, p3, p8, p3};
+        const int wph_set[10] = {0, -1, -1, -1, 1, 2, -1, -1, -1, -1};
+        const int cl_set[10] = {-1, -1, -1, -1, -1, -1, 0, 0, 1, 1};
+        const char *pps_name[10] = {"auto",     "8 pages",  "3 pages",     "one split",   "warp/head",
+                                    "2 warps/head", "8 splits", "3 splits", "8 splits, cl", "3 splits, cl"};
+        for (int v = 0; v < 10; v++) {
             kvc_cu_set_decode_tuning(pps_set[v], wph_set[v]);
+            kvc_cu_set_decode_cluster(cl_set[v]);
             kvc_cu_decode_args a;
             memset(&a, 0, sizeof a);
             a.block_tables = d_bt.p;
@@ -377,6 +384,7 @@ static void run_case(const test_case &c) {
             EXPECT(dirty == 0, "decode (%s): %d merge counters left non-zero", pps_name[v], dirty);
         }
         kvc_cu_set_decode_tuning(0, 0);
+        kvc_cu_set_decode_cluster(-1);
     }
 
     /* 4. prefill chunks of the longest sequence */
