@@ -10,7 +10,11 @@
 #   5. sdpa: PyTorch scaled_dot_product_attention on a contiguous f16 cache of
 #      the same shapes (the comparison the issue asks for);
 #   6. prof (only when named in STEPS): ncu on the decode configurations in
-#      PROF ("shape kcodec vcodec n_seqs ctx", ';'-separated).
+#      PROF ("shape kcodec vcodec n_seqs ctx", ';'-separated);
+#   7. timeline (only when named in STEPS): each decode block's start, SM,
+#      page loop ends and exit in one launch of the configurations in
+#      TIMELINE (as PROF), from a build with -DKVC_CU_TIMELINE ($BUILD-tl,
+#      built there when missing or not runnable); a CSV a configuration.
 # Logs go to $OUT (or ./build-gpu/out); the summary is printed last.
 #   STEPS="test san bench sdpa" (default all) picks steps; BENCH_ARGS passes
 #   options to gpu_bench (e.g. --quick, --match lowrank); T_TEST, T_SAN and
@@ -73,6 +77,23 @@ if has prof; then
     grep -E "^== ncu|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Issued Warp|No Eligible|Stall|Registers|Theoretical Occ|Block Limit" "$OUT/prof.txt" | head -80
 fi
 
+if has timeline; then
+    tl=$BUILD-tl/gpu/gpu_bench
+    if ! "$tl" --help 2>&1 | grep -q usage; then
+        echo "== building $tl"
+        make -j16 BUILD="$BUILD-tl" NVCCFLAGS="-O3 -lineinfo -DKVC_CU_TIMELINE" \
+            NVCC="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)" "$tl" >"$OUT/build_tl.log" 2>&1 \
+            || { tail -30 "$OUT/build_tl.log"; status=1; }
+    fi
+    IFS=';' read -ra cfgs <<<"${TIMELINE:-smollm2 f16 f16 64 2048}"
+    for c in "${cfgs[@]}"; do
+        read -r shp kc vc n ctx <<<"$c"
+        echo "== timeline $c"
+        timeout 60 "$tl" --timeline $c "$OUT/timeline_${shp}_${kc}_${vc}_${n}x${ctx}.csv" >>"$OUT/timeline.log" 2>&1 \
+            || { echo "timeline $c failed" >>"$OUT/timeline.log"; status=1; }
+    done
+fi
+
 if has sdpa; then
     echo "== pytorch sdpa"
     PYTHONUNBUFFERED=1 timeout 240 python3 - >"$OUT/sdpa.log" 2>&1 <<'EOF'
@@ -128,4 +149,5 @@ for tool in memcheck racecheck; do
 done
 [ -f "$OUT/bench.log" ] && grep -E "^copy|^BEST|^prefill|^write" "$OUT/bench.log"
 [ -f "$OUT/sdpa.log" ] && grep -E "^SDPA|Error|error" "$OUT/sdpa.log"
+[ -f "$OUT/timeline.log" ] && cat "$OUT/timeline.log"
 exit $status
