@@ -903,9 +903,9 @@ __device__ __forceinline__ void merge_warps(const decode_params &p, const float 
  * cluster's block rank = split): each block's partial (acc (G, D), m (G), l
  * (G)) is in its shared memory at s_part; rank 0 reads them all through
  * distributed shared memory and writes the output. No workspace round trip,
- * no counters: the last split's merge costs two cluster barriers instead of
- * a fence, an atomic and the partials' reads from L2 (~2 us at the end of a
- * SmolLM2 64 x 2k launch, notes/gpu.md session 7). Every block of the
+ * fence or counter: SmolLM2 64 x 2k ~1 us faster a launch than the workspace
+ * merge (notes/gpu.md session 7; the remote loads here still leave ~2-3 us
+ * from the last page loop to the exit). Every block of the
  * cluster gets here (none returns early): ranks without pages hold m = -inf,
  * l = 0 and add nothing; a pair without positions gets zeros. */
 template <int D, int G>
@@ -1476,7 +1476,8 @@ int g_cluster = -2;              /* kvc_cu_set_decode_cluster; -2: not set, the 
 int cluster_mode() {
     if (g_cluster == -2) {
         const char *e = getenv("KVC_CU_CLUSTER");
-        g_cluster = e && *e ? (atoi(e) == 0 ? 0 : atoi(e) == 2 ? 1 : -1) : -1;
+        const int v = e && *e ? atoi(e) : -1;
+        g_cluster = v == 0 ? 0 : v == 2 ? 1 : -1;
     }
     return g_cluster;
 }

@@ -200,6 +200,12 @@ struct decode_case {
     kvc_cu_decode_args a;
 };
 
+/* xorshift64 */
+static uint64_t next_random(uint64_t &r) {
+    r ^= r << 13, r ^= r >> 7, r ^= r << 17;
+    return r;
+}
+
 static decode_case make_decode_case(const shape &s, const char *kc, const char *vc, int n_seqs, int ctx) {
     decode_case c;
     c.pages_per_seq = (ctx + 15) / 16;
@@ -208,10 +214,7 @@ static decode_case make_decode_case(const shape &s, const char *kc, const char *
     std::vector<int32_t> perm(c.n_pages);
     for (int i = 0; i < c.n_pages; i++) perm[i] = i;
     uint64_t r = 88172645463325252ull;
-    for (int i = c.n_pages - 1; i > 0; i--) {
-        r ^= r << 13, r ^= r >> 7, r ^= r << 17;
-        std::swap(perm[i], perm[r % (uint64_t)(i + 1)]);
-    }
+    for (int i = c.n_pages - 1; i > 0; i--) std::swap(perm[i], perm[next_random(r) % (uint64_t)(i + 1)]);
     CK(cudaMalloc(&c.d_bt, sizeof(int32_t) * c.n_pages));
     CK(cudaMemcpy(c.d_bt, perm.data(), sizeof(int32_t) * c.n_pages, cudaMemcpyHostToDevice));
     std::vector<int32_t> ctxs(n_seqs, ctx);
@@ -517,7 +520,7 @@ template <int S, int P> static void bench_cpa(const uint8_t *base, const int64_t
     CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&max_sm, chunk_cpa<S, P>, 128, smem));
     std::vector<int> grids;
     for (int per_sm = 2; per_sm <= max_sm; per_sm++) grids.push_back(n_sm * per_sm);
-    if (S == 3 && P == 2) grids.insert(grids.end(), {192, 264, 300, 350, 384, 390});
+    if (S == 3 && P == 2) grids.push_back(384);   /* SmolLM2 64 x 2k decode's grid */
     for (int grid : grids) {
         const int per_sm = (grid + n_sm - 1) / n_sm;
         auto launch = [&](int i) {
@@ -531,6 +534,14 @@ template <int S, int P> static void bench_cpa(const uint8_t *base, const int64_t
                S, 2 * P, grid, 4 * per_sm, 4 * per_sm * (S - 1) * 2 * P, bytes >> 20, bytes / us * 1e-3, us,
                bytes / ug * 1e-3, ug);
     }
+}
+
+/* Chunk offsets (in 16-byte units) on the device; free with cudaFree. */
+static int64_t *device_offsets(const std::vector<int64_t> &off) {
+    int64_t *d;
+    CK(cudaMalloc(&d, sizeof(int64_t) * off.size()));
+    CK(cudaMemcpy(d, off.data(), sizeof(int64_t) * off.size(), cudaMemcpyHostToDevice));
+    return d;
 }
 
 static void bench_chunks(void) {
@@ -551,13 +562,9 @@ static void bench_chunks(void) {
         for (int seq = 0; seq < 2; seq++) {
             std::vector<int64_t> off(n);
             uint64_t r = 0x9E3779B97F4A7C15ull * (uint64_t)kb;
-            for (size_t c = 0; c < n; c++) {
-                r ^= r << 13, r ^= r >> 7, r ^= r << 17;
-                off[c] = (int64_t)(seq ? c : r % slots_total) * (int64_t)(chunk / 16);
-            }
-            int64_t *d_off;
-            CK(cudaMalloc(&d_off, sizeof(int64_t) * n));
-            CK(cudaMemcpy(d_off, off.data(), sizeof(int64_t) * n, cudaMemcpyHostToDevice));
+            for (size_t c = 0; c < n; c++)
+                off[c] = (int64_t)(seq ? c : next_random(r) % slots_total) * (int64_t)(chunk / 16);
+            int64_t *d_off = device_offsets(off);
             const int upl = (int)(chunk / 512);
             const double us_ld = event_us(NULL, 8, 2, [&](int) {
 #define CHUNK_LD(U) \
@@ -588,39 +595,13 @@ static void bench_chunks(void) {
         const size_t n = bytes / 2048, slots_total = buf / 2048;
         std::vector<int64_t> off(4 * n);
         uint64_t r = 0x2545F4914F6CDD1Dull;
-        for (size_t c = 0; c < 4 * n; c++) {
-            r ^= r << 13, r ^= r >> 7, r ^= r << 17;
-            off[c] = (int64_t)(r % slots_total) * 128;
-        }
-        int64_t *d_off;
-        CK(cudaMalloc(&d_off, sizeof(int64_t) * 4 * n));
-        CK(cudaMemcpy(d_off, off.data(), sizeof(int64_t) * 4 * n, cudaMemcpyHostToDevice));
+        for (size_t c = 0; c < 4 * n; c++) off[c] = (int64_t)(next_random(r) % slots_total) * 128;
+        int64_t *d_off = device_offsets(off);
         bench_cpa<2, 2>(base, d_off, n, bytes, n_sm, sink, st);
         bench_cpa<3, 2>(base, d_off, n, bytes, n_sm, sink, st);
         bench_cpa<4, 2>(base, d_off, n, bytes, n_sm, sink, st);
         bench_cpa<6, 2>(base, d_off, n, bytes, n_sm, sink, st);
         bench_cpa<3, 4>(base, d_off, n, bytes, n_sm, sink, st);
-        CK(cudaFree(d_off));
-    }
-    /* the decode pattern: 2 KB blocks at 6 fixed offsets (3 heads' K and V)
-     * of pages of `stride` bytes, pages at random */
-    for (size_t stride_kb : {2, 12, 14, 96, 98, 360, 362, 128, 130}) {
-        const size_t bytes = (size_t)100 << 20, n = bytes / 2048, stride = stride_kb << 10, pages = buf / stride;
-        std::vector<int64_t> off(4 * n);
-        uint64_t r = 0x2545F4914F6CDD1Dull;
-        for (size_t c = 0; c < 4 * n; c++) {
-            r ^= r << 13, r ^= r >> 7, r ^= r << 17;
-            const size_t page = (r >> 8) % pages, blk = stride_kb >= 12 ? (r & 0xff) % 6 : 0;
-            off[c] = (int64_t)((page * stride + blk * 2048) / 16);
-        }
-        int64_t *d_off;
-        CK(cudaMalloc(&d_off, sizeof(int64_t) * 4 * n));
-        CK(cudaMemcpy(d_off, off.data(), sizeof(int64_t) * 4 * n, cudaMemcpyHostToDevice));
-        const size_t smem = (size_t)4 * 3 * 2 * 2048;
-        auto launch = [&](int i) { chunk_cpa<3, 2><<<384, 128, smem, st>>>(base, d_off + (i % 4) * n, (int)n, sink); };
-        const double ug = graph_us(st, 8, launch);
-        printf("paged 2 KB blocks, 6 a page, pages of %3zu KB at random: graph %6.0f GB/s (%.2f us)\n", stride_kb,
-               bytes / ug * 1e-3, ug);
         CK(cudaFree(d_off));
     }
     CK(cudaStreamDestroy(st));
@@ -748,16 +729,29 @@ static bool parse_cases(const char *s, std::vector<std::pair<int, int>> &cases) 
 int main(int argc, char **argv) {
     bool quick = false;
     std::vector<std::pair<int, int>> cases = {{64, 2048}, {256, 512}, {1, 32768}};
+    const shape shapes[2] = {{"smollm2", 3, 3, 64}, {"llama8b", 8, 4, 128}};
+    /* --one / --timeline SHAPE KCODEC VCODEC N_SEQS CTX: one decode configuration */
+    auto config = [&](const shape *&sh, int &n, int &ctx) {
+        sh = !strcmp(argv[2], "smollm2") ? &shapes[0] : !strcmp(argv[2], "llama8b") ? &shapes[1] : NULL;
+        n = atoi(argv[5]), ctx = atoi(argv[6]);
+        if (!sh || n < 1 || n > 65535 || ctx < 1) {
+            fprintf(stderr, "%s %s: want smollm2|llama8b KCODEC VCODEC N_SEQS (1..65535) CTX (>= 1), got %s ... %s %s\n",
+                    argv[0], argv[1], argv[2], argv[5], argv[6]);
+            return false;
+        }
+        return true;
+    };
+    const shape *sh;
+    int n_seqs, ctx;
     if (argc == 7 && !strcmp(argv[1], "--one")) {
-        static const shape shapes[2] = {{"smollm2", 3, 3, 64}, {"llama8b", 8, 4, 128}};
-        one_decode(shapes[strcmp(argv[2], "smollm2") ? 1 : 0], argv[3], argv[4], atoi(argv[5]), atoi(argv[6]));
+        if (!config(sh, n_seqs, ctx)) return 2;
+        one_decode(*sh, argv[3], argv[4], n_seqs, ctx);
         return 0;
     }
 #ifdef KVC_CU_TIMELINE
     if ((argc == 7 || argc == 8) && !strcmp(argv[1], "--timeline")) {
-        static const shape shapes[2] = {{"smollm2", 3, 3, 64}, {"llama8b", 8, 4, 128}};
-        timeline(shapes[strcmp(argv[2], "smollm2") ? 1 : 0], argv[3], argv[4], atoi(argv[5]), atoi(argv[6]),
-                 argc == 8 ? argv[7] : NULL);
+        if (!config(sh, n_seqs, ctx)) return 2;
+        timeline(*sh, argv[3], argv[4], n_seqs, ctx, argc == 8 ? argv[7] : NULL);
         return 0;
     }
 #endif
@@ -781,7 +775,6 @@ int main(int argc, char **argv) {
     const double bw = copy_bandwidth();
     printf("copy bandwidth (read + write): %.0f GB/s; floor below uses %.0f GB/s\n", bw * 1e-9, FLOOR_BW * 1e-9);
     if (g_csv) fprintf(g_csv, "copy,,,,,,,,%.0f,\n", bw);
-    const shape shapes[2] = {{"smollm2", 3, 3, 64}, {"llama8b", 8, 4, 128}};
     /* codecs: D 0 on both shapes, else only on that head_dim; prefill and
      * write time the "pw" ones */
     struct codec {
