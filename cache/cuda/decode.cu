@@ -144,6 +144,7 @@ constexpr int NW = 4;            /* warps per block */
 constexpr int NT = NW * 32;
 constexpr int FAN = 32;          /* partials one block merges */
 constexpr int MAX_SPLITS = FAN * FAN;
+constexpr int MAX_CLUSTER = 8;   /* split blocks a cluster: the portable cluster size */
 
 int g_pages_per_split = 0;       /* kvc_cu_set_decode_tuning */
 int g_warp_per_seq = 0;
@@ -169,6 +170,26 @@ template <int D, int KF, int VF, int NH = 1> struct ring {
     static constexpr int BYTES = NW * WARP_BYTES;     /* per block */
     static_assert(SLOT % 16 == 0 && WARP_BYTES % 16 == 0, "bulk copies need 16-byte aligned slots");
 };
+
+/* Instances that may run their splits as clusters (the ones that fit >= 3
+ * blocks a multiprocessor, where clusters were measured faster). */
+template <int D, int NH> __host__ __device__ constexpr bool cluster_ok() { return D <= 64 && NH == 1; }
+
+/* A block's shared memory: the rings, reused after the page loops for the
+ * warps' merge and the workspace merge; then (cluster_ok) MAX_CLUSTER
+ * partials that a cluster's blocks store into rank 0's (cluster_merge). */
+template <int D, int G, int KF, int VF, int NH> __host__ __device__ constexpr size_t smem_base() {
+    constexpr size_t GT = NH * G;
+    constexpr size_t f1 = NW * GT * (D + 2) * sizeof(float);
+    constexpr size_t f2 = (2 * FAN * GT + 4 + NW * GT * D) * sizeof(float);
+    constexpr size_t r = ring<D, KF, VF, NH>::BYTES;
+    constexpr size_t m = r > f1 ? (r > f2 ? r : f2) : (f1 > f2 ? f1 : f2);
+    return (m + 15) & ~(size_t)15;
+}
+template <int D, int G, int KF, int VF, int NH> __host__ __device__ constexpr size_t smem_bytes() {
+    return smem_base<D, G, KF, VF, NH>() +
+           (cluster_ok<D, NH>() ? (size_t)MAX_CLUSTER * NH * G * (D + 2) * sizeof(float) : 0);
+}
 
 struct decode_params {
     const uint8_t *arena;        /* (n_pages, page_bytes) */
@@ -899,37 +920,46 @@ __device__ __forceinline__ void merge_warps(const decode_params &p, const float 
     }
 }
 
-/* The splits of a pair as one thread block cluster (p.cluster of them, the
- * cluster's block rank = split): each block's partial (acc (G, D), m (G), l
- * (G)) is in its shared memory at s_part; rank 0 reads them all through
- * distributed shared memory and writes the output. No workspace round trip,
- * fence or counter: SmolLM2 64 x 2k ~1 us faster a launch than the workspace
- * merge (notes/gpu.md session 7; the remote loads here still leave ~2-3 us
- * from the last page loop to the exit). Every block of the
- * cluster gets here (none returns early): ranks without pages hold m = -inf,
- * l = 0 and add nothing; a pair without positions gets zeros. */
+/* The splits of a pair as one thread block cluster (n of them, the block
+ * rank = split): each block merges its warps (s_acc, s_m, s_l) into one
+ * partial (acc (G, D), m (G), l (G)) stored straight into slot `rank` of
+ * rank 0's shared memory (`slots`, past its rings: a block may store there
+ * while rank 0 still streams pages), and after one cluster barrier rank 0
+ * merges the n slots into the output from its own shared memory (stores
+ * into another block's shared memory wait for a first barrier phase that
+ * every block arrives at when it starts: the blocks of a cluster are
+ * launched together but may start at different times). No
+ * workspace round trip, fence or counter, and no remote loads (a first
+ * version read the partials through distributed shared memory, a chain of
+ * dependent remote loads: ~2.5 us from the last page loop to the exit,
+ * notes/gpu.md session 7). Every block of the cluster gets here (none
+ * returns early): ranks without pages store m = -inf, l = 0 and add
+ * nothing; a pair without positions gets zeros. */
 template <int D, int G>
-__device__ __forceinline__ void cluster_merge(float *s_part, int n, float *out) {
+__device__ __forceinline__ void cluster_merge(const decode_params &p, const float *s_acc, const float *s_m,
+                                              const float *s_l, float *slots, int n, float *out) {
     namespace cg = cooperative_groups;
+    constexpr int PS = G * (D + 2);            /* floats a partial */
     cg::cluster_group cl = cg::this_cluster();
-    cl.sync();                                 /* every partial is in its block's shared memory */
-    if (cl.block_rank() == 0) {
-        for (int e = threadIdx.x; e < G * D; e += NT) {
-            const int g = e / D;
-            float M = -INFINITY;
-            for (int r = 0; r < n; r++) M = fmaxf(M, cl.map_shared_rank(s_part, r)[G * D + g]);
-            float A = 0.0f, Ls = 0.0f;
-            if (M > -INFINITY)
-                for (int r = 0; r < n; r++) {
-                    const float *pr = cl.map_shared_rank(s_part, r);
-                    const float f = ex2(pr[G * D + g] - M);
-                    A = fmaf(f, pr[e], A);
-                    Ls = fmaf(f, pr[G * D + G + g], Ls);
-                }
-            out[e] = Ls > 0.0f ? A / Ls : 0.0f;
-        }
+    const int rank = (int)cl.block_rank();
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");   /* every block has started (kernel start) */
+    float *mine = cl.map_shared_rank(slots, 0) + rank * PS;
+    merge_warps<D, G, NW>(p, s_acc, s_m, s_l, false, mine, mine + G * D);
+    cl.sync();                                 /* every partial is in rank 0's slots */
+    if (rank != 0) return;
+    for (int e = threadIdx.x; e < G * D; e += NT) {
+        const int g = e / D;
+        float M = -INFINITY;
+        for (int r = 0; r < n; r++) M = fmaxf(M, slots[r * PS + G * D + g]);
+        float A = 0.0f, Ls = 0.0f;
+        if (M > -INFINITY)
+            for (int r = 0; r < n; r++) {
+                const float f = ex2(slots[r * PS + G * D + g] - M);
+                A = fmaf(f, slots[r * PS + e], A);
+                Ls = fmaf(f, slots[r * PS + G * D + G + g], Ls);
+            }
+        out[e] = Ls > 0.0f ? A / Ls : 0.0f;
     }
-    cl.sync();                                 /* no block leaves while rank 0 reads its shared memory */
 }
 
 /* Blocks per multiprocessor the register budget is set for: as many as the
@@ -961,6 +991,11 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
     float *smem = reinterpret_cast<float *>(smem_raw);
     __shared__ int s_last;
     TL_START();
+    /* (clusters) the first phase of the cluster barrier: every block has
+     * started before any stores into another's shared memory (cluster_merge
+     * waits for it) */
+    if constexpr (cluster_ok<D, NH>())
+        if (p.cluster > 1) asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
     /* programmatic dependent launch (pdl_mode): wait for the kernel before
      * this one in the stream (its writes visible) before any global access;
      * then, pdl_early, let the next one's blocks take the free slots */
@@ -1176,11 +1211,12 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
     /* merge the warps of each pair of the block (a warp without pages has m
      * = -inf; a pair without positions writes zeros) */
     const int64_t unit = pair * p.n_splits;    /* ppb 1: this block's pair */
-    if (p.cluster > 1) {                       /* ppb 1, the pair's splits one cluster */
-        float *s_part = s_l + NW * GT;         /* (GT, D) acc, then m (GT), l (GT) */
-        merge_warps<D, GT, NW>(p, s_acc, s_m, s_l, false, s_part, s_part + GT * D);
-        cluster_merge<D, GT>(s_part, p.cluster, out);
-        return;
+    if constexpr (cluster_ok<D, NH>()) {
+        if (p.cluster > 1) {                   /* ppb 1, the pair's splits one cluster */
+            cluster_merge<D, GT>(p, s_acc, s_m, s_l,
+                                 reinterpret_cast<float *>(smem_raw + smem_base<D, G, KF, VF, NH>()), p.cluster, out);
+            return;
+        }
     }
     if (p.ppb == 1)
         merge_warps<D, GT, NW>(p, s_acc, s_m, s_l, n_active <= 1, p.ws_acc + (unit + split) * GT * D,
@@ -1223,13 +1259,6 @@ int sm_count() {
     return n;
 }
 
-template <int D, int G, int KF, int VF, int NH> size_t smem_bytes() {
-    constexpr int GT = NH * G;
-    const size_t f1 = (size_t)(NW + 1) * GT * (D + 2) * sizeof(float);   /* warps' and (cluster) the block's */
-    const size_t f2 = ((size_t)2 * FAN * GT + 4 + (size_t)NW * GT * D) * sizeof(float);
-    const size_t r = ring<D, KF, VF, NH>::BYTES;
-    return r > f1 ? (r > f2 ? r : f2) : (f1 > f2 ? f1 : f2);
-}
 
 /* Blocks of this instance resident on one multiprocessor (sets its shared
  * memory limit the first time). */
@@ -1469,7 +1498,6 @@ int pdl_mode() {
  * workspace merge above them for more splits made every 1 x 32k case slower
  * (SmolLM2 f16 14.0 -> 16.0, Llama f16 45.3 -> 62.4): cluster placement
  * needs the cluster's blocks free at once in one GPC. */
-constexpr int MAX_CLUSTER = 8;                 /* the portable cluster size */
 
 int g_cluster = -2;              /* kvc_cu_set_decode_cluster; -2: not set, the environment's */
 
@@ -1520,7 +1548,7 @@ int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_
         const long resident = (long)sm_count() * per_sm;
         const long blocks = (long)grid.x * grid.y;
         const int cm = cluster_mode();
-        p.cluster = pl.ppb == 1 && pl.n_splits > 1 && pl.n_splits <= MAX_CLUSTER &&
+        p.cluster = cluster_ok<D_, NH_>() && pl.ppb == 1 && pl.n_splits > 1 && pl.n_splits <= MAX_CLUSTER &&
                             (cm == 1 || (cm < 0 && per_sm >= 3 && blocks <= resident && 2 * blocks >= resident))
                         ? pl.n_splits
                         : 1;

@@ -169,9 +169,10 @@ int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int layer,
  * Not thread-safe; set before use. */
 void kvc_cu_set_decode_tuning(int pages_per_split, int warp_per_sequence);
 /* Whether the 2..8 split blocks of a (sequence, kv head) run as one thread
- * block cluster: -1 where the plan fills one wave (the default; the
- * environment's KVC_CU_CLUSTER=0 turns it off, =2 on), 0 never, 1 always
- * (tests of both merges). Not thread-safe; set before use. */
+ * block cluster (kernels of head_dim <= 64, one kv head a warp): -1 where
+ * the plan fills one wave (the default; the environment's KVC_CU_CLUSTER=0
+ * turns it off, =2 on), 0 never, 1 always (tests of both merges). Not
+ * thread-safe; set before use. */
 void kvc_cu_set_decode_cluster(int mode);
 
 #ifdef __cplusplus
