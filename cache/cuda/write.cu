@@ -8,10 +8,10 @@
  * vector first (a warp reduction), then every lane quantizes its numbers.
  * int4 per token: a lane takes D / 32 adjacent numbers (whole bytes of
  * codes), the lanes of a group reduce its minimum and maximum. int4 per
- * channel (keys): a second kernel, one thread per (run of a page's slots,
- * kv head, channel), which owns that channel's 8-byte code row and its
- * parameters and repeats codec.c's enc_u4c (including the re-coding of the
- * page's earlier tokens when the run widens the range). The arithmetic
+ * channel (keys): in the same launch (grid.y 1), one thread per (run of a
+ * page's slots, kv head, channel), which owns that channel's 8-byte code
+ * row and its parameters and repeats codec.c's enc_u4c (including the
+ * re-coding of the page's earlier tokens when the run widens the range). The arithmetic
  * repeats codec.c step by step (IEEE division, no fused multiply-adds,
  * round-half-even, scales rounded outwards to halves) so the bytes equal
  * kvc_write's. */
@@ -286,66 +286,17 @@ __device__ __forceinline__ void encode_u4_token(uint8_t *blk, int off, const flo
     }
 }
 
-/* grid: ceil(n * n_kv_head * 2 / warps per block); one warp per (token, head, role). */
-__global__ void __launch_bounds__(128) write_kernel(uint8_t *__restrict__ arena, kvc__cu_geom g, int n_kv_head,
-                                                    int B, int D, int kf, int vf, bool k_plain, bool v_plain,
-                                                    const int32_t *__restrict__ slots, int n,
-                                                    const float *__restrict__ k,
-                                                    const float *__restrict__ v, int64_t kv_stride) {
-    const int lane = threadIdx.x & 31;
-    const long unit = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const long units = (long)n * n_kv_head * 2;
-    if (unit >= units) return;
-    const int role = (int)(unit & 1);                  /* 0: K, 1: V */
-    const int head = (int)((unit >> 1) % n_kv_head);
-    const int tok = (int)((unit >> 1) / n_kv_head);
-    const int32_t slot = slots[tok];
-    if (slot < 0 || !(role ? v_plain : k_plain)) return;   /* transforms: write_coef_kernel */
-    const int32_t page = slot / B, off = slot % B;
-    const float *x = (role ? v : k) + (int64_t)tok * kv_stride + (int64_t)head * D;
-    uint8_t *blk = const_cast<uint8_t *>(role ? kvc__cu_v_block(arena, g, page, head)
-                                              : kvc__cu_k_block(arena, g, page, head));
-    const int fmt = role ? vf : kf;
-    if (fmt == KVC_CU_U4C) return;                     /* write_u4c_kernel */
-    if (kvc__cu_is_u4t(fmt)) {                         /* values only (layout_init) */
-        if (D == 64 && fmt == KVC_CU_U4T32) encode_u4_token<64, 32>(blk, off, x, lane);
-        if (D == 64 && fmt == KVC_CU_U4T64) encode_u4_token<64, 64>(blk, off, x, lane);
-        if (D == 128 && fmt == KVC_CU_U4T32) encode_u4_token<128, 32>(blk, off, x, lane);
-        if (D == 128 && fmt == KVC_CU_U4T64) encode_u4_token<128, 64>(blk, off, x, lane);
-        return;
-    }
-    /* K is (D, B) dimension-major: number d of token off at d * B + off.
-     * V is (B, D) token-major: at off * D + d. */
-    const int step = role ? 1 : B;
-    const int base = role ? off * D : off;
-    if (fmt == KVC_CU_F16) {
-        uint16_t *h = reinterpret_cast<uint16_t *>(blk);
-        for (int d = lane; d < D; d += 32) h[base + d * step] = __half_as_ushort(__float2half_rn(x[d]));
-        return;
-    }
-    float amax = 0.0f;
-    for (int d = lane; d < D; d += 32) amax = fmaxf(amax, fabsf(x[d]));
-#pragma unroll
-    for (int m = 16; m >= 1; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(KVC__CU_FULL, amax, m));
-    const uint16_t sh = i8_scale_half(amax);
-    const float s = __half2float(__ushort_as_half(sh));
-    int8_t *q = reinterpret_cast<int8_t *>(blk);
-    for (int d = lane; d < D; d += 32) q[base + d * step] = i8_round(s > 0.0f ? x[d] / s : 0.0f);
-    if (lane == 0)
-        reinterpret_cast<uint16_t *>(blk + kvc__cu_i8_scale_offset(B, D))[off] = sh;
-}
-
-/* int4 per channel (keys): block (token, kv head), thread d = channel. A
- * token that starts a run (its slot follows no slot of the previous token in
- * the same page) encodes the run; other blocks return. Thread d owns code
- * row d (8 bytes: 16 tokens) and the channel's scale and minimum. */
-__global__ void __launch_bounds__(128) write_u4c_kernel(uint8_t *__restrict__ arena, kvc__cu_geom g, int D,
-                                                        const int32_t *__restrict__ slots, int n,
-                                                        const float *__restrict__ k, int64_t kv_stride) {
+/* int4 per channel (keys): channel d of (token, kv head). A token that
+ * starts a run (its slot follows no slot of the previous token in the same
+ * page) encodes the run; others return. The thread owns code row d (8
+ * bytes: 16 tokens) and the channel's scale and minimum. */
+__device__ __forceinline__ void encode_u4c(uint8_t *__restrict__ arena, const kvc__cu_geom &g, int D,
+                                           const int32_t *__restrict__ slots, int n,
+                                           const float *__restrict__ k, int64_t kv_stride, int tok, int head,
+                                           int d) {
     constexpr int B = KVC__CU_B;
-    const int tok = blockIdx.x, head = blockIdx.y, d = threadIdx.x;
     const int32_t slot = slots[tok];
-    if (slot < 0 || d >= D) return;
+    if (slot < 0) return;
     const int off = slot % B;
     if (off != 0 && tok > 0 && slots[tok - 1] == slot - 1) return;   /* inside a run */
     int n_run = 1;
@@ -393,6 +344,72 @@ __global__ void __launch_bounds__(128) write_u4c_kernel(uint8_t *__restrict__ ar
         sc[d] = sh;
     }
     *rowp = make_uint2((uint32_t)row, (uint32_t)(row >> 32));
+}
+
+/* Blocks [0, wblocks): one warp per (token, head, role), wblocks =
+ * ceil(n * n_kv_head * 2 / 4); then (keys int4 per channel) one thread per
+ * (token, head, channel), ceil(n * n_kv_head * D / 128) blocks. One launch
+ * for both (a second kernel for the keys cost its launch: SmolLM2 int4 64
+ * tokens of a decode step 6.9 -> 5.5 us in a graph, notes/gpu.md session 8);
+ * no blocks beyond those (a 2D grid's idle blocks cost Llama-8B's 2048-token
+ * chunk 26 -> 32 us). The instance without int4 keys (U4C false) has no such
+ * blocks and none of their code, which cost the other formats 2-3%. */
+template <bool U4C>
+__global__ void __launch_bounds__(128) write_kernel(uint8_t *__restrict__ arena, kvc__cu_geom g, int n_kv_head,
+                                                    int B, int D, int kf, int vf, bool k_plain, bool v_plain,
+                                                    const int32_t *__restrict__ slots, int n,
+                                                    const float *__restrict__ k,
+                                                    const float *__restrict__ v, int64_t kv_stride, unsigned wblocks) {
+    if constexpr (U4C) {
+        if (blockIdx.x >= wblocks) {
+            const long u = ((long)(blockIdx.x - wblocks) * blockDim.x + threadIdx.x) / D;
+            if (u < (long)n * n_kv_head)
+                encode_u4c(arena, g, D, slots, n, k, kv_stride, (int)(u / n_kv_head), (int)(u % n_kv_head),
+                           (int)(threadIdx.x % D));
+            return;
+        }
+    }
+    const int lane = threadIdx.x & 31;
+    const long unit = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const long units = (long)n * n_kv_head * 2;
+    if (unit >= units) return;
+    const int role = (int)(unit & 1);                  /* 0: K, 1: V */
+    const int head = (int)((unit >> 1) % n_kv_head);
+    const int tok = (int)((unit >> 1) / n_kv_head);
+    const int32_t slot = slots[tok];
+    if (slot < 0 || !(role ? v_plain : k_plain)) return;   /* transforms: write_coef_kernel */
+    const int32_t page = slot / B, off = slot % B;
+    const float *x = (role ? v : k) + (int64_t)tok * kv_stride + (int64_t)head * D;
+    uint8_t *blk = const_cast<uint8_t *>(role ? kvc__cu_v_block(arena, g, page, head)
+                                              : kvc__cu_k_block(arena, g, page, head));
+    const int fmt = role ? vf : kf;
+    if (fmt == KVC_CU_U4C) return;                     /* the blocks past wblocks */
+    if (kvc__cu_is_u4t(fmt)) {                         /* values only (layout_init) */
+        if (D == 64 && fmt == KVC_CU_U4T32) encode_u4_token<64, 32>(blk, off, x, lane);
+        if (D == 64 && fmt == KVC_CU_U4T64) encode_u4_token<64, 64>(blk, off, x, lane);
+        if (D == 128 && fmt == KVC_CU_U4T32) encode_u4_token<128, 32>(blk, off, x, lane);
+        if (D == 128 && fmt == KVC_CU_U4T64) encode_u4_token<128, 64>(blk, off, x, lane);
+        return;
+    }
+    /* K is (D, B) dimension-major: number d of token off at d * B + off.
+     * V is (B, D) token-major: at off * D + d. */
+    const int step = role ? 1 : B;
+    const int base = role ? off * D : off;
+    if (fmt == KVC_CU_F16) {
+        uint16_t *h = reinterpret_cast<uint16_t *>(blk);
+        for (int d = lane; d < D; d += 32) h[base + d * step] = __half_as_ushort(__float2half_rn(x[d]));
+        return;
+    }
+    float amax = 0.0f;
+    for (int d = lane; d < D; d += 32) amax = fmaxf(amax, fabsf(x[d]));
+#pragma unroll
+    for (int m = 16; m >= 1; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(KVC__CU_FULL, amax, m));
+    const uint16_t sh = i8_scale_half(amax);
+    const float s = __half2float(__ushort_as_half(sh));
+    int8_t *q = reinterpret_cast<int8_t *>(blk);
+    for (int d = lane; d < D; d += 32) q[base + d * step] = i8_round(s > 0.0f ? x[d] / s : 0.0f);
+    if (lane == 0)
+        reinterpret_cast<uint16_t *>(blk + kvc__cu_i8_scale_offset(B, D))[off] = sh;
 }
 
 /* One side of a transform codec for write_coef_kernel. */
@@ -494,9 +511,18 @@ extern "C" int kvc_cu_write(const kvc_cu_layout *L, void *arena, int layer, cons
     const kvc__cu_geom g = kvc__cu_geom_of(L, layer);
     const bool k_plain = L->k_shape == KVC_CU_PLAIN, v_plain = L->v_shape == KVC_CU_PLAIN;
     if (k_plain || v_plain) {
-        write_kernel<<<(unsigned)blocks, 128, 0, (cudaStream_t)stream>>>(
-            (uint8_t *)arena, g, L->n_kv_head, L->block_size, L->head_dim, L->k_fmt, L->v_fmt, k_plain, v_plain,
-            slots, n, k, v, kv_stride);
+        /* int4 keys per channel: their blocks after the warps' */
+        const long kblocks = L->k_fmt == KVC_CU_U4C ? ((long)n * L->n_kv_head * L->head_dim + 127) / 128 : 0;
+        if (blocks + kblocks > 0x7fffffffL)
+            KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: write: %d tokens is too many", n);
+        if (kblocks)
+            write_kernel<true><<<(unsigned)(blocks + kblocks), 128, 0, (cudaStream_t)stream>>>(
+                (uint8_t *)arena, g, L->n_kv_head, L->block_size, L->head_dim, L->k_fmt, L->v_fmt, k_plain, v_plain,
+                slots, n, k, v, kv_stride, (unsigned)blocks);
+        else
+            write_kernel<false><<<(unsigned)blocks, 128, 0, (cudaStream_t)stream>>>(
+                (uint8_t *)arena, g, L->n_kv_head, L->block_size, L->head_dim, L->k_fmt, L->v_fmt, k_plain, v_plain,
+                slots, n, k, v, kv_stride, (unsigned)blocks);
         KVC__CU_TRY(cudaGetLastError());
     }
     if (!k_plain || !v_plain) {
@@ -508,11 +534,6 @@ extern "C" int kvc_cu_write(const kvc_cu_layout *L, void *arena, int layer, cons
             KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: write: %d tokens, %zu bytes of shared memory: too many", n, smem);
         write_coef_kernel<<<dim3((unsigned)n, (unsigned)groups, 2), 128, smem, (cudaStream_t)stream>>>(
             (uint8_t *)arena, g.page_bytes, g.layer_off, L->head_dim, ks, vs, slots, k, v, kv_stride);
-        KVC__CU_TRY(cudaGetLastError());
-    }
-    if (L->k_fmt == KVC_CU_U4C) {
-        write_u4c_kernel<<<dim3((unsigned)n, (unsigned)L->n_kv_head), L->head_dim, 0, (cudaStream_t)stream>>>(
-            (uint8_t *)arena, g, L->head_dim, slots, n, k, kv_stride);
         KVC__CU_TRY(cudaGetLastError());
     }
     return KVC_OK;

@@ -370,10 +370,16 @@ static void bench_prefill(const shape &s, const char *kc, const char *vc, int po
     free_pool(bp);
 }
 
-static void bench_write(const shape &s, const char *kc, const char *vc, int n) {
-    bench_pool bp = make_pool(s, kc, vc, (n + 15) / 16 * 4);
+/* step false: n tokens of a prefill chunk (runs of 16 filling pages); true:
+ * a decode step's n tokens, one in each of n pages at offsets 3..15 (the
+ * pages' earlier tokens re-coded where int4 keys widen a channel's range).
+ * Event-timed launches and a graph of 2 * n_layer launches. */
+static void bench_write(const shape &s, const char *kc, const char *vc, int n, bool step) {
+    bench_pool bp = make_pool(s, kc, vc, step ? 4 * n : (n + 15) / 16 * 4);
     std::vector<int32_t> slots(n);
-    for (int i = 0; i < n; i++) slots[i] = ((i / 16) * 3 % bp.n_pages) * 16 + i % 16;
+    for (int i = 0; i < n; i++)
+        slots[i] = step ? (int32_t)(((int64_t)i * 3 % bp.n_pages) * 16 + 3 + (i * 5) % 13)
+                        : ((i / 16) * 3 % bp.n_pages) * 16 + i % 16;
     int32_t *d_slots;
     CK(cudaMalloc(&d_slots, sizeof(int32_t) * n));
     CK(cudaMemcpy(d_slots, slots.data(), sizeof(int32_t) * n, cudaMemcpyHostToDevice));
@@ -386,11 +392,19 @@ static void bench_write(const shape &s, const char *kc, const char *vc, int n) {
     const double us = event_us(NULL, 23, 3, [&](int rep) {
         KV(kvc_cu_write(&bp.lay, bp.arena, rep % bp.n_layer, d_slots, n, d_k, d_v, kvs, NULL, err_, sizeof err_));
     });
+    cudaStream_t st;
+    CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    const double ug = graph_us(st, 2 * bp.n_layer, [&](int i) {
+        KV(kvc_cu_write(&bp.lay, bp.arena, i % bp.n_layer, d_slots, n, d_k, d_v, kvs, st, err_, sizeof err_));
+    });
+    CK(cudaStreamDestroy(st));
     const kvc_pool *p = bp.pool;
     const double bytes = 2.0 * 4 * kvs * n + (double)n / 16 *
                          ((double)p->kc.n_groups * p->kc.block_bytes[0] + (double)p->vc.n_groups * p->vc.block_bytes[0]);
-    printf("write   %-8s %-9s %5d tokens: %8.2f us, %6.0f GB/s\n", s.name, kc, n, us, bytes / us * 1e-3);
-    if (g_csv) fprintf(g_csv, "write,%s,%s/%s,%d,,,%.3f,,%.0f,\n", s.name, kc, vc, n, us, bytes);
+    printf("write%s %-8s %-9s %5d tokens: %8.2f us, %6.0f GB/s; graph %8.2f us\n", step ? "-step" : "     ", s.name, kc,
+           n, us, bytes / us * 1e-3, ug);
+    if (g_csv)
+        fprintf(g_csv, "write%s,%s,%s/%s,%d,,,%.3f,%.3f,%.0f,\n", step ? "-step" : "", s.name, kc, vc, n, us, ug, bytes);
     CK(cudaFree(d_slots));
     CK(cudaFree(d_k));
     CK(cudaFree(d_v));
@@ -817,7 +831,11 @@ int main(int argc, char **argv) {
     for (auto &s : shapes)
         for (auto &c : codecs)
             if (pw_selected(s, c))
-                for (int n : {64, 2048}) bench_write(s, c.k, c.v, n);
+                for (int n : {64, 2048}) bench_write(s, c.k, c.v, n, false);
+    for (auto &s : shapes)
+        for (auto &c : codecs)
+            if (pw_selected(s, c))
+                for (int n : {64, 256}) bench_write(s, c.k, c.v, n, true);
     if (g_csv) fclose(g_csv);
     return 0;
 }
