@@ -8,11 +8,11 @@
  * vector first (a warp reduction), then every lane quantizes its numbers.
  * int4 per token: a lane takes D / 32 adjacent numbers (whole bytes of
  * codes), the lanes of a group reduce its minimum and maximum. int4 per
- * channel (keys): in the same launch (grid.y 1), one thread per (run of a
- * page's slots, kv head, channel), which owns that channel's 8-byte code
- * row and its parameters and repeats codec.c's enc_u4c (including the
- * re-coding of the page's earlier tokens when the run widens the range). The arithmetic
- * repeats codec.c step by step (IEEE division, no fused multiply-adds,
+ * channel (keys): in the same launch, blocks after the warps', one thread
+ * per (run of a page's slots, kv head, channel), which owns that channel's
+ * 8-byte code row and its parameters and repeats codec.c's enc_u4c
+ * (including the re-coding of the page's earlier tokens when the run widens
+ * the range). The arithmetic repeats codec.c step by step (IEEE division, no fused multiply-adds,
  * round-half-even, scales rounded outwards to halves) so the bytes equal
  * kvc_write's. */
 #include <math.h>
