@@ -12,9 +12,9 @@
  * per (run of a page's slots, kv head, channel), which owns that channel's
  * 8-byte code row and its parameters and repeats codec.c's enc_u4c
  * (including the re-coding of the page's earlier tokens when the run widens
- * the range). The arithmetic repeats codec.c step by step (IEEE division, no fused multiply-adds,
- * round-half-even, scales rounded outwards to halves) so the bytes equal
- * kvc_write's. */
+ * the range). The arithmetic repeats codec.c step by step (IEEE division,
+ * no fused multiply-adds, round-half-even, scales rounded outwards to
+ * halves) so the bytes equal kvc_write's. */
 #include <math.h>
 #include <string.h>
 
