@@ -79,13 +79,15 @@ fi
 
 if has timeline; then
     tl=$BUILD-tl/gpu/gpu_bench
+    cfgs=()
     if ! "$tl" --help 2>&1 | grep -q usage; then
         echo "== building $tl"
         make -j16 BUILD="$BUILD-tl" NVCCFLAGS="-O3 -lineinfo -DKVC_CU_TIMELINE" \
             NVCC="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)" "$tl" >"$OUT/build_tl.log" 2>&1 \
             || { tail -30 "$OUT/build_tl.log"; status=1; }
     fi
-    IFS=';' read -ra cfgs <<<"${TIMELINE:-smollm2 f16 f16 64 2048}"
+    # no timelines from a failed build
+    "$tl" --help 2>&1 | grep -q usage && IFS=';' read -ra cfgs <<<"${TIMELINE:-smollm2 f16 f16 64 2048}"
     for c in "${cfgs[@]}"; do
         read -r shp kc vc n ctx <<<"$c"
         echo "== timeline $c"

@@ -1259,7 +1259,6 @@ int sm_count() {
     return n;
 }
 
-
 /* Blocks of this instance resident on one multiprocessor (sets its shared
  * memory limit the first time). */
 template <int D, int G, int KF, int VF, int NH> int blocks_per_sm() {

@@ -507,22 +507,16 @@ extern "C" int kvc_cu_write(const kvc_cu_layout *L, void *arena, int layer, cons
                      (long long)kv_stride, L->n_kv_head * L->head_dim);
     const long warps = (long)n * L->n_kv_head * 2;
     const long blocks = (warps + 3) / 4;
-    if (blocks > 0x7fffffffL) KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: write: %d tokens is too many", n);
+    /* int4 keys per channel: their blocks after the warps' */
+    const long kblocks = L->k_fmt == KVC_CU_U4C ? ((long)n * L->n_kv_head * L->head_dim + 127) / 128 : 0;
+    if (blocks + kblocks > 0x7fffffffL) KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: write: %d tokens is too many", n);
     const kvc__cu_geom g = kvc__cu_geom_of(L, layer);
     const bool k_plain = L->k_shape == KVC_CU_PLAIN, v_plain = L->v_shape == KVC_CU_PLAIN;
     if (k_plain || v_plain) {
-        /* int4 keys per channel: their blocks after the warps' */
-        const long kblocks = L->k_fmt == KVC_CU_U4C ? ((long)n * L->n_kv_head * L->head_dim + 127) / 128 : 0;
-        if (blocks + kblocks > 0x7fffffffL)
-            KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: write: %d tokens is too many", n);
-        if (kblocks)
-            write_kernel<true><<<(unsigned)(blocks + kblocks), 128, 0, (cudaStream_t)stream>>>(
-                (uint8_t *)arena, g, L->n_kv_head, L->block_size, L->head_dim, L->k_fmt, L->v_fmt, k_plain, v_plain,
-                slots, n, k, v, kv_stride, (unsigned)blocks);
-        else
-            write_kernel<false><<<(unsigned)blocks, 128, 0, (cudaStream_t)stream>>>(
-                (uint8_t *)arena, g, L->n_kv_head, L->block_size, L->head_dim, L->k_fmt, L->v_fmt, k_plain, v_plain,
-                slots, n, k, v, kv_stride, (unsigned)blocks);
+        auto kernel = kblocks ? write_kernel<true> : write_kernel<false>;
+        kernel<<<(unsigned)(blocks + kblocks), 128, 0, (cudaStream_t)stream>>>(
+            (uint8_t *)arena, g, L->n_kv_head, L->block_size, L->head_dim, L->k_fmt, L->v_fmt, k_plain, v_plain, slots,
+            n, k, v, kv_stride, (unsigned)blocks);
         KVC__CU_TRY(cudaGetLastError());
     }
     if (!k_plain || !v_plain) {

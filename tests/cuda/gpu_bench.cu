@@ -372,7 +372,8 @@ static void bench_prefill(const shape &s, const char *kc, const char *vc, int po
 
 /* step false: n tokens of a prefill chunk (runs of 16 filling pages); true:
  * a decode step's n tokens, one in each of n pages at offsets 3..15 (the
- * pages' earlier tokens re-coded where int4 keys widen a channel's range).
+ * pages' earlier tokens re-coded where int4 keys widen a channel's range;
+ * pages 3 i mod 4 n are distinct while 3 does not divide n).
  * Event-timed launches and a graph of 2 * n_layer launches. */
 static void bench_write(const shape &s, const char *kc, const char *vc, int n, bool step) {
     bench_pool bp = make_pool(s, kc, vc, step ? 4 * n : (n + 15) / 16 * 4);
@@ -643,9 +644,11 @@ static void one_decode(const shape &s, const char *kc, const char *vc, int n_seq
 extern "C" int kvc__cu_timeline_read(unsigned long long *dst, size_t n);
 extern "C" int kvc__cu_timeline_clear(void);
 
-/* --timeline: one decode launch after three (the graph time for scale):
- * each mark's spread over the blocks, the page loops' ends by how many
- * blocks shared the SM, and the blocks' marks into csv. */
+/* --timeline: four decode launches after a graph of them (its time for
+ * scale); the last launch's marks (each block overwrites its own): each
+ * mark's spread over the blocks, the page loops' mean end by SM, and the
+ * blocks' marks into csv. */
+constexpr int TL_BLOCKS = 16384;   /* decode.cu's mark table */
 static void timeline(const shape &s, const char *kc, const char *vc, int n_seqs, int ctx, const char *csv) {
     decode_case dc = make_decode_case(s, kc, vc, n_seqs, ctx);
     const size_t wsb = kvc_cu_decode_workspace(&dc.bp.lay, n_seqs, ctx, s.G);
@@ -662,12 +665,16 @@ static void timeline(const shape &s, const char *kc, const char *vc, int n_seqs,
     CK((cudaError_t)kvc__cu_timeline_clear());
     for (int i = 0; i < 4; i++) launch(i);
     CK(cudaStreamSynchronize(st));
-    std::vector<unsigned long long> tl(8 * 16384);
+    std::vector<unsigned long long> tl(8 * TL_BLOCKS);
     CK((cudaError_t)kvc__cu_timeline_read(tl.data(), tl.size()));
     unsigned long long t0 = ~0ull;
     std::vector<int> blocks;
-    for (int b = 0; b < 16384; b++)
+    for (int b = 0; b < TL_BLOCKS; b++)
         if (tl[8 * b]) blocks.push_back(b), t0 = std::min(t0, tl[8 * b]);
+    if (blocks.empty()) {
+        fprintf(stderr, "timeline: no block left marks (is decode.cu built with -DKVC_CU_TIMELINE?)\n");
+        exit(1);
+    }
     auto us = [&](int b, int k) { return tl[8 * b + k] ? (tl[8 * b + k] - t0) * 1e-3 : -1.0; };
     auto loop_end = [&](int b) {
         double m = 0;
