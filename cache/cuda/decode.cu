@@ -76,11 +76,12 @@
  *     the grid fills the GPU in one wave they run as one thread block
  *     cluster and split 0 merges the others' partials from their shared
  *     memory (cluster_merge, cluster_mode); otherwise each
- *     writes (acc, m, l) to the workspace and the last block to finish (a
- *     counter per pair) merges them, in the same launch. Beyond FAN splits
+ *     writes (acc, m, l) to the workspace and the last block to end its
+ *     page loops (elected by a counter per pair) merges them once the others
+ *     have published theirs, in the same launch. Beyond FAN splits
  *     they merge in two levels: the last block of each group of FAN splits
- *     merges the group into its first slot, and the last group to finish
- *     merges the groups (no block reads more than FAN).
+ *     merges the group into its first slot, and the last group merger to
+ *     arrive merges the groups (no block reads more than FAN).
  * Scores are kept in log2 units (q pre-multiplied by scale * log2 e). */
 #include <math.h>
 #include <stdlib.h>
@@ -93,14 +94,18 @@
 /* Built with -DKVC_CU_TIMELINE (`make BUILD=build-gpu-tl NVCCFLAGS="-O3
  * -DKVC_CU_TIMELINE" gpu-bins`), every decode block records when it starts
  * (mark 0), its SM (1), when warp 0's first slot is in (2), when each warp's
- * page loop ends (3..6) and when it exits (7), in globaltimer nanoseconds;
+ * page loop ends (3..6) and when it exits (7), and (split blocks merged
+ * through the workspace) when its partial is stored (8) and, in the last
+ * block of a group or of all, when it starts merging (9: a group, 10: all),
+ * in globaltimer nanoseconds;
  * `gpu_bench --timeline` reads one launch's marks (notes/gpu.md session 7:
  * where a launch's time goes, SM by SM). Off, the marks compile to nothing. */
 #ifdef KVC_CU_TIMELINE
 constexpr int TL_BLOCKS = 16384;
-__device__ unsigned long long kvc__cu_tl[8 * TL_BLOCKS];
+constexpr int TL_MARKS = 12;
+__device__ unsigned long long kvc__cu_tl[TL_MARKS * TL_BLOCKS];
 extern "C" int kvc__cu_timeline_read(unsigned long long *dst, size_t n) {
-    return (int)cudaMemcpyFromSymbol(dst, kvc__cu_tl, (n < 8 * TL_BLOCKS ? n : 8 * TL_BLOCKS) * sizeof *dst);
+    return (int)cudaMemcpyFromSymbol(dst, kvc__cu_tl, (n < TL_MARKS * TL_BLOCKS ? n : TL_MARKS * TL_BLOCKS) * sizeof *dst);
 }
 extern "C" int kvc__cu_timeline_clear(void) {
     void *p;
@@ -109,7 +114,7 @@ extern "C" int kvc__cu_timeline_clear(void) {
 }
 __device__ __forceinline__ void tl_mark(int k, unsigned long long v) {
     const int b = blockIdx.x + gridDim.x * blockIdx.y;
-    if (b < TL_BLOCKS) kvc__cu_tl[8 * b + k] = v;
+    if (b < TL_BLOCKS) kvc__cu_tl[TL_MARKS * b + k] = v;
 }
 __device__ __forceinline__ unsigned long long tl_now() {
     unsigned long long t;
@@ -146,6 +151,10 @@ constexpr int FAN = 32;          /* partials one block merges */
 constexpr int MAX_SPLITS = FAN * FAN;
 constexpr int MAX_CLUSTER = 8;   /* split blocks a cluster: the portable cluster size */
 
+/* Floats a split's (m, l) takes in the workspace: 2 G rounded up to whole
+ * 16-byte units, so that a merge copies them with cp.async like the rest. */
+__host__ __device__ constexpr int ml_stride(int G) { return (2 * G + 3) & ~3; }
+
 int g_pages_per_split = 0;       /* kvc_cu_set_decode_tuning */
 int g_warp_per_seq = 0;
 
@@ -181,7 +190,7 @@ template <int D, int NH> __host__ __device__ constexpr bool cluster_ok() { retur
 template <int D, int G, int KF, int VF, int NH> __host__ __device__ constexpr size_t smem_base() {
     constexpr size_t GT = NH * G;
     constexpr size_t f1 = NW * GT * (D + 2) * sizeof(float);
-    constexpr size_t f2 = (2 * FAN * GT + 4 + NW * GT * D) * sizeof(float);
+    constexpr size_t f2 = (FAN * ml_stride(GT) + NW * GT * D) * sizeof(float);
     constexpr size_t r = ring<D, KF, VF, NH>::BYTES;
     constexpr size_t m = r > f1 ? (r > f2 ? r : f2) : (f1 > f2 ? f1 : f2);
     return (m + 15) & ~(size_t)15;
@@ -212,8 +221,9 @@ struct decode_params {
     int64_t q_stride;
     float *out;
     int64_t out_stride;
-    int *counters;               /* (n_pairs, 1 + FAN) splits / groups finished, reset by the merger */
-    float *ws_ml;                /* (n_pairs, n_splits, 2, G) m then l */
+    int *counters;               /* (n_pairs, 1 + FAN, 2): arrivals and partials published of the last level
+                                  * (the only one up to FAN splits), then of each group; reset by the mergers */
+    float *ws_ml;                /* (n_pairs, n_splits, ml_stride(G)): m (G) then l (G) */
     float *ws_acc;               /* (n_pairs, n_splits, G, D) */
 };
 
@@ -796,71 +806,83 @@ __device__ __forceinline__ void process_slot(const uint8_t *slot, uint8_t *conv,
         step_u4<D, VF, MASKED>(slot, valid0, valid1, qa, lane, kc, st);
 }
 
-/* Block-wide: counts this block's arrival at *counter; true in the block
- * that arrives last of `expected` (which resets the counter for the next
- * launch). Orders this block's earlier workspace writes before the count and
- * the last block's later reads after it. */
-__device__ __forceinline__ bool last_arrival(int *counter, int expected, int &s_last) {
-    __threadfence();
-    __syncthreads();
+/* The merge counters of a level (a group of split blocks, or the groups):
+ * c[0] counts arrivals, which elect the last to arrive as the merger, and
+ * c[1] the partials stored. A block arrives as soon as its page loops end,
+ * so the election's round trip overlaps its warps' merge, and only then
+ * publishes its partial (a barrier before orders every thread's stores
+ * before thread 0's release, as in CUTLASS's semaphore); the merger waits
+ * for the others' publications, which cannot deadlock: it waits only for
+ * blocks that have arrived, past their page loops, with nothing left to
+ * wait for. */
+__device__ __forceinline__ void publish(int *c) {   /* after a barrier */
+    if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(c + 1) : "memory");
+}
+/* (the merger) Waits until `others` partials are published, then resets the
+ * level's counters for the next launch (every block of it has arrived). */
+__device__ __forceinline__ void wait_published(int *c, int others) {
     if (threadIdx.x == 0) {
-        const int prev = atomicAdd(counter, 1);
-        s_last = prev == expected - 1;
-        if (s_last) *counter = 0;
+        int n;
+        do asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(n) : "l"(c + 1) : "memory");
+        while (n < others);
+        c[0] = c[1] = 0;
     }
     __syncthreads();
-    const bool last = s_last;
-    if (last) __threadfence();
-    return last;
 }
 
-/* Block-wide merge of `count` partials (acc, m, l) of a (sequence, head) in
- * workspace slots unit + first + i * stride: into out (normalized) when
- * final, else into slot unit + first as one partial. */
+/* Block-wide merge of `count` (<= FAN) partials (acc, m, l) of a (sequence,
+ * head) in workspace slots unit + first + i * stride: into out (normalized)
+ * when final, else into slot unit + first as one partial: the (m, l) by
+ * cp.async, then each warp streams every NW-th acc from L2. (Staging every
+ * acc in shared memory in the same round trip as the (m, l) was measured
+ * no faster at 1 x 32k and 1.5% slower on SmolLM2 int8 64 x 2k, whose
+ * kernel it made larger: notes/gpu.md session 9.) */
 template <int D, int G>
 __device__ void merge_partials(const decode_params &p, float *smem, int64_t unit, int first, int count, int stride,
                                bool final, float *out) {
+    constexpr int ML = ml_stride(G), GD = G * D;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    float *s_w = smem;                         /* (count, G): m, then the partial's weight */
-    float *s_ls = smem + count * G;            /* (count, G) */
-    float *s_part = smem + ((2 * count * G + 3) & ~3);   /* (NW, G * D), 16-byte aligned */
-    for (int e = tid; e < count * G; e += NT) {
-        const int s = e / G, g = e - s * G;
-        const int64_t slot = unit + first + (int64_t)s * stride;
-        s_w[e] = __ldcg(p.ws_ml + slot * 2 * G + g);
-        s_ls[e] = __ldcg(p.ws_ml + slot * 2 * G + G + g);
+    float *s_ml = smem;                        /* (count, ML): m (then the partial's weight), l */
+    float *s_acc = smem + count * ML;          /* (NW, G, D), 16-byte aligned */
+    auto slot = [&](int s) { return unit + first + (int64_t)s * stride; };
+    for (int e = tid; e < count * (ML / 4); e += NT) {
+        const int s = e / (ML / 4), r = e - s * (ML / 4);
+        cp_async16(s_ml + 4 * e, p.ws_ml + slot(s) * ML + 4 * r);
     }
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncthreads();
     for (int g = warp; g < G; g += NW) {       /* warp w: weights of heads w, w + NW */
         float M = -INFINITY;
-        for (int s = lane; s < count; s += 32) M = fmaxf(M, s_w[s * G + g]);
+        for (int s = lane; s < count; s += 32) M = fmaxf(M, s_ml[s * ML + g]);
 #pragma unroll
         for (int mk = 16; mk >= 1; mk >>= 1) M = fmaxf(M, __shfl_xor_sync(KVC__CU_FULL, M, mk));
         float Ls = 0.0f;
-        for (int s = lane; s < count; s += 32) Ls += exp2f(s_w[s * G + g] - M) * s_ls[s * G + g];
+        for (int s = lane; s < count; s += 32) Ls += exp2f(s_ml[s * ML + g] - M) * s_ml[s * ML + G + g];
 #pragma unroll
         for (int mk = 16; mk >= 1; mk >>= 1) Ls += __shfl_xor_sync(KVC__CU_FULL, Ls, mk);
         const float inv = final ? 1.0f / Ls : 1.0f;
-        for (int s = lane; s < count; s += 32) s_w[s * G + g] = exp2f(s_w[s * G + g] - M) * inv;
+        for (int s = lane; s < count; s += 32) s_ml[s * ML + g] = exp2f(s_ml[s * ML + g] - M) * inv;
         if (!final && lane == 0) {
-            p.ws_ml[(unit + first) * 2 * G + g] = M;
-            p.ws_ml[(unit + first) * 2 * G + G + g] = Ls;
+            p.ws_ml[slot(0) * ML + g] = M;
+            p.ws_ml[slot(0) * ML + G + g] = Ls;
         }
     }
     __syncthreads();
-    constexpr int NE4 = G * D / 4;             /* float4s of one partial's (G, D) */
+    float *dst = final ? out : p.ws_acc + slot(0) * GD;
+    constexpr int NE4 = GD / 4;                /* float4s of one partial's (G, D) */
     constexpr int PER = (NE4 + 31) / 32;
     float4 a[PER];
 #pragma unroll
     for (int j = 0; j < PER; j++) a[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 4
     for (int s = warp; s < count; s += NW) {
-        const float4 *src = reinterpret_cast<const float4 *>(p.ws_acc + (unit + first + (int64_t)s * stride) * G * D);
+        const float4 *src = reinterpret_cast<const float4 *>(p.ws_acc + slot(s) * GD);
 #pragma unroll
         for (int j = 0; j < PER; j++) {
             const int e4 = lane + 32 * j;
             if (e4 < NE4) {
-                const float w = s_w[s * G + (e4 * 4) / D];
+                const float w = s_ml[s * ML + (e4 * 4) / D];
                 const float4 x = __ldcg(src + e4);
                 a[j].x = fmaf(w, x.x, a[j].x);
                 a[j].y = fmaf(w, x.y, a[j].y);
@@ -872,14 +894,13 @@ __device__ void merge_partials(const decode_params &p, float *smem, int64_t unit
 #pragma unroll
     for (int j = 0; j < PER; j++) {
         const int e4 = lane + 32 * j;
-        if (e4 < NE4) reinterpret_cast<float4 *>(s_part + warp * G * D)[e4] = a[j];
+        if (e4 < NE4) reinterpret_cast<float4 *>(s_acc + warp * GD)[e4] = a[j];
     }
     __syncthreads();
-    float *dst = final ? out : p.ws_acc + (unit + first) * G * D;
-    for (int e = tid; e < G * D; e += NT) {
+    for (int e = tid; e < GD; e += NT) {
         float o = 0.0f;
 #pragma unroll
-        for (int w = 0; w < NW; w++) o += s_part[w * G * D + e];
+        for (int w = 0; w < NW; w++) o += s_acc[w * GD + e];
         dst[e] = o;
     }
 }
@@ -989,7 +1010,7 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
     constexpr int GT = NH * G;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     float *smem = reinterpret_cast<float *>(smem_raw);
-    __shared__ int s_last;
+    __shared__ int s_last[2];   /* elected to merge: its group, the groups */
     TL_START();
     /* (clusters) the first phase of the cluster barrier: every block has
      * started before any stores into another's shared memory (cluster_merge
@@ -1218,27 +1239,45 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
             return;
         }
     }
-    if (p.ppb == 1)
-        merge_warps<D, GT, NW>(p, s_acc, s_m, s_l, n_active <= 1, p.ws_acc + (unit + split) * GT * D,
-                               p.ws_ml + (unit + split) * 2 * GT);
-    else merge_warps<D, GT, 2>(p, s_acc, s_m, s_l, true, nullptr, nullptr);
-    if (p.ppb > 1 || n_active <= 1) return;
-
-    /* the last split of a (sequence, head) to finish merges them all; past
-     * FAN splits, the last of each group of FAN merges the group into its
-     * first slot and the last group to finish merges the groups */
-    int *counters = p.counters + pair * (1 + FAN);
-    const int n_groups = (n_active + FAN - 1) / FAN;
-    int count = n_active, step = 1;
-    if (n_groups > 1) {
-        const int grp = split / FAN, g_first = grp * FAN, g_count = min(FAN, n_active - g_first);
-        if (!last_arrival(counters + 1 + grp, g_count, s_last)) return;
-        merge_partials<D, GT>(p, smem, unit, g_first, g_count, 1, false, out);
-        count = n_groups;
-        step = FAN;
+    if (p.ppb > 1 || n_active <= 1) {
+        if (p.ppb > 1) merge_warps<D, GT, 2>(p, s_acc, s_m, s_l, true, nullptr, nullptr);
+        else merge_warps<D, GT, NW>(p, s_acc, s_m, s_l, true, nullptr, nullptr);
+        return;
     }
-    if (!last_arrival(counters, count, s_last)) return;
-    merge_partials<D, GT>(p, smem, unit, 0, count, step, true, out);
+
+    /* the last split of a (sequence, head) to arrive merges them all; past
+     * FAN splits, the last of each group of FAN merges the group into its
+     * first slot and the last group merger to arrive merges the groups */
+    int *cnt = p.counters + pair * 2 * (1 + FAN);
+    const int n_groups = (n_active + FAN - 1) / FAN;
+    const int grp = split / FAN, g_first = grp * FAN, g_count = min(FAN, n_active - g_first);
+    int *gc = n_groups > 1 ? cnt + 2 * (1 + grp) : cnt;
+    if (tid == 0) s_last[0] = atomicAdd(gc, 1) == g_count - 1;
+    merge_warps<D, GT, NW>(p, s_acc, s_m, s_l, false, p.ws_acc + (unit + split) * GT * D,
+                           p.ws_ml + (unit + split) * ml_stride(GT));
+    TL(8, 0);
+    __syncthreads();                           /* the partial stored; s_last[0] */
+    if (!s_last[0]) {
+        publish(gc);
+        return;
+    }
+    if (n_groups > 1 && tid == 0) s_last[1] = atomicAdd(cnt, 1) == n_groups - 1;
+    wait_published(gc, g_count - 1);
+    if (n_groups == 1) {
+        TL(10, 0);
+        merge_partials<D, GT>(p, smem, unit, 0, g_count, 1, true, out);
+        return;
+    }
+    TL(9, 0);
+    merge_partials<D, GT>(p, smem, unit, g_first, g_count, 1, false, out);
+    __syncthreads();                           /* the group's partial stored */
+    if (!s_last[1]) {
+        publish(cnt);
+        return;
+    }
+    wait_published(cnt, n_groups - 1);
+    TL(10, 0);
+    merge_partials<D, GT>(p, smem, unit, 0, n_groups, FAN, true, out);
 }
 
 /* ---- host side ------------------------------------------------------------- */
@@ -1455,8 +1494,8 @@ ws_parts ws_layout(const kvc__cu_view &v, int n_seqs, const plan &pl, bool trans
     const size_t units = (size_t)n_seqs * v.n_heads;
     const size_t splits = pl.ppb > 1 || pl.n_splits == 1 ? 0 : (size_t)pl.n_splits;
     w.counters = 0;
-    w.ml = align256(units * (1 + FAN) * sizeof(int));
-    w.acc = w.ml + align256(units * splits * 2 * v.G * sizeof(float));
+    w.ml = align256(units * 2 * (1 + FAN) * sizeof(int));
+    w.acc = w.ml + align256(units * splits * (2 * v.G + 3) * sizeof(float));   /* >= pairs ml_stride(NH G) */
     w.qp = w.acc + align256(units * splits * v.G * v.D * sizeof(float));
     const size_t rows = transform ? units * v.G * v.D * sizeof(float) : 0;
     w.cp = w.qp + align256(rows);

@@ -32,7 +32,9 @@
  *        gpu_bench --chunks   (HBM read bandwidth of random 1..64 KB chunks)
  *        gpu_bench --timeline smollm2|llama8b KCODEC VCODEC N_SEQS CTX [CSV]
  *          (a build with -DKVC_CU_TIMELINE: one launch's per-block marks,
- *          see decode.cu; CSV gets block, SM and the marks in us) */
+ *          see decode.cu; CSV gets block, SM and the marks in us)
+ *        GPU_BENCH_PPS=N in the environment: --one and --timeline run N
+ *          pages a split instead of the default plan */
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -648,7 +650,7 @@ extern "C" int kvc__cu_timeline_clear(void);
  * scale); the last launch's marks (each block overwrites its own): each
  * mark's spread over the blocks, the page loops' mean end by SM, and the
  * blocks' marks into csv. */
-constexpr int TL_BLOCKS = 16384;   /* decode.cu's mark table */
+constexpr int TL_BLOCKS = 16384, TL_MARKS = 12;   /* decode.cu's mark table */
 static void timeline(const shape &s, const char *kc, const char *vc, int n_seqs, int ctx, const char *csv) {
     decode_case dc = make_decode_case(s, kc, vc, n_seqs, ctx);
     const size_t wsb = kvc_cu_decode_workspace(&dc.bp.lay, n_seqs, ctx, s.G);
@@ -665,17 +667,17 @@ static void timeline(const shape &s, const char *kc, const char *vc, int n_seqs,
     CK((cudaError_t)kvc__cu_timeline_clear());
     for (int i = 0; i < 4; i++) launch(i);
     CK(cudaStreamSynchronize(st));
-    std::vector<unsigned long long> tl(8 * TL_BLOCKS);
+    std::vector<unsigned long long> tl(TL_MARKS * TL_BLOCKS);
     CK((cudaError_t)kvc__cu_timeline_read(tl.data(), tl.size()));
     unsigned long long t0 = ~0ull;
     std::vector<int> blocks;
     for (int b = 0; b < TL_BLOCKS; b++)
-        if (tl[8 * b]) blocks.push_back(b), t0 = std::min(t0, tl[8 * b]);
+        if (tl[TL_MARKS * b]) blocks.push_back(b), t0 = std::min(t0, tl[TL_MARKS * b]);
     if (blocks.empty()) {
         fprintf(stderr, "timeline: no block left marks (is decode.cu built with -DKVC_CU_TIMELINE?)\n");
         exit(1);
     }
-    auto us = [&](int b, int k) { return tl[8 * b + k] ? (tl[8 * b + k] - t0) * 1e-3 : -1.0; };
+    auto us = [&](int b, int k) { return tl[TL_MARKS * b + k] ? (tl[TL_MARKS * b + k] - t0) * 1e-3 : -1.0; };
     auto loop_end = [&](int b) {
         double m = 0;
         for (int k = 3; k < 7; k++) m = std::max(m, us(b, k));
@@ -698,7 +700,7 @@ static void timeline(const shape &s, const char *kc, const char *vc, int n_seqs,
                q(0.5), q(0.9), q(1));
     }
     std::vector<std::vector<double>> by_sm(1024);
-    for (int b : blocks) by_sm[tl[8 * b + 1] & 1023].push_back(loop_end(b));
+    for (int b : blocks) by_sm[tl[TL_MARKS * b + 1] & 1023].push_back(loop_end(b));
     std::vector<std::pair<double, int>> sm_mean;
     for (int sm = 0; sm < 1024; sm++)
         if (!by_sm[sm].empty()) {
@@ -717,10 +719,10 @@ static void timeline(const shape &s, const char *kc, const char *vc, int n_seqs,
             fprintf(stderr, "timeline: cannot write %s\n", csv);
             exit(2);
         }
-        fprintf(f, "block,sm,start,slot0,end_w0,end_w1,end_w2,end_w3,exit\n");
+        fprintf(f, "block,sm,start,slot0,end_w0,end_w1,end_w2,end_w3,exit,stored,group_merge,merge\n");
         for (int b : blocks)
-            fprintf(f, "%d,%llu,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f\n", b, tl[8 * b + 1], us(b, 0), us(b, 2), us(b, 3),
-                    us(b, 4), us(b, 5), us(b, 6), us(b, 7));
+            fprintf(f, "%d,%llu,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f\n", b, tl[TL_MARKS * b + 1], us(b, 0),
+                    us(b, 2), us(b, 3), us(b, 4), us(b, 5), us(b, 6), us(b, 7), us(b, 8), us(b, 9), us(b, 10));
         fclose(f);
     }
     CK(cudaFree(ws));
@@ -764,6 +766,9 @@ int main(int argc, char **argv) {
     };
     const shape *sh;
     int n_seqs, ctx;
+    /* GPU_BENCH_PPS=N: --one and --timeline run pages-per-split N instead of the default plan */
+    if (const char *e = getenv("GPU_BENCH_PPS"))
+        if (atoi(e) > 0) kvc_cu_set_decode_tuning(atoi(e), 0);
     if (argc == 7 && !strcmp(argv[1], "--one")) {
         if (!config(sh, n_seqs, ctx)) return 2;
         one_decode(*sh, argv[3], argv[4], n_seqs, ctx);
