@@ -1239,9 +1239,12 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
             return;
         }
     }
-    if (p.ppb > 1 || n_active <= 1) {
-        if (p.ppb > 1) merge_warps<D, GT, 2>(p, s_acc, s_m, s_l, true, nullptr, nullptr);
-        else merge_warps<D, GT, NW>(p, s_acc, s_m, s_l, true, nullptr, nullptr);
+    if (p.ppb > 1) {
+        merge_warps<D, GT, 2>(p, s_acc, s_m, s_l, true, nullptr, nullptr);
+        return;
+    }
+    if (n_active <= 1) {
+        merge_warps<D, GT, NW>(p, s_acc, s_m, s_l, true, nullptr, nullptr);
         return;
     }
 

@@ -122,7 +122,8 @@ int kvc_cu_write(const kvc_cu_layout *L, void *arena, int layer, const int32_t *
  * contexts are split across thread blocks and merged in the same launch
  * (no second kernel): 2..8 splits of a (sequence, kv head) filling the GPU
  * in one wave as one thread block cluster, merged through distributed shared
- * memory; otherwise by the last block to finish, through the workspace. */
+ * memory; otherwise by the last block to end its page loops, through the
+ * workspace. */
 typedef struct {
     const int32_t *block_tables;  /* device (n_seqs, bt_stride) page ids; bt_stride 0: one shared table */
     int bt_stride;

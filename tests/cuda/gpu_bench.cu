@@ -767,8 +767,15 @@ int main(int argc, char **argv) {
     const shape *sh;
     int n_seqs, ctx;
     /* GPU_BENCH_PPS=N: --one and --timeline run pages-per-split N instead of the default plan */
-    if (const char *e = getenv("GPU_BENCH_PPS"))
-        if (atoi(e) > 0) kvc_cu_set_decode_tuning(atoi(e), 0);
+    if (const char *e = getenv("GPU_BENCH_PPS")) {
+        char *end;
+        const long pps = strtol(e, &end, 10);
+        if (end == e || *end || pps < 1 || pps > 1 << 20) {
+            fprintf(stderr, "%s: GPU_BENCH_PPS=%s: want pages a split, 1..%d\n", argv[0], e, 1 << 20);
+            return 2;
+        }
+        kvc_cu_set_decode_tuning((int)pps, 0);
+    }
     if (argc == 7 && !strcmp(argv[1], "--one")) {
         if (!config(sh, n_seqs, ctx)) return 2;
         one_decode(*sh, argv[3], argv[4], n_seqs, ctx);
