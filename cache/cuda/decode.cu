@@ -833,7 +833,9 @@ __device__ __forceinline__ void wait_published(int *c, int others) {
 /* Block-wide merge of `count` (<= FAN) partials (acc, m, l) of a (sequence,
  * head) in workspace slots unit + first + i * stride: into out (normalized)
  * when final, else into slot unit + first as one partial: the (m, l) by
- * cp.async, then each warp streams every NW-th acc from L2. (Staging every
+ * cp.async, then each warp streams every NW-th acc from L2, its first PRE
+ * loaded in the same round trip as the (m, l) (1 x 32k 1-3% faster,
+ * notes/gpu.md session 10). (Staging every
  * acc in shared memory in the same round trip as the (m, l) was measured
  * no faster at 1 x 32k and 1.5% slower on SmolLM2 int8 64 x 2k, whose
  * kernel it made larger: notes/gpu.md session 9.) */
@@ -841,6 +843,9 @@ template <int D, int G>
 __device__ void merge_partials(const decode_params &p, float *smem, int64_t unit, int first, int count, int stride,
                                bool final, float *out) {
     constexpr int ML = ml_stride(G), GD = G * D;
+    constexpr int NE4 = GD / 4;                /* float4s of one partial's (G, D) */
+    constexpr int PER = (NE4 + 31) / 32;       /* of them a lane */
+    constexpr int PRE = PER >= 8 ? 2 : PER >= 4 ? 4 : 8;   /* partials a warp loads before the weights */
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     float *s_ml = smem;                        /* (count, ML): m (then the partial's weight), l */
     float *s_acc = smem + count * ML;          /* (NW, G, D), 16-byte aligned */
@@ -850,6 +855,18 @@ __device__ void merge_partials(const decode_params &p, float *smem, int64_t unit
         cp_async16(s_ml + 4 * e, p.ws_ml + slot(s) * ML + 4 * r);
     }
     cp_async_commit();
+    /* the warp's first PRE accs come in the same round trip as the (m, l)
+     * (up to 64 floats a lane: the page loop's registers are free by now) */
+    float4 pre[PRE][PER];
+#pragma unroll
+    for (int i = 0; i < PRE; i++) {
+        const int s = warp + i * NW;
+        const float4 *src = reinterpret_cast<const float4 *>(p.ws_acc + slot(s < count ? s : 0) * GD);
+#pragma unroll
+        for (int j = 0; j < PER; j++)
+            pre[i][j] = s < count && lane + 32 * j < NE4 ? __ldcg(src + lane + 32 * j)
+                                                         : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
     cp_async_wait<0>();
     __syncthreads();
     for (int g = warp; g < G; g += NW) {       /* warp w: weights of heads w, w + NW */
@@ -870,26 +887,27 @@ __device__ void merge_partials(const decode_params &p, float *smem, int64_t unit
     }
     __syncthreads();
     float *dst = final ? out : p.ws_acc + slot(0) * GD;
-    constexpr int NE4 = GD / 4;                /* float4s of one partial's (G, D) */
-    constexpr int PER = (NE4 + 31) / 32;
     float4 a[PER];
 #pragma unroll
     for (int j = 0; j < PER; j++) a[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    auto add = [&](int s, int j, float4 x) {   /* a[j] += partial s's weight * x */
+        const float w = s_ml[s * ML + ((lane + 32 * j) * 4) / D];
+        a[j].x = fmaf(w, x.x, a[j].x);
+        a[j].y = fmaf(w, x.y, a[j].y);
+        a[j].z = fmaf(w, x.z, a[j].z);
+        a[j].w = fmaf(w, x.w, a[j].w);
+    };
+#pragma unroll
+    for (int i = 0; i < PRE; i++)
+#pragma unroll
+        for (int j = 0; j < PER; j++)
+            if (warp + i * NW < count && lane + 32 * j < NE4) add(warp + i * NW, j, pre[i][j]);
 #pragma unroll 4
-    for (int s = warp; s < count; s += NW) {
+    for (int s = warp + PRE * NW; s < count; s += NW) {
         const float4 *src = reinterpret_cast<const float4 *>(p.ws_acc + slot(s) * GD);
 #pragma unroll
-        for (int j = 0; j < PER; j++) {
-            const int e4 = lane + 32 * j;
-            if (e4 < NE4) {
-                const float w = s_ml[s * ML + (e4 * 4) / D];
-                const float4 x = __ldcg(src + e4);
-                a[j].x = fmaf(w, x.x, a[j].x);
-                a[j].y = fmaf(w, x.y, a[j].y);
-                a[j].z = fmaf(w, x.z, a[j].z);
-                a[j].w = fmaf(w, x.w, a[j].w);
-            }
-        }
+        for (int j = 0; j < PER; j++)
+            if (lane + 32 * j < NE4) add(s, j, __ldcg(src + lane + 32 * j));
     }
 #pragma unroll
     for (int j = 0; j < PER; j++) {
@@ -1413,9 +1431,19 @@ template <typename F> int with_instance(const kvc__cu_view &v, int nh, F &&f) {
  * busiest multiprocessor has the fewest pages per warp-slot wins: cost =
  * ceil(blocks / SMs) * pages per warp (a multiprocessor's throughput is
  * shared by its blocks), splits costing a merge (about as much as 8 pages
- * of a warp) and, past FAN, a second merge level; ties go to more blocks. If
- * none fits, a warp per pair (the fewest blocks). */
-plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx, int nh) {
+ * of a warp) and, past FAN, a second merge level. 4-bit pages carry the
+ * most arithmetic a byte and need two warps a scheduler to keep up with
+ * their copies: with fewer than 2 NW warps on a multiprocessor their cost
+ * grows in proportion (one block a multiprocessor: Llama-8B int4 1 x 32k
+ * 30.4 us at 16 splits against 25.9 at 32; f16 44.1 against 44.8, int8
+ * 28.1 against 30.4; notes/gpu.md session 10), and ties go to fewer
+ * splits (fewer partials to merge), then to more blocks. Both for plain
+ * pages only: over a transform's coefficients (at most half the bytes a
+ * page, a projection ahead) the same rules made SmolLM2 latent:64 64 x 2k
+ * 10-13% and Llama-8B hybrid:r64 1 x 32k 14% slower, so there ties go to
+ * more blocks, as before. If none fits, a warp per pair (the fewest
+ * blocks). */
+plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx, int nh, bool transform) {
     const int sms = sm_count();
     int per_sm = with_instance(v, nh, [](auto d, auto g, auto kf, auto vf, auto h) {
         return blocks_per_sm<decltype(d)::value, decltype(g)::value, decltype(kf)::value, decltype(vf)::value,
@@ -1426,6 +1454,8 @@ plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx, int nh) {
     const long pairs = (long)(n_seqs > 0 ? n_seqs : 1) * (v.n_heads / nh);
     const long resident = (long)sms * per_sm;
     plan pl = {4, pages, 1, nh};
+    const bool u4 = v.k_fmt == KVC_CU_U4C || kvc__cu_is_u4t(v.k_fmt) || v.v_fmt == KVC_CU_U4C || kvc__cu_is_u4t(v.v_fmt);
+    const int warps_needed = u4 && !transform ? 2 * NW : NW;
     long best_blocks = 0;
     double best = 0;
     auto consider = [&](int ppb, int pps) {
@@ -1434,9 +1464,13 @@ plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx, int nh) {
         const long blocks = (pairs + ppb - 1) / ppb * splits;
         const long per_warp = (pps + NW / ppb - 1) / (NW / ppb);
         if (blocks > resident) return;
-        double c = (double)((blocks + sms - 1) / sms) * (double)per_warp;
+        const long on_sm = (blocks + sms - 1) / sms;
+        double c = (double)on_sm * (double)per_warp;
+        if (on_sm * NW < warps_needed) c *= (double)warps_needed / (double)(on_sm * NW);
         if (splits > 1) c += 8.0 * (splits > FAN ? 2 : 1);
-        if (!best_blocks || c < best || (c == best && blocks > best_blocks)) {
+        if (!best_blocks || c < best ||
+            (c == best && (transform ? blocks > best_blocks
+                                     : splits < pl.n_splits || (splits == pl.n_splits && blocks > best_blocks)))) {
             best = c, best_blocks = blocks;
             pl.ppb = ppb, pl.pps = pps, pl.n_splits = splits;
         }
@@ -1465,20 +1499,23 @@ plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx, int nh) {
 /* The search costs microseconds of host time (up to MAX_SPLITS candidates)
  * and a decode step asks once per layer with the same sizes: the last
  * answer of this host thread is kept. */
-plan make_plan(const kvc__cu_view &v, int n_seqs, int max_ctx) {
+plan make_plan(const kvc__cu_view &v, int n_seqs, int max_ctx, bool transform) {
     struct key {
         int n_heads, G, D, k_fmt, v_fmt, n_seqs, max_ctx, pps, wps, nh;
+        bool transform;
         bool operator==(const key &o) const {
             return n_heads == o.n_heads && nh == o.nh && G == o.G && D == o.D && k_fmt == o.k_fmt && v_fmt == o.v_fmt &&
-                   n_seqs == o.n_seqs && max_ctx == o.max_ctx && pps == o.pps && wps == o.wps;
+                   n_seqs == o.n_seqs && max_ctx == o.max_ctx && pps == o.pps && wps == o.wps &&
+                   transform == o.transform;
         }
     };
-    thread_local key last_key = {-1, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    thread_local key last_key = {-1, 0, 0, 0, 0, 0, 0, 0, 0, 0, false};
     thread_local plan last = {4, 1, 1, 1};
     const int nh = latent_nh(v, n_seqs);
-    const key k = {v.n_heads, v.G, v.D, v.k_fmt, v.v_fmt, n_seqs, max_ctx, g_pages_per_split, g_warp_per_seq, nh};
+    const key k = {v.n_heads, v.G, v.D, v.k_fmt, v.v_fmt, n_seqs, max_ctx, g_pages_per_split, g_warp_per_seq, nh,
+                   transform};
     if (!(k == last_key)) {
-        last = search_plan(v, n_seqs, max_ctx, nh);
+        last = search_plan(v, n_seqs, max_ctx, nh, transform);
         last_key = k;
     }
     return last;
@@ -1651,7 +1688,7 @@ extern "C" size_t kvc_cu_decode_workspace(const kvc_cu_layout *L, int n_seqs, in
     for (int l = 0; l < L->n_layer; l++) {
         const kvc__cu_view v = kvc__cu_view_of(L, l, n_rep);
         if (with_instance(v, 1, [](auto, auto, auto, auto, auto) { return KVC_OK; }) != KVC_OK) continue;
-        const size_t t = ws_layout(v, n_seqs, make_plan(v, n_seqs, max_ctx), has_transform(L)).total;
+        const size_t t = ws_layout(v, n_seqs, make_plan(v, n_seqs, max_ctx, has_transform(L)), has_transform(L)).total;
         most = t > most ? t : most;
         if (!has_transform(L)) break;          /* every layer alike */
     }
@@ -1680,7 +1717,7 @@ extern "C" int kvc_cu_decode(const kvc_cu_layout *L, const void *arena, int laye
                      (long long)a->q_stride, (long long)a->out_stride);
     const kvc__cu_view v = kvc__cu_view_of(L, layer, a->n_rep);
     const bool transform = has_transform(L);
-    const plan pl = make_plan(v, a->n_seqs, a->max_ctx);
+    const plan pl = make_plan(v, a->n_seqs, a->max_ctx, transform);
     const ws_parts w = ws_layout(v, a->n_seqs, pl, transform);
     if (workspace_bytes < w.total)
         KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: decode: workspace %zu bytes, need %zu", workspace_bytes, w.total);

@@ -23,8 +23,9 @@
  * Stored numbers are random halves (int8 blocks: random bytes and scales):
  * never zeros.
  *
- * Usage: gpu_bench [--quick] [--csv FILE] [--match TEXT]... [--cases NxCTX,...]
- *        (--match: only the decode cases whose label "shape kcodec/vcodec
+ * Usage: gpu_bench [--quick] [--csv FILE] [--match TEXT]... [--cases NxCTX,...] [--pps N,...]
+ *        (--pps: the ppsN plans timed, default 16,32,64,128,256;
+ *        --match: only the decode cases whose label "shape kcodec/vcodec
  *        NxCTX" contains one of the texts, and the prefill and write cases
  *        whose label "shape kcodec/vcodec pw" does; --cases: the decode
  *        cases instead of 64x2048,256x512,1x32768)
@@ -67,6 +68,7 @@ extern "C" {
 static const double FLOOR_BW = 4.3e12;   /* bytes/s, the copy bandwidth measured on this GPU */
 static FILE *g_csv = NULL;
 static std::vector<const char *> g_match;   /* --match */
+static std::vector<int> g_pps = {16, 32, 64, 128, 256};   /* --pps: the ppsN plans timed beside the others */
 
 static bool selected(const char *label) {
     if (g_match.empty()) return true;
@@ -282,7 +284,8 @@ static void bench_decode(const shape &s, const char *kc, const char *vc, int n_s
     struct tuning {
         int pps, wph;
     };
-    std::vector<tuning> tunings = {{0, 0}, {0, 1}, {0, 2}, {16, -1}, {32, -1}, {64, -1}, {128, -1}, {256, -1}};
+    std::vector<tuning> tunings = {{0, 0}, {0, 1}, {0, 2}};
+    for (int pps : g_pps) tunings.push_back({pps, -1});
     if (quick) tunings = {{0, 0}};
     double best_us = 1e30, auto_us = 0;
     tuning best = {0, 0};
@@ -732,6 +735,25 @@ static void timeline(const shape &s, const char *kc, const char *vc, int n_seqs,
 #endif
 
 /* "64x2048,1x32768" -> cases; false (nothing changed) on anything else. */
+/* --pps N,N,...: pages-a-split plans to time (1..2^20 each); false on
+ * anything else, naming it. */
+static bool parse_pps(const char *s) {
+    std::vector<int> v;
+    for (const char *c = s; *c;) {
+        char *e;
+        const long n = strtol(c, &e, 10);
+        if (e == c || n < 1 || n > (1 << 20) || (*e && *e != ',')) {
+            fprintf(stderr, "gpu_bench: --pps %s: want pages-a-split counts 1..%d separated by commas\n", s, 1 << 20);
+            return false;
+        }
+        v.push_back((int)n);
+        c = *e ? e + 1 : e;
+    }
+    if (v.empty()) return false;
+    g_pps = v;
+    return true;
+}
+
 static bool parse_cases(const char *s, std::vector<std::pair<int, int>> &cases) {
     std::vector<std::pair<int, int>> out;
     while (*s) {
@@ -797,8 +819,10 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--csv") && i + 1 < argc) g_csv = fopen(argv[++i], "w");
         else if (!strcmp(argv[i], "--match") && i + 1 < argc) g_match.push_back(argv[++i]);
         else if (!strcmp(argv[i], "--cases") && i + 1 < argc && parse_cases(argv[++i], cases)) continue;
+        else if (!strcmp(argv[i], "--pps") && i + 1 < argc && parse_pps(argv[++i])) continue;
         else {
-            fprintf(stderr, "usage: %s [--quick] [--csv FILE] [--match TEXT]... [--cases NxCTX,...]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--quick] [--csv FILE] [--match TEXT]... [--cases NxCTX,...] [--pps N,...]\n",
+                    argv[0]);
             return 2;
         }
     }
