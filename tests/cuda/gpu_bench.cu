@@ -742,7 +742,7 @@ static bool parse_pps(const char *s) {
     for (const char *c = s; *c;) {
         char *e;
         const long n = strtol(c, &e, 10);
-        if (e == c || n < 1 || n > (1 << 20) || (*e && *e != ',')) {
+        if (e == c || n < 1 || n > (1 << 20) || (*e && (*e != ',' || !e[1]))) {
             fprintf(stderr, "gpu_bench: --pps %s: want pages-a-split counts 1..%d separated by commas\n", s, 1 << 20);
             return false;
         }
