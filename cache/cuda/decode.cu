@@ -147,7 +147,7 @@ namespace {
 
 constexpr int NW = 4;            /* warps per block */
 constexpr int NT = NW * 32;
-constexpr int FAN = 32;          /* partials one block merges */
+constexpr int FAN = 64;          /* partials one block merges */
 constexpr int MAX_SPLITS = FAN * FAN;
 constexpr int MAX_CLUSTER = 8;   /* split blocks a cluster: the portable cluster size */
 
@@ -1431,18 +1431,20 @@ template <typename F> int with_instance(const kvc__cu_view &v, int nh, F &&f) {
  * busiest multiprocessor has the fewest pages per warp-slot wins: cost =
  * ceil(blocks / SMs) * pages per warp (a multiprocessor's throughput is
  * shared by its blocks), splits costing a merge (about as much as 8 pages
- * of a warp) and, past FAN, a second merge level. 4-bit pages carry the
- * most arithmetic a byte and need two warps a scheduler to keep up with
- * their copies: with fewer than 2 NW warps on a multiprocessor their cost
- * grows in proportion (one block a multiprocessor: Llama-8B int4 1 x 32k
- * 30.4 us at 16 splits against 25.9 at 32; f16 44.1 against 44.8, int8
- * 28.1 against 30.4; notes/gpu.md session 10), and ties go to fewer
- * splits (fewer partials to merge), then to more blocks. Both for plain
- * pages only: over a transform's coefficients (at most half the bytes a
- * page, a projection ahead) the same rules made SmolLM2 latent:64 64 x 2k
- * 10-13% and Llama-8B hybrid:r64 1 x 32k 14% slower, so there ties go to
- * more blocks, as before. If none fits, a warp per pair (the fewest
- * blocks). */
+ * of a warp for every 32 partials) and, past FAN, a second merge level.
+ * 4-bit pages, and the register path's 8-bit ones at head_dim 64 (half a
+ * slot's bytes), need two warps a scheduler to keep up with their copies:
+ * with fewer than 2 NW warps on a multiprocessor their cost grows in
+ * proportion (one block a multiprocessor: Llama-8B int4 1 x 32k 30.4 us at
+ * 16 splits against 25.9 at 32, while f16 takes 44.1 against 44.8 and
+ * int8 28.1 against 30.4; SmolLM2 int8 1 x 32k 11.7 us at 64 splits, two
+ * blocks on most multiprocessors, against 13.1 at 32; notes/gpu.md session
+ * 10), and ties go to fewer splits (fewer partials to merge), then to more
+ * blocks. Both for plain pages only: over a transform's coefficients (at
+ * most half the bytes a page, a projection ahead) the same rules made
+ * SmolLM2 latent:64 64 x 2k 10-13% and Llama-8B hybrid:r64 1 x 32k 14%
+ * slower, so there ties go to more blocks, as before. If none fits, a warp
+ * per pair (the fewest blocks). */
 plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx, int nh, bool transform) {
     const int sms = sm_count();
     int per_sm = with_instance(v, nh, [](auto d, auto g, auto kf, auto vf, auto h) {
@@ -1455,7 +1457,8 @@ plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx, int nh, bool tr
     const long resident = (long)sms * per_sm;
     plan pl = {4, pages, 1, nh};
     const bool u4 = v.k_fmt == KVC_CU_U4C || kvc__cu_is_u4t(v.k_fmt) || v.v_fmt == KVC_CU_U4C || kvc__cu_is_u4t(v.v_fmt);
-    const int warps_needed = u4 && !transform ? 2 * NW : NW;
+    const bool regs = v.k_fmt != KVC_CU_F16 && v.v_fmt != KVC_CU_F16;   /* the register path (quantized) */
+    const int warps_needed = !transform && (u4 || (regs && v.D <= 64)) ? 2 * NW : NW;
     long best_blocks = 0;
     double best = 0;
     auto consider = [&](int ppb, int pps) {
@@ -1467,7 +1470,7 @@ plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx, int nh, bool tr
         const long on_sm = (blocks + sms - 1) / sms;
         double c = (double)on_sm * (double)per_warp;
         if (on_sm * NW < warps_needed) c *= (double)warps_needed / (double)(on_sm * NW);
-        if (splits > 1) c += 8.0 * (splits > FAN ? 2 : 1);
+        if (splits > 1) c += 8.0 * ((splits + 31) / 32 + (splits > FAN ? 1 : 0));
         if (!best_blocks || c < best ||
             (c == best && (transform ? blocks > best_blocks
                                      : splits < pl.n_splits || (splits == pl.n_splits && blocks > best_blocks)))) {
