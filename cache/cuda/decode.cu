@@ -1456,9 +1456,9 @@ plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx, int nh, bool tr
     const long pairs = (long)(n_seqs > 0 ? n_seqs : 1) * (v.n_heads / nh);
     const long resident = (long)sms * per_sm;
     plan pl = {4, pages, 1, nh};
-    const bool u4 = v.k_fmt == KVC_CU_U4C || kvc__cu_is_u4t(v.k_fmt) || v.v_fmt == KVC_CU_U4C || kvc__cu_is_u4t(v.v_fmt);
-    const bool regs = v.k_fmt != KVC_CU_F16 && v.v_fmt != KVC_CU_F16;   /* the register path (quantized) */
-    const int warps_needed = !transform && (u4 || (regs && v.D <= 64)) ? 2 * NW : NW;
+    auto u4 = [](int fmt) { return fmt == KVC_CU_U4C || kvc__cu_is_u4t(fmt); };
+    const bool wide = u4(v.k_fmt) || u4(v.v_fmt) || (quantized(v.k_fmt, v.v_fmt) && v.D <= 64);
+    const int warps_needed = !transform && wide ? 2 * NW : NW;
     long best_blocks = 0;
     double best = 0;
     auto consider = [&](int ppb, int pps) {
@@ -1538,7 +1538,8 @@ ws_parts ws_layout(const kvc__cu_view &v, int n_seqs, const plan &pl, bool trans
     const size_t splits = pl.ppb > 1 || pl.n_splits == 1 ? 0 : (size_t)pl.n_splits;
     w.counters = 0;
     w.ml = align256(units * 2 * (1 + FAN) * sizeof(int));
-    w.acc = w.ml + align256(units * splits * (2 * v.G + 3) * sizeof(float));   /* >= pairs ml_stride(NH G) */
+    /* NH ml_stride(G) >= ml_stride(NH G): a multiple of 4 floats >= 2 NH G */
+    w.acc = w.ml + align256(units * splits * ml_stride(v.G) * sizeof(float));
     w.qp = w.acc + align256(units * splits * v.G * v.D * sizeof(float));
     const size_t rows = transform ? units * v.G * v.D * sizeof(float) : 0;
     w.cp = w.qp + align256(rows);

@@ -737,17 +737,26 @@ static void timeline(const shape &s, const char *kc, const char *vc, int n_seqs,
 /* "64x2048,1x32768" -> cases; false (nothing changed) on anything else. */
 /* --pps N,N,...: pages-a-split plans to time (1..2^20 each); false on
  * anything else, naming it. */
+/* Reads a decimal number in [lo, hi] at s and moves s past it; false
+ * (s unmoved) when there is none or it is out of range. */
+static bool read_num(const char *&s, long lo, long hi, long &n) {
+    char *e;
+    n = strtol(s, &e, 10);
+    if (e == s || n < lo || n > hi) return false;
+    s = e;
+    return true;
+}
+
 static bool parse_pps(const char *s) {
     std::vector<int> v;
     for (const char *c = s; *c;) {
-        char *e;
-        const long n = strtol(c, &e, 10);
-        if (e == c || n < 1 || n > (1 << 20) || (*e && (*e != ',' || !e[1]))) {
+        long n;
+        if (!read_num(c, 1, 1 << 20, n) || (*c && (*c != ',' || !c[1]))) {
             fprintf(stderr, "gpu_bench: --pps %s: want pages-a-split counts 1..%d separated by commas\n", s, 1 << 20);
             return false;
         }
         v.push_back((int)n);
-        c = *e ? e + 1 : e;
+        c += *c != 0;
     }
     if (v.empty()) return false;
     g_pps = v;
@@ -757,14 +766,11 @@ static bool parse_pps(const char *s) {
 static bool parse_cases(const char *s, std::vector<std::pair<int, int>> &cases) {
     std::vector<std::pair<int, int>> out;
     while (*s) {
-        char *end;
-        const long n = strtol(s, &end, 10);
-        if (end == s || *end != 'x' || n < 1 || n > 65535) return false;
-        s = end + 1;
-        const long ctx = strtol(s, &end, 10);
-        if (end == s || ctx < 1 || ctx > (1 << 20) || (*end && *end != ',')) return false;
+        long n, ctx;
+        if (!read_num(s, 1, 65535, n) || *s++ != 'x' || !read_num(s, 1, 1 << 20, ctx) || (*s && *s != ','))
+            return false;
         out.push_back({(int)n, (int)ctx});
-        s = *end ? end + 1 : end;
+        s += *s != 0;
     }
     if (out.empty()) return false;
     cases = out;
@@ -790,9 +796,9 @@ int main(int argc, char **argv) {
     int n_seqs, ctx;
     /* GPU_BENCH_PPS=N: --one and --timeline run pages-per-split N instead of the default plan */
     if (const char *e = getenv("GPU_BENCH_PPS")) {
-        char *end;
-        const long pps = strtol(e, &end, 10);
-        if (end == e || *end || pps < 1 || pps > 1 << 20) {
+        const char *c = e;
+        long pps;
+        if (!read_num(c, 1, 1 << 20, pps) || *c) {
             fprintf(stderr, "%s: GPU_BENCH_PPS=%s: want pages a split, 1..%d\n", argv[0], e, 1 << 20);
             return 2;
         }
