@@ -48,7 +48,8 @@
  * arenas must again be byte-identical; decode keeps the decode bound (the
  * query's projection and the output's expansion add fp32 sums of head_dim
  * or R products, far below it) and prefill the prefill bound (the
- * tensor-core kernel over the coefficients).
+ * tensor-core kernel over the coefficients). One pca case reads per-layer
+ * ranks (32 and 64) from its calibration file.
  *
  * Usage: gpu_test [--seed N] [--quick]   (--quick: fewer, shorter cases, for
  * compute-sanitizer). */
@@ -132,6 +133,7 @@ struct test_case {
     std::vector<std::pair<int, int>> chunks; /* prefill (pos0, n) on the longest sequence */
     float q_gain;
     const char *calib = nullptr;            /* calibration file for pca codecs */
+    int k_ranks[2] = {0, 0};                /* > 0: the key side's per-layer ranks expected */
 };
 
 static bool is_transform(const char *spec) {
@@ -178,6 +180,10 @@ static void run_case(const test_case &c) {
         EXPECT(0, "kvc_pool_create: %s", err);
         return;
     }
+    if (c.k_ranks[0] > 0)
+        EXPECT(pool->kc.dim[0] == c.k_ranks[0] && pool->kc.dim[1] == c.k_ranks[1],
+               "%s: key ranks %d / %d, want %d / %d", name, pool->kc.dim[0], pool->kc.dim[1], c.k_ranks[0],
+               c.k_ranks[1]);
     kvc_cu_layout lay;
     if (kvc_cu_layout_init(&lay, pool, err, sizeof err) != KVC_OK) {
         EXPECT(0, "kvc_cu_layout_init: %s", err);
@@ -369,15 +375,16 @@ static void run_case(const test_case &c) {
                 if (rep == 0) printf("  decode %-11s: %d seqs, max rel err %.3g, non-finite %d\n", pps_name[v], S, e, nf);
                 d_out.poison();
             }
-            /* the workspace opens with (S, heads, 1 + 32) merge counters; two
-             * latent sides regroup the H * G rows into heads of up to 8 */
+            /* the workspace opens with (S, heads, 2 (1 + FAN)) merge counters
+             * (FAN 64, decode.cu); two latent sides regroup the H * G rows
+             * into heads of up to 8 */
             int heads = H;
             if (lay.k_shape == KVC_CU_LATENT && lay.v_shape == KVC_CU_LATENT) {
                 int gv = 8;
                 while ((H * G) % gv) gv--;
                 heads = H * G / gv;
             }
-            std::vector<int> ws_back(S * heads * 33);
+            std::vector<int> ws_back((size_t)S * heads * 2 * (1 + 64));
             CK(cudaMemcpy(ws_back.data(), ws.p, sizeof(int) * ws_back.size(), cudaMemcpyDeviceToHost));
             int dirty = 0;
             for (int x : ws_back) dirty += x != 0;
@@ -498,8 +505,10 @@ static void check_errors(void) {
 }
 
 /* A calibration file (pca bases with means) fitted on random vectors of n_layer
- * layers, keys and values, at `path`; false on failure. */
-static bool make_calib(const char *path, int n_layer, int H, int D) {
+ * layers, keys and values, at `path`, every layer at rank 32 or (rank_last >
+ * 0) the last at rank_last (rewritten in the file: its per-layer ranks come
+ * before each set's bases, kvcache.h); false on failure. */
+static bool make_calib(const char *path, int n_layer, int H, int D, int rank_last = 0) {
     kvc_calib_fit *fit = kvc_calib_fit_create(n_layer, H, D);
     if (!fit) return false;
     const int n = 600;
@@ -516,8 +525,24 @@ static bool make_calib(const char *path, int n_layer, int H, int D) {
     char err[256];
     const int rc = kvc_calib_fit_write(fit, &opts, path, err, sizeof err);
     kvc_calib_fit_destroy(fit);
-    if (rc != KVC_OK) printf("calibration: %s\n", err);
-    return rc == KVC_OK;
+    if (rc != KVC_OK) {
+        printf("calibration: %s\n", err);
+        return false;
+    }
+    if (rank_last <= 0) return true;
+    /* header: magic 8, version and shape 16, n_sets 4, n_tokens 8, model 64;
+     * a set: kind 8, rank_head[n_layer], rank_latent[n_layer], then per
+     * layer H (2 D + D D) + (2 HD + HD HD) floats */
+    const long HD = (long)H * D, per_layer = 4 * (H * (2L * D + (long)D * D) + 2 * HD + HD * HD);
+    const long set_bytes = 8 + 8L * n_layer + n_layer * per_layer;
+    FILE *fp = fopen(path, "r+b");
+    bool ok = fp != NULL;
+    const uint32_t r = (uint32_t)rank_last;
+    for (int set = 0; set < 2 && ok; set++)
+        ok = fseek(fp, 100 + set * set_bytes + 8 + 4L * (n_layer - 1), SEEK_SET) == 0 && fwrite(&r, 4, 1, fp) == 1;
+    if (fp && fclose(fp) != 0) ok = false;
+    if (!ok) printf("calibration: cannot rewrite the ranks of %s\n", path);
+    return ok;
 }
 
 int main(int argc, char **argv) {
@@ -605,6 +630,15 @@ int main(int argc, char **argv) {
         test_case b = {64, 3, 3, "hybrid:latent:64:pca", "latent:64:pca", mix, chunks, 1.0f, calib_path};
         cases.push_back(a);
         cases.push_back(b);
+    }
+    /* per-layer pca ranks (the rank left out of the spec): layer 0 at 32,
+     * layer 1 (the one decoded) at 64; the workspace is the largest layer's */
+    static const char *calib2_path = "/tmp/kvc_gpu_test_calib_layers.bin";
+    const bool have_calib2 = !quick && make_calib(calib2_path, 2, 3, 64, 64);
+    EXPECT(quick || have_calib2, "calibration file with per-layer ranks");
+    if (have_calib2) {
+        test_case a = {64, 3, 3, "hybrid:pca", "hybrid:pca", mix, chunks, 1.0f, calib2_path, {32, 64}};
+        cases.push_back(a);
     }
     if (quick) {
         test_case a = {64, 3, 3, "hybrid:r32", "hybrid:r32", {1, 17, 0, 300}, {{0, 100}, {200, 33}}, 1.0f};
