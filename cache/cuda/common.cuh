@@ -63,6 +63,14 @@ int kvc__cu_expand(const kvc_cu_layout *L, int layer, int n_rows, int n_rep, con
                    const int32_t *ctx_lens, int ctx0, float *out, int64_t out_stride, cudaStream_t stream, char *err,
                    size_t errlen);
 
+/* Whether the last decode launched by this host thread had a grid whose
+ * blocks may land while the kernel before it still runs without landing
+ * unevenly (decode.cu, launch_decode: it fits beside, or fills nearly every
+ * slot); false before any. A decode step's write (write.cu) lets the decode
+ * after it launch at its start only then: an engine's steps repeat their
+ * sizes layer after layer, so the last decode stands for the next one. */
+bool kvc__cu_decode_lands_early(void);
+
 /* Blocks of (page, kv head) in the layer: K blocks of all heads, then V blocks. */
 __device__ __forceinline__ const uint8_t *kvc__cu_k_block(const uint8_t *arena, const kvc__cu_geom &g,
                                                           int32_t page, int head) {

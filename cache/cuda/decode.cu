@@ -1592,6 +1592,8 @@ int cluster_mode() {
     return g_cluster;
 }
 
+thread_local bool g_lands_early = false;   /* kvc__cu_decode_lands_early */
+
 /* The decode kernel over a view: q and out as the view's rows (G rows of D
  * numbers per head, q_stride / out_stride floats per sequence). */
 int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_args *a, const float *q,
@@ -1637,6 +1639,7 @@ int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_
         const long free_slots = resident - blocks;
         const bool early = free_slots >= blocks || (quantized(KF_, VF_) && free_slots * 16 <= blocks);
         p.pdl_early = pm == 1 || (pm < 0 && early);
+        g_lands_early = early;
         cudaLaunchConfig_t cfg = {};
         cfg.gridDim = grid;
         cfg.blockDim = dim3(NT);
@@ -1677,6 +1680,8 @@ int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_
 bool has_transform(const kvc_cu_layout *L) { return L->k_shape != KVC_CU_PLAIN || L->v_shape != KVC_CU_PLAIN; }
 
 } // namespace
+
+bool kvc__cu_decode_lands_early(void) { return g_lands_early; }
 
 extern "C" void kvc_cu_set_decode_cluster(int mode) { g_cluster = mode < 0 ? -1 : mode > 0 ? 1 : 0; }
 

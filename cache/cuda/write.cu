@@ -16,6 +16,7 @@
  * no fused multiply-adds, round-half-even, scales rounded outwards to
  * halves) so the bytes equal kvc_write's. */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cache/cuda/common.cuh"
@@ -359,7 +360,12 @@ __global__ void __launch_bounds__(128) write_kernel(uint8_t *__restrict__ arena,
                                                     int B, int D, int kf, int vf, bool k_plain, bool v_plain,
                                                     const int32_t *__restrict__ slots, int n,
                                                     const float *__restrict__ k,
-                                                    const float *__restrict__ v, int64_t kv_stride, unsigned wblocks) {
+                                                    const float *__restrict__ v, int64_t kv_stride, unsigned wblocks,
+                                                    int pdl) {
+    /* (write_pdl) the next kernel in the stream, a decode launched as a
+     * programmatic dependent launch, may start now: its blocks wait in
+     * griddepcontrol.wait until this grid is done and its writes visible */
+    if (pdl) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     if constexpr (U4C) {
         if (blockIdx.x >= wblocks) {
             const long u = ((long)(blockIdx.x - wblocks) * blockDim.x + threadIdx.x) / D;
@@ -494,6 +500,25 @@ static coef_side coef_side_of(const kvc_cu_layout *L, int layer, int side) {
     return cs;
 }
 
+/* Whether the write kernel lets the kernel after it launch at its start
+ * (griddepcontrol.launch_dependents): a decode of the same layer then
+ * launches and schedules its blocks while the write runs, instead of after
+ * it. Only where the last decode's grid lands well beside a running kernel
+ * (kvc__cu_decode_lands_early): a grid that leaves some slots free and
+ * takes the rest as they free lands unevenly (write + decode of a layer,
+ * notes/gpu.md session 11: SmolLM2 f16 64 x 2k 36.5 -> 41.3 us when
+ * released regardless; 1 x 32k 16.4 -> 15.5). KVC_CU_WRITE_PDL=0 in the
+ * environment turns it off, =1 on regardless (benchmarks' before and
+ * after). */
+static int write_pdl() {
+    static int mode = -2;
+    if (mode == -2) {
+        const char *e = getenv("KVC_CU_WRITE_PDL");
+        mode = e && *e == '0' ? 0 : e && *e == '1' ? 1 : -1;
+    }
+    return mode == 1 || (mode < 0 && kvc__cu_decode_lands_early());
+}
+
 extern "C" int kvc_cu_write(const kvc_cu_layout *L, void *arena, int layer, const int32_t *slots, int n,
                             const float *k, const float *v, int64_t kv_stride, void *stream, char *err,
                             size_t errlen) {
@@ -516,7 +541,7 @@ extern "C" int kvc_cu_write(const kvc_cu_layout *L, void *arena, int layer, cons
         auto kernel = kblocks ? write_kernel<true> : write_kernel<false>;
         kernel<<<(unsigned)(blocks + kblocks), 128, 0, (cudaStream_t)stream>>>(
             (uint8_t *)arena, g, L->n_kv_head, L->block_size, L->head_dim, L->k_fmt, L->v_fmt, k_plain, v_plain, slots,
-            n, k, v, kv_stride, (unsigned)blocks);
+            n, k, v, kv_stride, (unsigned)blocks, write_pdl());
         KVC__CU_TRY(cudaGetLastError());
     }
     if (!k_plain || !v_plain) {

@@ -16,7 +16,10 @@
  *     or two per (sequence, kv head); ppsN splits of N pages);
  *   prefill of a 2048-token chunk at positions 0 and 2048 (TFLOP/s, counting
  *     4 * head_dim per (query row, visible position));
- *   compress-on-write of 64 tokens (a decode step) and 2048 (a chunk).
+ *   compress-on-write of 64 tokens (a decode step) and 2048 (a chunk);
+ *   a layer's decode step as an engine runs it (`step` lines: the write of
+ *   each sequence's newest token, then the decode), for the decode cases of
+ *   the "pw" codecs (--match "... NxCTX step").
  * Transform codecs (lowrank, latent, hybrid) count their stored blocks (a
  * latent: one block a page for all kv heads); the queries' projection and
  * the outputs' expansion are two more launches inside each timed call.
@@ -344,6 +347,61 @@ static void bench_decode(const shape &s, const char *kc, const char *vc, int n_s
     fflush(stdout);
     kvc_cu_set_decode_tuning(0, 0);
     CK(cudaStreamDestroy(st));
+    free_decode_case(dc);
+}
+
+/* A decode step of one layer as the engine runs it: the write of each
+ * sequence's newest token (its last position) then the decode over the
+ * context, graph of n_layer * 2 such pairs, against the write alone and the
+ * decode alone in graphs of their own (the write lets the decode launch at
+ * its start where the decode's grid lands well beside it, write.cu;
+ * KVC_CU_WRITE_PDL=0 never, =1 always). */
+static void bench_step(const shape &s, const char *kc, const char *vc, int n_seqs, int ctx) {
+    decode_case dc = make_decode_case(s, kc, vc, n_seqs, ctx);
+    bench_pool &bp = dc.bp;
+    std::vector<int32_t> bt(dc.n_pages), slots(n_seqs);
+    CK(cudaMemcpy(bt.data(), dc.d_bt, sizeof(int32_t) * dc.n_pages, cudaMemcpyDeviceToHost));
+    for (int i = 0; i < n_seqs; i++) slots[i] = bt[(size_t)i * dc.pages_per_seq + (ctx - 1) / 16] * 16 + (ctx - 1) % 16;
+    int32_t *d_slots;
+    float *d_k, *d_v;
+    const int64_t kvs = (int64_t)s.H * s.D;
+    CK(cudaMalloc(&d_slots, sizeof(int32_t) * n_seqs));
+    CK(cudaMemcpy(d_slots, slots.data(), sizeof(int32_t) * n_seqs, cudaMemcpyHostToDevice));
+    CK(cudaMalloc(&d_k, sizeof(float) * kvs * n_seqs));
+    CK(cudaMalloc(&d_v, sizeof(float) * kvs * n_seqs));
+    fill(d_k, sizeof(float) * kvs * n_seqs, 5);
+    fill(d_v, sizeof(float) * kvs * n_seqs, 6);
+    const size_t wsb = kvc_cu_decode_workspace(&bp.lay, n_seqs, ctx, s.G);
+    void *ws;
+    CK(cudaMalloc(&ws, wsb));
+    CK(cudaMemset(ws, 0, wsb));
+    cudaStream_t st;
+    CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    auto write = [&](int layer) {
+        KV(kvc_cu_write(&bp.lay, bp.arena, layer, d_slots, n_seqs, d_k, d_v, kvs, st, err_, sizeof err_));
+    };
+    auto decode = [&](int layer) {
+        KV(kvc_cu_decode(&bp.lay, bp.arena, layer, &dc.a, ws, wsb, st, err_, sizeof err_));
+    };
+    write(0);
+    decode(0);
+    CK(cudaStreamSynchronize(st));
+    const int n = 2 * bp.n_layer;
+    const double us = graph_us(st, n, [&](int i) {
+        write(i % bp.n_layer);
+        decode(i % bp.n_layer);
+    });
+    const double uw = graph_us(st, n, [&](int i) { write(i % bp.n_layer); });
+    const double ud = graph_us(st, n, [&](int i) { decode(i % bp.n_layer); });
+    const char *e = getenv("KVC_CU_WRITE_PDL");
+    printf("step   %-8s %-9s %4dx%-6d write + decode %8.2f us graph (write alone %.2f, decode alone %.2f; "
+           "KVC_CU_WRITE_PDL %s)\n", s.name, kc, n_seqs, ctx, us, uw, ud, e && *e ? e : "unset");
+    if (g_csv) fprintf(g_csv, "step,%s,%s/%s,%d,%d,,%.3f,%.3f,%.3f,\n", s.name, kc, vc, n_seqs, ctx, us, uw, ud);
+    CK(cudaStreamDestroy(st));
+    CK(cudaFree(ws));
+    CK(cudaFree(d_slots));
+    CK(cudaFree(d_k));
+    CK(cudaFree(d_v));
     free_decode_case(dc);
 }
 
@@ -864,6 +922,18 @@ int main(int argc, char **argv) {
                 char label[96];
                 snprintf(label, sizeof label, "%s %s/%s %dx%d", s.name, c.k, c.v, cs.first, cs.second);
                 if (selected(label)) bench_decode(s, c.k, c.v, cs.first, cs.second, quick);
+            }
+        }
+    /* a layer's decode step (write then decode): the "pw" codecs, or
+     * (--match) those whose label "shape kcodec/vcodec NxCTX step" matches */
+    for (auto &s : shapes)
+        for (auto &c : codecs) {
+            if (!c.pw || (c.D && c.D != s.D)) continue;
+            for (auto &cs : cases) {
+                char label[96];
+                snprintf(label, sizeof label, "%s %s/%s %dx%d step", s.name, c.k, c.v, cs.first, cs.second);
+                if ((!g_match.empty() || !quick || !strchr(c.k, ':')) && selected(label))
+                    bench_step(s, c.k, c.v, cs.first, cs.second);
             }
         }
     /* prefill and write: every "pw" codec, or (--match) those whose label

@@ -25,6 +25,10 @@
  *      zeros.
  *   4. prefill: chunks [pos0, pos0 + n) of one sequence through
  *      kvc_cu_prefill against kvc_attend (causal inside the chunk).
+ *   5. a decode step as an engine runs it: every sequence's next token
+ *      written by kvc_cu_write and attended by kvc_cu_decode in one stream
+ *      with no synchronisation between (the write may let the decode launch
+ *      early), against kvc_write and kvc_attend.
  * Outputs are poisoned (NaN bytes) before each launch; every element must be
  * finite afterwards.
  *
@@ -421,6 +425,81 @@ static void run_case(const test_case &c) {
         EXPECT(nf == 0 && e <= bound, "prefill pos0 %d n %d: max rel err %.3g (bound %.0e), %d non-finite", pos0, n,
                e, bound, nf);
         printf("  prefill pos0=%d n=%d: max rel err %.3g, non-finite %d\n", pos0, n, e, nf);
+    }
+
+    /* 5. a decode step as the engine runs it: each sequence's next token
+     * written into layer `layer` and the decode over the context with it, in
+     * one stream with no synchronisation between them (the write lets the
+     * decode launch early; the decode's griddepcontrol.wait must see every
+     * byte the write stored) */
+    {
+        std::vector<int> ctx1(S);
+        int max1 = 1;
+        for (int s = 0; s < S; s++) {
+            ctx1[s] = c.ctx[s] + 1;
+            max1 = ctx1[s] > max1 ? ctx1[s] : max1;
+            EXPECT(kvc_seq_reserve(pool, &seqs[s], ctx1[s]) == KVC_OK, "reserve one more");
+        }
+        const int64_t qs = (int64_t)H * G * D;
+        std::vector<float> kn((size_t)S * kvs), vn((size_t)S * kvs), q((size_t)S * qs), ref((size_t)S * qs, 0.0f),
+            got((size_t)S * qs);
+        for (size_t i = 0; i < kn.size(); i++) {
+            kn[i] = nrand() * (0.5f + (float)((i % D) % 7) * 0.3f);
+            vn[i] = nrand() + 0.25f;
+        }
+        for (auto &x : q) x = nrand() * c.q_gain;
+        std::vector<int32_t> slots(S);
+        const int mp = (max1 + B - 1) / B;
+        std::vector<int32_t> bt((size_t)S * mp, -1);
+        for (int s = 0; s < S; s++) {
+            slots[s] = seqs[s].pages[c.ctx[s] / B] * B + c.ctx[s] % B;
+            EXPECT(kvc_write(pool, &seqs[s], layer, c.ctx[s], 1, &kn[s * kvs], &vn[s * kvs], kvs) == KVC_OK,
+                   "kvc_write of the next token");
+            for (int h = 0; h < H; h++)
+                kvc_attend(pool, &seqs[s], layer, h, &q[s * qs + (int64_t)h * G * D], qs, 1, G, c.ctx[s], scale,
+                           &ref[s * qs + (int64_t)h * G * D], qs, scratch.data());
+            for (int i = 0; i < seqs[s].n_pages && i < mp; i++) bt[(size_t)s * mp + i] = seqs[s].pages[i];
+        }
+        dev_buf<int32_t> d_bt(bt.size()), d_ctx(S), d_slots(S);
+        dev_buf<float> d_k(kn.size()), d_v(vn.size()), d_q(q.size()), d_out(q.size());
+        d_bt.up(bt.data());
+        d_ctx.up(ctx1.data());
+        d_slots.up(slots.data());
+        d_k.up(kn.data());
+        d_v.up(vn.data());
+        d_q.up(q.data());
+        d_out.poison();
+        kvc_cu_decode_args a;
+        memset(&a, 0, sizeof a);
+        a.block_tables = d_bt.p;
+        a.bt_stride = mp;
+        a.ctx_lens = d_ctx.p;
+        a.n_seqs = S;
+        a.max_ctx = max1;
+        a.n_rep = G;
+        a.scale = scale;
+        a.q = d_q.p;
+        a.q_stride = qs;
+        a.out = d_out.p;
+        a.out_stride = qs;
+        const size_t wsb = kvc_cu_decode_workspace(&lay, S, max1, G);
+        dev_buf<uint8_t> ws(wsb);
+        CK(cudaMemset(ws.p, 0, wsb));
+        cudaStream_t st;
+        CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+        CK(cudaDeviceSynchronize());
+        int rc = kvc_cu_write(&lay, arena.p, layer, d_slots.p, S, d_k.p, d_v.p, kvs, st, err, sizeof err);
+        EXPECT(rc == KVC_OK, "step: kvc_cu_write: %s", err);
+        rc = kvc_cu_decode(&lay, arena.p, layer, &a, ws.p, wsb, st, err, sizeof err);
+        EXPECT(rc == KVC_OK, "step: kvc_cu_decode: %s", err);
+        CK(cudaStreamSynchronize(st));
+        CK(cudaStreamDestroy(st));
+        d_out.down(got.data());
+        int nf;
+        const double e = max_rel_err(got.data(), ref.data(), (size_t)S * H * G, D, &nf);
+        EXPECT(nf == 0 && e <= f32_bound(max1), "step (write + decode, no sync between): max rel err %.3g, %d "
+               "non-finite", e, nf);
+        printf("  step (write + decode, no sync between): %d seqs, max rel err %.3g, non-finite %d\n", S, e, nf);
     }
 
     for (auto &q : seqs) kvc_seq_release(pool, &q);
