@@ -19,7 +19,7 @@
  *   compress-on-write of 64 tokens (a decode step) and 2048 (a chunk);
  *   a layer's decode step as an engine runs it (`step` lines: the write of
  *   each sequence's newest token, then the decode), for the decode cases of
- *   the "pw" codecs (--match "... NxCTX step").
+ *   f16, int8 and int4 (others with --match "shape k/v NxCTX step").
  * Transform codecs (lowrank, latent, hybrid) count their stored blocks (a
  * latent: one block a page for all kv heads); the queries' projection and
  * the outputs' expansion are two more launches inside each timed call.
@@ -924,15 +924,16 @@ int main(int argc, char **argv) {
                 if (selected(label)) bench_decode(s, c.k, c.v, cs.first, cs.second, quick);
             }
         }
-    /* a layer's decode step (write then decode): the "pw" codecs, or
-     * (--match) those whose label "shape kcodec/vcodec NxCTX step" matches */
+    /* a layer's decode step (write then decode): the plain "pw" codecs, or
+     * (--match) the "pw" codecs whose label "shape kcodec/vcodec NxCTX step"
+     * matches */
     for (auto &s : shapes)
         for (auto &c : codecs) {
             if (!c.pw || (c.D && c.D != s.D)) continue;
             for (auto &cs : cases) {
                 char label[96];
                 snprintf(label, sizeof label, "%s %s/%s %dx%d step", s.name, c.k, c.v, cs.first, cs.second);
-                if ((!g_match.empty() || !quick || !strchr(c.k, ':')) && selected(label))
+                if ((!g_match.empty() || !strchr(c.k, ':')) && selected(label))
                     bench_step(s, c.k, c.v, cs.first, cs.second);
             }
         }
