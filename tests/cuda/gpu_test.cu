@@ -149,6 +149,26 @@ static const char *fmt_name(const char *k, const char *v, char *buf) {
     return buf;
 }
 
+/* Decode arguments: S sequences (block tables bt_stride apart, context
+ * lengths ctx), G query rows a kv head, q and out qs floats a sequence. */
+static kvc_cu_decode_args decode_args(const int32_t *bt, int bt_stride, const int32_t *ctx, int S, int max_ctx, int G,
+                                      float scale, const float *q, float *out, int64_t qs) {
+    kvc_cu_decode_args a;
+    memset(&a, 0, sizeof a);
+    a.block_tables = bt;
+    a.bt_stride = bt_stride;
+    a.ctx_lens = ctx;
+    a.n_seqs = S;
+    a.max_ctx = max_ctx;
+    a.n_rep = G;
+    a.scale = scale;
+    a.q = q;
+    a.q_stride = qs;
+    a.out = out;
+    a.out_stride = qs;
+    return a;
+}
+
 static void run_case(const test_case &c) {
     const int D = c.D, H = c.H, G = c.G, L = 2, B = 16, layer = 1;
     const int S = (int)c.ctx.size();
@@ -350,19 +370,8 @@ static void run_case(const test_case &c) {
         for (int v = 0; v < 10; v++) {
             kvc_cu_set_decode_tuning(pps_set[v], wph_set[v]);
             kvc_cu_set_decode_cluster(cl_set[v]);
-            kvc_cu_decode_args a;
-            memset(&a, 0, sizeof a);
-            a.block_tables = d_bt.p;
-            a.bt_stride = max_pages;
-            a.ctx_lens = d_ctx.p;
-            a.n_seqs = S;
-            a.max_ctx = max_ctx;
-            a.n_rep = G;
-            a.scale = scale;
-            a.q = d_q.p;
-            a.q_stride = qs;
-            a.out = d_out.p;
-            a.out_stride = qs;
+            const kvc_cu_decode_args a =
+                decode_args(d_bt.p, max_pages, d_ctx.p, S, max_ctx, G, scale, d_q.p, d_out.p, qs);
             size_t wsb = kvc_cu_decode_workspace(&lay, S, max_ctx, G);
             dev_buf<uint8_t> ws(wsb);
             CK(cudaMemset(ws.p, 0, wsb));
@@ -469,19 +478,7 @@ static void run_case(const test_case &c) {
         d_v.up(vn.data());
         d_q.up(q.data());
         d_out.poison();
-        kvc_cu_decode_args a;
-        memset(&a, 0, sizeof a);
-        a.block_tables = d_bt.p;
-        a.bt_stride = mp;
-        a.ctx_lens = d_ctx.p;
-        a.n_seqs = S;
-        a.max_ctx = max1;
-        a.n_rep = G;
-        a.scale = scale;
-        a.q = d_q.p;
-        a.q_stride = qs;
-        a.out = d_out.p;
-        a.out_stride = qs;
+        const kvc_cu_decode_args a = decode_args(d_bt.p, mp, d_ctx.p, S, max1, G, scale, d_q.p, d_out.p, qs);
         const size_t wsb = kvc_cu_decode_workspace(&lay, S, max1, G);
         dev_buf<uint8_t> ws(wsb);
         CK(cudaMemset(ws.p, 0, wsb));
@@ -564,16 +561,7 @@ static void check_errors(void) {
         EXPECT(kvc_cu_layout_init(&lay, pool, err, sizeof err) == KVC_OK, "layout: %s", err);
         dev_buf<float> d(64 * 9 + 64);
         dev_buf<int32_t> bt(4);
-        kvc_cu_decode_args a;
-        memset(&a, 0, sizeof a);
-        a.block_tables = bt.p;
-        a.ctx_lens = bt.p;
-        a.n_seqs = 1;
-        a.max_ctx = 16;
-        a.n_rep = 9;
-        a.q = d.p;
-        a.out = d.p;
-        a.q_stride = a.out_stride = 64 * 9;
+        const kvc_cu_decode_args a = decode_args(bt.p, 0, bt.p, 1, 16, 9, 0.0f, d.p, d.p, 64 * 9);
         err[0] = 0;
         int rc = kvc_cu_decode(&lay, d.p, 0, &a, d.p, 64, NULL, err, sizeof err);
         EXPECT(rc == KVC_ERR_INVAL && err[0], "n_rep 9: rc %d", rc);
