@@ -108,7 +108,12 @@ void kvc_cu_layout_dispose(kvc_cu_layout *L);
  * (earlier tokens of the page re-coded when the run widens a channel's
  * range); a call must hold at most one run per page (a decode step's one
  * token per sequence, a chunk's consecutive positions), and earlier slots of
- * the page must have been written.
+ * the page must have been written. Where the last kvc_cu_decode of this
+ * host thread had a grid that lands well beside a running kernel, the write
+ * lets the kernel after it in the stream start early (programmatic dependent
+ * launch: a decode's blocks wait in griddepcontrol.wait for the write's
+ * bytes; a kernel launched without that attribute is not affected);
+ * KVC_CU_WRITE_PDL=0 in the environment never does, =1 always does.
  *   arena: device (n_pages, page_bytes)
  *   slots: device (n) int32, page_id * block_size + offset in page; < 0 skips the token
  *   k, v:  device (n, n_kv_head, head_dim) f32, kv_stride floats between tokens */
