@@ -48,7 +48,9 @@
  * calls may come from any host thread; the caller orders work on the arena.
  * Decode is a programmatic dependent launch (Hopper): its blocks may become
  * resident during the previous kernel's tail but read nothing before that
- * kernel has completed, so stream order holds as for a plain launch; a
+ * kernel has completed (unless the call's arguments promise what that kernel
+ * does not write: kvc_cu_decode_args.prefetch), so stream order holds as for
+ * a plain launch; a
  * kernel of the caller's launched after it with the programmatic attribute
  * must itself wait (griddepcontrol.wait / cudaGridDependencySynchronize)
  * before reading decode's output. KVC_CU_PDL=0 in the environment makes
@@ -108,7 +110,10 @@ void kvc_cu_layout_dispose(kvc_cu_layout *L);
  * (earlier tokens of the page re-coded when the run widens a channel's
  * range); a call must hold at most one run per page (a decode step's one
  * token per sequence, a chunk's consecutive positions), and earlier slots of
- * the page must have been written. Where the last kvc_cu_decode of this
+ * the page must have been written. The write is a programmatic dependent
+ * launch: its blocks may start during the kernel before it and wait for it
+ * (griddepcontrol.wait) before touching memory (KVC_CU_WRITE_WAIT=0 in the
+ * environment launches it plainly). Where the last kvc_cu_decode of this
  * host thread had a grid that lands well beside a running kernel, the write
  * lets the kernel after it in the stream start early (programmatic dependent
  * launch: a decode's blocks wait in griddepcontrol.wait for the write's
@@ -143,6 +148,19 @@ typedef struct {
     int64_t q_stride;
     float *out;                   /* device, like q, out_stride floats per sequence */
     int64_t out_stride;
+    /* 1: a promise that lets the decode stream its first pages while the
+     * kernel before it in the stream still runs (programmatic launch): that
+     * kernel writes, of what the decode reads, at most the last `fresh`
+     * positions of each sequence (not q, the block tables or the context
+     * lengths; a decode step's kvc_cu_write before it: fresh 1; nothing: 0),
+     * and everything before that kernel has completed when it starts (it is
+     * a plain launch, or waits for its predecessor before letting the decode
+     * launch, as every kvc_cu_* kernel does). Pages holding the last `fresh`
+     * positions, out and the workspace are touched only after that kernel
+     * completes. 0 (the default): nothing is read before. The environment's
+     * KVC_CU_PREFETCH=0 ignores the promise. */
+    int prefetch;
+    int fresh;
 } kvc_cu_decode_args;
 
 /* Device workspace bytes kvc_cu_decode needs for these sizes (split partials

@@ -362,9 +362,15 @@ __global__ void __launch_bounds__(128) write_kernel(uint8_t *__restrict__ arena,
                                                     const float *__restrict__ k,
                                                     const float *__restrict__ v, int64_t kv_stride, unsigned wblocks,
                                                     int pdl) {
-    /* (write_pdl) the next kernel in the stream, a decode launched as a
-     * programmatic dependent launch, may start now: its blocks wait in
-     * griddepcontrol.wait until this grid is done and its writes visible */
+    /* (write_wait) launched as a programmatic dependent launch, this grid
+     * may start during the kernel before it: wait for it (at once for a
+     * plain launch) before any global access. Then (write_pdl) the next
+     * kernel in the stream, a decode launched as a programmatic dependent
+     * launch, may start: its blocks wait in griddepcontrol.wait until this
+     * grid is done and its writes visible (with the prefetch promise they
+     * read the complete pages first; everything before this grid has
+     * completed by now) */
+    asm volatile("griddepcontrol.wait;" ::: "memory");
     if (pdl) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     if constexpr (U4C) {
         if (blockIdx.x >= wblocks) {
@@ -519,6 +525,20 @@ static int write_pdl() {
     return mode == 1 || (mode < 0 && kvc__cu_decode_lands_early());
 }
 
+/* Whether the write kernel is a programmatic dependent launch itself: its
+ * blocks start during the kernel before it and wait for it in
+ * griddepcontrol.wait, which hides its launch (a decode step's write is a
+ * few microseconds, most of it launch). KVC_CU_WRITE_WAIT=0 in the
+ * environment launches it plainly (benchmarks' before). */
+static bool write_wait() {
+    static int mode = -1;
+    if (mode < 0) {
+        const char *e = getenv("KVC_CU_WRITE_WAIT");
+        mode = !(e && *e == '0');
+    }
+    return mode;
+}
+
 extern "C" int kvc_cu_write(const kvc_cu_layout *L, void *arena, int layer, const int32_t *slots, int n,
                             const float *k, const float *v, int64_t kv_stride, void *stream, char *err,
                             size_t errlen) {
@@ -538,10 +558,18 @@ extern "C" int kvc_cu_write(const kvc_cu_layout *L, void *arena, int layer, cons
     const kvc__cu_geom g = kvc__cu_geom_of(L, layer);
     const bool k_plain = L->k_shape == KVC_CU_PLAIN, v_plain = L->v_shape == KVC_CU_PLAIN;
     if (k_plain || v_plain) {
-        auto kernel = kblocks ? write_kernel<true> : write_kernel<false>;
-        kernel<<<(unsigned)(blocks + kblocks), 128, 0, (cudaStream_t)stream>>>(
-            (uint8_t *)arena, g, L->n_kv_head, L->block_size, L->head_dim, L->k_fmt, L->v_fmt, k_plain, v_plain, slots,
-            n, k, v, kv_stride, (unsigned)blocks, write_pdl());
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3((unsigned)(blocks + kblocks));
+        cfg.blockDim = dim3(128);
+        cfg.stream = (cudaStream_t)stream;
+        cudaLaunchAttribute attr;
+        attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr.val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = &attr;
+        cfg.numAttrs = write_wait() ? 1 : 0;
+        KVC__CU_TRY(cudaLaunchKernelEx(&cfg, kblocks ? write_kernel<true> : write_kernel<false>, (uint8_t *)arena, g,
+                                       L->n_kv_head, L->block_size, L->head_dim, L->k_fmt, L->v_fmt, k_plain, v_plain,
+                                       slots, n, k, v, kv_stride, (unsigned)blocks, write_pdl()));
         KVC__CU_TRY(cudaGetLastError());
     }
     if (!k_plain || !v_plain) {

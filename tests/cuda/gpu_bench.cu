@@ -243,6 +243,11 @@ static decode_case make_decode_case(const shape &s, const char *kc, const char *
     c.a.q_stride = c.qs;
     c.a.out = c.d_out;
     c.a.out_stride = c.qs;
+    /* the engine's promise (a decode step's write before it stores each
+     * sequence's last position only): the graph's decode after decode and
+     * the step's decode after its write both keep it (KVC_CU_PREFETCH=0 off) */
+    c.a.prefetch = 1;
+    c.a.fresh = 1;
     return c;
 }
 
