@@ -63,6 +63,10 @@ int kvc__cu_expand(const kvc_cu_layout *L, int layer, int n_rows, int n_rep, con
                    const int32_t *ctx_lens, int ctx0, float *out, int64_t out_stride, cudaStream_t stream, char *err,
                    size_t errlen);
 
+/* The integer value of environment variable `name` (the benchmarks' and
+ * tests' switches), or `unset` where it is absent, empty or not a number. */
+int kvc__cu_env(const char *name, int unset);
+
 /* Whether the last decode launched by this host thread had a grid whose
  * blocks may land while the kernel before it still runs without landing
  * unevenly (decode.cu, launch_decode: it fits beside, or fills nearly every

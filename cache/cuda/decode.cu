@@ -1393,11 +1393,7 @@ constexpr bool nh_compiled(int D, int G, int KF, int VF, int NH) {
 constexpr int LATENT_NH_UNITS = 4;
 
 int latent_nh(const kvc__cu_view &v, int n_seqs) {
-    static int env = -2;
-    if (env == -2) {
-        const char *e = getenv("KVC_CU_LATENT_NH");
-        env = e && *e ? atoi(e) : -1;
-    }
+    static const int env = kvc__cu_env("KVC_CU_LATENT_NH", -1);
     if (env == 1 || v.g.k_block_bytes != 0 || v.g.v_block_bytes != 0) return 1;
     for (int nh = 3; nh >= 2; nh--)
         if ((env < 0 ? (long)n_seqs * (v.n_heads / nh) >= LATENT_NH_UNITS : env == nh) && v.n_heads % nh == 0 &&
@@ -1598,11 +1594,7 @@ ws_parts ws_layout(const kvc__cu_view &v, int n_seqs, const plan &pl, bool trans
  * environment: 0 off (plain launches), 1 always at the start, 3 always at
  * the exit (benchmarks' before and after). */
 int pdl_mode() {
-    static int mode = -2;
-    if (mode == -2) {
-        const char *e = getenv("KVC_CU_PDL");
-        mode = e && *e ? atoi(e) : -1;
-    }
+    static const int mode = kvc__cu_env("KVC_CU_PDL", -1);
     return mode;
 }
 
@@ -1610,12 +1602,8 @@ int pdl_mode() {
  * where its caller allows it (kvc_cu_decode_args.prefetch): KVC_CU_PREFETCH=0
  * in the environment never (benchmarks' before). */
 bool prefetch_mode() {
-    static int mode = -1;
-    if (mode < 0) {
-        const char *e = getenv("KVC_CU_PREFETCH");
-        mode = !(e && *e && atoi(e) == 0);
-    }
-    return mode;
+    static const bool on = kvc__cu_env("KVC_CU_PREFETCH", 1) != 0;
+    return on;
 }
 
 /* Split blocks as a thread block cluster (cluster_merge): when a pair has 2
@@ -1634,8 +1622,7 @@ int g_cluster = -2;              /* kvc_cu_set_decode_cluster; -2: not set, the 
 
 int cluster_mode() {
     if (g_cluster == -2) {
-        const char *e = getenv("KVC_CU_CLUSTER");
-        const int v = e && *e ? atoi(e) : -1;
+        const int v = kvc__cu_env("KVC_CU_CLUSTER", -1);
         g_cluster = v == 0 ? 0 : v == 2 ? 1 : -1;
     }
     return g_cluster;

@@ -158,6 +158,13 @@ extern "C" int kvc_cu_layout_init(kvc_cu_layout *L, const kvc_pool *pool, char *
     return KVC_OK;
 }
 
+int kvc__cu_env(const char *name, int unset) {
+    const char *e = getenv(name);
+    char *end;
+    const long v = e && *e ? strtol(e, &end, 10) : 0;
+    return e && *e && *end == '\0' ? (int)v : unset;
+}
+
 kvc__cu_geom kvc__cu_geom_of(const kvc_cu_layout *L, int layer) {
     const kvc_pool *p = L->pool;
     kvc__cu_geom g;
@@ -517,12 +524,8 @@ static coef_side coef_side_of(const kvc_cu_layout *L, int layer, int side) {
  * environment turns it off, =1 on regardless (benchmarks' before and
  * after). */
 static int write_pdl() {
-    static int mode = -2;
-    if (mode == -2) {
-        const char *e = getenv("KVC_CU_WRITE_PDL");
-        mode = e && *e == '0' ? 0 : e && *e == '1' ? 1 : -1;
-    }
-    return mode == 1 || (mode < 0 && kvc__cu_decode_lands_early());
+    static const int mode = kvc__cu_env("KVC_CU_WRITE_PDL", -1);
+    return mode == 1 || (mode != 0 && kvc__cu_decode_lands_early());
 }
 
 /* Whether the write kernel is a programmatic dependent launch itself: its
@@ -531,12 +534,8 @@ static int write_pdl() {
  * few microseconds, most of it launch). KVC_CU_WRITE_WAIT=0 in the
  * environment launches it plainly (benchmarks' before). */
 static bool write_wait() {
-    static int mode = -1;
-    if (mode < 0) {
-        const char *e = getenv("KVC_CU_WRITE_WAIT");
-        mode = !(e && *e == '0');
-    }
-    return mode;
+    static const bool on = kvc__cu_env("KVC_CU_WRITE_WAIT", 1) != 0;
+    return on;
 }
 
 extern "C" int kvc_cu_write(const kvc_cu_layout *L, void *arena, int layer, const int32_t *slots, int n,
