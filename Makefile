@@ -60,7 +60,7 @@ LDFLAGS += $(if $(SAN),-fsanitize=$(SAN),) -pthread
 LDLIBS  += -luv -ljansson $(ALLOC) -lm
 
 AVX2_FLAGS   := -mavx2 -mfma -mf16c
-AVX512_FLAGS := -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c
+AVX512_FLAGS := -mavx2 -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni -mfma -mf16c
 
 LIB_SRC  := $(filter-out server/main.c,$(wildcard engine/*.c cache/*.c api/*.c server/*.c))
 LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/%.o) \

@@ -225,25 +225,63 @@ static bool cpu_has_avx2(void) {
 #endif
 }
 
+static bool cpu_has_avx512(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#else
+    return false;
+#endif
+}
+
+/* The AVX2 set with the AVX-512 batched kernels (matmul_avx512.c). */
+static eng__mm_kernels kernels_avx512;
+static pthread_once_t kernels_avx512_once = PTHREAD_ONCE_INIT;
+
+static void kernels_avx512_init(void) {
+    kernels_avx512 = eng__mm_kernels_avx2;
+    kernels_avx512.name = "avx512";
+    for (int t = 0; t < ENG_DTYPE_COUNT; t++)
+        if (eng__panel16_avx512[t])
+            kernels_avx512.panel16[t] = eng__panel16_avx512[t];
+}
+
+static const eng__mm_kernels *best_kernels(void) {
+    if (cpu_has_avx512()) {
+        pthread_once(&kernels_avx512_once, kernels_avx512_init);
+        return &kernels_avx512;
+    }
+    return cpu_has_avx2() ? &eng__mm_kernels_avx2 : &kernels_scalar;
+}
+
 static _Atomic(const eng__mm_kernels *) chosen;
 
 static const eng__mm_kernels *kernels(void) {
     const eng__mm_kernels *k = atomic_load_explicit(&chosen, memory_order_acquire);
     if (!k) {
-        k = cpu_has_avx2() ? &eng__mm_kernels_avx2 : &kernels_scalar;
+        k = best_kernels();
         atomic_store_explicit(&chosen, k, memory_order_release);
     }
     return k;
 }
 
+/* Whether a kernel set's panel16 reads panel-packed weights. */
+static bool kernels_pack(const eng__mm_kernels *k) {
+    return k == &eng__mm_kernels_avx2 || k == &kernels_avx512;
+}
+
 int eng_matmul_force_isa(const char *name) {
     const eng__mm_kernels *k = NULL;
     if (name == NULL)
-        k = cpu_has_avx2() ? &eng__mm_kernels_avx2 : &kernels_scalar;
+        k = best_kernels();
     else if (strcmp(name, "scalar") == 0)
         k = &kernels_scalar;
     else if (strcmp(name, "avx2") == 0 && cpu_has_avx2())
         k = &eng__mm_kernels_avx2;
+    else if (strcmp(name, "avx512") == 0 && cpu_has_avx512()) {
+        pthread_once(&kernels_avx512_once, kernels_avx512_init);
+        k = &kernels_avx512;
+    }
     if (!k)
         return -1;
     atomic_store_explicit(&chosen, k, memory_order_release);
@@ -314,7 +352,7 @@ static void block_codes(eng_dtype type, const uint8_t *blk, uint8_t out[ENG_QK])
 
 int eng_weight_pack(eng_tensor *t, char *err, size_t errlen) {
     const size_t pbb = eng__pack_block_bytes(t->type);
-    if (pbb == 0 || !eng__mm_kernels_avx2.panel16[t->type] || kernels() != &eng__mm_kernels_avx2 ||
+    if (pbb == 0 || !eng__mm_kernels_avx2.panel16[t->type] || !kernels_pack(kernels()) ||
         !pack_enabled())
         return 0;
     const int64_t n_in = t->ne[0], n_out = t->ne[1], nb = n_in / ENG_QK;

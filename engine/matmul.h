@@ -70,7 +70,13 @@ typedef enum { ENG_ACT_F32 = 0, ENG_ACT_Q8 = 1, ENG_ACT_Q16 = 2 } eng_act_mode;
 void eng_matmul_set_activations(eng_act_mode mode);
 eng_act_mode eng_matmul_activations(void);
 
-/* Name of the kernel set chosen at run time ("avx2", "scalar"). */
+/* Name of the kernel set chosen at run time ("avx512", "avx2", "scalar"). */
 const char *eng_matmul_isa(void);
+
+/* Forces a kernel set by name ("scalar", "avx2", "avx512"), or NULL for the
+ * run-time choice (the best the CPU has). Returns 0, or -1 when the name is
+ * unknown or the CPU lacks it. Call it before any model is loaded (packing
+ * depends on the set) and while no matmul runs (KVSERVE_ISA in the daemon). */
+int eng_matmul_force_isa(const char *name);
 
 #endif

@@ -228,7 +228,7 @@ static void rows_q4_1(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) 
  * the task's token range (up to 16 groups) over it: unpacking costs ~2% of
  * the time, and each group of 4 weights is then one broadcast load. A last
  * partial group is zero-padded; only its real tokens are stored. */
-#define KC 64
+#define KC ENG__KC
 typedef struct {
     _Alignas(32) uint8_t q[4][KC][ENG_QK];  /* Q4: nibbles 0..15; Q8_0: |w| */
     _Alignas(32) int8_t w[4][KC][ENG_QK];   /* Q8_0: w (for its sign) */

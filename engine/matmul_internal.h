@@ -22,6 +22,10 @@
 #define ENG__PANEL_MIN 4  /* tokens from which panel16 serves a batch */
 #define ENG__PANEL_MIN_PACKED 2  /* the same with packed weights (one token: rows16 is as fast) */
 #define ENG__PANEL_ROWS 16
+/* The 16-bit kernels' float sum of a row restarts every ENG__KC blocks and
+ * the pieces are added in order: every kernel set keeps this order (their
+ * bits must agree). */
+#define ENG__KC 64
 
 /* One block of 32 values of 8 tokens. qs[(j / 4) * 32 + t * 4 + j % 4] is
  * value j (0..31) of token t (0..7); d[t], s[t] as in eng_block_q8_1. */
@@ -107,11 +111,9 @@ typedef struct {
 } eng__mm_kernels;
 
 extern const eng__mm_kernels eng__mm_kernels_avx2;
-
-/* Tests and benchmarks: force a kernel set ("scalar" or "avx2"), or NULL for
- * the run-time choice. Returns 0, or -1 when the CPU or the build lacks it.
- * Not thread-safe: call it while no matmul runs. */
-int eng_matmul_force_isa(const char *name);
+/* matmul_avx512.c: panel16 over packed weights with AVX-512 VNNI (the
+ * "avx512" set is the AVX2 set with these). */
+extern const eng__mm_rows_fn eng__panel16_avx512[ENG_DTYPE_COUNT];
 
 /* Tests: the activation quantizer of the current kernel set. */
 void eng__quantize_q8_1(const float *x, eng_block_q8_1 *out, int64_t n);

@@ -31,11 +31,14 @@ static void usage(FILE *f) {
     fprintf(f, "\nenvironment:\n  KVSERVE_ACTIVATIONS=q16|f32|q8  how activations meet quantized weights "
                "(default q16: 16-bit, within 0.001%% of f32; f32: exact; q8: 8-bit, fastest, least exact)\n"
                "  KVSERVE_PACKED=1|0              keep a second copy of quantized weights laid out for batched steps "
-               "(default 1: faster batches, about 1.2x the weights' memory; same results)\n");
+               "(default 1: faster batches, about 1.2x the weights' memory; same results)\n"
+               "  KVSERVE_ISA=avx512|avx2|scalar  the CPU kernels' instruction set (default: the best this CPU has; "
+               "same results, for comparisons)\n");
 }
 
 /* KVSERVE_ACTIVATIONS picks the activation precision for quantized weights
- * (engine/matmul.h) for every subcommand. */
+ * (engine/matmul.h) for every subcommand; KVSERVE_PACKED and KVSERVE_ISA the
+ * batched kernels' weight copy and the kernel set. */
 static int set_activations(void) {
     const char *v = getenv("KVSERVE_ACTIVATIONS");
     if (!v || !*v || !strcmp(v, "q16"))
@@ -54,6 +57,11 @@ static int set_activations(void) {
         return -1;
     }
     eng_matmul_set_packing(!p || strcmp(p, "0"));
+    const char *isa = getenv("KVSERVE_ISA");
+    if (isa && *isa && eng_matmul_force_isa(isa) != 0) {
+        fprintf(stderr, "kvserve: KVSERVE_ISA='%s': expected avx512, avx2 or scalar, one this CPU has\n", isa);
+        return -1;
+    }
     return 0;
 }
 

@@ -4,7 +4,7 @@
  * in Q4_1; tied output 576 -> 49152 in Q8_0).
  *
  *   make bench-matmul                  # builds $(BUILD)/tools/bench_matmul
- *   build/tools/bench_matmul [--threads N] [--isa scalar|avx2] [--act q8|q16|f32]
+ *   build/tools/bench_matmul [--threads N] [--isa scalar|avx2|avx512] [--act q8|q16|f32]
  *                            [--prefill N] [--seconds S] [--no-pack]
  *
  * --act picks how quantized weights meet the activations (matmul.h): q8, the
@@ -234,7 +234,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--no-pack"))
             eng_matmul_set_packing(false);
         else {
-            fprintf(stderr, "usage: %s [--threads N] [--isa scalar|avx2] [--act q8|q16|f32] [--prefill N] "
+            fprintf(stderr, "usage: %s [--threads N] [--isa scalar|avx2|avx512] [--act q8|q16|f32] [--prefill N] "
                     "[--seconds S] [--no-pack]\n", argv[0]);
             return 2;
         }

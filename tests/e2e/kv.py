@@ -12,9 +12,11 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 WIKITEXT = os.path.join(SHARED, "data", "text", "wikitext2-test.txt")
 
 
-def run(*args, timeout=600, check=True, input=None):
-    """Runs kvserve with args; returns (returncode, stdout, stderr)."""
-    p = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, timeout=timeout, input=input)
+def run(*args, timeout=600, check=True, input=None, env=None):
+    """Runs kvserve with args (env: variables added to the environment);
+    returns (returncode, stdout, stderr)."""
+    p = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, timeout=timeout, input=input,
+                       env=dict(os.environ, **env) if env else None)
     if check and p.returncode != 0:
         raise AssertionError("kvserve %s exited %d:\n%s" % (" ".join(map(str, args)), p.returncode, p.stderr[-2000:]))
     return p.returncode, p.stdout, p.stderr

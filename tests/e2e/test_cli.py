@@ -44,6 +44,34 @@ class Perplexity(unittest.TestCase):
         self.assertLess(abs(r["ppl"] - ref) / ref, 0.005, "kvserve %.4f vs transformers %.4f" % (r["ppl"], ref))
 
 
+class KernelSets(unittest.TestCase):
+    """KVSERVE_ISA picks the CPU kernel set; the sets give the same bits (the
+    batched 16-bit kernels of every set keep one order of float work), so a
+    perplexity run whose prefill chunks go through the batched kernels prints
+    the same figure with AVX2 as with AVX-512 VNNI, where this CPU has it."""
+
+    def ppl(self, isa):
+        rc, out, err = run("ppl", "--model", MODEL, "--text", WIKITEXT, "--ctx", "256", "--max-tokens", "1024",
+                           "--json", env={"KVSERVE_ISA": isa}, check=False)
+        return rc, out, err
+
+    def test_avx512_matches_avx2(self):
+        rc, out512, err = self.ppl("avx512")
+        if rc == 2 and "KVSERVE_ISA" in err:
+            self.skipTest("this CPU has no AVX-512 VNNI")
+        self.assertEqual(rc, 0, err)
+        rc, out2, err = self.ppl("avx2")
+        self.assertEqual(rc, 0, err)
+        a, b = json.loads(out512), json.loads(out2)
+        self.assertEqual(a["tokens"], b["tokens"])
+        self.assertEqual(a["ppl"], b["ppl"], "avx512 %r vs avx2 %r" % (a["ppl"], b["ppl"]))
+
+    def test_bad_isa_named(self):
+        rc, _, err = run("tokenize", "--model", MODEL, "--text", "x", env={"KVSERVE_ISA": "avx9000"}, check=False)
+        self.assertEqual(rc, 2)
+        self.assertIn("KVSERVE_ISA='avx9000'", err)
+
+
 class Tokenize(unittest.TestCase):
     def test_wikitext_ids_match_transformers(self):
         _, out, _ = run("tokenize", "--model", MODEL, "--file", WIKITEXT)

@@ -212,7 +212,9 @@ static double check_matmul(eng_threadpool *tp, const eng_tensor *w, int n_tok, c
     return worst;
 }
 
-static void run_type(eng_dtype type, const char *isa) {
+/* packed: the weights also get the batched kernels' packed copy
+ * (eng_weight_pack), which batches of 2 or more tokens then read. */
+static void run_type_ex(eng_dtype type, const char *isa, bool packed) {
     rng_state = 0x1234 + (uint64_t)type;
     cr_assert_eq(eng_matmul_force_isa(isa), 0, "kernel set %s unavailable", isa);
     cr_assert_str_eq(eng_matmul_isa(), isa);
@@ -231,8 +233,13 @@ static void run_type(eng_dtype type, const char *isa) {
             for (int c = 0; c < 5; c++, combo++) {
                 const int64_t n_in = quantized ? ins_q[a] : ins_f[a];
                 eng_tensor w = random_weights(type, n_in, outs[b]);
+                if (packed) {
+                    char err[128];
+                    cr_assert_eq(eng_weight_pack(&w, err, sizeof err), 0, "%s", err);
+                    cr_assert_not_null(w.packed, "%s: not packed", eng_dtype_name(type));
+                }
                 char what[128];
-                snprintf(what, sizeof what, "%s %s [%lld x %lld] n_tok %d pool %d", isa,
+                snprintf(what, sizeof what, "%s%s %s [%lld x %lld] n_tok %d pool %d", isa, packed ? " packed" : "",
                          eng_dtype_name(type), (long long)n_in, (long long)outs[b], toks[c],
                          eng_threadpool_size(pools[combo % 3]));
                 double e = check_matmul(pools[combo % 3], &w, toks[c], what);
@@ -247,8 +254,16 @@ static void run_type(eng_dtype type, const char *isa) {
     eng_matmul_force_isa(NULL);
 }
 
+static void run_type(eng_dtype type, const char *isa) {
+    run_type_ex(type, isa, false);
+}
+
 static bool have_avx2(void) {
     return eng_matmul_force_isa("avx2") == 0 && eng_matmul_force_isa(NULL) == 0;
+}
+
+static bool have_avx512(void) {
+    return eng_matmul_force_isa("avx512") == 0 && eng_matmul_force_isa(NULL) == 0;
 }
 
 /* ---- products ------------------------------------------------------------ */
@@ -294,6 +309,30 @@ Test(matmul, q8_0_q16_scalar) { run_type16(ENG_Q8_0, "scalar"); }
 AVX2_TEST16(q4_1_q16_avx2, ENG_Q4_1)
 AVX2_TEST16(q4_0_q16_avx2, ENG_Q4_0)
 AVX2_TEST16(q8_0_q16_avx2, ENG_Q8_0)
+
+/* The batched kernels read packed weights: AVX2's and, where the CPU has
+ * AVX-512 VNNI, the avx512 set's (its only kernels of its own), with every
+ * partial panel (1, 7, 34, 67 rows) and token tile (1, 3, 13, 17, 64). */
+static void run_type16_packed(eng_dtype type, const char *isa) {
+    act_mode = ENG_ACT_Q16;
+    eng_matmul_set_activations(ENG_ACT_Q16);
+    run_type_ex(type, isa, true);
+    act_mode = ENG_ACT_Q8;
+    eng_matmul_set_activations(ENG_ACT_Q8);
+}
+
+#define PACKED_TEST16(name, type, isa, have)                                 \
+    Test(matmul, name) {                                                     \
+        if (!have())                                                         \
+            cr_skip_test("this CPU has no " isa " kernel set");              \
+        run_type16_packed(type, isa);                                        \
+    }
+PACKED_TEST16(q4_1_q16_avx2_packed, ENG_Q4_1, "avx2", have_avx2)
+PACKED_TEST16(q4_0_q16_avx2_packed, ENG_Q4_0, "avx2", have_avx2)
+PACKED_TEST16(q8_0_q16_avx2_packed, ENG_Q8_0, "avx2", have_avx2)
+PACKED_TEST16(q4_1_q16_avx512_packed, ENG_Q4_1, "avx512", have_avx512)
+PACKED_TEST16(q4_0_q16_avx512_packed, ENG_Q4_0, "avx512", have_avx512)
+PACKED_TEST16(q8_0_q16_avx512_packed, ENG_Q8_0, "avx512", have_avx512)
 
 /* 16-bit activations keep what 8 bits lose: a block with one outlier 100
  * times its other values. With 8 bits those values keep about one bit; with
@@ -603,6 +642,9 @@ Test(matmul, get_row_decodes_every_type) {
 Test(matmul, isa_name) {
     eng_matmul_force_isa(NULL);
     const char *isa = eng_matmul_isa();
-    cr_assert(strcmp(isa, "avx2") == 0 || strcmp(isa, "scalar") == 0, "isa %s", isa);
+    cr_assert(strcmp(isa, "avx512") == 0 || strcmp(isa, "avx2") == 0 || strcmp(isa, "scalar") == 0, "isa %s",
+              isa);
+    if (have_avx512())
+        cr_assert_str_eq(isa, "avx512", "AVX-512 VNNI is here but not chosen");
     cr_assert_eq(eng_matmul_force_isa("avx512-nonsense"), -1);
 }

@@ -142,4 +142,18 @@ Test(matmul_act32, batch_invariant_q16_packed) {
         check_invariance_packed("avx2", ENG_ACT_Q16, types[i], 4160, true);
     }
 }
+/* The avx512 set (where the CPU has AVX-512 VNNI): its packed panel kernel
+ * gives the bits of the AVX2 row kernel, and with packing off it hands the
+ * batch to the AVX2 panel kernel. */
+Test(matmul_act32, batch_invariant_q16_avx512) {
+    if (eng_matmul_force_isa("avx512") != 0)
+        cr_skip_test("this CPU has no AVX-512 VNNI");
+    eng_matmul_force_isa(NULL);
+    const eng_dtype types[] = {ENG_Q4_1, ENG_Q4_0, ENG_Q8_0};
+    for (int i = 0; i < 3; i++) {
+        check_invariance_packed("avx512", ENG_ACT_Q16, types[i], 576, true);
+        check_invariance_packed("avx512", ENG_ACT_Q16, types[i], 4160, true);
+        check_invariance_packed("avx512", ENG_ACT_Q16, types[i], 576, false);
+    }
+}
 Test(matmul_act32, batch_invariant_q16_scalar) { check_invariance("scalar", ENG_ACT_Q16, ENG_Q4_1, 1536); }
