@@ -2,18 +2,21 @@
  * (contract in engine/matmul.h): format conversion at load, the run-time
  * choice of kernels, activation quantization, the split of a product into
  * tasks for the thread pool, and the scalar kernels that serve as the
- * fallback on CPUs without AVX2 (the AVX2 kernels are in matmul_avx2.c).
+ * fallback on CPUs without AVX2. Kernel sets: "avx2" (matmul_avx2.c) and
+ * "avx512", the AVX2 set whose batched 16-bit kernels are replaced by
+ * AVX-512 VNNI ones (matmul_avx512.c), chosen where the CPU has them; every
+ * set's 16-bit kernels give the same bits.
  *
- * Weights are used in their file layout (no repacking), so a prepared tensor
- * stays a plain ggml-layout matrix that eng_dequantize_row, row concatenation
- * and the tied embedding lookup can read. Repacking was measured and does not
- * pay: decode streams the weights from memory and the AVX2 decode kernel
- * already runs faster than memory delivers them (Q4_1 about 16 GB/s per core
- * from cache; a layout with separated scales reached 7% more, from cache
- * only), and batched kernels unpack a tile of rows on the fly at ~2% of their
- * time (tools/bench_matmul.c). Tiling across tokens is done on the activation
- * side instead: the activations are quantized per call, so they can be laid
- * out for the kernels for free (see matmul_internal.h).
+ * Weights are used in their file layout for decode: a single token streams
+ * them from memory, and the AVX2 decode kernel already runs faster than
+ * memory delivers them. Batched steps are compute-bound and read a second,
+ * panel-packed copy of each quantized matrix (eng_weight_pack,
+ * matmul_internal.h) made at load, so no batch unpacks or transposes
+ * weights; the original stays a plain ggml-layout matrix that
+ * eng_dequantize_row, row concatenation and the tied embedding lookup can
+ * read. Tiling across tokens is done on the activation side: the
+ * activations are quantized per call, so they can be laid out for the
+ * kernels for free (see matmul_internal.h).
  *
  * Threads: eng_matmul is called by one thread at a time per pool (the engine
  * thread). Its scratch for quantized activations is per calling thread, kept

@@ -1,10 +1,12 @@
-/* test_matmul.c: engine/matmul.c and engine/matmul_avx2.c against references
- * computed here.
+/* test_matmul.c: engine/matmul.c, engine/matmul_avx2.c and
+ * engine/matmul_avx512.c against references computed here.
  *
  * Products: for every runtime type, random weights (raw random blocks for the
  * quantized types, so every nibble and -128 occur) times random activations,
  * over shapes that hit every tile remainder (n_tok 1, 3, 13, 17, 64; odd row
- * counts), with no pool and with 2- and 3-thread pools, on both kernel sets.
+ * counts), with no pool and with 2- and 3-thread pools, on every kernel set
+ * this CPU has (the avx512 set's batched kernels read packed weights, so its
+ * tests pack them).
  * The reference is a double-precision dot product of the weights decoded by
  * eng_dequantize_row (tensor.c, itself checked bit-exact against gguf-py) and,
  * for quantized weights, of the activations quantized by this file's own copy
