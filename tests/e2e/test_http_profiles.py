@@ -33,10 +33,10 @@ class Profiles(unittest.TestCase):
             self.assertIn("kv_k", out)
             self.assertIn("max_batched_tokens", out)
 
-    def test_gpu_profile_without_cuda_says_cpu_is_one_flag_away(self):
+    def test_gpu_profile_says_cpu_is_one_flag_away(self):
         rc, _, err = run("serve", "--profile", "single-gpu", check=False)
         self.assertEqual(rc, 2)
-        self.assertIn("without CUDA", err)
+        self.assertIn("no CUDA engine backend", err)
         self.assertIn("--backend cpu", err)
 
     def serve_profile(self, name):
