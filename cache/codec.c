@@ -764,7 +764,7 @@ int kvc__codec_init(kvc__codec *c, const char *spec, const char *field, kvc__rol
     c->expand_tile = expand_tile_scalar;
     c->scores_f32 = formats[KVC__F32].k.scores;
     c->rotate = rotate_scalar;
-    if (!force_scalar && kvc__have_avx2()) {
+    if (force_scalar != 1 && kvc__have_avx2()) {
         c->project = kvc__project_avx2;
         c->expand = kvc__expand_avx2;
         c->expand_tile = kvc__expand_tile_avx2;
@@ -772,7 +772,10 @@ int kvc__codec_init(kvc__codec *c, const char *spec, const char *field, kvc__rol
         kvc__kernels fast;
         kvc__codec_avx2_get(KVC__F32, KVC__ROLE_K, &fast);
         c->scores_f32 = fast.scores;
-        kvc__codec_avx2_get(p.fmt, role, &fast);
+        if (force_scalar != 2 && kvc__have_avx512())
+            kvc__codec_avx512_get(p.fmt, role, &fast);
+        else
+            kvc__codec_avx2_get(p.fmt, role, &fast);
         if (fast.encode) c->kern.encode = fast.encode;
         if (fast.decode) c->kern.decode = fast.decode;
         if (fast.scores) c->kern.scores = fast.scores;
@@ -875,4 +878,9 @@ int kvc__have_avx2(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
            __builtin_cpu_supports("f16c");
+}
+
+int kvc__have_avx512(void) {
+    return kvc__have_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
 }

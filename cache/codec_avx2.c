@@ -22,15 +22,7 @@
 #include <immintrin.h>
 #include <string.h>
 
-#include "cache/codec.h"
-
-#define KVC__INLINE static inline __attribute__((always_inline))
-
-typedef enum { E_F32, E_F16, E_I8, E_U4, E_U4G64, E_U4C } elem;
-
-/* int4 per token: the group size; 0 for the other formats. */
-KVC__INLINE int u4_gs(elem e) { return e == E_U4 ? 32 : e == E_U4G64 ? 64 : 0; }
-KVC__INLINE int is_u4(elem e) { return e == E_U4 || e == E_U4G64 || e == E_U4C; }
+#include "cache/codec_simd.h"
 
 /* 8 numbers from element index i (for 4-bit codes, i is even: 4 bytes). */
 KVC__INLINE __m256 load8(elem e, const void *base, size_t i) {
@@ -85,18 +77,6 @@ KVC__INLINE float load1(elem e, const void *base, size_t i) {
     }
 }
 
-KVC__INLINE const uint16_t *i8_scales(const void *blk, int B, int dim) {
-    return (const uint16_t *)((const uint8_t *)blk + kvc__i8_scale_offset(B, dim));
-}
-KVC__INLINE const uint16_t *u4_params(const void *blk, kvc__role role, int B, int dim) {
-    return (const uint16_t *)((const uint8_t *)blk + kvc__u4_param_offset(role, B, dim));
-}
-/* dst[i] = half src[i] for i < n, with F16C. */
-KVC__INLINE void f16_row(const uint16_t *src, int n, float *dst) {
-    int i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
-    for (; i < n; i++) dst[i] = kvc__f16_to_f32(src[i]);
-}
 
 /* Elements between two dimensions of a K block / two tokens of a V block. */
 KVC__INLINE int k_stride(elem e, int B) { return is_u4(e) ? kvc__even(B) : B; }
@@ -104,11 +84,6 @@ KVC__INLINE int v_stride(elem e, int dim) { return is_u4(e) ? kvc__even(dim) : d
 
 /* ---- scores: s[r][j] = q_r . k_j over a (dim, B) block -------------------- */
 
-/* What the format-specific folds need, per kernel call. */
-typedef struct {
-    float qsum[4][KVC__DIM_MAX / 32];             /* int4: per row and group, sum of q */
-    float base[4];                                 /* int4 per channel: per row, sum_d q_d min_d */
-} fold_aux;
 
 /* R rows x 8W tokens (W = 1 or 2) starting at token j, dimensions
  * [d0, d1): raw dot products of codes, in token order. */
@@ -223,21 +198,6 @@ KVC__INLINE void scores_rows(elem e, int R, const void *blk, int B, int dim, int
             s[(size_t)r * s_stride + j] = score1(e, blk, B, dim, j, q + (size_t)r * dim, r, aux);
 }
 
-/* sum_i a[i] * b[i] (b NULL: sum_i a[i]) with 8-wide partial sums. */
-KVC__INLINE float dot_row(const float *a, const float *b, int n) {
-    __m256 acc = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256 x = _mm256_loadu_ps(a + i);
-        acc = b ? _mm256_fmadd_ps(x, _mm256_loadu_ps(b + i), acc) : _mm256_add_ps(acc, x);
-    }
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    float s = _mm_cvtss_f32(h);
-    for (; i < n; i++) s += b ? a[i] * b[i] : a[i];
-    return s;
-}
 
 /* q rows for the tile loops: int4 per channel multiplies them by the
  * channel scales first (into qbuf), so a code needs no scale in the loop. */
@@ -254,22 +214,7 @@ KVC__INLINE void scores_impl(elem e, const void *blk, int B, int dim, int n, con
         const float *qr = q + (size_t)r0 * dim;
         float *sr = s + (size_t)r0 * s_stride;
         int R = nr - r0 < 4 ? nr - r0 : 4;
-        for (int r = 0; r < R; r++) {
-            const float *qrow = qr + (size_t)r * dim;
-            if (u4_gs(e))
-                for (int g = 0; g < kvc__u4_groups(dim, u4_gs(e)); g++) {
-                    int d0 = g * u4_gs(e), d1 = d0 + u4_gs(e) < dim ? d0 + u4_gs(e) : dim;
-                    aux.qsum[r][g] = dot_row(qrow + d0, NULL, d1 - d0);
-                }
-            if (e == E_U4C) {
-                float *qb = qbuf + (size_t)r * dim;
-                int d = 0;
-                for (; d + 8 <= dim; d += 8)
-                    _mm256_storeu_ps(qb + d, _mm256_mul_ps(_mm256_loadu_ps(qrow + d), _mm256_loadu_ps(cs + d)));
-                for (; d < dim; d++) qb[d] = qrow[d] * cs[d];
-                aux.base[r] = dot_row(qrow, mn, dim);
-            }
-        }
+        scores_folds(e, qr, R, dim, cs, mn, qbuf, &aux);
         if (e == E_U4C) qr = qbuf;
         switch (R) {
         case 1: scores_rows(e, 1, blk, B, dim, n, qr, sr, s_stride, &aux); break;
@@ -359,11 +304,7 @@ KVC__INLINE void accum_impl(elem e, const void *blk, int B, int dim, int n, cons
                 f16_row(mn + (size_t)g * B, n, mf);
                 for (int r = 0; r < R; r++) {
                     const float *wrow = wr + (size_t)r * w_stride;
-                    float *wo = wsc + r * n;
-                    int j = 0;
-                    for (; j + 8 <= n; j += 8)
-                        _mm256_storeu_ps(wo + j, _mm256_mul_ps(_mm256_loadu_ps(wrow + j), _mm256_loadu_ps(sf + j)));
-                    for (; j < n; j++) wo[j] = wrow[j] * sf[j];
+                    mul_row(wrow, sf, n, wsc + r * n);
                     bias[r] = dot_row(wrow, mf, n);
                 }
                 accum_dispatch(e, R, blk, kvc__even(dim), dim, d0, d1, n, wsc, n, ar);
@@ -381,14 +322,7 @@ KVC__INLINE void accum_impl(elem e, const void *blk, int B, int dim, int n, cons
         if (e == E_I8) {
             float sf[1024];
             f16_row(i8_scales(blk, B, dim), n, sf);
-            for (int r = 0; r < R; r++) {
-                const float *wrow = wr + (size_t)r * w_stride;
-                float *wo = wsc + r * n;
-                int j = 0;
-                for (; j + 8 <= n; j += 8)
-                    _mm256_storeu_ps(wo + j, _mm256_mul_ps(_mm256_loadu_ps(wrow + j), _mm256_loadu_ps(sf + j)));
-                for (; j < n; j++) wo[j] = wrow[j] * sf[j];
-            }
+            for (int r = 0; r < R; r++) mul_row(wr + (size_t)r * w_stride, sf, n, wsc + r * n);
             wr = wsc;
             ws = n;
         }
@@ -460,39 +394,7 @@ static void unpack_u4c(const void *blk, int B, int dim, int j0, int n, float *x,
     unpack_impl(E_U4C, blk, B, dim, j0, n, x, xs);
 }
 
-static void scores_f32(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int ss) {
-    scores_impl(E_F32, blk, B, dim, n, q, nr, s, ss);
-}
-static void scores_f16(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int ss) {
-    scores_impl(E_F16, blk, B, dim, n, q, nr, s, ss);
-}
-static void scores_i8(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int ss) {
-    scores_impl(E_I8, blk, B, dim, n, q, nr, s, ss);
-}
-static void scores_u4(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int ss) {
-    scores_impl(E_U4, blk, B, dim, n, q, nr, s, ss);
-}
-static void scores_u4g64(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int ss) {
-    scores_impl(E_U4G64, blk, B, dim, n, q, nr, s, ss);
-}
-static void scores_u4c(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int ss) {
-    scores_impl(E_U4C, blk, B, dim, n, q, nr, s, ss);
-}
-static void accum_f32(const void *blk, int B, int dim, int n, const float *w, int ws, int nr, float *acc) {
-    accum_impl(E_F32, blk, B, dim, n, w, ws, nr, acc);
-}
-static void accum_f16(const void *blk, int B, int dim, int n, const float *w, int ws, int nr, float *acc) {
-    accum_impl(E_F16, blk, B, dim, n, w, ws, nr, acc);
-}
-static void accum_i8(const void *blk, int B, int dim, int n, const float *w, int ws, int nr, float *acc) {
-    accum_impl(E_I8, blk, B, dim, n, w, ws, nr, acc);
-}
-static void accum_u4(const void *blk, int B, int dim, int n, const float *w, int ws, int nr, float *acc) {
-    accum_impl(E_U4, blk, B, dim, n, w, ws, nr, acc);
-}
-static void accum_u4g64(const void *blk, int B, int dim, int n, const float *w, int ws, int nr, float *acc) {
-    accum_impl(E_U4G64, blk, B, dim, n, w, ws, nr, acc);
-}
+KVC__ELEM_ENTRIES
 
 /* ---- f16 with F16C ------------------------------------------------------- */
 

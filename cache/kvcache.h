@@ -95,8 +95,9 @@ typedef struct {
     const char *k_codec;     /* codec spec for keys (see above) */
     const char *v_codec;     /* codec spec for values */
     const char *calib;       /* calibration file for pca bases (kvserve calibrate), or NULL */
-    int force_scalar;        /* 1: portable kernels even where AVX2 is available
-                              * (tests, comparisons); 0: choose at run time */
+    int force_scalar;        /* 1: portable kernels even where AVX2 is available,
+                              * 2: AVX2 kernels even where AVX-512 is (tests,
+                              * comparisons); 0: choose at run time */
     int prefault;            /* 1: back the arena's first GiB with memory at
                               * creation (at most half the memory available then;
                               * a daemon: no page faults while serving); 0: all
@@ -122,6 +123,11 @@ const char *kvc_codec_specs(void);
  * field, codec spec or calibration file in err ("kvc: block_size 0: must be
  * 1..1024"). A calibration file that does not match the dimensions is refused. */
 int kvc_pool_create(const kvc_config *cfg, kvc_pool **out, char *err, size_t errlen);
+
+/* The kernels of pools whose config says force_scalar 0 (run-time choice):
+ * 0 the best this CPU has, 1 portable, 2 AVX2 even where AVX-512 is. For
+ * comparisons (KVSERVE_ISA); set it before creating pools. */
+void kvc_set_default_kernels(int force_scalar);
 void kvc_pool_destroy(kvc_pool *pool);
 
 /* Accounting. */

@@ -38,6 +38,12 @@ static int check_range(const char *field, int v, int lo, int hi, char *err, size
     return -1;
 }
 
+static _Atomic int default_kernels;   /* kvc_set_default_kernels */
+
+void kvc_set_default_kernels(int force_scalar) {
+    default_kernels = force_scalar >= 0 && force_scalar <= 2 ? force_scalar : 0;
+}
+
 int kvc_pool_create(const kvc_config *cfg, kvc_pool **out, char *err, size_t errlen) {
     *out = NULL;
     if (check_range("n_layer", cfg->n_layer, 1, 4096, err, errlen) ||
@@ -45,10 +51,11 @@ int kvc_pool_create(const kvc_config *cfg, kvc_pool **out, char *err, size_t err
         check_range("head_dim", cfg->head_dim, 1, 1024, err, errlen) ||
         check_range("block_size", cfg->block_size, 1, 1024, err, errlen))
         return KVC_ERR_INVAL;
-    if (cfg->force_scalar != 0 && cfg->force_scalar != 1) {
-        snprintf(err, errlen, "kvc: force_scalar %d: must be 0 or 1", cfg->force_scalar);
+    if (cfg->force_scalar < 0 || cfg->force_scalar > 2) {
+        snprintf(err, errlen, "kvc: force_scalar %d: must be 0, 1 or 2", cfg->force_scalar);
         return KVC_ERR_INVAL;
     }
+    const int kernels = cfg->force_scalar ? cfg->force_scalar : default_kernels;
     kvc_pool *p = calloc(1, sizeof *p);
     if (!p) {
         snprintf(err, errlen, "kvc: out of memory for the pool");
@@ -69,9 +76,9 @@ int kvc_pool_create(const kvc_config *cfg, kvc_pool **out, char *err, size_t err
         }
     }
     int bad = kvc__codec_init(&p->kc, cfg->k_codec, "k_codec", KVC__ROLE_K, cfg->n_layer, cfg->n_kv_head,
-                              cfg->head_dim, cfg->block_size, cfg->force_scalar, calib, cfg->calib, err, errlen) ||
+                              cfg->head_dim, cfg->block_size, kernels, calib, cfg->calib, err, errlen) ||
               kvc__codec_init(&p->vc, cfg->v_codec, "v_codec", KVC__ROLE_V, cfg->n_layer, cfg->n_kv_head,
-                              cfg->head_dim, cfg->block_size, cfg->force_scalar, calib, cfg->calib, err, errlen);
+                              cfg->head_dim, cfg->block_size, kernels, calib, cfg->calib, err, errlen);
     kvc__calib_free(calib);
     p->layer_off = calloc((size_t)p->n_layer, sizeof *p->layer_off);
     p->k_region = calloc((size_t)p->n_layer, sizeof *p->k_region);
@@ -132,7 +139,7 @@ int kvc_pool_create(const kvc_config *cfg, kvc_pool **out, char *err, size_t err
     for (int i = 0; i < p->n_pages; i++) p->free_stack[i] = p->n_pages - 1 - i;
     p->n_free = p->n_pages;
     pthread_mutex_init(&p->cow_lock, NULL);
-    p->softmax = !cfg->force_scalar && kvc__have_avx2() ? kvc__softmax_avx2 : kvc__softmax_scalar;
+    p->softmax = kernels != 1 && kvc__have_avx2() ? kvc__softmax_avx2 : kvc__softmax_scalar;
     p->ready = 1;
     *out = p;
     return KVC_OK;

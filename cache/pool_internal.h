@@ -70,5 +70,7 @@ void kvc__softmax_avx2(float *s, int s_stride, int nb, int nr, const int *valid,
 
 /* True when the AVX2 + FMA + F16C kernels may run here. */
 int kvc__have_avx2(void);
+/* True when the AVX-512 (F, BW, VL) attention kernels may run here too. */
+int kvc__have_avx512(void);
 
 #endif

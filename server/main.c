@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cache/kvcache.h"
 #include "engine/matmul.h"
 
 #include "server/cli.h"
@@ -32,8 +33,8 @@ static void usage(FILE *f) {
                "(default q16: 16-bit, within 0.001%% of f32; f32: exact; q8: 8-bit, fastest, least exact)\n"
                "  KVSERVE_PACKED=1|0              keep a second copy of quantized weights laid out for batched steps "
                "(default 1: faster batches, about 1.2x the weights' memory; same results)\n"
-               "  KVSERVE_ISA=avx512|avx2|scalar  the CPU kernels' instruction set (default: the best this CPU has; "
-               "same results, for comparisons)\n");
+               "  KVSERVE_ISA=avx512|avx2|scalar  the CPU kernels' instruction set, matmuls and attention (default: the best "
+               "this CPU has; avx512 and avx2 give the same results; for comparisons)\n");
 }
 
 /* KVSERVE_ACTIVATIONS picks the activation precision for quantized weights
@@ -62,6 +63,8 @@ static int set_activations(void) {
         fprintf(stderr, "kvserve: KVSERVE_ISA='%s': expected avx512, avx2 or scalar, one this CPU has\n", isa);
         return -1;
     }
+    if (isa && *isa)
+        kvc_set_default_kernels(!strcmp(isa, "scalar") ? 1 : !strcmp(isa, "avx2") ? 2 : 0);
     return 0;
 }
 

@@ -12,6 +12,9 @@
  * K/V are random, so only speed is measured here.
  *
  *   make bench-attention [BENCH_ARGS="--ctx 2048 --seqs 8 --threads 1 --codecs f32,f16,int8"]
+ *
+ * --scalar runs the portable kernels, --avx2 the AVX2 ones where the CPU
+ * also has AVX-512 (the default: the best it has).
  */
 #include <math.h>
 #include <pthread.h>
@@ -193,6 +196,8 @@ int main(int argc, char **argv) {
                    : !strcmp(a, "--block") ? &o.block_size : NULL;
         if (!strcmp(a, "--scalar")) {
             o.scalar = 1;
+        } else if (!strcmp(a, "--avx2")) {
+            o.scalar = 2;
         } else if (!strcmp(a, "--codecs") && v) {
             codecs = v, i++;
         } else if (!strcmp(a, "--calib") && v) {
@@ -202,7 +207,7 @@ int main(int argc, char **argv) {
         } else {
             fprintf(stderr, "usage: bench_attention [--ctx N] [--seqs N] [--threads N] [--steps N] "
                             "[--layers N] [--kv-heads N] [--rep N] [--head-dim N] [--block N] "
-                            "[--codecs f32,f16,int8,KSPEC/VSPEC] [--calib FILE] [--scalar]\n");
+                            "[--codecs f32,f16,int8,KSPEC/VSPEC] [--calib FILE] [--scalar | --avx2]\n");
             return 2;
         }
     }
@@ -213,7 +218,7 @@ int main(int argc, char **argv) {
     printf("decode attention: %d layers, %d kv heads x %d query heads each, head_dim %d, block %d, "
            "context %d, %d sequences, %d thread(s)%s\n",
            o.n_layer, o.n_kv_head, o.n_rep, o.head_dim, o.block_size, o.ctx, o.n_seq, o.threads,
-           o.scalar ? ", portable kernels" : "");
+           o.scalar == 1 ? ", portable kernels" : o.scalar == 2 ? ", AVX2 kernels" : "");
     bench_stream((size_t)256 << 20);
     char list[2048];
     snprintf(list, sizeof list, "%s", codecs);

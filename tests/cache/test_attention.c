@@ -57,6 +57,10 @@ static void rope_ref(double *x, int D, int p, const float *cs, const float *sn, 
     }
 }
 
+/* When set, run_case copies each kv head's outputs (n_q x n_head x D
+ * floats, that head's part written) here, head after head. */
+static float *capture;
+
 /* Relative error of one case (max over output vectors). */
 static double run_case(const attn_case *c) {
     const int L = 2, H = 2, D = c->head_dim, n_head = H * c->n_rep;
@@ -117,6 +121,8 @@ static double run_case(const attn_case *c) {
             memset(out, 0xff, sizeof(float) * (size_t)c->n_q * q_stride);   /* NaN: unwritten */
             kvc_attend_rope(pool, &seq, layer, h, q + (size_t)h * c->n_rep * D, q_stride, c->n_q, c->n_rep,
                             pos0, scale, out + (size_t)h * c->n_rep * D, q_stride, scratch, pre ? &rope : NULL);
+            if (capture)
+                memcpy(capture + (size_t)h * c->n_q * q_stride, out, sizeof(float) * (size_t)c->n_q * q_stride);
             for (int i = 0; i < c->n_q; i++)
                 for (int r = 0; r < c->n_rep; r++) {
                     const float *qv = q + i * q_stride + (size_t)(h * c->n_rep + r) * D;
@@ -200,6 +206,45 @@ static void small_sweep(const char *k_codec, const char *v_codec, int head_dim) 
                     cr_expect(e <= 1e-5, "%s / %s %s: n_rep %d block %d ctx %d n_q %d: relative error %.3g",
                               k_codec, v_codec, fs ? "scalar" : "auto", c.n_rep, c.block_size, c.ctx, c.n_q, e);
                 }
+}
+
+/* The AVX-512 kernels (where this CPU has AVX-512 F/BW/VL) give the AVX2
+ * kernels' bits (force_scalar 2 keeps a pool on AVX2): every element format,
+ * K and V mixed, GQA, decode and prefill rows, partial pages, block sizes 16
+ * and 32 (the 512-bit tiles) and 7 (handed to AVX2), head sizes 64, 128 and
+ * 20 (V sums handed to AVX2). The sweeps above hold them to the reference. */
+Test(attention, avx512_gives_avx2_bits) {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+        !__builtin_cpu_supports("avx512vl"))
+        cr_skip_test("this CPU has no AVX-512");
+    static const char *specs[][2] = {{"f32", "f32"}, {"f16", "f16"}, {"int8", "int8"}, {"int4", "int4"},
+                                     {"int4:g64", "int4:g64"}, {"int4:token", "int4:token:g64"},
+                                     {"f16", "int8"}, {"int8", "int4"}, {"int4:channel", "f16"}};
+    static const int blocks[] = {16, 32, 7}, ctxs[] = {1, 17, 100, 300}, dims[] = {64, 128, 20};
+    int n = 0;
+    for (int c = 0; c < 9; c++)
+        for (int b = 0; b < 3; b++)
+            for (int x = 0; x < 4; x++) {
+                const int D = dims[(c + x) % 3], rep = 1 + (c + b + x) % 4;
+                const int n_q = (c + x) % 2 ? 1 : (ctxs[x] < 19 ? ctxs[x] : 19);
+                const size_t floats = (size_t)2 * n_q * 2 * rep * D;
+                float *a = malloc(sizeof(float) * floats), *z = malloc(sizeof(float) * floats);
+                attn_case k = {specs[c][0], rep, blocks[b], ctxs[x], n_q, D, 3.0f, 2, specs[c][1], 0};
+                capture = a;
+                run_case(&k);
+                k.force_scalar = 0;
+                capture = z;
+                double e = run_case(&k);
+                capture = NULL;
+                cr_expect_eq(memcmp(a, z, sizeof(float) * floats), 0,
+                             "%s / %s: block %d ctx %d n_q %d n_rep %d head_dim %d: AVX-512 differs from AVX2",
+                             specs[c][0], specs[c][1], blocks[b], ctxs[x], n_q, rep, D);
+                cr_expect(e <= 1e-5, "%s / %s: relative error %.3g", specs[c][0], specs[c][1], e);
+                free(a), free(z);
+                n++;
+            }
+    cr_assert_eq(n, 108);
 }
 
 Test(attention, int4_variants) {

@@ -43,7 +43,7 @@ Test(pool, config_errors_name_the_field) {
     c = base_config(), c.n_layer = 0, expect_error(c, "n_layer 0");
     c = base_config(), c.n_kv_head = -1, expect_error(c, "n_kv_head -1");
     c = base_config(), c.head_dim = 0, expect_error(c, "head_dim 0");
-    c = base_config(), c.force_scalar = 2, expect_error(c, "force_scalar 2");
+    c = base_config(), c.force_scalar = 3, expect_error(c, "force_scalar 3");
     c = base_config(), c.k_codec = "int3";
     expect_error(c, "k_codec \"int3\": unknown codec; valid: f32, f16, int8, int4, int4:token, int4:channel");
     c = base_config(), c.v_codec = "F16", expect_error(c, "v_codec \"F16\"");
