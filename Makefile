@@ -282,6 +282,10 @@ $(BUILD)/gpu/%_avx2.o: %_avx2.c
 	@mkdir -p $(dir $@)
 	$(CC) $(GPU_CFLAGS) $(AVX2_FLAGS) -c -o $@ $<
 
+$(BUILD)/gpu/%_avx512.o: %_avx512.c
+	@mkdir -p $(dir $@)
+	$(CC) $(GPU_CFLAGS) $(AVX512_FLAGS) -c -o $@ $<
+
 $(BUILD)/gpu/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(GPU_CFLAGS) -c -o $@ $<
