@@ -3,9 +3,10 @@
  * token's own (causal), K and V read from the pages.
  *
  * f16 K and V run on tensor cores (mma.sync m16n8k16, fp16 inputs, fp32
- * accumulation), flash-attention style: a thread block takes 64 query rows
+ * accumulation), flash-attention style: a thread block takes 128 query rows
  * (row = token * n_rep + rep, so the query heads sharing a kv head share each
- * K/V tile) of one kv head; its 4 warps take 16 rows each. K/V tiles of 64
+ * K/V tile) of one kv head; its 8 warps take 16 rows each (64-row blocks of 4
+ * warps read every tile for half as many rows: 5-30% slower, session 13). K/V tiles of 64
  * positions (4 pages) are copied into shared memory with cp.async, 4
  * stages deep for head_dim 64 and 2 for 128, padded so the transposing ldmatrix reads hit distinct banks:
  *   Ks: (4 pages, D dims, 24 halves)  a page's (D, 16) K block, rows 48 bytes
@@ -32,10 +33,10 @@
 
 namespace {
 
-constexpr int ROWS = 64;         /* query rows per block */
+constexpr int ROWS = 128;        /* query rows per block */
 constexpr int TK = 64;           /* positions per K/V tile */
 constexpr int PT = TK / KVC__CU_B;   /* pages per tile */
-constexpr int PNT = 128;         /* threads */
+constexpr int PNT = 256;         /* threads: a warp per 16 rows */
 
 struct prefill_params {
     const uint8_t *arena;
