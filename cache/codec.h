@@ -192,8 +192,10 @@ uint8_t kvc__u4_round(float v);   /* nearest even, clamped to [0, 15]; NaN gives
 /* AVX2 kernels (codec_avx2.c), only called after a CPU check: fills the
  * members it has a faster version of, NULL for the rest. */
 void kvc__codec_avx2_get(kvc__fmt fmt, kvc__role role, kvc__kernels *out);
-/* The same with the AVX-512 scores and weighted sums (codec_avx512.c; the
- * rest is AVX2's), only after kvc__have_avx512(): the same bits. */
+/* The AVX-512 scores and weighted sums (codec_avx512.c), only after
+ * kvc__have_avx512(), NULL for the rest; they give the AVX2 kernels' bits.
+ * Scores take block sizes that are multiples of 16, sums widths (dim) that
+ * are multiples of 16: the caller installs them only there. */
 void kvc__codec_avx512_get(kvc__fmt fmt, kvc__role role, kvc__kernels *out);
 void kvc__project_avx2(const float *P, int R, int n, const float *x, const float *mu, float *coef);
 void kvc__expand_avx2(const float *P, int R, int n, const float *coef, const float *mu, float *out);

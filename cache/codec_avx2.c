@@ -78,9 +78,6 @@ KVC__INLINE float load1(elem e, const void *base, size_t i) {
 }
 
 
-/* Elements between two dimensions of a K block / two tokens of a V block. */
-KVC__INLINE int k_stride(elem e, int B) { return is_u4(e) ? kvc__even(B) : B; }
-KVC__INLINE int v_stride(elem e, int dim) { return is_u4(e) ? kvc__even(dim) : dim; }
 
 /* ---- scores: s[r][j] = q_r . k_j over a (dim, B) block -------------------- */
 
@@ -199,31 +196,6 @@ KVC__INLINE void scores_rows(elem e, int R, const void *blk, int B, int dim, int
 }
 
 
-/* q rows for the tile loops: int4 per channel multiplies them by the
- * channel scales first (into qbuf), so a code needs no scale in the loop. */
-KVC__INLINE void scores_impl(elem e, const void *blk, int B, int dim, int n, const float *q,
-                             int nr, float *s, int s_stride) {
-    fold_aux aux;
-    float cs[1024], mn[1024], qbuf[4 * 1024];       /* int4 per channel: dim <= 1024 */
-    if (e == E_U4C) {
-        const uint16_t *p = u4_params(blk, KVC__ROLE_K, B, dim);
-        f16_row(p, dim, cs);
-        f16_row(p + dim, dim, mn);
-    }
-    for (int r0 = 0; r0 < nr; r0 += 4) {
-        const float *qr = q + (size_t)r0 * dim;
-        float *sr = s + (size_t)r0 * s_stride;
-        int R = nr - r0 < 4 ? nr - r0 : 4;
-        scores_folds(e, qr, R, dim, cs, mn, qbuf, &aux);
-        if (e == E_U4C) qr = qbuf;
-        switch (R) {
-        case 1: scores_rows(e, 1, blk, B, dim, n, qr, sr, s_stride, &aux); break;
-        case 2: scores_rows(e, 2, blk, B, dim, n, qr, sr, s_stride, &aux); break;
-        case 3: scores_rows(e, 3, blk, B, dim, n, qr, sr, s_stride, &aux); break;
-        default: scores_rows(e, 4, blk, B, dim, n, qr, sr, s_stride, &aux); break;
-        }
-    }
-}
 
 /* ---- weighted sums: acc[r] += sum_j w[r][j] v_j over a (B, dim) block ----- */
 
@@ -286,49 +258,6 @@ KVC__INLINE void accum_dispatch(elem e, int R, const void *blk, int vs, int adim
     }
 }
 
-KVC__INLINE void accum_impl(elem e, const void *blk, int B, int dim, int n, const float *w,
-                            int w_stride, int nr, float *acc) {
-    float wsc[4 * 1024];          /* weights times the tokens' scales; B <= 1024 */
-    for (int r0 = 0; r0 < nr; r0 += 4) {
-        int R = nr - r0 < 4 ? nr - r0 : 4;
-        const float *wr = w + (size_t)r0 * w_stride;
-        float *ar = acc + (size_t)r0 * dim;
-        if (u4_gs(e)) {                              /* per group: scaled weights, then the minima */
-            const int GS = u4_gs(e), G = kvc__u4_groups(dim, GS);
-            const uint16_t *sc = u4_params(blk, KVC__ROLE_V, B, dim), *mn = sc + (size_t)G * B;
-            float sf[1024], mf[1024];
-            for (int g = 0; g < G; g++) {
-                int d0 = g * GS, d1 = d0 + GS < dim ? d0 + GS : dim;
-                float bias[4] = {0};
-                f16_row(sc + (size_t)g * B, n, sf);
-                f16_row(mn + (size_t)g * B, n, mf);
-                for (int r = 0; r < R; r++) {
-                    const float *wrow = wr + (size_t)r * w_stride;
-                    mul_row(wrow, sf, n, wsc + r * n);
-                    bias[r] = dot_row(wrow, mf, n);
-                }
-                accum_dispatch(e, R, blk, kvc__even(dim), dim, d0, d1, n, wsc, n, ar);
-                for (int r = 0; r < R; r++) {
-                    float *arow = ar + (size_t)r * dim;
-                    __m256 b8 = _mm256_set1_ps(bias[r]);
-                    int d = d0;
-                    for (; d + 8 <= d1; d += 8) _mm256_storeu_ps(arow + d, _mm256_add_ps(_mm256_loadu_ps(arow + d), b8));
-                    for (; d < d1; d++) arow[d] += bias[r];
-                }
-            }
-            continue;
-        }
-        int ws = w_stride;
-        if (e == E_I8) {
-            float sf[1024];
-            f16_row(i8_scales(blk, B, dim), n, sf);
-            for (int r = 0; r < R; r++) mul_row(wr + (size_t)r * w_stride, sf, n, wsc + r * n);
-            wr = wsc;
-            ws = n;
-        }
-        accum_dispatch(e, R, blk, v_stride(e, dim), dim, 0, dim, n, wr, ws, ar);
-    }
-}
 
 /* ---- unpack: a K block's tokens widened to f32, (dim, n) ------------------ */
 
@@ -394,7 +323,7 @@ static void unpack_u4c(const void *blk, int B, int dim, int j0, int n, float *x,
     unpack_impl(E_U4C, blk, B, dim, j0, n, x, xs);
 }
 
-KVC__ELEM_ENTRIES
+#include "cache/codec_entries.h"
 
 /* ---- f16 with F16C ------------------------------------------------------- */
 

@@ -1,9 +1,10 @@
 /* codec_avx512.c: the attention kernels of the element formats (scores over
  * dimension-major K blocks, weighted sums over token-major V blocks) with
  * 512-bit vectors, for CPUs with AVX-512 F/BW/VL. Reached only through
- * kvc__codec_avx512_get after kvc__have_avx512(); everything it does not
- * cover (block sizes that are not a multiple of 16 tokens, dimension counts
- * that are not a multiple of 16, the encoders) stays with codec_avx2.c.
+ * kvc__codec_avx512_get after kvc__have_avx512(), and only where they apply
+ * (kvc__codec_init: scores for block sizes that are multiples of 16 tokens,
+ * weighted sums for widths that are multiples of 16); the rest (other
+ * shapes, the encoders) stays with codec_avx2.c.
  *
  * Why: on a core whose vector units take 512-bit operations, the AVX2
  * kernels spend as many instructions per number widening codes and issuing
@@ -19,7 +20,6 @@
  * q, q . min, weights times scales) are computed by the same 8-lane code, so
  * the results equal codec_avx2.c's bit for bit (tests/cache/test_attention.c). */
 #include <immintrin.h>
-#include <pthread.h>
 #include <string.h>
 
 #include "cache/codec_simd.h"
@@ -45,28 +45,6 @@ KVC__INLINE __m512 load16_f16(const uint16_t *p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 }
 
-/* The AVX2 kernels, for the shapes these do not take. */
-static kvc__kernels avx2_k[KVC__U4C + 1], avx2_v[KVC__U4C + 1];
-static pthread_once_t avx2_once = PTHREAD_ONCE_INIT;
-
-static void avx2_init(void) {
-    for (int f = 0; f < (int)(sizeof avx2_k / sizeof avx2_k[0]); f++) {
-        kvc__codec_avx2_get((kvc__fmt)f, KVC__ROLE_K, &avx2_k[f]);
-        kvc__codec_avx2_get((kvc__fmt)f, KVC__ROLE_V, &avx2_v[f]);
-    }
-}
-
-KVC__INLINE kvc__fmt fmt_of(elem e) {
-    switch (e) {
-    case E_F32: return KVC__F32;
-    case E_F16: return KVC__F16;
-    case E_I8: return KVC__I8;
-    case E_U4: return KVC__U4;
-    case E_U4G64: return KVC__U4G64;
-    default: return KVC__U4C;
-    }
-}
-
 /* ---- scores: s[r][j] = q_r . k_j over a (dim, B) block -------------------- */
 
 
@@ -85,7 +63,7 @@ KVC__INLINE void dot_tile(elem e, int R, const void *blk, int ks, int qs, int d0
 
 KVC__INLINE void scores_rows(elem e, int R, const void *blk, int B, int dim, int n, const float *q, float *s,
                              int s_stride, const fold_aux *aux) {
-    const int ks = is_u4(e) ? kvc__even(B) : B;
+    const int ks = k_stride(e, B);
     for (int j = 0; j < n; j += 16) {
         __m512 out[4];
         if (u4_gs(e)) {
@@ -122,34 +100,6 @@ KVC__INLINE void scores_rows(elem e, int R, const void *blk, int B, int dim, int
     }
 }
 
-KVC__INLINE void scores_impl(elem e, const void *blk, int B, int dim, int n, const float *q, int nr, float *s,
-                             int s_stride) {
-    if (B % 16) {
-        pthread_once(&avx2_once, avx2_init);
-        avx2_k[fmt_of(e)].scores(blk, B, dim, n, q, nr, s, s_stride);
-        return;
-    }
-    fold_aux aux;
-    float cs[1024], mn[1024], qbuf[4 * 1024];       /* int4 per channel: dim <= 1024 */
-    if (e == E_U4C) {
-        const uint16_t *p = u4_params(blk, KVC__ROLE_K, B, dim);
-        f16_row(p, dim, cs);
-        f16_row(p + dim, dim, mn);
-    }
-    for (int r0 = 0; r0 < nr; r0 += 4) {
-        const float *qr = q + (size_t)r0 * dim;
-        float *sr = s + (size_t)r0 * s_stride;
-        const int R = nr - r0 < 4 ? nr - r0 : 4;
-        scores_folds(e, qr, R, dim, cs, mn, qbuf, &aux);
-        if (e == E_U4C) qr = qbuf;
-        switch (R) {
-        case 1: scores_rows(e, 1, blk, B, dim, n, qr, sr, s_stride, &aux); break;
-        case 2: scores_rows(e, 2, blk, B, dim, n, qr, sr, s_stride, &aux); break;
-        case 3: scores_rows(e, 3, blk, B, dim, n, qr, sr, s_stride, &aux); break;
-        default: scores_rows(e, 4, blk, B, dim, n, qr, sr, s_stride, &aux); break;
-        }
-    }
-}
 
 /* ---- weighted sums: acc[r] += sum_j w[r][j] v_j over a (B, dim) block ----- */
 
@@ -182,57 +132,11 @@ KVC__INLINE void accum_dispatch(elem e, int R, const void *blk, int vs, int adim
         }
 }
 
-KVC__INLINE void accum_impl(elem e, const void *blk, int B, int dim, int n, const float *w, int w_stride, int nr,
-                            float *acc) {
-    if (dim % 16 || (u4_gs(e) && u4_gs(e) % 16)) {
-        pthread_once(&avx2_once, avx2_init);
-        avx2_v[fmt_of(e)].accum(blk, B, dim, n, w, w_stride, nr, acc);
-        return;
-    }
-    float wsc[4 * 1024];          /* weights times the tokens' scales; B <= 1024 */
-    for (int r0 = 0; r0 < nr; r0 += 4) {
-        const int R = nr - r0 < 4 ? nr - r0 : 4;
-        const float *wr = w + (size_t)r0 * w_stride;
-        float *ar = acc + (size_t)r0 * dim;
-        if (u4_gs(e)) {           /* per group: scaled weights, then the minima */
-            const int GS = u4_gs(e), G = kvc__u4_groups(dim, GS);
-            const uint16_t *sc = u4_params(blk, KVC__ROLE_V, B, dim), *mn = sc + (size_t)G * B;
-            float sf[1024], mf[1024];
-            for (int g = 0; g < G; g++) {
-                const int d0 = g * GS, d1 = d0 + GS < dim ? d0 + GS : dim;
-                float bias[4] = {0};
-                f16_row(sc + (size_t)g * B, n, sf);
-                f16_row(mn + (size_t)g * B, n, mf);
-                for (int r = 0; r < R; r++) {
-                    mul_row(wr + (size_t)r * w_stride, sf, n, wsc + r * n);
-                    bias[r] = dot_row(wr + (size_t)r * w_stride, mf, n);
-                }
-                accum_dispatch(e, R, blk, kvc__even(dim), dim, d0, d1, n, wsc, n, ar);
-                for (int r = 0; r < R; r++) {
-                    float *arow = ar + (size_t)r * dim;
-                    const __m512 b16 = _mm512_set1_ps(bias[r]);
-                    for (int d = d0; d < d1; d += 16)
-                        _mm512_storeu_ps(arow + d, _mm512_add_ps(_mm512_loadu_ps(arow + d), b16));
-                }
-            }
-            continue;
-        }
-        int ws = w_stride;
-        if (e == E_I8) {
-            float sf[1024];
-            f16_row(i8_scales(blk, B, dim), n, sf);
-            for (int r = 0; r < R; r++) mul_row(wr + (size_t)r * w_stride, sf, n, wsc + r * n);
-            wr = wsc;
-            ws = n;
-        }
-        accum_dispatch(e, R, blk, is_u4(e) ? kvc__even(dim) : dim, dim, 0, dim, n, wr, ws, ar);
-    }
-}
 
-KVC__ELEM_ENTRIES
+#include "cache/codec_entries.h"
 
 void kvc__codec_avx512_get(kvc__fmt fmt, kvc__role role, kvc__kernels *out) {
-    kvc__codec_avx2_get(fmt, role, out);
+    memset(out, 0, sizeof *out);
     const int k = role == KVC__ROLE_K;
     switch (fmt) {
     case KVC__F32:

@@ -18,6 +18,10 @@ typedef enum { E_F32, E_F16, E_I8, E_U4, E_U4G64, E_U4C } elem;
 KVC__INLINE int u4_gs(elem e) { return e == E_U4 ? 32 : e == E_U4G64 ? 64 : 0; }
 KVC__INLINE int is_u4(elem e) { return e == E_U4 || e == E_U4G64 || e == E_U4C; }
 
+/* Elements between two dimensions of a K block / two tokens of a V block. */
+KVC__INLINE int k_stride(elem e, int B) { return is_u4(e) ? kvc__even(B) : B; }
+KVC__INLINE int v_stride(elem e, int dim) { return is_u4(e) ? kvc__even(dim) : dim; }
+
 KVC__INLINE const uint16_t *i8_scales(const void *blk, int B, int dim) {
     return (const uint16_t *)((const uint8_t *)blk + kvc__i8_scale_offset(B, dim));
 }
@@ -79,43 +83,5 @@ KVC__INLINE void scores_folds(elem e, const float *qr, int R, int dim, const flo
         }
     }
 }
-
-/* The per-format entry points of a file's scores_impl and accum_impl. */
-#define KVC__ELEM_ENTRIES                                                                                    \
-    static void scores_f32(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int ss) { \
-        scores_impl(E_F32, blk, B, dim, n, q, nr, s, ss);                                                   \
-    }                                                                                                       \
-    static void scores_f16(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int ss) { \
-        scores_impl(E_F16, blk, B, dim, n, q, nr, s, ss);                                                   \
-    }                                                                                                       \
-    static void scores_i8(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int ss) {  \
-        scores_impl(E_I8, blk, B, dim, n, q, nr, s, ss);                                                    \
-    }                                                                                                       \
-    static void scores_u4(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int ss) {  \
-        scores_impl(E_U4, blk, B, dim, n, q, nr, s, ss);                                                    \
-    }                                                                                                       \
-    static void scores_u4g64(const void *blk, int B, int dim, int n, const float *q, int nr, float *s,         \
-                             int ss) {                                                                      \
-        scores_impl(E_U4G64, blk, B, dim, n, q, nr, s, ss);                                                 \
-    }                                                                                                       \
-    static void scores_u4c(const void *blk, int B, int dim, int n, const float *q, int nr, float *s, int ss) { \
-        scores_impl(E_U4C, blk, B, dim, n, q, nr, s, ss);                                                   \
-    }                                                                                                       \
-    static void accum_f32(const void *blk, int B, int dim, int n, const float *w, int ws, int nr, float *acc) {\
-        accum_impl(E_F32, blk, B, dim, n, w, ws, nr, acc);                                                  \
-    }                                                                                                       \
-    static void accum_f16(const void *blk, int B, int dim, int n, const float *w, int ws, int nr, float *acc) {\
-        accum_impl(E_F16, blk, B, dim, n, w, ws, nr, acc);                                                  \
-    }                                                                                                       \
-    static void accum_i8(const void *blk, int B, int dim, int n, const float *w, int ws, int nr, float *acc) { \
-        accum_impl(E_I8, blk, B, dim, n, w, ws, nr, acc);                                                   \
-    }                                                                                                       \
-    static void accum_u4(const void *blk, int B, int dim, int n, const float *w, int ws, int nr, float *acc) { \
-        accum_impl(E_U4, blk, B, dim, n, w, ws, nr, acc);                                                   \
-    }                                                                                                       \
-    static void accum_u4g64(const void *blk, int B, int dim, int n, const float *w, int ws, int nr,           \
-                            float *acc) {                                                                   \
-        accum_impl(E_U4G64, blk, B, dim, n, w, ws, nr, acc);                                                \
-    }
 
 #endif
