@@ -237,7 +237,8 @@ static bool cpu_has_avx512(void) {
 #endif
 }
 
-/* The AVX2 set with the AVX-512 batched kernels (matmul_avx512.c). */
+/* The AVX2 set with the AVX-512 batched kernels (matmul_avx512.c), made
+ * once on first use. */
 static eng__mm_kernels kernels_avx512;
 static pthread_once_t kernels_avx512_once = PTHREAD_ONCE_INIT;
 
@@ -249,11 +250,14 @@ static void kernels_avx512_init(void) {
             kernels_avx512.panel16[t] = eng__panel16_avx512[t];
 }
 
+static const eng__mm_kernels *avx512_set(void) {
+    pthread_once(&kernels_avx512_once, kernels_avx512_init);
+    return &kernels_avx512;
+}
+
 static const eng__mm_kernels *best_kernels(void) {
-    if (cpu_has_avx512()) {
-        pthread_once(&kernels_avx512_once, kernels_avx512_init);
-        return &kernels_avx512;
-    }
+    if (cpu_has_avx512())
+        return avx512_set();
     return cpu_has_avx2() ? &eng__mm_kernels_avx2 : &kernels_scalar;
 }
 
@@ -268,11 +272,6 @@ static const eng__mm_kernels *kernels(void) {
     return k;
 }
 
-/* Whether a kernel set's panel16 reads panel-packed weights. */
-static bool kernels_pack(const eng__mm_kernels *k) {
-    return k == &eng__mm_kernels_avx2 || k == &kernels_avx512;
-}
-
 int eng_matmul_force_isa(const char *name) {
     const eng__mm_kernels *k = NULL;
     if (name == NULL)
@@ -281,10 +280,8 @@ int eng_matmul_force_isa(const char *name) {
         k = &kernels_scalar;
     else if (strcmp(name, "avx2") == 0 && cpu_has_avx2())
         k = &eng__mm_kernels_avx2;
-    else if (strcmp(name, "avx512") == 0 && cpu_has_avx512()) {
-        pthread_once(&kernels_avx512_once, kernels_avx512_init);
-        k = &kernels_avx512;
-    }
+    else if (strcmp(name, "avx512") == 0 && cpu_has_avx512())
+        k = avx512_set();
     if (!k)
         return -1;
     atomic_store_explicit(&chosen, k, memory_order_release);
@@ -355,8 +352,8 @@ static void block_codes(eng_dtype type, const uint8_t *blk, uint8_t out[ENG_QK])
 
 int eng_weight_pack(eng_tensor *t, char *err, size_t errlen) {
     const size_t pbb = eng__pack_block_bytes(t->type);
-    if (pbb == 0 || !eng__mm_kernels_avx2.panel16[t->type] || !kernels_pack(kernels()) ||
-        !pack_enabled())
+    /* the batched kernels (panel16; the scalar set has none) read the copy */
+    if (pbb == 0 || !kernels()->panel16[t->type] || !pack_enabled())
         return 0;
     const int64_t n_in = t->ne[0], n_out = t->ne[1], nb = n_in / ENG_QK;
     const int64_t n_panels = (n_out + ENG__PANEL_ROWS - 1) / ENG__PANEL_ROWS;

@@ -37,10 +37,11 @@ static void usage(FILE *f) {
                "this CPU has; avx512 and avx2 give the same results; for comparisons)\n");
 }
 
-/* KVSERVE_ACTIVATIONS picks the activation precision for quantized weights
- * (engine/matmul.h) for every subcommand; KVSERVE_PACKED and KVSERVE_ISA the
- * batched kernels' weight copy and the kernel set. */
-static int set_activations(void) {
+/* The environment every subcommand reads: KVSERVE_ACTIVATIONS (the
+ * activation precision for quantized weights, engine/matmul.h),
+ * KVSERVE_PACKED (the batched kernels' weight copy) and KVSERVE_ISA (the
+ * matmul and attention kernel sets). */
+static int apply_environment(void) {
     const char *v = getenv("KVSERVE_ACTIVATIONS");
     if (!v || !*v || !strcmp(v, "q16"))
         eng_matmul_set_activations(ENG_ACT_Q16);
@@ -73,7 +74,7 @@ int main(int argc, char **argv) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
-    if (set_activations())
+    if (apply_environment())
         return 2;
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
         if (!strcmp(argv[1], commands[i].name))
