@@ -150,25 +150,23 @@ INLINE void panel_run(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1, 
 }
 
 /* Unpacked weights (packing off) go to the AVX2 kernel: the same bits. */
-static void panel16_q4_0(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) {
-    if (!m->wp)
-        eng__mm_kernels_avx2.panel16[ENG_Q4_0](m, r0, r1, t0, t1);
+INLINE void panel16(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1, const int kind, eng_dtype type) {
+    if (m->wp)
+        panel_run(m, r0, r1, t0, t1, kind);
     else
-        panel_run(m, r0, r1, t0, t1, K_Q4);
+        eng__mm_kernels_avx2.panel16[type](m, r0, r1, t0, t1);
+}
+
+static void panel16_q4_0(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) {
+    panel16(m, r0, r1, t0, t1, K_Q4, ENG_Q4_0);
 }
 
 static void panel16_q4_1(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) {
-    if (!m->wp)
-        eng__mm_kernels_avx2.panel16[ENG_Q4_1](m, r0, r1, t0, t1);
-    else
-        panel_run(m, r0, r1, t0, t1, K_Q4_1);
+    panel16(m, r0, r1, t0, t1, K_Q4_1, ENG_Q4_1);
 }
 
 static void panel16_q8_0(const eng__mm *m, int64_t r0, int64_t r1, int t0, int t1) {
-    if (!m->wp)
-        eng__mm_kernels_avx2.panel16[ENG_Q8_0](m, r0, r1, t0, t1);
-    else
-        panel_run(m, r0, r1, t0, t1, K_Q8_0);
+    panel16(m, r0, r1, t0, t1, K_Q8_0, ENG_Q8_0);
 }
 
 const eng__mm_rows_fn eng__panel16_avx512[ENG_DTYPE_COUNT] = {
