@@ -274,7 +274,17 @@ cuda-check:
 	@if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found: CUDA sources NOT compiled"; \
 	else $(MAKE) BUILD=$(BUILD) gpu-bins && echo "cuda-check: CUDA sources compile"; fi
 
-$(BUILD)/cache/cuda/%.o: cache/cuda/%.cu
+# The nvcc command line, rewritten only when it changes: every CUDA object
+# and program depends on it, so a changed flag (an architecture, a -D)
+# rebuilds them all instead of linking old objects with new ones.
+NVCC_STAMP := $(BUILD)/gpu/nvcc.cmd
+.PHONY: nvcc-stamp-check
+nvcc-stamp-check:
+	@mkdir -p $(dir $(NVCC_STAMP))
+	@echo '$(NVCC) $(NVCC_ALL)' | cmp -s - $(NVCC_STAMP) || echo '$(NVCC) $(NVCC_ALL)' > $(NVCC_STAMP)
+$(NVCC_STAMP): nvcc-stamp-check
+
+$(BUILD)/cache/cuda/%.o: cache/cuda/%.cu $(NVCC_STAMP)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCC_ALL) -c -o $@ $<
 
@@ -291,7 +301,7 @@ $(BUILD)/gpu/%.o: %.c
 	$(CC) $(GPU_CFLAGS) -c -o $@ $<
 
 .SECONDARY: $(CUDA_OBJ) $(GPU_C_OBJ)
-$(BUILD)/gpu/%: tests/cuda/%.cu $(CUDA_OBJ) $(GPU_C_OBJ)
+$(BUILD)/gpu/%: tests/cuda/%.cu $(CUDA_OBJ) $(GPU_C_OBJ) $(NVCC_STAMP)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCC_ALL) -o $@ $< $(CUDA_OBJ) $(GPU_C_OBJ) -lpthread -lm
 
