@@ -1,4 +1,10 @@
-
+/* wgmma_probe_s14.cu: which shared memory descriptor convention the
+ * transposed (MN-major, no swizzle) B operand of wgmma takes, checked on
+ * the H200 (notes/gpu.md "Session 14", probe_s14_r2.log): S = A B for a
+ * 64 x 64 A in registers and a 64 x 64 B laid out as prefill's K tile
+ * ("K") or V tile ("V"), with the two byte offsets swapped or not and
+ * trans-b 1 or 0, against the product on the host.
+ *   nvcc -gencode arch=compute_90a,code=sm_90a -o probe wgmma_probe_s14.cu */
 #include <cstdio>
 #include <cstdint>
 #include <cmath>
@@ -7,74 +13,16 @@ __device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)
 __device__ __forceinline__ uint64_t gmma_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
     return (uint64_t)((addr >> 4) & 0x3fff) | (uint64_t)((lbo >> 4) & 0x3fff) << 16 | (uint64_t)((sbo >> 4) & 0x3fff) << 32;
 }
-template <int N> __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t b, int acc);
-template <int N> __device__ __forceinline__ void wgmma_rs_t0(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t b, int acc);
+/* D(64 x 64) += A(64 x 16, registers) B(16 x 64, shared memory); TB: imm-trans-b */
 #define ACC4(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
-template <> __device__ __forceinline__ void wgmma_rs<32>(float (&d)[4][4], const uint32_t (&a)[4], uint64_t b, int acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {"
-                 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, "
-                 "{%16,%17,%18,%19}, %20, p, 1, 1, 1;\n}\n"
-                 : ACC4(0), ACC4(1), ACC4(2), ACC4(3)
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(acc));
-}
-template <> __device__ __forceinline__ void wgmma_rs<64>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b, int acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
+template <int TB> __device__ __forceinline__ void wgmma_rs64(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
                  "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
                  "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
-                 "{%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
-                 : ACC4(0), ACC4(1), ACC4(2), ACC4(3),
-                   ACC4(4), ACC4(5), ACC4(6), ACC4(7)
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(acc));
+                 "{%32,%33,%34,%35}, %36, 1, 1, 1, %37;\n"
+                 : ACC4(0), ACC4(1), ACC4(2), ACC4(3), ACC4(4), ACC4(5), ACC4(6), ACC4(7)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(TB));
 }
-template <> __device__ __forceinline__ void wgmma_rs<128>(float (&d)[16][4], const uint32_t (&a)[4], uint64_t b, int acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
-                 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
-                 "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
-                 "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
-                 "{%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
-                 : ACC4(0), ACC4(1), ACC4(2), ACC4(3),
-                   ACC4(4), ACC4(5), ACC4(6), ACC4(7),
-                   ACC4(8), ACC4(9), ACC4(10), ACC4(11),
-                   ACC4(12), ACC4(13), ACC4(14), ACC4(15)
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(acc));
-}
-template <> __device__ __forceinline__ void wgmma_rs_t0<32>(float (&d)[4][4], const uint32_t (&a)[4], uint64_t b, int acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {"
-                 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, "
-                 "{%16,%17,%18,%19}, %20, p, 1, 1, 0;\n}\n"
-                 : ACC4(0), ACC4(1), ACC4(2), ACC4(3)
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(acc));
-}
-template <> __device__ __forceinline__ void wgmma_rs_t0<64>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b, int acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
-                 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
-                 "{%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
-                 : ACC4(0), ACC4(1), ACC4(2), ACC4(3),
-                   ACC4(4), ACC4(5), ACC4(6), ACC4(7)
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(acc));
-}
-template <> __device__ __forceinline__ void wgmma_rs_t0<128>(float (&d)[16][4], const uint32_t (&a)[4], uint64_t b, int acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
-                 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
-                 "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
-                 "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
-                 "{%64,%65,%66,%67}, %68, p, 1, 1, 0;\n}\n"
-                 : ACC4(0), ACC4(1), ACC4(2), ACC4(3),
-                   ACC4(4), ACC4(5), ACC4(6), ACC4(7),
-                   ACC4(8), ACC4(9), ACC4(10), ACC4(11),
-                   ACC4(12), ACC4(13), ACC4(14), ACC4(15)
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(acc));
-}
-
 #undef ACC4
 __device__ __forceinline__ uint32_t pack(float a, float b) { __half2 h = __floats2half2_rn(a, b); return *reinterpret_cast<uint32_t *>(&h); }
 constexpr int D = 64;
@@ -107,8 +55,8 @@ __global__ void probe(const float *A, const float *B, float *out, int mode, int 
         if (which == 0) { start = base + 256 * kk; lbo = 128; sbo = 16 * D; }
         else { start = base + 32 * D * kk; lbo = 16 * D; sbo = 128; }
         if (mode & 1) { uint32_t t = lbo; lbo = sbo; sbo = t; }
-        if (mode & 2) wgmma_rs_t0<64>(d, a, gmma_desc(start, lbo, sbo), 1);
-        else wgmma_rs<64>(d, a, gmma_desc(start, lbo, sbo), 1);
+        if (mode & 2) wgmma_rs64<0>(d, a, gmma_desc(start, lbo, sbo));
+        else wgmma_rs64<1>(d, a, gmma_desc(start, lbo, sbo));
     }
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
