@@ -15,6 +15,15 @@
 #      page loop ends and exit in one launch of the configurations in
 #      TIMELINE (as PROF), from a build with -DKVC_CU_TIMELINE ($BUILD-tl,
 #      built there when missing or not runnable); a CSV a configuration.
+#   8. ab (only when named in STEPS): builds against each other, alternated
+#      AB_ROUNDS times (default 2) in this one run: AB="DIR DIR[:VAR=V,...]"
+#      names packed builds (tools/gpu_pack.sh NAME, carried as build-pack/NAME)
+#      or build folders, each optionally with environment settings (the same
+#      build twice with KVC_CU_PF=0 and =1, say); every round runs each entry's
+#      gpu_bench with AB_ARGS (e.g. --match " pw"), and the summary is a
+#      table of the decode default plans, steps and prefills, a column per
+#      entry and round.
+# A BUILD of a packed build (build-pack/NAME) is unpacked into BUILD/gpu first.
 # Logs go to $OUT (or ./build-gpu/out); the summary is printed last.
 #   STEPS="test san bench sdpa" (default all) picks steps; BENCH_ARGS passes
 #   options to gpu_bench (e.g. --quick, --match lowrank); T_TEST, T_SAN and
@@ -28,15 +37,29 @@ mkdir -p "$OUT"
 bin=$BUILD/gpu
 status=0
 
+# A packed build (tools/gpu_pack.sh): DIR/*.xz -> DIR/gpu/, once.
+unpack() {
+    local x
+    for x in "$1"/*.xz; do
+        [ -f "$x" ] || continue
+        local p="$1/gpu/$(basename "$x" .xz)"
+        [ -x "$p" ] && continue
+        mkdir -p "$1/gpu" && xz -dc "$x" >"$p" && chmod +x "$p"
+    done
+}
+unpack "$BUILD"
+
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>&1 | tee "$OUT/gpu.txt"
 
-if ! "$bin/gpu_test" --help 2>&1 | grep -q usage || ! "$bin/gpu_bench" --help 2>&1 | grep -q usage; then
+has() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
+
+# the steps on BUILD's programs need them (ab and sdpa do not)
+if { has test || has san || has bench || has prof; } &&
+    { ! "$bin/gpu_test" --help 2>&1 | grep -q usage || ! "$bin/gpu_bench" --help 2>&1 | grep -q usage; }; then
     echo "== building (carried binaries missing or not runnable)"
     make -j16 BUILD="$BUILD" NVCC="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)" gpu-bins >"$OUT/build.log" 2>&1 \
         || { tail -30 "$OUT/build.log"; exit 1; }
 fi
-
-has() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
 
 if has test; then
     echo "== gpu_test"
@@ -144,6 +167,36 @@ EOF
     echo "sdpa exit $?" >>"$OUT/sdpa.log"
 fi
 
+if has ab; then
+    labels=()
+    eval "ab_args=(${AB_ARGS:-})"   # quotes in AB_ARGS group words: --match "llama8b f16/f16 pw"
+    for r in $(seq 1 "${AB_ROUNDS:-2}"); do
+        for e in ${AB:?STEPS=ab needs AB="DIR DIR[:VAR=V,...]"}; do
+            d=${e%%:*}; vars=; [ "$d" != "$e" ] && vars=${e#*:}
+            unpack "$d"
+            label=$(basename "$d")${vars:+_$(echo "$vars" | tr -c 'A-Za-z0-9_\n' '_')}
+            [ "$r" = 1 ] && labels+=("$label")
+            echo "== ab round $r: $label"
+            env $(echo "$vars" | tr ',' ' ') timeout "${T_AB:-150}" "$d/gpu/gpu_bench" "${ab_args[@]}" \
+                >"$OUT/ab_${label}_r$r.log" 2>&1 || { echo "ab $label round $r failed"; status=1; }
+        done
+    done
+    # key -> time (us) per log: decode default plans, steps, prefills
+    for l in "${labels[@]}"; do for r in $(seq 1 "${AB_ROUNDS:-2}"); do echo "$OUT/ab_${l}_r$r.log"; done; done |
+        xargs awk '
+            FNR == 1 { n++; col[n] = FILENAME; sub(/.*\/ab_/, "", col[n]); sub(/\.log$/, "", col[n]) }
+            /^BEST decode/ { for (i = 1; i < NF; i++) if ($i == "plan") v = $(i + 1); k = "decode " $3 " " $4 " " $5 }
+            /^step /       { v = $8; k = "step " $2 " " $3 " " $4 }
+            /^prefill /    { v = $8; k = "prefill " $2 " " $3 " pos0 " $5 }
+            /^(BEST decode|step |prefill )/ { sub(/:$/, "", k); if (!(k in seen)) { seen[k] = 1; keys[++nk] = k } t[k, n] = v }
+            END {
+                printf "%-42s", "us"; for (c = 1; c <= n; c++) printf " %14s", col[c]; print ""
+                for (i = 1; i <= nk; i++) {
+                    printf "%-42s", keys[i]; for (c = 1; c <= n; c++) printf " %14s", ((keys[i], c) in t ? t[keys[i], c] : "-"); print ""
+                }
+            }' >"$OUT/ab.txt"
+fi
+
 echo "================ summary ================"
 [ -f "$OUT/test.log" ] && grep -E "^gpu_test:|FAIL" "$OUT/test.log" | head -12
 for tool in memcheck racecheck; do
@@ -152,4 +205,5 @@ done
 [ -f "$OUT/bench.log" ] && grep -E "^copy|^BEST|^prefill|^write" "$OUT/bench.log"
 [ -f "$OUT/sdpa.log" ] && grep -E "^SDPA|Error|error" "$OUT/sdpa.log"
 [ -f "$OUT/timeline.log" ] && cat "$OUT/timeline.log"
+[ -f "$OUT/ab.txt" ] && cat "$OUT/ab.txt"
 exit $status

@@ -1,0 +1,24 @@
+#!/bin/bash
+# gpu_pack.sh: packs a build's GPU programs for the device machine, where
+# only 64 MiB travel per call (two uncompressed programs are ~40 MB, xz takes
+# each to ~14 MB):
+#   tools/gpu_pack.sh NAME [BUILD]
+# writes build-pack/NAME/gpu_test.xz and gpu_bench.xz from BUILD/gpu/
+# (default build-gpu; build it first with `make BUILD=build-gpu gpu-bins`).
+# build-pack/ is ignored by git: name the folders in the device call's carry,
+# then on the device `AB="build-pack/old build-pack/new" STEPS=ab
+# tools/gpu_bench.sh` unpacks them and times one against the other, and
+# `BUILD=build-pack/NAME STEPS="test san" tools/gpu_bench.sh` runs the
+# checks on a packed build.
+set -eu
+name=${1:?usage: tools/gpu_pack.sh NAME [BUILD]}
+build=${2:-build-gpu}
+case $name in */* | .* | "") echo "gpu_pack: NAME must be a plain folder name, not '$name'" >&2; exit 2 ;; esac
+dst=build-pack/$name
+mkdir -p "$dst"
+for p in gpu_test gpu_bench; do
+    [ -x "$build/gpu/$p" ] || { echo "gpu_pack: $build/gpu/$p missing: make BUILD=$build gpu-bins" >&2; exit 1; }
+    xz -T0 -6 -c "$build/gpu/$p" >"$dst/$p.xz"
+done
+git rev-parse --short HEAD >"$dst/commit" 2>/dev/null || true
+du -b "$dst"/*.xz | awk '{s += $1; print} END {printf "gpu_pack: %.1f MiB in %s\n", s / 1048576, dst}' dst="$dst"
