@@ -212,7 +212,7 @@ int cli_runtime_start(cli_runtime *rt, const cli_runtime_opts *o) {
         cli_runtime_close(rt);
         return -1;
     }
-    eng_backend_options bo = {.n_threads = o->threads};
+    eng_backend_options bo = {.n_threads = o->threads, .absorb = o->absorb};
     rt->backend = eng_backend_cpu_create(rt->model, rt->pool, &bo, err, sizeof err);
     if (!rt->backend) {
         fprintf(stderr, "kvserve: %s\n", err);

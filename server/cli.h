@@ -48,6 +48,7 @@ typedef struct {
     const char *calib;       /* calibration file for pca codecs, or NULL */
     int block_size;
     size_t kv_memory;        /* 0: sized for n_seqs x ctx_tokens */
+    bool absorb;             /* fold the K/V projections into the codecs' bases (eng_backend_options) */
 } cli_runtime_opts;
 
 /* Loads the model (rt zeroed first); prints the error naming the file on

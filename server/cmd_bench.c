@@ -177,21 +177,11 @@ int cmd_bench(int argc, char **argv) {
     if (!kv_v)
         kv_v = kv;
     cli_runtime_opts ro = {.threads = threads, .ctx_tokens = n_ctx, .n_seqs = 1, .kv_k = kv_k, .kv_v = kv_v,
-                           .calib = calib, .block_size = block_size};
+                           .calib = calib, .block_size = block_size, .absorb = absorb};
     char err[512];
     if (cli_runtime_start(&rt, &ro)) {
         cli_runtime_close(&rt);
         return 1;
-    }
-    if (absorb) { /* the runtime's backend, rebuilt with the projections absorbed */
-        eng_backend_destroy(rt.backend);
-        rt.backend = eng_backend_cpu_create(m, rt.pool, &(eng_backend_options){.n_threads = threads, .absorb = true},
-                                            err, sizeof err);
-        if (!rt.backend) {
-            fprintf(stderr, "kvserve bench: %s\n", err);
-            cli_runtime_close(&rt);
-            return 1;
-        }
     }
     const int n_vocab = m->cfg.n_vocab;
     int32_t *ids = malloc((size_t)(n_ctx + 1) * sizeof *ids);

@@ -102,24 +102,13 @@ int cmd_ppl(int argc, char **argv) {
     const int step = bos ? ctx - 1 : ctx;
     const int n_windows = (n_ids + step - 1) / step;
     cli_runtime_opts ro = {.threads = threads, .ctx_tokens = ctx, .n_seqs = 1, .kv_k = kv_k, .kv_v = kv_v,
-                           .calib = calib, .block_size = block_size};
+                           .calib = calib, .block_size = block_size, .absorb = absorb};
     if (n_ids < 2 || cli_runtime_start(&rt, &ro)) {
         if (n_ids < 2)
             fprintf(stderr, "kvserve ppl: %s has %d tokens; need at least 2\n", text_path, n_ids);
         free(ids);
         cli_runtime_close(&rt);
         return 1;
-    }
-    if (absorb) { /* the runtime's backend, rebuilt with the projections absorbed */
-        eng_backend_destroy(rt.backend);
-        rt.backend = eng_backend_cpu_create(m, rt.pool, &(eng_backend_options){.n_threads = threads, .absorb = true},
-                                            err, sizeof err);
-        if (!rt.backend) {
-            fprintf(stderr, "kvserve ppl: %s\n", err);
-            free(ids);
-            cli_runtime_close(&rt);
-            return 1;
-        }
     }
     const int n_vocab = m->cfg.n_vocab;
     if (batch > ctx)

@@ -44,6 +44,25 @@ class Perplexity(unittest.TestCase):
         self.assertLess(abs(r["ppl"] - ref) / ref, 0.005, "kvserve %.4f vs transformers %.4f" % (r["ppl"], ref))
 
 
+class Absorb(unittest.TestCase):
+    """--absorb folds the value projection into a low-rank codec's basis, so
+    the coefficients come straight out of the projection instead of being
+    projected from the values: the same perplexity up to float rounding, and
+    the run says what it absorbed."""
+
+    def ppl(self, *extra):
+        _, out, _ = run("ppl", "--model", MODEL, "--text", WIKITEXT, "--ctx", "256", "--max-tokens", "1024",
+                        "--kv-v", "lowrank:r32", "--json", *extra)
+        return json.loads(out)
+
+    def test_absorbed_values_same_perplexity(self):
+        plain, absorbed = self.ppl(), self.ppl("--absorb")
+        self.assertEqual(plain["absorbed"], "none")
+        self.assertEqual(absorbed["absorbed"], "V")
+        self.assertLess(abs(absorbed["ppl"] - plain["ppl"]) / plain["ppl"], 1e-3,
+                        "absorbed %r vs plain %r" % (absorbed["ppl"], plain["ppl"]))
+
+
 class KernelSets(unittest.TestCase):
     """KVSERVE_ISA picks the CPU kernel set; the sets give the same bits (the
     batched 16-bit kernels of every set keep one order of float work), so a
