@@ -224,16 +224,21 @@ static void task_release(srv_task *t) {
         task_free(t);
 }
 
+/* The error a request aborted by its timeout or by shutdown gets. */
+static void abort_error(const srv_task *t, srv_abort_reason why, api_error *e) {
+    if (why == SRV_ABORT_TIMEOUT)
+        api_error_set(e, 504, "timeout", "", "the request took longer than %.0f s (request_timeout)",
+                      t->s->cfg->request_timeout);
+    else
+        api_error_set(e, 503, "shutting_down", "", "the server is shutting down");
+}
+
 static void task_abort(srv_http_req *req, srv_abort_reason why) {
     srv_task *t = req->user;
     task_cancel(t);
     if (why != SRV_ABORT_GONE) {
         api_error e;
-        if (why == SRV_ABORT_TIMEOUT)
-            api_error_set(&e, 504, "timeout", "", "the request took longer than %.0f s (request_timeout)",
-                          t->s->cfg->request_timeout);
-        else
-            api_error_set(&e, 503, "shutting_down", "", "the server is shutting down");
+        abort_error(t, why, &e);
         req->prompt_tokens = t->prompt_tokens;
         req->completion_tokens = t->completion_tokens;
         if (req->streaming) {
@@ -721,11 +726,7 @@ static void prepare_abort(srv_http_req *req, srv_abort_reason why) {
     srv_task *t = req->user;
     if (why != SRV_ABORT_GONE) {
         api_error e;
-        if (why == SRV_ABORT_TIMEOUT)
-            api_error_set(&e, 504, "timeout", "", "the request took longer than %.0f s (request_timeout)",
-                          t->s->cfg->request_timeout);
-        else
-            api_error_set(&e, 503, "shutting_down", "", "the server is shutting down");
+        abort_error(t, why, &e);
         reply_error(req, &e);
     }
     t->req = NULL;
