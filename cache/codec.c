@@ -780,9 +780,9 @@ int kvc__codec_init(kvc__codec *c, const char *spec, const char *field, kvc__rol
         if (fast.unpack) c->kern.unpack = fast.unpack;
         /* the 512-bit tiles: scores over whole 16-token rows, sums over
          * 16-number pieces of every layer's width */
-        int dims16 = 1;
-        for (int l = 0; l < n_layer; l++) dims16 &= c->dim[l] % 16 == 0;
         if (force_scalar != 2 && kvc__have_avx512()) {
+            int dims16 = 1;
+            for (int l = 0; l < n_layer; l++) dims16 &= c->dim[l] % 16 == 0;
             kvc__codec_avx512_get(p.fmt, role, &fast);
             if (fast.scores && block_size % 16 == 0) c->kern.scores = fast.scores;
             if (fast.accum && dims16) c->kern.accum = fast.accum;
