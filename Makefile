@@ -272,7 +272,7 @@ gpu-bins: $(BUILD)/gpu/gpu_test $(BUILD)/gpu/gpu_bench
 
 cuda-check:
 	@if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found: CUDA sources NOT compiled"; \
-	else $(MAKE) BUILD=$(BUILD) gpu-bins && echo "cuda-check: CUDA sources compile"; fi
+	else $(MAKE) -j$(JOBS) BUILD=$(BUILD) gpu-bins && echo "cuda-check: CUDA sources compile"; fi
 
 # The nvcc command line, rewritten only when it changes: every CUDA object
 # and program depends on it, so a changed flag (an architecture, a -D)

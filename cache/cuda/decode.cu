@@ -23,14 +23,18 @@
  * and int4 codes as integers, their scales and minima applied in fp32 or
  * folded into the hi + lo operands).
  *
- * Two paths (chosen by the K/V formats):
- *   - f16 K or V (f16/f16, f16/int8, int8/f16): one page a slot. f16 blocks
- *     are copied to swizzled 16-byte units that the transposing ldmatrix
- *     reads without bank conflicts:
+ * Two paths (chosen by the K/V formats, reg_path):
+ *   - f16 K or V, or int4 on one side only (f16/f16, f16/int8, int8/f16,
+ *     f16 or int8 keys with int4 values, int4 keys with f16 or int8
+ *     values): one page a slot. f16 blocks are copied to swizzled 16-byte
+ *     units that the transposing ldmatrix reads without bank conflicts:
  *       f16 K (D, 16): unit (dim, h) at dim * 2 + (h ^ ((dim >> 2) & 1))
  *       f16 V (16, D): unit (t, u) at t * D / 8 + (u ^ (t & 7))
  *     an int8 block beside an f16 one is copied raw and its codes converted
- *     (exactly: small integers) into a per-warp f16 block of that layout.
+ *     (exactly: small integers) into a per-warp f16 block of that layout;
+ *     an int4 block is copied raw and read as the register path reads it
+ *     (u4_scores, u4_values: its scores land on the same positions of a
+ *     thread as ldmatrix's, 2t, 2t + 1, 2t + 8, 2t + 9).
  *   - both quantized (int8/int8, int4 keys per channel / values per token):
  *     two pages a slot, raw blocks; the codes go from shared memory into
  *     registers and are turned into mma operands there (byte permutes and
@@ -158,22 +162,26 @@ __host__ __device__ constexpr int ml_stride(int G) { return (2 * G + 3) & ~3; }
 int g_pages_per_split = 0;       /* kvc_cu_set_decode_tuning */
 int g_warp_per_seq = 0;
 
-/* The register path: both K and V quantized. */
-__host__ __device__ constexpr bool quantized(int kf, int vf) { return kf != KVC_CU_F16 && vf != KVC_CU_F16; }
+/* The register path: int8 K and V, or int4 keys per channel with int4
+ * values per token; every other pairing (f16 on a side, or int8 beside
+ * int4) takes the f16 path, a page a slot. */
+__host__ __device__ constexpr bool reg_path(int kf, int vf) {
+    return (kf == KVC_CU_I8 && vf == KVC_CU_I8) || (kf == KVC_CU_U4C && kvc__cu_is_u4t(vf));
+}
 
 /* A warp's shared memory: S slots of P pages (K block then V block, the
  * global block sizes), then (f16 path, one side int8) one f16 block that
  * int8 codes are converted into (K's, then V's), or (register path) the
  * slots' mbarriers. */
 template <int D, int KF, int VF, int NH = 1> struct ring {
-    static constexpr bool BULK = quantized(KF, VF);
+    static constexpr bool BULK = reg_path(KF, VF);
     static constexpr int KB = kvc__cu_block_bytes(KF, D);
     static constexpr int VB = kvc__cu_block_bytes(VF, D);
     static constexpr int PAGE = KB + VB;
     static constexpr int P = BULK ? 2 : 1;            /* pages a slot */
     static constexpr int SLOT = P * PAGE;
     static constexpr int S = !BULK ? 3 : D <= 64 && NH == 1 ? 2 : 3;
-    static constexpr int CONV = !BULK && (KF != KVC_CU_F16 || VF != KVC_CU_F16) ? 32 * D : 0;
+    static constexpr int CONV = !BULK && (KF == KVC_CU_I8 || VF == KVC_CU_I8) ? 32 * D : 0;
     static constexpr int MBAR = BULK ? (8 * S + 15) & ~15 : 0;   /* keeps the next warp's slots 16-byte aligned */
     static constexpr int WARP_BYTES = S * SLOT + CONV + MBAR;
     static constexpr int BYTES = NW * WARP_BYTES;     /* per block */
@@ -468,19 +476,21 @@ template <int D, int VF> struct v_groups {
  * k-chunk kk, in the order the K path reads its codes (file comment). */
 template <int KF, int VF>
 __device__ __forceinline__ int q_dim(int kk, int t, int i) {
-    if constexpr (!quantized(KF, VF)) return 16 * kk + 2 * t + (i & 1) + 8 * (i >> 1);
-    else if constexpr (KF == KVC_CU_I8) return 16 * kk + t + 4 * i;
-    else return 16 * kk + 4 * t + i;
+    if constexpr (KF == KVC_CU_U4C) return 16 * kk + 4 * t + i;
+    else if constexpr (reg_path(KF, VF)) return 16 * kk + t + 4 * i;
+    else return 16 * kk + 2 * t + (i & 1) + 8 * (i >> 1);
 }
 
 /* The output dimension of accumulator n-tile jd, column col. */
 template <int D, int KF, int VF>
 __device__ __forceinline__ int o_dim(int jd, int col) {
-    if constexpr (!quantized(KF, VF)) return 8 * jd + col;
-    else if constexpr (VF == KVC_CU_I8) return (D / 8) * col + jd;
-    else {
+    if constexpr (kvc__cu_is_u4t(VF)) {
         constexpr int GS = kvc__cu_u4_group(VF), NK = GS / 8;
         return GS * (jd / NK) + NK * col + jd % NK;
+    } else if constexpr (reg_path(KF, VF)) {
+        return (D / 8) * col + jd;
+    } else {
+        return 8 * jd + col;
     }
 }
 
@@ -515,74 +525,211 @@ template <int N> __device__ __forceinline__ float softmax_step(float (&x)[N], fl
     return alpha;
 }
 
+/* ---- int4 sides, read from the raw blocks in shared memory ----------------- */
+
+/* int4 keys per channel: the scores of P pages (page q at slot + q *
+ * page_stride; valid_q its positions inside the context), tokens 2t, 2t + 1,
+ * 2t + 8, 2t + 9 of page q in x[q][0..3], the positions the f16 path's
+ * scores have too, so both paths use it. */
+template <int D, int P, bool MASKED>
+__device__ __forceinline__ void u4_scores(const uint8_t *slot, int page_stride, const int (&valid)[P],
+                                          const uint32_t (&qa)[D / 16][4], int lane, const cvt_consts &kc,
+                                          float (&x)[P][4]) {
+    const int g = lane >> 2, t = lane & 3;
+    const uint32_t sel = (uint32_t)(g >> 1) | ((uint32_t)(4 + (g >> 1)) << 8);
+#pragma unroll
+    for (int q = 0; q < P; q++) {
+        const uint8_t *kp = slot + q * page_stride;
+        const uint8_t *kr = kp + 32 * t + 4 * (g & 1);
+        float se[4] = {0.0f, 0.0f, 0.0f, 0.0f}, so[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            /* scales (D) then minima (D), halves after the codes: dims 16 kk + 4t .. + 3 */
+            const uint2 sc = *reinterpret_cast<const uint2 *>(kp + 8 * D + 2 * (16 * kk + 4 * t));
+            const uint2 mn = *reinterpret_cast<const uint2 *>(kp + 10 * D + 2 * (16 * kk + 4 * t));
+            uint32_t w[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++)    /* dimension row 16 kk + 4t + i, word g & 1 */
+                w[i] = *reinterpret_cast<const uint32_t *>(kr + 128 * kk + 8 * i);
+            const uint32_t x01 = __byte_perm(w[0], w[1], sel), x23 = __byte_perm(w[2], w[3], sel);
+            uint32_t qs[4];
+            scale_pair(qa[kk][0], qa[kk][1], sc.x, qs[0], qs[1]);
+            scale_pair(qa[kk][2], qa[kk][3], sc.y, qs[2], qs[3]);
+            mma16816(se, qs, u4_lo(x01, kc), u4_lo(x23, kc));
+            mma16816(so, qs, u4_hi(x01, kc), u4_hi(x23, kc));
+            mma16816(sb, qa[kk], mn.x, mn.y);
+        }
+        const float base = sb[0] + sb[2];
+        x[q][0] = se[0] + se[2] + base;    /* even n-tile, column 2t: token 2t */
+        x[q][1] = so[0] + so[2] + base;    /* token 2t + 1 */
+        x[q][2] = se[1] + se[3] + base;    /* column 2t + 1: token 2t + 8 */
+        x[q][3] = so[1] + so[3] + base;    /* token 2t + 9 */
+        if constexpr (MASKED) {
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                if (2 * t + (e & 1) + 8 * (e >> 1) >= valid[q]) x[q][e] = -INFINITY;
+        }
+    }
+}
+
+/* int4 values per token in groups of GS: O += P V of P pages (V block of
+ * page q at vslot + q * page_stride), pp[q] the weights operand of tokens
+ * 2t, 2t + 1, 2t + 8, 2t + 9 of page q (weights_operand), alpha the factor
+ * of the old sums. Both paths use it (the f16 path with P = 1). */
+template <int D, int VF, int P, bool MASKED>
+__device__ __forceinline__ void u4_values(const uint8_t *vslot, int page_stride, const int (&valid)[P],
+                                          const uint32_t (&pp)[P][4], float alpha, int lane, const cvt_consts &kc,
+                                          warp_state<D, v_groups<D, VF>::value> &st) {
+    constexpr int GS = kvc__cu_u4_group(VF), NGV = D / GS, NK = GS / 8;
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int gm = 0; gm < NGV; gm++) {
+        /* per page: the group's weight operand and the raw codes of rows 2t,
+         * 2t + 1 (h 0: b0) and 2t + 8, 2t + 9 (h 1: b1), this thread's GS / 8
+         * numbers: dims GS gm + NK g .. + NK */
+        uint32_t pw[P][4], ra[P][2], rb[P][2];
+        float vm[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int q = 0; q < P; q++) {
+            const uint8_t *vp = vslot + q * page_stride;
+            /* scales (NGV, 16), then minima (NGV, 16): tokens 2t, 2t + 1 and 2t + 8, 2t + 9 */
+            const uint8_t *par = vp + 8 * D + 32 * gm + 4 * t;
+            uint32_t s_lo = *reinterpret_cast<const uint32_t *>(par);
+            uint32_t s_hi = *reinterpret_cast<const uint32_t *>(par + 16);
+            uint32_t m_lo = *reinterpret_cast<const uint32_t *>(par + 32 * NGV);
+            uint32_t m_hi = *reinterpret_cast<const uint32_t *>(par + 32 * NGV + 16);
+            if constexpr (MASKED) {
+                const uint32_t keep_lo = (2 * t < valid[q] ? 0xffffu : 0u) | (2 * t + 1 < valid[q] ? 0xffff0000u : 0u);
+                const uint32_t keep_hi = (2 * t + 8 < valid[q] ? 0xffffu : 0u) | (2 * t + 9 < valid[q] ? 0xffff0000u : 0u);
+                s_lo &= keep_lo, m_lo &= keep_lo, s_hi &= keep_hi, m_hi &= keep_hi;
+            }
+            scale_pair(pp[q][0], pp[q][1], s_lo, pw[q][0], pw[q][1]);
+            scale_pair(pp[q][2], pp[q][3], s_hi, pw[q][2], pw[q][3]);
+            mma16816(vm, pp[q], m_lo, m_hi);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *row = vp + (2 * t + 8 * h) * (D / 2) + (GS / 2) * gm + (NK / 2) * g;
+                if constexpr (NK == 4) {
+                    ra[q][h] = *reinterpret_cast<const uint16_t *>(row);
+                    rb[q][h] = *reinterpret_cast<const uint16_t *>(row + D / 2);
+                } else {
+                    ra[q][h] = *reinterpret_cast<const uint32_t *>(row);
+                    rb[q][h] = *reinterpret_cast<const uint32_t *>(row + D / 2);
+                }
+            }
+        }
+        st.vmin[gm] = fmaf(st.vmin[gm], alpha, vm[0] + vm[2]);
+        /* four numbers (n-tiles) at a time: byte pairs of the two rows give
+         * half2s of the low and high nibbles */
+#pragma unroll
+        for (int hw = 0; hw < NK / 4; hw++) {
+            uint32_t bq[P][2][4];
+#pragma unroll
+            for (int q = 0; q < P; q++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const uint32_t xw = __byte_perm(ra[q][h], rb[q][h], hw ? 0x7632 : 0x5410), xw8 = xw >> 8;
+                    bq[q][h][0] = u4_lo(xw, kc), bq[q][h][1] = u4_hi(xw, kc);
+                    bq[q][h][2] = u4_lo(xw8, kc), bq[q][h][3] = u4_hi(xw8, kc);
+                }
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int q = 0; q < P; q++) mma16816(o, pw[q], bq[q][0][k], bq[q][1][k]);
+                const int jd = NK * gm + 4 * hw + k;
+                st.o[jd][0] = fmaf(st.o[jd][0], alpha, o[0] + o[2]);
+                st.o[jd][1] = fmaf(st.o[jd][1], alpha, o[1] + o[3]);
+            }
+        }
+    }
+}
+
 /* ---- f16 path: one page a slot --------------------------------------------- */
 
 /* One page from its ring slot: kslot, vslot the K and V blocks as copied
- * (f16 swizzled; int8 raw); conv the warp's conversion block; valid:
- * positions of the page inside the context (1..16; MASKED when < 16). */
+ * (f16 swizzled; others raw); conv the warp's conversion block (int8);
+ * valid: positions of the page inside the context (1..16; MASKED when <
+ * 16). int4 sides (keys per channel, values per token) are read as the
+ * register path reads them, one page at a time. */
 template <int D, int KF, int VF, bool MASKED>
 __device__ __forceinline__ void process_page(const uint8_t *kslot, const uint8_t *vslot, uint8_t *conv, int valid,
                                              const uint32_t (&qa)[D / 16][4], int lane, const cvt_consts &kc,
-                                             warp_state<D, 1> &st) {
+                                             warp_state<D, v_groups<D, VF>::value> &st) {
     const int tig = lane & 3, mat = lane >> 3, row = lane & 7;
-    const uint8_t *kf = kslot;
-    if constexpr (KF == KVC_CU_I8) {
-        convert_k<D>(kslot, conv, lane, kc);
-        __syncwarp();
-        kf = conv;
-    }
-    float s0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) {
-        uint32_t b[4];
-        ldsm_x4_trans(b, kf + 16 * k_unit<D>(kk * 16 + (mat & 1) * 8 + row, mat >> 1));
-        mma16816(s0, qa[kk], b[0], b[1]);
-        mma16816(s1, qa[kk], b[2], b[3]);
-    }
+    const int valid1[1] = {valid};
     /* positions 2 tig, 2 tig + 1, 8 + 2 tig, 9 + 2 tig of query gid */
-    float x[4] = {s0[0] + s0[2], s0[1] + s0[3], s1[0] + s1[2], s1[1] + s1[3]};
+    float x[4];
+    if constexpr (KF == KVC_CU_U4C) {
+        float xq[1][4];
+        u4_scores<D, 1, MASKED>(kslot, 0, valid1, qa, lane, kc, xq);
+#pragma unroll
+        for (int e = 0; e < 4; e++) x[e] = xq[0][e];
+    } else {
+        const uint8_t *kf = kslot;
+        if constexpr (KF == KVC_CU_I8) {
+            convert_k<D>(kslot, conv, lane, kc);
+            __syncwarp();
+            kf = conv;
+        }
+        float s0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            uint32_t b[4];
+            ldsm_x4_trans(b, kf + 16 * k_unit<D>(kk * 16 + (mat & 1) * 8 + row, mat >> 1));
+            mma16816(s0, qa[kk], b[0], b[1]);
+            mma16816(s1, qa[kk], b[2], b[3]);
+        }
+        x[0] = s0[0] + s0[2], x[1] = s0[1] + s0[3], x[2] = s1[0] + s1[2], x[3] = s1[1] + s1[3];
+    }
     if constexpr (KF == KVC_CU_I8) {
         const uint8_t *ks = kslot + 16 * D;
         const float2 a = __half22float2(reinterpret_cast<const __half2 *>(ks)[tig]);
         const float2 c = __half22float2(reinterpret_cast<const __half2 *>(ks)[4 + tig]);
         x[0] *= a.x, x[1] *= a.y, x[2] *= c.x, x[3] *= c.y;
     }
-    if constexpr (MASKED) {
+    if constexpr (MASKED && KF != KVC_CU_U4C) {   /* (u4_scores masks its own) */
 #pragma unroll
         for (int e = 0; e < 4; e++)
             if ((e >> 1) * 8 + 2 * tig + (e & 1) >= valid) x[e] = -INFINITY;
     }
     const float alpha = softmax_step(x, st.m, st.l);
 
-    const uint8_t *vf = vslot;
-    if constexpr (VF == KVC_CU_I8) {
-        __syncwarp();                          /* K's reads of conv are done */
-        convert_v<D>(vslot, conv, lane, kc);
-        __syncwarp();
-        vf = conv;
-        const uint8_t *vs = vslot + 16 * D;
-        const float2 a = __half22float2(reinterpret_cast<const __half2 *>(vs)[tig]);
-        const float2 c = __half22float2(reinterpret_cast<const __half2 *>(vs)[4 + tig]);
-        x[0] *= a.x, x[1] *= a.y, x[2] *= c.x, x[3] *= c.y;
-        if constexpr (MASKED) {                /* scales past the context may be anything */
+    if constexpr (kvc__cu_is_u4t(VF)) {
+        uint32_t pp[1][4];
+        weights_operand(x, pp[0]);
+        u4_values<D, VF, 1, MASKED>(vslot, 0, valid1, pp, alpha, lane, kc, st);
+    } else {
+        const uint8_t *vf = vslot;
+        if constexpr (VF == KVC_CU_I8) {
+            __syncwarp();                          /* K's reads of conv are done */
+            convert_v<D>(vslot, conv, lane, kc);
+            __syncwarp();
+            vf = conv;
+            const uint8_t *vs = vslot + 16 * D;
+            const float2 a = __half22float2(reinterpret_cast<const __half2 *>(vs)[tig]);
+            const float2 c = __half22float2(reinterpret_cast<const __half2 *>(vs)[4 + tig]);
+            x[0] *= a.x, x[1] *= a.y, x[2] *= c.x, x[3] *= c.y;
+            if constexpr (MASKED) {                /* scales past the context may be anything */
 #pragma unroll
-            for (int e = 0; e < 4; e++)
-                if ((e >> 1) * 8 + 2 * tig + (e & 1) >= valid) x[e] = 0.0f;
+                for (int e = 0; e < 4; e++)
+                    if ((e >> 1) * 8 + 2 * tig + (e & 1) >= valid) x[e] = 0.0f;
+            }
         }
-    }
-    uint32_t pa[4];
-    weights_operand(x, pa);
+        uint32_t pa[4];
+        weights_operand(x, pa);
 #pragma unroll
-    for (int dn2 = 0; dn2 < D / 16; dn2++) {
-        uint32_t b[4];
-        ldsm_x4_trans(b, vf + 16 * v_unit<D>((mat & 1) * 8 + row, dn2 * 2 + (mat >> 1)));
-        float o0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, o1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        mma16816(o0, pa, b[0], b[1]);
-        mma16816(o1, pa, b[2], b[3]);
+        for (int dn2 = 0; dn2 < D / 16; dn2++) {
+            uint32_t b[4];
+            ldsm_x4_trans(b, vf + 16 * v_unit<D>((mat & 1) * 8 + row, dn2 * 2 + (mat >> 1)));
+            float o0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, o1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            mma16816(o0, pa, b[0], b[1]);
+            mma16816(o1, pa, b[2], b[3]);
 #pragma unroll
-        for (int e = 0; e < 2; e++) {
-            st.o[2 * dn2][e] = fmaf(st.o[2 * dn2][e], alpha, o0[e] + o0[e + 2]);
-            st.o[2 * dn2 + 1][e] = fmaf(st.o[2 * dn2 + 1][e], alpha, o1[e] + o1[e + 2]);
+            for (int e = 0; e < 2; e++) {
+                st.o[2 * dn2][e] = fmaf(st.o[2 * dn2][e], alpha, o0[e] + o0[e + 2]);
+                st.o[2 * dn2 + 1][e] = fmaf(st.o[2 * dn2 + 1][e], alpha, o1[e] + o1[e + 2]);
+            }
         }
     }
 }
@@ -688,119 +835,21 @@ __device__ __forceinline__ void step_i8(const uint8_t *slot, int valid0, int val
     }
 }
 
-/* int4 keys per channel, values per token in groups of GS. Layout of the
- * slot as in step_i8. */
+/* int4 keys per channel, values per token in groups of GS, two pages a
+ * slot (layout as in step_i8). */
 template <int D, int VF, bool MASKED>
 __device__ __forceinline__ void step_u4(const uint8_t *slot, int valid0, int valid1, const uint32_t (&qa)[D / 16][4],
                                         int lane, const cvt_consts &kc, warp_state<D, v_groups<D, VF>::value> &st) {
     typedef ring<D, KVC_CU_U4C, VF> R;
-    constexpr int GS = kvc__cu_u4_group(VF), NGV = D / GS, NK = GS / 8;
-    const int g = lane >> 2, t = lane & 3;
-    /* scores of tokens 2t, 2t + 1, 2t + 8, 2t + 9 of page q */
+    const int valid[2] = {valid0, valid1};
     float x[2][4];
-    const uint32_t sel = (uint32_t)(g >> 1) | ((uint32_t)(4 + (g >> 1)) << 8);
-#pragma unroll
-    for (int q = 0; q < 2; q++) {
-        const uint8_t *kp = slot + q * R::PAGE;
-        const uint8_t *kr = kp + 32 * t + 4 * (g & 1);
-        float se[4] = {0.0f, 0.0f, 0.0f, 0.0f}, so[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            /* scales (D) then minima (D), halves after the codes: dims 16 kk + 4t .. + 3 */
-            const uint2 sc = *reinterpret_cast<const uint2 *>(kp + 8 * D + 2 * (16 * kk + 4 * t));
-            const uint2 mn = *reinterpret_cast<const uint2 *>(kp + 10 * D + 2 * (16 * kk + 4 * t));
-            uint32_t w[4];
-#pragma unroll
-            for (int i = 0; i < 4; i++)    /* dimension row 16 kk + 4t + i, word g & 1 */
-                w[i] = *reinterpret_cast<const uint32_t *>(kr + 128 * kk + 8 * i);
-            const uint32_t x01 = __byte_perm(w[0], w[1], sel), x23 = __byte_perm(w[2], w[3], sel);
-            uint32_t qs[4];
-            scale_pair(qa[kk][0], qa[kk][1], sc.x, qs[0], qs[1]);
-            scale_pair(qa[kk][2], qa[kk][3], sc.y, qs[2], qs[3]);
-            mma16816(se, qs, u4_lo(x01, kc), u4_lo(x23, kc));
-            mma16816(so, qs, u4_hi(x01, kc), u4_hi(x23, kc));
-            mma16816(sb, qa[kk], mn.x, mn.y);
-        }
-        const float base = sb[0] + sb[2];
-        x[q][0] = se[0] + se[2] + base;    /* even n-tile, column 2t: token 2t */
-        x[q][1] = so[0] + so[2] + base;    /* token 2t + 1 */
-        x[q][2] = se[1] + se[3] + base;    /* column 2t + 1: token 2t + 8 */
-        x[q][3] = so[1] + so[3] + base;    /* token 2t + 9 */
-        if constexpr (MASKED) {
-            const int valid = q ? valid1 : valid0;
-#pragma unroll
-            for (int e = 0; e < 4; e++)
-                if (2 * t + (e & 1) + 8 * (e >> 1) >= valid) x[q][e] = -INFINITY;
-        }
-    }
+    u4_scores<D, 2, MASKED>(slot, R::PAGE, valid, qa, lane, kc, x);
     float xs[8] = {x[0][0], x[0][1], x[0][2], x[0][3], x[1][0], x[1][1], x[1][2], x[1][3]};
     const float alpha = softmax_step(xs, st.m, st.l);
     uint32_t pp[2][4];
     weights_operand(xs, pp[0]);
     weights_operand(xs + 4, pp[1]);
-
-#pragma unroll
-    for (int gm = 0; gm < NGV; gm++) {
-        /* per page: the group's weight operand and the raw codes of rows 2t,
-         * 2t + 1 (h 0: b0) and 2t + 8, 2t + 9 (h 1: b1), this thread's GS / 8
-         * numbers: dims GS gm + NK g .. + NK */
-        uint32_t pw[2][4], ra[2][2], rb[2][2];
-        float vm[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-        for (int q = 0; q < 2; q++) {
-            const uint8_t *vp = slot + q * R::PAGE + R::KB;
-            /* scales (NGV, 16), then minima (NGV, 16): tokens 2t, 2t + 1 and 2t + 8, 2t + 9 */
-            const uint8_t *par = vp + 8 * D + 32 * gm + 4 * t;
-            uint32_t s_lo = *reinterpret_cast<const uint32_t *>(par);
-            uint32_t s_hi = *reinterpret_cast<const uint32_t *>(par + 16);
-            uint32_t m_lo = *reinterpret_cast<const uint32_t *>(par + 32 * NGV);
-            uint32_t m_hi = *reinterpret_cast<const uint32_t *>(par + 32 * NGV + 16);
-            if constexpr (MASKED) {
-                const int valid = q ? valid1 : valid0;
-                const uint32_t keep_lo = (2 * t < valid ? 0xffffu : 0u) | (2 * t + 1 < valid ? 0xffff0000u : 0u);
-                const uint32_t keep_hi = (2 * t + 8 < valid ? 0xffffu : 0u) | (2 * t + 9 < valid ? 0xffff0000u : 0u);
-                s_lo &= keep_lo, m_lo &= keep_lo, s_hi &= keep_hi, m_hi &= keep_hi;
-            }
-            scale_pair(pp[q][0], pp[q][1], s_lo, pw[q][0], pw[q][1]);
-            scale_pair(pp[q][2], pp[q][3], s_hi, pw[q][2], pw[q][3]);
-            mma16816(vm, pp[q], m_lo, m_hi);
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const uint8_t *row = vp + (2 * t + 8 * h) * (D / 2) + (GS / 2) * gm + (NK / 2) * g;
-                if constexpr (NK == 4) {
-                    ra[q][h] = *reinterpret_cast<const uint16_t *>(row);
-                    rb[q][h] = *reinterpret_cast<const uint16_t *>(row + D / 2);
-                } else {
-                    ra[q][h] = *reinterpret_cast<const uint32_t *>(row);
-                    rb[q][h] = *reinterpret_cast<const uint32_t *>(row + D / 2);
-                }
-            }
-        }
-        st.vmin[gm] = fmaf(st.vmin[gm], alpha, vm[0] + vm[2]);
-        /* four numbers (n-tiles) at a time: byte pairs of the two rows give
-         * half2s of the low and high nibbles */
-#pragma unroll
-        for (int hw = 0; hw < NK / 4; hw++) {
-            uint32_t bq[2][2][4];
-#pragma unroll
-            for (int q = 0; q < 2; q++)
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const uint32_t xw = __byte_perm(ra[q][h], rb[q][h], hw ? 0x7632 : 0x5410), xw8 = xw >> 8;
-                    bq[q][h][0] = u4_lo(xw, kc), bq[q][h][1] = u4_hi(xw, kc);
-                    bq[q][h][2] = u4_lo(xw8, kc), bq[q][h][3] = u4_hi(xw8, kc);
-                }
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                mma16816(o, pw[0], bq[0][0][k], bq[0][1][k]);
-                mma16816(o, pw[1], bq[1][0][k], bq[1][1][k]);
-                const int jd = NK * gm + 4 * hw + k;
-                st.o[jd][0] = fmaf(st.o[jd][0], alpha, o[0] + o[2]);
-                st.o[jd][1] = fmaf(st.o[jd][1], alpha, o[1] + o[3]);
-            }
-        }
-    }
+    u4_values<D, VF, 2, MASKED>(slot + R::KB, R::PAGE, valid, pp, alpha, lane, kc, st);
 }
 
 /* One ring slot of either path. */
@@ -808,7 +857,7 @@ template <int D, int KF, int VF, bool MASKED>
 __device__ __forceinline__ void process_slot(const uint8_t *slot, uint8_t *conv, int valid0, int valid1,
                                              const uint32_t (&qa)[D / 16][4], int lane, const cvt_consts &kc,
                                              warp_state<D, v_groups<D, VF>::value> &st) {
-    if constexpr (!quantized(KF, VF))
+    if constexpr (!reg_path(KF, VF))
         process_page<D, KF, VF, MASKED>(slot, slot + ring<D, KF, VF>::KB, conv, valid0, qa, lane, kc, st);
     else if constexpr (KF == KVC_CU_I8)
         step_i8<D, MASKED>(slot, valid0, valid1, qa, lane, kc, st);
@@ -1022,8 +1071,9 @@ __device__ __forceinline__ void cluster_merge(const decode_params &p, const floa
  * 19.64 us at 64 x 2k / 256 x 512) and 2 for int4 at head dim 128 (at 168
  * it spills ~150 bytes a thread). */
 constexpr int min_blocks(int D, int KF, int VF, int NH) {
-    return D == 128 ? 2 : NH > 1 ? (NH > 2 || quantized(KF, VF) ? 2 : 3)
-                    : quantized(KF, VF) ? (KF == KVC_CU_I8 ? 4 : 3) : 4;
+    return D == 128 ? 2 : NH > 1 ? (NH > 2 || reg_path(KF, VF) ? 2 : 3)
+                    : reg_path(KF, VF) ? (KF == KVC_CU_I8 ? 4 : 3)
+                    : KF == KVC_CU_U4C || kvc__cu_is_u4t(VF) ? 3 : 4;
 }
 
 /* NH > 1 (both sides latent: every head's blocks are the same): a warp
@@ -1437,10 +1487,17 @@ template <typename F> int with_instance(const kvc__cu_view &v, int nh, F &&f) {
         if (v.k_fmt == KVC_CU_F16 && v.v_fmt == KVC_CU_I8) return by_g(d, F16(), I8());
         if (v.k_fmt == KVC_CU_I8 && v.v_fmt == KVC_CU_F16) return by_g(d, I8(), F16());
         typedef std::integral_constant<int, KVC_CU_U4C> U4C;
-        if (v.k_fmt == KVC_CU_U4C && v.v_fmt == KVC_CU_U4T32)
-            return by_g(d, U4C(), std::integral_constant<int, KVC_CU_U4T32>());
-        if (v.k_fmt == KVC_CU_U4C && v.v_fmt == KVC_CU_U4T64)
-            return by_g(d, U4C(), std::integral_constant<int, KVC_CU_U4T64>());
+        typedef std::integral_constant<int, KVC_CU_U4T32> U4T32;
+        typedef std::integral_constant<int, KVC_CU_U4T64> U4T64;
+        if (v.k_fmt == KVC_CU_U4C && v.v_fmt == KVC_CU_U4T32) return by_g(d, U4C(), U4T32());
+        if (v.k_fmt == KVC_CU_U4C && v.v_fmt == KVC_CU_U4T64) return by_g(d, U4C(), U4T64());
+        /* int4 on one side only (the f16 path) */
+        if (v.k_fmt == KVC_CU_F16 && v.v_fmt == KVC_CU_U4T32) return by_g(d, F16(), U4T32());
+        if (v.k_fmt == KVC_CU_F16 && v.v_fmt == KVC_CU_U4T64) return by_g(d, F16(), U4T64());
+        if (v.k_fmt == KVC_CU_I8 && v.v_fmt == KVC_CU_U4T32) return by_g(d, I8(), U4T32());
+        if (v.k_fmt == KVC_CU_I8 && v.v_fmt == KVC_CU_U4T64) return by_g(d, I8(), U4T64());
+        if (v.k_fmt == KVC_CU_U4C && v.v_fmt == KVC_CU_F16) return by_g(d, U4C(), F16());
+        if (v.k_fmt == KVC_CU_U4C && v.v_fmt == KVC_CU_I8) return by_g(d, U4C(), I8());
         return KVC_ERR_INVAL;
     };
     if (v.D == 32) {
@@ -1486,7 +1543,7 @@ plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx, int nh, bool tr
     const long resident = (long)sms * per_sm;
     plan pl = {4, pages, 1, nh};
     auto u4 = [](int fmt) { return fmt == KVC_CU_U4C || kvc__cu_is_u4t(fmt); };
-    const bool wide = u4(v.k_fmt) || u4(v.v_fmt) || (quantized(v.k_fmt, v.v_fmt) && v.D <= 64);
+    const bool wide = u4(v.k_fmt) || u4(v.v_fmt) || (reg_path(v.k_fmt, v.v_fmt) && v.D <= 64);
     const int warps_needed = !transform && wide ? 2 * NW : NW;
     long best_blocks = 0;
     double best = 0;
@@ -1674,10 +1731,10 @@ int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_
                         ? pl.n_splits
                         : 1;
         const long free_slots = resident - blocks;
-        const bool early = free_slots >= blocks || (quantized(KF_, VF_) && free_slots * 16 <= blocks);
+        const bool early = free_slots >= blocks || (reg_path(KF_, VF_) && free_slots * 16 <= blocks);
         /* a quantized grid whose blocks prefetch before their wait: at the
          * start regardless (they stream while the rest land) */
-        p.pdl_early = pm == 1 || (pm < 0 && (early || (quantized(KF_, VF_) && p.fresh >= 0)));
+        p.pdl_early = pm == 1 || (pm < 0 && (early || (reg_path(KF_, VF_) && p.fresh >= 0)));
         g_lands_early = early;
         cudaLaunchConfig_t cfg = {};
         cfg.gridDim = grid;

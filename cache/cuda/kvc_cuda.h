@@ -13,10 +13,11 @@
  * arena would hold.
  *
  * Compiled set (anything else is an explicit KVC_ERR_INVAL with a message):
- *   codecs: f16 and int8 for K and V independently; int4 as the profiles
- *   use it (keys int4:channel, values int4:token with groups of 32 or 64:
- *   the specs "int4" and "int4:g64"); head_dim 64 or 128; block_size 16;
- *   n_rep (query heads per kv head) 1..8.
+ *   codecs: keys f16, int8 or int4 per channel (int4:channel, the keys'
+ *   "int4"), values f16, int8 or int4 per token with groups of 32 or 64
+ *   (int4:token, the values' "int4" and "int4:g64"), in any pairing (e.g.
+ *   the multi-gpu profile's f16 keys with int4 values); head_dim 64 or 128;
+ *   block_size 16; n_rep (query heads per kv head) 1..8.
  * Decode runs on tensor cores with the query and the softmax weights split
  * into fp16 hi + lo pairs (as exact as fp32; see cuda/decode.cu). Prefill
  * runs on tensor cores (mma.sync f16, f32 accumulation; query and weights
@@ -39,7 +40,7 @@
  * counting head_dim), elements f16/int8 (at rank 32: both f16 or both int8).
  * Not on the GPU (refused by kvc_cu_layout_init with a message): keys cached
  * before RoPE (:prerope), int4 coefficients (:int4...), other ranks, int4
- * pairings other than the above.
+ * keys per token and int4 values per channel.
  *
  * All pointers named "device" are device memory; every call is asynchronous
  * on `stream` (a cudaStream_t; NULL is the default stream) and returns KVC_OK,

@@ -44,11 +44,13 @@ static int fmt_of(const kvc__codec *c) {
     }
 }
 
-/* The K/V format pairs decode.cu is compiled for, at D stored numbers. */
+/* The K/V format pairs decode.cu is compiled for, at D stored numbers:
+ * keys f16, int8 or int4 per channel with values f16, int8 or int4 per
+ * token. */
 static bool pair_compiled(int kf, int vf, int D) {
-    const bool plain = (kf == KVC_CU_F16 || kf == KVC_CU_I8) && (vf == KVC_CU_F16 || vf == KVC_CU_I8);
-    if (D == 32) return plain && kf == vf;
-    return (D == 64 || D == 128) && (plain || (kf == KVC_CU_U4C && kvc__cu_is_u4t(vf)));
+    const bool k8 = kf == KVC_CU_F16 || kf == KVC_CU_I8, v8 = vf == KVC_CU_F16 || vf == KVC_CU_I8;
+    if (D == 32) return k8 && v8 && kf == vf;
+    return (D == 64 || D == 128) && (k8 || kf == KVC_CU_U4C) && (v8 || kvc__cu_is_u4t(vf));
 }
 
 static int shape_of(const kvc__codec *c) {
@@ -116,7 +118,8 @@ extern "C" int kvc_cu_layout_init(kvc_cu_layout *L, const kvc_pool *pool, char *
     if (!kf || !vf || (transform && (kvc__cu_is_u4t(kf) || kf == KVC_CU_U4C || kvc__cu_is_u4t(vf) || vf == KVC_CU_U4C)))
         KVC__CU_FAIL(KVC_ERR_INVAL,
                      "kvc_cuda: k_codec \"%s\" with v_codec \"%s\": the GPU kernels read f16 and int8 (any "
-                     "pairing), int4 (keys per channel, values per token: \"int4\", \"int4:g64\") and the "
+                     "pairing), int4 keys per channel with f16, int8 or int4 values per token (\"int4\", "
+                     "\"int4:g64\") and the "
                      "low-rank codecs with f16 or int8 coefficients (lowrank, latent, hybrid; not :int4) so far",
                      pool->kc.name, pool->vc.name);
     for (int l = 0; l < pool->n_layer; l++) {
@@ -131,8 +134,8 @@ extern "C" int kvc_cu_layout_init(kvc_cu_layout *L, const kvc_pool *pool, char *
         if (!pair_compiled(kf, vf, D))
             KVC__CU_FAIL(KVC_ERR_INVAL,
                          "kvc_cuda: k_codec \"%s\" with v_codec \"%s\": %d numbers per token (layer %d) in these "
-                         "formats are not compiled: 64 and 128 take f16/int8 in any pairing and int4 keys per channel "
-                         "with int4 values per token; 32 (ranks) takes f16/f16 or int8/int8",
+                         "formats are not compiled: 64 and 128 take keys f16, int8 or int4 per channel with values f16, "
+                         "int8 or int4 per token; 32 (ranks) takes f16/f16 or int8/int8",
                          pool->kc.name, pool->vc.name, D, l);
         if (pool->kc.block_bytes[l] != kb || pool->vc.block_bytes[l] != vb)
             KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: layer %d: blocks of %zu/%zu bytes, expected %zu/%zu", l,

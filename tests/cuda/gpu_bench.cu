@@ -48,6 +48,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -361,6 +362,12 @@ static void bench_decode(const shape &s, const char *kc, const char *vc, int n_s
  * decode alone in graphs of their own (the write lets the decode launch at
  * its start where the decode's grid lands well beside it, write.cu;
  * KVC_CU_WRITE_PDL=0 never, =1 always). */
+/* The codecs of a step, prefill or write line: the key codec when both
+ * sides have it, else "k/v". */
+static std::string pair_name(const char *kc, const char *vc) {
+    return !strcmp(kc, vc) ? std::string(kc) : std::string(kc) + "/" + vc;
+}
+
 static void bench_step(const shape &s, const char *kc, const char *vc, int n_seqs, int ctx) {
     decode_case dc = make_decode_case(s, kc, vc, n_seqs, ctx);
     bench_pool &bp = dc.bp;
@@ -400,7 +407,8 @@ static void bench_step(const shape &s, const char *kc, const char *vc, int n_seq
     const double ud = graph_us(st, n, [&](int i) { decode(i % bp.n_layer); });
     const char *e = getenv("KVC_CU_WRITE_PDL");
     printf("step   %-8s %-9s %4dx%-6d write + decode %8.2f us graph (write alone %.2f, decode alone %.2f; "
-           "KVC_CU_WRITE_PDL %s)\n", s.name, kc, n_seqs, ctx, us, uw, ud, e && *e ? e : "unset");
+           "KVC_CU_WRITE_PDL %s)\n",
+           s.name, pair_name(kc, vc).c_str(), n_seqs, ctx, us, uw, ud, e && *e ? e : "unset");
     if (g_csv) fprintf(g_csv, "step,%s,%s/%s,%d,%d,,%.3f,%.3f,%.3f,\n", s.name, kc, vc, n_seqs, ctx, us, uw, ud);
     CK(cudaStreamDestroy(st));
     CK(cudaFree(ws));
@@ -429,7 +437,8 @@ static void bench_prefill(const shape &s, const char *kc, const char *vc, int po
     });
     double flops = 0;
     for (int i = 0; i < n; i++) flops += 4.0 * s.D * (pos0 + i + 1) * s.H * s.G;
-    printf("prefill %-8s %-9s pos0 %-5d n %d: %9.1f us, %6.1f TFLOP/s\n", s.name, kc, pos0, n, us, flops / us * 1e-6);
+    printf("prefill %-8s %-9s pos0 %-5d n %d: %9.1f us, %6.1f TFLOP/s\n", s.name, pair_name(kc, vc).c_str(), pos0,
+           n, us, flops / us * 1e-6);
     if (g_csv) fprintf(g_csv, "prefill,%s,%s/%s,%d,%d,,%.3f,,%.0f,\n", s.name, kc, vc, pos0, n, us, flops);
     fflush(stdout);
     CK(cudaFree(d_bt));
@@ -470,8 +479,8 @@ static void bench_write(const shape &s, const char *kc, const char *vc, int n, b
     const kvc_pool *p = bp.pool;
     const double bytes = 2.0 * 4 * kvs * n + (double)n / 16 *
                          ((double)p->kc.n_groups * p->kc.block_bytes[0] + (double)p->vc.n_groups * p->vc.block_bytes[0]);
-    printf("write%s %-8s %-9s %5d tokens: %8.2f us, %6.0f GB/s; graph %8.2f us\n", step ? "-step" : "     ", s.name, kc,
-           n, us, bytes / us * 1e-3, ug);
+    printf("write%s %-8s %-9s %5d tokens: %8.2f us, %6.0f GB/s; graph %8.2f us\n", step ? "-step" : "     ", s.name,
+           pair_name(kc, vc).c_str(), n, us, bytes / us * 1e-3, ug);
     if (g_csv)
         fprintf(g_csv, "write%s,%s,%s/%s,%d,,,%.3f,%.3f,%.0f,\n", step ? "-step" : "", s.name, kc, vc, n, us, ug, bytes);
     CK(cudaFree(d_slots));
@@ -912,6 +921,8 @@ int main(int argc, char **argv) {
                   {0, "int4", "int4", true},
                   {0, "int4:g64", "int4:g64", false},
                   {0, "f16", "int8", false},
+                  {0, "f16", "int4", true},
+                  {0, "int4", "int8", false},
                   {64, "lowrank:r32", "lowrank:r32", true},
                   {64, "hybrid:r32", "hybrid:r32", false},
                   {64, "latent:64", "latent:64", true},
@@ -922,7 +933,7 @@ int main(int argc, char **argv) {
                   {128, "hybrid:latent:128", "hybrid:latent:128", false}};
     for (auto &s : shapes)
         for (auto &c : codecs) {
-            if ((c.D && c.D != s.D) || (quick && strcmp(c.k, c.v) != 0)) continue;
+            if ((c.D && c.D != s.D) || (quick && strcmp(c.k, c.v) != 0 && !c.pw)) continue;
             for (auto &cs : cases) {
                 char label[96];
                 snprintf(label, sizeof label, "%s %s/%s %dx%d", s.name, c.k, c.v, cs.first, cs.second);

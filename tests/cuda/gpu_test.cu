@@ -13,10 +13,12 @@
  *      re-code their pages here); the two arenas must be byte-identical.
  *   2. the unwritten slots of each sequence's last page are then poisoned:
  *      f16 and int8 with +inf through kvc_cu_write (f16: inf; int8: the
- *      largest scale and codes); int4 by setting their bytes (codes 15,
- *      per-token scales and minima inf; per-channel parameters are shared
- *      with the written slots and stay). A kernel that reads past a context
- *      turns that into NaN or a wrong result.
+ *      largest scale and codes); with int4 keys both sides by setting their
+ *      bytes (key codes 15: the per-channel parameters are shared with the
+ *      written slots and stay; values f16 +inf, int8 the largest codes and an
+ *      inf scale, int4 codes 15 and per-token scales and minima inf). A
+ *      kernel that reads past a context turns that into NaN or a wrong
+ *      result.
  *   3. decode: kvc_cu_decode for one query token per sequence at its last
  *      position against kvc_attend, in each plan: the default, forced splits
  *      (8 pages: many partials merged; 3 pages: warps left without a page), a
@@ -297,7 +299,7 @@ static void run_case(const test_case &c) {
     }
 
     /* 2. poison the slots past each context in its last page */
-    const bool is_int4 = lay.k_fmt == KVC_CU_U4C;
+    const bool is_int4 = lay.k_fmt == KVC_CU_U4C;   /* re-encoding would widen the shared parameters */
     if (is_int4) {
         std::vector<uint8_t> img(arena_bytes);
         arena.down(img.data());
@@ -311,9 +313,17 @@ static void run_case(const test_case &c) {
                         uint8_t *kb = img.data() + page + (size_t)h * pool->kc.block_bytes[l];
                         uint8_t *vb = img.data() + page + pool->k_region[l] + (size_t)h * pool->vc.block_bytes[l];
                         for (int d = 0; d < D; d++) kb[d * 8 + j / 2] |= (uint8_t)(15 << (4 * (j & 1)));
-                        memset(vb + (size_t)j * D / 2, 0xff, D / 2);
-                        uint16_t *par = reinterpret_cast<uint16_t *>(vb + 8 * D);
-                        for (int g = 0; g < 2 * G4; g++) par[g * B + j] = 0x7c00;   /* scales, then minima */
+                        if (lay.v_fmt == KVC_CU_F16) {             /* (B, D) halves: +inf */
+                            uint16_t *row = reinterpret_cast<uint16_t *>(vb) + (size_t)j * D;
+                            for (int d = 0; d < D; d++) row[d] = 0x7c00;
+                        } else if (lay.v_fmt == KVC_CU_I8) {       /* (B, D) codes, then B scales: +inf */
+                            memset(vb + (size_t)j * D, 0x7f, D);
+                            reinterpret_cast<uint16_t *>(vb + 16 * D)[j] = 0x7c00;
+                        } else {
+                            memset(vb + (size_t)j * D / 2, 0xff, D / 2);
+                            uint16_t *par = reinterpret_cast<uint16_t *>(vb + 8 * D);
+                            for (int g = 0; g < 2 * G4; g++) par[g * B + j] = 0x7c00;   /* scales, then minima */
+                        }
                     }
                 }
         arena.up(img.data());
@@ -525,7 +535,7 @@ static void check_errors(void) {
                  {64, 16, "f32", "f16"},
                  {64, 16, "int4:token", "int4"},
                  {64, 16, "lowrank:r16", "f16"},
-                 {64, 16, "f16", "int4"},
+                 {64, 16, "int8", "int4:channel"},                 /* int4 values per channel */
                  {64, 16, "lowrank:r32:prerope", "lowrank:r32"},   /* pre-RoPE keys: not on the GPU */
                  {64, 16, "lowrank:r48", "lowrank:r48"},           /* rank not compiled */
                  {64, 16, "lowrank:r32:int4", "lowrank:r32"},      /* int4 coefficients */
@@ -639,10 +649,14 @@ int main(int argc, char **argv) {
     printf("gpu_test: %s, %d SMs, seed %llu%s\n", prop.name, prop.multiProcessorCount, (unsigned long long)seed,
            quick ? " (quick)" : "");
 
-    /* the first NQ on every shape, the rest on the two model shapes */
-    const int NQ = 3, NC = 6;
-    const char *codecs[NC][2] = {{"f16", "f16"},  {"int8", "int8"}, {"int4", "int4"},
-                                 {"f16", "int8"}, {"int8", "f16"},  {"int4:g64", "int4:g64"}};
+    /* the first NQ on every shape, the rest on the two model shapes; int4
+     * on one side only (f16 / int4: the multi-gpu profile) takes the f16
+     * path with the register path's int4 reads */
+    const int NQ = 5, NC = 11;
+    const char *codecs[NC][2] = {{"f16", "f16"},          {"int8", "int8"},        {"int4", "int4"},
+                                 {"f16", "int4"},         {"int4", "int8"},        {"f16", "int8"},
+                                 {"int8", "f16"},         {"int4:g64", "int4:g64"}, {"int8", "int4:g64"},
+                                 {"int4", "f16"},         {"f16", "int4:g64"}};
     std::vector<test_case> cases;
     const std::vector<int> mix = {1, 15, 16, 17, 100, 777, 0, 2053};
     const std::vector<std::pair<int, int>> chunks = {{0, 300}, {100, 129}, {1000, 64}, {1990, 63}};
@@ -672,6 +686,8 @@ int main(int argc, char **argv) {
         test_case c = {128, 8, 4, "f16", "f16", {4099, 4096, 1}, {{2048, 2048}, {0, 2051}}, 1.0f};
         test_case d = {64, 3, 3, "int4", "int4", {33000, 5}, {{32900, 100}}, 1.0f};
         test_case e = {128, 2, 4, "int4:g64", "int4:g64", {20000, 4100}, {{19000, 64}}, 4.0f};
+        test_case f = {128, 8, 4, "f16", "int4", {9000, 31}, {{8900, 100}}, 4.0f};
+        cases.push_back(f);
         cases.push_back(a);
         cases.push_back(b);
         cases.push_back(c);
