@@ -1,7 +1,7 @@
 #!/bin/bash
 # gpu_pack.sh: packs a build's GPU programs for the device machine, where
-# only 64 MiB travel per call (two uncompressed programs are ~40 MB, xz takes
-# each to ~14 MB):
+# only 64 MiB travel per call with the tree (two uncompressed programs are
+# ~60 MB, xz takes each to ~24 MB):
 #   tools/gpu_pack.sh NAME [BUILD]
 # writes build-pack/NAME/gpu_test.xz and gpu_bench.xz from BUILD/gpu/
 # (default build-gpu; build it first with `make BUILD=build-gpu gpu-bins`).
