@@ -599,8 +599,9 @@ __device__ __forceinline__ void u4_values(const uint8_t *vslot, int page_stride,
             uint32_t m_lo = *reinterpret_cast<const uint32_t *>(par + 32 * NGV);
             uint32_t m_hi = *reinterpret_cast<const uint32_t *>(par + 32 * NGV + 16);
             if constexpr (MASKED) {
-                const uint32_t keep_lo = (2 * t < valid[q] ? 0xffffu : 0u) | (2 * t + 1 < valid[q] ? 0xffff0000u : 0u);
-                const uint32_t keep_hi = (2 * t + 8 < valid[q] ? 0xffffu : 0u) | (2 * t + 9 < valid[q] ? 0xffff0000u : 0u);
+                const int vq = valid[q];
+                const uint32_t keep_lo = (2 * t < vq ? 0xffffu : 0u) | (2 * t + 1 < vq ? 0xffff0000u : 0u);
+                const uint32_t keep_hi = (2 * t + 8 < vq ? 0xffffu : 0u) | (2 * t + 9 < vq ? 0xffff0000u : 0u);
                 s_lo &= keep_lo, m_lo &= keep_lo, s_hi &= keep_hi, m_hi &= keep_hi;
             }
             scale_pair(pp[q][0], pp[q][1], s_lo, pw[q][0], pw[q][1]);
@@ -1518,8 +1519,11 @@ template <typename F> int with_instance(const kvc__cu_view &v, int nh, F &&f) {
  * ceil(blocks / SMs) * pages per warp (a multiprocessor's throughput is
  * shared by its blocks), splits costing a merge (about as much as 8 pages
  * of a warp for every 32 partials) and, past FAN, a second merge level.
- * 4-bit pages, and the register path's 8-bit ones at head_dim 64 (half a
- * slot's bytes), need two warps a scheduler to keep up with their copies:
+ * 4-bit pages (but int4 beside f16 at head_dim 128, which takes f16's
+ * rules: Llama-8B f16 / int4 1 x 32k 35.0 -> 32.1 us, while at head_dim 64
+ * the same rule made SmolLM2's 11.1 -> 12.1, session 15 run 7), and the
+ * register path's 8-bit ones at head_dim 64 (half a slot's bytes), need two
+ * warps a scheduler to keep up with their copies:
  * with fewer than 2 NW warps on a multiprocessor their cost grows in
  * proportion (one block a multiprocessor: Llama-8B int4 1 x 32k 30.4 us at
  * 16 splits against 25.9 at 32, while f16 takes 44.1 against 44.8 and
@@ -1543,7 +1547,9 @@ plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx, int nh, bool tr
     const long resident = (long)sms * per_sm;
     plan pl = {4, pages, 1, nh};
     auto u4 = [](int fmt) { return fmt == KVC_CU_U4C || kvc__cu_is_u4t(fmt); };
-    const bool wide = u4(v.k_fmt) || u4(v.v_fmt) || (reg_path(v.k_fmt, v.v_fmt) && v.D <= 64);
+    const bool f16_side = v.k_fmt == KVC_CU_F16 || v.v_fmt == KVC_CU_F16;
+    const bool wide = u4(v.k_fmt) || u4(v.v_fmt) ? !(f16_side && v.D > 64)
+                                                 : reg_path(v.k_fmt, v.v_fmt) && v.D <= 64;
     const int warps_needed = !transform && wide ? 2 * NW : NW;
     long best_blocks = 0;
     double best = 0;
