@@ -8,6 +8,8 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include <type_traits>
+
 #include "cache/cuda/kvc_cuda.h"
 
 #define KVC__CU_FULL 0xffffffffu
@@ -88,6 +90,29 @@ __device__ __forceinline__ const uint8_t *kvc__cu_v_block(const uint8_t *arena, 
 /* int4 per token: numbers per group. */
 __host__ __device__ constexpr int kvc__cu_u4_group(int fmt) { return fmt == KVC_CU_U4T64 ? 64 : 32; }
 __host__ __device__ constexpr bool kvc__cu_is_u4t(int fmt) { return fmt == KVC_CU_U4T32 || fmt == KVC_CU_U4T64; }
+
+/* The K/V format pairs the decode and prefill kernels are compiled for at
+ * head_dim 64 and 128 (kvc_cu_layout_init's pair_compiled): keys f16, int8
+ * or int4 per channel with values f16, int8 or int4 per token. Calls
+ * f(KF, VF) with the formats as integral constants and returns true, or
+ * returns false for any other pair. */
+template <typename F> bool kvc__cu_with_formats(int kf, int vf, F &&f) {
+    auto by_v = [&](auto k) {
+        switch (vf) {
+        case KVC_CU_F16: f(k, std::integral_constant<int, KVC_CU_F16>()); return true;
+        case KVC_CU_I8: f(k, std::integral_constant<int, KVC_CU_I8>()); return true;
+        case KVC_CU_U4T32: f(k, std::integral_constant<int, KVC_CU_U4T32>()); return true;
+        case KVC_CU_U4T64: f(k, std::integral_constant<int, KVC_CU_U4T64>()); return true;
+        }
+        return false;
+    };
+    switch (kf) {
+    case KVC_CU_F16: return by_v(std::integral_constant<int, KVC_CU_F16>());
+    case KVC_CU_I8: return by_v(std::integral_constant<int, KVC_CU_I8>());
+    case KVC_CU_U4C: return by_v(std::integral_constant<int, KVC_CU_U4C>());
+    }
+    return false;
+}
 
 /* Bytes of one (page, kv head) block of 16 tokens, padding included, as the
  * pool lays it out (codec.h): f16 (D, 16) or (16, D); int8 codes then 16

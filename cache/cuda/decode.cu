@@ -1483,23 +1483,9 @@ template <typename F> int with_instance(const kvc__cu_view &v, int nh, F &&f) {
     typedef std::integral_constant<int, KVC_CU_F16> F16;
     typedef std::integral_constant<int, KVC_CU_I8> I8;
     auto by_fmt = [&](auto d) -> int {
-        if (v.k_fmt == KVC_CU_F16 && v.v_fmt == KVC_CU_F16) return by_g(d, F16(), F16());
-        if (v.k_fmt == KVC_CU_I8 && v.v_fmt == KVC_CU_I8) return by_g(d, I8(), I8());
-        if (v.k_fmt == KVC_CU_F16 && v.v_fmt == KVC_CU_I8) return by_g(d, F16(), I8());
-        if (v.k_fmt == KVC_CU_I8 && v.v_fmt == KVC_CU_F16) return by_g(d, I8(), F16());
-        typedef std::integral_constant<int, KVC_CU_U4C> U4C;
-        typedef std::integral_constant<int, KVC_CU_U4T32> U4T32;
-        typedef std::integral_constant<int, KVC_CU_U4T64> U4T64;
-        if (v.k_fmt == KVC_CU_U4C && v.v_fmt == KVC_CU_U4T32) return by_g(d, U4C(), U4T32());
-        if (v.k_fmt == KVC_CU_U4C && v.v_fmt == KVC_CU_U4T64) return by_g(d, U4C(), U4T64());
-        /* int4 on one side only (the f16 path) */
-        if (v.k_fmt == KVC_CU_F16 && v.v_fmt == KVC_CU_U4T32) return by_g(d, F16(), U4T32());
-        if (v.k_fmt == KVC_CU_F16 && v.v_fmt == KVC_CU_U4T64) return by_g(d, F16(), U4T64());
-        if (v.k_fmt == KVC_CU_I8 && v.v_fmt == KVC_CU_U4T32) return by_g(d, I8(), U4T32());
-        if (v.k_fmt == KVC_CU_I8 && v.v_fmt == KVC_CU_U4T64) return by_g(d, I8(), U4T64());
-        if (v.k_fmt == KVC_CU_U4C && v.v_fmt == KVC_CU_F16) return by_g(d, U4C(), F16());
-        if (v.k_fmt == KVC_CU_U4C && v.v_fmt == KVC_CU_I8) return by_g(d, U4C(), I8());
-        return KVC_ERR_INVAL;
+        int rc = KVC_ERR_INVAL;
+        kvc__cu_with_formats(v.k_fmt, v.v_fmt, [&](auto kf, auto vf) { rc = by_g(d, kf, vf); });
+        return rc;
     };
     if (v.D == 32) {
         typedef std::integral_constant<int, 32> D32;

@@ -417,18 +417,11 @@ int launch(const prefill_params &p, int n_kv_head, cudaStream_t stream, char *er
  * these), H heads of p.G rows. */
 template <int D> int launch_fmt(int kf, int vf, int H, const prefill_params &p, cudaStream_t s, char *err,
                                 size_t errlen) {
-    if (kf == KVC_CU_F16 && vf == KVC_CU_F16) return launch<D, KVC_CU_F16, KVC_CU_F16>(p, H, s, err, errlen);
-    if (kf == KVC_CU_I8 && vf == KVC_CU_I8) return launch<D, KVC_CU_I8, KVC_CU_I8>(p, H, s, err, errlen);
-    if (kf == KVC_CU_F16 && vf == KVC_CU_I8) return launch<D, KVC_CU_F16, KVC_CU_I8>(p, H, s, err, errlen);
-    if (kf == KVC_CU_I8 && vf == KVC_CU_F16) return launch<D, KVC_CU_I8, KVC_CU_F16>(p, H, s, err, errlen);
-    if (kf == KVC_CU_U4C && vf == KVC_CU_U4T32) return launch<D, KVC_CU_U4C, KVC_CU_U4T32>(p, H, s, err, errlen);
-    if (kf == KVC_CU_U4C && vf == KVC_CU_U4T64) return launch<D, KVC_CU_U4C, KVC_CU_U4T64>(p, H, s, err, errlen);
-    if (kf == KVC_CU_F16 && vf == KVC_CU_U4T32) return launch<D, KVC_CU_F16, KVC_CU_U4T32>(p, H, s, err, errlen);
-    if (kf == KVC_CU_F16 && vf == KVC_CU_U4T64) return launch<D, KVC_CU_F16, KVC_CU_U4T64>(p, H, s, err, errlen);
-    if (kf == KVC_CU_I8 && vf == KVC_CU_U4T32) return launch<D, KVC_CU_I8, KVC_CU_U4T32>(p, H, s, err, errlen);
-    if (kf == KVC_CU_I8 && vf == KVC_CU_U4T64) return launch<D, KVC_CU_I8, KVC_CU_U4T64>(p, H, s, err, errlen);
-    if (kf == KVC_CU_U4C && vf == KVC_CU_F16) return launch<D, KVC_CU_U4C, KVC_CU_F16>(p, H, s, err, errlen);
-    if (kf == KVC_CU_U4C && vf == KVC_CU_I8) return launch<D, KVC_CU_U4C, KVC_CU_I8>(p, H, s, err, errlen);
+    int rc = KVC_OK;
+    if (kvc__cu_with_formats(kf, vf, [&](auto k, auto v) {
+            rc = launch<D, decltype(k)::value, decltype(v)::value>(p, H, s, err, errlen);
+        }))
+        return rc;
     KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: prefill: formats %d/%d not compiled", kf, vf);
 }
 
