@@ -84,6 +84,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {   /* the CUDA sources (cache/cuda/) are C++ */
+#endif
+
 typedef struct kvc_pool kvc_pool;
 
 typedef struct {
@@ -303,5 +307,9 @@ int kvc_calib_fit_write(kvc_calib_fit *fit, const kvc_calib_opts *opts, const ch
  * destroyed; eigenvalues descending into w (n), unit eigenvectors as the rows
  * of vecs (n, n). Returns 0, or -1 when the iteration does not converge. */
 int kvc_sym_eigen(double *a, int n, double *w, double *vecs);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -26,10 +26,18 @@
  * Two paths (chosen by the K/V formats, reg_path):
  *   - f16 K or V, or int4 on one side only (f16/f16, f16/int8, int8/f16,
  *     f16 or int8 keys with int4 values, int4 keys with f16 or int8
- *     values): one page a slot. f16 blocks are copied to swizzled 16-byte
- *     units that the transposing ldmatrix reads without bank conflicts:
- *       f16 K (D, 16): unit (dim, h) at dim * 2 + (h ^ ((dim >> 2) & 1))
- *       f16 V (16, D): unit (t, u) at t * D / 8 + (u ^ (t & 7))
+ *     values): one page a slot. f16 blocks land in swizzled 16-byte units
+ *     that the transposing ldmatrix reads without bank conflicts, the
+ *     layout of the Hopper tensor copy's 128-byte swizzle (unit c of
+ *     128-byte line L at c ^ (L & 7)):
+ *       f16 K (D, 16): unit (dim, h) of line dim / 4, c = 2 (dim % 4) + h
+ *       f16 V (16, D): unit (t, u) of line t of 64-number half u / 8 (D 32:
+ *         the 64-byte swizzle of 64-byte rows)
+ *     with an f16 side at head_dim >= 64 a page comes by the copy engine,
+ *     one lane issuing it, an mbarrier a slot: f16 blocks as boxes of
+ *     tensor maps (decode_params.tk, tv), the other side's as a bulk copy;
+ *     otherwise (int4 beside int8, head_dim 32) by cp.async, a lane per 16
+ *     bytes;
  *     an int8 block beside an f16 one is copied raw and its codes converted
  *     (exactly: small integers) into a per-warp f16 block of that layout;
  *     an int4 block is copied raw and read as the register path reads it
@@ -89,8 +97,10 @@
  * Scores are kept in log2 units (q pre-multiplied by scale * log2 e). */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include <cooperative_groups.h>
+#include <cudaTypedefs.h>
 #include <type_traits>
 
 #include "cache/cuda/common.cuh"
@@ -175,17 +185,34 @@ __host__ __device__ constexpr bool reg_path(int kf, int vf) {
  * slots' mbarriers. */
 template <int D, int KF, int VF, int NH = 1> struct ring {
     static constexpr bool BULK = reg_path(KF, VF);
+    static constexpr bool F16_SIDE = KF == KVC_CU_F16 || VF == KVC_CU_F16;
+    /* the f16 path's pairs with an f16 side at head_dim >= 64: f16 blocks by
+     * tensor copies (swizzled by the copy engine), the other side's by a
+     * bulk copy; else cp.async (session 16: at head_dim 32, rank-32
+     * coefficients, tensor copies took SmolLM2 1 x 32k 17.6 -> 19.8 us, and
+     * bulk copies of int4 keys beside int8 values a page a slot 22.4 ->
+     * 26.8 us at 64 x 2k) */
+    static constexpr bool TMA = !BULK && F16_SIDE && D >= 64;
+    static constexpr bool MB = BULK || TMA;           /* slots counted by mbarriers (else cp.async groups) */
     static constexpr int KB = kvc__cu_block_bytes(KF, D);
     static constexpr int VB = kvc__cu_block_bytes(VF, D);
-    static constexpr int PAGE = KB + VB;
+    /* V block's offset in a page, and the page's bytes in a slot (an f16
+     * block 1024-byte aligned: the 128-byte swizzle's period) */
+    static constexpr int VOFF = TMA && VF == KVC_CU_F16 ? (KB + 1023) & ~1023 : KB;
+    static constexpr int PAGE = TMA ? (VOFF + VB + 1023) & ~1023 : KB + VB;
     static constexpr int P = BULK ? 2 : 1;            /* pages a slot */
     static constexpr int SLOT = P * PAGE;
     static constexpr int S = !BULK ? 3 : D <= 64 && NH == 1 ? 2 : 3;
     static constexpr int CONV = !BULK && (KF == KVC_CU_I8 || VF == KVC_CU_I8) ? 32 * D : 0;
-    static constexpr int MBAR = BULK ? (8 * S + 15) & ~15 : 0;   /* keeps the next warp's slots 16-byte aligned */
+    /* bulk: a warp's mbarriers after its slots (keeping the next warp's
+     * slots 16-byte aligned); tensor copies: every warp's after all slots,
+     * the slots 1024-byte aligned (the 128-byte swizzle's period) */
+    static constexpr int MBAR = BULK ? (8 * S + 15) & ~15 : 0;
     static constexpr int WARP_BYTES = S * SLOT + CONV + MBAR;
-    static constexpr int BYTES = NW * WARP_BYTES;     /* per block */
+    static constexpr int TMA_EXTRA = TMA ? 1024 + ((NW * 8 * S + 15) & ~15) : 0;   /* alignment slack, mbarriers */
+    static constexpr int BYTES = NW * WARP_BYTES + TMA_EXTRA;   /* per block */
     static_assert(SLOT % 16 == 0 && WARP_BYTES % 16 == 0, "bulk copies need 16-byte aligned slots");
+    static_assert(!TMA || WARP_BYTES % 1024 == 0, "swizzled tensor copies need 1024-byte aligned blocks");
 };
 
 /* Instances that may run their splits as clusters (the ones that fit >= 3
@@ -209,6 +236,12 @@ template <int D, int G, int KF, int VF, int NH> __host__ __device__ constexpr si
 }
 
 struct decode_params {
+    /* f16 sides of the f16 path (ring::TMA): the layer's K and V blocks as
+     * tensors for the copy engine (make_maps): K (16 tokens, D) as 128-byte
+     * lines (4 dimensions each) of (pages, heads), V (D, 16 tokens) of
+     * (pages, heads); heads 1 where a latent block is every head's
+     * (g.*_block_bytes 0) */
+    CUtensorMap tk, tv;
     const uint8_t *arena;        /* (n_pages, page_bytes) */
     kvc__cu_geom g;
     const int32_t *bt;           /* (n_seqs, bt_stride) */
@@ -282,6 +315,15 @@ __device__ __forceinline__ void mbar_wait(uint32_t mb, uint32_t parity) {
 __device__ __forceinline__ void bulk_copy(uint32_t dst, const void *src, uint32_t bytes, uint32_t mb) {
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
                  "l"(src), "r"(bytes), "r"(mb)
+                 : "memory");
+}
+
+/* One box of a 4-d tensor map (coordinates innermost first) -> shared, counted on mb. */
+__device__ __forceinline__ void tensor_copy(uint32_t dst, const CUtensorMap *map, int c0, int c1, int c2, int c3,
+                                            uint32_t mb) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, "
+                 "%4, %5}], [%6];" ::"r"(dst),
+                 "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(mb)
                  : "memory");
 }
 
@@ -367,10 +409,14 @@ __device__ __forceinline__ uint32_t u4_hi(uint32_t x, const cvt_consts &k) {
     return as_u32(__hfma2(h, __floats2half2_rn(0.0625f, 0.0625f), __floats2half2_rn(-64.0f, -64.0f)));
 }
 
-/* Swizzled 16-byte unit offsets of the f16 blocks (see the file comment). */
-template <int D> __device__ __forceinline__ int k_unit(int dim, int h) { return dim * 2 + (h ^ ((dim >> 2) & 1)); }
+/* Swizzled 16-byte unit offsets of the f16 blocks (see the file comment):
+ * the Hopper tensor copy's 128-byte swizzle (the 16-byte unit c of 128-byte
+ * line L at c ^ (L & 7)), 64-byte for V rows of 32 numbers. */
+template <int D> __device__ __forceinline__ int k_unit(int dim, int h) {
+    return (dim >> 2) * 8 + ((((dim & 3) << 1) | h) ^ ((dim >> 2) & 7));
+}
 template <int D> __device__ __forceinline__ int v_unit(int t, int u) {
-    if constexpr (D >= 64) return t * (D / 8) + (u ^ (t & 7));
+    if constexpr (D >= 64) return (u >> 3) * 128 + t * 8 + ((u & 7) ^ (t & 7));   /* 64-number halves, 16 rows each */
     else return t * (D / 8) + (u ^ ((t >> 1) & 3));   /* D 32: 4 units a row, two rows per 128 bytes */
 }
 
@@ -859,7 +905,7 @@ __device__ __forceinline__ void process_slot(const uint8_t *slot, uint8_t *conv,
                                              const uint32_t (&qa)[D / 16][4], int lane, const cvt_consts &kc,
                                              warp_state<D, v_groups<D, VF>::value> &st) {
     if constexpr (!reg_path(KF, VF))
-        process_page<D, KF, VF, MASKED>(slot, slot + ring<D, KF, VF>::KB, conv, valid0, qa, lane, kc, st);
+        process_page<D, KF, VF, MASKED>(slot, slot + ring<D, KF, VF>::VOFF, conv, valid0, qa, lane, kc, st);
     else if constexpr (KF == KVC_CU_I8)
         step_i8<D, MASKED>(slot, valid0, valid1, qa, lane, kc, st);
     else
@@ -1082,7 +1128,7 @@ constexpr int min_blocks(int D, int KF, int VF, int NH) {
  * runs each slot of its ring through the NH heads' mmas, so a shared page
  * is copied once per NH heads; "heads" below are then those groups. */
 template <int D, int G, int KF, int VF, int NH>
-__global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(const decode_params p) {
+__global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(const __grid_constant__ decode_params p) {
     typedef ring<D, KF, VF, NH> R;
     constexpr int B = KVC__CU_B;
     constexpr int NGV = v_groups<D, VF>::value;
@@ -1162,13 +1208,18 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
      * slots in flight while one computes (one commit group per slot, empty
      * groups past the end keep the count uniform); positions past the
      * context only in the last slot */
-    uint8_t *my = smem_raw + warp * R::WARP_BYTES;
+    uint8_t *rings = smem_raw;
+    if constexpr (R::TMA)
+        rings = reinterpret_cast<uint8_t *>(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+    uint8_t *my = rings + warp * R::WARP_BYTES;
     uint8_t *conv = my + R::S * R::SLOT;
-    const uint32_t mbar = smem_u32(my + R::S * R::SLOT);     /* bulk path: slot i's at mbar + 8 i */
+    /* slot i's mbarrier at mbar + 8 i */
+    const uint32_t mbar = R::TMA ? smem_u32(rings + NW * R::WARP_BYTES + warp * 8 * R::S) : smem_u32(my + R::S * R::SLOT);
+    const int k_head = p.g.k_block_bytes ? head : 0, v_head = p.g.v_block_bytes ? head : 0;   /* tensor copies */
     page_ids ids(bt, first, wpp, end, lane);
     page_copier pc;
-    pc.k = p.arena + p.g.layer_off + (size_t)head * p.g.k_block_bytes + (R::BULK ? 0 : 16 * lane);
-    pc.v = p.arena + p.g.layer_off + p.g.k_region + (size_t)head * p.g.v_block_bytes + (R::BULK ? 0 : 16 * lane);
+    pc.k = p.arena + p.g.layer_off + (size_t)head * p.g.k_block_bytes + (R::MB ? 0 : 16 * lane);
+    pc.v = p.arena + p.g.layer_off + p.g.k_region + (size_t)head * p.g.v_block_bytes + (R::MB ? 0 : 16 * lane);
     pc.page_bytes = (uint32_t)p.g.page_bytes;
     auto page_valid = [&](int j) { return j < n_mine ? min(B, ctx - (first + j * wpp) * B) : 0; };
     auto issue_slot = [&](int s, int into) {
@@ -1187,6 +1238,22 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
                         bulk_copy(dst + q * R::PAGE + R::KB, pc.v + off, R::VB, mb);
                     }
             }
+        } else if constexpr (R::TMA) {
+            const int32_t pg = ids.next();     /* P = 1: s < n_steps = n_mine */
+            if (lane == 0) {
+                const uint32_t mb = mbar + 8 * into, dst = smem_u32(my + into * R::SLOT);
+                const uint64_t off = (uint64_t)(uint32_t)pg * pc.page_bytes;
+                mbar_expect(mb, R::KB + R::VB);
+                if constexpr (KF == KVC_CU_F16) tensor_copy(dst, &p.tk, 0, 0, k_head, pg, mb);
+                else bulk_copy(dst, pc.k + off, R::KB, mb);
+                if constexpr (VF == KVC_CU_F16) {
+#pragma unroll
+                    for (int h = 0; h < D / 64; h++)
+                        tensor_copy(dst + R::VOFF + 2048 * h, &p.tv, 64 * h, 0, v_head, pg, mb);
+                } else {
+                    bulk_copy(dst + R::VOFF, pc.v + off, R::VB, mb);
+                }
+            }
         } else {
 #pragma unroll
             for (int q = 0; q < R::P; q++) {
@@ -1197,7 +1264,7 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
             }
         }
     };
-    if constexpr (R::BULK) {
+    if constexpr (R::MB) {
         if (lane == 0) {
 #pragma unroll
             for (int i = 0; i < R::S; i++) mbar_init(mbar + 8 * i, 1);
@@ -1216,7 +1283,7 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
         for (int s = 0; s < R::S - 1; s++)
             if (s < n_pre) {
                 if (s < n_steps) issue_slot(s, s);
-                if constexpr (!R::BULK) cp_async_commit();
+                if constexpr (!R::MB) cp_async_commit();
             }
         grid_wait(p.pdl_early);
     }
@@ -1224,7 +1291,7 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
     for (int s = 0; s < R::S - 1; s++)
         if (s >= n_pre) {
             if (s < n_steps) issue_slot(s, s);
-            if constexpr (!R::BULK) cp_async_commit();
+            if constexpr (!R::MB) cp_async_commit();
         }
     uint32_t qa[NH][D / 16][4];
 #pragma unroll
@@ -1247,7 +1314,7 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
     for (int s = 0; s < n_steps; s++) {
         const int sn = s + R::S - 1;
         if (sn < n_steps) issue_slot(sn, slot_next);
-        if constexpr (R::BULK) {
+        if constexpr (R::MB) {
             mbar_wait(mbar + 8 * slot, parity);
         } else {
             cp_async_commit();
@@ -1260,6 +1327,12 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
         if (s + 1 == n_steps) {
             v0 = page_valid(s * R::P);
             if (R::P == 2) v1 = page_valid(s * R::P + 1);
+            if constexpr (R::TMA && VF == KVC_CU_F16) {   /* V rows past the context may hold anything: zeros for P V */
+                uint8_t *vd = my + slot * R::SLOT + R::VOFF;
+                for (int c = lane; c < (B - v0) * (D / 8); c += 32)
+                    reinterpret_cast<uint4 *>(vd)[v_unit<D>(v0 + c / (D / 8), c % (D / 8))] = make_uint4(0, 0, 0, 0);
+                __syncwarp();
+            }
         }
 #pragma unroll
         for (int h = 0; h < NH; h++) {
@@ -1272,7 +1345,7 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
         slot_next = slot_next + 1 == R::S ? 0 : slot_next + 1;
     }
     TL(3 + warp, warp * 32);
-    if constexpr (R::BULK) {                   /* every slot filled was waited for: all copies are in */
+    if constexpr (R::MB) {                     /* every slot filled was waited for: all copies are in */
         if (lane == 0)
 #pragma unroll
             for (int i = 0; i < R::S; i++) mbar_inval(mbar + 8 * i);
@@ -1455,7 +1528,9 @@ int latent_nh(const kvc__cu_view &v, int n_seqs) {
 
 /* Calls f(D, G, KF, VF, NH) as integral constants for the view's instance
  * (nh from latent_nh; NH 1 where nh is not compiled); KVC_ERR_INVAL outside
- * the compiled set (D 32: f16/f16 and int8/int8). */
+ * the compiled set (D 32: f16/f16 and int8/int8). Built with
+ * -DKVC_CU_EXPERIMENT, only G 3 and 4 (the benchmark's shapes; a build for
+ * timing experiments in a quarter of the time, which gpu_test refuses). */
 template <typename F> int with_instance(const kvc__cu_view &v, int nh, F &&f) {
     typedef std::integral_constant<int, 1> N1;
     auto by_g = [&](auto d, auto kf, auto vf) -> int {
@@ -1469,14 +1544,18 @@ template <typename F> int with_instance(const kvc__cu_view &v, int nh, F &&f) {
             return f(d, g, kf, vf, N1());
         };
         switch (v.G) {
+#ifndef KVC_CU_EXPERIMENT
         case 1: return by_nh(std::integral_constant<int, 1>());
         case 2: return by_nh(std::integral_constant<int, 2>());
+#endif
         case 3: return by_nh(std::integral_constant<int, 3>());
         case 4: return by_nh(std::integral_constant<int, 4>());
+#ifndef KVC_CU_EXPERIMENT
         case 5: return by_nh(std::integral_constant<int, 5>());
         case 6: return by_nh(std::integral_constant<int, 6>());
         case 7: return by_nh(std::integral_constant<int, 7>());
         case 8: return by_nh(std::integral_constant<int, 8>());
+#endif
         }
         return KVC_ERR_INVAL;
     };
@@ -1681,8 +1760,88 @@ thread_local bool g_lands_early = false;   /* kvc__cu_decode_lands_early */
 
 /* The decode kernel over a view: q and out as the view's rows (G rows of D
  * numbers per head, q_stride / out_stride floats per sequence). */
-int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_args *a, const float *q,
-                  int64_t q_stride, float *out, int64_t out_stride, const plan &pl, const ws_parts &w,
+/* The driver's tensor map encoder (the runtime hands it out, so nothing
+ * links libcuda), or NULL. */
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+    static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+        void *f = nullptr;
+        cudaDriverEntryPointQueryResult q;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) !=
+                cudaSuccess ||
+            q != cudaDriverEntryPointSuccess)
+            f = nullptr;
+        (void)cudaGetLastError();
+        return (PFN_cuTensorMapEncodeTiled_v12000)f;
+    }();
+    return fn;
+}
+
+/* p.tk and p.tv for view v's layer of the arena (decode_params): encoded
+ * once per (arena, layer) and host thread, then reused. */
+int make_maps(const kvc__cu_view &v, const void *arena, int64_t n_pages, decode_params &p, char *err,
+              size_t errlen) {
+    struct entry {
+        CUtensorMap tk, tv;
+        const void *arena;
+        kvc__cu_geom g;
+        int D, heads, k_fmt, v_fmt;
+        int64_t n_pages;
+    };
+    static thread_local entry cache[64];
+    static thread_local int n_cached = 0, next = 0;
+    for (int i = 0; i < n_cached; i++) {
+        const entry &e = cache[i];
+        if (e.arena == arena && e.D == v.D && e.heads == v.n_heads && e.k_fmt == v.k_fmt && e.v_fmt == v.v_fmt &&
+            e.n_pages == n_pages && !memcmp(&e.g, &v.g, sizeof v.g)) {
+            p.tk = e.tk;
+            p.tv = e.tv;
+            return KVC_OK;
+        }
+    }
+    const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+    if (!encode) KVC__CU_FAIL(KVC_ERR_NOMEM, "kvc_cuda: the driver has no cuTensorMapEncodeTiled (Hopper decode)");
+    const int D = v.D;
+    const cuuint64_t hk = v.g.k_block_bytes ? (cuuint64_t)v.n_heads : 1, hv = v.g.v_block_bytes ? (cuuint64_t)v.n_heads : 1;
+    const cuuint32_t ones[4] = {1, 1, 1, 1};
+    uint8_t *base = (uint8_t *)arena + v.g.layer_off;
+    memset(&p.tk, 0, sizeof p.tk);
+    memset(&p.tv, 0, sizeof p.tv);
+    CUresult r = CUDA_SUCCESS;
+    if (v.k_fmt == KVC_CU_F16) {   /* K (D, 16): lines of 128 bytes (4 dimensions), 128-byte swizzle */
+        const cuuint64_t dim[4] = {64, (cuuint64_t)D / 4, hk, (cuuint64_t)n_pages};
+        const cuuint64_t str[3] = {128, v.g.k_block_bytes ? v.g.k_block_bytes : 128, v.g.page_bytes};
+        const cuuint32_t box[4] = {64, (cuuint32_t)D / 4, 1, 1};
+        r = encode(&p.tk, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4, base, dim, str, box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                   CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    }
+    if (r == CUDA_SUCCESS && v.v_fmt == KVC_CU_F16) {   /* V (16, D): rows of D numbers, boxes of 64 */
+        const cuuint64_t dim[4] = {(cuuint64_t)D, 16, hv, (cuuint64_t)n_pages};
+        const cuuint64_t str[3] = {(cuuint64_t)D * 2, v.g.v_block_bytes ? v.g.v_block_bytes : 128, v.g.page_bytes};
+        const cuuint32_t box[4] = {64, 16, 1, 1};
+        r = encode(&p.tv, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4, base + v.g.k_region, dim, str, box, ones,
+                   CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    }
+    if (r != CUDA_SUCCESS)
+        KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: decode: tensor map of the f16 blocks (head_dim %d, %lld pages of %zu "
+                     "bytes): driver error %d", D, (long long)n_pages, v.g.page_bytes, (int)r);
+    entry &e = cache[next];
+    next = (next + 1) % 64;
+    n_cached = n_cached < 64 ? n_cached + 1 : 64;
+    e.tk = p.tk;
+    e.tv = p.tv;
+    e.arena = arena;
+    e.g = v.g;
+    e.D = D;
+    e.heads = v.n_heads;
+    e.k_fmt = v.k_fmt;
+    e.v_fmt = v.v_fmt;
+    e.n_pages = n_pages;
+    return KVC_OK;
+}
+
+int launch_decode(const kvc__cu_view &v, const void *arena, int64_t n_pages, const kvc_cu_decode_args *a,
+                  const float *q, int64_t q_stride, float *out, int64_t out_stride, const plan &pl, const ws_parts &w,
                   void *workspace, bool pdl, cudaStream_t stream, char *err, size_t errlen) {
     decode_params p;
     p.arena = (const uint8_t *)arena;
@@ -1710,6 +1869,7 @@ int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_
     p.ws_acc = (float *)(ws + w.acc);
     const dim3 grid((unsigned)((p.n_pairs + pl.ppb - 1) / pl.ppb), pl.n_splits);
     cudaError_t launch_err = cudaSuccess;
+    int map_rc = KVC_OK;
     int rc = with_instance(v, pl.nh, [&](auto d, auto g, auto kf, auto vf, auto nh) -> int {
         constexpr int D_ = decltype(d)::value, G_ = decltype(g)::value, KF_ = decltype(kf)::value,
                       VF_ = decltype(vf)::value, NH_ = decltype(nh)::value;
@@ -1728,6 +1888,8 @@ int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_
          * start regardless (they stream while the rest land) */
         p.pdl_early = pm == 1 || (pm < 0 && (early || (reg_path(KF_, VF_) && p.fresh >= 0)));
         g_lands_early = early;
+        if constexpr (ring<D_, KF_, VF_, NH_>::TMA)
+            if ((map_rc = make_maps(v, arena, n_pages, p, err, errlen)) != KVC_OK) return KVC_OK;
         cudaLaunchConfig_t cfg = {};
         cfg.gridDim = grid;
         cfg.blockDim = dim3(NT);
@@ -1757,6 +1919,7 @@ int launch_decode(const kvc__cu_view &v, const void *arena, const kvc_cu_decode_
         }
         return KVC_OK;
     });
+    if (map_rc != KVC_OK) return map_rc;
     if (rc != KVC_OK)
         KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: %d stored numbers per token, %d query rows per head, formats %d/%d: "
                      "not compiled", v.D, v.G, v.k_fmt, v.v_fmt);
@@ -1819,8 +1982,9 @@ extern "C" int kvc_cu_decode(const kvc_cu_layout *L, const void *arena, int laye
     if (workspace_bytes < w.total)
         KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: decode: workspace %zu bytes, need %zu", workspace_bytes, w.total);
     cudaStream_t st = (cudaStream_t)stream;
+    const int64_t n_pages = kvc_pages_total(L->pool);
     if (!transform)
-        return launch_decode(v, arena, a, a->q, a->q_stride, a->out, a->out_stride, pl, w, workspace, true, st, err,
+        return launch_decode(v, arena, n_pages, a, a->q, a->q_stride, a->out, a->out_stride, pl, w, workspace, true, st, err,
                              errlen);
 
     /* transforms: project (K), decode over coefficients, expand (V); a plain
@@ -1840,9 +2004,9 @@ extern "C" int kvc_cu_decode(const kvc_cu_layout *L, const void *arena, int laye
         q_in_stride = row_stride;
     }
     if (L->v_shape == KVC_CU_PLAIN)
-        return launch_decode(v, arena, a, q_in, q_in_stride, a->out, a->out_stride, pl, w, workspace, pdl, st, err,
+        return launch_decode(v, arena, n_pages, a, q_in, q_in_stride, a->out, a->out_stride, pl, w, workspace, pdl, st, err,
                              errlen);
-    rc = launch_decode(v, arena, a, q_in, q_in_stride, cp, row_stride, pl, w, workspace, pdl, st, err, errlen);
+    rc = launch_decode(v, arena, n_pages, a, q_in, q_in_stride, cp, row_stride, pl, w, workspace, pdl, st, err, errlen);
     if (rc) return rc;
     return kvc__cu_expand(L, layer, a->n_seqs, a->n_rep, cp, a->ctx_lens, a->ctx0, a->out, a->out_stride, st, err,
                           errlen);

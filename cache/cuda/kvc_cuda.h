@@ -7,10 +7,11 @@
  * The GPU side keeps no page bookkeeping: a CPU kvc_pool of the same config
  * does that (its own arena is mapped lazily and stays untouched when only
  * its block tables are used) and describes the byte layout; the caller
- * allocates the device arena (kvc_page_bytes(pool) per page, cudaMalloc,
- * zero-filled), copies block tables to device int32 arrays and passes them
- * per call. Page p of the device arena holds the bytes page p of the pool's
- * arena would hold.
+ * allocates the device arena (kvc_page_bytes(pool) for each of the pool's
+ * kvc_pages_total(pool) pages, cudaMalloc, zero-filled: decode reads f16
+ * blocks through tensor maps of that many pages), copies block tables to
+ * device int32 arrays and passes them per call. Page p of the device arena
+ * holds the bytes page p of the pool's arena would hold.
  *
  * Compiled set (anything else is an explicit KVC_ERR_INVAL with a message):
  *   codecs: keys f16, int8 or int4 per channel (int4:channel, the keys'
