@@ -1209,8 +1209,9 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
      * groups past the end keep the count uniform); positions past the
      * context only in the last slot */
     uint8_t *rings = smem_raw;
-    if constexpr (R::TMA)
-        rings = reinterpret_cast<uint8_t *>(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+    if constexpr (R::TMA)   /* by pointer arithmetic: rounded through an integer, the compiler no longer
+                             * knows it is shared memory and reads the slots with generic loads */
+        rings = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
     uint8_t *my = rings + warp * R::WARP_BYTES;
     uint8_t *conv = my + R::S * R::SLOT;
     /* slot i's mbarrier at mbar + 8 i */
@@ -1758,8 +1759,6 @@ int cluster_mode() {
 
 thread_local bool g_lands_early = false;   /* kvc__cu_decode_lands_early */
 
-/* The decode kernel over a view: q and out as the view's rows (G rows of D
- * numbers per head, q_stride / out_stride floats per sequence). */
 /* The driver's tensor map encoder (the runtime hands it out, so nothing
  * links libcuda), or NULL. */
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
@@ -1840,6 +1839,8 @@ int make_maps(const kvc__cu_view &v, const void *arena, int64_t n_pages, decode_
     return KVC_OK;
 }
 
+/* The decode kernel over a view: q and out as the view's rows (G rows of D
+ * numbers per head, q_stride / out_stride floats per sequence). */
 int launch_decode(const kvc__cu_view &v, const void *arena, int64_t n_pages, const kvc_cu_decode_args *a,
                   const float *q, int64_t q_stride, float *out, int64_t out_stride, const plan &pl, const ws_parts &w,
                   void *workspace, bool pdl, cudaStream_t stream, char *err, size_t errlen) {
