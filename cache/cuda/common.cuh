@@ -5,6 +5,7 @@
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <cudaTypedefs.h>
 #include <stdint.h>
 #include <stdio.h>
 
@@ -129,6 +130,75 @@ __host__ __device__ constexpr int kvc__cu_block_bytes(int fmt, int D) {
 __host__ __device__ __forceinline__ int kvc__cu_i8_scale_offset(int B, int dim) {
     return (B * dim + 15) & ~15;
 }
+
+/* The copy engine (bulk and tensor copies) and its mbarriers (shared
+ * addresses as u32). */
+__device__ __forceinline__ void kvc__cu_mbar_init(uint32_t mb, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(mb), "r"(count) : "memory");
+}
+__device__ __forceinline__ void kvc__cu_mbar_inval(uint32_t mb) {
+    asm volatile("mbarrier.inval.shared::cta.b64 [%0];" ::"r"(mb) : "memory");
+}
+/* One arrival that also expects `bytes` of copies to complete the phase. */
+__device__ __forceinline__ void kvc__cu_mbar_expect(uint32_t mb, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(mb), "r"(bytes) : "memory");
+}
+/* A plain arrival (no bytes expected). */
+__device__ __forceinline__ void kvc__cu_mbar_arrive(uint32_t mb) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(mb) : "memory");
+}
+__device__ __forceinline__ void kvc__cu_mbar_wait(uint32_t mb, uint32_t parity) {
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT;\n"
+        "}\n" ::"r"(mb),
+        "r"(parity)
+        : "memory");
+}
+/* bytes (a multiple of 16, 16-byte aligned) global -> shared, counted on mb. */
+__device__ __forceinline__ void kvc__cu_bulk_copy(uint32_t dst, const void *src, uint32_t bytes, uint32_t mb) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(mb)
+                 : "memory");
+}
+
+/* One box of a 4-d tensor map (coordinates innermost first) -> shared, counted on mb. */
+__device__ __forceinline__ void kvc__cu_tensor_copy(uint32_t dst, const CUtensorMap *map, int c0, int c1, int c2,
+                                                    int c3, uint32_t mb) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, "
+                 "%4, %5}], [%6];" ::"r"(dst),
+                 "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(mb)
+                 : "memory");
+}
+
+
+/* Swizzled 16-byte unit offsets of f16 blocks in shared memory, as the
+ * tensor copy's 128-byte swizzle lays them (the 16-byte unit c of 128-byte
+ * line L at c ^ (L & 7); the block 1024-byte aligned) and the transposing
+ * ldmatrix reads them without bank conflicts (decode.cu, prefill.cu):
+ *   K (D, 16): unit (dim, h) of line dim / 4, c = 2 (dim % 4) + h
+ *   V (16, D): unit (t, u) of line t of 64-number half u / 8 (D 32: the
+ *     64-byte swizzle of 64-byte rows) */
+template <int D> __device__ __forceinline__ int kvc__cu_k_unit(int dim, int h) {
+    return (dim >> 2) * 8 + ((((dim & 3) << 1) | h) ^ ((dim >> 2) & 7));
+}
+template <int D> __device__ __forceinline__ int kvc__cu_v_unit(int t, int u) {
+    if constexpr (D >= 64) return (u >> 3) * 128 + t * 8 + ((u & 7) ^ (t & 7));   /* 64-number halves, 16 rows each */
+    else return t * (D / 8) + (u ^ ((t >> 1) & 3));   /* D 32: 4 units a row, two rows per 128 bytes */
+}
+
+/* Tensor maps of a layer's f16 blocks for the tensor copies (decode.cu):
+ * K (D, 16) as 128-byte lines (4 dimensions) of (pages, heads), boxes of
+ * a whole block; V (16, D) as rows of (pages, heads), boxes of 64 numbers
+ * by 16 rows; 128-byte swizzle; a side that is not f16 gets a zeroed map;
+ * heads 1 where a latent block is every head's. n_pages: the arena's
+ * (kvc_pages_total). Encoded once per (arena, layer geometry) and host
+ * thread. Needs head_dim (v.D) 64 or 128. */
+int kvc__cu_f16_maps(const kvc__cu_view &v, const void *arena, int64_t n_pages, CUtensorMap *tk, CUtensorMap *tv,
+                     char *err, size_t errlen);
 
 /* Host side: error messages and CUDA error mapping. */
 #define KVC__CU_FAIL(code, ...)                                                  \

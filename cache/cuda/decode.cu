@@ -100,7 +100,6 @@
 #include <string.h>
 
 #include <cooperative_groups.h>
-#include <cudaTypedefs.h>
 #include <type_traits>
 
 #include "cache/cuda/common.cuh"
@@ -237,7 +236,7 @@ template <int D, int G, int KF, int VF, int NH> __host__ __device__ constexpr si
 
 struct decode_params {
     /* f16 sides of the f16 path (ring::TMA): the layer's K and V blocks as
-     * tensors for the copy engine (make_maps): K (16 tokens, D) as 128-byte
+     * tensors for the copy engine (kvc__cu_f16_maps): K (16 tokens, D) as 128-byte
      * lines (4 dimensions each) of (pages, heads), V (D, 16 tokens) of
      * (pages, heads); heads 1 where a latent block is every head's
      * (g.*_block_bytes 0) */
@@ -289,44 +288,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N));
 }
-/* The bulk copy engine and its mbarriers (shared addresses as u32). */
-__device__ __forceinline__ void mbar_init(uint32_t mb, uint32_t count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(mb), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_inval(uint32_t mb) {
-    asm volatile("mbarrier.inval.shared::cta.b64 [%0];" ::"r"(mb) : "memory");
-}
-/* One arrival that also expects `bytes` of copies to complete the phase. */
-__device__ __forceinline__ void mbar_expect(uint32_t mb, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(mb), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t mb, uint32_t parity) {
-    asm volatile(
-        "{\n"
-        ".reg .pred done;\n"
-        "WAIT:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra WAIT;\n"
-        "}\n" ::"r"(mb),
-        "r"(parity)
-        : "memory");
-}
-/* bytes (a multiple of 16, 16-byte aligned) global -> shared, counted on mb. */
-__device__ __forceinline__ void bulk_copy(uint32_t dst, const void *src, uint32_t bytes, uint32_t mb) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
-                 "l"(src), "r"(bytes), "r"(mb)
-                 : "memory");
-}
-
-/* One box of a 4-d tensor map (coordinates innermost first) -> shared, counted on mb. */
-__device__ __forceinline__ void tensor_copy(uint32_t dst, const CUtensorMap *map, int c0, int c1, int c2, int c3,
-                                            uint32_t mb) {
-    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, "
-                 "%4, %5}], [%6];" ::"r"(dst),
-                 "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(mb)
-                 : "memory");
-}
-
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void *p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -409,17 +370,6 @@ __device__ __forceinline__ uint32_t u4_hi(uint32_t x, const cvt_consts &k) {
     return as_u32(__hfma2(h, __floats2half2_rn(0.0625f, 0.0625f), __floats2half2_rn(-64.0f, -64.0f)));
 }
 
-/* Swizzled 16-byte unit offsets of the f16 blocks (see the file comment):
- * the Hopper tensor copy's 128-byte swizzle (the 16-byte unit c of 128-byte
- * line L at c ^ (L & 7)), 64-byte for V rows of 32 numbers. */
-template <int D> __device__ __forceinline__ int k_unit(int dim, int h) {
-    return (dim >> 2) * 8 + ((((dim & 3) << 1) | h) ^ ((dim >> 2) & 7));
-}
-template <int D> __device__ __forceinline__ int v_unit(int t, int u) {
-    if constexpr (D >= 64) return (u >> 3) * 128 + t * 8 + ((u & 7) ^ (t & 7));   /* 64-number halves, 16 rows each */
-    else return t * (D / 8) + (u ^ ((t >> 1) & 3));   /* D 32: 4 units a row, two rows per 128 bytes */
-}
-
 /* A warp's page copies: the K and V blocks of its kv head in page 0 of the
  * layer, offset by the lane's 16 bytes (a page adds page * page_bytes). */
 struct page_copier {
@@ -438,7 +388,7 @@ __device__ __forceinline__ void issue_page(const page_copier &pc, int32_t page, 
     for (int i = 0; i < (R::KB / 16 + 31) / 32; i++) {
         const int c = lane + 32 * i;
         if (R::KB % 512 == 0 || c < R::KB / 16) {
-            const int u = KF == KVC_CU_F16 ? k_unit<D>(c >> 1, c & 1) : c;
+            const int u = KF == KVC_CU_F16 ? kvc__cu_k_unit<D>(c >> 1, c & 1) : c;
             cp_async16(dst + 16 * u, kb + 512 * i);
         }
     }
@@ -449,7 +399,7 @@ __device__ __forceinline__ void issue_page(const page_copier &pc, int32_t page, 
         if (R::VB % 512 == 0 || c < R::VB / 16) {
             if (VF == KVC_CU_F16) {
                 const int t = c / (D / 8), u = c % (D / 8);
-                cp_async16(vd + 16 * v_unit<D>(t, u), vb + 512 * i, t < valid);
+                cp_async16(vd + 16 * kvc__cu_v_unit<D>(t, u), vb + 512 * i, t < valid);
             } else {
                 cp_async16(vd + 16 * c, vb + 512 * i);
             }
@@ -479,8 +429,8 @@ __device__ __forceinline__ void convert_k(const uint8_t *raw, uint8_t *dst, int 
         const int d = lane + 32 * i;
         uint4 lo, hi;
         i8x16_to_h(reinterpret_cast<const uint4 *>(raw)[d], lo, hi, k);
-        reinterpret_cast<uint4 *>(dst)[k_unit<D>(d, 0)] = lo;
-        reinterpret_cast<uint4 *>(dst)[k_unit<D>(d, 1)] = hi;
+        reinterpret_cast<uint4 *>(dst)[kvc__cu_k_unit<D>(d, 0)] = lo;
+        reinterpret_cast<uint4 *>(dst)[kvc__cu_k_unit<D>(d, 1)] = hi;
     }
 }
 
@@ -492,8 +442,8 @@ __device__ __forceinline__ void convert_v(const uint8_t *raw, uint8_t *dst, int 
         const int c = lane + 32 * i, t = c / (D / 16), u = 2 * (c % (D / 16));
         uint4 lo, hi;
         i8x16_to_h(reinterpret_cast<const uint4 *>(raw)[c], lo, hi, k);
-        reinterpret_cast<uint4 *>(dst)[v_unit<D>(t, u)] = lo;
-        reinterpret_cast<uint4 *>(dst)[v_unit<D>(t, u + 1)] = hi;
+        reinterpret_cast<uint4 *>(dst)[kvc__cu_v_unit<D>(t, u)] = lo;
+        reinterpret_cast<uint4 *>(dst)[kvc__cu_v_unit<D>(t, u + 1)] = hi;
     }
 }
 
@@ -723,7 +673,7 @@ __device__ __forceinline__ void process_page(const uint8_t *kslot, const uint8_t
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
             uint32_t b[4];
-            ldsm_x4_trans(b, kf + 16 * k_unit<D>(kk * 16 + (mat & 1) * 8 + row, mat >> 1));
+            ldsm_x4_trans(b, kf + 16 * kvc__cu_k_unit<D>(kk * 16 + (mat & 1) * 8 + row, mat >> 1));
             mma16816(s0, qa[kk], b[0], b[1]);
             mma16816(s1, qa[kk], b[2], b[3]);
         }
@@ -768,7 +718,7 @@ __device__ __forceinline__ void process_page(const uint8_t *kslot, const uint8_t
 #pragma unroll
         for (int dn2 = 0; dn2 < D / 16; dn2++) {
             uint32_t b[4];
-            ldsm_x4_trans(b, vf + 16 * v_unit<D>((mat & 1) * 8 + row, dn2 * 2 + (mat >> 1)));
+            ldsm_x4_trans(b, vf + 16 * kvc__cu_v_unit<D>((mat & 1) * 8 + row, dn2 * 2 + (mat >> 1)));
             float o0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, o1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             mma16816(o0, pa, b[0], b[1]);
             mma16816(o1, pa, b[2], b[3]);
@@ -1209,8 +1159,7 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
      * groups past the end keep the count uniform); positions past the
      * context only in the last slot */
     uint8_t *rings = smem_raw;
-    if constexpr (R::TMA)   /* by pointer arithmetic: rounded through an integer, the compiler no longer
-                             * knows it is shared memory and reads the slots with generic loads */
+    if constexpr (R::TMA)   /* (by pointer arithmetic: through an integer the compiler loses that it is shared) */
         rings = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
     uint8_t *my = rings + warp * R::WARP_BYTES;
     uint8_t *conv = my + R::S * R::SLOT;
@@ -1230,13 +1179,13 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
             for (int q = 0; q < R::P; q++) pg[q] = s * R::P + q < n_mine ? ids.next() : -1;
             if (lane == 0) {
                 const uint32_t mb = mbar + 8 * into, dst = smem_u32(my + into * R::SLOT);
-                mbar_expect(mb, pg[R::P - 1] >= 0 ? R::SLOT : R::PAGE);
+                kvc__cu_mbar_expect(mb, pg[R::P - 1] >= 0 ? R::SLOT : R::PAGE);
 #pragma unroll
                 for (int q = 0; q < R::P; q++)
                     if (pg[q] >= 0) {
                         const uint64_t off = (uint64_t)(uint32_t)pg[q] * pc.page_bytes;
-                        bulk_copy(dst + q * R::PAGE, pc.k + off, R::KB, mb);
-                        bulk_copy(dst + q * R::PAGE + R::KB, pc.v + off, R::VB, mb);
+                        kvc__cu_bulk_copy(dst + q * R::PAGE, pc.k + off, R::KB, mb);
+                        kvc__cu_bulk_copy(dst + q * R::PAGE + R::KB, pc.v + off, R::VB, mb);
                     }
             }
         } else if constexpr (R::TMA) {
@@ -1244,15 +1193,15 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
             if (lane == 0) {
                 const uint32_t mb = mbar + 8 * into, dst = smem_u32(my + into * R::SLOT);
                 const uint64_t off = (uint64_t)(uint32_t)pg * pc.page_bytes;
-                mbar_expect(mb, R::KB + R::VB);
-                if constexpr (KF == KVC_CU_F16) tensor_copy(dst, &p.tk, 0, 0, k_head, pg, mb);
-                else bulk_copy(dst, pc.k + off, R::KB, mb);
+                kvc__cu_mbar_expect(mb, R::KB + R::VB);
+                if constexpr (KF == KVC_CU_F16) kvc__cu_tensor_copy(dst, &p.tk, 0, 0, k_head, pg, mb);
+                else kvc__cu_bulk_copy(dst, pc.k + off, R::KB, mb);
                 if constexpr (VF == KVC_CU_F16) {
 #pragma unroll
                     for (int h = 0; h < D / 64; h++)
-                        tensor_copy(dst + R::VOFF + 2048 * h, &p.tv, 64 * h, 0, v_head, pg, mb);
+                        kvc__cu_tensor_copy(dst + R::VOFF + 2048 * h, &p.tv, 64 * h, 0, v_head, pg, mb);
                 } else {
-                    bulk_copy(dst + R::VOFF, pc.v + off, R::VB, mb);
+                    kvc__cu_bulk_copy(dst + R::VOFF, pc.v + off, R::VB, mb);
                 }
             }
         } else {
@@ -1268,7 +1217,7 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
     if constexpr (R::MB) {
         if (lane == 0) {
 #pragma unroll
-            for (int i = 0; i < R::S; i++) mbar_init(mbar + 8 * i, 1);
+            for (int i = 0; i < R::S; i++) kvc__cu_mbar_init(mbar + 8 * i, 1);
             asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         }
         __syncwarp();
@@ -1316,7 +1265,7 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
         const int sn = s + R::S - 1;
         if (sn < n_steps) issue_slot(sn, slot_next);
         if constexpr (R::MB) {
-            mbar_wait(mbar + 8 * slot, parity);
+            kvc__cu_mbar_wait(mbar + 8 * slot, parity);
         } else {
             cp_async_commit();
             cp_async_wait<R::S - 1>();
@@ -1331,7 +1280,7 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
             if constexpr (R::TMA && VF == KVC_CU_F16) {   /* V rows past the context may hold anything: zeros for P V */
                 uint8_t *vd = my + slot * R::SLOT + R::VOFF;
                 for (int c = lane; c < (B - v0) * (D / 8); c += 32)
-                    reinterpret_cast<uint4 *>(vd)[v_unit<D>(v0 + c / (D / 8), c % (D / 8))] = make_uint4(0, 0, 0, 0);
+                    reinterpret_cast<uint4 *>(vd)[kvc__cu_v_unit<D>(v0 + c / (D / 8), c % (D / 8))] = make_uint4(0, 0, 0, 0);
                 __syncwarp();
             }
         }
@@ -1349,7 +1298,7 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
     if constexpr (R::MB) {                     /* every slot filled was waited for: all copies are in */
         if (lane == 0)
 #pragma unroll
-            for (int i = 0; i < R::S; i++) mbar_inval(mbar + 8 * i);
+            for (int i = 0; i < R::S; i++) kvc__cu_mbar_inval(mbar + 8 * i);
         __syncwarp();
     } else {
         cp_async_wait<0>();
@@ -1759,86 +1708,6 @@ int cluster_mode() {
 
 thread_local bool g_lands_early = false;   /* kvc__cu_decode_lands_early */
 
-/* The driver's tensor map encoder (the runtime hands it out, so nothing
- * links libcuda), or NULL. */
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-    static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-        void *f = nullptr;
-        cudaDriverEntryPointQueryResult q;
-        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) !=
-                cudaSuccess ||
-            q != cudaDriverEntryPointSuccess)
-            f = nullptr;
-        (void)cudaGetLastError();
-        return (PFN_cuTensorMapEncodeTiled_v12000)f;
-    }();
-    return fn;
-}
-
-/* p.tk and p.tv for view v's layer of the arena (decode_params): encoded
- * once per (arena, layer) and host thread, then reused. */
-int make_maps(const kvc__cu_view &v, const void *arena, int64_t n_pages, decode_params &p, char *err,
-              size_t errlen) {
-    struct entry {
-        CUtensorMap tk, tv;
-        const void *arena;
-        kvc__cu_geom g;
-        int D, heads, k_fmt, v_fmt;
-        int64_t n_pages;
-    };
-    static thread_local entry cache[64];
-    static thread_local int n_cached = 0, next = 0;
-    for (int i = 0; i < n_cached; i++) {
-        const entry &e = cache[i];
-        if (e.arena == arena && e.D == v.D && e.heads == v.n_heads && e.k_fmt == v.k_fmt && e.v_fmt == v.v_fmt &&
-            e.n_pages == n_pages && !memcmp(&e.g, &v.g, sizeof v.g)) {
-            p.tk = e.tk;
-            p.tv = e.tv;
-            return KVC_OK;
-        }
-    }
-    const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
-    if (!encode) KVC__CU_FAIL(KVC_ERR_NOMEM, "kvc_cuda: the driver has no cuTensorMapEncodeTiled (Hopper decode)");
-    const int D = v.D;
-    const cuuint64_t hk = v.g.k_block_bytes ? (cuuint64_t)v.n_heads : 1, hv = v.g.v_block_bytes ? (cuuint64_t)v.n_heads : 1;
-    const cuuint32_t ones[4] = {1, 1, 1, 1};
-    uint8_t *base = (uint8_t *)arena + v.g.layer_off;
-    memset(&p.tk, 0, sizeof p.tk);
-    memset(&p.tv, 0, sizeof p.tv);
-    CUresult r = CUDA_SUCCESS;
-    if (v.k_fmt == KVC_CU_F16) {   /* K (D, 16): lines of 128 bytes (4 dimensions), 128-byte swizzle */
-        const cuuint64_t dim[4] = {64, (cuuint64_t)D / 4, hk, (cuuint64_t)n_pages};
-        const cuuint64_t str[3] = {128, v.g.k_block_bytes ? v.g.k_block_bytes : 128, v.g.page_bytes};
-        const cuuint32_t box[4] = {64, (cuuint32_t)D / 4, 1, 1};
-        r = encode(&p.tk, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4, base, dim, str, box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                   CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    }
-    if (r == CUDA_SUCCESS && v.v_fmt == KVC_CU_F16) {   /* V (16, D): rows of D numbers, boxes of 64 */
-        const cuuint64_t dim[4] = {(cuuint64_t)D, 16, hv, (cuuint64_t)n_pages};
-        const cuuint64_t str[3] = {(cuuint64_t)D * 2, v.g.v_block_bytes ? v.g.v_block_bytes : 128, v.g.page_bytes};
-        const cuuint32_t box[4] = {64, 16, 1, 1};
-        r = encode(&p.tv, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4, base + v.g.k_region, dim, str, box, ones,
-                   CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    }
-    if (r != CUDA_SUCCESS)
-        KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: decode: tensor map of the f16 blocks (head_dim %d, %lld pages of %zu "
-                     "bytes): driver error %d", D, (long long)n_pages, v.g.page_bytes, (int)r);
-    entry &e = cache[next];
-    next = (next + 1) % 64;
-    n_cached = n_cached < 64 ? n_cached + 1 : 64;
-    e.tk = p.tk;
-    e.tv = p.tv;
-    e.arena = arena;
-    e.g = v.g;
-    e.D = D;
-    e.heads = v.n_heads;
-    e.k_fmt = v.k_fmt;
-    e.v_fmt = v.v_fmt;
-    e.n_pages = n_pages;
-    return KVC_OK;
-}
-
 /* The decode kernel over a view: q and out as the view's rows (G rows of D
  * numbers per head, q_stride / out_stride floats per sequence). */
 int launch_decode(const kvc__cu_view &v, const void *arena, int64_t n_pages, const kvc_cu_decode_args *a,
@@ -1890,7 +1759,7 @@ int launch_decode(const kvc__cu_view &v, const void *arena, int64_t n_pages, con
         p.pdl_early = pm == 1 || (pm < 0 && (early || (reg_path(KF_, VF_) && p.fresh >= 0)));
         g_lands_early = early;
         if constexpr (ring<D_, KF_, VF_, NH_>::TMA)
-            if ((map_rc = make_maps(v, arena, n_pages, p, err, errlen)) != KVC_OK) return KVC_OK;
+            if ((map_rc = kvc__cu_f16_maps(v, arena, n_pages, &p.tk, &p.tv, err, errlen)) != KVC_OK) return KVC_OK;
         cudaLaunchConfig_t cfg = {};
         cfg.gridDim = grid;
         cfg.blockDim = dim3(NT);
@@ -1934,6 +1803,85 @@ bool has_transform(const kvc_cu_layout *L) { return L->k_shape != KVC_CU_PLAIN |
 } // namespace
 
 bool kvc__cu_decode_lands_early(void) { return g_lands_early; }
+
+/* The driver's tensor map encoder (the runtime hands it out, so nothing
+ * links libcuda), or NULL. */
+static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+    static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+        void *f = nullptr;
+        cudaDriverEntryPointQueryResult q;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) !=
+                cudaSuccess ||
+            q != cudaDriverEntryPointSuccess)
+            f = nullptr;
+        (void)cudaGetLastError();
+        return (PFN_cuTensorMapEncodeTiled_v12000)f;
+    }();
+    return fn;
+}
+
+int kvc__cu_f16_maps(const kvc__cu_view &v, const void *arena, int64_t n_pages, CUtensorMap *tk, CUtensorMap *tv,
+                     char *err, size_t errlen) {
+    struct entry {
+        CUtensorMap tk, tv;
+        const void *arena;
+        kvc__cu_geom g;
+        int D, heads, k_fmt, v_fmt;
+        int64_t n_pages;
+    };
+    static thread_local entry cache[64];
+    static thread_local int n_cached = 0, next = 0;
+    for (int i = 0; i < n_cached; i++) {
+        const entry &e = cache[i];
+        if (e.arena == arena && e.D == v.D && e.heads == v.n_heads && e.k_fmt == v.k_fmt && e.v_fmt == v.v_fmt &&
+            e.n_pages == n_pages && !memcmp(&e.g, &v.g, sizeof v.g)) {
+            *tk = e.tk;
+            *tv = e.tv;
+            return KVC_OK;
+        }
+    }
+    const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+    if (!encode) KVC__CU_FAIL(KVC_ERR_NOMEM, "kvc_cuda: the driver has no cuTensorMapEncodeTiled (Hopper decode)");
+    const int D = v.D;
+    const cuuint64_t hk = v.g.k_block_bytes ? (cuuint64_t)v.n_heads : 1, hv = v.g.v_block_bytes ? (cuuint64_t)v.n_heads : 1;
+    const cuuint32_t ones[4] = {1, 1, 1, 1};
+    uint8_t *base = (uint8_t *)arena + v.g.layer_off;
+    memset(tk, 0, sizeof *tk);
+    memset(tv, 0, sizeof *tv);
+    CUresult r = CUDA_SUCCESS;
+    if (v.k_fmt == KVC_CU_F16) {   /* K (D, 16): lines of 128 bytes (4 dimensions), 128-byte swizzle */
+        const cuuint64_t dim[4] = {64, (cuuint64_t)D / 4, hk, (cuuint64_t)n_pages};
+        const cuuint64_t str[3] = {128, v.g.k_block_bytes ? v.g.k_block_bytes : 128, v.g.page_bytes};
+        const cuuint32_t box[4] = {64, (cuuint32_t)D / 4, 1, 1};
+        r = encode(tk, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4, base, dim, str, box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                   CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    }
+    if (r == CUDA_SUCCESS && v.v_fmt == KVC_CU_F16) {   /* V (16, D): rows of D numbers, boxes of 64 */
+        const cuuint64_t dim[4] = {(cuuint64_t)D, 16, hv, (cuuint64_t)n_pages};
+        const cuuint64_t str[3] = {(cuuint64_t)D * 2, v.g.v_block_bytes ? v.g.v_block_bytes : 128, v.g.page_bytes};
+        const cuuint32_t box[4] = {64, 16, 1, 1};
+        r = encode(tv, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4, base + v.g.k_region, dim, str, box, ones,
+                   CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    }
+    if (r != CUDA_SUCCESS)
+        KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: decode: tensor map of the f16 blocks (head_dim %d, %lld pages of %zu "
+                     "bytes): driver error %d", D, (long long)n_pages, v.g.page_bytes, (int)r);
+    entry &e = cache[next];
+    next = (next + 1) % 64;
+    n_cached = n_cached < 64 ? n_cached + 1 : 64;
+    e.tk = *tk;
+    e.tv = *tv;
+    e.arena = arena;
+    e.g = v.g;
+    e.D = D;
+    e.heads = v.n_heads;
+    e.k_fmt = v.k_fmt;
+    e.v_fmt = v.v_fmt;
+    e.n_pages = n_pages;
+    return KVC_OK;
+}
+
 
 extern "C" void kvc_cu_set_decode_cluster(int mode) { g_cluster = mode < 0 ? -1 : mode > 0 ? 1 : 0; }
 

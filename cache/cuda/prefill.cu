@@ -7,10 +7,12 @@
  * (row = token * n_rep + rep, so the query heads sharing a kv head share each
  * K/V tile) of one kv head; its 8 warps take 16 rows each (64-row blocks of 4
  * warps read every tile for half as many rows: 5-30% slower, session 13). K/V tiles of 64
- * positions (4 pages) are copied into shared memory with cp.async, 4
- * stages deep for head_dim 64 and 2 for 128, padded so the transposing ldmatrix reads hit distinct banks:
- *   Ks: (4 pages, D dims, 24 halves)  a page's (D, 16) K block, rows 48 bytes
- *   Vs: (64 positions, D + 8 halves)  the 4 pages' (16, D) V blocks, stacked
+ * positions (4 pages) land in shared memory 4 stages deep for head_dim 64
+ * and 2 for 128 (tile_layout: the tensor copy's swizzled blocks, or padded
+ * rows), which the transposing ldmatrix reads without bank conflicts. f16
+ * pages at head_dim >= 64 come by tensor copies (a box a warp, an mbarrier
+ * a stage; session 16: chunks 16-25% faster than by cp.async), head_dim 32
+ * by cp.async into padded rows.
  * Scores S = Q K^T (16 x 64 per warp) stay in registers, go through the
  * online softmax and become the A operand of O += P V directly. Queries are
  * rounded to fp16 after scaling (scale * log2 e); P is rounded to fp16 for
@@ -18,8 +20,8 @@
  *
  * Quantized pages (int8, int4; K and V in any pairing the layout accepts)
  * take the same path: each tile's raw blocks are copied (cp.async, NQ
- * stages deep) and dequantized by the block into one f16 tile of the
- * layout above (x = code * scale, or min + scale * code, rounded to fp16: a
+ * stages deep) and dequantized by the block into one f16 tile (padded
+ * rows) (x = code * scale, or min + scale * code, rounded to fp16: a
  * relative 2^-12 per number, the same order as the query's and the
  * weights' rounding); the full-size K/V never reach device memory.
  *
@@ -28,6 +30,7 @@
  * shared by all heads), the chunk's query rows projected before it
  * (transform.cu) and its coefficient outputs expanded after it. */
 #include <math.h>
+#include <string.h>
 
 #include "cache/cuda/common.cuh"
 
@@ -39,6 +42,7 @@ constexpr int PT = TK / KVC__CU_B;   /* pages per tile */
 constexpr int PNT = 256;         /* threads: a warp per 16 rows */
 
 struct prefill_params {
+    CUtensorMap tk, tv;          /* f16 at head_dim >= 64: kvc__cu_f16_maps */
     const uint8_t *arena;
     kvc__cu_geom g;
     const int32_t *bt;           /* (>= ceil((pos0 + n) / 16)) */
@@ -50,17 +54,39 @@ struct prefill_params {
     int64_t out_stride;
 };
 
-template <int D> struct smem_shape {
-    static constexpr int K_ROW = 24;                     /* halves per K smem row (16 + 8 pad) */
-    static constexpr int V_ROW = D + 8;                  /* halves per V smem row */
-    static constexpr int K_HALVES = PT * D * K_ROW;
-    static constexpr int V_HALVES = TK * V_ROW;
-    static constexpr int STAGE = K_HALVES + V_HALVES;
-    static constexpr int NS = D <= 64 ? 4 : 2;           /* pipeline stages (about 86 KB at 64, 128) */
-    static constexpr size_t BYTES = NS * (size_t)STAGE * sizeof(__half);
+/* An f16 tile's layout in shared memory, either (SW) the tensor copy's:
+ * the 4 pages' K blocks then their V blocks, each swizzled (common.cuh's
+ * kvc__cu_k_unit, kvc__cu_v_unit), or padded rows:
+ *   K: (4 pages, D dims) rows of 48 bytes (16 halves + 8 of padding)
+ *   V: (64 positions) rows of D + 8 halves
+ * both read by the transposing ldmatrix without bank conflicts. The
+ * dequantized tiles keep the padded rows: written into the swizzled units
+ * they made quantized chunks 3-11% slower (session 16 run 5). Offsets in
+ * bytes of 16-byte units: K (page j, dim, half h of 8 positions), V
+ * (position, unit u of 8 dimensions). */
+template <int D, bool SW> struct tile_layout {
+    static constexpr int BLOCK = 32 * D;                 /* bytes of a page's f16 K or V block */
+    static constexpr int K_ROW = 48, V_ROW = 2 * D + 16;
+    static constexpr int K_BYTES = SW ? PT * BLOCK : PT * D * K_ROW;
+    static constexpr int STAGE = SW ? 2 * K_BYTES : K_BYTES + TK * V_ROW;   /* bytes */
+    static __device__ __forceinline__ int k_off(int j, int dim, int h) {
+        return SW ? j * BLOCK + 16 * kvc__cu_k_unit<D>(dim, h) : (j * D + dim) * K_ROW + 16 * h;
+    }
+    static __device__ __forceinline__ int v_off(int pos, int u) {   /* from the tile's V part */
+        return SW ? (pos / KVC__CU_B) * BLOCK + 16 * kvc__cu_v_unit<D>(pos % KVC__CU_B, u) : pos * V_ROW + 16 * u;
+    }
 };
 
-/* Quantized pages: one f16 tile (STAGE halves), then NQ stages of raw
+/* f16 pages: NS stages of a tile; tensor copies (SW) from head_dim 64 */
+template <int D> struct smem_shape {
+    typedef tile_layout<D, D >= 64> L;
+    static constexpr int STAGE = L::STAGE;
+    static constexpr int NS = D <= 64 ? 4 : 2;           /* pipeline stages (64 KB at 64 and 128) */
+    /* 1024-byte alignment slack (the swizzle's period; tensor copies only), stages, mbarriers */
+    static constexpr size_t BYTES = (D >= 64 ? 1024 : 0) + NS * (size_t)STAGE + 8 * NS;
+};
+
+/* Quantized pages: one f16 tile (padded rows), then NQ stages of raw
  * blocks (PT pages, K block then V block each). */
 template <int D, int KF, int VF> struct raw_shape {
     static constexpr int KB = kvc__cu_block_bytes(KF, D);
@@ -68,7 +94,7 @@ template <int D, int KF, int VF> struct raw_shape {
     static constexpr int PAGE = KB + VB;
     static constexpr int STAGE = PT * PAGE;              /* bytes */
     static constexpr int NQ = D <= 64 ? 4 : 3;
-    static constexpr size_t BYTES = smem_shape<D>::STAGE * sizeof(__half) + (size_t)NQ * STAGE;
+    static constexpr size_t BYTES = tile_layout<D, false>::STAGE + (size_t)NQ * STAGE;
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void *p) {
@@ -102,12 +128,13 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
     return *reinterpret_cast<uint32_t *>(&h);
 }
 
-/* Copies K/V tile t (positions t*64 .. +63) into one stage. Positions at or
- * past ctx_end read as zeros (V) or are masked later (K). */
+/* Copies K/V tile t (positions t*64 .. +63) into one stage by cp.async
+ * (head_dim 32). Positions at or past ctx_end read as zeros (V) or are
+ * masked later (K). */
 template <int D>
-__device__ __forceinline__ void load_tile(const prefill_params &p, int head, int t, int ctx_end, __half *stage) {
-    typedef smem_shape<D> S;
-    __half *Ks = stage, *Vs = stage + S::K_HALVES;
+__device__ __forceinline__ void load_tile(const prefill_params &p, int head, int t, int ctx_end, uint8_t *stage) {
+    typedef typename smem_shape<D>::L TL;
+    uint8_t *Ks = stage, *Vs = stage + TL::K_BYTES;
     const int n_pages = (ctx_end + KVC__CU_B - 1) / KVC__CU_B;
 #pragma unroll
     for (int it = 0; it < 8 * D / PNT; it++) {
@@ -117,7 +144,7 @@ __device__ __forceinline__ void load_tile(const prefill_params &p, int head, int
         const bool ok = pi < n_pages;
         const uint8_t *src = ok ? kvc__cu_k_block(p.arena, p.g, p.bt[pi], head) + dim * 32 + hf * 16
                                 : p.arena;
-        cp_async16(Ks + (j * D + dim) * S::K_ROW + hf * 8, src, ok);
+        cp_async16(Ks + TL::k_off(j, dim, hf), src, ok);
     }
 #pragma unroll
     for (int it = 0; it < 8 * D / PNT; it++) {
@@ -128,7 +155,33 @@ __device__ __forceinline__ void load_tile(const prefill_params &p, int head, int
         const uint8_t *src = ok ? kvc__cu_v_block(p.arena, p.g, p.bt[pos / KVC__CU_B], head) +
                                       (pos % KVC__CU_B) * D * 2 + dc * 16
                                 : p.arena;
-        cp_async16(Vs + tok * S::V_ROW + dc * 8, src, ok);
+        cp_async16(Vs + TL::v_off(tok, dc), src, ok);
+    }
+}
+
+/* Issues K/V tile t's tensor copies into one stage (f16, head_dim >= 64):
+ * warp w's lane 0 copies page w % 4's K block (w < 4) or V block, then
+ * arrives on the stage's mbarrier (expecting the bytes; plainly for a page
+ * past the context, which is not copied). */
+template <int D>
+__device__ __forceinline__ void issue_tile(const prefill_params &p, int head, int t, int ctx_end, uint8_t *stage,
+                                           uint32_t mb) {
+    typedef tile_layout<D, true> TL;
+    const int warp = threadIdx.x >> 5, j = warp & 3, pi = t * PT + j;
+    if ((threadIdx.x & 31) != 0) return;
+    if (pi * KVC__CU_B >= ctx_end) {
+        kvc__cu_mbar_arrive(mb);
+        return;
+    }
+    const int pg = p.bt[pi];
+    const uint32_t dst = smem_addr(stage + (warp >> 2) * TL::K_BYTES + j * TL::BLOCK);
+    kvc__cu_mbar_expect(mb, TL::BLOCK);
+    if (warp < 4) {
+        kvc__cu_tensor_copy(dst, &p.tk, 0, 0, p.g.k_block_bytes ? head : 0, pg, mb);
+    } else {
+#pragma unroll
+        for (int h = 0; h < D / 64; h++)
+            kvc__cu_tensor_copy(dst + 2048 * h, &p.tv, 64 * h, 0, p.g.v_block_bytes ? head : 0, pg, mb);
     }
 }
 
@@ -190,10 +243,10 @@ __device__ __forceinline__ float half_at(const uint8_t *p, int i) {
  * K rows (page, dim) of 16 positions; V (position, 16 dims) pieces;
  * positions at or past ctx_end (and pages past it) become zeros. */
 template <int D, int KF, int VF>
-__device__ __forceinline__ void dequant_tile(const uint8_t *stage, int t, int ctx_end, __half *tile) {
-    typedef smem_shape<D> S;
+__device__ __forceinline__ void dequant_tile(const uint8_t *stage, int t, int ctx_end, uint8_t *tile) {
+    typedef tile_layout<D, false> TL;
     typedef raw_shape<D, KF, VF> R;
-    __half *Ks = tile, *Vs = tile + S::K_HALVES;
+    uint8_t *Ks = tile, *Vs = tile + TL::K_BYTES;
     const int n_pages = (ctx_end + KVC__CU_B - 1) / KVC__CU_B;
     for (int r = threadIdx.x; r < PT * D; r += PNT) {
         const int j = r / D, dim = r % D;
@@ -208,9 +261,8 @@ __device__ __forceinline__ void dequant_tile(const uint8_t *stage, int t, int ct
             }
             dequant16<KF>(kb + dim * (KF == KVC_CU_F16 ? 32 : KF == KVC_CU_I8 ? 16 : 8), sc, mn, o);
         }
-        uint4 *dst = reinterpret_cast<uint4 *>(Ks + (j * D + dim) * S::K_ROW);
-        dst[0] = o[0];
-        dst[1] = o[1];
+        *reinterpret_cast<uint4 *>(Ks + TL::k_off(j, dim, 0)) = o[0];
+        *reinterpret_cast<uint4 *>(Ks + TL::k_off(j, dim, 1)) = o[1];
     }
     for (int c = threadIdx.x; c < TK * D / 16; c += PNT) {
         const int pos = c / (D / 16), piece = c % (D / 16), j = pos / KVC__CU_B, tk = pos % KVC__CU_B;
@@ -229,9 +281,8 @@ __device__ __forceinline__ void dequant_tile(const uint8_t *stage, int t, int ct
             const int bpn = VF == KVC_CU_F16 ? 2 : VF == KVC_CU_I8 ? 1 : 0;   /* bytes per number (int4: half) */
             dequant16<VF>(vb + (bpn ? tk * D * bpn + piece * 16 * bpn : tk * D / 2 + piece * 8), sc, mn, o);
         }
-        uint4 *dst = reinterpret_cast<uint4 *>(Vs + pos * S::V_ROW + piece * 16);
-        dst[0] = o[0];
-        dst[1] = o[1];
+        *reinterpret_cast<uint4 *>(Vs + TL::v_off(pos, 2 * piece)) = o[0];
+        *reinterpret_cast<uint4 *>(Vs + TL::v_off(pos, 2 * piece + 1)) = o[1];
     }
 }
 
@@ -239,13 +290,21 @@ __device__ __forceinline__ void dequant_tile(const uint8_t *stage, int t, int ct
  * ~155 registers instead of being held to 128 with spills (SmolLM2 int8 and
  * int4 chunks 11-13% faster, session 13 run 5). */
 template <int D, int KF, int VF>
-__global__ void __launch_bounds__(PNT, 1) prefill_kernel(const prefill_params p) {
+__global__ void __launch_bounds__(PNT, 1) prefill_kernel(const __grid_constant__ prefill_params p) {
     typedef smem_shape<D> S;
     typedef raw_shape<D, KF, VF> R;
     constexpr bool F16 = KF == KVC_CU_F16 && VF == KVC_CU_F16;
+    constexpr bool TMA = F16 && D >= 64;                  /* tensor copies */
+    typedef tile_layout<D, TMA> TL;                       /* the tiles the warps read */
     constexpr int KS = D / 16;           /* k-steps over dims */
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    __half *smem = reinterpret_cast<__half *>(smem_raw);
+    /* stages (f16) or the f16 tile then the raw stages; 1024-byte aligned for
+     * the tensor copies' swizzle (by pointer arithmetic, so it stays a shared
+     * pointer). The other kernels keep the unaligned base: with the
+     * alignment the quantized chunks were 1.5-4% slower (session 17 run 1). */
+    uint8_t *smem = smem_raw;
+    if constexpr (TMA) smem += (1024u - (smem_addr(smem_raw) & 1023u)) & 1023u;
+    const uint32_t mbar = smem_addr(smem + S::NS * S::STAGE);   /* TMA: stage s's at mbar + 8 s */
     const int head = blockIdx.y;
     const int tile = gridDim.x - 1 - blockIdx.x;          /* longest rows first */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -285,31 +344,53 @@ __global__ void __launch_bounds__(PNT, 1) prefill_kernel(const prefill_params p)
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 
     /* NS-stage pipeline (quantized: NQ raw stages): tiles t + 1 .. t + NS - 1
-     * load while t computes; one commit group per tile (empty past the end) */
+     * load while t computes; one commit group per tile (empty past the end),
+     * or (tensor copies) one mbarrier phase per tile, every warp arriving */
     const int n_tiles = (ctx_end + TK - 1) / TK;
     constexpr int NST = F16 ? S::NS : R::NQ;
-    uint8_t *raw = smem_raw + S::STAGE * sizeof(__half);   /* quantized: after the f16 tile */
+    uint8_t *raw = smem + TL::STAGE;                      /* quantized: after the f16 tile */
+    if constexpr (TMA) {
+        if (threadIdx.x == 0) {
+#pragma unroll
+            for (int i = 0; i < S::NS; i++) kvc__cu_mbar_init(mbar + 8 * i, PNT / 32);
+            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        }
+        __syncthreads();
+    }
 #pragma unroll
     for (int t = 0; t < NST - 1; t++) {
         if (t < n_tiles) {
-            if constexpr (F16) load_tile<D>(p, head, t, ctx_end, smem + t * S::STAGE);
+            if constexpr (TMA) issue_tile<D>(p, head, t, ctx_end, smem + t * S::STAGE, mbar + 8 * t);
+            else if constexpr (F16) load_tile<D>(p, head, t, ctx_end, smem + t * S::STAGE);
             else load_raw<D, KF, VF>(p, head, t, ctx_end, raw + t * R::STAGE);
         }
-        cp_async_commit();
+        if constexpr (!TMA) cp_async_commit();
     }
     for (int t = 0; t < n_tiles; t++) {
-        cp_async_wait<NST - 2>();
+        if constexpr (TMA) {
+            kvc__cu_mbar_wait(mbar + 8 * (t % NST), (uint32_t)(t / NST) & 1u);
+            if (t * TK + TK > ctx_end) {       /* V rows past the context (stale, or pages not copied): zeros */
+                uint8_t *Vs = smem + (t % NST) * S::STAGE + TL::K_BYTES;
+                const int p0 = ctx_end - t * TK;
+                for (int c = threadIdx.x; c < (TK - p0) * (D / 8); c += PNT)
+                    *reinterpret_cast<uint4 *>(Vs + TL::v_off(p0 + c / (D / 8), c % (D / 8))) = make_uint4(0, 0, 0, 0);
+            }
+        } else {
+            cp_async_wait<NST - 2>();
+        }
         __syncthreads();   /* tile t visible to all; every warp is done with tile t - 1 */
         if (t + NST - 1 < n_tiles) {
-            if constexpr (F16) load_tile<D>(p, head, t + NST - 1, ctx_end, smem + ((t + NST - 1) % NST) * S::STAGE);
-            else load_raw<D, KF, VF>(p, head, t + NST - 1, ctx_end, raw + ((t + NST - 1) % NST) * R::STAGE);
+            const int tn = t + NST - 1;
+            if constexpr (TMA) issue_tile<D>(p, head, tn, ctx_end, smem + (tn % NST) * S::STAGE, mbar + 8 * (tn % NST));
+            else if constexpr (F16) load_tile<D>(p, head, tn, ctx_end, smem + (tn % NST) * S::STAGE);
+            else load_raw<D, KF, VF>(p, head, tn, ctx_end, raw + (tn % NST) * R::STAGE);
         }
-        cp_async_commit();
+        if constexpr (!TMA) cp_async_commit();
         if constexpr (!F16) {
             dequant_tile<D, KF, VF>(raw + (t % NST) * R::STAGE, t, ctx_end, smem);
             __syncthreads();
         }
-        const __half *Ks = F16 ? smem + (t % S::NS) * S::STAGE : smem, *Vs = Ks + S::K_HALVES;
+        const uint8_t *Ks = F16 ? smem + (t % S::NS) * S::STAGE : smem, *Vs = Ks + TL::K_BYTES;
 
         /* S = Q K^T: 8 n-tiles of 8 positions */
         float s[8][4];
@@ -321,7 +402,7 @@ __global__ void __launch_bounds__(PNT, 1) prefill_kernel(const prefill_params p)
             for (int j = 0; j < PT; j++) {
                 /* matrices: dims 0-7 / 8-15 of this k-step, positions 0-7 / 8-15 of page j */
                 const int mat = lane >> 3, row = lane & 7;
-                const __half *a = Ks + (j * D + kk * 16 + (mat & 1) * 8 + row) * S::K_ROW + (mat >> 1) * 8;
+                const uint8_t *a = Ks + TL::k_off(j, kk * 16 + (mat & 1) * 8 + row, mat >> 1);
                 uint32_t b[4];
                 ldmatrix_x4_trans(b, a);
                 mma16816(s[2 * j], qa[kk], b[0], b[1]);
@@ -377,7 +458,7 @@ __global__ void __launch_bounds__(PNT, 1) prefill_kernel(const prefill_params p)
             for (int dn2 = 0; dn2 < D / 16; dn2++) {
                 /* matrices: positions 0-7 / 8-15 of this k-step, dims 0-7 / 8-15 of the pair */
                 const int mat = lane >> 3, row = lane & 7;
-                const __half *a = Vs + (kp * 16 + (mat & 1) * 8 + row) * S::V_ROW + dn2 * 16 + (mat >> 1) * 8;
+                const uint8_t *a = Vs + TL::v_off(kp * 16 + (mat & 1) * 8 + row, dn2 * 2 + (mat >> 1));
                 uint32_t b[4];
                 ldmatrix_x4_trans(b, a);
                 mma16816(o[2 * dn2], pa[kp], b[0], b[1]);
@@ -462,6 +543,12 @@ extern "C" int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int lay
     p.q_stride = q_stride;
     p.out = out;
     p.out_stride = out_stride;
+    memset(&p.tk, 0, sizeof p.tk);
+    memset(&p.tv, 0, sizeof p.tv);
+    if (v.k_fmt == KVC_CU_F16 && v.v_fmt == KVC_CU_F16 && v.D >= 64) {   /* prefill_kernel's tensor copies */
+        rc = kvc__cu_f16_maps(v, arena, kvc_pages_total(L->pool), &p.tk, &p.tv, err, errlen);
+        if (rc) return rc;
+    }
     /* transforms: the tensor-core kernel over coefficients,
      * between the queries' projection and the outputs' expansion; the
      * projected rows and the coefficient outputs live stream-ordered for
