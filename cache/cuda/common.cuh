@@ -174,7 +174,6 @@ __device__ __forceinline__ void kvc__cu_tensor_copy(uint32_t dst, const CUtensor
                  : "memory");
 }
 
-
 /* Swizzled 16-byte unit offsets of f16 blocks in shared memory, as the
  * tensor copy's 128-byte swizzle lays them (the 16-byte unit c of 128-byte
  * line L at c ^ (L & 7); the block 1024-byte aligned) and the transposing

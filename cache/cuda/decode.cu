@@ -1841,7 +1841,7 @@ int kvc__cu_f16_maps(const kvc__cu_view &v, const void *arena, int64_t n_pages, 
         }
     }
     const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
-    if (!encode) KVC__CU_FAIL(KVC_ERR_NOMEM, "kvc_cuda: the driver has no cuTensorMapEncodeTiled (Hopper decode)");
+    if (!encode) KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: the driver has no cuTensorMapEncodeTiled (needed for f16 pages)");
     const int D = v.D;
     const cuuint64_t hk = v.g.k_block_bytes ? (cuuint64_t)v.n_heads : 1, hv = v.g.v_block_bytes ? (cuuint64_t)v.n_heads : 1;
     const cuuint32_t ones[4] = {1, 1, 1, 1};
@@ -1865,7 +1865,7 @@ int kvc__cu_f16_maps(const kvc__cu_view &v, const void *arena, int64_t n_pages, 
                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     }
     if (r != CUDA_SUCCESS)
-        KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: decode: tensor map of the f16 blocks (head_dim %d, %lld pages of %zu "
+        KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: tensor map of the f16 blocks (head_dim %d, %lld pages of %zu "
                      "bytes): driver error %d", D, (long long)n_pages, v.g.page_bytes, (int)r);
     entry &e = cache[next];
     next = (next + 1) % 64;
@@ -1881,7 +1881,6 @@ int kvc__cu_f16_maps(const kvc__cu_view &v, const void *arena, int64_t n_pages, 
     e.n_pages = n_pages;
     return KVC_OK;
 }
-
 
 extern "C" void kvc_cu_set_decode_cluster(int mode) { g_cluster = mode < 0 ? -1 : mode > 0 ? 1 : 0; }
 
