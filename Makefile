@@ -5,7 +5,8 @@
 #   make run        install deps, build, fetch the default model, start the main job
 #   make model      fetch and verify the default model into $(MODEL_DIR)
 #   make SAN=address|undefined|address,undefined   sanitizer build in build-san-*/
-#   make CUDA=1     also compile cache/cuda/*.cu (nvcc -arch=sm_90) into the library
+#   make CUDA=1     the CUDA build in build-cuda/: the GPU kernels (cache/cuda/) and the cuda
+#                   backend (engine/cuda/), nvcc -arch=sm_90, cuBLAS; ./kvserve is then that build
 #   make gpu-bins   the standalone GPU test and benchmark (run on an H200: tools/gpu_bench.sh)
 #
 # Every .c file under engine/ cache/ api/ server/ is part of the library; files
@@ -25,13 +26,24 @@ $(error CUDA='$(CUDA)' is not one of: 0, 1)
 endif
 # nvcc: the one on PATH, else the default CUDA install (empty: none here).
 NVCC ?= $(firstword $(shell command -v nvcc 2>/dev/null) $(wildcard /usr/local/cuda/bin/nvcc))
-CUDA_SRC := $(wildcard cache/cuda/*.cu)
-CUDA_OBJ  = $(CUDA_SRC:%.cu=$(BUILD)/%.o)
+CUDA_KERN_SRC := $(wildcard cache/cuda/*.cu)
+CUDA_ENG_SRC  := $(wildcard engine/cuda/*.cu)
+CUDA_KERN_OBJ  = $(CUDA_KERN_SRC:%.cu=$(BUILD)/%.o)
+CUDA_ENG_OBJ   = $(CUDA_ENG_SRC:%.cu=$(BUILD)/%.o)
 ifeq ($(CUDA),1)
 ifeq ($(NVCC),)
 $(error CUDA=1: nvcc not found (set NVCC=/path/to/nvcc))
 endif
-LDLIBS += -L$(dir $(NVCC))../lib64 -lcudart_static -ldl -lrt -lstdc++
+# A CUDA build lives in its own folder and runs on GPU machines that lack
+# the CPU build's shared libraries: libuv and jansson linked statically, no
+# mimalloc; cuBLAS and the CUDA runtime from the CUDA install.
+BUILD   ?= build-cuda
+CFLAGS  += -DKVSERVE_CUDA
+CUDA_LIBDIR := $(abspath $(dir $(NVCC))../lib64)
+DEP_LIBS = $(shell $(CC) -print-file-name=libuv_a.a) $(shell $(CC) -print-file-name=libjansson.a)
+LDLIBS  += -L$(CUDA_LIBDIR) -lcublas -lcublasLt -lcudart_static -ldl -lrt -lstdc++
+else
+DEP_LIBS = -luv -ljansson
 endif
 
 CC      ?= cc
@@ -43,7 +55,7 @@ SHARED  ?= $(abspath ../shared)
 ifeq ($(SAN),)
 BUILD   ?= build
 OPT     := -O2
-ALLOC   := -lmimalloc
+ALLOC   := $(if $(filter 1,$(CUDA)),,-lmimalloc)
 else
 BUILD   ?= build-san-$(subst $(comma),-,$(SAN))
 OPT     := -O1 -g -fno-omit-frame-pointer -fsanitize=$(SAN) -fno-sanitize-recover=all
@@ -57,7 +69,7 @@ CFLAGS  += -std=gnu11 $(OPT) -g -Wall -Wextra -Wno-unused-parameter -Wshadow \
            -Wstrict-prototypes -Wmissing-prototypes -pthread -MMD -MP \
            -I. -I$(LLHTTP_INC)
 LDFLAGS += $(if $(SAN),-fsanitize=$(SAN),) -pthread
-LDLIBS  += -luv -ljansson $(ALLOC) -lm
+LDLIBS  += $(DEP_LIBS) $(ALLOC) -lm
 
 AVX2_FLAGS   := -mavx2 -mfma -mf16c
 AVX512_FLAGS := -mavx2 -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni -mfma -mf16c
@@ -65,7 +77,7 @@ AVX512_FLAGS := -mavx2 -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni -
 LIB_SRC  := $(filter-out server/main.c,$(wildcard engine/*.c cache/*.c api/*.c server/*.c))
 LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/%.o) \
             $(addprefix $(BUILD)/llhttp/,llhttp.o api.o http.o) \
-            $(if $(filter 1,$(CUDA)),$(CUDA_OBJ))
+            $(if $(filter 1,$(CUDA)),$(CUDA_KERN_OBJ) $(CUDA_ENG_OBJ))
 MAIN_OBJ := $(BUILD)/server/main.o
 TESTS    ?= $(wildcard tests/*/test_*.c)
 TEST_SRC := $(TESTS)
@@ -252,14 +264,17 @@ $(FUZZ_DIR)/%.o: %.c
 
 -include $(wildcard $(FUZZ_DIR)/*/*.d $(FUZZ_DIR)/*/*/*.d)
 
-# ---- CUDA (owned by the GPU kernels: cache/cuda/, tests/cuda/) ---------------
+# ---- CUDA (owned by the GPU kernels: cache/cuda/, engine/cuda/, tests/cuda/) --
 # Every cache/cuda/*.cu is compiled for sm_90 (H100/H200). gpu-bins builds two
 # standalone programs that link only the cache's C files, the kernels and the
 # static CUDA runtime (the GPU machine has no libuv, mimalloc or Criterion):
 # $(BUILD)/gpu/gpu_test (kernels against the CPU cache code) and
 # $(BUILD)/gpu/gpu_bench (timings against the memory floor). tools/gpu_bench.sh
-# runs both there. cuda-check (part of `make test`) compiles all of it and is
-# skipped, saying so, only where nvcc is absent.
+# runs both there. With CUDA=1, $(BUILD)/kvserve has the cuda backend
+# (engine/cuda/) and $(BUILD)/gpu/gpu_engine checks it against the CPU
+# backend on a real model (tools/gpu_bench.sh STEPS=engine). cuda-check (part
+# of `make test`) compiles and links all of it in build-cuda/ and is skipped,
+# saying so, only where nvcc is absent.
 
 NVCCFLAGS ?= -O3 -lineinfo
 NVCC_ALL  := -arch=sm_90 -std=c++17 -I. -MMD -MP -Xcompiler -Wall,-Wextra,-Wno-unused-parameter $(NVCCFLAGS)
@@ -272,7 +287,8 @@ gpu-bins: $(BUILD)/gpu/gpu_test $(BUILD)/gpu/gpu_bench
 
 cuda-check:
 	@if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found: CUDA sources NOT compiled"; \
-	else $(MAKE) -j$(JOBS) BUILD=$(BUILD) gpu-bins && echo "cuda-check: CUDA sources compile"; fi
+	else $(MAKE) -j$(JOBS) CUDA=1 BUILD=build-cuda gpu-bins build-cuda/kvserve build-cuda/gpu/gpu_engine && \
+	  echo "cuda-check: CUDA sources compile"; fi
 
 # The nvcc command line, rewritten only when it changes: every CUDA object
 # and program depends on it, so a changed flag (an architecture, a -D)
@@ -288,6 +304,16 @@ $(BUILD)/cache/cuda/%.o: cache/cuda/%.cu $(NVCC_STAMP)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCC_ALL) -c -o $@ $<
 
+$(BUILD)/engine/cuda/%.o: engine/cuda/%.cu $(NVCC_STAMP)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCC_ALL) -c -o $@ $<
+
+ifeq ($(CUDA),1)
+$(BUILD)/gpu/gpu_engine: tests/cuda/gpu_engine.c $(BUILD)/libkvserve.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libkvserve.a $(LDLIBS)
+endif
+
 $(BUILD)/gpu/%_avx2.o: %_avx2.c
 	@mkdir -p $(dir $@)
 	$(CC) $(GPU_CFLAGS) $(AVX2_FLAGS) -c -o $@ $<
@@ -300,9 +326,9 @@ $(BUILD)/gpu/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(GPU_CFLAGS) -c -o $@ $<
 
-.SECONDARY: $(CUDA_OBJ) $(GPU_C_OBJ)
-$(BUILD)/gpu/%: tests/cuda/%.cu $(CUDA_OBJ) $(GPU_C_OBJ) $(NVCC_STAMP)
+.SECONDARY: $(CUDA_KERN_OBJ) $(CUDA_ENG_OBJ) $(GPU_C_OBJ)
+$(BUILD)/gpu/%: tests/cuda/%.cu $(CUDA_KERN_OBJ) $(GPU_C_OBJ) $(NVCC_STAMP)
 	@mkdir -p $(dir $@)
-	$(NVCC) $(NVCC_ALL) -o $@ $< $(CUDA_OBJ) $(GPU_C_OBJ) -lpthread -lm
+	$(NVCC) $(NVCC_ALL) -o $@ $< $(CUDA_KERN_OBJ) $(GPU_C_OBJ) -lpthread -lm
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

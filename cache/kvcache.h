@@ -171,6 +171,18 @@ void kvc_seq_release(kvc_pool *pool, kvc_seq *seq);
  * KVC_OK, KVC_ERR_INVAL (dst not empty) or KVC_ERR_NOMEM. */
 int kvc_seq_fork(kvc_pool *pool, const kvc_seq *src, kvc_seq *dst);
 
+/* For a backend that keeps the page bytes elsewhere (a GPU arena, see
+ * cache/cuda/kvc_cuda.h) and writes them itself: makes the pages holding
+ * positions [pos, pos + n) of seq its own, copying any still shared with
+ * another sequence as kvc_write would (the table changes; the copy goes
+ * through the page copier below). KVC_OK, or KVC_ERR_FULL when a copy finds
+ * no free page (pages before it are done). */
+int kvc_seq_prepare_write(kvc_pool *pool, kvc_seq *seq, int pos, int n);
+/* Where copy-on-write copies a page: copy(ctx, dst, src) replaces the copy of
+ * the pool's own arena (NULL: back to the arena). The copier runs on the
+ * thread that reserves or writes. */
+void kvc_pool_set_page_copier(kvc_pool *pool, void (*copy)(void *ctx, int32_t dst, int32_t src), void *ctx);
+
 /* Encodes K and V of n tokens at positions [pos, pos + n) of one layer into
  * seq's pages (reserved beforehand). k, v: (n, n_kv_head, head_dim) f32 rows
  * with kv_stride floats between tokens. A page still shared with another

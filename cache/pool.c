@@ -256,7 +256,8 @@ static void page_unref(kvc_pool *pool, int32_t id) {
 /* A private copy of shared page `old` (refcount > 1); the caller swaps it in. */
 static int32_t page_copy(kvc_pool *pool, int32_t old) {
     int32_t id = page_alloc(pool);
-    memcpy(kvc__page(pool, id), kvc__page(pool, old), pool->page_bytes);
+    if (pool->copy_page) pool->copy_page(pool->copy_ctx, id, old);
+    else memcpy(kvc__page(pool, id), kvc__page(pool, old), pool->page_bytes);
     page_unref(pool, old);
     return id;
 }
@@ -331,6 +332,20 @@ static int32_t page_for_write(kvc_pool *pool, kvc_seq *seq, int i) {
     }
     pthread_mutex_unlock(&pool->cow_lock);
     return id;
+}
+
+int kvc_seq_prepare_write(kvc_pool *pool, kvc_seq *seq, int pos, int n) {
+    KVC__CHECK(pos >= 0 && n >= 0 && pos + n <= seq->n_tokens,
+               "write [%d, %d) beyond the %d reserved positions", pos, pos + n, seq->n_tokens);
+    const int B = pool->block_size;
+    for (int i = n ? pos / B : 0, end = n ? (pos + n - 1) / B : -1; i <= end; i++)
+        if (page_for_write(pool, seq, i) < 0) return KVC_ERR_FULL;
+    return KVC_OK;
+}
+
+void kvc_pool_set_page_copier(kvc_pool *pool, void (*copy)(void *ctx, int32_t dst, int32_t src), void *ctx) {
+    pool->copy_page = copy;
+    pool->copy_ctx = ctx;
 }
 
 /* Encodes n tokens of one role into a page: x as kvc_write_ex takes it. */

@@ -46,6 +46,9 @@ struct kvc_pool {
     pthread_mutex_t cow_lock;   /* serialises copy-on-write inside kvc_write */
     kvc__softmax_fn softmax;    /* scalar or AVX2 */
     int ready;                  /* fully created (cow_lock initialised) */
+    /* kvc_pool_set_page_copier: copies pages elsewhere (a device arena) */
+    void (*copy_page)(void *ctx, int32_t dst, int32_t src);
+    void *copy_ctx;
 };
 
 static inline uint8_t *kvc__page(const kvc_pool *p, int32_t page) {

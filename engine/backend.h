@@ -15,6 +15,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "cache/kvcache.h"
 #include "engine/model.h"
@@ -47,6 +48,7 @@ typedef struct {
      * Ignored where the codecs have no basis. Off by default: the folded rows
      * are f32, more bytes per decode step than the quantized rows they replace. */
     bool absorb;
+    int device;              /* CUDA: the GPU's index (0: the first) */
 } eng_backend_options;
 
 /* The CPU backend. The model and the pool must outlive it. It reads the
@@ -55,6 +57,22 @@ typedef struct {
  * queries are rotated with. */
 eng_backend *eng_backend_cpu_create(const eng_model *m, kvc_pool *pool,
                                     const eng_backend_options *opt, char *err, size_t errlen);
+
+/* The CUDA backend (engine/cuda/forward.cu, in builds made with make
+ * CUDA=1): the whole forward pass on one GPU, the KV pages in a device arena
+ * of the pool's layout (the pool keeps the tables; its own arena stays
+ * unused). Llama-family models; the pool's codecs must be in the GPU
+ * kernels' compiled set (cache/cuda/kvc_cuda.h), or creation fails naming
+ * the codec. Absorbed projections are not used (absorbed "none"). */
+eng_backend *eng_backend_cuda_create(const eng_model *m, kvc_pool *pool,
+                                     const eng_backend_options *opt, char *err, size_t errlen);
+
+/* The backend called `name`: "cpu" or "cuda" (an error naming the build
+ * when this binary has no CUDA). NULL with a message otherwise. */
+eng_backend *eng_backend_create(const char *name, const eng_model *m, kvc_pool *pool,
+                                const eng_backend_options *opt, char *err, size_t errlen);
+/* Whether this binary was built with the CUDA backend. */
+bool eng_backend_has_cuda(void);
 
 /* eng_backend.absorbed: the projections folded into the cache's bases. */
 enum { ENG_ABSORBED_K = 1, ENG_ABSORBED_V = 2 };
@@ -69,7 +87,22 @@ struct eng_backend {
      * message (a position past the model's limit, out of memory). */
     int (*forward)(eng_backend *be, const eng_batch *b, float *logits, char *err, size_t errlen);
     void (*destroy)(eng_backend *be);
+    /* Optional (NULL: malloc / free): host memory that forward's logits
+     * land in fastest (page-locked for cuda: a plain buffer costs the copy
+     * half its speed). Free it before destroying the backend. */
+    void *(*alloc_host)(eng_backend *be, size_t bytes);
+    void (*free_host)(eng_backend *be, void *p);
 };
+
+static inline void *eng_backend_alloc_host(eng_backend *be, size_t bytes) {
+    return be->alloc_host ? be->alloc_host(be, bytes) : malloc(bytes);
+}
+static inline void eng_backend_free_host(eng_backend *be, void *p) {
+    if (be->free_host)
+        be->free_host(be, p);
+    else
+        free(p);
+}
 
 static inline int eng_forward(eng_backend *be, const eng_batch *b, float *logits, char *err, size_t errlen) {
     return be->forward(be, b, logits, err, errlen);

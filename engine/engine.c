@@ -40,6 +40,7 @@
 #include "engine/backend.h"
 #include "engine/metrics.h"
 #include "engine/stop.h"
+#include "engine/threadpool.h"
 #include "engine/tokenizer.h"
 
 #define REG_BUCKETS 1024
@@ -69,6 +70,8 @@ typedef struct {
     int n_computed;             /* tokens whose K/V are in kv */
     int n_generated;
     eng_sampler *sampler;
+    int32_t drawn;              /* >= 0: this step's token, drawn ahead (draw_ahead) */
+    float drawn_lp;
     eng_detok detok;
     eng_stop stop;
     double t_last_token;
@@ -113,6 +116,7 @@ struct eng_engine {
     eng_model *model;
     kvc_pool *pool;
     eng_backend *backend;
+    eng_threadpool *draw_tp;    /* draws a step's tokens in parallel (GPU backends) */
     eng_metrics *metrics;
     int n_ctx, n_vocab, block_size, pages_total, watermark_pages;
     pthread_t thread;
@@ -239,6 +243,7 @@ static eng_seq *seq_new(eng_engine *e, eng_req *r, int index, const int32_t *pro
     s->cap_tokens = r->n_prompt + r->max_gen;
     s->tokens = malloc((size_t)s->cap_tokens * sizeof *s->tokens);
     s->sampler = eng_sampler_create_stream(&r->sampling, e->n_vocab, (uint32_t)index);
+    s->drawn = -1;
     if (!s->tokens || !s->sampler || eng_stop_init(&s->stop, (const char *const *)r->stops, r->n_stop)) {
         seq_free(e, s);
         return NULL;
@@ -468,8 +473,9 @@ static bool is_stop_id(const eng_req *r, int32_t tok) {
  * finishes the choice when a stop condition holds. */
 static void sample_token(eng_engine *e, eng_seq *s, float *logits, double now) {
     eng_req *r = s->req;
-    float lp = 0.0f;
-    int32_t tok = eng_sampler_sample(s->sampler, logits, r->logprobs ? &lp : NULL);
+    float lp = s->drawn_lp;
+    int32_t tok = s->drawn >= 0 ? s->drawn : eng_sampler_sample(s->sampler, logits, r->logprobs ? &lp : NULL);
+    s->drawn = -1;
     eng_sampler_accept(s->sampler, tok, true);
     ENG__CHECK(s->n_tokens < s->cap_tokens, "request %llu choice %d: %d tokens, room for %d",
                (unsigned long long)r->id, s->index, s->n_tokens + 1, s->cap_tokens);
@@ -503,6 +509,47 @@ static void sample_token(eng_engine *e, eng_seq *s, float *logits, double now) {
     push_event(e, r, s->index, tok, lp, out, out_len, reason, NULL, s->n_generated);
     if (reason != ENG_FINISH_NONE)
         seq_finish(e, s, reason, now);
+}
+
+/* Draws the step's tokens in parallel where that changes nothing: rows
+ * whose sequence samples straight from its own row (not the first token of a
+ * request with n > 1, whose choices share the row). The sampler of each
+ * sequence is its own; the tokens are accepted, detokenized and published
+ * in row order afterwards, as before. With a GPU backend a step's decode
+ * takes less time than drawing 64 tokens from 49152 logits one after the
+ * other (session 18: 0.5 against ~1.7 ms on the H200 machine's CPU). */
+typedef struct {
+    eng_engine *e;
+    eng_seq **seqs;
+    float **rows;
+} draw_job;
+
+static void draw_task(void *ctx, int task, int worker) {
+    draw_job *j = ctx;
+    eng_seq *s = j->seqs[task];
+    s->drawn_lp = 0.0f;
+    s->drawn = eng_sampler_sample(s->sampler, j->rows[task], s->req->logprobs ? &s->drawn_lp : NULL);
+}
+
+static void draw_ahead(eng_engine *e, int n_segs) {
+    if (!e->draw_tp || n_segs < 8)
+        return;
+    eng_seq *seqs[n_segs];
+    float *rows[n_segs];
+    int n = 0, row = 0;
+    for (int k = 0; k < n_segs; k++) {
+        if (!e->segs[k].want_logits)
+            continue;
+        eng_seq *s = e->seg_seq[k];
+        const eng_req *r = s->req;
+        if (r->forked || r->n == 1) {
+            seqs[n] = s;
+            rows[n++] = e->logits + (size_t)row * e->n_vocab;
+        }
+        row++;
+    }
+    draw_job j = {.e = e, .seqs = seqs, .rows = rows};
+    eng_threadpool_run(e->draw_tp, draw_task, &j, n);
 }
 
 /* The logits of the last pending token of s: its next token. The first time a
@@ -689,13 +736,15 @@ static void step(eng_engine *e) {
         eng_batch b = {.n_segs = n_segs, .segs = e->segs};
         int rows = eng_batch_logit_rows(&b);
         if (rows > e->cap_logit_rows) {
-            free(e->logits);
-            e->logits = malloc((size_t)rows * (size_t)e->n_vocab * sizeof(float));
+            eng_backend_free_host(e->backend, e->logits);
+            e->logits = eng_backend_alloc_host(e->backend, (size_t)rows * (size_t)e->n_vocab * sizeof(float));
             ENG__CHECK(e->logits, "out of memory for %d rows of logits", rows);
             e->cap_logit_rows = rows;
         }
         char err[512];
         int rc = eng_forward(e->backend, &b, e->logits, err, sizeof err);
+        if (!rc)
+            draw_ahead(e, n_segs);
         double t1 = now_s();
         eng_metrics_begin(e->metrics);
         int row = 0;
@@ -789,7 +838,10 @@ static void *engine_main(void *arg) {
 /* ---- public API ---------------------------------------------------------------- */
 
 static void engine_free(eng_engine *e) {
+    if (e->backend)
+        eng_backend_free_host(e->backend, e->logits);  /* (none without a backend) */
     eng_backend_destroy(e->backend);
+    eng_threadpool_destroy(e->draw_tp);
     if (e->pool)
         kvc_pool_destroy(e->pool);
     eng_model_free(e->model);
@@ -804,7 +856,6 @@ static void engine_free(eng_engine *e) {
     free(e->waiting);
     free(e->segs);
     free(e->seg_seq);
-    free(e->logits);
     free(e->pristine);
     free(e->work);
     free(e->events);
@@ -845,6 +896,10 @@ static int check_config(const eng_engine_config *c, char *err, size_t errlen) {
     }
     if (!c->model_path) {
         snprintf(err, errlen, "engine: no model path");
+        return -1;
+    }
+    if (c->backend && strcmp(c->backend, "cpu") && strcmp(c->backend, "cuda")) {
+        snprintf(err, errlen, "engine: backend \"%s\": must be cpu or cuda", c->backend);
         return -1;
     }
     return 0;
@@ -911,6 +966,7 @@ eng_engine *eng_engine_create(const eng_engine_config *cfg, char *err, size_t er
     e->cfg.kv_v = e->kv_v;
     e->cfg.calib_path = e->calib_path;
     e->cfg.profile_name = e->profile_name;
+    e->cfg.backend = cfg->backend && !strcmp(cfg->backend, "cuda") ? "cuda" : "cpu";
 
     e->model = eng_model_load(cfg->model_path, err, errlen);
     if (!e->model)
@@ -927,7 +983,9 @@ eng_engine *eng_engine_create(const eng_engine_config *cfg, char *err, size_t er
         .n_layer = mc->n_layer, .n_kv_head = mc->n_kv_head, .head_dim = mc->head_dim,
         .block_size = cfg->block_size, .memory_bytes = cfg->kv_memory,
         .k_codec = e->kv_k, .v_codec = e->kv_v, .calib = e->calib_path,
-        .prefault = 1,  /* a serving engine: page faults belong at start-up, not in steps */
+        /* a serving engine: page faults belong at start-up, not in steps (the
+         * cuda backend's pages live on the device: the host arena stays unused) */
+        .prefault = strcmp(e->cfg.backend, "cuda") != 0,
     };
     if (kvc_pool_create(&kc, &e->pool, err, errlen) != KVC_OK)
         goto fail;
@@ -945,10 +1003,16 @@ eng_engine *eng_engine_create(const eng_engine_config *cfg, char *err, size_t er
         e->n_ctx = e->pages_total * e->block_size;
     }
     e->watermark_pages = (int)ceil((double)cfg->watermark * e->pages_total);
-    eng_backend_options bo = {.n_threads = cfg->threads};
-    e->backend = eng_backend_cpu_create(e->model, e->pool, &bo, err, errlen);
+    eng_backend_options bo = {.n_threads = cfg->threads, .device = cfg->device};
+    e->backend = eng_backend_create(e->cfg.backend, e->model, e->pool, &bo, err, errlen);
     if (!e->backend)
         goto fail;
+    /* the CPU backend's workers are busy in the forward pass; a GPU's leave
+     * the cores free for drawing tokens */
+    if (strcmp(e->backend->name, "cpu") && !(e->draw_tp = eng_threadpool_create(cfg->threads > 0 ? cfg->threads : 0))) {
+        snprintf(err, errlen, "engine: cannot start sampling threads");
+        goto fail;
+    }
     e->pristine = malloc((size_t)e->n_vocab * sizeof(float));
     e->work = malloc((size_t)e->n_vocab * sizeof(float));
     describe_cache(e);

@@ -51,6 +51,8 @@ typedef struct {
     /* model and backend */
     const char *model_path;
     int threads;                /* compute threads; <= 0: all cores */
+    const char *backend;        /* "cpu" (NULL: cpu) or "cuda" (eng_backend_create) */
+    int device;                 /* cuda: the GPU's index */
     /* KV cache */
     size_t kv_memory;           /* bytes of KV arena */
     int block_size;             /* tokens per page (16) */

@@ -81,29 +81,16 @@ int eng_batch_logit_rows(const eng_batch *b) {
 
 /* ---- RoPE ------------------------------------------------------------------ */
 
-static void rope_init_freqs(cpu_backend *cb) {
-    const eng_model_config *c = &cb->m->cfg;
-    int half = c->rope_dim / 2;
-    for (int i = 0; i < half; i++) {
-        double f = 1.0 / pow((double)c->rope_theta, (double)(2 * i) / c->rope_dim);
-        if (c->rope_scaling == ENG_ROPE_SCALING_LINEAR && c->rope_factor > 0) {
-            f /= c->rope_factor;
-        } else if (c->rope_scaling == ENG_ROPE_SCALING_LLAMA3) {
-            /* Llama 3.1: long wavelengths are divided by `factor`, short ones
-             * kept, and the band between is interpolated smoothly. */
-            double low_wl = c->rope_orig_ctx / c->rope_low_freq_factor;
-            double high_wl = c->rope_orig_ctx / c->rope_high_freq_factor;
-            double wl = 2 * M_PI / f;
-            if (wl > low_wl) {
-                f /= c->rope_factor;
-            } else if (wl >= high_wl) {
-                double s = (c->rope_orig_ctx / wl - c->rope_low_freq_factor) /
-                           (c->rope_high_freq_factor - c->rope_low_freq_factor);
-                f = (1 - s) * f / c->rope_factor + s * f;
-            }
-        }
-        cb->inv_freq[i] = (float)f; /* transformers keeps inv_freq in float32 */
-    }
+static int rope_init_freqs(cpu_backend *cb) {
+    const int half = cb->m->cfg.rope_dim / 2;
+    float *f = malloc(sizeof(float) * (size_t)(half + 1));
+    if (!f)
+        return -1;
+    eng_rope_inv_freq(&cb->m->cfg, f);
+    for (int i = 0; i < half; i++)
+        cb->inv_freq[i] = f[i];
+    free(f);
+    return 0;
 }
 
 static int rope_grow(cpu_backend *cb, int n_pos) {
@@ -727,7 +714,11 @@ eng_backend *eng_backend_cpu_create(const eng_model *m, kvc_pool *pool, const en
         cpu_destroy(&cb->base);
         return NULL;
     }
-    rope_init_freqs(cb);
+    if (rope_init_freqs(cb)) {
+        snprintf(err, errlen, "cpu backend: out of memory");
+        cpu_destroy(&cb->base);
+        return NULL;
+    }
     cb->pre_rope = kvc_keys_pre_rope(pool);
     if (opt && opt->absorb && absorbed_init(cb, err, errlen)) {
         cpu_destroy(&cb->base);

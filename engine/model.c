@@ -2,6 +2,7 @@
  * preparation and shape check of every weight, fusion of matrices, freeing. */
 #include "engine/model.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -306,4 +307,28 @@ int eng_model_finish(eng_model *m, char *err, size_t errlen) {
         return -1;
     }
     return 0;
+}
+
+void eng_rope_inv_freq(const eng_model_config *c, float *out) {
+    const int half = c->rope_dim / 2;
+    for (int i = 0; i < half; i++) {
+        double f = 1.0 / pow((double)c->rope_theta, (double)(2 * i) / c->rope_dim);
+        if (c->rope_scaling == ENG_ROPE_SCALING_LINEAR && c->rope_factor > 0) {
+            f /= c->rope_factor;
+        } else if (c->rope_scaling == ENG_ROPE_SCALING_LLAMA3) {
+            /* Llama 3.1: long wavelengths are divided by `factor`, short ones
+             * kept, and the band between is interpolated smoothly. */
+            double low_wl = c->rope_orig_ctx / c->rope_low_freq_factor;
+            double high_wl = c->rope_orig_ctx / c->rope_high_freq_factor;
+            double wl = 2 * M_PI / f;
+            if (wl > low_wl) {
+                f /= c->rope_factor;
+            } else if (wl >= high_wl) {
+                double s = (c->rope_orig_ctx / wl - c->rope_low_freq_factor) /
+                           (c->rope_high_freq_factor - c->rope_low_freq_factor);
+                f = (1 - s) * f / c->rope_factor + s * f;
+            }
+        }
+        out[i] = (float)f;
+    }
 }

@@ -77,6 +77,12 @@ typedef struct eng_model {
     void *release_ctx;
 } eng_model;
 
+/* The RoPE inverse frequency of each rotated pair i < rope_dim / 2, with the
+ * config's scaling (linear, or Llama 3.1's smooth band), computed in double
+ * and rounded to f32 as transformers keeps them. Both backends rotate with
+ * these. */
+void eng_rope_inv_freq(const eng_model_config *c, float *out);
+
 /* Loads a model from a GGUF file or a Hugging Face directory (config.json +
  * model.safetensors or model.safetensors.index.json + tokenizer). Returns NULL
  * with a message naming the file and what is wrong. */

@@ -186,10 +186,12 @@ int cli_runtime_load(cli_runtime *rt, const char *model_path) {
 int cli_runtime_start(cli_runtime *rt, const cli_runtime_opts *o) {
     char err[512];
     const eng_model_config *c = &rt->model->cfg;
+    /* no codec given: exact f32 pages on the CPU, f16 (the kernels' baseline) on the GPU */
+    const char *dflt = o->backend && !strcmp(o->backend, "cuda") ? "f16" : "f32";
     kvc_config kc = {
         .n_layer = c->n_layer, .n_kv_head = c->n_kv_head, .head_dim = c->head_dim,
         .block_size = o->block_size > 0 ? o->block_size : 16,
-        .k_codec = o->kv_k ? o->kv_k : "f32", .v_codec = o->kv_v ? o->kv_v : "f32", .calib = o->calib,
+        .k_codec = o->kv_k ? o->kv_k : dflt, .v_codec = o->kv_v ? o->kv_v : dflt, .calib = o->calib,
     };
     kc.memory_bytes = o->kv_memory;
     if (!kc.memory_bytes) {
@@ -212,8 +214,8 @@ int cli_runtime_start(cli_runtime *rt, const cli_runtime_opts *o) {
         cli_runtime_close(rt);
         return -1;
     }
-    eng_backend_options bo = {.n_threads = o->threads, .absorb = o->absorb};
-    rt->backend = eng_backend_cpu_create(rt->model, rt->pool, &bo, err, sizeof err);
+    eng_backend_options bo = {.n_threads = o->threads, .absorb = o->absorb, .device = o->device};
+    rt->backend = eng_backend_create(o->backend, rt->model, rt->pool, &bo, err, sizeof err);
     if (!rt->backend) {
         fprintf(stderr, "kvserve: %s\n", err);
         cli_runtime_close(rt);

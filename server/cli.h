@@ -49,12 +49,14 @@ typedef struct {
     int block_size;
     size_t kv_memory;        /* 0: sized for n_seqs x ctx_tokens */
     bool absorb;             /* fold the K/V projections into the codecs' bases (eng_backend_options) */
+    const char *backend;     /* "cpu" (NULL) or "cuda" */
+    int device;              /* cuda: the GPU's index */
 } cli_runtime_opts;
 
 /* Loads the model (rt zeroed first); prints the error naming the file on
  * failure and returns -1. */
 int cli_runtime_load(cli_runtime *rt, const char *model_path);
-/* Sets up the KV pool and the CPU backend for the loaded model. */
+/* Sets up the KV pool and the backend (o->backend) for the loaded model. */
 int cli_runtime_start(cli_runtime *rt, const cli_runtime_opts *o);
 void cli_runtime_close(cli_runtime *rt);
 

@@ -21,7 +21,8 @@
 static const char usage[] =
     "usage: kvserve bench --model PATH [--prompt-len N] [--gen-len N] [--repeat N]\n"
     "                     [--kv SPEC | --kv-k SPEC --kv-v SPEC] [--calib FILE] [--absorb]\n"
-    "                     [--block-size N] [--threads N] [--batch N] [--json]\n\n"
+    "                     [--block-size N] [--threads N] [--backend cpu|cuda] [--device N] [--batch N]\n"
+    "                     [--json]\n\n"
     "Single-stream prefill and decode tokens/s.\n"
     "With --concurrency N: the engine benchmark (kvserve bench --concurrency N --help).\n"
     "With --capacity: bytes per token and what fits in --kv-memory, per KV setting (--capacity --help).";
@@ -133,7 +134,8 @@ int cmd_bench(int argc, char **argv) {
     for (int i = 1; i < argc; i++)
         if (!strncmp(argv[i], "--concurrency", 13) && (argv[i][13] == 0 || argv[i][13] == '='))
             return cmd_bench_engine(argc, argv);
-    const char *model = NULL, *kv = NULL, *kv_k = NULL, *kv_v = NULL, *calib = NULL;
+    const char *model = NULL, *kv = NULL, *kv_k = NULL, *kv_v = NULL, *calib = NULL, *backend = NULL;
+    int device = 0;
     int prompt_len = 512, gen_len = 128, repeat = 3, threads = 0, batch = 512, block_size = 16;
     bool json = false, absorb = false;
     const cli_flag flags[] = {
@@ -148,6 +150,8 @@ int cmd_bench(int argc, char **argv) {
         {"--absorb", CLI_BOOL, &absorb, "fold the K/V projections into the codecs' bases where they have one"},
         {"--block-size", CLI_INT, &block_size, "tokens per KV page (default 16)"},
         {"--threads", CLI_INT, &threads, "compute threads (default: all cores)"},
+        {"--backend", CLI_STR, &backend, "cpu (default) or cuda (builds made with make CUDA=1)"},
+        {"--device", CLI_INT, &device, "cuda: the GPU's index (default 0)"},
         {"--batch", CLI_INT, &batch, "prefill chunk in tokens (default 512)"},
         {"--json", CLI_BOOL, &json, "print one JSON object"},
         {NULL, 0, NULL, NULL},
@@ -177,7 +181,8 @@ int cmd_bench(int argc, char **argv) {
     if (!kv_v)
         kv_v = kv;
     cli_runtime_opts ro = {.threads = threads, .ctx_tokens = n_ctx, .n_seqs = 1, .kv_k = kv_k, .kv_v = kv_v,
-                           .calib = calib, .block_size = block_size, .absorb = absorb};
+                           .calib = calib, .block_size = block_size, .absorb = absorb,
+                           .backend = backend, .device = device};
     char err[512];
     if (cli_runtime_start(&rt, &ro)) {
         cli_runtime_close(&rt);

@@ -27,7 +27,7 @@
 static const char usage[] =
     "usage: kvserve bench --model PATH --concurrency N [--prompt-len N] [--gen-len N] [--requests N]\n"
     "                     [--kv SPEC] [--kv-k SPEC] [--kv-v SPEC] [--calib FILE] [--kv-memory BYTES]\n"
-    "                     [--threads N] [--max-batched-tokens N] [--prefill-chunk N] [--block-size N]\n"
+    "                     [--threads N] [--backend cpu|cuda] [--device N] [--max-batched-tokens N] [--prefill-chunk N] [--block-size N]\n"
     "                     [--json]\n\n"
     "Engine benchmark: N requests in flight through the continuous-batching scheduler;\n"
     "output tokens/s, TTFT and inter-token latency percentiles, peak KV pages used.";
@@ -156,7 +156,8 @@ static double metric_value(eng_engine *e, const char *series) {
 }
 
 int cmd_bench_engine(int argc, char **argv) {
-    const char *model = NULL, *kv = NULL, *kv_k = NULL, *kv_v = NULL, *calib = NULL;
+    const char *model = NULL, *kv = NULL, *kv_k = NULL, *kv_v = NULL, *calib = NULL, *backend = NULL;
+    int device = 0;
     int concurrency = 0, prompt_len = 256, gen_len = 128, n_requests = 0, threads = 0;
     int max_batched = 2048, chunk = 512, block_size = 16;
     size_t kv_memory = 0;
@@ -173,6 +174,8 @@ int cmd_bench_engine(int argc, char **argv) {
         {"--calib", CLI_STR, &calib, "calibration file for pca codecs (kvserve calibrate)"},
         {"--kv-memory", CLI_SIZE, &kv_memory, "KV arena (default: room for every request in flight)"},
         {"--threads", CLI_INT, &threads, "compute threads (default: all cores)"},
+        {"--backend", CLI_STR, &backend, "cpu (default) or cuda (builds made with make CUDA=1)"},
+        {"--device", CLI_INT, &device, "cuda: the GPU's index (default 0)"},
         {"--max-batched-tokens", CLI_INT, &max_batched, "tokens per step (default 2048)"},
         {"--prefill-chunk", CLI_INT, &chunk, "prompt tokens of one request per step (default 512)"},
         {"--block-size", CLI_INT, &block_size, "tokens per KV page (default 16)"},
@@ -208,6 +211,8 @@ int cmd_bench_engine(int argc, char **argv) {
     eng_engine_config_default(&cfg);
     cfg.model_path = model;
     cfg.threads = threads;
+    cfg.backend = backend;
+    cfg.device = device;
     cfg.kv_memory = kv_memory;
     cfg.block_size = block_size;
     cfg.kv_k = kv_k;
@@ -349,21 +354,23 @@ int cmd_bench_engine(int argc, char **argv) {
     double tps = produced / wall;
     if (json) {
         printf("{\"model\": \"%s\", \"concurrency\": %d, \"requests\": %d, \"prompt_len\": %d, \"gen_len\": %d, "
-               "\"kv_k\": \"%s\", \"kv_v\": \"%s\", \"bytes_per_token\": %zu, \"threads\": %d, \"isa\": \"%s\", "
+               "\"kv_k\": \"%s\", \"kv_v\": \"%s\", \"bytes_per_token\": %zu, \"backend\": \"%s\", \"threads\": %d, "
+               "\"isa\": \"%s\", "
                "\"output_tokens_per_s\": %.2f, \"total_tokens_per_s\": %.2f, \"wall_s\": %.3f, "
                "\"ttft_p50_s\": %.4f, \"ttft_p90_s\": %.4f, \"ttft_p99_s\": %.4f, "
                "\"itl_p50_s\": %.4f, \"itl_p90_s\": %.4f, \"itl_p99_s\": %.4f, "
                "\"peak_pages_used\": %d, \"pages_total\": %d, \"block_size\": %d, \"preemptions\": %.0f, "
                "\"steps\": %llu}\n",
                eng_engine_model(e)->name ? eng_engine_model(e)->name : model, concurrency, n_requests, prompt_len,
-               gen_len, kv_k, kv_v, es.bytes_per_token, threads, eng_matmul_isa(), tps,
+               gen_len, kv_k, kv_v, es.bytes_per_token, backend ? backend : "cpu", threads, eng_matmul_isa(), tps,
                (produced + (double)n_requests * prompt_len) / wall, wall, percentile(ttft, (size_t)n_requests, 50),
                percentile(ttft, (size_t)n_requests, 90), percentile(ttft, (size_t)n_requests, 99),
                percentile(all_itl, n_itl, 50), percentile(all_itl, n_itl, 90), percentile(all_itl, n_itl, 99),
                es.pages_peak, es.pages_total, block_size, preemptions, (unsigned long long)es.steps);
     } else {
-        printf("concurrency %d, %d requests of %d prompt + %d generated tokens, KV %s/%s (%zu bytes/token)\n",
-               concurrency, n_requests, prompt_len, gen_len, kv_k, kv_v, es.bytes_per_token);
+        printf("concurrency %d, %d requests of %d prompt + %d generated tokens, KV %s/%s (%zu bytes/token), "
+               "backend %s\n",
+               concurrency, n_requests, prompt_len, gen_len, kv_k, kv_v, es.bytes_per_token, backend ? backend : "cpu");
         printf("  output        %.1f tokens/s (%ld tokens in %.2f s; %.1f tokens/s with prompts)\n", tps, produced,
                wall, (produced + (double)n_requests * prompt_len) / wall);
         printf("  TTFT          p50 %.3f s  p90 %.3f s  p99 %.3f s\n", percentile(ttft, (size_t)n_requests, 50),

@@ -12,7 +12,8 @@
 
 static const char usage[] =
     "usage: kvserve generate --model PATH --prompt TEXT [--chat] [--max-tokens N]\n"
-    "                        [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S]\n\n"
+    "                        [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S]\n"
+    "                        [--backend cpu|cuda] [--device N]\n\n"
     "Generates a completion for one prompt and streams it to stdout; timing goes to stderr.\n"
     "--chat wraps the prompt as a user message in the model's chat template.";
 
@@ -58,7 +59,8 @@ static int prompt_tokens(const eng_model *m, const char *prompt, const char *sys
 }
 
 int cmd_generate(int argc, char **argv) {
-    const char *model = NULL, *prompt = NULL, *system = NULL;
+    const char *model = NULL, *prompt = NULL, *system = NULL, *backend = NULL;
+    int device = 0;
     bool chat = false, ignore_eos = false, verbose = false;
     int max_tokens = 256, threads = 0;
     eng_sampling_params sp;
@@ -80,6 +82,8 @@ int cmd_generate(int argc, char **argv) {
         {"--seed", CLI_U64, &sp.seed, "random seed (default 0)"},
         {"--ignore-eos", CLI_BOOL, &ignore_eos, "keep going past end-of-generation tokens"},
         {"--threads", CLI_INT, &threads, "compute threads (default: all cores)"},
+        {"--backend", CLI_STR, &backend, "cpu (default) or cuda (builds made with make CUDA=1)"},
+        {"--device", CLI_INT, &device, "cuda: the GPU's index (default 0)"},
         {"--verbose", CLI_BOOL, &verbose, "print the prompt text and token ids to stderr"},
         {NULL, 0, NULL, NULL},
     };
@@ -114,7 +118,7 @@ int cmd_generate(int argc, char **argv) {
         cli_runtime_close(&rt);
         return 1;
     }
-    cli_runtime_opts ro = {.threads = threads, .ctx_tokens = n_ctx, .n_seqs = 1};
+    cli_runtime_opts ro = {.threads = threads, .ctx_tokens = n_ctx, .n_seqs = 1, .backend = backend, .device = device};
     if (cli_runtime_start(&rt, &ro)) {
         free(ids);
         cli_runtime_close(&rt);

@@ -20,7 +20,7 @@
 static const char usage[] =
     "usage: kvserve ppl --model PATH --text FILE [--ctx N] [--max-tokens N] [--json]\n"
     "                   [--kv SPEC | --kv-k SPEC --kv-v SPEC] [--calib FILE] [--absorb] [--batch N]\n"
-    "                   [--threads N]\n\n"
+    "                   [--threads N] [--backend cpu|cuda] [--device N]\n\n"
     "Perplexity over non-overlapping windows of --ctx tokens; progress on stderr.";
 
 /* -log p(target) from one row of logits, in double. */
@@ -36,7 +36,8 @@ static double nll_of(const float *logits, int n_vocab, int32_t target) {
 }
 
 int cmd_ppl(int argc, char **argv) {
-    const char *model = NULL, *text_path = NULL, *kv = NULL, *kv_k = NULL, *kv_v = NULL, *calib = NULL;
+    const char *model = NULL, *text_path = NULL, *kv = NULL, *kv_k = NULL, *kv_v = NULL, *calib = NULL, *backend = NULL;
+    int device = 0;
     int ctx = 512, max_tokens = 0, batch = 512, threads = 0, block_size = 16;
     bool json = false, absorb = false;
     const cli_flag flags[] = {
@@ -44,7 +45,7 @@ int cmd_ppl(int argc, char **argv) {
         {"--text", CLI_STR, &text_path, "UTF-8 text file"},
         {"--ctx", CLI_INT, &ctx, "window length in tokens (default 512)"},
         {"--max-tokens", CLI_INT, &max_tokens, "use only the first N tokens of the text (default: all)"},
-        {"--kv", CLI_STR, &kv, "KV codec for keys and values (default f32)"},
+        {"--kv", CLI_STR, &kv, "KV codec for keys and values (default f32; f16 with --backend cuda)"},
         {"--kv-k", CLI_STR, &kv_k, "KV codec for keys"},
         {"--kv-v", CLI_STR, &kv_v, "KV codec for values"},
         {"--calib", CLI_STR, &calib, "calibration file for pca codecs (kvserve calibrate)"},
@@ -52,6 +53,8 @@ int cmd_ppl(int argc, char **argv) {
         {"--block-size", CLI_INT, &block_size, "tokens per KV page (default 16)"},
         {"--batch", CLI_INT, &batch, "prefill chunk in tokens (default 512)"},
         {"--threads", CLI_INT, &threads, "compute threads (default: all cores)"},
+        {"--backend", CLI_STR, &backend, "cpu (default) or cuda (builds made with make CUDA=1)"},
+        {"--device", CLI_INT, &device, "cuda: the GPU's index (default 0)"},
         {"--json", CLI_BOOL, &json, "print one JSON object"},
         {NULL, 0, NULL, NULL},
     };
@@ -102,7 +105,8 @@ int cmd_ppl(int argc, char **argv) {
     const int step = bos ? ctx - 1 : ctx;
     const int n_windows = (n_ids + step - 1) / step;
     cli_runtime_opts ro = {.threads = threads, .ctx_tokens = ctx, .n_seqs = 1, .kv_k = kv_k, .kv_v = kv_v,
-                           .calib = calib, .block_size = block_size, .absorb = absorb};
+                           .calib = calib, .block_size = block_size, .absorb = absorb,
+                           .backend = backend, .device = device};
     if (n_ids < 2 || cli_runtime_start(&rt, &ro)) {
         if (n_ids < 2)
             fprintf(stderr, "kvserve ppl: %s has %d tokens; need at least 2\n", text_path, n_ids);
@@ -166,13 +170,13 @@ int cmd_ppl(int argc, char **argv) {
         if (json)
             printf("{\"ppl\": %.6f, \"tokens\": %ld, \"ctx\": %d, \"windows\": %d, \"kv_k\": \"%s\", "
                    "\"kv_v\": \"%s\", \"bytes_per_token\": %zu, \"compression_ratio\": %.4f, "
-                   "\"absorbed\": \"%s\", \"seconds\": %.3f, \"tokens_per_s\": %.1f}\n",
-                   ppl, scored, ctx, n_windows, kv_k ? kv_k : "f32", kv_v ? kv_v : "f32", bpt, f16_bpt / bpt,
-                   eng_absorbed_name(rt.backend->absorbed), secs, (double)n_ids / secs);
+                   "\"absorbed\": \"%s\", \"backend\": \"%s\", \"seconds\": %.3f, \"tokens_per_s\": %.1f}\n",
+                   ppl, scored, ctx, n_windows, kvc_k_codec(rt.pool), kvc_v_codec(rt.pool), bpt, f16_bpt / bpt,
+                   eng_absorbed_name(rt.backend->absorbed), rt.backend->name, secs, (double)n_ids / secs);
         else
             printf("ppl = %.4f over %ld tokens (ctx %d, %d windows, KV %s/%s, %zu bytes/token, absorbed %s) "
-                   "in %.1f s\n", ppl, scored, ctx, n_windows, kv_k ? kv_k : "f32", kv_v ? kv_v : "f32", bpt,
-                   eng_absorbed_name(rt.backend->absorbed), secs);
+                   "in %.1f s (%s)\n", ppl, scored, ctx, n_windows, kvc_k_codec(rt.pool), kvc_v_codec(rt.pool), bpt,
+                   eng_absorbed_name(rt.backend->absorbed), secs, rt.backend->name);
     }
     free(logits);
     free(win);

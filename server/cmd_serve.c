@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "api/profile.h"
+#include "engine/backend.h"
 #include "server/server.h"
 
 #define DEFAULT_MODEL_FILE "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -181,17 +182,21 @@ int cmd_serve(int argc, char **argv) {
                 strerror(errno));
         goto out;
     }
-    if (!strcmp(cfg.backend, "cuda")) {
-        /* The cache's CUDA kernels exist (make CUDA=1, make gpu-bins); a
-         * backend that runs the model's forward pass on the GPU does not. */
+    if (!strcmp(cfg.backend, "cuda") && !eng_backend_has_cuda()) {
         fprintf(stderr,
-                "kvserve serve: %s%s%sbackend \"cuda\", but kvserve has no CUDA engine backend yet: the "
-                "model runs on the CPU only (the cache's GPU kernels are tested and measured apart: make "
-                "gpu-bins).\n"
+                "kvserve serve: %s%s%sbackend \"cuda\", but this kvserve was built without CUDA (build it with "
+                "make CUDA=1 on a machine with nvcc).\n"
                 "The CPU is one flag away: add --backend cpu (and a --kv-memory that fits this machine).\n",
                 profile ? "profile " : "", profile ? path : "", profile ? " sets " : "");
         goto out;
     }
+    if (!strcmp(cfg.backend, "cuda") && cfg.devices && strchr(cfg.devices, ','))
+        /* one engine, one GPU: the model's layers are not split across devices */
+        fprintf(stderr,
+                "kvserve serve: %s%s%sdevices %s: the cuda backend runs on one GPU, device %d (run one "
+                "daemon per GPU to use the others)\n",
+                profile ? "profile " : "", profile ? path : "", profile ? " sets " : "", cfg.devices,
+                atoi(cfg.devices));
     char pname[sizeof path] = "";
     if (profile) {
         const char *base = strrchr(path, '/');

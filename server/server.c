@@ -923,6 +923,8 @@ static void load_work(uv_work_t *w) {
     eng_engine_config_default(&ec);
     ec.model_path = c->model;
     ec.threads = c->threads;
+    ec.backend = c->backend;
+    ec.device = c->devices ? atoi(c->devices) : 0;
     ec.kv_memory = c->kv_memory;
     ec.block_size = c->block_size;
     ec.kv_k = c->kv_k;

@@ -23,6 +23,15 @@
 #      gpu_bench with AB_ARGS (e.g. --match " pw"), and the summary is a
 #      table of the decode default plans, steps and prefills, a column per
 #      entry and round.
+#   9. engine (only when named in STEPS): the cuda backend on a real model
+#      from ENGINE_BUILD (default build-cuda: a `make CUDA=1` build, or a
+#      packed one, PROGS="kvserve gpu_engine" tools/gpu_pack.sh NAME
+#      build-cuda): gpu_engine (every logit row of mixed batches against the
+#      CPU backend, per codec), kvserve ppl on both backends, and kvserve
+#      bench --backend cuda at ENGINE_CONC (default "64 256") requests in
+#      flight per codec in ENGINE_KV (default "f16 int8 int4 f16/int4").
+#      MODEL (default the SmolLM2 download) and TEXT (a UTF-8 text file) name
+#      the inputs.
 # A BUILD of a packed build (build-pack/NAME) is unpacked into BUILD/gpu first.
 # Logs go to $OUT (or ./build-gpu/out); the summary is printed last.
 #   STEPS="test san bench sdpa" (default all) picks steps; BENCH_ARGS passes
@@ -197,6 +206,40 @@ if has ab; then
             }' >"$OUT/ab.txt"
 fi
 
+if has engine; then
+    eb=${ENGINE_BUILD:-build-cuda}
+    unpack "$eb"
+    ek=$eb/gpu/kvserve; [ -x "$ek" ] || ek=$eb/kvserve
+    model=${MODEL:-$HOME/.cache/kvserve/SmolLM2-135M-Instruct.Q4_1.gguf}
+    text=${TEXT:?STEPS=engine needs TEXT=FILE, a UTF-8 text}
+    # cuBLAS: the CUDA install's, else a Python wheel's (PyTorch's)
+    if ! ldd "$ek" | grep -q "libcublas.so.*=> /"; then
+        d=$(dirname "$(find / -name 'libcublas.so.1[0-9]*' -not -path '*/proc/*' 2>/dev/null | head -1)")
+        export LD_LIBRARY_PATH=${d}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    fi
+    echo "== gpu_engine"
+    timeout "${T_ENGINE:-300}" "$eb/gpu/gpu_engine" "$model" "$text" ${ENGINE_ARGS:-} >"$OUT/engine.log" 2>&1; rc=$?
+    echo "gpu_engine exit $rc" >>"$OUT/engine.log"
+    grep -vE "^(FAIL)" "$OUT/engine.log" | tail -12; grep -E "^FAIL" "$OUT/engine.log" | head -20
+    [ $rc = 0 ] || status=1
+    echo "== kvserve ppl, cpu and cuda"
+    for kv in ${ENGINE_PPL_KV:-f16 int8 int4}; do
+        for be in cpu cuda; do
+            timeout 300 "$ek" ppl --model "$model" --text "$text" --ctx 512 --max-tokens 8192 --kv "$kv" \
+                --backend $be --json 2>>"$OUT/ppl.err" | tee -a "$OUT/ppl.log" || status=1
+        done
+    done
+    echo "== kvserve bench --backend cuda"
+    for kv in ${ENGINE_KV:-f16 int8 int4 f16/int4}; do
+        k=${kv%/*}; v=${kv#*/}
+        for c in ${ENGINE_CONC:-64 256}; do
+            timeout 300 "$ek" bench --model "$model" --backend cuda --concurrency "$c" --requests "$((2 * c))" \
+                --prompt-len "${ENGINE_PROMPT:-512}" --gen-len "${ENGINE_GEN:-256}" --kv-k "$k" --kv-v "$v" \
+                --max-batched-tokens 8192 --json 2>>"$OUT/engine_bench.err" | tee -a "$OUT/engine_bench.log" || status=1
+        done
+    done
+fi
+
 echo "================ summary ================"
 [ -f "$OUT/test.log" ] && grep -E "^gpu_test:|FAIL" "$OUT/test.log" | head -12
 for tool in memcheck racecheck; do
@@ -206,4 +249,5 @@ done
 [ -f "$OUT/sdpa.log" ] && grep -E "^SDPA|Error|error" "$OUT/sdpa.log"
 [ -f "$OUT/timeline.log" ] && cat "$OUT/timeline.log"
 [ -f "$OUT/ab.txt" ] && cat "$OUT/ab.txt"
+[ -f "$OUT/engine.log" ] && grep -E "^gpu_engine|rows|refused" "$OUT/engine.log"
 exit $status

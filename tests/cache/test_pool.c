@@ -4,8 +4,10 @@
  * block tables imply, tables must never hold a page twice, and every sequence
  * that shared a page with a written one must still read back its own
  * contents (copy-on-write). Also: config validation messages, accounting,
- * capacity, concurrent kvc_write copy-on-write, and broken invariants (a
- * corrupt free list, a double free) being caught. */
+ * capacity, concurrent kvc_write copy-on-write, the copy-on-write of a
+ * backend that keeps the bytes elsewhere (kvc_seq_prepare_write and the page
+ * copier), and broken invariants (a corrupt free list, a double free) being
+ * caught. */
 #include <criterion/criterion.h>
 #include <math.h>
 #include <pthread.h>
@@ -429,6 +431,71 @@ Test(pool, concurrent_write_copies_shared_page_once) {
         kvc_seq_release(pool, &b);
         cr_assert_eq(kvc_pages_free(pool), kvc_pages_total(pool));
     }
+    kvc_pool_destroy(pool);
+}
+
+/* ---- pages kept elsewhere: prepare_write and the page copier ------------------ */
+
+typedef struct {
+    int n;
+    int32_t dst[8], src[8];
+} copies;
+
+static void record_copy(void *ctx, int32_t dst, int32_t src) {
+    copies *c = ctx;
+    cr_assert_lt(c->n, 8);
+    c->dst[c->n] = dst;
+    c->src[c->n++] = src;
+}
+
+Test(pool, prepare_write_copies_shared_pages_through_the_copier) {
+    kvc_config c = {.n_layer = 2, .n_kv_head = 1, .head_dim = 4, .block_size = 4,
+                    .memory_bytes = 1 << 16, .k_codec = "f32", .v_codec = "f32"};
+    kvc_pool *pool;
+    char err[256];
+    cr_assert_eq(kvc_pool_create(&c, &pool, err, sizeof err), KVC_OK, "%s", err);
+    copies cp = {0};
+    kvc_pool_set_page_copier(pool, record_copy, &cp);
+    kvc_seq a = {0}, b = {0};
+    cr_assert_eq(kvc_seq_reserve(pool, &a, 10), KVC_OK);     /* pages 0..2, the last partial */
+    float k[10 * 4], v[10 * 4];
+    for (int i = 0; i < 40; i++) k[i] = (float)i, v[i] = -(float)i;
+    cr_assert_eq(kvc_write(pool, &a, 0, 0, 10, k, v, 4), KVC_OK);
+    cr_assert_eq(kvc_seq_fork(pool, &a, &b), KVC_OK);
+    const int32_t shared = a.pages[2];
+    /* b writes position 9 (in the shared partial page) itself: prepared, the
+     * page is b's own copy, made by the copier and not by the pool */
+    int free_before = kvc_pages_free(pool);
+    cr_assert_eq(kvc_seq_prepare_write(pool, &b, 9, 1), KVC_OK);
+    cr_assert_eq(cp.n, 1);
+    cr_assert_eq(cp.src[0], shared);
+    cr_assert_eq(cp.dst[0], b.pages[2]);
+    cr_assert_neq(b.pages[2], shared);
+    cr_assert_eq(a.pages[2], shared);
+    cr_assert_eq(kvc_pages_free(pool), free_before - 1);
+    cr_assert_eq(kvc_page_refcount(pool, shared), 1);
+    /* the pool's own arena was not copied into: the copier is the copy */
+    float kb[4], vb[4];
+    kvc_read(pool, &b, 0, 8, 1, kb, vb, 4);
+    cr_assert_eq(kb[0], 0.0f, "the arena's copy was left to the copier");
+    /* again, and the pages before: nothing shared is left, nothing copied */
+    cr_assert_eq(kvc_seq_prepare_write(pool, &b, 0, 10), KVC_OK);
+    cr_assert_eq(cp.n, 3, "pages 0 and 1 were still shared with a");
+    cr_assert_eq(kvc_seq_prepare_write(pool, &a, 0, 10), KVC_OK);
+    cr_assert_eq(cp.n, 3, "a's pages are its own again");
+    /* a copy that finds no free page fails, naming it by its code */
+    kvc_seq d = {0};
+    cr_assert_eq(kvc_seq_fork(pool, &a, &d), KVC_OK);
+    kvc_seq fill = {0};
+    cr_assert_eq(kvc_seq_reserve(pool, &fill, 4 * kvc_pages_free(pool)), KVC_OK);
+    cr_assert_eq(kvc_seq_prepare_write(pool, &d, 0, 1), KVC_ERR_FULL);
+    cr_assert_eq(kvc_seq_prepare_write(pool, &d, 0, 0), KVC_OK, "no positions: nothing to do");
+    kvc_pool_set_page_copier(pool, NULL, NULL);
+    kvc_seq_release(pool, &fill);
+    kvc_seq_release(pool, &d);
+    kvc_seq_release(pool, &a);
+    kvc_seq_release(pool, &b);
+    cr_assert_eq(kvc_pool_validate(pool, err, sizeof err), KVC_OK, "%s", err);
     kvc_pool_destroy(pool);
 }
 

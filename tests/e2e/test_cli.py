@@ -132,6 +132,20 @@ class Errors(unittest.TestCase):
             self.assertEqual(rc, 2, args)
             self.assertIn(msg, err)
 
+    def test_backend_named_in_errors(self):
+        # this build has no CUDA (make test builds the CPU binary): the cuda
+        # backend is refused with what to do, an unknown one by its name
+        for cmd, extra in (("generate", ("--prompt", "x")), ("ppl", ("--text", WIKITEXT, "--max-tokens", "64")),
+                           ("bench", ("--prompt-len", "8", "--gen-len", "2", "--repeat", "1")),
+                           ("bench", ("--concurrency", "2", "--prompt-len", "8", "--gen-len", "2"))):
+            rc, _, err = run(cmd, "--model", MODEL, *extra, "--backend", "cuda", check=False)
+            self.assertEqual(rc, 1, (cmd, err))
+            self.assertIn("built without CUDA", err)
+            self.assertIn("--backend cpu", err)
+        rc, _, err = run("generate", "--model", MODEL, "--prompt", "x", "--backend", "tpu", check=False)
+        self.assertEqual(rc, 1)
+        self.assertIn('backend "tpu": must be cpu or cuda', err)
+
     def test_unknown_command(self):
         rc, _, err = run("frobnicate", check=False)
         self.assertEqual(rc, 2)

@@ -36,7 +36,7 @@ class Profiles(unittest.TestCase):
     def test_gpu_profile_says_cpu_is_one_flag_away(self):
         rc, _, err = run("serve", "--profile", "single-gpu", check=False)
         self.assertEqual(rc, 2)
-        self.assertIn("no CUDA engine backend", err)
+        self.assertIn("built without CUDA", err)
         self.assertIn("--backend cpu", err)
 
     def serve_profile(self, name):
