@@ -82,6 +82,7 @@ static inline const char *eng_absorbed_name(unsigned a) {
 
 struct eng_backend {
     const char *name;
+    const char *desc;        /* for logs: "cpu, 2 threads", "cuda, device 0 (NVIDIA H200)" */
     unsigned absorbed;       /* ENG_ABSORBED_K | ENG_ABSORBED_V, as eng_backend_options.absorb allowed */
     /* logits: (eng_batch_logit_rows(b), n_vocab). Returns 0, or -1 with a
      * message (a position past the model's limit, out of memory). */

@@ -913,8 +913,9 @@ static void describe_cache(eng_engine *e) {
     int cap = kvc_capacity_sequences(e->pool, e->n_ctx);
     fprintf(stderr,
             "KV cache: %d pages x %d tokens = %lld tokens, %zu bytes/token (%.2fx vs f16); "
-            "max concurrency %d at %d tokens per sequence\n",
-            e->pages_total, B, (long long)e->pages_total * B, bpt, ratio, cap, e->n_ctx);
+            "max concurrency %d at %d tokens per sequence; backend %s\n",
+            e->pages_total, B, (long long)e->pages_total * B, bpt, ratio, cap, e->n_ctx,
+            e->backend->desc ? e->backend->desc : e->backend->name);
     eng_metrics_info info = {
         .profile = e->profile_name, .block_size = B,
         .k_codec = kvc_k_codec(e->pool), .v_codec = kvc_v_codec(e->pool),

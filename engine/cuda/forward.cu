@@ -15,8 +15,11 @@
  * segments in one kvc_cu_decode launch (their rows first in the batch),
  * each longer segment (a prefill chunk) with kvc_cu_prefill -> O GEMM ->
  * RMSNorm -> gate/up GEMM -> SwiGLU -> down GEMM. Logits are computed for
- * the rows asked only and copied back; a forward ends with the stream
- * synchronized, so its errors are its own.
+ * the rows asked only and copied back (into page-locked memory where the
+ * caller took it from alloc_host); a forward ends with the stream
+ * synchronized, so its errors are its own. Decode-only steps are replayed
+ * from CUDA graphs (forward_graph: ~400 launches a step cost more host time
+ * than the GPU needs for a small model).
  *
  * The CPU pool keeps the page bookkeeping (block tables, reference counts);
  * its host arena is never touched. Copy-on-write copies of shared pages are
@@ -26,9 +29,9 @@
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdio.h>
-#include <time.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 extern "C" {
 #include "engine/backend.h"
@@ -61,6 +64,7 @@ typedef struct {
 
 typedef struct {
     eng_backend base;
+    char desc[320];
     const eng_model *m;
     kvc_pool *pool;
     kvc_cu_layout L;
@@ -105,6 +109,7 @@ typedef struct {
     do {                                                                                               \
         cudaError_t e_ = (call);                                                                       \
         if (e_ != cudaSuccess) {                                                                       \
+            (void)cudaGetLastError(); /* reported here, not again by the next forward */               \
             snprintf(err, errlen, "cuda backend: %s: %s", what, cudaGetErrorString(e_));               \
             return -1;                                                                                 \
         }                                                                                              \
@@ -121,8 +126,8 @@ typedef struct {
 
 /* ---- kernels ------------------------------------------------------------------ */
 
-/* x[r] = embedding row tokens[r] (fp16 table, exact in f32) */
-__global__ void embed_kernel(const int32_t *tokens, const __half *table, float *x, int n_embd) {
+/* x[r] = embedding row tokens[r] (the fp16 table) */
+static __global__ void embed_kernel(const int32_t *tokens, const __half *table, float *x, int n_embd) {
     const int r = blockIdx.x;
     const __half *src = table + (size_t)tokens[r] * n_embd;
     for (int i = threadIdx.x; i < n_embd; i += blockDim.x)
@@ -130,7 +135,7 @@ __global__ void embed_kernel(const int32_t *tokens, const __half *table, float *
 }
 
 /* Block-wide sum over blockDim.x (a multiple of 32, <= 1024) threads. */
-__device__ float block_sum(float v, float *red) {
+static __device__ float block_sum(float v, float *red) {
     for (int o = 16; o; o >>= 1)
         v += __shfl_xor_sync(0xffffffffu, v, o);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
@@ -146,7 +151,8 @@ __device__ float block_sum(float v, float *red) {
 
 /* out[i] = half(x[rows[i]] / rms * w): RMSNorm of row rows[i] (rows NULL:
  * row i), as norm_row in forward_cpu.c, rounded to fp16 for the GEMM. */
-__global__ void rmsnorm_kernel(const float *x, const int32_t *rows, const float *w, __half *out, int n, float eps) {
+static __global__ void rmsnorm_kernel(const float *x, const int32_t *rows, const float *w, __half *out, int n,
+                                      float eps) {
     __shared__ float red[32];
     const int r = rows ? rows[blockIdx.x] : blockIdx.x;
     const float *xr = x + (size_t)r * n;
@@ -162,8 +168,8 @@ __global__ void rmsnorm_kernel(const float *x, const int32_t *rows, const float 
 /* The QKV rows' bias, then RoPE on the query heads and the key heads at the
  * row's position: the angles in double from the f32 inverse frequencies,
  * rounded to f32 cos / sin as forward_cpu.c's tables are. One block a row. */
-__global__ void qkv_post_kernel(float *qkv, int qkv_dim, const float *bias, const int32_t *pos, const float *inv_freq,
-                                int n_rot_heads, int head_dim, int rope_dim, int neox) {
+static __global__ void qkv_post_kernel(float *qkv, int qkv_dim, const float *bias, const int32_t *pos,
+                                       const float *inv_freq, int n_rot_heads, int head_dim, int rope_dim, int neox) {
     const int r = blockIdx.x;
     float *q = qkv + (size_t)r * qkv_dim;
     if (bias) {
@@ -189,13 +195,13 @@ __global__ void qkv_post_kernel(float *qkv, int qkv_dim, const float *bias, cons
 }
 
 /* out = half(in), n elements */
-__global__ void to_half_kernel(const float *in, __half *out, size_t n) {
+static __global__ void to_half_kernel(const float *in, __half *out, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         out[i] = __float2half_rn(in[i]);
 }
 
 /* out[r][i] = half(silu(gate) * up), gate and up the halves of hb's row r */
-__global__ void swiglu_kernel(const float *hb, __half *out, int n_ff, size_t n) {
+static __global__ void swiglu_kernel(const float *hb, __half *out, int n_ff, size_t n) {
     for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < n; k += (size_t)gridDim.x * blockDim.x) {
         const size_t r = k / n_ff, i = k % n_ff;
         const float g = hb[r * 2 * n_ff + i], u = hb[r * 2 * n_ff + n_ff + i];
@@ -204,7 +210,7 @@ __global__ void swiglu_kernel(const float *hb, __half *out, int n_ff, size_t n) 
 }
 
 /* x[r][i] += b[i] */
-__global__ void add_bias_kernel(float *x, const float *b, int n, size_t total) {
+static __global__ void add_bias_kernel(float *x, const float *b, int n, size_t total) {
     for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < total; k += (size_t)gridDim.x * blockDim.x)
         x[k] += b[k % n];
 }
@@ -709,6 +715,7 @@ static int cuda_forward_impl(cuda_backend *cb, const eng_batch *b, float *logits
 static int cuda_forward(eng_backend *be, const eng_batch *b, float *logits, char *err, size_t errlen) {
     cuda_backend *cb = (cuda_backend *)be;
     cudaSetDevice(cb->device);
+    (void)cudaGetLastError();   /* an earlier call's error was reported by that call */
     return cuda_forward_impl(cb, b, logits, err, errlen);
 }
 
@@ -785,7 +792,8 @@ static int create_impl(cuda_backend *cb, const eng_backend_options *opt, char *e
     const eng_model *m = cb->m;
     const eng_model_config *c = &m->cfg;
     if (c->arch != ENG_ARCH_LLAMA) {
-        snprintf(err, errlen, "cuda backend: the %s architecture is not on the GPU (llama family only): use --backend cpu",
+        snprintf(err, errlen,
+                 "cuda backend: the %s architecture is not on the GPU (llama family only): use --backend cpu",
                  c->arch == ENG_ARCH_GPT2 ? "gpt2" : "model's");
         return -1;
     }
@@ -802,6 +810,11 @@ static int create_impl(cuda_backend *cb, const eng_backend_options *opt, char *e
         return -1;
     }
     CU_TRY(cudaSetDevice(cb->device), "selecting the device");
+    cudaDeviceProp prop;
+    CU_TRY(cudaGetDeviceProperties(&prop, cb->device), "reading the device's properties");
+    snprintf(cb->desc, sizeof cb->desc, "cuda, device %d (%s, %.0f GiB)", cb->device, prop.name,
+             (double)prop.totalGlobalMem / (1 << 30));
+    cb->base.desc = cb->desc;
     if (kvc_cu_layout_init(&cb->L, cb->pool, err, errlen) != KVC_OK)
         return -1;
     cb->layout_ready = true;
@@ -832,7 +845,8 @@ static int create_impl(cuda_backend *cb, const eng_backend_options *opt, char *e
     if (e != cudaSuccess) {
         size_t free_b = 0, total_b = 0;
         cudaMemGetInfo(&free_b, &total_b);
-        snprintf(err, errlen, "cuda backend: KV arena of %zu MiB: %s (%zu MiB free of %zu): lower kv_memory", arena >> 20,
+        snprintf(err, errlen, "cuda backend: KV arena of %zu MiB: %s (%zu MiB free of %zu): lower kv_memory",
+                 arena >> 20,
                  cudaGetErrorString(e), free_b >> 20, total_b >> 20);
         return -1;
     }
