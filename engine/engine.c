@@ -519,7 +519,6 @@ static void sample_token(eng_engine *e, eng_seq *s, float *logits, double now) {
  * takes less time than drawing 64 tokens from 49152 logits one after the
  * other (session 18: 0.5 against ~1.7 ms on the H200 machine's CPU). */
 typedef struct {
-    eng_engine *e;
     eng_seq **seqs;
     float **rows;
 } draw_job;
@@ -548,7 +547,7 @@ static void draw_ahead(eng_engine *e, int n_segs) {
         }
         row++;
     }
-    draw_job j = {.e = e, .seqs = seqs, .rows = rows};
+    draw_job j = {.seqs = seqs, .rows = rows};
     eng_threadpool_run(e->draw_tp, draw_task, &j, n);
 }
 

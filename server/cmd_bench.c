@@ -248,16 +248,17 @@ int cmd_bench(int argc, char **argv) {
                    "\"decode_tokens_per_s\": %.1f, "
                    "\"prompt_len\": %d, \"gen_len\": %d, \"repeat\": %d, \"threads\": %d, \"isa\": \"%s\", "
                    "\"layer_weights\": \"%s\", \"output_weights\": \"%s\", \"kv_k\": \"%s\", \"kv_v\": \"%s\", "
-                   "\"absorbed\": \"%s\"}\n",
+                   "\"absorbed\": \"%s\", \"backend\": \"%s\"}\n",
                    m->name ? m->name : model, pre[repeat / 2], pre_cpu[repeat / 2], dec[repeat / 2], prompt_len,
-                   gen_len, repeat, nt, eng_matmul_isa(), wfmt, ofmt, kv_k ? kv_k : "f32", kv_v ? kv_v : "f32",
-                   eng_absorbed_name(rt.backend->absorbed));
+                   gen_len, repeat, nt, eng_matmul_isa(), wfmt, ofmt, kvc_k_codec(rt.pool), kvc_v_codec(rt.pool),
+                   eng_absorbed_name(rt.backend->absorbed), rt.backend->name);
         else
             printf("prefill %.1f tok/s (%d-token prompt, %.3f CPU s), decode %.1f tok/s (%d tokens); weights %s/%s, "
-                   "kernels %s, KV %s/%s, absorbed %s\n",
+                   "kernels %s, KV %s/%s, absorbed %s, backend %s\n",
                    pre[repeat / 2], prompt_len, pre_cpu[repeat / 2], dec[repeat / 2], gen_len, wfmt, ofmt,
                    eng_matmul_isa(),
-                   kv_k ? kv_k : "f32", kv_v ? kv_v : "f32", eng_absorbed_name(rt.backend->absorbed));
+                   kvc_k_codec(rt.pool), kvc_v_codec(rt.pool), eng_absorbed_name(rt.backend->absorbed),
+                   rt.backend->name);
     }
 done:
     free(ids);
