@@ -30,3 +30,26 @@ eng_backend *eng_backend_create(const char *name, const eng_model *m, kvc_pool *
     snprintf(err, errlen, "backend \"%s\": must be cpu or cuda", name);
     return NULL;
 }
+
+int eng_batch_check(const eng_batch *b, const eng_model_config *c, char *err, size_t errlen) {
+    for (int i = 0; i < b->n_segs; i++) {
+        const eng_segment *s = &b->segs[i];
+        if (s->n_tokens <= 0 || s->pos0 < 0 || !s->seq || s->seq->n_tokens < s->pos0 + s->n_tokens) {
+            snprintf(err, errlen, "forward: segment %d: %d tokens at position %d, %d positions reserved", i,
+                     s->n_tokens, s->pos0, s->seq ? s->seq->n_tokens : 0);
+            return -1;
+        }
+        if (c->arch == ENG_ARCH_GPT2 && s->pos0 + s->n_tokens > c->n_ctx_train) {
+            snprintf(err, errlen, "forward: position %d is past the model's %d learned positions",
+                     s->pos0 + s->n_tokens - 1, c->n_ctx_train);
+            return -1;
+        }
+        for (int t = 0; t < s->n_tokens; t++)
+            if (s->tokens[t] < 0 || s->tokens[t] >= c->n_vocab) {
+                snprintf(err, errlen, "forward: token id %d outside the vocabulary [0, %d)", s->tokens[t],
+                         c->n_vocab);
+                return -1;
+            }
+    }
+    return 0;
+}

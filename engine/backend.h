@@ -36,6 +36,10 @@ typedef struct {
 
 /* Number of logit rows a batch produces (the order is segment order). */
 int eng_batch_logit_rows(const eng_batch *b);
+/* What every backend checks before a forward: each segment has tokens,
+ * positions reserved for them, ids inside the vocabulary and (gpt2)
+ * positions the model learned. 0, or -1 with a message naming the segment. */
+int eng_batch_check(const eng_batch *b, const eng_model_config *c, char *err, size_t errlen);
 
 typedef struct eng_backend eng_backend;
 

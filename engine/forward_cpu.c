@@ -400,19 +400,11 @@ static int cpu_forward(eng_backend *be, const eng_batch *b, float *logits, char 
     const eng_model_config *c = &m->cfg;
     const int n_embd = c->n_embd;
 
+    if (eng_batch_check(b, c, err, errlen))
+        return -1;
     int T = 0, max_ctx = 0, n_units = 0;
     for (int i = 0; i < b->n_segs; i++) {
         const eng_segment *s = &b->segs[i];
-        if (s->n_tokens <= 0 || s->pos0 < 0 || !s->seq || s->seq->n_tokens < s->pos0 + s->n_tokens) {
-            snprintf(err, errlen, "forward: segment %d: %d tokens at position %d, %d positions reserved",
-                     i, s->n_tokens, s->pos0, s->seq ? s->seq->n_tokens : 0);
-            return -1;
-        }
-        if (c->arch == ENG_ARCH_GPT2 && s->pos0 + s->n_tokens > c->n_ctx_train) {
-            snprintf(err, errlen, "forward: position %d is past the model's %d learned positions",
-                     s->pos0 + s->n_tokens - 1, c->n_ctx_train);
-            return -1;
-        }
         T += s->n_tokens;
         if (s->pos0 + s->n_tokens > max_ctx)
             max_ctx = s->pos0 + s->n_tokens;
@@ -441,14 +433,8 @@ static int cpu_forward(eng_backend *be, const eng_batch *b, float *logits, char 
                 units[u++] = (att_unit){.seg = i, .kv_head = k, .q0 = q0, .row0 = row,
                                         .nq = s->n_tokens - q0 < QUERY_BLOCK ? s->n_tokens - q0 : QUERY_BLOCK};
         for (int t = 0; t < s->n_tokens; t++, row++) {
-            int32_t id = s->tokens[t];
-            if (id < 0 || id >= c->n_vocab) {
-                free(units);
-                snprintf(err, errlen, "forward: token id %d outside the vocabulary [0, %d)", id, c->n_vocab);
-                return -1;
-            }
             float *x = cb->x + (size_t)row * n_embd;
-            eng_weight_get_row(&m->tok_embd, id, x);
+            eng_weight_get_row(&m->tok_embd, s->tokens[t], x);
             cb->tok_pos[row] = s->pos0 + t;
             if (c->arch == ENG_ARCH_GPT2) {
                 float *p = cb->tmp;

@@ -598,21 +598,12 @@ static int cuda_forward_impl(cuda_backend *cb, const eng_batch *b, float *logits
     const int B = kvc_block_size(cb->pool);
 
     /* validate; count decode (one-token) and prefill segments */
+    if (eng_batch_check(b, c, err, errlen))
+        return -1;
     int T = 0, n_dec = 0, dec_max_ctx = 0, bt_stride = 1, n_out = 0;
     size_t pre_pages = 0;
     for (int i = 0; i < b->n_segs; i++) {
         const eng_segment *s = &b->segs[i];
-        if (s->n_tokens <= 0 || s->pos0 < 0 || !s->seq || s->seq->n_tokens < s->pos0 + s->n_tokens) {
-            snprintf(err, errlen, "forward: segment %d: %d tokens at position %d, %d positions reserved", i,
-                     s->n_tokens, s->pos0, s->seq ? s->seq->n_tokens : 0);
-            return -1;
-        }
-        for (int t = 0; t < s->n_tokens; t++)
-            if (s->tokens[t] < 0 || s->tokens[t] >= c->n_vocab) {
-                snprintf(err, errlen, "forward: token id %d outside the vocabulary [0, %d)", s->tokens[t],
-                         c->n_vocab);
-                return -1;
-            }
         /* pages about to be written must be this sequence's own (a device
          * copy, through the page copier, where one is still shared) */
         if (kvc_seq_prepare_write(cb->pool, s->seq, s->pos0, s->n_tokens) != KVC_OK) {
