@@ -198,6 +198,10 @@ template <int D> __device__ __forceinline__ int kvc__cu_v_unit(int t, int u) {
  * thread. Needs head_dim (v.D) 64 or 128. */
 int kvc__cu_f16_maps(const kvc__cu_view &v, const void *arena, int64_t n_pages, CUtensorMap *tk, CUtensorMap *tv,
                      char *err, size_t errlen);
+/* The same maps encoded for this call only (not cached): for arenas that
+ * live for one call (prefill.cu's scratch of expanded pages). */
+int kvc__cu_f16_maps_encode(const kvc__cu_view &v, const void *arena, int64_t n_pages, CUtensorMap *tk,
+                            CUtensorMap *tv, char *err, size_t errlen);
 
 /* Host side: error messages and CUDA error mapping. */
 #define KVC__CU_FAIL(code, ...)                                                  \

@@ -1820,26 +1820,8 @@ static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
     return fn;
 }
 
-int kvc__cu_f16_maps(const kvc__cu_view &v, const void *arena, int64_t n_pages, CUtensorMap *tk, CUtensorMap *tv,
-                     char *err, size_t errlen) {
-    struct entry {
-        CUtensorMap tk, tv;
-        const void *arena;
-        kvc__cu_geom g;
-        int D, heads, k_fmt, v_fmt;
-        int64_t n_pages;
-    };
-    static thread_local entry cache[64];
-    static thread_local int n_cached = 0, next = 0;
-    for (int i = 0; i < n_cached; i++) {
-        const entry &e = cache[i];
-        if (e.arena == arena && e.D == v.D && e.heads == v.n_heads && e.k_fmt == v.k_fmt && e.v_fmt == v.v_fmt &&
-            e.n_pages == n_pages && !memcmp(&e.g, &v.g, sizeof v.g)) {
-            *tk = e.tk;
-            *tv = e.tv;
-            return KVC_OK;
-        }
-    }
+int kvc__cu_f16_maps_encode(const kvc__cu_view &v, const void *arena, int64_t n_pages, CUtensorMap *tk,
+                            CUtensorMap *tv, char *err, size_t errlen) {
     const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
     if (!encode) KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: the driver has no cuTensorMapEncodeTiled (needed for f16 pages)");
     const int D = v.D;
@@ -1867,6 +1849,31 @@ int kvc__cu_f16_maps(const kvc__cu_view &v, const void *arena, int64_t n_pages, 
     if (r != CUDA_SUCCESS)
         KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: tensor map of the f16 blocks (head_dim %d, %lld pages of %zu "
                      "bytes): driver error %d", D, (long long)n_pages, v.g.page_bytes, (int)r);
+    return KVC_OK;
+}
+
+int kvc__cu_f16_maps(const kvc__cu_view &v, const void *arena, int64_t n_pages, CUtensorMap *tk, CUtensorMap *tv,
+                     char *err, size_t errlen) {
+    struct entry {
+        CUtensorMap tk, tv;
+        const void *arena;
+        kvc__cu_geom g;
+        int D, heads, k_fmt, v_fmt;
+        int64_t n_pages;
+    };
+    static thread_local entry cache[64];
+    static thread_local int n_cached = 0, next = 0;
+    for (int i = 0; i < n_cached; i++) {
+        const entry &e = cache[i];
+        if (e.arena == arena && e.D == v.D && e.heads == v.n_heads && e.k_fmt == v.k_fmt && e.v_fmt == v.v_fmt &&
+            e.n_pages == n_pages && !memcmp(&e.g, &v.g, sizeof v.g)) {
+            *tk = e.tk;
+            *tv = e.tv;
+            return KVC_OK;
+        }
+    }
+    const int rc = kvc__cu_f16_maps_encode(v, arena, n_pages, tk, tv, err, errlen);
+    if (rc != KVC_OK) return rc;
     entry &e = cache[next];
     next = (next + 1) % 64;
     n_cached = n_cached < 64 ? n_cached + 1 : 64;
@@ -1874,7 +1881,7 @@ int kvc__cu_f16_maps(const kvc__cu_view &v, const void *arena, int64_t n_pages, 
     e.tv = *tv;
     e.arena = arena;
     e.g = v.g;
-    e.D = D;
+    e.D = v.D;
     e.heads = v.n_heads;
     e.k_fmt = v.k_fmt;
     e.v_fmt = v.v_fmt;

@@ -22,8 +22,9 @@
  * Decode runs on tensor cores with the query and the softmax weights split
  * into fp16 hi + lo pairs (as exact as fp32; see cuda/decode.cu). Prefill
  * runs on tensor cores (mma.sync f16, f32 accumulation; query and weights
- * rounded to fp16; quantized pages dequantized to fp16 tiles in shared
- * memory, see cuda/prefill.cu).
+ * rounded to fp16; quantized pages dequantized to fp16 once per call into
+ * scratch pages, or per tile in shared memory: kvc_cu_set_prefill_expand,
+ * cuda/prefill.cu).
  *
  * Transform codecs (lowrank:rR, latent:N, hybrid:rR, hybrid:latent:N, with
  * orthogonal or pca bases): the pages hold coefficients c = P^T (x - mean),
@@ -187,6 +188,16 @@ int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int layer,
                    const int32_t *block_table, int pos0, int n, int n_rep, float scale,
                    const float *q, int64_t q_stride, float *out, int64_t out_stride, void *stream, char *err,
                    size_t errlen);
+
+/* How prefill reads quantized pages (plain codecs with head_dim >= 64): 1
+ * (the default) expanded: the chunk's context dequantized once into f16
+ * pages of a stream-ordered scratch arena, which the f16 kernel's tensor
+ * copies then read (faster at every chunk size measured, 32 to 2048 tokens:
+ * cuda/prefill.cu); 0 in registers: each block of 128 query rows
+ * dequantizes every tile it reads. The environment's KVC_CU_PREFILL_EXPAND=0
+ * / =1 sets the same where this was never called. Not thread-safe; set
+ * before use. */
+void kvc_cu_set_prefill_expand(int on);
 
 /* Tuning for benchmarks: context pages each decode thread block covers (0:
  * planned from the sizes and the device, the default) and whether each warp

@@ -24,6 +24,20 @@
  * rows) (x = code * scale, or min + scale * code, rounded to fp16: a
  * relative 2^-12 per number, the same order as the query's and the
  * weights' rounding); the full-size K/V never reach device memory.
+ * That dequantizes every tile once per block of 128 query rows: a chunk of
+ * 2048 tokens of Llama-8B (4 query heads a kv head) is 64 blocks a kv head,
+ * and its int8 chunk took 1.7x the f16 one. So by default quantized pages
+ * take the expanded path instead (kvc_cu_set_prefill_expand): one kernel
+ * dequantizes the chunk's context once into f16 pages of a scratch arena
+ * (stream-ordered, given back to a pool after the call; the same halves
+ * the tiles would hold, so the same results), and the f16 kernel reads
+ * those by tensor copies. The scratch is the one place full-size K/V reach
+ * device memory, for the length of one prefill call: (pos0 + n) * 4 *
+ * head_dim bytes a kv head (Llama-8B at 8k positions: 34 MB); where the
+ * device has no room for it the chunk is read in registers. Session 19
+ * (gpu_bench, chunks after 2048 positions): Llama-8B int8 2048 tokens 674
+ * -> 402 us (f16 390), 512 tokens 142 -> 95; SmolLM2 155 -> 106 (f16 99);
+ * even a 32-token chunk (one block) 77 -> 67 us.
  *
  * Transform codecs run the same kernel over their coefficients
  * (cuda/common.cuh's view: D = the rank, 32, 64 or 128; a latent's pages
@@ -31,6 +45,8 @@
  * (transform.cu) and its coefficient outputs expanded after it. */
 #include <math.h>
 #include <string.h>
+
+#include <mutex>
 
 #include "cache/cuda/common.cuh"
 
@@ -40,6 +56,7 @@ constexpr int ROWS = 128;        /* query rows per block */
 constexpr int TK = 64;           /* positions per K/V tile */
 constexpr int PT = TK / KVC__CU_B;   /* pages per tile */
 constexpr int PNT = 256;         /* threads: a warp per 16 rows */
+int g_expand = -1;               /* kvc_cu_set_prefill_expand; -1: not yet read from the environment */
 
 struct prefill_params {
     CUtensorMap tk, tv;          /* f16 at head_dim >= 64: kvc__cu_f16_maps */
@@ -239,6 +256,33 @@ __device__ __forceinline__ float half_at(const uint8_t *p, int i) {
     return __half2float(reinterpret_cast<const __half *>(p)[i]);
 }
 
+/* Row `dim` of a K block (16 positions) as halves (raw: the block's first byte). */
+template <int D, int KF> __device__ __forceinline__ void k_row16(const uint8_t *raw, int dim, uint4 (&o)[2]) {
+    float sc[16], mn[16];
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+        sc[i] = KF == KVC_CU_I8 ? half_at(raw + 16 * D, i) : KF == KVC_CU_U4C ? half_at(raw + 8 * D, dim) : 1.0f;
+        mn[i] = KF == KVC_CU_U4C ? half_at(raw + 10 * D, dim) : 0.0f;
+    }
+    dequant16<KF>(raw + dim * (KF == KVC_CU_F16 ? 32 : KF == KVC_CU_I8 ? 16 : 8), sc, mn, o);
+}
+
+/* Dimensions 16 piece .. 16 piece + 15 of position tk of a V block as halves. */
+template <int D, int VF>
+__device__ __forceinline__ void v_piece16(const uint8_t *raw, int tk, int piece, uint4 (&o)[2]) {
+    float sc[16], mn[16];
+    const int g = kvc__cu_is_u4t(VF) ? piece * 16 / kvc__cu_u4_group(VF) : 0;
+    constexpr int NG = kvc__cu_is_u4t(VF) ? D / kvc__cu_u4_group(VF) : 1;
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+        sc[i] = VF == KVC_CU_I8 ? half_at(raw + 16 * D, tk)
+                : kvc__cu_is_u4t(VF) ? half_at(raw + 8 * D, g * KVC__CU_B + tk) : 1.0f;
+        mn[i] = kvc__cu_is_u4t(VF) ? half_at(raw + 8 * D, (NG + g) * KVC__CU_B + tk) : 0.0f;
+    }
+    const int bpn = VF == KVC_CU_F16 ? 2 : VF == KVC_CU_I8 ? 1 : 0;   /* bytes per number (int4: half) */
+    dequant16<VF>(raw + (bpn ? tk * D * bpn + piece * 16 * bpn : tk * D / 2 + piece * 8), sc, mn, o);
+}
+
 /* Raw stage of tile t -> the f16 tile (Ks, Vs as load_tile fills them):
  * K rows (page, dim) of 16 positions; V (position, 16 dims) pieces;
  * positions at or past ctx_end (and pages past it) become zeros. */
@@ -251,38 +295,49 @@ __device__ __forceinline__ void dequant_tile(const uint8_t *stage, int t, int ct
     for (int r = threadIdx.x; r < PT * D; r += PNT) {
         const int j = r / D, dim = r % D;
         uint4 o[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
-        if (t * PT + j < n_pages) {
-            const uint8_t *kb = stage + j * R::PAGE;
-            float sc[16], mn[16];
-#pragma unroll
-            for (int i = 0; i < 16; i++) {
-                sc[i] = KF == KVC_CU_I8 ? half_at(kb + 16 * D, i) : KF == KVC_CU_U4C ? half_at(kb + 8 * D, dim) : 1.0f;
-                mn[i] = KF == KVC_CU_U4C ? half_at(kb + 10 * D, dim) : 0.0f;
-            }
-            dequant16<KF>(kb + dim * (KF == KVC_CU_F16 ? 32 : KF == KVC_CU_I8 ? 16 : 8), sc, mn, o);
-        }
+        if (t * PT + j < n_pages) k_row16<D, KF>(stage + j * R::PAGE, dim, o);
         *reinterpret_cast<uint4 *>(Ks + TL::k_off(j, dim, 0)) = o[0];
         *reinterpret_cast<uint4 *>(Ks + TL::k_off(j, dim, 1)) = o[1];
     }
     for (int c = threadIdx.x; c < TK * D / 16; c += PNT) {
         const int pos = c / (D / 16), piece = c % (D / 16), j = pos / KVC__CU_B, tk = pos % KVC__CU_B;
         uint4 o[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
-        if (t * TK + pos < ctx_end) {
-            const uint8_t *vb = stage + j * R::PAGE + R::KB;
-            float sc[16], mn[16];
-            const int g = kvc__cu_is_u4t(VF) ? piece * 16 / kvc__cu_u4_group(VF) : 0;
-            constexpr int NG = kvc__cu_is_u4t(VF) ? D / kvc__cu_u4_group(VF) : 1;
-#pragma unroll
-            for (int i = 0; i < 16; i++) {
-                sc[i] = VF == KVC_CU_I8 ? half_at(vb + 16 * D, tk)
-                        : kvc__cu_is_u4t(VF) ? half_at(vb + 8 * D, g * KVC__CU_B + tk) : 1.0f;
-                mn[i] = kvc__cu_is_u4t(VF) ? half_at(vb + 8 * D, (NG + g) * KVC__CU_B + tk) : 0.0f;
-            }
-            const int bpn = VF == KVC_CU_F16 ? 2 : VF == KVC_CU_I8 ? 1 : 0;   /* bytes per number (int4: half) */
-            dequant16<VF>(vb + (bpn ? tk * D * bpn + piece * 16 * bpn : tk * D / 2 + piece * 8), sc, mn, o);
-        }
+        if (t * TK + pos < ctx_end) v_piece16<D, VF>(stage + j * R::PAGE + R::KB, tk, piece, o);
         *reinterpret_cast<uint4 *>(Vs + TL::v_off(pos, 2 * piece)) = o[0];
         *reinterpret_cast<uint4 *>(Vs + TL::v_off(pos, 2 * piece + 1)) = o[1];
+    }
+}
+
+/* The expanded path's first kernel: block (i, head) writes page i of the
+ * chunk's context (bt[i] in the arena) as the f16 blocks of page i of a
+ * scratch arena laid out by dg (K (D, 16), V (16, D), as codec.h's f16),
+ * positions at or past ctx_end as zeros, and ident[i] = i (the scratch's
+ * block table). Threads: D, one K row and D / 16 V pieces each. */
+template <int D, int KF, int VF>
+__global__ void __launch_bounds__(D) expand_kernel(const uint8_t *arena, kvc__cu_geom g, const int32_t *bt,
+                                                   int ctx_end, uint8_t *scratch, kvc__cu_geom dg, int32_t *ident) {
+    const int i = blockIdx.x, head = blockIdx.y, valid = min(KVC__CU_B, ctx_end - i * KVC__CU_B);
+    if (head == 0 && threadIdx.x == 0) ident[i] = i;
+    const int32_t pg = bt[i];
+    uint8_t *kd = scratch + (size_t)i * dg.page_bytes + (size_t)head * dg.k_block_bytes;
+    uint8_t *vd = scratch + (size_t)i * dg.page_bytes + dg.k_region + (size_t)head * dg.v_block_bytes;
+    {
+        const int dim = threadIdx.x;
+        uint4 o[2];
+        k_row16<D, KF>(kvc__cu_k_block(arena, g, pg, head), dim, o);
+        if (valid < KVC__CU_B) {
+            __half *h = reinterpret_cast<__half *>(o);
+            for (int t = valid; t < KVC__CU_B; t++) h[t] = __float2half(0.0f);
+        }
+        reinterpret_cast<uint4 *>(kd + dim * 32)[0] = o[0];
+        reinterpret_cast<uint4 *>(kd + dim * 32)[1] = o[1];
+    }
+    {   /* 16 positions x D / 16 pieces: one a thread */
+        const int tk = threadIdx.x / (D / 16), piece = threadIdx.x % (D / 16);
+        uint4 o[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+        if (tk < valid) v_piece16<D, VF>(kvc__cu_v_block(arena, g, pg, head), tk, piece, o);
+        reinterpret_cast<uint4 *>(vd + (tk * D + piece * 16) * 2)[0] = o[0];
+        reinterpret_cast<uint4 *>(vd + (tk * D + piece * 16) * 2)[1] = o[1];
     }
 }
 
@@ -494,6 +549,36 @@ int launch(const prefill_params &p, int n_kv_head, cudaStream_t stream, char *er
     return KVC_OK;
 }
 
+/* Scratch of a prefill call (the expanded pages, the transforms' rows),
+ * stream-ordered from a pool of the current device that keeps what it has
+ * reserved: the default pool hands memory back to the driver at every
+ * synchronisation, and mapping it again cost ~45 us a call (session 19). It
+ * holds the largest scratch a call has needed until the process ends. */
+cudaError_t scratch_alloc(void **p, size_t bytes, cudaStream_t s) {
+    static std::mutex mu;
+    static cudaMemPool_t pools[64];
+    int dev;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e != cudaSuccess) return e;
+    if (dev < 0 || dev >= 64) return cudaMallocAsync(p, bytes, s);
+    cudaMemPool_t pool;
+    {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!pools[dev]) {
+            cudaMemPoolProps props = {};
+            props.allocType = cudaMemAllocationTypePinned;
+            props.location.type = cudaMemLocationTypeDevice;
+            props.location.id = dev;
+            if ((e = cudaMemPoolCreate(&pools[dev], &props)) != cudaSuccess) return e;
+            uint64_t keep = UINT64_MAX;
+            if ((e = cudaMemPoolSetAttribute(pools[dev], cudaMemPoolAttrReleaseThreshold, &keep)) != cudaSuccess)
+                return e;
+        }
+        pool = pools[dev];
+    }
+    return cudaMallocFromPoolAsync(p, bytes, pool, s);
+}
+
 /* The instance for the view's formats (kvc_cu_layout_init admits only
  * these), H heads of p.G rows. */
 template <int D> int launch_fmt(int kf, int vf, int H, const prefill_params &p, cudaStream_t s, char *err,
@@ -506,7 +591,51 @@ template <int D> int launch_fmt(int kf, int vf, int H, const prefill_params &p, 
     KVC__CU_FAIL(KVC_ERR_INVAL, "kvc_cuda: prefill: formats %d/%d not compiled", kf, vf);
 }
 
+/* The expanded path (quantized plain pages, head_dim >= 64): the context's
+ * pages dequantized once into a stream-ordered scratch arena of f16 pages,
+ * then the f16 kernel over those. p's arena, geometry, block table and maps
+ * are replaced; v is the layer's view. */
+template <int D>
+int launch_expanded(const kvc__cu_view &v, prefill_params p, cudaStream_t s, char *err, size_t errlen) {
+    const int np = (p.pos0 + p.n + KVC__CU_B - 1) / KVC__CU_B;
+    kvc__cu_view fv = v;
+    fv.k_fmt = fv.v_fmt = KVC_CU_F16;
+    fv.g.k_block_bytes = fv.g.v_block_bytes = kvc__cu_block_bytes(KVC_CU_F16, D);
+    fv.g.layer_off = 0;
+    fv.g.k_region = (size_t)v.n_heads * fv.g.k_block_bytes;
+    fv.g.page_bytes = 2 * fv.g.k_region;
+    uint8_t *scratch = NULL;
+    const size_t pages_bytes = (size_t)np * fv.g.page_bytes;
+    if (scratch_alloc((void **)&scratch, pages_bytes + sizeof(int32_t) * (size_t)np, s) != cudaSuccess) {
+        (void)cudaGetLastError();   /* no room: dequantize in registers instead */
+        return launch_fmt<D>(v.k_fmt, v.v_fmt, v.n_heads, p, s, err, errlen);
+    }
+    int32_t *ident = (int32_t *)(scratch + pages_bytes);
+    int rc = kvc__cu_f16_maps_encode(fv, scratch, np, &p.tk, &p.tv, err, errlen);
+    if (rc == KVC_OK) {
+        kvc__cu_with_formats(v.k_fmt, v.v_fmt, [&](auto k, auto vf) {
+            expand_kernel<D, decltype(k)::value, decltype(vf)::value>
+                <<<dim3(np, v.n_heads), D, 0, s>>>(p.arena, p.g, p.bt, p.pos0 + p.n, scratch, fv.g, ident);
+        });
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess) {
+            snprintf(err, errlen, "kvc_cuda: prefill: expanding %d pages: %s", np, cudaGetErrorString(e));
+            rc = KVC_ERR_NOMEM;
+        }
+    }
+    if (rc == KVC_OK) {
+        p.arena = scratch;
+        p.g = fv.g;
+        p.bt = ident;
+        rc = launch<D, KVC_CU_F16, KVC_CU_F16>(p, v.n_heads, s, err, errlen);
+    }
+    KVC__CU_TRY(cudaFreeAsync(scratch, s));
+    return rc;
+}
+
 } // namespace
+
+extern "C" void kvc_cu_set_prefill_expand(int on) { g_expand = on != 0; }
 
 extern "C" int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int layer, const int32_t *block_table,
                               int pos0, int n, int n_rep, float scale, const float *q, int64_t q_stride,
@@ -556,7 +685,7 @@ extern "C" int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int lay
     float *tmp = NULL;
     const int64_t row_stride = (int64_t)L->n_kv_head * n_rep * v.D;
     if (transform) {
-        KVC__CU_TRY(cudaMallocAsync((void **)&tmp, sizeof(float) * 2 * (size_t)n * row_stride, s));
+        KVC__CU_TRY(scratch_alloc((void **)&tmp, sizeof(float) * 2 * (size_t)n * row_stride, s));
         float *qp = tmp, *cp = tmp + (size_t)n * row_stride;
         if (L->k_shape != KVC_CU_PLAIN) {
             rc = kvc__cu_project(L, layer, n, n_rep, q, q_stride, qp, s, err, errlen);
@@ -568,7 +697,11 @@ extern "C" int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int lay
             p.out_stride = row_stride;
         }
     }
-    if (!rc) { /* v.D is 32 (ranks; f16/f16 or int8/int8), 64 or 128 here (kvc_cu_layout_init) */
+    if (g_expand < 0) g_expand = kvc__cu_env("KVC_CU_PREFILL_EXPAND", 1) != 0;
+    const bool expand = g_expand && !transform && v.D >= 64 && !(v.k_fmt == KVC_CU_F16 && v.v_fmt == KVC_CU_F16);
+    if (!rc && expand)
+        rc = v.D == 64 ? launch_expanded<64>(v, p, s, err, errlen) : launch_expanded<128>(v, p, s, err, errlen);
+    else if (!rc) { /* v.D is 32 (ranks; f16/f16 or int8/int8), 64 or 128 here (kvc_cu_layout_init) */
         if (v.D == 32 && v.k_fmt == KVC_CU_F16) rc = launch<32, KVC_CU_F16, KVC_CU_F16>(p, v.n_heads, s, err, errlen);
         else if (v.D == 32) rc = launch<32, KVC_CU_I8, KVC_CU_I8>(p, v.n_heads, s, err, errlen);
         else if (v.D == 64) rc = launch_fmt<64>(v.k_fmt, v.v_fmt, v.n_heads, p, s, err, errlen);

@@ -5,9 +5,13 @@ a KV arena too small for every request in flight preempts and still finishes,
 and clear errors on bad flags."""
 import json
 import math
+import os
+import subprocess
+import sys
+import tempfile
 import unittest
 
-from kv import MODEL, run
+from kv import FIXTURES, MODEL, ROOT, run
 
 
 def bench(*args):
@@ -48,6 +52,23 @@ class EngineBench(unittest.TestCase):
         self.assertEqual(r["pages_total"], 9)
         self.assertGreater(r["preemptions"], 0)
         self.assertLessEqual(r["peak_pages_used"], 9)
+        self.assertGreater(r["output_tokens_per_s"], 0)
+
+    def test_random_llama_shape(self):
+        # tools/device/make_llama_shape.py (the GPU runs' Llama-8B-shaped model,
+        # made where it runs): its tiny preset has the same head geometry (head
+        # dim 128) in 2 layers of 1 kv head, and must load and run as written
+        with tempfile.TemporaryDirectory() as d:
+            subprocess.run([sys.executable, os.path.join(ROOT, "tools", "device", "make_llama_shape.py"), d,
+                            os.path.join(FIXTURES, "models", "llama"), "--preset", "tiny"],
+                           check=True, capture_output=True, timeout=300)
+            _, out, _ = run("bench", "--model", d, "--json", "--concurrency", 3, "--prompt-len", 40, "--gen-len", 8,
+                            "--kv", "int8", timeout=300)
+        r = json.loads(out)
+        self.assertEqual(r["requests"], 3)
+        self.assertEqual(r["gen_len"], 8)
+        # 2 layers x 1 kv head x (128 codes + 2 bytes of scale) x (K + V)
+        self.assertEqual(r["bytes_per_token"], 2 * 1 * (128 + 2) * 2)
         self.assertGreater(r["output_tokens_per_s"], 0)
 
     def test_bad_flags(self):
