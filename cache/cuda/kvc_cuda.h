@@ -180,8 +180,12 @@ int kvc_cu_decode(const kvc_cu_layout *L, const void *arena, int layer,
  * (write the chunk's own K/V with kvc_cu_write first, as kvc_attend expects).
  * Transform codecs run the tensor-core kernel over the coefficients between
  * the query projection and the output expansion, with scratch for the
- * projected rows and the coefficient outputs taken stream-ordered
- * (cudaMallocAsync) and given back after the launches.
+ * projected rows and the coefficient outputs; quantized plain pages are
+ * expanded into f16 scratch pages first (kvc_cu_set_prefill_expand). Scratch
+ * is taken stream-ordered from a memory pool of the device that kvc_cuda
+ * keeps (it holds on to the largest scratch a call has needed: (pos0 + n) *
+ * n_kv_head * head_dim * 4 bytes for an expansion) and given back after the
+ * launches.
  *   block_table: device (>= ceil((pos0 + n) / block_size)) page ids
  *   q, out: device (n, n_kv_head * n_rep, head_dim) f32, q_stride / out_stride floats per token */
 int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int layer,
