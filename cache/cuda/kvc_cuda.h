@@ -202,6 +202,14 @@ int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int layer,
  * / =1 sets the same where this was never called. Not thread-safe; set
  * before use. */
 void kvc_cu_set_prefill_expand(int on);
+/* Small prefill chunks (plain codecs) run on the decode kernel: each token
+ * a sequence of its own context length sharing the block table, the context
+ * split across thread blocks (faster than one block of query rows walking
+ * it: cuda/prefill.cu). max_n -1 (the default): chunks of at most 128 query
+ * rows a kv head (n * n_rep <= 128); 0: never; > 0: chunks of at most max_n
+ * tokens. The environment's KVC_CU_PREFILL_SMALL sets the same where this
+ * was never called. Not thread-safe; set before use. */
+void kvc_cu_set_prefill_small(int max_n);
 
 /* Tuning for benchmarks: context pages each decode thread block covers (0:
  * planned from the sizes and the device, the default) and whether each warp

@@ -39,6 +39,10 @@
  * -> 402 us (f16 390), 512 tokens 142 -> 95; SmolLM2 155 -> 106 (f16 99);
  * even a 32-token chunk (one block) 77 -> 67 us.
  *
+ * Small chunks (at most one block of query rows a kv head) go to the decode
+ * kernel instead (prefill_by_decode), which splits the context across the
+ * GPU where this kernel's one block would walk it alone.
+ *
  * Transform codecs run the same kernel over their coefficients
  * (cuda/common.cuh's view: D = the rank, 32, 64 or 128; a latent's pages
  * shared by all heads), the chunk's query rows projected before it
@@ -57,6 +61,7 @@ constexpr int TK = 64;           /* positions per K/V tile */
 constexpr int PT = TK / KVC__CU_B;   /* pages per tile */
 constexpr int PNT = 256;         /* threads: a warp per 16 rows */
 int g_expand = -1;               /* kvc_cu_set_prefill_expand; -1: not yet read from the environment */
+int g_small = -2;                /* kvc_cu_set_prefill_small; -2: not yet read from the environment */
 
 struct prefill_params {
     CUtensorMap tk, tv;          /* f16 at head_dim >= 64: kvc__cu_f16_maps */
@@ -636,6 +641,46 @@ int launch_expanded(const kvc__cu_view &v, prefill_params p, cudaStream_t s, cha
 } // namespace
 
 extern "C" void kvc_cu_set_prefill_expand(int on) { g_expand = on != 0; }
+extern "C" void kvc_cu_set_prefill_small(int max_n) { g_small = max_n < 0 ? -1 : max_n; }
+
+/* A small chunk through the decode kernel: row i is a sequence of pos0 + 1 + i
+ * positions, all sharing the block table, the context split across blocks
+ * as a decode's is. Its workspace comes from the scratch pool, zeroed.
+ * prefill_kernel gives a kv head one block of 128 query rows, which walks
+ * the whole context alone; decode spreads it over the GPU and reads every
+ * page once per token (from L2 after the first). Session 19 (gpu_bench,
+ * `decd` lines): Llama-8B int8 32 tokens after 2048 positions 77.8 -> 56.4
+ * us, after 16384 513 -> 330; 8 tokens 524 -> 96; SmolLM2 64 tokens 54 ->
+ * 29 and 336 -> 117. From 256 query rows a kv head on it lost (Llama 128
+ * tokens 80 -> 143 us), so by default only chunks of at most one block of
+ * rows (n * n_rep <= 128) take it. */
+static int prefill_by_decode(const kvc_cu_layout *L, const void *arena, int layer, const int32_t *block_table,
+                             int pos0, int n, int n_rep, float scale, const float *q, int64_t q_stride, float *out,
+                             int64_t out_stride, cudaStream_t s, char *err, size_t errlen) {
+    const size_t wsb = kvc_cu_decode_workspace(L, n, pos0 + n, n_rep);
+    void *ws = NULL;
+    if (wsb) {
+        KVC__CU_TRY(scratch_alloc(&ws, wsb, s));
+        KVC__CU_TRY(cudaMemsetAsync(ws, 0, wsb, s));
+    }
+    kvc_cu_decode_args a;
+    memset(&a, 0, sizeof a);
+    a.block_tables = block_table;
+    a.bt_stride = 0;
+    a.ctx_lens = NULL;
+    a.ctx0 = pos0 + 1;
+    a.n_seqs = n;
+    a.max_ctx = pos0 + n;
+    a.n_rep = n_rep;
+    a.scale = scale;
+    a.q = q;
+    a.q_stride = q_stride;
+    a.out = out;
+    a.out_stride = out_stride;
+    const int rc = kvc_cu_decode(L, arena, layer, &a, ws, wsb, s, err, errlen);
+    if (ws) KVC__CU_TRY(cudaFreeAsync(ws, s));
+    return rc;
+}
 
 extern "C" int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int layer, const int32_t *block_table,
                               int pos0, int n, int n_rep, float scale, const float *q, int64_t q_stride,
@@ -660,6 +705,10 @@ extern "C" int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int lay
     const bool transform = L->k_shape != KVC_CU_PLAIN || L->v_shape != KVC_CU_PLAIN;
     const kvc__cu_view v = kvc__cu_view_of(L, layer, n_rep);
     cudaStream_t s = (cudaStream_t)stream;
+    if (g_small == -2) g_small = max(kvc__cu_env("KVC_CU_PREFILL_SMALL", -1), -1);
+    if (!transform && (g_small < 0 ? (int64_t)n * n_rep <= ROWS : n <= g_small))
+        return prefill_by_decode(L, arena, layer, block_table, pos0, n, n_rep, scale, q, q_stride, out, out_stride, s,
+                                 err, errlen);
     prefill_params p;
     p.arena = (const uint8_t *)arena;
     p.g = v.g;

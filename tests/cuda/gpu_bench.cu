@@ -418,9 +418,10 @@ static void bench_step(const shape &s, const char *kc, const char *vc, int n_seq
     free_decode_case(dc);
 }
 
-/* expand: -1 the default, else kvc_cu_set_prefill_expand's choice (0
- * quantized pages dequantized in registers, 1 expanded into f16 scratch
- * pages). */
+/* expand: kvc_cu_set_prefill_expand's choice (0 quantized pages dequantized
+ * in registers, 1 expanded into f16 scratch pages; -1 the default), or 2:
+ * the chunk through the decode kernel (kvc_cu_set_prefill_small). Other
+ * than 2, chunks run on the prefill kernel. */
 static void bench_prefill(const shape &s, const char *kc, const char *vc, int pos0, int n, int expand) {
     const int B = 16, pages = (pos0 + n + B - 1) / B;
     bench_pool bp = make_pool(s, kc, vc, pages);
@@ -434,7 +435,8 @@ static void bench_prefill(const shape &s, const char *kc, const char *vc, int po
     CK(cudaMalloc(&d_q, sizeof(float) * qs * n));
     CK(cudaMalloc(&d_out, sizeof(float) * qs * n));
     fill(d_q, sizeof(float) * qs * n, 99);
-    if (expand >= 0) kvc_cu_set_prefill_expand(expand);
+    if (expand == 0 || expand == 1) kvc_cu_set_prefill_expand(expand);
+    kvc_cu_set_prefill_small(expand == 2 ? n : 0);
     const double us = event_us(NULL, 23, 3, [&](int rep) {
         KV(kvc_cu_prefill(&bp.lay, bp.arena, rep % bp.n_layer, d_bt, pos0, n, s.G, 1.0f / sqrtf((float)s.D), d_q, qs,
                           d_out, qs, NULL, err_, sizeof err_));
@@ -442,7 +444,8 @@ static void bench_prefill(const shape &s, const char *kc, const char *vc, int po
     double flops = 0;
     for (int i = 0; i < n; i++) flops += 4.0 * s.D * (pos0 + i + 1) * s.H * s.G;
     if (expand >= 0) kvc_cu_set_prefill_expand(1);
-    const char *how = expand == 0 ? " regs" : expand == 1 ? " expd" : "";
+    kvc_cu_set_prefill_small(-1);
+    const char *how = expand == 0 ? " regs" : expand == 1 ? " expd" : expand == 2 ? " decd" : "";
     printf("prefill%s %-8s %-9s pos0 %-5d n %d: %9.1f us, %6.1f TFLOP/s\n", how, s.name, pair_name(kc, vc).c_str(),
            pos0, n, us, flops / us * 1e-6);
     if (g_csv) fprintf(g_csv, "prefill%s,%s,%s/%s,%d,%d,,%.3f,,%.0f,\n", how, s.name, kc, vc, pos0, n, us, flops);
@@ -977,6 +980,13 @@ int main(int argc, char **argv) {
             if (pw_selected(s, c) && !c.D && !(!strcmp(c.k, "f16") && !strcmp(c.v, "f16")))   /* D 0: plain */
                 for (int n : {32, 64, 128, 512, 2048})
                     for (int expand : {0, 1}) bench_prefill(s, c.k, c.v, 2048, n, expand);
+    /* small chunks through the decode kernel, against the default */
+    for (auto &s : shapes)
+        for (auto &c : codecs)
+            if (pw_selected(s, c) && !c.D)
+                for (int pos0 : {2048, 16384})
+                    for (int n : {8, 32, 64, 128, 256})
+                        for (int way : {-1, 2}) bench_prefill(s, c.k, c.v, pos0, n, way);
     for (auto &s : shapes)
         for (auto &c : codecs)
             if (pw_selected(s, c))

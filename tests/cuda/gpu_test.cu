@@ -442,9 +442,11 @@ static void run_case(const test_case &c) {
         d_q.up(q.data());
         /* both ways of reading quantized pages: dequantized a tile at a
          * time in registers (0), and the context expanded once into f16
-         * scratch pages (1); f16 pages read the same either way */
-        for (int expand = 0; expand < 2; expand++) {
-            kvc_cu_set_prefill_expand(expand);
+         * scratch pages (1; f16 pages read the same either way); and (2)
+         * the chunk's tokens as sequences of the decode kernel */
+        for (int way = 0; way < 3; way++) {
+            kvc_cu_set_prefill_expand(way == 1);
+            kvc_cu_set_prefill_small(way == 2 ? n : 0);
             d_out.poison();
             int rc = kvc_cu_prefill(&lay, arena.p, layer, d_bt.p, pos0, n, G, scale, d_q.p, qs, d_out.p, qs, NULL,
                                     err, sizeof err);
@@ -454,12 +456,13 @@ static void run_case(const test_case &c) {
             int nf;
             double e = max_rel_err(got.data(), ref.data(), (size_t)n * H * G, D, &nf);
             const double bound = 5e-3 * (c.q_gain > 1.0f ? c.q_gain : 1.0f);
+            const char *how[3] = {"in registers", "expanded", "by decode"};
             EXPECT(nf == 0 && e <= bound, "prefill (%s) pos0 %d n %d: max rel err %.3g (bound %.0e), %d non-finite",
-                   expand ? "expanded" : "in registers", pos0, n, e, bound, nf);
-            printf("  prefill%s pos0=%d n=%d: max rel err %.3g, non-finite %d\n", expand ? " expanded" : "", pos0, n,
-                   e, nf);
+                   how[way], pos0, n, e, bound, nf);
+            printf("  prefill %s pos0=%d n=%d: max rel err %.3g, non-finite %d\n", how[way], pos0, n, e, nf);
         }
         kvc_cu_set_prefill_expand(1);
+        kvc_cu_set_prefill_small(-1);
     }
 
     /* 5. a decode step as the engine runs it: each sequence's next token
