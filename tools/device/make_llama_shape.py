@@ -79,13 +79,23 @@ def make_source():
         return f, "numpy"
 
 
+def positive(text):
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of at least 1 is needed")
+    return n
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out")
     ap.add_argument("tokenizer_dir")
     ap.add_argument("--preset", default="llama8b", choices=sorted(PRESETS))
-    ap.add_argument("--layers", type=int)
-    ap.add_argument("--vocab", type=int)
+    ap.add_argument("--layers", type=positive)
+    ap.add_argument("--vocab", type=positive)
     a = ap.parse_args()
     c = dict(PRESETS[a.preset])
     if a.layers:
