@@ -70,6 +70,10 @@ int kvc__cu_expand(const kvc_cu_layout *L, int layer, int n_rows, int n_rep, con
  * tests' switches), or `unset` where it is absent, empty or not a number. */
 int kvc__cu_env(const char *name, int unset);
 
+/* Multiprocessors of the current device (132 where it cannot be asked),
+ * read once. */
+int kvc__cu_sm_count(void);
+
 /* Whether the last decode launched by this host thread had a grid whose
  * blocks may land while the kernel before it still runs without landing
  * unevenly (decode.cu, launch_decode: it fits beside, or fills nearly every

@@ -1415,17 +1415,6 @@ struct plan {
     int nh;                      /* latent_nh */
 };
 
-int sm_count() {
-    static int n = 0;
-    if (!n) {
-        int dev = 0;
-        if (cudaGetDevice(&dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0)
-            n = 132;
-    }
-    return n;
-}
-
 /* Blocks of this instance resident on one multiprocessor (sets its shared
  * memory limit the first time). */
 template <int D, int G, int KF, int VF, int NH> int blocks_per_sm() {
@@ -1551,7 +1540,7 @@ template <typename F> int with_instance(const kvc__cu_view &v, int nh, F &&f) {
  * slower, so there ties go to more blocks, as before. If none fits, a warp
  * per pair (the fewest blocks). */
 plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx, int nh, bool transform) {
-    const int sms = sm_count();
+    const int sms = kvc__cu_sm_count();
     int per_sm = with_instance(v, nh, [](auto d, auto g, auto kf, auto vf, auto h) {
         return blocks_per_sm<decltype(d)::value, decltype(g)::value, decltype(kf)::value, decltype(vf)::value,
                              decltype(h)::value>();
@@ -1745,7 +1734,7 @@ int launch_decode(const kvc__cu_view &v, const void *arena, int64_t n_pages, con
                       VF_ = decltype(vf)::value, NH_ = decltype(nh)::value;
         /* (also sets the shared memory limit) */
         const int per_sm = blocks_per_sm<D_, G_, KF_, VF_, NH_>();
-        const long resident = (long)sm_count() * per_sm;
+        const long resident = (long)kvc__cu_sm_count() * per_sm;
         const long blocks = (long)grid.x * grid.y;
         const int cm = cluster_mode();
         p.cluster = cluster_ok<D_, NH_>() && pl.ppb == 1 && pl.n_splits > 1 && pl.n_splits <= MAX_CLUSTER &&

@@ -204,12 +204,23 @@ int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int layer,
 void kvc_cu_set_prefill_expand(int on);
 /* Small prefill chunks (plain codecs) run on the decode kernel: each token
  * a sequence of its own context length sharing the block table, the context
- * split across thread blocks (faster than one block of query rows walking
- * it: cuda/prefill.cu). max_n -1 (the default): chunks of at most 128 query
- * rows a kv head (n * n_rep <= 128); 0: never; > 0: chunks of at most max_n
- * tokens. The environment's KVC_CU_PREFILL_SMALL sets the same where this
+ * split across thread blocks, read once per token. max_n -1 (the default):
+ * chunks of at most 128 query rows a kv head (n * n_rep <= 128) whose n
+ * tokens' reads of the context (n times its stored bytes in the layer) are
+ * at most 64 MB, which L2 mostly serves (cuda/prefill.cu, small_by_decode);
+ * 0: never; > 0: chunks of at most max_n tokens. The environment's KVC_CU_PREFILL_SMALL sets the same where this
  * was never called. Not thread-safe; set before use. */
 void kvc_cu_set_prefill_small(int max_n);
+/* Splits of a prefill chunk's context (the prefill kernel, not the decode
+ * kernel's small chunks): each split's blocks attend to a run of the
+ * context and a second kernel merges their partials, as decode does. n -1
+ * (the default): a grid that would leave multiprocessors idle (few query
+ * rows after a long context) splits to fill them, in runs of at least 256
+ * positions; 0: never; n > 0: n splits (at most 64, and each must start at
+ * or before the chunk's first position, so fewer where the context is
+ * short). The environment's KVC_CU_PREFILL_SPLIT sets the same where this
+ * was never called. Not thread-safe; set before use. */
+void kvc_cu_set_prefill_split(int n);
 
 /* Tuning for benchmarks: context pages each decode thread block covers (0:
  * planned from the sizes and the device, the default) and whether each warp

@@ -39,9 +39,18 @@
  * -> 402 us (f16 390), 512 tokens 142 -> 95; SmolLM2 155 -> 106 (f16 99);
  * even a 32-token chunk (one block) 77 -> 67 us.
  *
- * Small chunks (at most one block of query rows a kv head) go to the decode
- * kernel instead (prefill_by_decode), which splits the context across the
- * GPU where this kernel's one block would walk it alone.
+ * A chunk of few query rows after a long context makes a grid of few
+ * blocks, each walking the whole context alone while most multiprocessors
+ * idle (a 128-token Llama-8B chunk after 16k positions: 32 blocks, ~510 us).
+ * So the context is split (plan_splits): grid z runs of it, each block's
+ * rows leave an unnormalised partial (sums, max, sum of weights) in
+ * scratch, and merge_kernel combines a row's partials as decode's merge
+ * does. Every split starts at or before the chunk's first position, so
+ * every row has a position in every split.
+ *
+ * Small chunks whose tokens' context L2 holds go to the decode kernel
+ * instead (prefill_by_decode, small_by_decode), which splits the context
+ * across the GPU too and reads it once per token.
  *
  * Transform codecs run the same kernel over their coefficients
  * (cuda/common.cuh's view: D = the rank, 32, 64 or 128; a latent's pages
@@ -62,6 +71,10 @@ constexpr int PT = TK / KVC__CU_B;   /* pages per tile */
 constexpr int PNT = 256;         /* threads: a warp per 16 rows */
 int g_expand = -1;               /* kvc_cu_set_prefill_expand; -1: not yet read from the environment */
 int g_small = -2;                /* kvc_cu_set_prefill_small; -2: not yet read from the environment */
+int g_split = -2;                /* kvc_cu_set_prefill_split; -2: not yet read from the environment */
+constexpr int MAX_SPLITS = 64;   /* context splits of a chunk (merge_kernel holds 2 a lane) */
+constexpr int MIN_SPLIT_TILES = 4;   /* the planner's shortest split: 256 positions */
+constexpr int SPLIT_MERGE = 2;   /* the planner's cost of the merge launch, in tiles */
 
 struct prefill_params {
     CUtensorMap tk, tv;          /* f16 at head_dim >= 64: kvc__cu_f16_maps */
@@ -74,7 +87,19 @@ struct prefill_params {
     int64_t q_stride;
     float *out;
     int64_t out_stride;
+    /* a split context (grid z > 1): block z attends to tiles [z * split_tiles,
+     * (z + 1) * split_tiles), the last split to the block's end, and stores
+     * its rows' unnormalised sums, max and sum of weights to part (see
+     * part_row); merge_kernel makes out of them */
+    int split_tiles;
+    int hq;                      /* query heads (n_kv_head * G): part's rows a token */
+    float *part;
 };
+
+/* Split z's record of query head qh of token tok: D sums, then m and l. */
+__host__ __device__ __forceinline__ size_t part_row(int D, int n, int hq, int z, int tok, int qh) {
+    return (((size_t)z * n + tok) * hq + qh) * (size_t)(D + 2);
+}
 
 /* An f16 tile's layout in shared memory, either (SW) the tensor copy's:
  * the 4 pages' K blocks then their V blocks, each swizzled (common.cuh's
@@ -365,7 +390,7 @@ __global__ void __launch_bounds__(PNT, 1) prefill_kernel(const __grid_constant__
     uint8_t *smem = smem_raw;
     if constexpr (TMA) smem += (1024u - (smem_addr(smem_raw) & 1023u)) & 1023u;
     const uint32_t mbar = smem_addr(smem + S::NS * S::STAGE);   /* TMA: stage s's at mbar + 8 s */
-    const int head = blockIdx.y;
+    const int head = blockIdx.y, split = blockIdx.z;
     const int tile = gridDim.x - 1 - blockIdx.x;          /* longest rows first */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int gid = lane >> 2, tig = lane & 3;
@@ -405,8 +430,13 @@ __global__ void __launch_bounds__(PNT, 1) prefill_kernel(const __grid_constant__
 
     /* NS-stage pipeline (quantized: NQ raw stages): tiles t + 1 .. t + NS - 1
      * load while t computes; one commit group per tile (empty past the end),
-     * or (tensor copies) one mbarrier phase per tile, every warp arriving */
-    const int n_tiles = (ctx_end + TK - 1) / TK;
+     * or (tensor copies) one mbarrier phase per tile, every warp arriving.
+     * This block's tiles: t0 .. t0 + n_tiles - 1 (its split's; the planner
+     * starts every split at or before position pos0, so each row has a
+     * position inside every split and m is finite after the first tile) */
+    const int t_end = (ctx_end + TK - 1) / TK;
+    const int t0 = split * p.split_tiles;
+    const int n_tiles = (split == (int)gridDim.z - 1 ? t_end : min(t_end, t0 + p.split_tiles)) - t0;
     constexpr int NST = F16 ? S::NS : R::NQ;
     uint8_t *raw = smem + TL::STAGE;                      /* quantized: after the f16 tile */
     if constexpr (TMA) {
@@ -418,19 +448,20 @@ __global__ void __launch_bounds__(PNT, 1) prefill_kernel(const __grid_constant__
         __syncthreads();
     }
 #pragma unroll
-    for (int t = 0; t < NST - 1; t++) {
-        if (t < n_tiles) {
-            if constexpr (TMA) issue_tile<D>(p, head, t, ctx_end, smem + t * S::STAGE, mbar + 8 * t);
-            else if constexpr (F16) load_tile<D>(p, head, t, ctx_end, smem + t * S::STAGE);
-            else load_raw<D, KF, VF>(p, head, t, ctx_end, raw + t * R::STAGE);
+    for (int i = 0; i < NST - 1; i++) {
+        if (i < n_tiles) {
+            if constexpr (TMA) issue_tile<D>(p, head, t0 + i, ctx_end, smem + i * S::STAGE, mbar + 8 * i);
+            else if constexpr (F16) load_tile<D>(p, head, t0 + i, ctx_end, smem + i * S::STAGE);
+            else load_raw<D, KF, VF>(p, head, t0 + i, ctx_end, raw + i * R::STAGE);
         }
         if constexpr (!TMA) cp_async_commit();
     }
-    for (int t = 0; t < n_tiles; t++) {
+    for (int i = 0; i < n_tiles; i++) {
+        const int t = t0 + i;                             /* the tile; i its stage's count */
         if constexpr (TMA) {
-            kvc__cu_mbar_wait(mbar + 8 * (t % NST), (uint32_t)(t / NST) & 1u);
+            kvc__cu_mbar_wait(mbar + 8 * (i % NST), (uint32_t)(i / NST) & 1u);
             if (t * TK + TK > ctx_end) {       /* V rows past the context (stale, or pages not copied): zeros */
-                uint8_t *Vs = smem + (t % NST) * S::STAGE + TL::K_BYTES;
+                uint8_t *Vs = smem + (i % NST) * S::STAGE + TL::K_BYTES;
                 const int p0 = ctx_end - t * TK;
                 for (int c = threadIdx.x; c < (TK - p0) * (D / 8); c += PNT)
                     *reinterpret_cast<uint4 *>(Vs + TL::v_off(p0 + c / (D / 8), c % (D / 8))) = make_uint4(0, 0, 0, 0);
@@ -439,18 +470,18 @@ __global__ void __launch_bounds__(PNT, 1) prefill_kernel(const __grid_constant__
             cp_async_wait<NST - 2>();
         }
         __syncthreads();   /* tile t visible to all; every warp is done with tile t - 1 */
-        if (t + NST - 1 < n_tiles) {
-            const int tn = t + NST - 1;
-            if constexpr (TMA) issue_tile<D>(p, head, tn, ctx_end, smem + (tn % NST) * S::STAGE, mbar + 8 * (tn % NST));
-            else if constexpr (F16) load_tile<D>(p, head, tn, ctx_end, smem + (tn % NST) * S::STAGE);
-            else load_raw<D, KF, VF>(p, head, tn, ctx_end, raw + (tn % NST) * R::STAGE);
+        if (i + NST - 1 < n_tiles) {
+            const int in = i + NST - 1, tn = t0 + in, st = in % NST;
+            if constexpr (TMA) issue_tile<D>(p, head, tn, ctx_end, smem + st * S::STAGE, mbar + 8 * st);
+            else if constexpr (F16) load_tile<D>(p, head, tn, ctx_end, smem + st * S::STAGE);
+            else load_raw<D, KF, VF>(p, head, tn, ctx_end, raw + st * R::STAGE);
         }
         if constexpr (!TMA) cp_async_commit();
         if constexpr (!F16) {
-            dequant_tile<D, KF, VF>(raw + (t % NST) * R::STAGE, t, ctx_end, smem);
+            dequant_tile<D, KF, VF>(raw + (i % NST) * R::STAGE, t, ctx_end, smem);
             __syncthreads();
         }
-        const uint8_t *Ks = F16 ? smem + (t % S::NS) * S::STAGE : smem, *Vs = Ks + TL::K_BYTES;
+        const uint8_t *Ks = F16 ? smem + (i % S::NS) * S::STAGE : smem, *Vs = Ks + TL::K_BYTES;
 
         /* S = Q K^T: 8 n-tiles of 8 positions */
         float s[8][4];
@@ -534,6 +565,14 @@ __global__ void __launch_bounds__(PNT, 1) prefill_kernel(const __grid_constant__
         const int r = wr + gid + 8 * h;
         if (r > r_last) continue;
         const int tok = r / p.G, rep = r % p.G;
+        if (gridDim.z > 1) {   /* a split's partial: the sums as they are, then m and l */
+            float *dst = p.part + part_row(D, p.n, p.hq, split, tok, head * p.G + rep);
+#pragma unroll
+            for (int dn = 0; dn < D / 8; dn++)
+                *reinterpret_cast<float2 *>(dst + dn * 8 + 2 * tig) = make_float2(o[dn][2 * h], o[dn][2 * h + 1]);
+            if (tig == 0) *reinterpret_cast<float2 *>(dst + D) = make_float2(m[h], l[h]);
+            continue;
+        }
         float *dst = p.out + (int64_t)tok * p.out_stride + (int64_t)(head * p.G + rep) * D;
         const float inv = 1.0f / l[h];
 #pragma unroll
@@ -541,17 +580,6 @@ __global__ void __launch_bounds__(PNT, 1) prefill_kernel(const __grid_constant__
             *reinterpret_cast<float2 *>(dst + dn * 8 + 2 * tig) =
                 make_float2(o[dn][2 * h] * inv, o[dn][2 * h + 1] * inv);
     }
-}
-
-template <int D, int KF, int VF>
-int launch(const prefill_params &p, int n_kv_head, cudaStream_t stream, char *err, size_t errlen) {
-    const size_t smem = KF == KVC_CU_F16 && VF == KVC_CU_F16 ? smem_shape<D>::BYTES : raw_shape<D, KF, VF>::BYTES;
-    KVC__CU_TRY(cudaFuncSetAttribute(prefill_kernel<D, KF, VF>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     (int)smem));
-    const int tiles = (p.n * p.G + ROWS - 1) / ROWS;
-    prefill_kernel<D, KF, VF><<<dim3(tiles, n_kv_head), PNT, smem, stream>>>(p);
-    KVC__CU_TRY(cudaGetLastError());
-    return KVC_OK;
 }
 
 /* Scratch of a prefill call (the expanded pages, the transforms' rows),
@@ -582,6 +610,127 @@ cudaError_t scratch_alloc(void **p, size_t bytes, cudaStream_t s) {
         pool = pools[dev];
     }
     return cudaMallocFromPoolAsync(p, bytes, pool, s);
+}
+
+/* The splits' partials of each (token, query head) row into its output:
+ * o = sum_z 2^(m_z - M) acc_z / sum_z 2^(m_z - M) l_z, M the largest m_z
+ * (every m_z is finite: each split holds a position of every row). A warp a
+ * row; lane z % 32 holds split z's weight. */
+__global__ void __launch_bounds__(128) merge_kernel(const float *part, int D, int n, int hq, int ns, float *out,
+                                                    int64_t out_stride) {
+    const int row = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= n * hq) return;
+    const int tok = row / hq, qh = row % hq;
+    float mz[MAX_SPLITS / 32], M = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < MAX_SPLITS / 32; k++) {
+        const int z = lane + 32 * k;
+        mz[k] = z < ns ? part[part_row(D, n, hq, z, tok, qh) + D] : -INFINITY;
+        M = fmaxf(M, mz[k]);
+    }
+#pragma unroll
+    for (int o = 16; o; o >>= 1) M = fmaxf(M, __shfl_xor_sync(KVC__CU_FULL, M, o));
+    float w[MAX_SPLITS / 32], L = 0.0f;
+#pragma unroll
+    for (int k = 0; k < MAX_SPLITS / 32; k++) {
+        const int z = lane + 32 * k;
+        w[k] = z < ns ? exp2f(mz[k] - M) : 0.0f;
+        if (z < ns) L += w[k] * part[part_row(D, n, hq, z, tok, qh) + D + 1];
+    }
+#pragma unroll
+    for (int o = 16; o; o >>= 1) L += __shfl_xor_sync(KVC__CU_FULL, L, o);
+    const float inv = 1.0f / L;
+    float *dst = out + (int64_t)tok * out_stride + (int64_t)qh * D;
+    for (int d = lane; d < D; d += 32) {
+        float acc = 0.0f;
+        for (int z = 0; z < ns; z++) {
+            const float wz = __shfl_sync(KVC__CU_FULL, w[z >> 5], z & 31);
+            acc = fmaf(wz, part[part_row(D, n, hq, z, tok, qh) + d], acc);
+        }
+        dst[d] = acc * inv;
+    }
+}
+
+/* How many splits the context of a chunk takes, and the tiles a split
+ * (*spt): grid blocks of `blocks` (row blocks x kv heads), `bps` of which
+ * fit a multiprocessor; the shortest row block reads Tf tiles. Every split
+ * starts at or before position pos0 (a tile that starts there holds a
+ * position every row attends to). By default, where the row blocks read
+ * about the same tiles (a chunk short beside its context), the count with
+ * the least estimated time, in tiles: the grid's waves times a block's
+ * tiles plus one (its start; a partial's store), plus SPLIT_MERGE for the
+ * merge launch, in splits of at least MIN_SPLIT_TILES tiles of equal size
+ * (session 20: SmolLM2 2048 tokens after 16384 positions 661 -> 473 us in
+ * 8 splits, 144 blocks being two waves of one). Where they differ (the
+ * chunk's own causal triangle dominates) the block scheduler balances
+ * blocks of unequal lengths by itself, so only a grid that leaves
+ * multiprocessors idle splits, to fill one wave (two splits for SmolLM2's
+ * 2048 tokens after 2048 were 4% slower than one). kvc_cu_set_prefill_split
+ * forces a count (the tests: the last split may then be longer). */
+int plan_splits(int pos0, int n, int blocks, int bps, int Tf, int *spt) {
+    if (g_split == -2) g_split = max(kvc__cu_env("KVC_CU_PREFILL_SPLIT", -1), -1);
+    const int T = (pos0 + n + TK - 1) / TK;   /* the last row block's tiles */
+    const int Tp = pos0 / TK + 1;             /* tiles starting at or before pos0 */
+    const int64_t slots = (int64_t)kvc__cu_sm_count() * bps;
+    int ns = 1;
+    if (g_split >= 0) {
+        ns = max(1, min(min(g_split, MAX_SPLITS), Tp));
+    } else if (4 * Tf >= 3 * T) {
+        int64_t best = ((int64_t)blocks + slots - 1) / slots * (T + 1);
+        for (int k = 2; k <= MAX_SPLITS && k * MIN_SPLIT_TILES <= T; k++) {
+            const int len = (T + k - 1) / k;
+            if ((k - 1) * len >= Tp) break;
+            const int64_t cost = ((int64_t)blocks * k + slots - 1) / slots * (len + 1) + SPLIT_MERGE;
+            if (cost < best) best = cost, ns = k;
+        }
+    } else if (blocks < slots) {
+        ns = min((int)(slots / blocks), min(MAX_SPLITS, T / MIN_SPLIT_TILES));
+        while (ns > 1 && (ns - 1) * ((T + ns - 1) / ns) >= Tp) ns--;
+        ns = max(ns, 1);
+    }
+    *spt = ns > 1 ? min((T + ns - 1) / ns, (Tp - 1) / (ns - 1)) : T;
+    return ns;
+}
+
+/* The chunk on prefill_kernel: its context split (plan_splits) into
+ * partials that merge_kernel combines, from scratch (none: one split). */
+template <int D, int KF, int VF>
+int launch(prefill_params p, int n_kv_head, cudaStream_t stream, char *err, size_t errlen) {
+    const size_t smem = KF == KVC_CU_F16 && VF == KVC_CU_F16 ? smem_shape<D>::BYTES : raw_shape<D, KF, VF>::BYTES;
+    KVC__CU_TRY(cudaFuncSetAttribute(prefill_kernel<D, KF, VF>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     (int)smem));
+    static int bps = 0;                   /* blocks a multiprocessor */
+    if (!bps && (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, prefill_kernel<D, KF, VF>, PNT, smem) !=
+                     cudaSuccess || bps < 1)) {
+        (void)cudaGetLastError();
+        bps = 1;
+    }
+    const int tiles = (p.n * p.G + ROWS - 1) / ROWS;
+    const int first_tiles = (p.pos0 + (min(ROWS, p.n * p.G) - 1) / p.G + TK) / TK;   /* row block 0's */
+    int ns = plan_splits(p.pos0, p.n, tiles * n_kv_head, bps, first_tiles, &p.split_tiles);
+    p.hq = n_kv_head * p.G;
+    p.part = NULL;
+    if (ns > 1 && scratch_alloc((void **)&p.part, sizeof(float) * part_row(D, p.n, p.hq, ns, 0, 0), stream) !=
+                      cudaSuccess) {
+        (void)cudaGetLastError();         /* no room for partials: one split */
+        ns = 1;
+        p.part = NULL;
+    }
+    if (ns == 1) p.split_tiles = 0;
+    prefill_kernel<D, KF, VF><<<dim3(tiles, n_kv_head, ns), PNT, smem, stream>>>(p);
+    cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess && ns > 1) {
+        merge_kernel<<<(p.n * p.hq + 3) / 4, 128, 0, stream>>>(p.part, D, p.n, p.hq, ns, p.out, p.out_stride);
+        e = cudaGetLastError();
+    }
+    if (p.part) {
+        const cudaError_t f = cudaFreeAsync(p.part, stream);
+        if (e == cudaSuccess) e = f;
+    }
+    if (e != cudaSuccess)
+        KVC__CU_FAIL(KVC_ERR_NOMEM, "kvc_cuda: prefill of %d tokens at %d (%d splits): %s", p.n, p.pos0, ns,
+                     cudaGetErrorString(e));
+    return KVC_OK;
 }
 
 /* The instance for the view's formats (kvc_cu_layout_init admits only
@@ -642,18 +791,14 @@ int launch_expanded(const kvc__cu_view &v, prefill_params p, cudaStream_t s, cha
 
 extern "C" void kvc_cu_set_prefill_expand(int on) { g_expand = on != 0; }
 extern "C" void kvc_cu_set_prefill_small(int max_n) { g_small = max_n < 0 ? -1 : max_n; }
+extern "C" void kvc_cu_set_prefill_split(int n) { g_split = n < 0 ? -1 : n; }
 
 /* A small chunk through the decode kernel: row i is a sequence of pos0 + 1 + i
  * positions, all sharing the block table, the context split across blocks
  * as a decode's is. Its workspace comes from the scratch pool, zeroed.
- * prefill_kernel gives a kv head one block of 128 query rows, which walks
- * the whole context alone; decode spreads it over the GPU and reads every
- * page once per token (from L2 after the first). Session 19 (gpu_bench,
- * `decd` lines): Llama-8B int8 32 tokens after 2048 positions 77.8 -> 56.4
- * us, after 16384 513 -> 330; 8 tokens 524 -> 96; SmolLM2 64 tokens 54 ->
- * 29 and 336 -> 117. From 256 query rows a kv head on it lost (Llama 128
- * tokens 80 -> 143 us), so by default only chunks of at most one block of
- * rows (n * n_rep <= 128) take it. */
+ * Decode reads every page once per token (from L2 after the first where
+ * the context fits), so it wins only for few tokens over a context L2
+ * holds (small_by_decode). */
 static int prefill_by_decode(const kvc_cu_layout *L, const void *arena, int layer, const int32_t *block_table,
                              int pos0, int n, int n_rep, float scale, const float *q, int64_t q_stride, float *out,
                              int64_t out_stride, cudaStream_t s, char *err, size_t errlen) {
@@ -682,6 +827,21 @@ static int prefill_by_decode(const kvc_cu_layout *L, const void *arena, int laye
     return rc;
 }
 
+/* The default route of small chunks (kvc_cu_set_prefill_small -1): the
+ * decode kernel where the chunk is at most one block of query rows a kv
+ * head and its tokens' reads of the context (decode reads every page once
+ * per token) come to at most 64 MB, which L2 mostly serves; else the
+ * prefill kernel with its context split, which reads it once per block of
+ * rows. Session 20 (gpu_bench): SmolLM2 int8 8 tokens after 16384
+ * positions (6.5 MB a token) 30.1 us by decode against 36.4 split, 32
+ * tokens 79.7 against 39.0; Llama-8B f16 8 tokens after 16384 (67 MB a
+ * token) 104.6 against 52.6, int8 after 2048 (4.3 MB) 26.8 against 35.6. */
+static bool small_by_decode(const kvc__cu_view &v, int pos0, int n, int n_rep) {
+    const int64_t ctx_bytes = (int64_t)(pos0 + n + KVC__CU_B - 1) / KVC__CU_B * v.n_heads *
+                              (kvc__cu_block_bytes(v.k_fmt, v.D) + kvc__cu_block_bytes(v.v_fmt, v.D));
+    return (int64_t)n * n_rep <= ROWS && n * ctx_bytes <= ((int64_t)64 << 20);
+}
+
 extern "C" int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int layer, const int32_t *block_table,
                               int pos0, int n, int n_rep, float scale, const float *q, int64_t q_stride,
                               float *out, int64_t out_stride, void *stream, char *err, size_t errlen) {
@@ -706,7 +866,7 @@ extern "C" int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int lay
     const kvc__cu_view v = kvc__cu_view_of(L, layer, n_rep);
     cudaStream_t s = (cudaStream_t)stream;
     if (g_small == -2) g_small = max(kvc__cu_env("KVC_CU_PREFILL_SMALL", -1), -1);
-    if (!transform && (g_small < 0 ? (int64_t)n * n_rep <= ROWS : n <= g_small))
+    if (!transform && (g_small < 0 ? small_by_decode(v, pos0, n, n_rep) : n <= g_small))
         return prefill_by_decode(L, arena, layer, block_table, pos0, n, n_rep, scale, q, q_stride, out, out_stride, s,
                                  err, errlen);
     prefill_params p;

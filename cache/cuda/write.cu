@@ -168,6 +168,18 @@ int kvc__cu_env(const char *name, int unset) {
     return e && *e && *end == '\0' ? (int)v : unset;
 }
 
+int kvc__cu_sm_count(void) {
+    static int n = 0;
+    if (!n) {
+        int dev = 0, v = 0;
+        n = cudaGetDevice(&dev) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && v > 0
+                ? v
+                : 132;
+    }
+    return n;
+}
+
 kvc__cu_geom kvc__cu_geom_of(const kvc_cu_layout *L, int layer) {
     const kvc_pool *p = L->pool;
     kvc__cu_geom g;

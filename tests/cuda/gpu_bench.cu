@@ -15,7 +15,11 @@
  *     for several plans ("auto" is the default; warp/seq and 2warp/seq a warp
  *     or two per (sequence, kv head); ppsN splits of N pages);
  *   prefill of a 2048-token chunk at positions 0 and 2048 (TFLOP/s, counting
- *     4 * head_dim per (query row, visible position));
+ *     4 * head_dim per (query row, visible position)); quantized chunks of
+ *     32-2048 tokens in registers (`regs`) and expanded (`expd`); chunks of
+ *     8-512 tokens after 2048 and 16384 positions by the decode kernel
+ *     (`decd`), the prefill kernel in one split (`one`) and split as
+ *     planned (`splt`), and by default;
  *   compress-on-write of 64 tokens (a decode step) and 2048 (a chunk);
  *   a layer's decode step as an engine runs it (`step` lines: the write of
  *   each sequence's newest token, then the decode), for the decode cases of
@@ -34,6 +38,9 @@
  *        cases instead of 64x2048,256x512,1x32768)
  *        gpu_bench --one smollm2|llama8b KCODEC VCODEC N_SEQS CTX   (20 launches, for ncu)
  *        gpu_bench --chunks   (HBM read bandwidth of random 1..64 KB chunks)
+ *        gpu_bench --splits smollm2|llama8b KCODEC VCODEC POS0 N K,K,...
+ *          (a prefill chunk with its context in each forced number of
+ *          splits K, then as planned)
  *        gpu_bench --timeline smollm2|llama8b KCODEC VCODEC N_SEQS CTX [CSV]
  *          (a build with -DKVC_CU_TIMELINE: one launch's per-block marks,
  *          see decode.cu; CSV gets block, SM and the marks in us)
@@ -418,11 +425,15 @@ static void bench_step(const shape &s, const char *kc, const char *vc, int n_seq
     free_decode_case(dc);
 }
 
-/* expand: kvc_cu_set_prefill_expand's choice (0 quantized pages dequantized
- * in registers, 1 expanded into f16 scratch pages; -1 the default), or 2:
- * the chunk through the decode kernel (kvc_cu_set_prefill_small). Other
- * than 2, chunks run on the prefill kernel. */
-static void bench_prefill(const shape &s, const char *kc, const char *vc, int pos0, int n, int expand) {
+static int g_splits = -1;   /* --splits: the context splits forced (kvc_cu_set_prefill_split) */
+
+/* way: -1 every default; 0 / 1 the prefill kernel with quantized pages
+ * dequantized in registers / expanded into f16 scratch pages
+ * (kvc_cu_set_prefill_expand); 2 the chunk through the decode kernel
+ * (kvc_cu_set_prefill_small); 3 / 4 the prefill kernel, expanded, its
+ * context in one split / split as planned (kvc_cu_set_prefill_split).
+ * 0 and 1 split as planned. */
+static void bench_prefill(const shape &s, const char *kc, const char *vc, int pos0, int n, int way) {
     const int B = 16, pages = (pos0 + n + B - 1) / B;
     bench_pool bp = make_pool(s, kc, vc, pages);
     std::vector<int32_t> bt(pages);
@@ -435,17 +446,22 @@ static void bench_prefill(const shape &s, const char *kc, const char *vc, int po
     CK(cudaMalloc(&d_q, sizeof(float) * qs * n));
     CK(cudaMalloc(&d_out, sizeof(float) * qs * n));
     fill(d_q, sizeof(float) * qs * n, 99);
-    if (expand == 0 || expand == 1) kvc_cu_set_prefill_expand(expand);
-    kvc_cu_set_prefill_small(expand == 2 ? n : 0);
+    if (way >= 0) kvc_cu_set_prefill_expand(way != 0);
+    if (way >= 0) kvc_cu_set_prefill_small(way == 2 ? n : 0);
+    kvc_cu_set_prefill_split(way == 3 ? 0 : g_splits);
     const double us = event_us(NULL, 23, 3, [&](int rep) {
         KV(kvc_cu_prefill(&bp.lay, bp.arena, rep % bp.n_layer, d_bt, pos0, n, s.G, 1.0f / sqrtf((float)s.D), d_q, qs,
                           d_out, qs, NULL, err_, sizeof err_));
     });
     double flops = 0;
     for (int i = 0; i < n; i++) flops += 4.0 * s.D * (pos0 + i + 1) * s.H * s.G;
-    if (expand >= 0) kvc_cu_set_prefill_expand(1);
+    kvc_cu_set_prefill_expand(1);
     kvc_cu_set_prefill_small(-1);
-    const char *how = expand == 0 ? " regs" : expand == 1 ? " expd" : expand == 2 ? " decd" : "";
+    kvc_cu_set_prefill_split(-1);
+    const char *hows[6] = {"", " regs", " expd", " decd", " one", " splt"};
+    char forced[16];
+    snprintf(forced, sizeof forced, " s%d", g_splits);
+    const char *how = g_splits >= 0 && way != 3 ? forced : hows[way + 1];
     printf("prefill%s %-8s %-9s pos0 %-5d n %d: %9.1f us, %6.1f TFLOP/s\n", how, s.name, pair_name(kc, vc).c_str(),
            pos0, n, us, flops / us * 1e-6);
     if (g_csv) fprintf(g_csv, "prefill%s,%s,%s/%s,%d,%d,,%.3f,,%.0f,\n", how, s.name, kc, vc, pos0, n, us, flops);
@@ -897,6 +913,18 @@ int main(int argc, char **argv) {
         return 0;
     }
 #endif
+    if (argc == 8 && !strcmp(argv[1], "--splits")) {
+        const shape *ps = !strcmp(argv[2], "smollm2") ? &shapes[0] : !strcmp(argv[2], "llama8b") ? &shapes[1] : NULL;
+        if (!ps) return 2;
+        const int pos0 = atoi(argv[5]), n = atoi(argv[6]);
+        for (const char *c = argv[7]; *c; c += strcspn(c, ",") + (c[strcspn(c, ",")] == ',')) {
+            g_splits = atoi(c);
+            bench_prefill(*ps, argv[3], argv[4], pos0, n, -1);
+        }
+        g_splits = -1;
+        bench_prefill(*ps, argv[3], argv[4], pos0, n, -1);
+        return 0;
+    }
     if (argc == 2 && !strcmp(argv[1], "--chunks")) {
         bench_chunks();
         return 0;
@@ -980,13 +1008,14 @@ int main(int argc, char **argv) {
             if (pw_selected(s, c) && !c.D && !(!strcmp(c.k, "f16") && !strcmp(c.v, "f16")))   /* D 0: plain */
                 for (int n : {32, 64, 128, 512, 2048})
                     for (int expand : {0, 1}) bench_prefill(s, c.k, c.v, 2048, n, expand);
-    /* small chunks through the decode kernel, against the default */
+    /* small and mid-sized chunks after long contexts: the decode kernel,
+     * the prefill kernel in one split and split as planned, the default */
     for (auto &s : shapes)
         for (auto &c : codecs)
             if (pw_selected(s, c) && !c.D)
                 for (int pos0 : {2048, 16384})
-                    for (int n : {8, 32, 64, 128, 256})
-                        for (int way : {-1, 2}) bench_prefill(s, c.k, c.v, pos0, n, way);
+                    for (int n : {8, 32, 64, 128, 256, 512})
+                        for (int way : {2, 3, 4, -1}) bench_prefill(s, c.k, c.v, pos0, n, way);
     for (auto &s : shapes)
         for (auto &c : codecs)
             if (pw_selected(s, c))

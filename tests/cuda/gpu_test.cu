@@ -28,7 +28,9 @@
  *   4. prefill: chunks [pos0, pos0 + n) of one sequence through
  *      kvc_cu_prefill against kvc_attend (causal inside the chunk), with
  *      quantized pages read both ways (expanded into f16 scratch pages, and
- *      dequantized per tile in registers).
+ *      dequantized per tile in registers), the context split as planned,
+ *      not at all, in 3 and in runs of one tile (partials merged by a
+ *      second kernel), and the chunk's tokens as decode sequences.
  *   5. a decode step as an engine runs it: every sequence's next token
  *      written by kvc_cu_write and attended by kvc_cu_decode in one stream
  *      with no synchronisation between (the write may let the decode launch
@@ -441,12 +443,19 @@ static void run_case(const test_case &c) {
         dev_buf<float> d_q(q.size()), d_out(q.size());
         d_q.up(q.data());
         /* both ways of reading quantized pages: dequantized a tile at a
-         * time in registers (0), and the context expanded once into f16
-         * scratch pages (1; f16 pages read the same either way); and (2)
-         * the chunk's tokens as sequences of the decode kernel */
-        for (int way = 0; way < 3; way++) {
-            kvc_cu_set_prefill_expand(way == 1);
+         * time in registers (0, 4), and the context expanded once into f16
+         * scratch pages (1, 3, 5; f16 pages read the same either way); (2)
+         * the chunk's tokens as sequences of the decode kernel; the
+         * context split as the planner splits it (0, 1), not at all (3),
+         * in 3 (4), and in as many splits as may start before pos0 (5,
+         * which asks for 64: runs of one tile) */
+        const char *how[6] = {"in registers", "expanded", "by decode", "expanded, one split", "in registers, 3 splits",
+                              "expanded, most splits"};
+        const int split[6] = {-1, -1, -1, 0, 3, 64};
+        for (int way = 0; way < 6; way++) {
+            kvc_cu_set_prefill_expand(way != 0 && way != 4);
             kvc_cu_set_prefill_small(way == 2 ? n : 0);
+            kvc_cu_set_prefill_split(split[way]);
             d_out.poison();
             int rc = kvc_cu_prefill(&lay, arena.p, layer, d_bt.p, pos0, n, G, scale, d_q.p, qs, d_out.p, qs, NULL,
                                     err, sizeof err);
@@ -456,13 +465,13 @@ static void run_case(const test_case &c) {
             int nf;
             double e = max_rel_err(got.data(), ref.data(), (size_t)n * H * G, D, &nf);
             const double bound = 5e-3 * (c.q_gain > 1.0f ? c.q_gain : 1.0f);
-            const char *how[3] = {"in registers", "expanded", "by decode"};
             EXPECT(nf == 0 && e <= bound, "prefill (%s) pos0 %d n %d: max rel err %.3g (bound %.0e), %d non-finite",
                    how[way], pos0, n, e, bound, nf);
             printf("  prefill %s pos0=%d n=%d: max rel err %.3g, non-finite %d\n", how[way], pos0, n, e, nf);
         }
         kvc_cu_set_prefill_expand(1);
         kvc_cu_set_prefill_small(-1);
+        kvc_cu_set_prefill_split(-1);
     }
 
     /* 5. a decode step as the engine runs it: each sequence's next token
