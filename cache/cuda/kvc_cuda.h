@@ -194,13 +194,15 @@ int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int layer,
                    size_t errlen);
 
 /* How prefill reads quantized pages (plain codecs with head_dim >= 64): 1
- * (the default) expanded: the chunk's context dequantized once into f16
- * pages of a stream-ordered scratch arena, which the f16 kernel's tensor
- * copies then read (faster at every chunk size measured, 32 to 2048 tokens:
- * cuda/prefill.cu); 0 in registers: each block of 128 query rows
- * dequantizes every tile it reads. The environment's KVC_CU_PREFILL_EXPAND=0
- * / =1 sets the same where this was never called. Not thread-safe; set
- * before use. */
+ * expanded: the chunk's context dequantized once into f16 pages of a
+ * stream-ordered scratch arena, which the f16 kernel's tensor copies then
+ * read; 0 in registers: each block of 128 query rows dequantizes every
+ * tile it reads; -1 (the default) expanded but for chunks of one block of
+ * query rows a kv head (n * n_rep <= 128) after at least 1024 positions,
+ * whose context the prefill kernel splits so that each block dequantizes
+ * only its run, once (cuda/prefill.cu, expand_pays). The environment's
+ * KVC_CU_PREFILL_EXPAND (0, 1, -1) sets the same where this was never
+ * called. Not thread-safe; set before use. */
 void kvc_cu_set_prefill_expand(int on);
 /* Small prefill chunks (plain codecs) run on the decode kernel: each token
  * a sequence of its own context length sharing the block table, the context

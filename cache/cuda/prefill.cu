@@ -37,7 +37,9 @@
  * device has no room for it the chunk is read in registers. Session 19
  * (gpu_bench, chunks after 2048 positions): Llama-8B int8 2048 tokens 674
  * -> 402 us (f16 390), 512 tokens 142 -> 95; SmolLM2 155 -> 106 (f16 99);
- * even a 32-token chunk (one block) 77 -> 67 us.
+ * even a 32-token chunk (one block) 77 -> 67 us. Since the context split
+ * below, a chunk of one block after a long context is read in registers
+ * again: each split dequantizes its run once (expand_pays).
  *
  * A chunk of few query rows after a long context makes a grid of few
  * blocks, each walking the whole context alone while most multiprocessors
@@ -69,12 +71,13 @@ constexpr int ROWS = 128;        /* query rows per block */
 constexpr int TK = 64;           /* positions per K/V tile */
 constexpr int PT = TK / KVC__CU_B;   /* pages per tile */
 constexpr int PNT = 256;         /* threads: a warp per 16 rows */
-int g_expand = -1;               /* kvc_cu_set_prefill_expand; -1: not yet read from the environment */
+int g_expand = -2;               /* kvc_cu_set_prefill_expand; -2: not yet read from the environment */
 int g_small = -2;                /* kvc_cu_set_prefill_small; -2: not yet read from the environment */
 int g_split = -2;                /* kvc_cu_set_prefill_split; -2: not yet read from the environment */
 constexpr int MAX_SPLITS = 64;   /* context splits of a chunk (merge_kernel holds 2 a lane) */
 constexpr int MIN_SPLIT_TILES = 4;   /* the planner's shortest split: 256 positions */
 constexpr int SPLIT_MERGE = 2;   /* the planner's cost of the merge launch, in tiles */
+constexpr int EXPAND_MIN_BLOCKS = 2;   /* expand_pays */
 
 struct prefill_params {
     CUtensorMap tk, tv;          /* f16 at head_dim >= 64: kvc__cu_f16_maps */
@@ -789,7 +792,7 @@ int launch_expanded(const kvc__cu_view &v, prefill_params p, cudaStream_t s, cha
 
 } // namespace
 
-extern "C" void kvc_cu_set_prefill_expand(int on) { g_expand = on != 0; }
+extern "C" void kvc_cu_set_prefill_expand(int on) { g_expand = on < 0 ? -1 : on != 0; }
 extern "C" void kvc_cu_set_prefill_small(int max_n) { g_small = max_n < 0 ? -1 : max_n; }
 extern "C" void kvc_cu_set_prefill_split(int n) { g_split = n < 0 ? -1 : n; }
 
@@ -840,6 +843,19 @@ static bool small_by_decode(const kvc__cu_view &v, int pos0, int n, int n_rep) {
     const int64_t ctx_bytes = (int64_t)(pos0 + n + KVC__CU_B - 1) / KVC__CU_B * v.n_heads *
                               (kvc__cu_block_bytes(v.k_fmt, v.D) + kvc__cu_block_bytes(v.v_fmt, v.D));
     return (int64_t)n * n_rep <= ROWS && n * ctx_bytes <= ((int64_t)64 << 20);
+}
+
+/* The default of kvc_cu_set_prefill_expand: quantized pages are expanded
+ * unless the chunk is one block of query rows a kv head over a context long
+ * enough to split (>= 1024 positions): split, each block dequantizes only
+ * its run of the context, once, which costs less than writing it out as
+ * f16 and reading it back. Session 20 run 5 (split, in registers against
+ * expanded): Llama-8B int8 after 16384 positions 8 tokens 75.2 against 93.9
+ * us, 32 tokens 80.7 against 98.5; after 2048 37.8 against 38.5. From two
+ * blocks it is even or worse: 64 tokens (2 blocks) after 16384 131.9
+ * against 125.3; SmolLM2 int8 128 tokens (3 blocks) 59.1 against 54.6. */
+static bool expand_pays(int pos0, int n, int n_rep) {
+    return pos0 < 1024 || ((int64_t)n * n_rep + ROWS - 1) / ROWS >= EXPAND_MIN_BLOCKS;
 }
 
 extern "C" int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int layer, const int32_t *block_table,
@@ -906,8 +922,9 @@ extern "C" int kvc_cu_prefill(const kvc_cu_layout *L, const void *arena, int lay
             p.out_stride = row_stride;
         }
     }
-    if (g_expand < 0) g_expand = kvc__cu_env("KVC_CU_PREFILL_EXPAND", 1) != 0;
-    const bool expand = g_expand && !transform && v.D >= 64 && !(v.k_fmt == KVC_CU_F16 && v.v_fmt == KVC_CU_F16);
+    if (g_expand == -2) g_expand = max(kvc__cu_env("KVC_CU_PREFILL_EXPAND", -1), -1);
+    const bool expand = (g_expand < 0 ? expand_pays(pos0, n, n_rep) : g_expand) && !transform && v.D >= 64 &&
+                        !(v.k_fmt == KVC_CU_F16 && v.v_fmt == KVC_CU_F16);
     if (!rc && expand)
         rc = v.D == 64 ? launch_expanded<64>(v, p, s, err, errlen) : launch_expanded<128>(v, p, s, err, errlen);
     else if (!rc) { /* v.D is 32 (ranks; f16/f16 or int8/int8), 64 or 128 here (kvc_cu_layout_init) */

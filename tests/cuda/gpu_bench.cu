@@ -432,7 +432,8 @@ static int g_splits = -1;   /* --splits: the context splits forced (kvc_cu_set_p
  * (kvc_cu_set_prefill_expand); 2 the chunk through the decode kernel
  * (kvc_cu_set_prefill_small); 3 / 4 the prefill kernel, expanded, its
  * context in one split / split as planned (kvc_cu_set_prefill_split).
- * 0 and 1 split as planned. */
+ * 0 and 1 split as planned. --splits forces the split count of every way
+ * but 3. */
 static void bench_prefill(const shape &s, const char *kc, const char *vc, int pos0, int n, int way) {
     const int B = 16, pages = (pos0 + n + B - 1) / B;
     bench_pool bp = make_pool(s, kc, vc, pages);
@@ -455,7 +456,7 @@ static void bench_prefill(const shape &s, const char *kc, const char *vc, int po
     });
     double flops = 0;
     for (int i = 0; i < n; i++) flops += 4.0 * s.D * (pos0 + i + 1) * s.H * s.G;
-    kvc_cu_set_prefill_expand(1);
+    kvc_cu_set_prefill_expand(-1);
     kvc_cu_set_prefill_small(-1);
     kvc_cu_set_prefill_split(-1);
     const char *hows[6] = {"", " regs", " expd", " decd", " one", " splt"};
@@ -1009,13 +1010,16 @@ int main(int argc, char **argv) {
                 for (int n : {32, 64, 128, 512, 2048})
                     for (int expand : {0, 1}) bench_prefill(s, c.k, c.v, 2048, n, expand);
     /* small and mid-sized chunks after long contexts: the decode kernel,
-     * the prefill kernel in one split and split as planned, the default */
+     * the prefill kernel in one split and split as planned (quantized
+     * pages: in registers and expanded), the default */
     for (auto &s : shapes)
         for (auto &c : codecs)
             if (pw_selected(s, c) && !c.D)
                 for (int pos0 : {2048, 16384})
                     for (int n : {8, 32, 64, 128, 256, 512})
-                        for (int way : {2, 3, 4, -1}) bench_prefill(s, c.k, c.v, pos0, n, way);
+                        for (int way : {2, 3, 0, 4, -1})
+                            if (way != 0 || strcmp(c.k, "f16") || strcmp(c.v, "f16"))
+                                bench_prefill(s, c.k, c.v, pos0, n, way);
     for (auto &s : shapes)
         for (auto &c : codecs)
             if (pw_selected(s, c))

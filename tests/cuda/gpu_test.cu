@@ -469,7 +469,7 @@ static void run_case(const test_case &c) {
                    how[way], pos0, n, e, bound, nf);
             printf("  prefill %s pos0=%d n=%d: max rel err %.3g, non-finite %d\n", how[way], pos0, n, e, nf);
         }
-        kvc_cu_set_prefill_expand(1);
+        kvc_cu_set_prefill_expand(-1);
         kvc_cu_set_prefill_small(-1);
         kvc_cu_set_prefill_split(-1);
     }
