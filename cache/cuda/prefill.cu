@@ -376,8 +376,11 @@ __global__ void __launch_bounds__(D) expand_kernel(const uint8_t *arena, kvc__cu
 
 /* (PNT, 1): one block a multiprocessor is enough, so head_dim 64 takes
  * ~155 registers instead of being held to 128 with spills (SmolLM2 int8 and
- * int4 chunks 11-13% faster, session 13 run 5). */
-template <int D, int KF, int VF>
+ * int4 chunks 11-13% faster, session 13 run 5). SPLIT: grid z splits the
+ * context (plan_splits) and blocks store partials; the unsplit instance is
+ * the loop without split offsets (one kernel for both cost unsplit chunks
+ * 0-3%, session 20 run 10). */
+template <int D, int KF, int VF, bool SPLIT>
 __global__ void __launch_bounds__(PNT, 1) prefill_kernel(const __grid_constant__ prefill_params p) {
     typedef smem_shape<D> S;
     typedef raw_shape<D, KF, VF> R;
@@ -393,7 +396,7 @@ __global__ void __launch_bounds__(PNT, 1) prefill_kernel(const __grid_constant__
     uint8_t *smem = smem_raw;
     if constexpr (TMA) smem += (1024u - (smem_addr(smem_raw) & 1023u)) & 1023u;
     const uint32_t mbar = smem_addr(smem + S::NS * S::STAGE);   /* TMA: stage s's at mbar + 8 s */
-    const int head = blockIdx.y, split = blockIdx.z;
+    const int head = blockIdx.y, split = SPLIT ? blockIdx.z : 0;
     const int tile = gridDim.x - 1 - blockIdx.x;          /* longest rows first */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int gid = lane >> 2, tig = lane & 3;
@@ -438,8 +441,8 @@ __global__ void __launch_bounds__(PNT, 1) prefill_kernel(const __grid_constant__
      * starts every split at or before position pos0, so each row has a
      * position inside every split and m is finite after the first tile) */
     const int t_end = (ctx_end + TK - 1) / TK;
-    const int t0 = split * p.split_tiles;
-    const int n_tiles = (split == (int)gridDim.z - 1 ? t_end : min(t_end, t0 + p.split_tiles)) - t0;
+    const int t0 = SPLIT ? split * p.split_tiles : 0;
+    const int n_tiles = SPLIT && split < (int)gridDim.z - 1 ? min(t_end, t0 + p.split_tiles) - t0 : t_end - t0;
     constexpr int NST = F16 ? S::NS : R::NQ;
     uint8_t *raw = smem + TL::STAGE;                      /* quantized: after the f16 tile */
     if constexpr (TMA) {
@@ -568,7 +571,7 @@ __global__ void __launch_bounds__(PNT, 1) prefill_kernel(const __grid_constant__
         const int r = wr + gid + 8 * h;
         if (r > r_last) continue;
         const int tok = r / p.G, rep = r % p.G;
-        if (gridDim.z > 1) {   /* a split's partial: the sums as they are, then m and l */
+        if constexpr (SPLIT) {   /* a split's partial: the sums as they are, then m and l */
             float *dst = p.part + part_row(D, p.n, p.hq, split, tok, head * p.G + rep);
 #pragma unroll
             for (int dn = 0; dn < D / 8; dn++)
@@ -663,8 +666,8 @@ __global__ void __launch_bounds__(128) merge_kernel(const float *part, int D, in
  * the least estimated time, in tiles: the grid's waves times a block's
  * tiles plus one (its start; a partial's store), plus SPLIT_MERGE for the
  * merge launch, in splits of at least MIN_SPLIT_TILES tiles of equal size
- * (session 20: SmolLM2 2048 tokens after 16384 positions 661 -> 473 us in
- * 8 splits, 144 blocks being two waves of one). Where they differ (the
+ * (session 20: SmolLM2 int8 2048 tokens after 16384 positions 652 -> 464
+ * us in 9 splits, its 144 blocks being two waves of one). Where they differ (the
  * chunk's own causal triangle dominates) the block scheduler balances
  * blocks of unequal lengths by itself, so only a grid that leaves
  * multiprocessors idle splits, to fill one wave (two splits for SmolLM2's
@@ -700,10 +703,11 @@ int plan_splits(int pos0, int n, int blocks, int bps, int Tf, int *spt) {
 template <int D, int KF, int VF>
 int launch(prefill_params p, int n_kv_head, cudaStream_t stream, char *err, size_t errlen) {
     const size_t smem = KF == KVC_CU_F16 && VF == KVC_CU_F16 ? smem_shape<D>::BYTES : raw_shape<D, KF, VF>::BYTES;
-    KVC__CU_TRY(cudaFuncSetAttribute(prefill_kernel<D, KF, VF>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     (int)smem));
+    const cudaFuncAttribute max_smem = cudaFuncAttributeMaxDynamicSharedMemorySize;
+    KVC__CU_TRY(cudaFuncSetAttribute(prefill_kernel<D, KF, VF, false>, max_smem, (int)smem));
+    KVC__CU_TRY(cudaFuncSetAttribute(prefill_kernel<D, KF, VF, true>, max_smem, (int)smem));
     static int bps = 0;                   /* blocks a multiprocessor */
-    if (!bps && (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, prefill_kernel<D, KF, VF>, PNT, smem) !=
+    if (!bps && (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, prefill_kernel<D, KF, VF, true>, PNT, smem) !=
                      cudaSuccess || bps < 1)) {
         (void)cudaGetLastError();
         bps = 1;
@@ -720,7 +724,10 @@ int launch(prefill_params p, int n_kv_head, cudaStream_t stream, char *err, size
         p.part = NULL;
     }
     if (ns == 1) p.split_tiles = 0;
-    prefill_kernel<D, KF, VF><<<dim3(tiles, n_kv_head, ns), PNT, smem, stream>>>(p);
+    if (ns > 1)
+        prefill_kernel<D, KF, VF, true><<<dim3(tiles, n_kv_head, ns), PNT, smem, stream>>>(p);
+    else
+        prefill_kernel<D, KF, VF, false><<<dim3(tiles, n_kv_head), PNT, smem, stream>>>(p);
     cudaError_t e = cudaGetLastError();
     if (e == cudaSuccess && ns > 1) {
         merge_kernel<<<(p.n * p.hq + 3) / 4, 128, 0, stream>>>(p.part, D, p.n, p.hq, ns, p.out, p.out_stride);
