@@ -1011,15 +1011,19 @@ int main(int argc, char **argv) {
                     for (int expand : {0, 1}) bench_prefill(s, c.k, c.v, 2048, n, expand);
     /* small and mid-sized chunks after long contexts: the decode kernel,
      * the prefill kernel in one split and split as planned (quantized
-     * pages: in registers and expanded), the default */
+     * pages: in registers and expanded), the default (--quick: 32, 128 and
+     * 512 tokens by decode, in one split and by default) */
     for (auto &s : shapes)
         for (auto &c : codecs)
             if (pw_selected(s, c) && !c.D)
                 for (int pos0 : {2048, 16384})
                     for (int n : {8, 32, 64, 128, 256, 512})
-                        for (int way : {2, 3, 0, 4, -1})
-                            if (way != 0 || strcmp(c.k, "f16") || strcmp(c.v, "f16"))
-                                bench_prefill(s, c.k, c.v, pos0, n, way);
+                        for (int way : {2, 3, 0, 4, -1}) {
+                            const bool f16 = !strcmp(c.k, "f16") && !strcmp(c.v, "f16");
+                            const bool in_quick = (n == 32 || n == 128 || n == 512) && way != 0 && way != 4;
+                            if ((way == 0 && f16) || (quick && !in_quick)) continue;
+                            bench_prefill(s, c.k, c.v, pos0, n, way);
+                        }
     for (auto &s : shapes)
         for (auto &c : codecs)
             if (pw_selected(s, c))
