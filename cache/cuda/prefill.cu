@@ -678,21 +678,19 @@ int plan_splits(int pos0, int n, int blocks, int bps, int Tf, int *spt) {
     const int T = (pos0 + n + TK - 1) / TK;   /* the last row block's tiles */
     const int Tp = pos0 / TK + 1;             /* tiles starting at or before pos0 */
     const int64_t slots = (int64_t)kvc__cu_sm_count() * bps;
+    /* k equal splits of at least MIN_SPLIT_TILES tiles, the last starting at or before pos0 */
+    auto fits = [&](int k) { return k * MIN_SPLIT_TILES <= T && (k - 1) * ((T + k - 1) / k) < Tp; };
     int ns = 1;
     if (g_split >= 0) {
         ns = max(1, min(min(g_split, MAX_SPLITS), Tp));
     } else if (4 * Tf >= 3 * T) {
         int64_t best = ((int64_t)blocks + slots - 1) / slots * (T + 1);
-        for (int k = 2; k <= MAX_SPLITS && k * MIN_SPLIT_TILES <= T; k++) {
-            const int len = (T + k - 1) / k;
-            if ((k - 1) * len >= Tp) break;
-            const int64_t cost = ((int64_t)blocks * k + slots - 1) / slots * (len + 1) + SPLIT_MERGE;
+        for (int k = 2; k <= MAX_SPLITS && fits(k); k++) {
+            const int64_t cost = ((int64_t)blocks * k + slots - 1) / slots * ((T + k - 1) / k + 1) + SPLIT_MERGE;
             if (cost < best) best = cost, ns = k;
         }
     } else if (blocks < slots) {
-        ns = min((int)(slots / blocks), min(MAX_SPLITS, T / MIN_SPLIT_TILES));
-        while (ns > 1 && (ns - 1) * ((T + ns - 1) / ns) >= Tp) ns--;
-        ns = max(ns, 1);
+        for (ns = (int)(slots / blocks < MAX_SPLITS ? slots / blocks : MAX_SPLITS); ns > 1 && !fits(ns);) ns--;
     }
     *spt = ns > 1 ? min((T + ns - 1) / ns, (Tp - 1) / (ns - 1)) : T;
     return ns;
@@ -704,13 +702,14 @@ template <int D, int KF, int VF>
 int launch(prefill_params p, int n_kv_head, cudaStream_t stream, char *err, size_t errlen) {
     const size_t smem = KF == KVC_CU_F16 && VF == KVC_CU_F16 ? smem_shape<D>::BYTES : raw_shape<D, KF, VF>::BYTES;
     const cudaFuncAttribute max_smem = cudaFuncAttributeMaxDynamicSharedMemorySize;
-    KVC__CU_TRY(cudaFuncSetAttribute(prefill_kernel<D, KF, VF, false>, max_smem, (int)smem));
-    KVC__CU_TRY(cudaFuncSetAttribute(prefill_kernel<D, KF, VF, true>, max_smem, (int)smem));
-    static int bps = 0;                   /* blocks a multiprocessor */
-    if (!bps && (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, prefill_kernel<D, KF, VF, true>, PNT, smem) !=
-                     cudaSuccess || bps < 1)) {
-        (void)cudaGetLastError();
-        bps = 1;
+    static int bps = 0;                   /* blocks a multiprocessor (the split instance's, as launched) */
+    if (!bps) {
+        KVC__CU_TRY(cudaFuncSetAttribute(prefill_kernel<D, KF, VF, true>, max_smem, (int)smem));
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bps, prefill_kernel<D, KF, VF, true>, PNT, smem) !=
+                cudaSuccess || bps < 1) {
+            (void)cudaGetLastError();
+            bps = 1;
+        }
     }
     const int tiles = (p.n * p.G + ROWS - 1) / ROWS;
     const int first_tiles = (p.pos0 + (min(ROWS, p.n * p.G) - 1) / p.G + TK) / TK;   /* row block 0's */
@@ -724,11 +723,12 @@ int launch(prefill_params p, int n_kv_head, cudaStream_t stream, char *err, size
         p.part = NULL;
     }
     if (ns == 1) p.split_tiles = 0;
-    if (ns > 1)
-        prefill_kernel<D, KF, VF, true><<<dim3(tiles, n_kv_head, ns), PNT, smem, stream>>>(p);
-    else
-        prefill_kernel<D, KF, VF, false><<<dim3(tiles, n_kv_head), PNT, smem, stream>>>(p);
-    cudaError_t e = cudaGetLastError();
+    void (*kernel)(prefill_params) = ns > 1 ? prefill_kernel<D, KF, VF, true> : prefill_kernel<D, KF, VF, false>;
+    cudaError_t e = cudaFuncSetAttribute(kernel, max_smem, (int)smem);
+    if (e == cudaSuccess) {
+        kernel<<<dim3(tiles, n_kv_head, ns), PNT, smem, stream>>>(p);
+        e = cudaGetLastError();
+    }
     if (e == cudaSuccess && ns > 1) {
         merge_kernel<<<(p.n * p.hq + 3) / 4, 128, 0, stream>>>(p.part, D, p.n, p.hq, ns, p.out, p.out_stride);
         e = cudaGetLastError();

@@ -442,20 +442,23 @@ static void run_case(const test_case &c) {
         d_bt.up(sq.pages);
         dev_buf<float> d_q(q.size()), d_out(q.size());
         d_q.up(q.data());
-        /* both ways of reading quantized pages: dequantized a tile at a
-         * time in registers (0, 4), and the context expanded once into f16
-         * scratch pages (1, 3, 5; f16 pages read the same either way); (2)
-         * the chunk's tokens as sequences of the decode kernel; the
-         * context split as the planner splits it (0, 1), not at all (3),
-         * in 3 (4), and in as many splits as may start before pos0 (5,
-         * which asks for 64: runs of one tile) */
-        const char *how[6] = {"in registers", "expanded", "by decode", "expanded, one split", "in registers, 3 splits",
-                              "expanded, most splits"};
-        const int split[6] = {-1, -1, -1, 0, 3, 64};
-        for (int way = 0; way < 6; way++) {
-            kvc_cu_set_prefill_expand(way != 0 && way != 4);
-            kvc_cu_set_prefill_small(way == 2 ? n : 0);
-            kvc_cu_set_prefill_split(split[way]);
+        /* both ways of reading quantized pages (dequantized a tile at a
+         * time in registers, or the context expanded once into f16 scratch
+         * pages; f16 pages read the same either way), the chunk's tokens as
+         * sequences of the decode kernel, and the context split as planned
+         * (-1), not at all (0), in 3, and in as many splits as may start
+         * before pos0 (64 asked: runs of one tile) */
+        static const struct {
+            const char *name;
+            int expand, split;
+            bool decode;
+        } ways[] = {{"in registers", 0, -1, false},          {"expanded", 1, -1, false},
+                    {"by decode", 1, -1, true},              {"expanded, one split", 1, 0, false},
+                    {"in registers, 3 splits", 0, 3, false}, {"expanded, most splits", 1, 64, false}};
+        for (const auto &w : ways) {
+            kvc_cu_set_prefill_expand(w.expand);
+            kvc_cu_set_prefill_small(w.decode ? n : 0);
+            kvc_cu_set_prefill_split(w.split);
             d_out.poison();
             int rc = kvc_cu_prefill(&lay, arena.p, layer, d_bt.p, pos0, n, G, scale, d_q.p, qs, d_out.p, qs, NULL,
                                     err, sizeof err);
@@ -466,8 +469,8 @@ static void run_case(const test_case &c) {
             double e = max_rel_err(got.data(), ref.data(), (size_t)n * H * G, D, &nf);
             const double bound = 5e-3 * (c.q_gain > 1.0f ? c.q_gain : 1.0f);
             EXPECT(nf == 0 && e <= bound, "prefill (%s) pos0 %d n %d: max rel err %.3g (bound %.0e), %d non-finite",
-                   how[way], pos0, n, e, bound, nf);
-            printf("  prefill %s pos0=%d n=%d: max rel err %.3g, non-finite %d\n", how[way], pos0, n, e, nf);
+                   w.name, pos0, n, e, bound, nf);
+            printf("  prefill %s pos0=%d n=%d: max rel err %.3g, non-finite %d\n", w.name, pos0, n, e, nf);
         }
         kvc_cu_set_prefill_expand(-1);
         kvc_cu_set_prefill_small(-1);
