@@ -14,7 +14,9 @@
  * K/V compressed into their pages) -> attention: the batch's one-token
  * segments in one kvc_cu_decode launch (their rows first in the batch),
  * each longer segment (a prefill chunk) with kvc_cu_prefill -> O GEMM ->
- * RMSNorm -> gate/up GEMM -> SwiGLU -> down GEMM. Logits are computed for
+ * RMSNorm -> gate/up GEMM -> SwiGLU -> down GEMM; a batch of few rows of a
+ * small model instead takes rows.cu's products, each with the kernels around
+ * it fused in (enqueue_step). Logits are computed for
  * the rows asked only and copied back (into page-locked memory where the
  * caller took it from alloc_host); a forward ends with the stream
  * synchronized, so its errors are its own. Decode-only steps are replayed
@@ -38,6 +40,7 @@ extern "C" {
 #include "engine/matmul.h"
 }
 #include "cache/cuda/kvc_cuda.h"
+#include "engine/cuda/rows.cuh"
 
 /* a fp16 matrix (rows, cols), row-major: row o holds output o's weights */
 typedef struct {
@@ -50,6 +53,10 @@ typedef struct {
     float *bqkv, *bo, *b_down;      /* biases (NULL when absent) */
     float *attn_norm, *ffn_norm;
 } dlayer;
+
+/* the fused products (rows.cu) by default only where a layer's matrices
+ * take at most this many bytes (create_impl) */
+#define ROWS_LAYER_BYTES ((size_t)64 << 20)
 
 /* a decode step's graph, by padded shape (forward_graph) */
 #define GRAPHS 16
@@ -94,6 +101,8 @@ typedef struct {
     int32_t *meta_h, *meta_d;
     void *ws;                       /* decode workspace */
     size_t ws_bytes;
+    /* batches of at most rows_t rows take rows.cu's fused products (0: never) */
+    int rows_t;
     /* decode steps as CUDA graphs (forward_graph) */
     bool graphs_on;
     step_graph graphs[GRAPHS];
@@ -362,68 +371,174 @@ typedef struct {
     const int *seg_row, *pre_bt_off;
 } step_args;
 
+/* One of rows.cu's products (y: float, or the fp16 output of SWIGLU; norm:
+ * RMSNorm's weights, x then the residual stream). */
+static int rows_product(cuda_backend *cb, rows_epilogue epi, const dmat *W, const void *x, int x_stride, bool x_f32,
+                        const float *norm, int T, void *y, int y_stride, const float *bias, const int32_t *pos,
+                        char *err, size_t errlen) {
+    const eng_model_config *c = &cb->m->cfg;
+    rows_args r = {};
+    r.norm = norm;
+    r.eps = c->norm_eps;
+    r.epi = epi;
+    r.w = W->w;
+    r.rows = W->rows;
+    r.cols = W->cols;
+    r.x = x;
+    r.x_stride = x_stride;
+    r.x_f32 = x_f32;
+    r.T = T;
+    if (epi == ROWS_SWIGLU)
+        r.yh = (__half *)y;
+    else
+        r.y = (float *)y;
+    r.y_stride = y_stride;
+    r.bias = bias;
+    if (epi == ROWS_QKV) {
+        r.pos = pos;
+        r.inv_freq = cb->inv_freq;
+        r.n_rot_heads = c->n_head + c->n_kv_head;
+        r.head_dim = c->head_dim;
+        r.rope_dim = c->rope_dim;
+        r.neox = c->rope_style == ENG_ROPE_NEOX;
+    }
+    CU_TRY(rows_launch(&r, cb->stream), "a fused product");
+    return 0;
+}
+
+/* Whether every product of a forward of T rows fits rows.cu (checked once,
+ * at creation, with T = 1: the shapes do not change with T). */
+static bool rows_fit_model(cuda_backend *cb) {
+    const eng_model_config *c = &cb->m->cfg;
+    const dlayer *L = &cb->layers[0];
+    rows_args r = {};
+    r.T = 1;
+    const struct {
+        rows_epilogue epi;
+        const dmat *W;
+        int x_stride, x_f32;
+        const float *norm;
+    } p[] = {{ROWS_QKV, &L->wqkv, c->n_embd, 1, L->attn_norm},
+             {ROWS_ADD, &L->wo, cb->q_dim, 1, NULL},
+             {ROWS_SWIGLU, &L->w_gate_up, c->n_embd, 1, L->ffn_norm},
+             {ROWS_ADD, &L->w_down, c->n_ff, 0, NULL}};
+    for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) {
+        r.epi = p[i].epi;
+        r.rows = p[i].W->rows;
+        r.cols = p[i].W->cols;
+        r.x_stride = p[i].x_stride;
+        r.x_f32 = p[i].x_f32;
+        r.norm = p[i].norm;
+        r.yh = (__half *)cb;   /* any non-NULL */
+        r.inv_freq = p[i].epi == ROWS_QKV ? cb->inv_freq : NULL;
+        r.n_rot_heads = c->n_head + c->n_kv_head;
+        r.head_dim = c->head_dim;
+        r.rope_dim = c->rope_dim;
+        if (!rows_fits(&r))
+            return false;
+    }
+    return true;
+}
+
+/* Layer l's attention: the new K/V into their pages, then the decode rows
+ * (one kvc_cu_decode) and each prefill chunk, into cb->att. */
+static int attend(cuda_backend *cb, const step_args *a, int l, char *err, size_t errlen) {
+    const eng_model_config *c = &cb->m->cfg;
+    const float scale = 1.0f / sqrtf((float)c->head_dim);
+    if (kvc_cu_write(&cb->L, cb->arena, l, a->slots, a->T, cb->qkv + cb->q_dim, cb->qkv + cb->q_dim + cb->kv_dim,
+                     cb->qkv_dim, cb->stream, err, errlen) != KVC_OK)
+        return -1;
+    if (a->n_dec) {
+        kvc_cu_decode_args d = {};
+        d.block_tables = a->dec_bt;
+        d.bt_stride = a->bt_stride;
+        d.ctx_lens = a->ctx;
+        d.n_seqs = a->n_dec;
+        d.max_ctx = a->dec_max_ctx;
+        d.n_rep = cb->n_rep;
+        d.scale = scale;
+        d.q = cb->qkv;
+        d.q_stride = cb->qkv_dim;
+        d.out = cb->att;
+        d.out_stride = cb->q_dim;
+        if (kvc_cu_decode(&cb->L, cb->arena, l, &d, cb->ws, cb->ws_bytes, cb->stream, err, errlen) != KVC_OK)
+            return -1;
+    }
+    for (int i = 0; a->b && i < a->b->n_segs; i++) {
+        const eng_segment *s = &a->b->segs[i];
+        if (s->n_tokens == 1)
+            continue;
+        const size_t r = (size_t)a->seg_row[i];
+        if (kvc_cu_prefill(&cb->L, cb->arena, l, a->pre_bt + a->pre_bt_off[i], s->pos0, s->n_tokens, cb->n_rep, scale,
+                           cb->qkv + r * cb->qkv_dim, cb->qkv_dim, cb->att + r * cb->q_dim, cb->q_dim, cb->stream, err,
+                           errlen) != KVC_OK)
+            return -1;
+    }
+    return 0;
+}
+
 /* Launches a forward's work on the stream, up to the logits in cb->logits:
  * the n_dec decode rows first (attended by one kvc_cu_decode), then each
- * prefill segment's rows. Launches only, so a CUDA graph can capture it. */
+ * prefill segment's rows. Launches only, so a CUDA graph can capture it.
+ * Up to cb->rows_t rows the products are rows.cu's (a layer: norm and QKV
+ * with bias and RoPE, write, attention, O into the residual, norm and
+ * gate/up with SwiGLU, down into the residual: six launches); beyond,
+ * cuBLAS GEMMs with the steps between them as kernels of their own. The
+ * logits are cuBLAS's either way (a wide product rows.cu is slower at). */
 static int enqueue_step(cuda_backend *cb, const step_args *a, char *err, size_t errlen) {
     const eng_model_config *c = &cb->m->cfg;
     const int n_embd = c->n_embd, T = a->T;
-    const float scale = 1.0f / sqrtf((float)c->head_dim), eps = c->norm_eps;
+    const float eps = c->norm_eps;
     const size_t wide_ff = (size_t)T * c->n_ff;
+    const bool small = T <= cb->rows_t;
+    __half *ffh = (__half *)cb->hb;   /* small: SwiGLU's output (hb holds no gate/up sums then) */
     embed_kernel<<<T, 128, 0, cb->stream>>>(a->tokens, cb->tok_embd.w, cb->x, n_embd);
     for (int l = 0; l < c->n_layer; l++) {
         const dlayer *L = &cb->layers[l];
-        rmsnorm_kernel<<<T, 256, 0, cb->stream>>>(cb->x, NULL, L->attn_norm, cb->xh, n_embd, eps);
-        if (gemm(cb, &L->wqkv, cb->xh, T, cb->qkv, 0.0f, err, errlen))
-            return -1;
-        qkv_post_kernel<<<T, 256, 0, cb->stream>>>(cb->qkv, cb->qkv_dim, L->bqkv, a->pos, cb->inv_freq,
-                                                    c->n_head + c->n_kv_head, c->head_dim, c->rope_dim,
-                                                    c->rope_style == ENG_ROPE_NEOX);
-        if (kvc_cu_write(&cb->L, cb->arena, l, a->slots, T, cb->qkv + cb->q_dim, cb->qkv + cb->q_dim + cb->kv_dim,
-                         cb->qkv_dim, cb->stream, err, errlen) != KVC_OK)
-            return -1;
-        if (a->n_dec) {
-            kvc_cu_decode_args d = {};
-            d.block_tables = a->dec_bt;
-            d.bt_stride = a->bt_stride;
-            d.ctx_lens = a->ctx;
-            d.n_seqs = a->n_dec;
-            d.max_ctx = a->dec_max_ctx;
-            d.n_rep = cb->n_rep;
-            d.scale = scale;
-            d.q = cb->qkv;
-            d.q_stride = cb->qkv_dim;
-            d.out = cb->att;
-            d.out_stride = cb->q_dim;
-            if (kvc_cu_decode(&cb->L, cb->arena, l, &d, cb->ws, cb->ws_bytes, cb->stream, err, errlen) != KVC_OK)
+        if (small) {
+            if (rows_product(cb, ROWS_QKV, &L->wqkv, cb->x, n_embd, true, L->attn_norm, T, cb->qkv, cb->qkv_dim,
+                             L->bqkv, a->pos, err, errlen))
                 return -1;
-        }
-        for (int i = 0; a->b && i < a->b->n_segs; i++) {
-            const eng_segment *s = &a->b->segs[i];
-            if (s->n_tokens == 1)
-                continue;
-            const size_t r = (size_t)a->seg_row[i];
-            if (kvc_cu_prefill(&cb->L, cb->arena, l, a->pre_bt + a->pre_bt_off[i], s->pos0, s->n_tokens, cb->n_rep,
-                               scale, cb->qkv + r * cb->qkv_dim, cb->qkv_dim, cb->att + r * cb->q_dim, cb->q_dim,
-                               cb->stream, err, errlen) != KVC_OK)
+        } else {
+            rmsnorm_kernel<<<T, 256, 0, cb->stream>>>(cb->x, NULL, L->attn_norm, cb->xh, n_embd, eps);
+            if (gemm(cb, &L->wqkv, cb->xh, T, cb->qkv, 0.0f, err, errlen))
                 return -1;
+            qkv_post_kernel<<<T, 256, 0, cb->stream>>>(cb->qkv, cb->qkv_dim, L->bqkv, a->pos, cb->inv_freq,
+                                                        c->n_head + c->n_kv_head, c->head_dim, c->rope_dim,
+                                                        c->rope_style == ENG_ROPE_NEOX);
         }
-        to_half_kernel<<<grid_for((size_t)T * cb->q_dim), 256, 0, cb->stream>>>(cb->att, cb->xh,
-                                                                              (size_t)T * cb->q_dim);
-        if (gemm(cb, &L->wo, cb->xh, T, cb->x, 1.0f, err, errlen))
+        if (attend(cb, a, l, err, errlen))
             return -1;
-        if (L->bo)
-            add_bias_kernel<<<grid_for((size_t)T * n_embd), 256, 0, cb->stream>>>(cb->x, L->bo, n_embd,
-                                                                                (size_t)T * n_embd);
-        rmsnorm_kernel<<<T, 256, 0, cb->stream>>>(cb->x, NULL, L->ffn_norm, cb->xh, n_embd, eps);
-        if (gemm(cb, &L->w_gate_up, cb->xh, T, cb->hb, 0.0f, err, errlen))
-            return -1;
-        swiglu_kernel<<<grid_for(wide_ff), 256, 0, cb->stream>>>(cb->hb, cb->xh, c->n_ff, wide_ff);
-        if (gemm(cb, &L->w_down, cb->xh, T, cb->x, 1.0f, err, errlen))
-            return -1;
-        if (L->b_down)
-            add_bias_kernel<<<grid_for((size_t)T * n_embd), 256, 0, cb->stream>>>(cb->x, L->b_down, n_embd,
-                                                                                (size_t)T * n_embd);
+        if (small) {
+            if (rows_product(cb, ROWS_ADD, &L->wo, cb->att, cb->q_dim, true, NULL, T, cb->x, n_embd, L->bo, NULL, err,
+                             errlen))
+                return -1;
+        } else {
+            to_half_kernel<<<grid_for((size_t)T * cb->q_dim), 256, 0, cb->stream>>>(cb->att, cb->xh,
+                                                                                  (size_t)T * cb->q_dim);
+            if (gemm(cb, &L->wo, cb->xh, T, cb->x, 1.0f, err, errlen))
+                return -1;
+            if (L->bo)
+                add_bias_kernel<<<grid_for((size_t)T * n_embd), 256, 0, cb->stream>>>(cb->x, L->bo, n_embd,
+                                                                                    (size_t)T * n_embd);
+        }
+        if (small) {
+            if (rows_product(cb, ROWS_SWIGLU, &L->w_gate_up, cb->x, n_embd, true, L->ffn_norm, T, ffh, c->n_ff, NULL,
+                             NULL, err, errlen) ||
+                rows_product(cb, ROWS_ADD, &L->w_down, ffh, c->n_ff, false, NULL, T, cb->x, n_embd, L->b_down, NULL,
+                             err, errlen))
+                return -1;
+        } else {
+            rmsnorm_kernel<<<T, 256, 0, cb->stream>>>(cb->x, NULL, L->ffn_norm, cb->xh, n_embd, eps);
+            if (gemm(cb, &L->w_gate_up, cb->xh, T, cb->hb, 0.0f, err, errlen))
+                return -1;
+            swiglu_kernel<<<grid_for(wide_ff), 256, 0, cb->stream>>>(cb->hb, cb->xh, c->n_ff, wide_ff);
+            if (gemm(cb, &L->w_down, cb->xh, T, cb->x, 1.0f, err, errlen))
+                return -1;
+            if (L->b_down)
+                add_bias_kernel<<<grid_for((size_t)T * n_embd), 256, 0, cb->stream>>>(cb->x, L->b_down, n_embd,
+                                                                                    (size_t)T * n_embd);
+        }
     }
     if (a->n_out) {
         rmsnorm_kernel<<<a->n_out, 256, 0, cb->stream>>>(cb->x, a->out_rows, cb->out_norm, cb->xh, n_embd, eps);
@@ -891,6 +1006,36 @@ static int create_impl(cuda_backend *cb, const eng_backend_options *opt, char *e
             e = cudaMemcpy(cb->inv_freq, f, sizeof(float) * (size_t)(c->rope_dim / 2), cudaMemcpyHostToDevice);
         free(f);
         CU_TRY(e, "uploading the RoPE frequencies");
+    }
+    /* KVSERVE_CUDA_ROWS=N: the fused products up to N rows (0: never). By
+     * default up to 16 rows where a layer's matrices are small enough that
+     * their launches, not their bytes, set a step's time (notes/gpu.md,
+     * session 21: SmolLM2, 7 MB a layer, decodes 1 / 8 / 16 sequences 46% /
+     * 28% / 4% faster than by cuBLAS, 32 / 64 3% / 14% slower; a Llama-8B
+     * shape, 436 MB a layer, 25% slower: cuBLAS streams big matrices
+     * faster) */
+    size_t layer_bytes = 0;
+    const dlayer *L0 = &cb->layers[0];
+    const dmat *mats[] = {&L0->wqkv, &L0->wo, &L0->w_gate_up, &L0->w_down};
+    for (size_t i = 0; i < sizeof mats / sizeof mats[0]; i++)
+        layer_bytes += sizeof(__half) * (size_t)mats[i]->rows * (size_t)mats[i]->cols;
+    cb->rows_t = layer_bytes <= ROWS_LAYER_BYTES ? 16 : 0;
+    const char *rt = getenv("KVSERVE_CUDA_ROWS");
+    if (rt && *rt) {
+        char *end = NULL;
+        const long v = strtol(rt, &end, 10);
+        if (*end || v < 0 || v > ROWS_MAX_T) {
+            snprintf(err, errlen, "cuda backend: KVSERVE_CUDA_ROWS=%s: not a number of rows from 0 to %d", rt,
+                     ROWS_MAX_T);
+            return -1;
+        }
+        cb->rows_t = (int)v;
+    }
+    if (!rows_fit_model(cb))
+        cb->rows_t = 0;
+    if (cb->rows_t) {
+        const size_t n = strlen(cb->desc);
+        snprintf(cb->desc + n, sizeof cb->desc - n, ", fused products up to %d rows", cb->rows_t);
     }
     return 0;
 }

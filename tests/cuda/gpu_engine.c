@@ -22,6 +22,8 @@
  *      CPU's greedy token (sequence 3 the text's next token instead, so it
  *      diverges from 0 and its first write copies the shared page: on the
  *      GPU through the pool's page copier).
+ * Batches 3 and 4 (at most 64 rows) run the cuda backend's fused products
+ * (engine/cuda/rows.cu), the others its cuBLAS GEMMs.
  * Per row: the relative error ||gpu - cpu|| / ||cpu - mean(cpu)||, and
  * whether the GPU's greedy token is the CPU's; per codec pair, the
  * perplexity of sequence 0's 598 predicted tokens on each backend. The two
@@ -304,6 +306,10 @@ int main(int argc, char **argv) {
                          "hybrid:latent:64/hybrid:latent:64";
     if (argc >= 5 && !strcmp(argv[3], "--codecs"))
         codecs = argv[4];
+    /* the fused products (forward.cu's rows_t) up to 64 rows, so batch 3's
+     * 40 tokens take them in three groups beside the decode steps' 4 (the
+     * larger batches take cuBLAS) */
+    setenv("KVSERVE_CUDA_ROWS", "64", 0);
     char err[512];
     eng_model *m = eng_model_load(argv[1], err, sizeof err);
     if (!m) {

@@ -11,7 +11,12 @@ the model's, as kvserve allows).
         [--layers N] [--vocab N]
 
 Presets: llama8b (Llama-3-8B: hidden 4096, 32 heads, 8 kv heads, head_dim 128,
-ffn 14336, 32 layers, vocab 128256, rope theta 500000); tiny (the same head
+ffn 14336, 32 layers, vocab 128256, rope theta 500000); smollm2 (SmolLM2-135M:
+hidden 576, 9 heads, 3 kv heads, head_dim 64, ffn 1536, 30 layers, vocab 49152;
+untied output); llama1b (Llama-3.2-1B: hidden 2048, 32 heads, 8 kv heads,
+head_dim 64, ffn 8192, 16 layers); qwen05b (Qwen2.5-0.5B's sizes as a llama:
+hidden 896, 14 heads, 2 kv heads, head_dim 64, ffn 4864, 24 layers, vocab
+151936; no q/k/v biases); tiny (the same head
 geometry in 2 layers of hidden 512, for a check on a laptop). Uses torch (on
 the GPU when there is one) if it is installed, else numpy. The safetensors
 file is written directly (8-byte header length, JSON header, data), F16.
@@ -25,6 +30,9 @@ import sys
 
 PRESETS = {
     "llama8b": dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336, layers=32, vocab=128256),
+    "smollm2": dict(hidden=576, heads=9, kv_heads=3, head_dim=64, ffn=1536, layers=30, vocab=49152),
+    "llama1b": dict(hidden=2048, heads=32, kv_heads=8, head_dim=64, ffn=8192, layers=16, vocab=128256),
+    "qwen05b": dict(hidden=896, heads=14, kv_heads=2, head_dim=64, ffn=4864, layers=24, vocab=151936),
     "tiny": dict(hidden=512, heads=4, kv_heads=1, head_dim=128, ffn=1024, layers=2, vocab=1024),
 }
 

@@ -1,0 +1,51 @@
+/* rows.cuh: the cuda backend's matrix products for few activation rows (a
+ * decode step, a short prompt): y = W x for T <= ROWS_MAX_T rows, one kernel
+ * a product with what follows it fused in (rows.cu). cuBLAS takes larger T. */
+#ifndef KVSERVE_ENGINE_CUDA_ROWS_CUH
+#define KVSERVE_ENGINE_CUDA_ROWS_CUH
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#define ROWS_MAX_T 64
+
+/* What a product does with its outputs. */
+typedef enum {
+    ROWS_QKV,      /* y[t][o] = (W x_t)[o] + bias[o], then RoPE on the first n_rot_heads heads at pos[t] */
+    ROWS_ADD,      /* y[t][o] += (W x_t)[o] + bias[o] (into the residual stream) */
+    ROWS_SWIGLU,   /* yh[t][o] = half(silu(g) * u): g = (W x_t)[o], u = (W x_t)[rows / 2 + o] */
+} rows_epilogue;
+
+typedef struct {
+    rows_epilogue epi;
+    const __half *w;               /* (rows, cols) row-major; SWIGLU: gate rows, then up rows */
+    int rows, cols;
+    const void *x;                 /* (T, x_stride): __half, or float when x_f32 (rounded to fp16) */
+    int x_stride, x_f32, T;
+    /* RMSNorm of the float rows first (x_f32; NULL: none): x_t / rms(x_t) *
+     * norm, rms over the cols numbers, as forward.cu's rmsnorm_kernel */
+    const float *norm;
+    float eps;
+    float *y;                      /* (T, y_stride) */
+    __half *yh;                    /* SWIGLU's output instead, (T, y_stride) */
+    int y_stride;
+    const float *bias;             /* (rows) or NULL; SWIGLU: none */
+    /* QKV: RoPE as forward.cu's qkv_post_kernel, over every dim of a head */
+    const int32_t *pos;            /* (T) */
+    const float *inv_freq;         /* (head_dim / 2); NULL: no RoPE */
+    int n_rot_heads, head_dim, rope_dim, neox;
+} rows_args;
+
+/* Whether this product runs here: 1 <= T <= ROWS_MAX_T, cols and the input's
+ * stride multiples of 32 and 8, rows a multiple of 16 (SWIGLU: 32; QKV: whole
+ * heads, RoPE over all of head_dim), a norm only over float rows. */
+bool rows_fits(const rows_args *a);
+
+/* Launches the product on stream (cudaErrorInvalidValue where it does not
+ * fit), as a programmatic dependent launch: its blocks may start while the
+ * kernel before it runs, read their first weights (which nothing writes)
+ * and wait for it before reading x; the next kernel may start at once. */
+cudaError_t rows_launch(const rows_args *a, cudaStream_t stream);
+
+#endif
