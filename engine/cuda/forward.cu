@@ -54,10 +54,6 @@ typedef struct {
     float *attn_norm, *ffn_norm;
 } dlayer;
 
-/* the fused products (rows.cu) by default only where a layer's matrices
- * take at most this many bytes (create_impl) */
-#define ROWS_LAYER_BYTES ((size_t)64 << 20)
-
 /* a decode step's graph, by padded shape (forward_graph) */
 #define GRAPHS 16
 #define BLAS_WS ((size_t)32 << 20)
@@ -406,13 +402,15 @@ static int rows_product(cuda_backend *cb, rows_epilogue epi, const dmat *W, cons
     return 0;
 }
 
-/* Whether every product of a forward of T rows fits rows.cu (checked once,
- * at creation, with T = 1: the shapes do not change with T). */
+/* Whether every product of the model fits rows.cu at any T up to
+ * ROWS_MAX_T (checked once, at creation, at T = ROWS_MAX_T, the tightest):
+ * matrices small enough for one round trip of loads (SmolLM2's; not a 1B
+ * model's, whose large products cuBLAS streams faster). */
 static bool rows_fit_model(cuda_backend *cb) {
     const eng_model_config *c = &cb->m->cfg;
     const dlayer *L = &cb->layers[0];
     rows_args r = {};
-    r.T = 1;
+    r.T = ROWS_MAX_T;
     const struct {
         rows_epilogue epi;
         const dmat *W;
@@ -1007,19 +1005,11 @@ static int create_impl(cuda_backend *cb, const eng_backend_options *opt, char *e
         free(f);
         CU_TRY(e, "uploading the RoPE frequencies");
     }
-    /* KVSERVE_CUDA_ROWS=N: the fused products up to N rows (0: never). By
-     * default up to 16 rows where a layer's matrices are small enough that
-     * their launches, not their bytes, set a step's time (notes/gpu.md,
-     * session 21: SmolLM2, 7 MB a layer, decodes 1 / 8 / 16 sequences 46% /
-     * 28% / 4% faster than by cuBLAS, 32 / 64 3% / 14% slower; a Llama-8B
-     * shape, 436 MB a layer, 25% slower: cuBLAS streams big matrices
-     * faster) */
-    size_t layer_bytes = 0;
-    const dlayer *L0 = &cb->layers[0];
-    const dmat *mats[] = {&L0->wqkv, &L0->wo, &L0->w_gate_up, &L0->w_down};
-    for (size_t i = 0; i < sizeof mats / sizeof mats[0]; i++)
-        layer_bytes += sizeof(__half) * (size_t)mats[i]->rows * (size_t)mats[i]->cols;
-    cb->rows_t = layer_bytes <= ROWS_LAYER_BYTES ? 16 : 0;
+    /* KVSERVE_CUDA_ROWS=N: the fused products up to N rows (0: never), where
+     * the model's products fit them (rows_fit_model). By default up to 16
+     * (notes/gpu.md, session 21: SmolLM2 decodes 1 / 8 / 16 sequences 46% /
+     * 28% / 4% faster than by cuBLAS, 32 / 64 3% / 14% slower) */
+    cb->rows_t = 16;
     const char *rt = getenv("KVSERVE_CUDA_ROWS");
     if (rt && *rt) {
         char *end = NULL;

@@ -4,11 +4,11 @@
  * move little: per layer the QKV GEMM, bias and RoPE, the attention
  * output's conversion to fp16, the O GEMM (and its bias), the gate/up GEMM,
  * SwiGLU, the down GEMM. Here each product is one launch with what follows
- * it done on its outputs in registers, so a layer is the two norms, four
- * products and the cache's write and decode.
+ * it done on its outputs in registers (and the RMSNorm before it on its
+ * inputs), so a layer is four products and the cache's write and decode.
  *
  * A block takes 16 output rows (SWIGLU: 16 gate rows and their 16 up rows)
- * and its KW warps split the columns, 32 at a time, reading W once; the
+ * and its ONE_KW warps split the columns, 32 at a time, reading W once; the
  * partial sums meet in shared memory and warp 0 finishes them. Products on
  * tensor cores (mma.sync m16n8k16, fp16 operands, fp32 sums, as cuBLAS's):
  * W's rows are the A operand, the activation rows the B operand in n-tiles
@@ -19,7 +19,12 @@
  *   2t+9 (columns 8t .. 8t+3), k-step 1 the same (columns 8t+4 .. 8t+7).
  * RoPE (QKV) rotates pairs of rows: a block of a rotated head takes 8 pairs,
  * rows i and i + head_dim / 2 in one lane's two rows (neox) or rows 2i and
- * 2i + 1 in lanes g and g ^ 1 (interleaved). */
+ * 2i + 1 in lanes g and g ^ 1 (interleaved).
+ *
+ * Each warp loads its whole share of W at once, before waiting for the
+ * kernel before it, so a product is one round trip: what a small matrix's
+ * time is (rows_fits admits only those). Large matrices stream faster
+ * through cuBLAS (notes/gpu.md, session 21). */
 #include <math.h>
 
 #include "engine/cuda/rows.cuh"
@@ -27,11 +32,11 @@
 namespace {
 
 /* Activation rows a block takes: 8 NT (NT n-tiles of 8; grid y: groups of
- * them, each reading W again, from L2 after the first). Warps a block
- * split the columns: 16, so a product of <= 16 U chunks of 32 columns is
+ * them, each reading W again, from L2 after the first). Warps a block split
+ * the columns: ONE_KW, so a product of <= ONE_KW U chunks of 32 columns is
  * one round trip of loads (U chunks in flight a warp: as many as 128
  * registers hold without spilling). */
-constexpr int KW = 16;
+constexpr int ONE_KW = 16;
 template <int NT, int NA, bool F32> __host__ __device__ constexpr int chunks_in_flight() {
     return NA == 2 || (NT == 2 && F32) ? 2 : 4;
 }
@@ -95,127 +100,15 @@ __device__ __forceinline__ void rope_cs(const rows_args &a, int p, int i, float 
     s = (float)sd;
 }
 
-template <int NT, int NA, bool F32> __global__ void __launch_bounds__(32 * KW) rows_kernel(const rows_args a) {
-    constexpr int U = chunks_in_flight<NT, NA, F32>();
-    __shared__ float red[KW - 1][NA][NT][4][32];
-    __shared__ float s_ss[KW][8 * NT];
+/* The end of a product: the KW warps' partial sums c (this block's tile
+ * rows, tokens tb .. tb + n_tok - 1) meet in red ((KW - 1) NA NT 4 32
+ * floats of shared memory) and warp 0 applies the epilogue and stores. */
+template <int KW, int NT, int NA>
+__device__ __forceinline__ void finish(const rows_args &a, float (&c)[NA][NT][4], float *red_, int tb, int n_tok) {
+    typedef float red_t[NA][NT][4][32];
+    red_t *red = reinterpret_cast<red_t *>(red_);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int tb = 8 * NT * blockIdx.y, n_tok = min(a.T - tb, 8 * NT);   /* this block's tokens */
     const int r_lo = tile_row(a, g), r_hi = tile_row(a, g + 8);
-    const __half *w[NA][2];
-#pragma unroll
-    for (int m = 0; m < NA; m++) {
-        const size_t off = (size_t)m * (a.rows / 2);       /* SWIGLU: the up rows */
-        w[m][0] = a.w + (r_lo + off) * (size_t)a.cols + 8 * t;
-        w[m][1] = a.w + (r_hi + off) * (size_t)a.cols + 8 * t;
-    }
-    const int n_chunks = a.cols / 32;
-    const bool one_pass = n_chunks <= KW * U;
-    uint4 wa[U][NA][2];
-    auto load_w = [&](int base) {
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int ch = base + KW * u;
-            if (ch < n_chunks)
-#pragma unroll
-                for (int m = 0; m < NA; m++) {
-                    wa[u][m][0] = __ldg(reinterpret_cast<const uint4 *>(w[m][0] + 32 * ch));
-                    wa[u][m][1] = __ldg(reinterpret_cast<const uint4 *>(w[m][1] + 32 * ch));
-                }
-        }
-    };
-    /* the weights (nothing writes them) before waiting for the kernel before */
-    load_w(warp);
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-
-    const float *xf = static_cast<const float *>(a.x);
-    const __half *xh = static_cast<const __half *>(a.x);
-    size_t xo[NT];                                         /* token tb + 8j + g (the last one past T) */
-#pragma unroll
-    for (int j = 0; j < NT; j++) xo[j] = (size_t)(tb + min(8 * j + g, n_tok - 1)) * a.x_stride + 8 * t;
-    const bool norm = F32 && a.norm;
-    float inv[NT];
-    /* the norm over several passes: 1 / rms of each row first (a warp a row) */
-    if (norm && !one_pass) {
-        for (int r = warp; r < n_tok; r += KW) {
-            float ss = 0.0f;
-            for (int i = lane; i < a.cols; i += 32) {
-                const float v = xf[(size_t)(tb + r) * a.x_stride + i];
-                ss += v * v;
-            }
-#pragma unroll
-            for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-            if (lane == 0) s_ss[0][r] = 1.0f / sqrtf(ss / a.cols + a.eps);
-        }
-        __syncthreads();
-#pragma unroll
-        for (int j = 0; j < NT; j++) inv[j] = s_ss[0][min(8 * j + g, n_tok - 1)];
-    }
-
-    float c[NA][NT][4];
-#pragma unroll
-    for (int m = 0; m < NA; m++) zero(c[m]);
-    for (int base = warp; base < n_chunks; base += KW * U) {
-        if (base != warp) load_w(base);
-        uint4 xb[U][NT];
-        if constexpr (F32) {
-            float4 xr[U][NT][2];
-#pragma unroll
-            for (int u = 0; u < U; u++)
-                if (base + KW * u < n_chunks)
-#pragma unroll
-                    for (int j = 0; j < NT; j++) load8(xf + xo[j] + 32 * (base + KW * u), xr[u][j]);
-            if (norm && one_pass) {            /* the norm in the same pass: the block holds every column */
-                float ss[NT];
-#pragma unroll
-                for (int j = 0; j < NT; j++) {
-                    ss[j] = 0.0f;
-#pragma unroll
-                    for (int u = 0; u < U; u++)
-                        if (base + KW * u < n_chunks) ss[j] += sumsq(xr[u][j]);
-                    ss[j] += __shfl_xor_sync(0xffffffffu, ss[j], 1);
-                    ss[j] += __shfl_xor_sync(0xffffffffu, ss[j], 2);
-                    if (t == 0) s_ss[warp][8 * j + g] = ss[j];
-                }
-                __syncthreads();
-#pragma unroll
-                for (int j = 0; j < NT; j++) {
-                    float sum = 0.0f;
-#pragma unroll
-                    for (int k = 0; k < KW; k++) sum += s_ss[k][8 * j + g];
-                    inv[j] = 1.0f / sqrtf(sum / a.cols + a.eps);
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < U; u++)
-                if (base + KW * u < n_chunks)
-#pragma unroll
-                    for (int j = 0; j < NT; j++)
-                        xb[u][j] = to_b(xr[u][j], norm ? a.norm : nullptr, 32 * (base + KW * u) + 8 * t,
-                                        norm ? inv[j] : 1.0f);
-        } else {
-#pragma unroll
-            for (int u = 0; u < U; u++)
-                if (base + KW * u < n_chunks)
-#pragma unroll
-                    for (int j = 0; j < NT; j++)
-                        xb[u][j] = __ldg(reinterpret_cast<const uint4 *>(xh + xo[j] + 32 * (base + KW * u)));
-        }
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            if (base + KW * u >= n_chunks) break;
-#pragma unroll
-            for (int m = 0; m < NA; m++)
-#pragma unroll
-                for (int j = 0; j < NT; j++) {
-                    const uint4 lo = wa[u][m][0], hi = wa[u][m][1], x = xb[u][j];
-                    mma16816(c[m][j], lo.x, hi.x, lo.y, hi.y, x.x, x.y);
-                    mma16816(c[m][j], lo.z, hi.z, lo.w, hi.w, x.z, x.w);
-                }
-        }
-    }
-
     /* the warps' partial sums into warp 0 */
     if (warp) {
 #pragma unroll
@@ -283,10 +176,112 @@ template <int NT, int NA, bool F32> __global__ void __launch_bounds__(32 * KW) r
     }
 }
 
+/* Small matrices (a warp's share of W at most U chunks: launch_one): each
+ * warp loads its whole share before griddepcontrol.wait, then its columns
+ * of the activations, so the product is one round trip; with a norm the
+ * block's warps hold every column, so its sums of squares come in the same
+ * pass. */
+template <int NT, int NA, bool F32> __global__ void __launch_bounds__(32 * ONE_KW) rows_kernel(const rows_args a) {
+    constexpr int KW = ONE_KW;
+    constexpr int U = chunks_in_flight<NT, NA, F32>();
+    __shared__ float red[KW - 1][NA][NT][4][32];
+    __shared__ float s_ss[KW][8 * NT];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int tb = 8 * NT * blockIdx.y, n_tok = min(a.T - tb, 8 * NT);   /* this block's tokens */
+    const int r_lo = tile_row(a, g), r_hi = tile_row(a, g + 8);
+    const __half *w[NA][2];
+#pragma unroll
+    for (int m = 0; m < NA; m++) {
+        const size_t off = (size_t)m * (a.rows / 2);       /* SWIGLU: the up rows */
+        w[m][0] = a.w + (r_lo + off) * (size_t)a.cols + 8 * t;
+        w[m][1] = a.w + (r_hi + off) * (size_t)a.cols + 8 * t;
+    }
+    const int n_chunks = a.cols / 32;
+    auto mine = [&](int u) { return warp + KW * u < n_chunks; };   /* chunk warp + KW u */
+    /* the weights (nothing writes them) before waiting for the kernel before */
+    uint4 wa[U][NA][2];
+#pragma unroll
+    for (int u = 0; u < U; u++)
+        if (mine(u))
+#pragma unroll
+            for (int m = 0; m < NA; m++) {
+                wa[u][m][0] = __ldg(reinterpret_cast<const uint4 *>(w[m][0] + 32 * (warp + KW * u)));
+                wa[u][m][1] = __ldg(reinterpret_cast<const uint4 *>(w[m][1] + 32 * (warp + KW * u)));
+            }
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+
+    size_t xo[NT];                                         /* token tb + 8j + g (the last one past T) */
+#pragma unroll
+    for (int j = 0; j < NT; j++) xo[j] = (size_t)(tb + min(8 * j + g, n_tok - 1)) * a.x_stride + 8 * t;
+    uint4 xb[U][NT];
+    if constexpr (F32) {
+        const float *xf = static_cast<const float *>(a.x);
+        float4 xr[U][NT][2];
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (mine(u))
+#pragma unroll
+                for (int j = 0; j < NT; j++) load8(xf + xo[j] + 32 * (warp + KW * u), xr[u][j]);
+        float inv[NT];
+        if (a.norm) {
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                float ss = 0.0f;
+#pragma unroll
+                for (int u = 0; u < U; u++)
+                    if (mine(u)) ss += sumsq(xr[u][j]);
+                ss += __shfl_xor_sync(0xffffffffu, ss, 1);
+                ss += __shfl_xor_sync(0xffffffffu, ss, 2);
+                if (t == 0) s_ss[warp][8 * j + g] = ss;
+            }
+            __syncthreads();
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                float sum = 0.0f;
+#pragma unroll
+                for (int k = 0; k < KW; k++) sum += s_ss[k][8 * j + g];
+                inv[j] = 1.0f / sqrtf(sum / a.cols + a.eps);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (mine(u))
+#pragma unroll
+                for (int j = 0; j < NT; j++)
+                    xb[u][j] = to_b(xr[u][j], a.norm, 32 * (warp + KW * u) + 8 * t, a.norm ? inv[j] : 1.0f);
+    } else {
+        const __half *xh = static_cast<const __half *>(a.x);
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (mine(u))
+#pragma unroll
+                for (int j = 0; j < NT; j++)
+                    xb[u][j] = __ldg(reinterpret_cast<const uint4 *>(xh + xo[j] + 32 * (warp + KW * u)));
+    }
+
+    float c[NA][NT][4];
+#pragma unroll
+    for (int m = 0; m < NA; m++) zero(c[m]);
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        if (!mine(u)) break;
+#pragma unroll
+        for (int m = 0; m < NA; m++)
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                const uint4 lo = wa[u][m][0], hi = wa[u][m][1], x = xb[u][j];
+                mma16816(c[m][j], lo.x, hi.x, lo.y, hi.y, x.x, x.y);
+                mma16816(c[m][j], lo.z, hi.z, lo.w, hi.w, x.z, x.w);
+            }
+    }
+    finish<KW, NT, NA>(a, c, &red[0][0][0][0][0], tb, n_tok);
+}
+
 template <int NT, int NA, bool F32> cudaError_t launch_one(const rows_args *a, int tiles, cudaStream_t stream) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3((unsigned)tiles, (unsigned)((a->T + 8 * NT - 1) / (8 * NT)));
-    cfg.blockDim = dim3(32 * KW);
+    cfg.blockDim = dim3(32 * ONE_KW);
     cfg.stream = stream;
     cudaLaunchAttribute attr;
     attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -307,6 +302,12 @@ template <int NT> cudaError_t launch_nt(const rows_args *a, cudaStream_t stream)
 } // namespace
 
 bool rows_fits(const rows_args *a) {
+    const bool nt1 = a->T <= 8;   /* the kernel's NT: 1, else 2 */
+    const int U = a->epi == ROWS_SWIGLU ? (nt1 ? chunks_in_flight<1, 2, true>() : chunks_in_flight<2, 2, true>())
+                  : a->x_f32 ? (nt1 ? chunks_in_flight<1, 1, true>() : chunks_in_flight<2, 1, true>())
+                             : (nt1 ? chunks_in_flight<1, 1, false>() : chunks_in_flight<2, 1, false>());
+    if (a->cols / 32 > ONE_KW * U)   /* a warp's share in one round trip */
+        return false;
     if (a->T < 1 || a->T > ROWS_MAX_T || a->cols % 32 || a->x_stride % 8 || a->rows % (a->epi == ROWS_SWIGLU ? 32 : 16))
         return false;
     if ((a->epi == ROWS_SWIGLU && (a->bias || !a->yh || !a->x_f32)) || (a->norm && !a->x_f32))

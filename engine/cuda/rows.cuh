@@ -39,7 +39,9 @@ typedef struct {
 
 /* Whether this product runs here: 1 <= T <= ROWS_MAX_T, cols and the input's
  * stride multiples of 32 and 8, rows a multiple of 16 (SWIGLU: 32; QKV: whole
- * heads, RoPE over all of head_dim), a norm only over float rows. */
+ * heads, RoPE over all of head_dim), a norm only over float rows, and few
+ * enough cols for one round trip of loads (up to 1024 for float inputs at
+ * T > 8, 2048 for fp16 ones). */
 bool rows_fits(const rows_args *a);
 
 /* Launches the product on stream (cudaErrorInvalidValue where it does not
