@@ -265,12 +265,13 @@ $(FUZZ_DIR)/%.o: %.c
 -include $(wildcard $(FUZZ_DIR)/*/*.d $(FUZZ_DIR)/*/*/*.d)
 
 # ---- CUDA (owned by the GPU kernels: cache/cuda/, engine/cuda/, tests/cuda/) --
-# Every cache/cuda/*.cu is compiled for sm_90 (H100/H200). gpu-bins builds two
+# Every cache/cuda/*.cu is compiled for sm_90 (H100/H200). gpu-bins builds three
 # standalone programs that link only the cache's C files, the kernels and the
 # static CUDA runtime (the GPU machine has no libuv, mimalloc or Criterion):
-# $(BUILD)/gpu/gpu_test (kernels against the CPU cache code) and
-# $(BUILD)/gpu/gpu_bench (timings against the memory floor). tools/gpu_bench.sh
-# runs both there. With CUDA=1, $(BUILD)/kvserve has the cuda backend
+# $(BUILD)/gpu/gpu_test (kernels against the CPU cache code),
+# $(BUILD)/gpu/gpu_bench (timings against the memory floor) and
+# $(BUILD)/gpu/rows_test (the cuda backend's fused products, engine/cuda/rows.cu,
+# against a CPU reference). tools/gpu_bench.sh runs them there. With CUDA=1, $(BUILD)/kvserve has the cuda backend
 # (engine/cuda/) and $(BUILD)/gpu/gpu_engine checks it against the CPU
 # backend on a real model (tools/gpu_bench.sh STEPS=engine). cuda-check (part
 # of `make test`) compiles and links all of it in build-cuda/ and is skipped,
@@ -283,7 +284,7 @@ GPU_C_OBJ  = $(GPU_C_SRC:%.c=$(BUILD)/gpu/%.o)
 GPU_CFLAGS := -std=gnu11 -O2 -g -Wall -Wextra -Wno-unused-parameter -pthread -MMD -MP -I.
 
 .PHONY: gpu-bins cuda-check
-gpu-bins: $(BUILD)/gpu/gpu_test $(BUILD)/gpu/gpu_bench
+gpu-bins: $(BUILD)/gpu/gpu_test $(BUILD)/gpu/gpu_bench $(BUILD)/gpu/rows_test
 
 cuda-check:
 	@if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found: CUDA sources NOT compiled"; \
@@ -327,6 +328,9 @@ $(BUILD)/gpu/%.o: %.c
 	$(CC) $(GPU_CFLAGS) -c -o $@ $<
 
 .SECONDARY: $(CUDA_KERN_OBJ) $(CUDA_ENG_OBJ) $(GPU_C_OBJ)
+$(BUILD)/gpu/rows_test: tests/cuda/rows_test.cu $(BUILD)/engine/cuda/rows.o $(NVCC_STAMP)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCC_ALL) -o $@ $< $(BUILD)/engine/cuda/rows.o
 $(BUILD)/gpu/%: tests/cuda/%.cu $(CUDA_KERN_OBJ) $(GPU_C_OBJ) $(NVCC_STAMP)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCC_ALL) -o $@ $< $(CUDA_KERN_OBJ) $(GPU_C_OBJ) -lpthread -lm

@@ -4,7 +4,9 @@
 #   1. the binaries: build-gpu/gpu/gpu_test and gpu_bench (built here with
 #      `make BUILD=build-gpu gpu-bins` and carried, or built there if they
 #      are missing or do not start);
-#   2. test: gpu_test, every kernel against the CPU cache code;
+#   2. test: gpu_test, every kernel against the CPU cache code; rows_test,
+#      the cuda backend's fused products (engine/cuda/rows.cu) against a CPU
+#      reference (where the build has it);
 #   3. san:  gpu_test --quick under compute-sanitizer memcheck and racecheck;
 #   4. bench: gpu_bench (decode, prefill, write against the memory floor);
 #   5. sdpa: PyTorch scaled_dot_product_attention on a contiguous f16 cache of
@@ -27,9 +29,11 @@
 #      from ENGINE_BUILD (default build-cuda: a `make CUDA=1` build, or a
 #      packed one, PROGS="kvserve gpu_engine" tools/gpu_pack.sh NAME
 #      build-cuda): gpu_engine (every logit row of mixed batches against the
-#      CPU backend, per codec), kvserve ppl on both backends, and kvserve
-#      bench --backend cuda at ENGINE_CONC (default "64 256") requests in
-#      flight per codec in ENGINE_KV (default "f16 int8 int4 f16/int4").
+#      CPU backend, per codec; again on a random-weight Hugging Face model of
+#      SmolLM2's shape, made there, for its neox RoPE), kvserve ppl on both
+#      backends, and kvserve bench --backend cuda at ENGINE_CONC (default
+#      "1 8 64 256") requests in flight per codec in ENGINE_KV (default "f16
+#      int8 int4 f16/int4").
 #      MODEL (default the SmolLM2 download) and TEXT (a UTF-8 text file) name
 #      the inputs.
 # A BUILD of a packed build (build-pack/NAME) is unpacked into BUILD/gpu first.
@@ -76,6 +80,13 @@ if has test; then
     echo "gpu_test exit $rc" >>"$OUT/test.log"
     grep -E "FAIL|checks|exit" "$OUT/test.log" | tail -20
     [ $rc = 0 ] || status=1
+    if [ -x "$bin/rows_test" ]; then
+        echo "== rows_test"
+        timeout 120 "$bin/rows_test" >"$OUT/rows_test.log" 2>&1; rc=$?
+        echo "rows_test exit $rc" >>"$OUT/rows_test.log"
+        grep -E "FAIL|checks|exit" "$OUT/rows_test.log" | tail -20
+        [ $rc = 0 ] || status=1
+    fi
 fi
 
 if has san; then
@@ -222,6 +233,18 @@ if has engine; then
     echo "gpu_engine exit $rc" >>"$OUT/engine.log"
     grep -vE "^(FAIL)" "$OUT/engine.log" | tail -12; grep -E "^FAIL" "$OUT/engine.log" | head -20
     [ $rc = 0 ] || status=1
+    # a Hugging Face llama (neox RoPE, where the GGUF's is interleaved) of
+    # SmolLM2's shape, random weights, made here: the fused products' other
+    # RoPE (engine/cuda/rows.cu) against the CPU
+    hf=$HOME/.cache/kvserve/sm2-shape
+    [ -f "$hf/model.safetensors" ] || python3 tools/device/make_llama_shape.py "$hf" tests/fixtures/models/llama \
+        --preset smollm2 >/dev/null
+    echo "== gpu_engine, $hf (random weights)"
+    timeout "${T_ENGINE:-300}" "$eb/gpu/gpu_engine" "$hf" "$text" --codecs f16/f16,int8/int8 >"$OUT/engine_hf.log" 2>&1
+    rc=$?
+    echo "gpu_engine exit $rc" >>"$OUT/engine_hf.log"
+    grep -vE "^(FAIL)" "$OUT/engine_hf.log" | tail -4; grep -E "^FAIL" "$OUT/engine_hf.log" | head -20
+    [ $rc = 0 ] || status=1
     echo "== kvserve ppl, cpu and cuda"
     for kv in ${ENGINE_PPL_KV:-f16 int8 int4}; do
         for be in cpu cuda; do
@@ -232,7 +255,7 @@ if has engine; then
     echo "== kvserve bench --backend cuda"
     for kv in ${ENGINE_KV:-f16 int8 int4 f16/int4}; do
         k=${kv%/*}; v=${kv#*/}
-        for c in ${ENGINE_CONC:-64 256}; do
+        for c in ${ENGINE_CONC:-1 8 64 256}; do
             timeout 300 "$ek" bench --model "$model" --backend cuda --concurrency "$c" --requests "$((2 * c))" \
                 --prompt-len "${ENGINE_PROMPT:-512}" --gen-len "${ENGINE_GEN:-256}" --kv-k "$k" --kv-v "$v" \
                 --max-batched-tokens 8192 --json 2>>"$OUT/engine_bench.err" | tee -a "$OUT/engine_bench.log" || status=1
@@ -242,6 +265,7 @@ fi
 
 echo "================ summary ================"
 [ -f "$OUT/test.log" ] && grep -E "^gpu_test:|FAIL" "$OUT/test.log" | head -12
+[ -f "$OUT/rows_test.log" ] && grep -E "^rows_test:|FAIL" "$OUT/rows_test.log" | head -12
 for tool in memcheck racecheck; do
     [ -f "$OUT/san_$tool.log" ] && grep -E "ERROR SUMMARY|RACECHECK SUMMARY|gpu_test:|exit" "$OUT/san_$tool.log" | tail -3
 done
