@@ -233,9 +233,10 @@ if has engine; then
     echo "gpu_engine exit $rc" >>"$OUT/engine.log"
     grep -vE "^(FAIL)" "$OUT/engine.log" | tail -12; grep -E "^FAIL" "$OUT/engine.log" | head -20
     [ $rc = 0 ] || status=1
-    # a Hugging Face llama (neox RoPE, where the GGUF's is interleaved) of
-    # SmolLM2's shape, random weights, made here: the fused products' other
-    # RoPE (engine/cuda/rows.cu) against the CPU
+    # a Hugging Face llama of SmolLM2's shape (neox RoPE, where the GGUF's is
+    # interleaved), random weights, made here: that loader's model through the
+    # fused products end to end against the CPU (its near-uniform attention
+    # hides a wrong angle: rows_test checks the RoPE itself)
     hf=$HOME/.cache/kvserve/sm2-shape
     [ -f "$hf/model.safetensors" ] || python3 tools/device/make_llama_shape.py "$hf" tests/fixtures/models/llama \
         --preset smollm2 >/dev/null
