@@ -284,7 +284,7 @@ GPU_C_OBJ  = $(GPU_C_SRC:%.c=$(BUILD)/gpu/%.o)
 GPU_CFLAGS := -std=gnu11 -O2 -g -Wall -Wextra -Wno-unused-parameter -pthread -MMD -MP -I.
 
 .PHONY: gpu-bins cuda-check
-gpu-bins: $(BUILD)/gpu/gpu_test $(BUILD)/gpu/gpu_bench $(BUILD)/gpu/rows_test
+gpu-bins: $(BUILD)/gpu/gpu_test $(BUILD)/gpu/gpu_bench $(BUILD)/gpu/rows_test $(BUILD)/gpu/rows_bench
 
 cuda-check:
 	@if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found: CUDA sources NOT compiled"; \
@@ -331,6 +331,9 @@ $(BUILD)/gpu/%.o: %.c
 $(BUILD)/gpu/rows_test: tests/cuda/rows_test.cu $(BUILD)/engine/cuda/rows.o $(NVCC_STAMP)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCC_ALL) -o $@ $< $(BUILD)/engine/cuda/rows.o
+$(BUILD)/gpu/rows_bench: tests/cuda/rows_bench.cu $(BUILD)/engine/cuda/rows.o $(NVCC_STAMP)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCC_ALL) -o $@ $< $(BUILD)/engine/cuda/rows.o -lcublas
 $(BUILD)/gpu/%: tests/cuda/%.cu $(CUDA_KERN_OBJ) $(GPU_C_OBJ) $(NVCC_STAMP)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCC_ALL) -o $@ $< $(CUDA_KERN_OBJ) $(GPU_C_OBJ) -lpthread -lm

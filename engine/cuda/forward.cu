@@ -97,8 +97,11 @@ typedef struct {
     int32_t *meta_h, *meta_d;
     void *ws;                       /* decode workspace */
     size_t ws_bytes;
-    /* batches of at most rows_t rows take rows.cu's fused products (0: never) */
+    /* batches of at most rows_t rows take rows.cu's fused products (0: never);
+     * the workspace of their column slices (rows_setup) */
     int rows_t;
+    float *rows_ws;
+    int *rows_counters;
     /* decode steps as CUDA graphs (forward_graph) */
     bool graphs_on;
     step_graph graphs[GRAPHS];
@@ -376,6 +379,8 @@ static int rows_product(cuda_backend *cb, rows_epilogue epi, const dmat *W, cons
     rows_args r = {};
     r.norm = norm;
     r.eps = c->norm_eps;
+    r.ws = cb->rows_ws;
+    r.counters = cb->rows_counters;
     r.epi = epi;
     r.w = W->w;
     r.rows = W->rows;
@@ -402,15 +407,22 @@ static int rows_product(cuda_backend *cb, rows_epilogue epi, const dmat *W, cons
     return 0;
 }
 
-/* Whether every product of the model fits rows.cu at any T up to
- * ROWS_MAX_T (checked once, at creation, at T = ROWS_MAX_T, the tightest):
- * matrices small enough for one round trip of loads (SmolLM2's; not a 1B
- * model's, whose large products cuBLAS streams faster). */
-static bool rows_fit_model(cuda_backend *cb) {
+/* The fused products' setup at creation: whether the model's products fit
+ * rows.cu at every T up to ROWS_MAX_T (their shapes), the workspace for the
+ * column slices of long rows (allocated here, counters zeroed), and the
+ * default row limit. Measured (notes/gpu.md, session 21; the four products
+ * of a layer against cuBLAS's GEMMs alone, rows_bench): SmolLM2's (7 MB a
+ * layer) at 0.49 / 0.55 / 0.72x cuBLAS's time at 1 / 8 / 16 rows, a
+ * Qwen-0.5B shape's (30 MB, its down product in column slices) 0.55 /
+ * 0.56 / 1.12x, Llama-1B's (122 MB) 1.30x and Llama-8B's (436 MB) 1.45x at
+ * one row: cuBLAS streams large matrices faster. So by default: layers of
+ * at most ROWS_LAYER_BYTES, up to 16 rows, or 8 where a product is sliced.
+ * KVSERVE_CUDA_ROWS=N (0 to 64) sets the limit (0: cuBLAS always). */
+#define ROWS_LAYER_BYTES ((size_t)32 << 20)
+
+static int rows_setup(cuda_backend *cb, char *err, size_t errlen) {
     const eng_model_config *c = &cb->m->cfg;
     const dlayer *L = &cb->layers[0];
-    rows_args r = {};
-    r.T = ROWS_MAX_T;
     const struct {
         rows_epilogue epi;
         const dmat *W;
@@ -420,22 +432,58 @@ static bool rows_fit_model(cuda_backend *cb) {
              {ROWS_ADD, &L->wo, cb->q_dim, 1, NULL},
              {ROWS_SWIGLU, &L->w_gate_up, c->n_embd, 1, L->ffn_norm},
              {ROWS_ADD, &L->w_down, c->n_ff, 0, NULL}};
+    size_t ws = 0, counters = 0, layer = 0;
+    bool fits = true, sliced = false;
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) {
+        rows_args r = {};
         r.epi = p[i].epi;
         r.rows = p[i].W->rows;
         r.cols = p[i].W->cols;
         r.x_stride = p[i].x_stride;
         r.x_f32 = p[i].x_f32;
         r.norm = p[i].norm;
-        r.yh = (__half *)cb;   /* any non-NULL */
+        r.yh = (__half *)cb;   /* any non-NULL: what rows_fits asks of SWIGLU */
         r.inv_freq = p[i].epi == ROWS_QKV ? cb->inv_freq : NULL;
         r.n_rot_heads = c->n_head + c->n_kv_head;
         r.head_dim = c->head_dim;
         r.rope_dim = c->rope_dim;
-        if (!rows_fits(&r))
-            return false;
+        layer += sizeof(__half) * (size_t)r.rows * (size_t)r.cols;
+        size_t w, n;
+        r.T = 16;
+        rows_ws_size(&r, &w, &n);
+        sliced |= w > 0;
+        r.T = ROWS_MAX_T;   /* the most workspace */
+        rows_ws_size(&r, &w, &n);
+        ws = w > ws ? w : ws;
+        counters = n > counters ? n : counters;
+        r.ws = (float *)cb;   /* any non-NULL */
+        r.counters = (int *)cb;
+        fits &= rows_fits(&r);
     }
-    return true;
+    cb->rows_t = layer <= ROWS_LAYER_BYTES ? (sliced ? 8 : 16) : 0;
+    const char *rt = getenv("KVSERVE_CUDA_ROWS");
+    if (rt && *rt) {
+        char *end = NULL;
+        const long v = strtol(rt, &end, 10);
+        if (*end || v < 0 || v > ROWS_MAX_T) {
+            snprintf(err, errlen, "cuda backend: KVSERVE_CUDA_ROWS=%s: not a number of rows from 0 to %d", rt,
+                     ROWS_MAX_T);
+            return -1;
+        }
+        cb->rows_t = (int)v;
+    }
+    if (!fits)
+        cb->rows_t = 0;
+    if (cb->rows_t && ws) {
+        CU_TRY(cudaMalloc(&cb->rows_ws, ws * sizeof(float)), "the fused products' workspace");
+        CU_TRY(cudaMalloc(&cb->rows_counters, counters * sizeof(int)), "the fused products' workspace");
+        CU_TRY(cudaMemset(cb->rows_counters, 0, counters * sizeof(int)), "the fused products' workspace");
+    }
+    if (cb->rows_t) {
+        const size_t n = strlen(cb->desc);
+        snprintf(cb->desc + n, sizeof cb->desc - n, ", fused products up to %d rows", cb->rows_t);
+    }
+    return 0;
 }
 
 /* Layer l's attention: the new K/V into their pages, then the decode rows
@@ -890,6 +938,8 @@ static void cuda_destroy(eng_backend *be) {
     cudaFreeHost(cb->meta_h);
     cudaFree(cb->meta_d);
     cudaFree(cb->ws);
+    cudaFree(cb->rows_ws);
+    cudaFree(cb->rows_counters);
     cudaFree(cb->arena);
     if (cb->layout_ready)
         kvc_cu_layout_dispose(&cb->L);
@@ -1005,28 +1055,8 @@ static int create_impl(cuda_backend *cb, const eng_backend_options *opt, char *e
         free(f);
         CU_TRY(e, "uploading the RoPE frequencies");
     }
-    /* KVSERVE_CUDA_ROWS=N: the fused products up to N rows (0: never), where
-     * the model's products fit them (rows_fit_model). By default up to 16
-     * (notes/gpu.md, session 21: SmolLM2 decodes 1 / 8 / 16 sequences 46% /
-     * 28% / 4% faster than by cuBLAS, 32 / 64 3% / 14% slower) */
-    cb->rows_t = 16;
-    const char *rt = getenv("KVSERVE_CUDA_ROWS");
-    if (rt && *rt) {
-        char *end = NULL;
-        const long v = strtol(rt, &end, 10);
-        if (*end || v < 0 || v > ROWS_MAX_T) {
-            snprintf(err, errlen, "cuda backend: KVSERVE_CUDA_ROWS=%s: not a number of rows from 0 to %d", rt,
-                     ROWS_MAX_T);
-            return -1;
-        }
-        cb->rows_t = (int)v;
-    }
-    if (!rows_fit_model(cb))
-        cb->rows_t = 0;
-    if (cb->rows_t) {
-        const size_t n = strlen(cb->desc);
-        snprintf(cb->desc + n, sizeof cb->desc - n, ", fused products up to %d rows", cb->rows_t);
-    }
+    if (rows_setup(cb, err, errlen))
+        return -1;
     return 0;
 }
 

@@ -22,9 +22,11 @@
  * 2i + 1 in lanes g and g ^ 1 (interleaved).
  *
  * Each warp loads its whole share of W at once, before waiting for the
- * kernel before it, so a product is one round trip: what a small matrix's
- * time is (rows_fits admits only those). Large matrices stream faster
- * through cuBLAS (notes/gpu.md, session 21). */
+ * kernel before it, so a block is one round trip of loads: what a small
+ * matrix's time is. Rows longer than a block's share are split into column
+ * slices (grid z, blocks of SLICE_KW warps), whose sums meet in a
+ * workspace (merge_slices). Large matrices still stream faster through
+ * cuBLAS (forward.cu's rows_setup; notes/gpu.md, session 21). */
 #include <math.h>
 
 #include "engine/cuda/rows.cuh"
@@ -37,6 +39,7 @@ namespace {
  * one round trip of loads (U chunks in flight a warp: as many as 128
  * registers hold without spilling). */
 constexpr int ONE_KW = 16;
+constexpr int SLICE_KW = 8;      /* warps a block of a sliced product (more blocks a multiprocessor) */
 template <int NT, int NA, bool F32> __host__ __device__ constexpr int chunks_in_flight() {
     return NA == 2 || (NT == 2 && F32) ? 2 : 4;
 }
@@ -100,11 +103,74 @@ __device__ __forceinline__ void rope_cs(const rows_args &a, int p, int i, float 
     s = (float)sd;
 }
 
+/* Column slices (grid z > 1): each block's warp 0 stores its sums (and with
+ * a norm its slice's sums of squares of its tokens, ss) as a record of
+ * ws, the tile's counter elects the last to arrive, and that block adds the
+ * records in slice order (the same sums whichever arrives last), scales
+ * them by the norm's 1 / rms and goes on to the epilogue; the others stop
+ * (false). The winner resets the counter for the next launch. */
+constexpr int REC = 2 * 2 * 4 * 32 + 16;   /* floats a record: NA NT 4 32 sums, 16 sums of squares */
+
+template <int NT, int NA>
+__device__ __forceinline__ bool merge_slices(const rows_args &a, float (&c)[NA][NT][4], const float *ss, int n_tok) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int S = gridDim.z, unit = blockIdx.y * gridDim.x + blockIdx.x;
+    float *rec = a.ws + ((size_t)unit * S + blockIdx.z) * REC;
+#pragma unroll
+    for (int m = 0; m < NA; m++)
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) rec[((m * NT + j) * 4 + e) * 32 + lane] = c[m][j][e];
+    if (ss && lane < 8 * NT) rec[4 * NA * NT * 32 + lane] = ss[lane];
+    __threadfence();
+    __syncwarp();
+    int last = 0;
+    if (lane == 0) last = atomicAdd(a.counters + unit, 1) == S - 1;
+    if (!__shfl_sync(0xffffffffu, last, 0)) return false;
+    __threadfence();
+    if (lane == 0) a.counters[unit] = 0;
+    float sq[NT];
+#pragma unroll
+    for (int j = 0; j < NT; j++) sq[j] = 0.0f;
+#pragma unroll
+    for (int m = 0; m < NA; m++) zero(c[m]);
+    for (int z = 0; z < S; z++) {
+        const float *r = a.ws + ((size_t)unit * S + z) * REC;
+#pragma unroll
+        for (int m = 0; m < NA; m++)
+#pragma unroll
+            for (int j = 0; j < NT; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) c[m][j][e] += __ldcg(r + ((m * NT + j) * 4 + e) * 32 + lane);
+        if (ss)
+#pragma unroll
+            for (int j = 0; j < NT; j++) sq[j] += __ldcg(r + 4 * NA * NT * 32 + 8 * j + 2 * t);   /* tokens 8j + 2t */
+    }
+    if (ss) {   /* c's tokens 8j + 2t + (e & 1): their 1 / rms */
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+            float sq1 = 0.0f;
+            for (int z = 0; z < S; z++) sq1 += __ldcg(a.ws + ((size_t)unit * S + z) * REC + 4 * NA * NT * 32 + 8 * j + 2 * t + 1);
+            const float i0 = 1.0f / sqrtf(sq[j] / a.cols + a.eps), i1 = 1.0f / sqrtf(sq1 / a.cols + a.eps);
+#pragma unroll
+            for (int m = 0; m < NA; m++) {
+                c[m][j][0] *= i0, c[m][j][2] *= i0;
+                c[m][j][1] *= i1, c[m][j][3] *= i1;
+            }
+        }
+    }
+    (void)g;
+    (void)n_tok;
+    return true;
+}
+
 /* The end of a product: the KW warps' partial sums c (this block's tile
  * rows, tokens tb .. tb + n_tok - 1) meet in red ((KW - 1) NA NT 4 32
  * floats of shared memory) and warp 0 applies the epilogue and stores. */
 template <int KW, int NT, int NA>
-__device__ __forceinline__ void finish(const rows_args &a, float (&c)[NA][NT][4], float *red_, int tb, int n_tok) {
+__device__ __forceinline__ void finish(const rows_args &a, float (&c)[NA][NT][4], float *red_, const float *ss,
+                                       int tb, int n_tok) {
     typedef float red_t[NA][NT][4][32];
     red_t *red = reinterpret_cast<red_t *>(red_);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -128,6 +194,8 @@ __device__ __forceinline__ void finish(const rows_args &a, float (&c)[NA][NT][4]
             for (int j = 0; j < NT; j++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) c[m][j][e] += red[k][m][j][e][lane];
+
+    if (gridDim.z > 1 && !merge_slices<NT, NA>(a, c, ss, n_tok)) return;
 
     /* c[m][j][e]: row (e < 2 ? r_lo : r_hi), token tb + 8j + 2t + (e & 1) */
     const bool rot = a.epi == ROWS_QKV && a.inv_freq && 16 * (int)blockIdx.x / a.head_dim < a.n_rot_heads;
@@ -181,11 +249,10 @@ __device__ __forceinline__ void finish(const rows_args &a, float (&c)[NA][NT][4]
  * of the activations, so the product is one round trip; with a norm the
  * block's warps hold every column, so its sums of squares come in the same
  * pass. */
-template <int NT, int NA, bool F32> __global__ void __launch_bounds__(32 * ONE_KW) rows_kernel(const rows_args a) {
-    constexpr int KW = ONE_KW;
+template <int NT, int NA, bool F32, int KW> __global__ void __launch_bounds__(32 * KW, 16 / KW) rows_kernel(const rows_args a) {
     constexpr int U = chunks_in_flight<NT, NA, F32>();
     __shared__ float red[KW - 1][NA][NT][4][32];
-    __shared__ float s_ss[KW][8 * NT];
+    __shared__ float s_ss[KW][8 * NT], s_blk[8 * NT];   /* sums of squares: a warp's, the block's */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int tb = 8 * NT * blockIdx.y, n_tok = min(a.T - tb, 8 * NT);   /* this block's tokens */
     const int r_lo = tile_row(a, g), r_hi = tile_row(a, g + 8);
@@ -196,8 +263,8 @@ template <int NT, int NA, bool F32> __global__ void __launch_bounds__(32 * ONE_K
         w[m][0] = a.w + (r_lo + off) * (size_t)a.cols + 8 * t;
         w[m][1] = a.w + (r_hi + off) * (size_t)a.cols + 8 * t;
     }
-    const int n_chunks = a.cols / 32;
-    auto mine = [&](int u) { return warp + KW * u < n_chunks; };   /* chunk warp + KW u */
+    const int n_chunks = a.cols / 32, c0 = KW * U * blockIdx.z + warp;   /* grid z: the column slice */
+    auto mine = [&](int u) { return c0 + KW * u < n_chunks; };         /* chunk c0 + KW u */
     /* the weights (nothing writes them) before waiting for the kernel before */
     uint4 wa[U][NA][2];
 #pragma unroll
@@ -205,8 +272,8 @@ template <int NT, int NA, bool F32> __global__ void __launch_bounds__(32 * ONE_K
         if (mine(u))
 #pragma unroll
             for (int m = 0; m < NA; m++) {
-                wa[u][m][0] = __ldg(reinterpret_cast<const uint4 *>(w[m][0] + 32 * (warp + KW * u)));
-                wa[u][m][1] = __ldg(reinterpret_cast<const uint4 *>(w[m][1] + 32 * (warp + KW * u)));
+                wa[u][m][0] = __ldg(reinterpret_cast<const uint4 *>(w[m][0] + 32 * (c0 + KW * u)));
+                wa[u][m][1] = __ldg(reinterpret_cast<const uint4 *>(w[m][1] + 32 * (c0 + KW * u)));
             }
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -222,7 +289,7 @@ template <int NT, int NA, bool F32> __global__ void __launch_bounds__(32 * ONE_K
         for (int u = 0; u < U; u++)
             if (mine(u))
 #pragma unroll
-                for (int j = 0; j < NT; j++) load8(xf + xo[j] + 32 * (warp + KW * u), xr[u][j]);
+                for (int j = 0; j < NT; j++) load8(xf + xo[j] + 32 * (c0 + KW * u), xr[u][j]);
         float inv[NT];
         if (a.norm) {
 #pragma unroll
@@ -241,7 +308,10 @@ template <int NT, int NA, bool F32> __global__ void __launch_bounds__(32 * ONE_K
                 float sum = 0.0f;
 #pragma unroll
                 for (int k = 0; k < KW; k++) sum += s_ss[k][8 * j + g];
-                inv[j] = 1.0f / sqrtf(sum / a.cols + a.eps);
+                /* one slice: the whole row's; several: this slice's share,
+                 * and the norm is applied to the sums (finish) */
+                inv[j] = gridDim.z == 1 ? 1.0f / sqrtf(sum / a.cols + a.eps) : 1.0f;
+                if (gridDim.z > 1 && warp == 0 && t == 0) s_blk[8 * j + g] = sum;
             }
         }
 #pragma unroll
@@ -249,7 +319,7 @@ template <int NT, int NA, bool F32> __global__ void __launch_bounds__(32 * ONE_K
             if (mine(u))
 #pragma unroll
                 for (int j = 0; j < NT; j++)
-                    xb[u][j] = to_b(xr[u][j], a.norm, 32 * (warp + KW * u) + 8 * t, a.norm ? inv[j] : 1.0f);
+                    xb[u][j] = to_b(xr[u][j], a.norm, 32 * (c0 + KW * u) + 8 * t, a.norm ? inv[j] : 1.0f);
     } else {
         const __half *xh = static_cast<const __half *>(a.x);
 #pragma unroll
@@ -257,7 +327,7 @@ template <int NT, int NA, bool F32> __global__ void __launch_bounds__(32 * ONE_K
             if (mine(u))
 #pragma unroll
                 for (int j = 0; j < NT; j++)
-                    xb[u][j] = __ldg(reinterpret_cast<const uint4 *>(xh + xo[j] + 32 * (warp + KW * u)));
+                    xb[u][j] = __ldg(reinterpret_cast<const uint4 *>(xh + xo[j] + 32 * (c0 + KW * u)));
     }
 
     float c[NA][NT][4];
@@ -275,20 +345,32 @@ template <int NT, int NA, bool F32> __global__ void __launch_bounds__(32 * ONE_K
                 mma16816(c[m][j], lo.z, hi.z, lo.w, hi.w, x.z, x.w);
             }
     }
-    finish<KW, NT, NA>(a, c, &red[0][0][0][0][0], tb, n_tok);
+    finish<KW, NT, NA>(a, c, &red[0][0][0][0][0], F32 && a.norm ? s_blk : nullptr, tb, n_tok);
+}
+
+/* Column slices of a product (launch_one's grid z). */
+int slices_for(const rows_args *a) {
+    const bool nt1 = a->T <= 8;   /* the kernel's NT: 1, else 2 */
+    const int U = a->epi == ROWS_SWIGLU ? (nt1 ? chunks_in_flight<1, 2, true>() : chunks_in_flight<2, 2, true>())
+                  : a->x_f32 ? (nt1 ? chunks_in_flight<1, 1, true>() : chunks_in_flight<2, 1, true>())
+                             : (nt1 ? chunks_in_flight<1, 1, false>() : chunks_in_flight<2, 1, false>());
+    if (a->cols / 32 <= ONE_KW * U) return 1;
+    return (a->cols / 32 + SLICE_KW * U - 1) / (SLICE_KW * U);
 }
 
 template <int NT, int NA, bool F32> cudaError_t launch_one(const rows_args *a, int tiles, cudaStream_t stream) {
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)tiles, (unsigned)((a->T + 8 * NT - 1) / (8 * NT)));
-    cfg.blockDim = dim3(32 * ONE_KW);
+    cfg.gridDim = dim3((unsigned)tiles, (unsigned)((a->T + 8 * NT - 1) / (8 * NT)), (unsigned)slices_for(a));
+    const bool sliced = slices_for(a) > 1;
+    cfg.blockDim = dim3(32 * (sliced ? SLICE_KW : ONE_KW));
     cfg.stream = stream;
     cudaLaunchAttribute attr;
     attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr.val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = &attr;
     cfg.numAttrs = 1;
-    return cudaLaunchKernelEx(&cfg, rows_kernel<NT, NA, F32>, *a);
+    return sliced ? cudaLaunchKernelEx(&cfg, rows_kernel<NT, NA, F32, SLICE_KW>, *a)
+                  : cudaLaunchKernelEx(&cfg, rows_kernel<NT, NA, F32, ONE_KW>, *a);
 }
 
 template <int NT> cudaError_t launch_nt(const rows_args *a, cudaStream_t stream) {
@@ -302,11 +384,7 @@ template <int NT> cudaError_t launch_nt(const rows_args *a, cudaStream_t stream)
 } // namespace
 
 bool rows_fits(const rows_args *a) {
-    const bool nt1 = a->T <= 8;   /* the kernel's NT: 1, else 2 */
-    const int U = a->epi == ROWS_SWIGLU ? (nt1 ? chunks_in_flight<1, 2, true>() : chunks_in_flight<2, 2, true>())
-                  : a->x_f32 ? (nt1 ? chunks_in_flight<1, 1, true>() : chunks_in_flight<2, 1, true>())
-                             : (nt1 ? chunks_in_flight<1, 1, false>() : chunks_in_flight<2, 1, false>());
-    if (a->cols / 32 > ONE_KW * U)   /* a warp's share in one round trip */
+    if (slices_for(a) > 1 && (!a->ws || !a->counters))   /* one block's columns, else slices */
         return false;
     if (a->T < 1 || a->T > ROWS_MAX_T || a->cols % 32 || a->x_stride % 8 || a->rows % (a->epi == ROWS_SWIGLU ? 32 : 16))
         return false;
@@ -316,6 +394,14 @@ bool rows_fits(const rows_args *a) {
         (a->head_dim % 16 || a->rows % a->head_dim || a->rope_dim != a->head_dim || a->n_rot_heads * a->head_dim > a->rows))
         return false;
     return true;
+}
+
+void rows_ws_size(const rows_args *a, size_t *ws_floats, size_t *counters) {
+    const int NT = a->T <= 8 ? 1 : 2, NA = a->epi == ROWS_SWIGLU ? 2 : 1;
+    const size_t slices = (size_t)slices_for(a);
+    const size_t units = (size_t)(a->rows / (16 * NA)) * (size_t)((a->T + 8 * NT - 1) / (8 * NT));
+    *ws_floats = slices > 1 ? units * slices * REC : 0;
+    *counters = slices > 1 ? units : 0;
 }
 
 cudaError_t rows_launch(const rows_args *a, cudaStream_t stream) {

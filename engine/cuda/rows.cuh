@@ -24,7 +24,8 @@ typedef struct {
     const void *x;                 /* (T, x_stride): __half, or float when x_f32 (rounded to fp16) */
     int x_stride, x_f32, T;
     /* RMSNorm of the float rows first (x_f32; NULL: none): x_t / rms(x_t) *
-     * norm, rms over the cols numbers, as forward.cu's rmsnorm_kernel */
+     * norm, rms over the cols numbers, as forward.cu's rmsnorm_kernel
+     * (column slices round x_t * norm to fp16 and scale the sums by 1 / rms) */
     const float *norm;
     float eps;
     float *y;                      /* (T, y_stride) */
@@ -35,14 +36,22 @@ typedef struct {
     const int32_t *pos;            /* (T) */
     const float *inv_freq;         /* (head_dim / 2); NULL: no RoPE */
     int n_rot_heads, head_dim, rope_dim, neox;
+    /* rows longer than one block's share are split in column slices (grid
+     * z), whose sums meet here (rows_ws_size) and in counters (one an
+     * output tile and token group, zeroed once: the kernel leaves them 0) */
+    float *ws;
+    int *counters;
 } rows_args;
 
 /* Whether this product runs here: 1 <= T <= ROWS_MAX_T, cols and the input's
  * stride multiples of 32 and 8, rows a multiple of 16 (SWIGLU: 32; QKV: whole
- * heads, RoPE over all of head_dim), a norm only over float rows, and few
- * enough cols for one round trip of loads (up to 1024 for float inputs at
- * T > 8, 2048 for fp16 ones). */
+ * heads, RoPE over all of head_dim), a norm only over float rows, and a
+ * workspace where the rows need column slices (rows_ws_size). */
 bool rows_fits(const rows_args *a);
+
+/* The workspace a product needs: floats of ws and ints of counters (both
+ * 0 where one block takes a row's every column). */
+void rows_ws_size(const rows_args *a, size_t *ws_floats, size_t *counters);
 
 /* Launches the product on stream (cudaErrorInvalidValue where it does not
  * fit), as a programmatic dependent launch: its blocks may start while the

@@ -6,7 +6,8 @@
  *
  * Every epilogue (QKV with RoPE neox and interleaved at head_dim 64 and
  * 128, with and without bias; the residual add from float and from fp16
- * inputs; SwiGLU), each with and without RMSNorm where it takes one, at T =
+ * inputs; SwiGLU), each with RMSNorm where it takes one, in one block's
+ * columns and in column slices (rows of up to 14336 numbers), at T =
  * 1, 3, 8, 9, 16, 17, 40 and 64 rows, on random weights and inputs with
  * positions up to 40,000 (large RoPE angles). Outputs are poisoned first:
  * every output of the T rows must be written and within the bound, the
@@ -140,6 +141,8 @@ static void run(const shape &s, int T) {
     float *d_xf = upload(xf), *d_nw = upload(nw), *d_bias = upload(bias), *d_if = upload(inv_freq);
     __half *d_xh = upload(xh);
     int32_t *d_pos = upload(pos);
+    float *d_ws = NULL;
+    int *d_cnt = NULL;
 
     rows_args a = {};
     a.epi = s.epi;
@@ -162,9 +165,24 @@ static void run(const shape &s, int T) {
     a.head_dim = s.head_dim;
     a.rope_dim = s.head_dim;
     a.neox = s.neox;
+    size_t ws_floats, n_cnt;
+    rows_ws_size(&a, &ws_floats, &n_cnt);
+    if (ws_floats) {   /* column slices */
+        d_ws = upload(std::vector<float>(ws_floats, NAN));
+        d_cnt = upload(std::vector<int>(n_cnt, 0));
+        a.ws = d_ws;
+        a.counters = d_cnt;
+    }
     CHECK(rows_fits(&a), "%s T %d: rows_fits refused it", s.what, T);
     CU(rows_launch(&a, 0));
     CU(cudaDeviceSynchronize());
+    if (d_cnt) {   /* the counters left 0 for the next launch */
+        std::vector<int> cnt(n_cnt);
+        CU(cudaMemcpy(cnt.data(), d_cnt, n_cnt * sizeof(int), cudaMemcpyDeviceToHost));
+        int nonzero = 0;
+        for (int v : cnt) nonzero += v != 0;
+        CHECK(nonzero == 0, "%s T %d: %d slice counters left non-zero", s.what, T, nonzero);
+    }
     std::vector<float> y(y0.size());
     std::vector<__half> yh(yh0.size());
     CU(cudaMemcpy(y.data(), d_y, y.size() * sizeof(float), cudaMemcpyDeviceToHost));
@@ -216,8 +234,9 @@ static void run(const shape &s, int T) {
             if (s.epi == ROWS_SWIGLU ? !__hisnan(yh[i]) : (s.epi == ROWS_ADD ? y[i] != y0[i] : !isnan(y[i]))) touched++;
         }
     CHECK(touched == 0, "%s T %d: %d outputs past row T written", s.what, T, touched);
-    printf("%-44s T %2d: %6d outputs, largest error %.2f of its bound\n", s.what, T, T * out_cols, worst);
-    void *bufs[] = {d_y, d_yh, d_w, d_xf, d_nw, d_bias, d_if, d_xh, d_pos};
+    printf("%-44s T %2d: %6d outputs, largest error %.2f of its bound%s\n", s.what, T, T * out_cols, worst,
+           ws_floats ? " (column slices)" : "");
+    void *bufs[] = {d_y, d_yh, d_w, d_xf, d_nw, d_bias, d_if, d_xh, d_pos, d_ws, d_cnt};
     for (void *p : bufs) cudaFree(p);
 }
 
@@ -234,6 +253,12 @@ int main(void) {
         {"down: += W x (fp16), 2048 columns, bias", ROWS_ADD, 256, 2048, false, false, true, 0, 0, 0, 0},
         {"gate/up: norm, SwiGLU", ROWS_SWIGLU, 2 * 1536, 576, true, true, false, 0, 0, 0, 0},
         {"gate/up: norm, SwiGLU, 1024 columns", ROWS_SWIGLU, 2 * 256, 1024, true, true, false, 0, 0, 0, 0},
+        /* rows longer than a block's share: column slices merged by the last block */
+        {"qkv, norm, neox RoPE, D 128, 4096 columns", ROWS_QKV, 4 * 128, 4096, true, true, true, 128, 4, 3, 1},
+        {"qkv, norm, interleaved RoPE, D 64, 2080 columns", ROWS_QKV, 4 * 64, 2080, true, true, false, 64, 4, 3, 0},
+        {"o: += W att (float), 4096 columns", ROWS_ADD, 256, 4096, true, false, true, 0, 0, 0, 0},
+        {"down: += W x (fp16), 14336 columns", ROWS_ADD, 128, 14336, false, false, false, 0, 0, 0, 0},
+        {"gate/up: norm, SwiGLU, 4096 columns", ROWS_SWIGLU, 2 * 128, 4096, true, true, false, 0, 0, 0, 0},
     };
     const int Ts[] = {1, 3, 8, 9, 16, 17, 40, 64};
     for (const shape &s : shapes)
@@ -247,7 +272,7 @@ int main(void) {
     a.x_stride = 4096;
     a.x_f32 = 1;
     a.T = 1;
-    CHECK(!rows_fits(&a), "4096 float columns admitted (more than one round trip)");
+    CHECK(!rows_fits(&a), "4096 float columns admitted without a workspace for their slices");
     a.cols = 1024;
     a.x_stride = 1024;
     a.T = 65;
