@@ -112,8 +112,8 @@ __device__ __forceinline__ void rope_cs(const rows_args &a, int p, int i, float 
 constexpr int REC = 2 * 2 * 4 * 32 + 16;   /* floats a record: NA NT 4 32 sums, 16 sums of squares */
 
 template <int NT, int NA>
-__device__ __forceinline__ bool merge_slices(const rows_args &a, float (&c)[NA][NT][4], const float *ss, int n_tok) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+__device__ __forceinline__ bool merge_slices(const rows_args &a, float (&c)[NA][NT][4], const float *ss) {
+    const int lane = threadIdx.x & 31, t = lane & 3;
     const int S = gridDim.z, unit = blockIdx.y * gridDim.x + blockIdx.x;
     float *rec = a.ws + ((size_t)unit * S + blockIdx.z) * REC;
 #pragma unroll
@@ -160,8 +160,6 @@ __device__ __forceinline__ bool merge_slices(const rows_args &a, float (&c)[NA][
             }
         }
     }
-    (void)g;
-    (void)n_tok;
     return true;
 }
 
@@ -195,7 +193,7 @@ __device__ __forceinline__ void finish(const rows_args &a, float (&c)[NA][NT][4]
 #pragma unroll
                 for (int e = 0; e < 4; e++) c[m][j][e] += red[k][m][j][e][lane];
 
-    if (gridDim.z > 1 && !merge_slices<NT, NA>(a, c, ss, n_tok)) return;
+    if (gridDim.z > 1 && !merge_slices<NT, NA>(a, c, ss)) return;
 
     /* c[m][j][e]: row (e < 2 ? r_lo : r_hi), token tb + 8j + 2t + (e & 1) */
     const bool rot = a.epi == ROWS_QKV && a.inv_freq && 16 * (int)blockIdx.x / a.head_dim < a.n_rot_heads;
