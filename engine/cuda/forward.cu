@@ -474,10 +474,16 @@ static int rows_setup(cuda_backend *cb, char *err, size_t errlen) {
     }
     if (!fits)
         cb->rows_t = 0;
-    if (cb->rows_t && ws) {
-        CU_TRY(cudaMalloc(&cb->rows_ws, ws * sizeof(float)), "the fused products' workspace");
-        CU_TRY(cudaMalloc(&cb->rows_counters, counters * sizeof(int)), "the fused products' workspace");
-        CU_TRY(cudaMemset(cb->rows_counters, 0, counters * sizeof(int)), "the fused products' workspace");
+    if (cb->rows_t && ws &&
+        (cudaMalloc(&cb->rows_ws, ws * sizeof(float)) != cudaSuccess ||
+         cudaMalloc(&cb->rows_counters, counters * sizeof(int)) != cudaSuccess ||
+         cudaMemset(cb->rows_counters, 0, counters * sizeof(int)) != cudaSuccess)) {
+        (void)cudaGetLastError();   /* no room for the slices' workspace: cuBLAS it is */
+        cudaFree(cb->rows_ws);
+        cudaFree(cb->rows_counters);
+        cb->rows_ws = NULL;
+        cb->rows_counters = NULL;
+        cb->rows_t = 0;
     }
     if (cb->rows_t) {
         const size_t n = strlen(cb->desc);
