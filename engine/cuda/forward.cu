@@ -372,11 +372,11 @@ typedef struct {
 
 /* One of rows.cu's products (y: float, or the fp16 output of SWIGLU; norm:
  * RMSNorm's weights, x then the residual stream). */
-static int rows_product(cuda_backend *cb, rows_epilogue epi, const dmat *W, const void *x, int x_stride, bool x_f32,
+static int rows_product(cuda_backend *cb, eng_rows_epilogue epi, const dmat *W, const void *x, int x_stride, bool x_f32,
                         const float *norm, int T, void *y, int y_stride, const float *bias, const int32_t *pos,
                         char *err, size_t errlen) {
     const eng_model_config *c = &cb->m->cfg;
-    rows_args r = {};
+    eng_rows_args r = {};
     r.norm = norm;
     r.eps = c->norm_eps;
     r.ws = cb->rows_ws;
@@ -389,13 +389,13 @@ static int rows_product(cuda_backend *cb, rows_epilogue epi, const dmat *W, cons
     r.x_stride = x_stride;
     r.x_f32 = x_f32;
     r.T = T;
-    if (epi == ROWS_SWIGLU)
+    if (epi == ENG_ROWS_SWIGLU)
         r.yh = (__half *)y;
     else
         r.y = (float *)y;
     r.y_stride = y_stride;
     r.bias = bias;
-    if (epi == ROWS_QKV) {
+    if (epi == ENG_ROWS_QKV) {
         r.pos = pos;
         r.inv_freq = cb->inv_freq;
         r.n_rot_heads = c->n_head + c->n_kv_head;
@@ -403,12 +403,12 @@ static int rows_product(cuda_backend *cb, rows_epilogue epi, const dmat *W, cons
         r.rope_dim = c->rope_dim;
         r.neox = c->rope_style == ENG_ROPE_NEOX;
     }
-    CU_TRY(rows_launch(&r, cb->stream), "a fused product");
+    CU_TRY(eng_rows_launch(&r, cb->stream), "a fused product");
     return 0;
 }
 
 /* The fused products' setup at creation: whether the model's products fit
- * rows.cu at every T up to ROWS_MAX_T (their shapes), the workspace for the
+ * rows.cu at every T up to ENG_ROWS_MAX_T (their shapes), the workspace for the
  * column slices of long rows (allocated here, counters zeroed), and the
  * default row limit. Measured (notes/gpu.md, session 21; the four products
  * of a layer against cuBLAS's GEMMs alone, rows_bench): SmolLM2's (7 MB a
@@ -424,50 +424,50 @@ static int rows_setup(cuda_backend *cb, char *err, size_t errlen) {
     const eng_model_config *c = &cb->m->cfg;
     const dlayer *L = &cb->layers[0];
     const struct {
-        rows_epilogue epi;
+        eng_rows_epilogue epi;
         const dmat *W;
         int x_stride, x_f32;
         const float *norm;
-    } p[] = {{ROWS_QKV, &L->wqkv, c->n_embd, 1, L->attn_norm},
-             {ROWS_ADD, &L->wo, cb->q_dim, 1, NULL},
-             {ROWS_SWIGLU, &L->w_gate_up, c->n_embd, 1, L->ffn_norm},
-             {ROWS_ADD, &L->w_down, c->n_ff, 0, NULL}};
+    } p[] = {{ENG_ROWS_QKV, &L->wqkv, c->n_embd, 1, L->attn_norm},
+             {ENG_ROWS_ADD, &L->wo, cb->q_dim, 1, NULL},
+             {ENG_ROWS_SWIGLU, &L->w_gate_up, c->n_embd, 1, L->ffn_norm},
+             {ENG_ROWS_ADD, &L->w_down, c->n_ff, 0, NULL}};
     size_t ws = 0, counters = 0, layer = 0;
     bool fits = true, sliced = false;
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) {
-        rows_args r = {};
+        eng_rows_args r = {};
         r.epi = p[i].epi;
         r.rows = p[i].W->rows;
         r.cols = p[i].W->cols;
         r.x_stride = p[i].x_stride;
         r.x_f32 = p[i].x_f32;
         r.norm = p[i].norm;
-        r.yh = (__half *)cb;   /* any non-NULL: what rows_fits asks of SWIGLU */
-        r.inv_freq = p[i].epi == ROWS_QKV ? cb->inv_freq : NULL;
+        r.yh = (__half *)cb;   /* any non-NULL: what eng_rows_fits asks of SWIGLU */
+        r.inv_freq = p[i].epi == ENG_ROWS_QKV ? cb->inv_freq : NULL;
         r.n_rot_heads = c->n_head + c->n_kv_head;
         r.head_dim = c->head_dim;
         r.rope_dim = c->rope_dim;
         layer += sizeof(__half) * (size_t)r.rows * (size_t)r.cols;
         size_t w, n;
         r.T = 16;
-        rows_ws_size(&r, &w, &n);
+        eng_rows_ws_size(&r, &w, &n);
         sliced |= w > 0;
-        r.T = ROWS_MAX_T;   /* the most workspace */
-        rows_ws_size(&r, &w, &n);
+        r.T = ENG_ROWS_MAX_T;   /* the most workspace */
+        eng_rows_ws_size(&r, &w, &n);
         ws = w > ws ? w : ws;
         counters = n > counters ? n : counters;
         r.ws = (float *)cb;   /* any non-NULL */
         r.counters = (int *)cb;
-        fits &= rows_fits(&r);
+        fits &= eng_rows_fits(&r);
     }
     cb->rows_t = layer <= ROWS_LAYER_BYTES ? (sliced ? 8 : 16) : 0;
     const char *rt = getenv("KVSERVE_CUDA_ROWS");
     if (rt && *rt) {
         char *end = NULL;
         const long v = strtol(rt, &end, 10);
-        if (*end || v < 0 || v > ROWS_MAX_T) {
+        if (*end || v < 0 || v > ENG_ROWS_MAX_T) {
             snprintf(err, errlen, "cuda backend: KVSERVE_CUDA_ROWS=%s: not a number of rows from 0 to %d", rt,
-                     ROWS_MAX_T);
+                     ENG_ROWS_MAX_T);
             return -1;
         }
         cb->rows_t = (int)v;
@@ -548,7 +548,7 @@ static int enqueue_step(cuda_backend *cb, const step_args *a, char *err, size_t 
     for (int l = 0; l < c->n_layer; l++) {
         const dlayer *L = &cb->layers[l];
         if (small) {
-            if (rows_product(cb, ROWS_QKV, &L->wqkv, cb->x, n_embd, true, L->attn_norm, T, cb->qkv, cb->qkv_dim,
+            if (rows_product(cb, ENG_ROWS_QKV, &L->wqkv, cb->x, n_embd, true, L->attn_norm, T, cb->qkv, cb->qkv_dim,
                              L->bqkv, a->pos, err, errlen))
                 return -1;
         } else {
@@ -562,8 +562,8 @@ static int enqueue_step(cuda_backend *cb, const step_args *a, char *err, size_t 
         if (attend(cb, a, l, err, errlen))
             return -1;
         if (small) {
-            if (rows_product(cb, ROWS_ADD, &L->wo, cb->att, cb->q_dim, true, NULL, T, cb->x, n_embd, L->bo, NULL, err,
-                             errlen))
+            if (rows_product(cb, ENG_ROWS_ADD, &L->wo, cb->att, cb->q_dim, true, NULL, T, cb->x, n_embd, L->bo, NULL,
+                             err, errlen))
                 return -1;
         } else {
             to_half_kernel<<<grid_for((size_t)T * cb->q_dim), 256, 0, cb->stream>>>(cb->att, cb->xh,
@@ -575,10 +575,10 @@ static int enqueue_step(cuda_backend *cb, const step_args *a, char *err, size_t 
                                                                                     (size_t)T * n_embd);
         }
         if (small) {
-            if (rows_product(cb, ROWS_SWIGLU, &L->w_gate_up, cb->x, n_embd, true, L->ffn_norm, T, ffh, c->n_ff, NULL,
-                             NULL, err, errlen) ||
-                rows_product(cb, ROWS_ADD, &L->w_down, ffh, c->n_ff, false, NULL, T, cb->x, n_embd, L->b_down, NULL,
-                             err, errlen))
+            if (rows_product(cb, ENG_ROWS_SWIGLU, &L->w_gate_up, cb->x, n_embd, true, L->ffn_norm, T, ffh, c->n_ff,
+                             NULL, NULL, err, errlen) ||
+                rows_product(cb, ENG_ROWS_ADD, &L->w_down, ffh, c->n_ff, false, NULL, T, cb->x, n_embd, L->b_down,
+                             NULL, err, errlen))
                 return -1;
         } else {
             rmsnorm_kernel<<<T, 256, 0, cb->stream>>>(cb->x, NULL, L->ffn_norm, cb->xh, n_embd, eps);

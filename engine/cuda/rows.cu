@@ -86,9 +86,9 @@ __device__ __forceinline__ float sumsq(const float4 (&x)[2]) {
 }
 
 /* Output row of this block's tile row r (0..15). */
-__device__ __forceinline__ int tile_row(const rows_args &a, int r) {
+__device__ __forceinline__ int tile_row(const eng_rows_args &a, int r) {
     const int base = 16 * blockIdx.x;
-    if (a.epi == ROWS_QKV && a.inv_freq && a.neox) {
+    if (a.epi == ENG_ROWS_QKV && a.inv_freq && a.neox) {
         const int D = a.head_dim, h = base / D, q = base % D / 16;
         if (h < a.n_rot_heads) return h * D + 8 * q + (r & 7) + (r >= 8 ? D / 2 : 0);
     }
@@ -96,7 +96,7 @@ __device__ __forceinline__ int tile_row(const rows_args &a, int r) {
 }
 
 /* The RoPE angle's cos and sin at position p, pair i (as qkv_post_kernel). */
-__device__ __forceinline__ void rope_cs(const rows_args &a, int p, int i, float &c, float &s) {
+__device__ __forceinline__ void rope_cs(const eng_rows_args &a, int p, int i, float &c, float &s) {
     double sd, cd;
     sincos((double)p * (double)a.inv_freq[i], &sd, &cd);
     c = (float)cd;
@@ -112,7 +112,7 @@ __device__ __forceinline__ void rope_cs(const rows_args &a, int p, int i, float 
 constexpr int REC = 2 * 2 * 4 * 32 + 16;   /* floats a record: NA NT 4 32 sums, 16 sums of squares */
 
 template <int NT, int NA>
-__device__ __forceinline__ bool merge_slices(const rows_args &a, float (&c)[NA][NT][4], const float *ss) {
+__device__ __forceinline__ bool merge_slices(const eng_rows_args &a, float (&c)[NA][NT][4], const float *ss) {
     const int lane = threadIdx.x & 31, t = lane & 3;
     const int S = gridDim.z, unit = blockIdx.y * gridDim.x + blockIdx.x;
     float *rec = a.ws + ((size_t)unit * S + blockIdx.z) * REC;
@@ -151,7 +151,8 @@ __device__ __forceinline__ bool merge_slices(const rows_args &a, float (&c)[NA][
 #pragma unroll
         for (int j = 0; j < NT; j++) {
             float sq1 = 0.0f;
-            for (int z = 0; z < S; z++) sq1 += __ldcg(a.ws + ((size_t)unit * S + z) * REC + 4 * NA * NT * 32 + 8 * j + 2 * t + 1);
+            for (int z = 0; z < S; z++)
+                sq1 += __ldcg(a.ws + ((size_t)unit * S + z) * REC + 4 * NA * NT * 32 + 8 * j + 2 * t + 1);
             const float i0 = 1.0f / sqrtf(sq[j] / a.cols + a.eps), i1 = 1.0f / sqrtf(sq1 / a.cols + a.eps);
 #pragma unroll
             for (int m = 0; m < NA; m++) {
@@ -167,7 +168,7 @@ __device__ __forceinline__ bool merge_slices(const rows_args &a, float (&c)[NA][
  * rows, tokens tb .. tb + n_tok - 1) meet in red ((KW - 1) NA NT 4 32
  * floats of shared memory) and warp 0 applies the epilogue and stores. */
 template <int KW, int NT, int NA>
-__device__ __forceinline__ void finish(const rows_args &a, float (&c)[NA][NT][4], float *red_, const float *ss,
+__device__ __forceinline__ void finish(const eng_rows_args &a, float (&c)[NA][NT][4], float *red_, const float *ss,
                                        int tb, int n_tok) {
     typedef float red_t[NA][NT][4][32];
     red_t *red = reinterpret_cast<red_t *>(red_);
@@ -196,7 +197,7 @@ __device__ __forceinline__ void finish(const rows_args &a, float (&c)[NA][NT][4]
     if (gridDim.z > 1 && !merge_slices<NT, NA>(a, c, ss)) return;
 
     /* c[m][j][e]: row (e < 2 ? r_lo : r_hi), token tb + 8j + 2t + (e & 1) */
-    const bool rot = a.epi == ROWS_QKV && a.inv_freq && 16 * (int)blockIdx.x / a.head_dim < a.n_rot_heads;
+    const bool rot = a.epi == ENG_ROWS_QKV && a.inv_freq && 16 * (int)blockIdx.x / a.head_dim < a.n_rot_heads;
 #pragma unroll
     for (int j = 0; j < NT; j++) {
         float v[4];
@@ -233,7 +234,7 @@ __device__ __forceinline__ void finish(const rows_args &a, float (&c)[NA][NT][4]
             if constexpr (NA == 2) {
                 const float gt = c[0][j][e], up = c[1][j][e];
                 a.yh[o] = __float2half_rn(gt / (1.0f + expf(-gt)) * up);
-            } else if (a.epi == ROWS_ADD) {
+            } else if (a.epi == ENG_ROWS_ADD) {
                 a.y[o] += v[e];
             } else {
                 a.y[o] = v[e];
@@ -247,7 +248,8 @@ __device__ __forceinline__ void finish(const rows_args &a, float (&c)[NA][NT][4]
  * of the activations, so the product is one round trip; with a norm the
  * block's warps hold every column, so its sums of squares come in the same
  * pass. */
-template <int NT, int NA, bool F32, int KW> __global__ void __launch_bounds__(32 * KW, 16 / KW) rows_kernel(const rows_args a) {
+template <int NT, int NA, bool F32, int KW>
+__global__ void __launch_bounds__(32 * KW, 16 / KW) rows_kernel(const eng_rows_args a) {
     constexpr int U = chunks_in_flight<NT, NA, F32>();
     __shared__ float red[KW - 1][NA][NT][4][32];
     __shared__ float s_ss[KW][8 * NT], s_blk[8 * NT];   /* sums of squares: a warp's, the block's */
@@ -347,16 +349,16 @@ template <int NT, int NA, bool F32, int KW> __global__ void __launch_bounds__(32
 }
 
 /* Column slices of a product (launch_one's grid z). */
-int slices_for(const rows_args *a) {
+int slices_for(const eng_rows_args *a) {
     const bool nt1 = a->T <= 8;   /* the kernel's NT: 1, else 2 */
-    const int U = a->epi == ROWS_SWIGLU ? (nt1 ? chunks_in_flight<1, 2, true>() : chunks_in_flight<2, 2, true>())
+    const int U = a->epi == ENG_ROWS_SWIGLU ? (nt1 ? chunks_in_flight<1, 2, true>() : chunks_in_flight<2, 2, true>())
                   : a->x_f32 ? (nt1 ? chunks_in_flight<1, 1, true>() : chunks_in_flight<2, 1, true>())
                              : (nt1 ? chunks_in_flight<1, 1, false>() : chunks_in_flight<2, 1, false>());
     if (a->cols / 32 <= ONE_KW * U) return 1;
     return (a->cols / 32 + SLICE_KW * U - 1) / (SLICE_KW * U);
 }
 
-template <int NT, int NA, bool F32> cudaError_t launch_one(const rows_args *a, int tiles, cudaStream_t stream) {
+template <int NT, int NA, bool F32> cudaError_t launch_one(const eng_rows_args *a, int tiles, cudaStream_t stream) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3((unsigned)tiles, (unsigned)((a->T + 8 * NT - 1) / (8 * NT)), (unsigned)slices_for(a));
     const bool sliced = slices_for(a) > 1;
@@ -371,8 +373,8 @@ template <int NT, int NA, bool F32> cudaError_t launch_one(const rows_args *a, i
                   : cudaLaunchKernelEx(&cfg, rows_kernel<NT, NA, F32, ONE_KW>, *a);
 }
 
-template <int NT> cudaError_t launch_nt(const rows_args *a, cudaStream_t stream) {
-    if (a->epi == ROWS_SWIGLU)
+template <int NT> cudaError_t launch_nt(const eng_rows_args *a, cudaStream_t stream) {
+    if (a->epi == ENG_ROWS_SWIGLU)
         return launch_one<NT, 2, true>(a, a->rows / 32, stream);
     if (a->x_f32)
         return launch_one<NT, 1, true>(a, a->rows / 16, stream);
@@ -381,29 +383,31 @@ template <int NT> cudaError_t launch_nt(const rows_args *a, cudaStream_t stream)
 
 } // namespace
 
-bool rows_fits(const rows_args *a) {
+bool eng_rows_fits(const eng_rows_args *a) {
     if (slices_for(a) > 1 && (!a->ws || !a->counters))   /* one block's columns, else slices */
         return false;
-    if (a->T < 1 || a->T > ROWS_MAX_T || a->cols % 32 || a->x_stride % 8 || a->rows % (a->epi == ROWS_SWIGLU ? 32 : 16))
+    if (a->T < 1 || a->T > ENG_ROWS_MAX_T || a->cols % 32 || a->x_stride % 8 ||
+        a->rows % (a->epi == ENG_ROWS_SWIGLU ? 32 : 16))
         return false;
-    if ((a->epi == ROWS_SWIGLU && (a->bias || !a->yh || !a->x_f32)) || (a->norm && !a->x_f32))
+    if ((a->epi == ENG_ROWS_SWIGLU && (a->bias || !a->yh || !a->x_f32)) || (a->norm && !a->x_f32))
         return false;
-    if (a->epi == ROWS_QKV && a->inv_freq &&
-        (a->head_dim % 16 || a->rows % a->head_dim || a->rope_dim != a->head_dim || a->n_rot_heads * a->head_dim > a->rows))
+    if (a->epi == ENG_ROWS_QKV && a->inv_freq &&
+        (a->head_dim % 16 || a->rows % a->head_dim || a->rope_dim != a->head_dim ||
+         a->n_rot_heads * a->head_dim > a->rows))
         return false;
     return true;
 }
 
-void rows_ws_size(const rows_args *a, size_t *ws_floats, size_t *counters) {
-    const int NT = a->T <= 8 ? 1 : 2, NA = a->epi == ROWS_SWIGLU ? 2 : 1;
+void eng_rows_ws_size(const eng_rows_args *a, size_t *ws_floats, size_t *counters) {
+    const int NT = a->T <= 8 ? 1 : 2, NA = a->epi == ENG_ROWS_SWIGLU ? 2 : 1;
     const size_t slices = (size_t)slices_for(a);
     const size_t units = (size_t)(a->rows / (16 * NA)) * (size_t)((a->T + 8 * NT - 1) / (8 * NT));
     *ws_floats = slices > 1 ? units * slices * REC : 0;
     *counters = slices > 1 ? units : 0;
 }
 
-cudaError_t rows_launch(const rows_args *a, cudaStream_t stream) {
-    if (!rows_fits(a))
+cudaError_t eng_rows_launch(const eng_rows_args *a, cudaStream_t stream) {
+    if (!eng_rows_fits(a))
         return cudaErrorInvalidValue;
     return a->T <= 8 ? launch_nt<1>(a, stream) : launch_nt<2>(a, stream);
 }

@@ -57,20 +57,23 @@ static void bench(const model &m, int T, cublasHandle_t blas) {
     for (int c = 0; c < copies; c++)
         for (int i = 0; i < 4; i++) {
             std::vector<__half> h((size_t)rows[i] * cols[i]);
-            for (size_t k = 0; k < h.size(); k++) h[k] = __float2half_rn((float)((k * 2654435761u) % 1000) * 1e-5f - 5e-3f);
+            for (size_t k = 0; k < h.size(); k++)
+                h[k] = __float2half_rn((float)((k * 2654435761u) % 1000) * 1e-5f - 5e-3f);
             w[4 * c + i] = (__half *)dalloc(h.size() * sizeof(__half));
             CU(cudaMemcpy(w[4 * c + i], h.data(), h.size() * sizeof(__half), cudaMemcpyHostToDevice));
         }
     const size_t wide = (size_t)std::max(std::max(m.hidden, q_dim), 2 * m.ffn);
-    float *xf = (float *)dalloc((size_t)T * wide * sizeof(float)), *y = (float *)dalloc((size_t)T * wide * sizeof(float));
-    __half *xh = (__half *)dalloc((size_t)T * wide * sizeof(__half)), *yh = (__half *)dalloc((size_t)T * wide * sizeof(__half));
+    float *xf = (float *)dalloc((size_t)T * wide * sizeof(float));
+    float *y = (float *)dalloc((size_t)T * wide * sizeof(float));
+    __half *xh = (__half *)dalloc((size_t)T * wide * sizeof(__half));
+    __half *yh = (__half *)dalloc((size_t)T * wide * sizeof(__half));
     float *nw = (float *)dalloc(wide * sizeof(float)), *inv = (float *)dalloc(m.head_dim * sizeof(float));
     int32_t *pos = (int32_t *)dalloc(T * sizeof(int32_t));
-    rows_args a[4];
+    eng_rows_args a[4];
     size_t ws_max = 0, cnt_max = 0;
     for (int i = 0; i < 4; i++) {
-        rows_args r = {};
-        r.epi = i == 0 ? ROWS_QKV : i == 2 ? ROWS_SWIGLU : ROWS_ADD;
+        eng_rows_args r = {};
+        r.epi = i == 0 ? ENG_ROWS_QKV : i == 2 ? ENG_ROWS_SWIGLU : ENG_ROWS_ADD;
         r.rows = rows[i];
         r.cols = cols[i];
         r.x = i == 3 ? (const void *)xh : (const void *)xf;
@@ -88,7 +91,7 @@ static void bench(const model &m, int T, cublasHandle_t blas) {
         r.head_dim = m.head_dim;
         r.rope_dim = m.head_dim;
         size_t wf, nc;
-        rows_ws_size(&r, &wf, &nc);
+        eng_rows_ws_size(&r, &wf, &nc);
         ws_max = std::max(ws_max, wf);
         cnt_max = std::max(cnt_max, nc);
         a[i] = r;
@@ -109,14 +112,16 @@ static void bench(const model &m, int T, cublasHandle_t blas) {
         for (int c = 0; c < copies; c++)
             for (int i = 0; i < 4; i++) {
                 if (fused) {
-                    rows_args r = a[i];
+                    eng_rows_args r = a[i];
                     r.w = w[4 * c + i];
-                    CU(rows_launch(&r, st));
+                    CU(eng_rows_launch(&r, st));
                 } else {
                     const float one = 1.0f, zero = 0.0f;
-                    if (cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, rows[i], T, cols[i], &one, w[4 * c + i], CUDA_R_16F,
-                                     cols[i], xh, CUDA_R_16F, cols[i], i == 1 || i == 3 ? &one : &zero, y, CUDA_R_32F,
-                                     rows[i], CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS) {
+                    const cublasStatus_t bs =
+                        cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, rows[i], T, cols[i], &one, w[4 * c + i],
+                                     CUDA_R_16F, cols[i], xh, CUDA_R_16F, cols[i], i == 1 || i == 3 ? &one : &zero, y,
+                                     CUDA_R_32F, rows[i], CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+                    if (bs != CUBLAS_STATUS_SUCCESS) {
                         fprintf(stderr, "rows_bench: cuBLAS failed\n");
                         exit(1);
                     }
@@ -143,7 +148,7 @@ static void bench(const model &m, int T, cublasHandle_t blas) {
     int sl[4];
     for (int i = 0; i < 4; i++) {
         size_t wf, nc;
-        rows_ws_size(&a[i], &wf, &nc);
+        eng_rows_ws_size(&a[i], &wf, &nc);
         sl[i] = wf ? (int)(wf / nc) : 0;
     }
     printf("%-8s T %2d: layer %7.1f MB, cuBLAS GEMMs %8.2f us (%5.0f GB/s), fused %8.2f us (%5.0f GB/s), x %.2f%s\n",

@@ -72,7 +72,7 @@ template <typename T> static T *upload(const std::vector<T> &v) {
 
 struct shape {
     const char *what;
-    rows_epilogue epi;
+    eng_rows_epilogue epi;
     int rows, cols;
     bool x_f32, norm, bias;
     int head_dim, n_heads, n_rot, neox;   /* QKV */
@@ -80,7 +80,7 @@ struct shape {
 
 static void run(const shape &s, int T) {
     const int TA = T + 2;                 /* rows past T must stay as they were */
-    const int out_cols = s.epi == ROWS_SWIGLU ? s.rows / 2 : s.rows;
+    const int out_cols = s.epi == ENG_ROWS_SWIGLU ? s.rows / 2 : s.rows;
     std::vector<__half> w((size_t)s.rows * s.cols);
     std::vector<float> wf(w.size());
     for (size_t i = 0; i < w.size(); i++) {
@@ -132,7 +132,7 @@ static void run(const shape &s, int T) {
     /* device buffers, outputs poisoned (y0: the residual to add to) */
     std::vector<float> y0((size_t)TA * out_cols);
     for (auto &v : y0) v = (float)uniform();
-    if (s.epi != ROWS_ADD)
+    if (s.epi != ENG_ROWS_ADD)
         for (auto &v : y0) v = NAN;
     float *d_y = upload(y0);
     std::vector<__half> yh0((size_t)TA * out_cols, __float2half_rn(NAN));
@@ -144,7 +144,7 @@ static void run(const shape &s, int T) {
     float *d_ws = NULL;
     int *d_cnt = NULL;
 
-    rows_args a = {};
+    eng_rows_args a = {};
     a.epi = s.epi;
     a.w = d_w;
     a.rows = s.rows;
@@ -160,21 +160,21 @@ static void run(const shape &s, int T) {
     a.y_stride = out_cols;
     a.bias = s.bias ? d_bias : NULL;
     a.pos = d_pos;
-    a.inv_freq = s.epi == ROWS_QKV && s.n_rot ? d_if : NULL;
+    a.inv_freq = s.epi == ENG_ROWS_QKV && s.n_rot ? d_if : NULL;
     a.n_rot_heads = s.n_rot;
     a.head_dim = s.head_dim;
     a.rope_dim = s.head_dim;
     a.neox = s.neox;
     size_t ws_floats, n_cnt;
-    rows_ws_size(&a, &ws_floats, &n_cnt);
+    eng_rows_ws_size(&a, &ws_floats, &n_cnt);
     if (ws_floats) {   /* column slices */
         d_ws = upload(std::vector<float>(ws_floats, NAN));
         d_cnt = upload(std::vector<int>(n_cnt, 0));
         a.ws = d_ws;
         a.counters = d_cnt;
     }
-    CHECK(rows_fits(&a), "%s T %d: rows_fits refused it", s.what, T);
-    CU(rows_launch(&a, 0));
+    CHECK(eng_rows_fits(&a), "%s T %d: eng_rows_fits refused it", s.what, T);
+    CU(eng_rows_launch(&a, 0));
     CU(cudaDeviceSynchronize());
     if (d_cnt) {   /* the counters left 0 for the next launch */
         std::vector<int> cnt(n_cnt);
@@ -194,18 +194,18 @@ static void run(const shape &s, int T) {
         for (int o = 0; o < out_cols; o++) {
             const size_t i = (size_t)t * out_cols + o;
             double ref, bound, got;
-            if (s.epi == ROWS_SWIGLU) {
+            if (s.epi == ENG_ROWS_SWIGLU) {
                 const double g = sum[(size_t)t * s.rows + o], u = sum[(size_t)t * s.rows + out_cols + o];
                 const double sg = 1.0 / (1.0 + exp(-g)), silu = g * sg, dsilu = sg * (1.0 + g * (1.0 - sg));
                 ref = silu * u;
-                bound = fabs(dsilu * u) * tol[(size_t)t * s.rows + o] + fabs(silu) * tol[(size_t)t * s.rows + out_cols + o] +
-                        fabs(ref) / 1024.0 + 1e-6;
+                bound = fabs(dsilu * u) * tol[(size_t)t * s.rows + o] +
+                        fabs(silu) * tol[(size_t)t * s.rows + out_cols + o] + fabs(ref) / 1024.0 + 1e-6;
                 got = __half2float(yh[i]);
             } else {
                 ref = sum[(size_t)t * s.rows + o];
                 bound = tol[(size_t)t * s.rows + o];
                 const int head = o / (s.head_dim ? s.head_dim : 1), d = s.head_dim ? o % s.head_dim : 0;
-                if (s.epi == ROWS_QKV && s.n_rot && head < s.n_rot) {   /* the pair's rotation */
+                if (s.epi == ENG_ROWS_QKV && s.n_rot && head < s.n_rot) {   /* the pair's rotation */
                     const int i_pair = s.neox ? d % half_d : d / 2;
                     const int da = s.neox ? i_pair : 2 * i_pair, db = s.neox ? i_pair + half_d : 2 * i_pair + 1;
                     const size_t ra = (size_t)t * s.rows + head * s.head_dim + da, rb = ra - da + db;
@@ -214,7 +214,7 @@ static void run(const shape &s, int T) {
                     ref = d == da ? sum[ra] * c - sum[rb] * sn : sum[ra] * sn + sum[rb] * c;
                     bound = tol[ra] + tol[rb];
                 }
-                if (s.epi == ROWS_ADD) ref += y0[i];
+                if (s.epi == ENG_ROWS_ADD) ref += y0[i];
                 got = y[i];
             }
             const double e = fabs(got - ref);
@@ -231,7 +231,10 @@ static void run(const shape &s, int T) {
     for (int t = T; t < TA; t++)
         for (int o = 0; o < out_cols; o++) {
             const size_t i = (size_t)t * out_cols + o;
-            if (s.epi == ROWS_SWIGLU ? !__hisnan(yh[i]) : (s.epi == ROWS_ADD ? y[i] != y0[i] : !isnan(y[i]))) touched++;
+            const bool written = s.epi == ENG_ROWS_SWIGLU ? !__hisnan(yh[i])
+                                 : s.epi == ENG_ROWS_ADD  ? y[i] != y0[i]
+                                                          : !isnan(y[i]);
+            touched += written;
         }
     CHECK(touched == 0, "%s T %d: %d outputs past row T written", s.what, T, touched);
     printf("%-44s T %2d: %6d outputs, largest error %.2f of its bound%s\n", s.what, T, T * out_cols, worst,
@@ -243,51 +246,51 @@ static void run(const shape &s, int T) {
 int main(void) {
     const shape shapes[] = {
         /* SmolLM2's products: QKV (9 + 2 x 3 heads of 64), interleaved RoPE (GGUF) */
-        {"qkv, norm, interleaved RoPE, D 64", ROWS_QKV, 15 * 64, 576, true, true, false, 64, 15, 12, 0},
-        {"qkv, norm, neox RoPE, bias, D 64", ROWS_QKV, 15 * 64, 576, true, true, true, 64, 15, 12, 1},
-        {"qkv, norm, neox RoPE, D 128", ROWS_QKV, 6 * 128, 1024, true, true, false, 128, 6, 5, 1},
-        {"qkv, norm, interleaved RoPE, bias, D 128", ROWS_QKV, 6 * 128, 512, true, true, true, 128, 6, 5, 0},
-        {"qkv, no RoPE, bias", ROWS_QKV, 320, 256, true, true, true, 0, 0, 0, 0},
-        {"o: += W att (float), bias", ROWS_ADD, 576, 576, true, false, true, 0, 0, 0, 0},
-        {"down: += W x (fp16)", ROWS_ADD, 576, 1536, false, false, false, 0, 0, 0, 0},
-        {"down: += W x (fp16), 2048 columns, bias", ROWS_ADD, 256, 2048, false, false, true, 0, 0, 0, 0},
-        {"gate/up: norm, SwiGLU", ROWS_SWIGLU, 2 * 1536, 576, true, true, false, 0, 0, 0, 0},
-        {"gate/up: norm, SwiGLU, 1024 columns", ROWS_SWIGLU, 2 * 256, 1024, true, true, false, 0, 0, 0, 0},
+        {"qkv, norm, interleaved RoPE, D 64", ENG_ROWS_QKV, 15 * 64, 576, true, true, false, 64, 15, 12, 0},
+        {"qkv, norm, neox RoPE, bias, D 64", ENG_ROWS_QKV, 15 * 64, 576, true, true, true, 64, 15, 12, 1},
+        {"qkv, norm, neox RoPE, D 128", ENG_ROWS_QKV, 6 * 128, 1024, true, true, false, 128, 6, 5, 1},
+        {"qkv, norm, interleaved RoPE, bias, D 128", ENG_ROWS_QKV, 6 * 128, 512, true, true, true, 128, 6, 5, 0},
+        {"qkv, no RoPE, bias", ENG_ROWS_QKV, 320, 256, true, true, true, 0, 0, 0, 0},
+        {"o: += W att (float), bias", ENG_ROWS_ADD, 576, 576, true, false, true, 0, 0, 0, 0},
+        {"down: += W x (fp16)", ENG_ROWS_ADD, 576, 1536, false, false, false, 0, 0, 0, 0},
+        {"down: += W x (fp16), 2048 columns, bias", ENG_ROWS_ADD, 256, 2048, false, false, true, 0, 0, 0, 0},
+        {"gate/up: norm, SwiGLU", ENG_ROWS_SWIGLU, 2 * 1536, 576, true, true, false, 0, 0, 0, 0},
+        {"gate/up: norm, SwiGLU, 1024 columns", ENG_ROWS_SWIGLU, 2 * 256, 1024, true, true, false, 0, 0, 0, 0},
         /* rows longer than a block's share: column slices merged by the last block */
-        {"qkv, norm, neox RoPE, D 128, 4096 columns", ROWS_QKV, 4 * 128, 4096, true, true, true, 128, 4, 3, 1},
-        {"qkv, norm, interleaved RoPE, D 64, 2080 columns", ROWS_QKV, 4 * 64, 2080, true, true, false, 64, 4, 3, 0},
-        {"o: += W att (float), 4096 columns", ROWS_ADD, 256, 4096, true, false, true, 0, 0, 0, 0},
-        {"down: += W x (fp16), 14336 columns", ROWS_ADD, 128, 14336, false, false, false, 0, 0, 0, 0},
-        {"gate/up: norm, SwiGLU, 4096 columns", ROWS_SWIGLU, 2 * 128, 4096, true, true, false, 0, 0, 0, 0},
+        {"qkv, norm, neox RoPE, D 128, 4096 columns", ENG_ROWS_QKV, 4 * 128, 4096, true, true, true, 128, 4, 3, 1},
+        {"qkv, norm, interleaved RoPE, D 64, 2080 columns", ENG_ROWS_QKV, 4 * 64, 2080, true, true, false, 64, 4, 3, 0},
+        {"o: += W att (float), 4096 columns", ENG_ROWS_ADD, 256, 4096, true, false, true, 0, 0, 0, 0},
+        {"down: += W x (fp16), 14336 columns", ENG_ROWS_ADD, 128, 14336, false, false, false, 0, 0, 0, 0},
+        {"gate/up: norm, SwiGLU, 4096 columns", ENG_ROWS_SWIGLU, 2 * 128, 4096, true, true, false, 0, 0, 0, 0},
     };
     const int Ts[] = {1, 3, 8, 9, 16, 17, 40, 64};
     for (const shape &s : shapes)
         for (int T : Ts) run(s, T);
 
-    /* what rows_fits must refuse */
-    rows_args a = {};
-    a.epi = ROWS_ADD;
+    /* what eng_rows_fits must refuse */
+    eng_rows_args a = {};
+    a.epi = ENG_ROWS_ADD;
     a.rows = 64;
     a.cols = 4096;
     a.x_stride = 4096;
     a.x_f32 = 1;
     a.T = 1;
-    CHECK(!rows_fits(&a), "4096 float columns admitted without a workspace for their slices");
+    CHECK(!eng_rows_fits(&a), "4096 float columns admitted without a workspace for their slices");
     a.cols = 1024;
     a.x_stride = 1024;
     a.T = 65;
-    CHECK(!rows_fits(&a), "T 65 admitted");
+    CHECK(!eng_rows_fits(&a), "T 65 admitted");
     a.T = 16;
     a.cols = 1000;
-    CHECK(!rows_fits(&a), "1000 columns (not a multiple of 32) admitted");
+    CHECK(!eng_rows_fits(&a), "1000 columns (not a multiple of 32) admitted");
     a.cols = 1024;
-    a.epi = ROWS_SWIGLU;
+    a.epi = ENG_ROWS_SWIGLU;
     a.rows = 48;
-    CHECK(!rows_fits(&a), "SwiGLU over 48 rows (24 + 24) admitted");
+    CHECK(!eng_rows_fits(&a), "SwiGLU over 48 rows (24 + 24) admitted");
     a.rows = 64;
     a.bias = (const float *)&a;
-    CHECK(!rows_fits(&a), "SwiGLU with a bias admitted");
-    CHECK(rows_launch(&a, 0) == cudaErrorInvalidValue, "rows_launch ran a product rows_fits refuses");
+    CHECK(!eng_rows_fits(&a), "SwiGLU with a bias admitted");
+    CHECK(eng_rows_launch(&a, 0) == cudaErrorInvalidValue, "eng_rows_launch ran a product eng_rows_fits refuses");
 
     printf("rows_test: %d checks, %d failed\n", checks, failures);
     return failures ? 1 : 0;
