@@ -9,6 +9,8 @@
 #      reference (where the build has it);
 #   3. san:  gpu_test --quick under compute-sanitizer memcheck and racecheck;
 #   4. bench: gpu_bench (decode, prefill, write against the memory floor);
+#      rows_bench (a layer's fused products against cuBLAS, where the build
+#      has it);
 #   5. sdpa: PyTorch scaled_dot_product_attention on a contiguous f16 cache of
 #      the same shapes (the comparison the issue asks for);
 #   6. prof (only when named in STEPS): ncu on the decode configurations in
@@ -104,6 +106,10 @@ if has bench; then
     timeout "${T_BENCH:-400}" "$bin/gpu_bench" --csv "$OUT/bench.csv" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1; rc=$?
     echo "gpu_bench exit $rc" >>"$OUT/bench.log"
     [ $rc = 0 ] || { tail -5 "$OUT/bench.log"; status=1; }
+    if [ -x "$bin/rows_bench" ]; then
+        echo "== rows_bench"
+        timeout 200 "$bin/rows_bench" >"$OUT/rows_bench.log" 2>&1 || { tail -5 "$OUT/rows_bench.log"; status=1; }
+    fi
 fi
 
 if has prof; then
@@ -271,6 +277,7 @@ for tool in memcheck racecheck; do
     [ -f "$OUT/san_$tool.log" ] && grep -E "ERROR SUMMARY|RACECHECK SUMMARY|gpu_test:|exit" "$OUT/san_$tool.log" | tail -3
 done
 [ -f "$OUT/bench.log" ] && grep -E "^copy|^BEST|^prefill|^write" "$OUT/bench.log"
+[ -f "$OUT/rows_bench.log" ] && cat "$OUT/rows_bench.log"
 [ -f "$OUT/sdpa.log" ] && grep -E "^SDPA|Error|error" "$OUT/sdpa.log"
 [ -f "$OUT/timeline.log" ] && cat "$OUT/timeline.log"
 [ -f "$OUT/ab.txt" ] && cat "$OUT/ab.txt"

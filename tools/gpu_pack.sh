@@ -3,7 +3,8 @@
 # only 64 MiB travel per call with the tree (two uncompressed programs are
 # ~60 MB, xz takes each to ~24 MB):
 #   tools/gpu_pack.sh NAME [BUILD]
-# writes build-pack/NAME/gpu_test.xz, gpu_bench.xz and rows_test.xz from BUILD/gpu/
+# writes build-pack/NAME/gpu_test.xz, gpu_bench.xz, rows_test.xz and rows_bench.xz
+# from BUILD/gpu/
 # (default build-gpu; build it first with `make BUILD=build-gpu gpu-bins`);
 # PROGS="kvserve gpu_engine" packs those instead (from BUILD/gpu/ or BUILD/:
 # a CUDA=1 build's engine programs, for gpu_bench.sh's engine step).
@@ -18,7 +19,7 @@ build=${2:-build-gpu}
 case $name in */* | .* | "") echo "gpu_pack: NAME must be a plain folder name, not '$name'" >&2; exit 2 ;; esac
 dst=build-pack/$name
 mkdir -p "$dst"
-for p in ${PROGS:-gpu_test gpu_bench rows_test}; do
+for p in ${PROGS:-gpu_test gpu_bench rows_test rows_bench}; do
     src=$build/gpu/$p
     [ -x "$src" ] || src=$build/$p
     [ -x "$src" ] || { echo "gpu_pack: $build/gpu/$p missing: make BUILD=$build gpu-bins (CUDA=1 for the engine's)" >&2; exit 1; }
