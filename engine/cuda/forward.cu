@@ -370,24 +370,40 @@ typedef struct {
     const int *seg_row, *pre_bt_off;
 } step_args;
 
-/* One of rows.cu's products (y: float, or the fp16 output of SWIGLU; norm:
- * RMSNorm's weights, x then the residual stream). */
-static int rows_product(cuda_backend *cb, eng_rows_epilogue epi, const dmat *W, const void *x, int x_stride, bool x_f32,
-                        const float *norm, int T, void *y, int y_stride, const float *bias, const int32_t *pos,
-                        char *err, size_t errlen) {
+/* A product's shape for rows.cu: W, its input rows' stride and type, the
+ * norm before it (NULL: none; x then the residual stream), and for QKV the
+ * model's RoPE; the column slices' workspace. */
+static eng_rows_args rows_shape(const cuda_backend *cb, eng_rows_epilogue epi, const dmat *W, int x_stride, bool x_f32,
+                                const float *norm) {
     const eng_model_config *c = &cb->m->cfg;
     eng_rows_args r = {};
-    r.norm = norm;
-    r.eps = c->norm_eps;
-    r.ws = cb->rows_ws;
-    r.counters = cb->rows_counters;
     r.epi = epi;
     r.w = W->w;
     r.rows = W->rows;
     r.cols = W->cols;
-    r.x = x;
     r.x_stride = x_stride;
     r.x_f32 = x_f32;
+    r.norm = norm;
+    r.eps = c->norm_eps;
+    r.ws = cb->rows_ws;
+    r.counters = cb->rows_counters;
+    if (epi == ENG_ROWS_QKV) {
+        r.inv_freq = cb->inv_freq;
+        r.n_rot_heads = c->n_head + c->n_kv_head;
+        r.head_dim = c->head_dim;
+        r.rope_dim = c->rope_dim;
+        r.neox = c->rope_style == ENG_ROPE_NEOX;
+    }
+    return r;
+}
+
+/* One of rows.cu's products over T rows of x (y: float, or the fp16 output
+ * of SWIGLU). */
+static int rows_product(cuda_backend *cb, eng_rows_epilogue epi, const dmat *W, const void *x, int x_stride, bool x_f32,
+                        const float *norm, int T, void *y, int y_stride, const float *bias, const int32_t *pos,
+                        char *err, size_t errlen) {
+    eng_rows_args r = rows_shape(cb, epi, W, x_stride, x_f32, norm);
+    r.x = x;
     r.T = T;
     if (epi == ENG_ROWS_SWIGLU)
         r.yh = (__half *)y;
@@ -395,14 +411,7 @@ static int rows_product(cuda_backend *cb, eng_rows_epilogue epi, const dmat *W, 
         r.y = (float *)y;
     r.y_stride = y_stride;
     r.bias = bias;
-    if (epi == ENG_ROWS_QKV) {
-        r.pos = pos;
-        r.inv_freq = cb->inv_freq;
-        r.n_rot_heads = c->n_head + c->n_kv_head;
-        r.head_dim = c->head_dim;
-        r.rope_dim = c->rope_dim;
-        r.neox = c->rope_style == ENG_ROPE_NEOX;
-    }
+    r.pos = pos;
     CU_TRY(eng_rows_launch(&r, cb->stream), "a fused product");
     return 0;
 }
@@ -435,18 +444,8 @@ static int rows_setup(cuda_backend *cb, char *err, size_t errlen) {
     size_t ws = 0, counters = 0, layer = 0;
     bool fits = true, sliced = false;
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) {
-        eng_rows_args r = {};
-        r.epi = p[i].epi;
-        r.rows = p[i].W->rows;
-        r.cols = p[i].W->cols;
-        r.x_stride = p[i].x_stride;
-        r.x_f32 = p[i].x_f32;
-        r.norm = p[i].norm;
+        eng_rows_args r = rows_shape(cb, p[i].epi, p[i].W, p[i].x_stride, p[i].x_f32, p[i].norm);
         r.yh = (__half *)cb;   /* any non-NULL: what eng_rows_fits asks of SWIGLU */
-        r.inv_freq = p[i].epi == ENG_ROWS_QKV ? cb->inv_freq : NULL;
-        r.n_rot_heads = c->n_head + c->n_kv_head;
-        r.head_dim = c->head_dim;
-        r.rope_dim = c->rope_dim;
         layer += sizeof(__half) * (size_t)r.rows * (size_t)r.cols;
         size_t w, n;
         r.T = 16;
