@@ -348,9 +348,13 @@ __global__ void __launch_bounds__(32 * KW, 16 / KW) rows_kernel(const eng_rows_a
     finish<KW, NT, NA>(a, c, &red[0][0][0][0][0], F32 && a.norm ? s_blk : nullptr, tb, n_tok);
 }
 
+/* The kernel's NT for T rows: one n-tile up to 8, else two (groups of 16
+ * in grid y). */
+int nt_for(int T) { return T <= 8 ? 1 : 2; }
+
 /* Column slices of a product (launch_one's grid z). */
 int slices_for(const eng_rows_args *a) {
-    const bool nt1 = a->T <= 8;   /* the kernel's NT: 1, else 2 */
+    const bool nt1 = nt_for(a->T) == 1;
     const int U = a->epi == ENG_ROWS_SWIGLU ? (nt1 ? chunks_in_flight<1, 2, true>() : chunks_in_flight<2, 2, true>())
                   : a->x_f32 ? (nt1 ? chunks_in_flight<1, 1, true>() : chunks_in_flight<2, 1, true>())
                              : (nt1 ? chunks_in_flight<1, 1, false>() : chunks_in_flight<2, 1, false>());
@@ -360,8 +364,9 @@ int slices_for(const eng_rows_args *a) {
 
 template <int NT, int NA, bool F32> cudaError_t launch_one(const eng_rows_args *a, int tiles, cudaStream_t stream) {
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)tiles, (unsigned)((a->T + 8 * NT - 1) / (8 * NT)), (unsigned)slices_for(a));
-    const bool sliced = slices_for(a) > 1;
+    const int slices = slices_for(a);
+    const bool sliced = slices > 1;
+    cfg.gridDim = dim3((unsigned)tiles, (unsigned)((a->T + 8 * NT - 1) / (8 * NT)), (unsigned)slices);
     cfg.blockDim = dim3(32 * (sliced ? SLICE_KW : ONE_KW));
     cfg.stream = stream;
     cudaLaunchAttribute attr;
@@ -399,7 +404,7 @@ bool eng_rows_fits(const eng_rows_args *a) {
 }
 
 void eng_rows_ws_size(const eng_rows_args *a, size_t *ws_floats, size_t *counters) {
-    const int NT = a->T <= 8 ? 1 : 2, NA = a->epi == ENG_ROWS_SWIGLU ? 2 : 1;
+    const int NT = nt_for(a->T), NA = a->epi == ENG_ROWS_SWIGLU ? 2 : 1;
     const size_t slices = (size_t)slices_for(a);
     const size_t units = (size_t)(a->rows / (16 * NA)) * (size_t)((a->T + 8 * NT - 1) / (8 * NT));
     *ws_floats = slices > 1 ? units * slices * REC : 0;
@@ -409,5 +414,5 @@ void eng_rows_ws_size(const eng_rows_args *a, size_t *ws_floats, size_t *counter
 cudaError_t eng_rows_launch(const eng_rows_args *a, cudaStream_t stream) {
     if (!eng_rows_fits(a))
         return cudaErrorInvalidValue;
-    return a->T <= 8 ? launch_nt<1>(a, stream) : launch_nt<2>(a, stream);
+    return nt_for(a->T) == 1 ? launch_nt<1>(a, stream) : launch_nt<2>(a, stream);
 }
