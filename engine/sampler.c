@@ -9,11 +9,14 @@
  *      and min-p is a plain threshold on w (the exp loop is the hot one: AVX2
  *      in sampler_avx2.c when the CPU has it);
  *   4. top-k by a bounded heap over the logits for k <= 128 (nearly every
- *      logit is one compare with the root); top-p, and larger top-k, by a
+ *      logit is one compare with the root), its k best then sorted, so that
+ *      min-p, top-p and the draw see them in one order whoever found them
+ *      (a backend's record of a row, eng_cands, draws the same token); top-p
+ *      over the whole row, and larger top-k, by a
  *      histogram of the weights in 1/8-octave buckets (read off the float
  *      bits) that finds the bucket where the kept prefix ends: tokens above
  *      it are kept as they are, and only that bucket is ordered, by a
- *      quickselect guided by weight or count. No sort anywhere; O(n). min-p
+ *      quickselect guided by weight or count: O(n). min-p
  *      is a threshold on w. The hot loops are branch-free;
  *   5. a draw from the request's own xoshiro256** stream.
  *
@@ -355,18 +358,16 @@ static void heap_sift_down(float *w, int32_t *id, int n, int i)
     }
 }
 
-/* The k best logits (ties to lower ids) into cand_w/cand_id, unordered. */
-static void select_top_k(eng_sampler *s, const float *logits, int k)
+/* The k best of logits[0, n) (ties to lower ids) into w/id, unordered. */
+static void select_top_k(float *w, int32_t *id, const float *logits, int n, int k)
 {
-    float *w = s->cand_w;
-    int32_t *id = s->cand_id;
     for (int i = 0; i < k; i++) {
         w[i] = logits[i];
         id[i] = i;
     }
     for (int i = k / 2 - 1; i >= 0; i--)
         heap_sift_down(w, id, k, i);
-    for (int i = k; i < s->n_vocab; i++) {
+    for (int i = k; i < n; i++) {
         /* i is larger than every id in the heap, so only a strictly larger
          * logit beats the root. */
         if (logits[i] > w[0]) {
@@ -588,6 +589,34 @@ static int draw(uint64_t rng[4], const float *w, int n, double total, float *log
     return pick;
 }
 
+/* The top-k draw on cand_w/cand_id[0, count), the count best logits best
+ * first (a full row's or a record's, so both draw the same token): weights,
+ * min-p, then top-p against the mass of the count, then the draw. The order
+ * is fixed by the logits alone, whichever way the candidates were found. */
+static int32_t draw_sorted(eng_sampler *s, int count, float max, float inv_temp, float *logprob)
+{
+    const eng_sampling_params *p = &s->params;
+    const double total = softmax_weights(s->cand_w, count, max, inv_temp);
+    if (p->min_p > 0.0f) { /* a prefix: the best has weight 1 */
+        int kept = 0;
+        while (kept < count && s->cand_w[kept] >= p->min_p)
+            kept++;
+        count = kept;
+    }
+    if (p->top_p < 1.0f) {
+        const double need = (double)p->top_p * total;
+        double acc = 0.0;
+        for (int i = 0; i < count; i++) {
+            acc += s->cand_w[i];
+            if (acc >= need) {
+                count = i + 1;
+                break;
+            }
+        }
+    }
+    return s->cand_id[draw(s->rng, s->cand_w, count, sum_weights(s->cand_w, count), logprob)];
+}
+
 /* ---- sampling ----------------------------------------------------------- */
 
 int32_t eng_sampler_sample(eng_sampler *s, float *logits, float *logprob)
@@ -611,35 +640,35 @@ int32_t eng_sampler_sample(eng_sampler *s, float *logits, float *logprob)
     const bool use_top_k = p->top_k > 0 && p->top_k < n;
     const bool use_top_p = p->top_p < 1.0f;
     const bool use_min_p = p->min_p > 0.0f;
-    bool nucleus_done = false;
-    float row_max = max; /* becomes 1 once the row holds weights */
-    double total; /* the mass top-p is measured against */
-    int count;
-
     if (use_top_k && p->top_k <= HEAP_MAX_K) {
-        count = p->top_k;
-        if (!ensure_cand(s, count))
-            goto fallback_greedy;
-        select_top_k(s, logits, count);
-        total = softmax_weights(s->cand_w, count, max, inv_temp);
-    } else {
-        total = softmax_weights(logits, n, max, inv_temp);
-        row_max = 1.0f;
-        if (use_top_k) {
-            count = keep_best(s, logits, n, (double)p->top_k, true);
-        } else if (use_top_p) {
-            count = keep_best(s, logits, n, (double)p->top_p * total, false);
-            nucleus_done = true;
-        } else if (use_min_p) {
-            count = keep_at_least(s, logits, n, p->min_p);
-        } else {
-            return draw(s->rng, logits, n, total, logprob);
+        if (!ensure_cand(s, p->top_k)) { /* out of scratch memory: the best token */
+            if (logprob)
+                *logprob = 0.0f;
+            return first_at(logits, n, max);
         }
-        if (count < 0)
-            goto fallback_greedy;
-        if (use_top_k)
-            total = sum_weights(s->cand_w, count);
+        select_top_k(s->cand_w, s->cand_id, logits, n, p->top_k);
+        cand_sort(s->cand_w, s->cand_id, p->top_k);
+        return draw_sorted(s, p->top_k, max, inv_temp, logprob);
     }
+
+    /* weights over the whole row; total is the mass top-p is measured against */
+    double total = softmax_weights(logits, n, max, inv_temp);
+    bool nucleus_done = false;
+    int count;
+    if (use_top_k) {
+        count = keep_best(s, logits, n, (double)p->top_k, true);
+    } else if (use_top_p) {
+        count = keep_best(s, logits, n, (double)p->top_p * total, false);
+        nucleus_done = true;
+    } else if (use_min_p) {
+        count = keep_at_least(s, logits, n, p->min_p);
+    } else {
+        return draw(s->rng, logits, n, total, logprob);
+    }
+    if (count < 0)
+        goto fallback_greedy;
+    if (use_top_k)
+        total = sum_weights(s->cand_w, count);
 
     /* min-p and top-p each keep a best-first prefix, so applying them in
      * either order keeps their intersection. */
@@ -657,8 +686,78 @@ int32_t eng_sampler_sample(eng_sampler *s, float *logits, float *logprob)
     return s->cand_id[draw(s->rng, s->cand_w, count, sum_weights(s->cand_w, count), logprob)];
 
 fallback_greedy:
-    /* Out of scratch memory: the best token, which every filter keeps. */
+    /* Out of scratch memory: the best token (weight 1), which every filter keeps. */
     if (logprob)
         *logprob = 0.0f;
-    return first_at(logits, n, row_max);
+    return first_at(logits, n, 1.0f);
+}
+
+/* ---- candidates ----------------------------------------------------------- */
+
+_Static_assert(ENG_CANDS_MAX <= HEAP_MAX_K, "a record's draw is the heap path's");
+
+int eng_cands_reduce(const float *row, int n, int k, eng_cands *out)
+{
+    if (k < 1 || k > n || k > ENG_CANDS_MAX)
+        return -1;
+    float *x = calloc((size_t)n, sizeof *x);
+    if (!x)
+        return -1;
+    float max = -INFINITY;
+    for (int i = 0; i < n; i++) {
+        float l = row[i];
+        l = isnan(l) ? -INFINITY : l > FLT_MAX ? FLT_MAX : l;
+        x[i] = l;
+        max = l > max ? l : max;
+    }
+    if (max == -INFINITY) { /* nothing finite: a uniform row, as sanitized_max leaves it */
+        for (int i = 0; i < n; i++)
+            x[i] = 0.0f;
+        max = 0.0f;
+    }
+    float w[ENG_CANDS_MAX];
+    int32_t id[ENG_CANDS_MAX];
+    select_top_k(w, id, x, n, k);
+    cand_sort(w, id, k);
+    double sum = 0.0;
+    for (int i = 0; i < n; i++)
+        sum += expf(x[i] - max);
+    free(x);
+    out->max = max;
+    out->n = k;
+    out->sum_exp = (float)sum;
+    for (int i = 0; i < k; i++)
+        out->c[i] = (eng_cand){.id = id[i], .logit = w[i]};
+    return 0;
+}
+
+int eng_sampler_cands_k(const eng_sampler *s)
+{
+    const eng_sampling_params *p = &s->params;
+    if (s->token_state)
+        return 0;
+    if (p->temperature == 0.0f)
+        return 1;
+    return p->top_k > 0 && p->top_k <= ENG_CANDS_MAX && p->top_k < s->n_vocab ? p->top_k : 0;
+}
+
+int32_t eng_sampler_sample_cands(eng_sampler *s, const eng_cands *c, float *logprob)
+{
+    const eng_sampling_params *p = &s->params;
+    if (p->temperature == 0.0f) {
+        if (logprob) /* as the row's greedy path: the best token's weight is 1 */
+            *logprob = (float)-log((double)c->sum_exp);
+        return c->c[0].id;
+    }
+    const int k = p->top_k;
+    if (!ensure_cand(s, k)) {
+        if (logprob)
+            *logprob = 0.0f;
+        return c->c[0].id;
+    }
+    for (int i = 0; i < k; i++) {
+        s->cand_w[i] = c->c[i].logit;
+        s->cand_id[i] = c->c[i].id;
+    }
+    return draw_sorted(s, k, c->max, 1.0f / fmaxf(p->temperature, 1e-30f), logprob);
 }

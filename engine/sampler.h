@@ -57,4 +57,48 @@ void eng_sampler_accept(eng_sampler *s, int32_t id, bool generated);
  * uniform. */
 int32_t eng_sampler_sample(eng_sampler *s, float *logits, float *logprob);
 
+/* ---- candidates: a row reduced to its best logits ----------------------------
+ *
+ * A backend that keeps the logits on its own device can return a row as a
+ * record of its best logits instead (the cuda backend: 1 KB instead of 4 x
+ * n_vocab bytes to copy, and no pass over the row on the CPU). A sampler with
+ * no penalty that draws greedily or by top-k <= ENG_CANDS_MAX needs nothing
+ * else: eng_sampler_sample_cands on a row's record draws the token, from the
+ * same random stream, that eng_sampler_sample draws on the row itself. */
+#define ENG_CANDS_MAX 128
+
+typedef struct {
+    int32_t id;
+    float logit;
+} eng_cand;
+
+typedef struct {
+    float max;          /* the largest logit, NaN read as -inf and +inf as FLT_MAX (0 if none is finite) */
+    int32_t n;          /* entries in c */
+    float sum_exp;      /* sum over the row of exp(l - max) (n_vocab if no logit is finite) */
+    eng_cand c[ENG_CANDS_MAX];   /* the n best, best first: larger logit, then lower id (as read above;
+                                    every logit 0 when none is finite) */
+} eng_cands;
+
+/* Bytes of a record with k entries (what a backend copies). */
+#define ENG_CANDS_BYTES(k) (offsetof(eng_cands, c) + (size_t)(k) * sizeof(eng_cand))
+
+/* The most entries a record in a row of n_vocab logits holds. */
+static inline int eng_cands_fit(int n_vocab) {
+    const size_t room = (size_t)n_vocab * sizeof(float);
+    const size_t k = room > offsetof(eng_cands, c) ? (room - offsetof(eng_cands, c)) / sizeof(eng_cand) : 0;
+    return k < ENG_CANDS_MAX ? (int)k : ENG_CANDS_MAX;
+}
+
+/* The record of row[0, n) with its k best (1 <= k <= ENG_CANDS_MAX, k <= n):
+ * the reference the GPU's reduction is tested against. Returns -1 when
+ * memory runs out (a sanitized copy of the row) or k is out of range, else 0. */
+int eng_cands_reduce(const float *row, int n, int k, eng_cands *out);
+/* Entries this sampler's next draw needs from a record: 1 (greedy), its
+ * top_k (<= ENG_CANDS_MAX), or 0: the whole row (a penalty, top-k off or
+ * larger). */
+int eng_sampler_cands_k(const eng_sampler *s);
+/* eng_sampler_sample on a row's record (c->n >= eng_sampler_cands_k(s) > 0). */
+int32_t eng_sampler_sample_cands(eng_sampler *s, const eng_cands *c, float *logprob);
+
 #endif

@@ -9,6 +9,7 @@
  * the same statistic rejects a nearby wrong distribution. */
 #include <criterion/criterion.h>
 
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -676,4 +677,137 @@ Test(sampler, avx2_and_scalar_paths_agree)
     check_against_reference(logits, N, params_with(1.0f, 0, 0.95f, 0.0f, 74), 2000);
     eng__sampler_force_scalar(false);
     free(logits);
+}
+
+/* ---- records of a row (eng_cands) --------------------------------------- */
+
+/* A row of n logits with ties (values on a 1/4 grid), and, by `kind`, NaN,
+ * +-inf, or nothing finite at all. */
+static void cands_row(float *row, int n, int kind)
+{
+    for (int i = 0; i < n; i++)
+        row[i] = roundf(8.0f * test_gauss()) * 0.25f;
+    if (kind == 1) {
+        row[n / 3] = NAN;
+        row[n / 2] = INFINITY;
+        row[n - 1] = -INFINITY;
+        row[1] = INFINITY;   /* two +inf: both FLT_MAX, the lower id first */
+    } else if (kind == 2) {
+        for (int i = 0; i < n; i++)
+            row[i] = i % 2 ? NAN : -INFINITY;
+    }
+}
+
+static float sane(float l)
+{
+    return isnan(l) ? -INFINITY : l > FLT_MAX ? FLT_MAX : l;
+}
+
+Test(sampler, cands_reduce_is_the_sorted_best_of_the_row)
+{
+    const int ns[3] = {130, 1000, 49152}, ks[5] = {1, 2, 7, 40, 128};
+    for (int in = 0; in < 3; in++) {
+        const int n = ns[in];
+        float *row = malloc((size_t)n * sizeof *row);
+        ref_entry *ref = malloc((size_t)n * sizeof *ref);
+        cr_assert(row && ref);
+        for (int kind = 0; kind < 3; kind++) {
+            cands_row(row, n, kind);
+            /* the reference: a full sort of the sanitized row in double */
+            double max = -INFINITY;
+            for (int i = 0; i < n; i++)
+                max = fmax(max, sane(row[i]));
+            const bool none = max == -INFINITY;
+            double sum = 0.0;
+            for (int i = 0; i < n; i++) {
+                ref[i] = (ref_entry){.v = none ? 0.0 : sane(row[i]), .id = i};
+                sum += none ? 1.0 : exp(ref[i].v - max);
+            }
+            qsort(ref, (size_t)n, sizeof *ref, ref_cmp);
+            for (int ik = 0; ik < 5; ik++) {
+                eng_cands c;
+                memset(&c, 0xa5, sizeof c);
+                cr_assert_eq(eng_cands_reduce(row, n, ks[ik], &c), 0);
+                cr_assert_eq(c.n, ks[ik]);
+                cr_assert_eq(c.max, none ? 0.0f : (float)max, "n %d kind %d", n, kind);
+                cr_assert(fabs(c.sum_exp - sum) <= 1e-6 * sum, "n %d kind %d: sum %.9g, expected %.9g", n, kind,
+                          c.sum_exp, sum);
+                for (int i = 0; i < ks[ik]; i++) {
+                    cr_assert_eq(c.c[i].id, ref[i].id, "n %d kind %d k %d entry %d", n, kind, ks[ik], i);
+                    cr_assert_eq(c.c[i].logit, (float)ref[i].v);
+                }
+            }
+        }
+        eng_cands c;
+        cr_assert_eq(eng_cands_reduce(row, n, 0, &c), -1);
+        cr_assert_eq(eng_cands_reduce(row, n, ENG_CANDS_MAX + 1, &c), -1);
+        free(row);
+        free(ref);
+    }
+}
+
+Test(sampler, cands_k_names_what_a_record_serves)
+{
+    const struct {
+        eng_sampling_params p;
+        int k;
+    } cases[] = {
+        {params_with(0.0f, 0, 1.0f, 0.0f, 1), 1},     {params_with(0.0f, 50, 0.5f, 0.1f, 1), 1},
+        {params_with(0.7f, 40, 0.9f, 0.05f, 1), 40},  {params_with(1.0f, 128, 1.0f, 0.0f, 1), 128},
+        {params_with(1.0f, 129, 1.0f, 0.0f, 1), 0},   {params_with(1.0f, 0, 0.9f, 0.0f, 1), 0},
+        {params_with(1.0f, 0, 1.0f, 0.05f, 1), 0},    {params_with(1.0f, 1000, 1.0f, 0.0f, 1), 0},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        eng_sampler *s = eng_sampler_create(&cases[i].p, 1000);
+        cr_assert_not_null(s);
+        cr_assert_eq(eng_sampler_cands_k(s), cases[i].k, "case %zu", i);
+        eng_sampler_free(s);
+    }
+    /* top_k at or past the vocabulary is no top-k; a penalty needs the row */
+    eng_sampling_params p = params_with(1.0f, 100, 1.0f, 0.0f, 1);
+    eng_sampler *s = eng_sampler_create(&p, 100);
+    cr_assert_eq(eng_sampler_cands_k(s), 0);
+    eng_sampler_free(s);
+    p = params_with(0.0f, 0, 1.0f, 0.0f, 1);
+    p.presence_penalty = 0.5f;
+    s = eng_sampler_create(&p, 1000);
+    cr_assert_eq(eng_sampler_cands_k(s), 0);
+    eng_sampler_free(s);
+}
+
+/* The same seed draws the same tokens from rows and from their records. */
+Test(sampler, cands_draw_the_rows_tokens)
+{
+    enum { N = 49152, DRAWS = 120 };
+    const eng_sampling_params cfgs[] = {
+        params_with(0.0f, 0, 1.0f, 0.0f, 81),    params_with(0.7f, 1, 1.0f, 0.0f, 82),
+        params_with(1.0f, 5, 1.0f, 0.0f, 83),    params_with(1.3f, 40, 1.0f, 0.0f, 84),
+        params_with(0.8f, 40, 0.8f, 0.0f, 85),   params_with(1.0f, 128, 0.95f, 0.02f, 86),
+        params_with(2.0f, 100, 1.0f, 0.3f, 87),
+    };
+    float *row = malloc((size_t)N * sizeof *row);
+    cr_assert_not_null(row);
+    for (size_t c = 0; c < sizeof cfgs / sizeof cfgs[0]; c++) {
+        eng_sampler *a = eng_sampler_create(&cfgs[c], N), *b = eng_sampler_create(&cfgs[c], N);
+        cr_assert(a && b);
+        const int k = eng_sampler_cands_k(b);
+        cr_assert_gt(k, 0);
+        int distinct = 0, last = -1;
+        for (int d = 0; d < DRAWS; d++) {
+            cands_row(row, N, d % 17 == 5 ? 1 : d % 29 == 7 ? 2 : 0);
+            eng_cands rec;
+            cr_assert_eq(eng_cands_reduce(row, N, k, &rec), 0);
+            float lp_row, lp_rec;
+            const int32_t t_row = sample_copy(a, row, N, &lp_row);
+            const int32_t t_rec = eng_sampler_sample_cands(b, &rec, &lp_rec);
+            cr_assert_eq(t_row, t_rec, "config %zu draw %d", c, d);
+            cr_assert_float_eq(lp_row, lp_rec, 1e-5, "config %zu draw %d", c, d);
+            distinct += t_row != last;
+            last = t_row;
+        }
+        cr_assert_gt(distinct, 10, "config %zu: the rows change, so must the tokens", c);
+        eng_sampler_free(a);
+        eng_sampler_free(b);
+    }
+    free(row);
 }
