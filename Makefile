@@ -271,7 +271,8 @@ $(FUZZ_DIR)/%.o: %.c
 # $(BUILD)/gpu/gpu_test (kernels against the CPU cache code),
 # $(BUILD)/gpu/gpu_bench (timings against the memory floor) and
 # $(BUILD)/gpu/rows_test (the cuda backend's fused products, engine/cuda/rows.cu,
-# against a CPU reference). tools/gpu_bench.sh runs them there. With CUDA=1, $(BUILD)/kvserve has the cuda backend
+# against a CPU reference), $(BUILD)/gpu/cands_test (the logit rows' records,
+# engine/cuda/cands.cu, against the CPU sampler's). tools/gpu_bench.sh runs them there. With CUDA=1, $(BUILD)/kvserve has the cuda backend
 # (engine/cuda/) and $(BUILD)/gpu/gpu_engine checks it against the CPU
 # backend on a real model (tools/gpu_bench.sh STEPS=engine). cuda-check (part
 # of `make test`) compiles and links all of it in build-cuda/ and is skipped,
@@ -284,7 +285,8 @@ GPU_C_OBJ  = $(GPU_C_SRC:%.c=$(BUILD)/gpu/%.o)
 GPU_CFLAGS := -std=gnu11 -O2 -g -Wall -Wextra -Wno-unused-parameter -pthread -MMD -MP -I.
 
 .PHONY: gpu-bins cuda-check
-gpu-bins: $(BUILD)/gpu/gpu_test $(BUILD)/gpu/gpu_bench $(BUILD)/gpu/rows_test $(BUILD)/gpu/rows_bench
+gpu-bins: $(BUILD)/gpu/gpu_test $(BUILD)/gpu/gpu_bench $(BUILD)/gpu/rows_test $(BUILD)/gpu/rows_bench \
+          $(BUILD)/gpu/cands_test
 
 cuda-check:
 	@if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found: CUDA sources NOT compiled"; \
@@ -334,6 +336,10 @@ $(BUILD)/gpu/rows_test: tests/cuda/rows_test.cu $(BUILD)/engine/cuda/rows.o $(NV
 $(BUILD)/gpu/rows_bench: tests/cuda/rows_bench.cu $(BUILD)/engine/cuda/rows.o $(NVCC_STAMP)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCC_ALL) -o $@ $< $(BUILD)/engine/cuda/rows.o -lcublas
+$(BUILD)/gpu/cands_test: tests/cuda/cands_test.cu $(BUILD)/engine/cuda/cands.o $(BUILD)/gpu/engine/sampler.o \
+                         $(BUILD)/gpu/engine/sampler_avx2.o $(NVCC_STAMP)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCC_ALL) -o $@ $< $(filter %.o,$^) -lm
 $(BUILD)/gpu/%: tests/cuda/%.cu $(CUDA_KERN_OBJ) $(GPU_C_OBJ) $(NVCC_STAMP)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCC_ALL) -o $@ $< $(CUDA_KERN_OBJ) $(GPU_C_OBJ) -lpthread -lm

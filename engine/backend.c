@@ -31,9 +31,15 @@ eng_backend *eng_backend_create(const char *name, const eng_model *m, kvc_pool *
     return NULL;
 }
 
-int eng_batch_check(const eng_batch *b, const eng_model_config *c, char *err, size_t errlen) {
+int eng_batch_check(const eng_backend *be, const eng_batch *b, const eng_model_config *c, char *err,
+                    size_t errlen) {
     for (int i = 0; i < b->n_segs; i++) {
         const eng_segment *s = &b->segs[i];
+        if (s->cands_k && (s->cands_k < 0 || s->cands_k > be->cands_max || !s->want_logits || s->all_logits)) {
+            snprintf(err, errlen, "forward: segment %d asks a record of %d candidates (this backend: 1 to %d, "
+                     "a last token's row only)", i, s->cands_k, be->cands_max);
+            return -1;
+        }
         if (s->n_tokens <= 0 || s->pos0 < 0 || !s->seq || s->seq->n_tokens < s->pos0 + s->n_tokens) {
             snprintf(err, errlen, "forward: segment %d: %d tokens at position %d, %d positions reserved", i,
                      s->n_tokens, s->pos0, s->seq ? s->seq->n_tokens : 0);

@@ -19,6 +19,7 @@
 
 #include "cache/kvcache.h"
 #include "engine/model.h"
+#include "engine/sampler.h"
 
 typedef struct {
     kvc_seq *seq;            /* the sequence's block table */
@@ -27,6 +28,10 @@ typedef struct {
     const int32_t *tokens;   /* (n_tokens) */
     bool want_logits;        /* logits of the last token */
     bool all_logits;         /* logits of every token (perplexity) */
+    /* > 0 (want_logits only, at most the backend's cands_max): the last
+     * token's row comes back as its record instead, an eng_cands with
+     * cands_k entries in the row's first bytes (engine/sampler.h) */
+    int cands_k;
 } eng_segment;
 
 typedef struct {
@@ -36,12 +41,14 @@ typedef struct {
 
 /* Number of logit rows a batch produces (the order is segment order). */
 int eng_batch_logit_rows(const eng_batch *b);
-/* What every backend checks before a forward: each segment has tokens,
- * positions reserved for them, ids inside the vocabulary and (gpt2)
- * positions the model learned. 0, or -1 with a message naming the segment. */
-int eng_batch_check(const eng_batch *b, const eng_model_config *c, char *err, size_t errlen);
-
 typedef struct eng_backend eng_backend;
+
+/* What every backend checks before a forward: each segment has tokens,
+ * positions reserved for them, ids inside the vocabulary, (gpt2) positions
+ * the model learned, and records only where be returns them. 0, or -1 with a
+ * message naming the segment. */
+int eng_batch_check(const eng_backend *be, const eng_batch *b, const eng_model_config *c, char *err,
+                    size_t errlen);
 
 typedef struct {
     int n_threads;           /* CPU: compute threads (<= 0: all cores) */
@@ -88,6 +95,7 @@ struct eng_backend {
     const char *name;
     const char *desc;        /* for logs: "cpu, 2 threads", "cuda, device 0 (NVIDIA H200)" */
     unsigned absorbed;       /* ENG_ABSORBED_K | ENG_ABSORBED_V, as eng_backend_options.absorb allowed */
+    int cands_max;           /* the largest eng_segment.cands_k it takes (0: whole rows only) */
     /* logits: (eng_batch_logit_rows(b), n_vocab). Returns 0, or -1 with a
      * message (a position past the model's limit, out of memory). */
     int (*forward)(eng_backend *be, const eng_batch *b, float *logits, char *err, size_t errlen);

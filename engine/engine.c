@@ -156,7 +156,7 @@ struct eng_engine {
     eng_req **finished;         /* (cap_finished) requests to free after delivery */
     int n_finished, cap_finished;
     int pages_peak;
-    uint64_t n_steps, n_mixed_steps;
+    uint64_t n_steps, n_mixed_steps, n_logit_rows, n_record_rows;
     int64_t step_generated, step_prompt, step_preempted;
 };
 
@@ -469,12 +469,27 @@ static bool is_stop_id(const eng_req *r, int32_t tok) {
     return false;
 }
 
-/* Samples choice s's next token from logits (modified), queues its event and
- * finishes the choice when a stop condition holds. */
-static void sample_token(eng_engine *e, eng_seq *s, float *logits, double now) {
+/* Entries of a record s's next draw takes, where the backend returns records
+ * (eng_segment.cands_k); 0: the whole row. */
+static int seq_cands_k(const eng_engine *e, const eng_seq *s) {
+    const int k = eng_sampler_cands_k(s->sampler);
+    return k <= e->backend->cands_max ? k : 0;
+}
+
+/* Draws s's next token from its row of logits (modified), or from the row's
+ * record when its segment asked cands_k > 0. */
+static int32_t draw_token(eng_seq *s, float *row, int cands_k, float *logprob) {
+    return cands_k ? eng_sampler_sample_cands(s->sampler, (const eng_cands *)row, logprob)
+                   : eng_sampler_sample(s->sampler, row, logprob);
+}
+
+/* Samples choice s's next token from logits (modified; a record when
+ * cands_k > 0), queues its event and finishes the choice when a stop
+ * condition holds. */
+static void sample_token(eng_engine *e, eng_seq *s, float *logits, int cands_k, double now) {
     eng_req *r = s->req;
     float lp = s->drawn_lp;
-    int32_t tok = s->drawn >= 0 ? s->drawn : eng_sampler_sample(s->sampler, logits, r->logprobs ? &lp : NULL);
+    int32_t tok = s->drawn >= 0 ? s->drawn : draw_token(s, logits, cands_k, r->logprobs ? &lp : NULL);
     s->drawn = -1;
     eng_sampler_accept(s->sampler, tok, true);
     ENG__CHECK(s->n_tokens < s->cap_tokens, "request %llu choice %d: %d tokens, room for %d",
@@ -521,13 +536,14 @@ static void sample_token(eng_engine *e, eng_seq *s, float *logits, double now) {
 typedef struct {
     eng_seq **seqs;
     float **rows;
+    int *cands_k;
 } draw_job;
 
 static void draw_task(void *ctx, int task, int worker) {
     draw_job *j = ctx;
     eng_seq *s = j->seqs[task];
     s->drawn_lp = 0.0f;
-    s->drawn = eng_sampler_sample(s->sampler, j->rows[task], s->req->logprobs ? &s->drawn_lp : NULL);
+    s->drawn = draw_token(s, j->rows[task], j->cands_k[task], s->req->logprobs ? &s->drawn_lp : NULL);
 }
 
 static void draw_ahead(eng_engine *e, int n_segs) {
@@ -535,6 +551,7 @@ static void draw_ahead(eng_engine *e, int n_segs) {
         return;
     eng_seq *seqs[n_segs];
     float *rows[n_segs];
+    int cands_k[n_segs];
     int n = 0, row = 0;
     for (int k = 0; k < n_segs; k++) {
         if (!e->segs[k].want_logits)
@@ -543,18 +560,20 @@ static void draw_ahead(eng_engine *e, int n_segs) {
         const eng_req *r = s->req;
         if (r->forked || r->n == 1) {
             seqs[n] = s;
+            cands_k[n] = e->segs[k].cands_k;
             rows[n++] = e->logits + (size_t)row * e->n_vocab;
         }
         row++;
     }
-    draw_job j = {.seqs = seqs, .rows = rows};
+    draw_job j = {.seqs = seqs, .rows = rows, .cands_k = cands_k};
     eng_threadpool_run(e->draw_tp, draw_task, &j, n);
 }
 
-/* The logits of the last pending token of s: its next token. The first time a
- * request gets here its prompt is prefilled: the other choices are forked off
- * the prompt's pages and sample from the same logits with their own streams. */
-static void on_logits(eng_engine *e, eng_seq *s, float *logits, double now) {
+/* The logits of the last pending token of s (a record when cands_k > 0): its
+ * next token. The first time a request gets here its prompt is prefilled: the
+ * other choices are forked off the prompt's pages and sample from the same
+ * logits with their own streams (the same parameters: the same record). */
+static void on_logits(eng_engine *e, eng_seq *s, float *logits, int cands_k, double now) {
     eng_req *r = s->req;
     if (r->t_first_token == 0) {
         r->t_first_token = now;
@@ -563,7 +582,7 @@ static void on_logits(eng_engine *e, eng_seq *s, float *logits, double now) {
         e->step_prompt += r->n_prompt;
     }
     if (r->forked) {
-        sample_token(e, s, logits, now);
+        sample_token(e, s, logits, cands_k, now);
         return;
     }
     r->forked = true;
@@ -589,10 +608,10 @@ static void on_logits(eng_engine *e, eng_seq *s, float *logits, double now) {
     }
     if (n_children)
         memcpy(e->pristine, logits, (size_t)e->n_vocab * sizeof(float));
-    sample_token(e, s, logits, now);
+    sample_token(e, s, logits, cands_k, now);
     for (int i = 1; i <= n_children; i++) {
         memcpy(e->work, e->pristine, (size_t)e->n_vocab * sizeof(float));
-        sample_token(e, r->seqs[i], e->work, now);
+        sample_token(e, r->seqs[i], e->work, cands_k, now);
     }
 }
 
@@ -619,6 +638,8 @@ static void publish_stats(eng_engine *e) {
     e->stats.waiting = e->n_waiting;
     e->stats.steps = e->n_steps;
     e->stats.mixed_steps = e->n_mixed_steps;
+    e->stats.logit_rows = e->n_logit_rows;
+    e->stats.record_rows = e->n_record_rows;
     pthread_mutex_unlock(&e->stats_lock);
     pthread_mutex_lock(&e->q_lock);
     e->n_waiting_pub = e->n_waiting;
@@ -646,9 +667,11 @@ static void step(eng_engine *e) {
 
 #define ADD_SEG(S, N)                                                                               \
     do {                                                                                            \
+        const bool want_ = (S)->n_computed + (N) == (S)->n_tokens;                                  \
         e->segs[n_segs] = (eng_segment){.seq = &(S)->kv, .pos0 = (S)->n_computed, .n_tokens = (N),     \
                                         .tokens = (S)->tokens + (S)->n_computed,                    \
-                                        .want_logits = (S)->n_computed + (N) == (S)->n_tokens};     \
+                                        .want_logits = want_,                                       \
+                                        .cands_k = want_ ? seq_cands_k(e, (S)) : 0};                \
         e->seg_seq[n_segs++] = (S);                                                                 \
         budget -= (N);                                                                              \
     } while (0)
@@ -754,8 +777,11 @@ static void step(eng_engine *e) {
                 continue;
             }
             s->n_computed += e->segs[k].n_tokens;
-            if (e->segs[k].want_logits)
-                on_logits(e, s, e->logits + (size_t)row++ * e->n_vocab, t1);
+            if (e->segs[k].want_logits) {
+                e->n_logit_rows++;
+                e->n_record_rows += e->segs[k].cands_k > 0;
+                on_logits(e, s, e->logits + (size_t)row++ * e->n_vocab, e->segs[k].cands_k, t1);
+            }
         }
         eng_metrics_add_tokens(e->metrics, e->step_prompt, e->step_generated, t1);
         eng_metrics_add_preemptions(e->metrics, e->step_preempted);

@@ -6,7 +6,8 @@
 #      are missing or do not start);
 #   2. test: gpu_test, every kernel against the CPU cache code; rows_test,
 #      the cuda backend's fused products (engine/cuda/rows.cu) against a CPU
-#      reference (where the build has it);
+#      reference, and cands_test, its logit rows' records (engine/cuda/cands.cu)
+#      against the CPU sampler's (where the build has them);
 #   3. san:  gpu_test --quick under compute-sanitizer memcheck and racecheck;
 #   4. bench: gpu_bench (decode, prefill, write against the memory floor);
 #      rows_bench (a layer's fused products against cuBLAS, where the build
@@ -32,8 +33,9 @@
 #      packed one, PROGS="kvserve gpu_engine" tools/gpu_pack.sh NAME
 #      build-cuda): gpu_engine (every logit row of mixed batches against the
 #      CPU backend, per codec; again on a random-weight Hugging Face model of
-#      SmolLM2's shape, made there, for its neox RoPE), kvserve ppl on both
-#      backends, and kvserve bench --backend cuda at ENGINE_CONC (default
+#      SmolLM2's shape, made there, for its neox RoPE), the daemon with whole
+#      logit rows and with records (tools/device/records_check.py), kvserve ppl
+#      on both backends, and kvserve bench --backend cuda at ENGINE_CONC (default
 #      "1 8 64 256") requests in flight per codec in ENGINE_KV (default "f16
 #      int8 int4 f16/int4").
 #      MODEL (default the SmolLM2 download) and TEXT (a UTF-8 text file) name
@@ -82,13 +84,14 @@ if has test; then
     echo "gpu_test exit $rc" >>"$OUT/test.log"
     grep -E "FAIL|checks|exit" "$OUT/test.log" | tail -20
     [ $rc = 0 ] || status=1
-    if [ -x "$bin/rows_test" ]; then
-        echo "== rows_test"
-        timeout 120 "$bin/rows_test" >"$OUT/rows_test.log" 2>&1; rc=$?
-        echo "rows_test exit $rc" >>"$OUT/rows_test.log"
-        grep -E "FAIL|checks|exit" "$OUT/rows_test.log" | tail -20
+    for t in rows_test cands_test; do
+        [ -x "$bin/$t" ] || continue
+        echo "== $t"
+        timeout 120 "$bin/$t" >"$OUT/$t.log" 2>&1; rc=$?
+        echo "$t exit $rc" >>"$OUT/$t.log"
+        grep -E "FAIL|checks|exit" "$OUT/$t.log" | tail -20
         [ $rc = 0 ] || status=1
-    fi
+    done
 fi
 
 if has san; then
@@ -252,6 +255,9 @@ if has engine; then
     echo "gpu_engine exit $rc" >>"$OUT/engine_hf.log"
     grep -vE "^(FAIL)" "$OUT/engine_hf.log" | tail -4; grep -E "^FAIL" "$OUT/engine_hf.log" | head -20
     [ $rc = 0 ] || status=1
+    echo "== the daemon with whole logit rows and with records"
+    timeout 300 python3 tools/device/records_check.py "$ek" "$model" >"$OUT/records_check.log" 2>&1 || status=1
+    tail -3 "$OUT/records_check.log"
     echo "== kvserve ppl, cpu and cuda"
     for kv in ${ENGINE_PPL_KV:-f16 int8 int4}; do
         for be in cpu cuda; do
@@ -273,6 +279,8 @@ fi
 echo "================ summary ================"
 [ -f "$OUT/test.log" ] && grep -E "^gpu_test:|FAIL" "$OUT/test.log" | head -12
 [ -f "$OUT/rows_test.log" ] && grep -E "^rows_test:|FAIL" "$OUT/rows_test.log" | head -12
+[ -f "$OUT/cands_test.log" ] && grep -E "^cands_test:|FAIL" "$OUT/cands_test.log" | head -12
+[ -f "$OUT/records_check.log" ] && grep -E "^records_check:|DIFFERENT" "$OUT/records_check.log" | head -12
 for tool in memcheck racecheck; do
     [ -f "$OUT/san_$tool.log" ] && grep -E "ERROR SUMMARY|RACECHECK SUMMARY|gpu_test:|exit" "$OUT/san_$tool.log" | tail -3
 done

@@ -3,7 +3,7 @@
 # only 64 MiB travel per call with the tree (two uncompressed programs are
 # ~60 MB, xz takes each to ~24 MB):
 #   tools/gpu_pack.sh NAME [BUILD]
-# writes build-pack/NAME/gpu_test.xz, gpu_bench.xz, rows_test.xz and rows_bench.xz
+# writes build-pack/NAME/gpu_test.xz, gpu_bench.xz, rows_test.xz, rows_bench.xz and cands_test.xz
 # from BUILD/gpu/
 # (default build-gpu; build it first with `make BUILD=build-gpu gpu-bins`);
 # PROGS="kvserve gpu_engine" packs those instead (from BUILD/gpu/ or BUILD/:
@@ -19,7 +19,7 @@ build=${2:-build-gpu}
 case $name in */* | .* | "") echo "gpu_pack: NAME must be a plain folder name, not '$name'" >&2; exit 2 ;; esac
 dst=build-pack/$name
 mkdir -p "$dst"
-for p in ${PROGS:-gpu_test gpu_bench rows_test rows_bench}; do
+for p in ${PROGS:-gpu_test gpu_bench rows_test rows_bench cands_test}; do
     src=$build/gpu/$p
     [ -x "$src" ] || src=$build/$p
     [ -x "$src" ] || { echo "gpu_pack: $build/gpu/$p missing: make BUILD=$build gpu-bins (CUDA=1 for the engine's)" >&2; exit 1; }

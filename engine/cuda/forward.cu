@@ -40,6 +40,7 @@ extern "C" {
 #include "engine/matmul.h"
 }
 #include "cache/cuda/kvc_cuda.h"
+#include "engine/cuda/cands.cuh"
 #include "engine/cuda/rows.cuh"
 
 /* a fp16 matrix (rows, cols), row-major: row o holds output o's weights */
@@ -92,6 +93,7 @@ typedef struct {
     __half *xh;                     /* (T, max(n_embd, q_dim, n_ff)) GEMM input */
     int cap_out;
     float *logits;                  /* (cap_out, n_vocab) */
+    eng_cands *cands;               /* (cap_out) the rows' records (cands.cuh), where cands_max */
     /* per-batch integers: host pinned staging and its device copy */
     size_t cap_meta;
     int32_t *meta_h, *meta_d;
@@ -333,9 +335,13 @@ static int grow(cuda_backend *cb, int T, int n_out, size_t n_meta, size_t ws_byt
     }
     if (n_out > cb->cap_out) {
         cudaFree(cb->logits);
+        cudaFree(cb->cands);
         cb->logits = NULL;
+        cb->cands = NULL;
         cb->cap_out = 0;
         CU_TRY(cudaMalloc(&cb->logits, sizeof(float) * (size_t)n_out * c->n_vocab), "logits");
+        if (cb->base.cands_max)
+            CU_TRY(cudaMalloc(&cb->cands, sizeof(eng_cands) * (size_t)n_out), "logits");
         cb->cap_out = n_out;
     }
     if (n_meta > cb->cap_meta) {
@@ -604,15 +610,49 @@ static int enqueue_step(cuda_backend *cb, const step_args *a, char *err, size_t 
     return 0;
 }
 
+/* The logits' copy to the caller: rows whose segment asked a record
+ * (cands_k) as records, reduced here (cands.cu), the others whole. */
+static cudaError_t copy_logits(cuda_backend *cb, const eng_batch *b, float *logits, int n_out) {
+    const int n_vocab = cb->m->cfg.n_vocab;
+    const size_t row_bytes = sizeof(float) * (size_t)n_vocab;
+    int kmax = 0;
+    for (int i = 0; i < b->n_segs; i++)
+        kmax = b->segs[i].cands_k > kmax ? b->segs[i].cands_k : kmax;
+    if (!kmax)
+        return cudaMemcpyAsync(logits, cb->logits, row_bytes * (size_t)n_out, cudaMemcpyDeviceToHost, cb->stream);
+    /* every row's record (kmax entries: a smaller cands_k reads its first),
+     * then the whole rows over theirs, a run of neighbours at a time */
+    cudaError_t e = eng_cands_launch(cb->logits, n_out, n_vocab, kmax, cb->cands, cb->stream);
+    if (e == cudaSuccess)
+        e = cudaMemcpy2DAsync(logits, row_bytes, cb->cands, sizeof(eng_cands), ENG_CANDS_BYTES(kmax), (size_t)n_out,
+                              cudaMemcpyDeviceToHost, cb->stream);
+    int row = 0, run = -1;
+    for (int i = 0; i < b->n_segs && e == cudaSuccess; i++) {
+        const eng_segment *s = &b->segs[i];
+        const int rows = s->all_logits ? s->n_tokens : s->want_logits ? 1 : 0;
+        for (int r = 0; r < rows; r++, row++) {
+            const bool whole = !s->cands_k;
+            if (whole && run < 0)
+                run = row;
+            if ((!whole || row == n_out - 1) && run >= 0) {
+                const int end = whole ? row + 1 : row;
+                e = cudaMemcpyAsync(logits + (size_t)run * n_vocab, cb->logits + (size_t)run * n_vocab,
+                                    row_bytes * (size_t)(end - run), cudaMemcpyDeviceToHost, cb->stream);
+                run = -1;
+            }
+        }
+    }
+    return e;
+}
+
 /* The logits' copy to the caller and the end of the forward: synchronizes,
  * so the forward's errors are its own, and keeps the statistics. */
-static int finish_step(cuda_backend *cb, float *logits, int n_out, int T, double t0, char *err, size_t errlen) {
+static int finish_step(cuda_backend *cb, const eng_batch *b, float *logits, int n_out, int T, double t0, char *err,
+                       size_t errlen) {
     const double t1 = cb->stats ? now_s() : 0;
     if (cb->stats)
         cudaEventRecord(cb->ev[1], cb->stream);
-    cudaError_t e = n_out ? cudaMemcpyAsync(logits, cb->logits, sizeof(float) * (size_t)n_out * cb->m->cfg.n_vocab,
-                                            cudaMemcpyDeviceToHost, cb->stream)
-                          : cudaSuccess;
+    cudaError_t e = n_out ? copy_logits(cb, b, logits, n_out) : cudaSuccess;
     if (cb->stats)
         cudaEventRecord(cb->ev[2], cb->stream);
     const cudaError_t s = cudaStreamSynchronize(cb->stream);
@@ -765,7 +805,7 @@ static int forward_graph(cuda_backend *cb, const eng_batch *b, float *logits, in
         snprintf(err, errlen, "cuda backend: launching a decode step's graph: %s", cudaGetErrorString(e));
         return -1;
     }
-    return finish_step(cb, logits, n, n, t0, err, errlen);
+    return finish_step(cb, b, logits, n, n, t0, err, errlen);
 }
 
 static int cuda_forward_impl(cuda_backend *cb, const eng_batch *b, float *logits, char *err, size_t errlen) {
@@ -773,7 +813,7 @@ static int cuda_forward_impl(cuda_backend *cb, const eng_batch *b, float *logits
     const int B = kvc_block_size(cb->pool);
 
     /* validate; count decode (one-token) and prefill segments */
-    if (eng_batch_check(b, c, err, errlen))
+    if (eng_batch_check(&cb->base, b, c, err, errlen))
         return -1;
     int T = 0, n_dec = 0, dec_max_ctx = 0, bt_stride = 1, n_out = 0;
     size_t pre_pages = 0;
@@ -871,7 +911,7 @@ static int cuda_forward_impl(cuda_backend *cb, const eng_batch *b, float *logits
     if (e != cudaSuccess)
         snprintf(err, errlen, "cuda backend: copying the batch's tables: %s", cudaGetErrorString(e));
     else if (enqueue_step(cb, &a, err, errlen) == 0)
-        rc = finish_step(cb, logits, n_out, T, t0, err, errlen);
+        rc = finish_step(cb, b, logits, n_out, T, t0, err, errlen);
     if (rc)
         cudaStreamSynchronize(cb->stream);  /* the pinned table is free again */
     free(seg_row);
@@ -940,6 +980,7 @@ static void cuda_destroy(eng_backend *be) {
     cudaFree(cb->inv_freq);
     free_activations(cb);
     cudaFree(cb->logits);
+    cudaFree(cb->cands);
     cudaFreeHost(cb->meta_h);
     cudaFree(cb->meta_d);
     cudaFree(cb->ws);
@@ -1001,6 +1042,14 @@ static int create_impl(cuda_backend *cb, const eng_backend_options *opt, char *e
     BLAS_TRY(cublasSetWorkspace(cb->blas, cb->blas_ws, BLAS_WS), "cublasSetWorkspace");
     const char *gr = getenv("KVSERVE_CUDA_GRAPHS");
     cb->graphs_on = !gr || strcmp(gr, "0");
+    /* rows as records where the sampler needs no more (cands.cuh);
+     * KVSERVE_CUDA_CANDS=0: whole rows always */
+    const char *ca = getenv("KVSERVE_CUDA_CANDS");
+    if (ca && *ca && strcmp(ca, "0") && strcmp(ca, "1")) {
+        snprintf(err, errlen, "cuda backend: KVSERVE_CUDA_CANDS=%s: not 0 or 1", ca);
+        return -1;
+    }
+    cb->base.cands_max = ca && !strcmp(ca, "0") ? 0 : eng_cands_fit(c->n_vocab);
     const char *st = getenv("KVSERVE_CUDA_STATS");
     cb->stats = st && *st && strcmp(st, "0");
     for (int i = 0; cb->stats && i < 3; i++)

@@ -51,7 +51,11 @@
  * what run 3 measured (mean relative error, rows with another greedy token,
  * perplexity); a kernel that reads a wrong page, position or scale moves
  * every row by ~1 and the perplexity by far more. A codec
- * outside the GPU's compiled set must be refused by name. */
+ * outside the GPU's compiled set must be refused by name.
+ * A second cuda backend takes the same batches with its last-token rows
+ * asked as records (eng_segment.cands_k: 1, 40, 128, 7 by segment): each
+ * record must be eng_cands_reduce of the first cuda backend's whole row,
+ * bit for bit (the same kernels on the same batches), sum_exp within 1e-5. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -75,7 +79,7 @@ static const bounds B_F16 = {0.04, 0.006, 0, 0.005}, B_I8 = {0.4, 0.06, 0.05, 0.
 #define N_SEQ 5
 #define N_DECODE 12
 
-static int failures;
+static int failures, records_checked;
 
 #define CHECK(cond, ...)                         \
     do {                                         \
@@ -128,11 +132,39 @@ typedef struct {
     bool all;
 } seg_spec;
 
+/* The record a segment of the records side asks for (0: its whole rows). */
+static int seg_cands_k(const seg_spec *ss, int i) {
+    static const int ks[4] = {1, 40, 128, 7};
+    return ss[i].all ? 0 : ks[i % 4];
+}
+
+/* The records side's rows against the first cuda side's whole rows. */
+static void check_records(const side *sd, const seg_spec *ss, int n_segs, int n_vocab, const char *what) {
+    for (int i = 0, r = 0; i < n_segs; r += ss[i].all ? ss[i].n : 1, i++) {
+        const int k = seg_cands_k(ss, i);
+        if (!k)
+            continue;
+        eng_cands want;
+        const eng_cands *got = (const eng_cands *)(sd[2].logits + (size_t)r * n_vocab);
+        if (eng_cands_reduce(sd[1].logits + (size_t)r * n_vocab, n_vocab, k, &want)) {
+            CHECK(0, "%s: eng_cands_reduce", what);
+            continue;
+        }
+        int bad = 0;
+        for (int j = 0; j < k; j++)
+            bad += got->c[j].id != want.c[j].id || memcmp(&got->c[j].logit, &want.c[j].logit, sizeof(float));
+        CHECK(got->n >= k && got->max == want.max && !bad && fabsf(got->sum_exp - want.sum_exp) <= 1e-5f * want.sum_exp,
+              "%s: row %d's record (k %d): n %d, max %.7g (whole row %.7g), sum_exp %.7g (%.7g), %d entries differ",
+              what, r, k, got->n, got->max, want.max, got->sum_exp, want.sum_exp, bad);
+        records_checked++;
+    }
+}
+
 static int run_both(side *sd, const seg_spec *ss, int n_segs, int n_vocab, const bounds *bd, stats *st,
                     const char *what) {
     char err[512];
     int rows = 0;
-    for (int w = 0; w < 2; w++) {
+    for (int w = 0; w < 3; w++) {
         eng_segment segs[8];
         for (int i = 0; i < n_segs; i++) {
             kvc_seq *q = &sd[w].seq[ss[i].seq];
@@ -142,7 +174,8 @@ static int run_both(side *sd, const seg_spec *ss, int n_segs, int n_vocab, const
                 return -1;
             }
             segs[i] = (eng_segment){.seq = q, .pos0 = ss[i].pos0, .n_tokens = ss[i].n, .tokens = ss[i].tokens,
-                                    .want_logits = true, .all_logits = ss[i].all};
+                                    .want_logits = true, .all_logits = ss[i].all,
+                                    .cands_k = w == 2 ? seg_cands_k(ss, i) : 0};
         }
         eng_batch b = {.n_segs = n_segs, .segs = segs};
         rows = eng_batch_logit_rows(&b);
@@ -187,6 +220,7 @@ static int run_both(side *sd, const seg_spec *ss, int n_segs, int n_vocab, const
         st->sum_rel += rel;
         st->rows++;
     }
+    check_records(sd, ss, n_segs, n_vocab, what);
     return rows;
 }
 
@@ -213,15 +247,20 @@ static double nll(const float *logits, int n_vocab, const int32_t *targets, int 
 
 static void run_codec(const eng_model *m, const int32_t *ids, int n_ids, const char *k, const char *v) {
     char err[512];
-    side sd[2];
+    side sd[3];   /* cpu, cuda, cuda asked for records */
     const int nv = m->cfg.n_vocab;
     memset(sd, 0, sizeof sd);
-    if (side_open(&sd[0], m, k, v, "cpu", err, sizeof err) || side_open(&sd[1], m, k, v, "cuda", err, sizeof err)) {
+    if (side_open(&sd[0], m, k, v, "cpu", err, sizeof err) || side_open(&sd[1], m, k, v, "cuda", err, sizeof err) ||
+        side_open(&sd[2], m, k, v, "cuda", err, sizeof err)) {
         printf("FAIL: %s/%s: %s\n", k, v, err);
         failures++;
-        side_close(&sd[0]);
-        side_close(&sd[1]);
+        for (int w = 0; w < 3; w++)
+            side_close(&sd[w]);
         return;
+    }
+    if (sd[2].be->cands_max < 128) {
+        printf("FAIL: %s/%s: the cuda backend returns records of at most %d entries\n", k, v, sd[2].be->cands_max);
+        failures++;
     }
     stats st = {0};
     char what[96];
@@ -252,7 +291,7 @@ static void run_codec(const eng_model *m, const int32_t *ids, int n_ids, const c
     if (run_both(sd, b2s, 1, nv, bd, &st, what) < 0)
         goto out;
     /* 3 */
-    for (int w = 0; w < 2; w++) {
+    for (int w = 0; w < 3; w++) {
         kvc_seq_release(sd[w].pool, &sd[w].seq[2]);
         if (kvc_seq_fork(sd[w].pool, &sd[w].seq[0], &sd[w].seq[3]) != KVC_OK) {
             printf("FAIL: fork\n");
@@ -293,8 +332,8 @@ static void run_codec(const eng_model *m, const int32_t *ids, int n_ids, const c
            "perplexity of 598 tokens: cpu %.4f cuda %.4f\n",
            k, v, st.rows, st.max_rel, st.sum_rel / st.rows, st.greedy_diff, st.ties, ppl_c, ppl_g);
 out:
-    side_close(&sd[0]);
-    side_close(&sd[1]);
+    for (int w = 0; w < 3; w++)
+        side_close(&sd[w]);
 }
 
 int main(int argc, char **argv) {
@@ -355,6 +394,8 @@ int main(int argc, char **argv) {
     }
     free(ids);
     eng_model_free(m);
+    CHECK(records_checked > 0, "no record checked");
+    printf("records: %d checked against the whole rows' reduction\n", records_checked);
     printf("gpu_engine: %d failure%s\n", failures, failures == 1 ? "" : "s");
     return failures ? 1 : 0;
 }

@@ -861,3 +861,60 @@ Test(engine, priority_preemption_victim) {
     for (int k = 0; k < N; k++)
         assert_same_output(&big[k], &small[k], k);
 }
+
+/* ---- rows as records (eng_cands), as the cuda backend returns them ---------------------- */
+
+/* The same requests with whole rows and with records (the CPU backend
+ * reduces its rows when KVSERVE_CPU_CANDS=1): the same tokens and texts,
+ * greedy and seeded top-k (with top-p and min-p), n = 2, and requests whose
+ * penalties or filters need whole rows beside them in the same steps. */
+Test(engine, records_draw_the_rows_tokens) {
+    enum { N = 12 };
+    static test_req reqs[N];
+    static result out[2][N];
+    memset(out, 0, sizeof out);
+    uint64_t rng = 4242;
+    for (int k = 0; k < N; k++) {
+        make_req(&reqs[k], &rng, 5 + (int)(rng_next(&rng) % 60), 12 + k, k % 3 ? 0.8f : 0.0f, 500 + (uint64_t)k);
+        eng_sampling_params *p = &reqs[k].req.sampling;
+        reqs[k].req.ignore_eos = true;
+        reqs[k].req.logprobs = k % 2 == 0;
+        if (k % 3 == 1)
+            p->top_k = 1 + k * 10, p->top_p = 0.9f;
+        if (k % 3 == 2)
+            p->top_k = 5, p->min_p = 0.05f;
+        if (k == 5)
+            p->top_k = 0;           /* top-p over the whole row: no record */
+        if (k == 7)
+            p->presence_penalty = 0.7f;   /* a penalty: no record */
+        if (k == 9)
+            reqs[k].req.n = 2;
+    }
+    uint64_t records[2];
+    for (int pass = 0; pass < 2; pass++) {
+        setenv("KVSERVE_CPU_CANDS", pass ? "1" : "0", 1);
+        eng_engine *e = make_engine(FIXTURE, (size_t)256 * FIXTURE_PAGE_BYTES, 0, 32, 96, 32);
+        for (int k = 0; k < N; k++)
+            submit_ok(e, &reqs[k].req, &out[pass][k]);
+        wait_idle(e);
+        eng_engine_stats st;
+        eng_engine_stats_get(e, &st);
+        records[pass] = st.record_rows;
+        cr_assert_gt(st.logit_rows, st.record_rows);
+        assert_no_pages_used(e);
+        eng_engine_destroy(e);
+    }
+    cr_assert_eq(records[0], 0);
+    cr_assert_gt(records[1], 100, "%llu rows came as records", (unsigned long long)records[1]);
+    for (int k = 0; k < N; k++)
+        for (int c = 0; c < reqs[k].req.n; c++) {
+            const result *a = &out[0][k], *b = &out[1][k];
+            cr_assert_eq(a->n_tokens[c], b->n_tokens[c], "request %d choice %d", k, c);
+            cr_assert_eq(memcmp(a->tokens[c], b->tokens[c], sizeof(int32_t) * (size_t)a->n_tokens[c]), 0,
+                         "request %d choice %d: tokens differ", k, c);
+            cr_assert_str_eq(a->text[c], b->text[c]);
+            for (int i = 0; i < a->n_tokens[c]; i++)
+                cr_assert_float_eq(a->logprobs[c][i], b->logprobs[c][i], 1e-5, "request %d choice %d logprob %d", k,
+                                   c, i);
+        }
+}
