@@ -81,20 +81,7 @@ extern "C" {
 #include "cache/pool_internal.h"
 }
 #include "cache/cuda/kvc_cuda.h"
-#include "tests/cuda/check.cuh"
-
-static int g_fail = 0, g_checks = 0;
-
-#define EXPECT(cond, ...)                                                                 \
-    do {                                                                                  \
-        g_checks++;                                                                       \
-        if (!(cond)) {                                                                    \
-            g_fail++;                                                                     \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                   \
-            printf(__VA_ARGS__);                                                          \
-            printf("\n");                                                                 \
-        }                                                                                 \
-    } while (0)
+#include "tests/cuda/expect.cuh"
 
 static uint64_t rng_state;
 static float frand(void) {   /* uniform [-1, 1), splitmix64 */

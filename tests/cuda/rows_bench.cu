@@ -18,15 +18,7 @@
 #include <vector>
 
 #include "engine/cuda/rows.cuh"
-
-#define CU(call)                                                                                               \
-    do {                                                                                                       \
-        cudaError_t e_ = (call);                                                                               \
-        if (e_ != cudaSuccess) {                                                                               \
-            fprintf(stderr, "rows_bench: %s: %s\n", #call, cudaGetErrorString(e_));                            \
-            exit(1);                                                                                           \
-        }                                                                                                      \
-    } while (0)
+#include "tests/cuda/check.cuh"
 
 struct model {
     const char *name;
@@ -42,8 +34,8 @@ static const model MODELS[] = {
 
 static void *dalloc(size_t bytes) {
     void *p = NULL;
-    CU(cudaMalloc(&p, bytes));
-    CU(cudaMemset(p, 0, bytes));
+    CK(cudaMalloc(&p, bytes));
+    CK(cudaMemset(p, 0, bytes));
     return p;
 }
 
@@ -60,7 +52,7 @@ static void bench(const model &m, int T, cublasHandle_t blas) {
             for (size_t k = 0; k < h.size(); k++)
                 h[k] = __float2half_rn((float)((k * 2654435761u) % 1000) * 1e-5f - 5e-3f);
             w[4 * c + i] = (__half *)dalloc(h.size() * sizeof(__half));
-            CU(cudaMemcpy(w[4 * c + i], h.data(), h.size() * sizeof(__half), cudaMemcpyHostToDevice));
+            CK(cudaMemcpy(w[4 * c + i], h.data(), h.size() * sizeof(__half), cudaMemcpyHostToDevice));
         }
     const size_t wide = (size_t)std::max(std::max(m.hidden, q_dim), 2 * m.ffn);
     float *xf = (float *)dalloc((size_t)T * wide * sizeof(float));
@@ -103,18 +95,18 @@ static void bench(const model &m, int T, cublasHandle_t blas) {
         a[i].counters = counters;
     }
     cudaStream_t st;
-    CU(cudaStreamCreate(&st));
+    CK(cudaStreamCreate(&st));
     if (cublasSetStream(blas, st) != CUBLAS_STATUS_SUCCESS) exit(1);
     cudaEvent_t e0, e1;
-    CU(cudaEventCreate(&e0));
-    CU(cudaEventCreate(&e1));
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
     auto pass = [&](bool fused) {
         for (int c = 0; c < copies; c++)
             for (int i = 0; i < 4; i++) {
                 if (fused) {
                     eng_rows_args r = a[i];
                     r.w = w[4 * c + i];
-                    CU(eng_rows_launch(&r, st));
+                    CK(eng_rows_launch(&r, st));
                 } else {
                     const float one = 1.0f, zero = 0.0f;
                     const cublasStatus_t bs =
@@ -131,15 +123,15 @@ static void bench(const model &m, int T, cublasHandle_t blas) {
     double med[2];
     for (int f = 0; f < 2; f++) {
         pass(f);
-        CU(cudaStreamSynchronize(st));
+        CK(cudaStreamSynchronize(st));
         std::vector<float> ts;
         for (int r = 0; r < 20; r++) {
-            CU(cudaEventRecord(e0, st));
+            CK(cudaEventRecord(e0, st));
             pass(f);
-            CU(cudaEventRecord(e1, st));
-            CU(cudaEventSynchronize(e1));
+            CK(cudaEventRecord(e1, st));
+            CK(cudaEventSynchronize(e1));
             float ms;
-            CU(cudaEventElapsedTime(&ms, e0, e1));
+            CK(cudaEventElapsedTime(&ms, e0, e1));
             ts.push_back(ms * 1000.0f / copies);
         }
         std::sort(ts.begin(), ts.end());

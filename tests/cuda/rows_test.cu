@@ -32,29 +32,7 @@
 #include <vector>
 
 #include "engine/cuda/rows.cuh"
-
-static int failures, checks;
-
-#define CHECK(cond, ...)                                                                                       \
-    do {                                                                                                       \
-        checks++;                                                                                              \
-        if (!(cond)) {                                                                                         \
-            if (++failures <= 40) {                                                                            \
-                printf("FAIL: ");                                                                              \
-                printf(__VA_ARGS__);                                                                           \
-                printf("\n");                                                                                  \
-            }                                                                                                  \
-        }                                                                                                      \
-    } while (0)
-
-#define CU(call)                                                                                               \
-    do {                                                                                                       \
-        cudaError_t e_ = (call);                                                                               \
-        if (e_ != cudaSuccess) {                                                                               \
-            printf("FAIL: %s: %s\n", #call, cudaGetErrorString(e_));                                           \
-            exit(1);                                                                                           \
-        }                                                                                                      \
-    } while (0)
+#include "tests/cuda/expect.cuh"
 
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
 static double uniform() {   /* [-1, 1) */
@@ -65,8 +43,8 @@ static float h(double v) { return __half2float(__float2half_rn((float)v)); }
 
 template <typename T> static T *upload(const std::vector<T> &v) {
     T *d = NULL;
-    CU(cudaMalloc(&d, v.size() * sizeof(T)));
-    CU(cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+    CK(cudaMalloc(&d, v.size() * sizeof(T)));
+    CK(cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
     return d;
 }
 
@@ -173,20 +151,20 @@ static void run(const shape &s, int T) {
         a.ws = d_ws;
         a.counters = d_cnt;
     }
-    CHECK(eng_rows_fits(&a), "%s T %d: eng_rows_fits refused it", s.what, T);
-    CU(eng_rows_launch(&a, 0));
-    CU(cudaDeviceSynchronize());
+    EXPECT(eng_rows_fits(&a), "%s T %d: eng_rows_fits refused it", s.what, T);
+    CK(eng_rows_launch(&a, 0));
+    CK(cudaDeviceSynchronize());
     if (d_cnt) {   /* the counters left 0 for the next launch */
         std::vector<int> cnt(n_cnt);
-        CU(cudaMemcpy(cnt.data(), d_cnt, n_cnt * sizeof(int), cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(cnt.data(), d_cnt, n_cnt * sizeof(int), cudaMemcpyDeviceToHost));
         int nonzero = 0;
         for (int v : cnt) nonzero += v != 0;
-        CHECK(nonzero == 0, "%s T %d: %d slice counters left non-zero", s.what, T, nonzero);
+        EXPECT(nonzero == 0, "%s T %d: %d slice counters left non-zero", s.what, T, nonzero);
     }
     std::vector<float> y(y0.size());
     std::vector<__half> yh(yh0.size());
-    CU(cudaMemcpy(y.data(), d_y, y.size() * sizeof(float), cudaMemcpyDeviceToHost));
-    CU(cudaMemcpy(yh.data(), d_yh, yh.size() * sizeof(__half), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(y.data(), d_y, y.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(yh.data(), d_yh, yh.size() * sizeof(__half), cudaMemcpyDeviceToHost));
 
     double worst = 0;   /* largest error / bound */
     int bad = 0;
@@ -226,7 +204,7 @@ static void run(const shape &s, int T) {
                 worst = e / bound;
             }
         }
-    CHECK(bad == 0, "%s T %d: %d of %d outputs outside their bounds", s.what, T, bad, T * out_cols);
+    EXPECT(bad == 0, "%s T %d: %d of %d outputs outside their bounds", s.what, T, bad, T * out_cols);
     int touched = 0;   /* rows past T */
     for (int t = T; t < TA; t++)
         for (int o = 0; o < out_cols; o++) {
@@ -236,7 +214,7 @@ static void run(const shape &s, int T) {
                                                           : !isnan(y[i]);
             touched += written;
         }
-    CHECK(touched == 0, "%s T %d: %d outputs past row T written", s.what, T, touched);
+    EXPECT(touched == 0, "%s T %d: %d outputs past row T written", s.what, T, touched);
     printf("%-44s T %2d: %6d outputs, largest error %.2f of its bound%s\n", s.what, T, T * out_cols, worst,
            ws_floats ? " (column slices)" : "");
     void *bufs[] = {d_y, d_yh, d_w, d_xf, d_nw, d_bias, d_if, d_xh, d_pos, d_ws, d_cnt};
@@ -275,23 +253,23 @@ int main(void) {
     a.x_stride = 4096;
     a.x_f32 = 1;
     a.T = 1;
-    CHECK(!eng_rows_fits(&a), "4096 float columns admitted without a workspace for their slices");
+    EXPECT(!eng_rows_fits(&a), "4096 float columns admitted without a workspace for their slices");
     a.cols = 1024;
     a.x_stride = 1024;
     a.T = 65;
-    CHECK(!eng_rows_fits(&a), "T 65 admitted");
+    EXPECT(!eng_rows_fits(&a), "T 65 admitted");
     a.T = 16;
     a.cols = 1000;
-    CHECK(!eng_rows_fits(&a), "1000 columns (not a multiple of 32) admitted");
+    EXPECT(!eng_rows_fits(&a), "1000 columns (not a multiple of 32) admitted");
     a.cols = 1024;
     a.epi = ENG_ROWS_SWIGLU;
     a.rows = 48;
-    CHECK(!eng_rows_fits(&a), "SwiGLU over 48 rows (24 + 24) admitted");
+    EXPECT(!eng_rows_fits(&a), "SwiGLU over 48 rows (24 + 24) admitted");
     a.rows = 64;
     a.bias = (const float *)&a;
-    CHECK(!eng_rows_fits(&a), "SwiGLU with a bias admitted");
-    CHECK(eng_rows_launch(&a, 0) == cudaErrorInvalidValue, "eng_rows_launch ran a product eng_rows_fits refuses");
+    EXPECT(!eng_rows_fits(&a), "SwiGLU with a bias admitted");
+    EXPECT(eng_rows_launch(&a, 0) == cudaErrorInvalidValue, "eng_rows_launch ran a product eng_rows_fits refuses");
 
-    printf("rows_test: %d checks, %d failed\n", checks, failures);
-    return failures ? 1 : 0;
+    printf("rows_test: %d checks, %d failed\n", g_checks, g_fail);
+    return g_fail ? 1 : 0;
 }
