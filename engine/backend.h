@@ -30,8 +30,12 @@ typedef struct {
     bool all_logits;         /* logits of every token (perplexity) */
     /* > 0 (want_logits only, at most the backend's cands_max): the last
      * token's row comes back as its record instead, an eng_cands with
-     * cands_k entries in the row's first bytes (engine/sampler.h) */
+     * cands_k entries in the row's first bytes (engine/sampler.h);
+     * ENG_CANDS_DRAW (where the backend has cands_draw): the record of the
+     * row's draw at draw_u and draw_inv_temp (eng_cands_draw) */
     int cands_k;
+    float draw_inv_temp;
+    double draw_u;
 } eng_segment;
 
 typedef struct {
@@ -96,6 +100,7 @@ struct eng_backend {
     const char *desc;        /* for logs: "cpu, 2 threads", "cuda, device 0 (NVIDIA H200)" */
     unsigned absorbed;       /* ENG_ABSORBED_K | ENG_ABSORBED_V, as eng_backend_options.absorb allowed */
     int cands_max;           /* the largest eng_segment.cands_k it takes (0: whole rows only) */
+    bool cands_draw;         /* it takes cands_k ENG_CANDS_DRAW */
     /* logits: (eng_batch_logit_rows(b), n_vocab). Returns 0, or -1 with a
      * message (a position past the model's limit, out of memory). */
     int (*forward)(eng_backend *be, const eng_batch *b, float *logits, char *err, size_t errlen);

@@ -473,7 +473,19 @@ static bool is_stop_id(const eng_req *r, int32_t tok) {
  * (eng_segment.cands_k); 0: the whole row. */
 static int seq_cands_k(const eng_engine *e, const eng_seq *s) {
     const int k = eng_sampler_cands_k(s->sampler);
+    if (k == ENG_CANDS_DRAW) /* not for choices still to fork: each draws from the row itself */
+        return e->backend->cands_draw && (s->req->forked || s->req->n == 1) ? k : 0;
     return k <= e->backend->cands_max ? k : 0;
+}
+
+/* Segment k's record request for S (want_logits): a record, a draw (its
+ * uniform taken from the stream now), or the whole row. */
+static void seg_ask(eng_engine *e, eng_segment *g, eng_seq *s) {
+    g->cands_k = seq_cands_k(e, s);
+    if (g->cands_k == ENG_CANDS_DRAW) {
+        g->draw_inv_temp = eng_sampler_inv_temp(s->sampler);
+        g->draw_u = eng_sampler_draw_uniform(s->sampler);
+    }
 }
 
 /* Draws s's next token from its row of logits (modified), or from the row's
@@ -667,11 +679,11 @@ static void step(eng_engine *e) {
 
 #define ADD_SEG(S, N)                                                                               \
     do {                                                                                            \
-        const bool want_ = (S)->n_computed + (N) == (S)->n_tokens;                                  \
         e->segs[n_segs] = (eng_segment){.seq = &(S)->kv, .pos0 = (S)->n_computed, .n_tokens = (N),     \
                                         .tokens = (S)->tokens + (S)->n_computed,                    \
-                                        .want_logits = want_,                                       \
-                                        .cands_k = want_ ? seq_cands_k(e, (S)) : 0};                \
+                                        .want_logits = (S)->n_computed + (N) == (S)->n_tokens};     \
+        if (e->segs[n_segs].want_logits)                                                            \
+            seg_ask(e, &e->segs[n_segs], (S));                                                      \
         e->seg_seq[n_segs++] = (S);                                                                 \
         budget -= (N);                                                                              \
     } while (0)
@@ -779,7 +791,7 @@ static void step(eng_engine *e) {
             s->n_computed += e->segs[k].n_tokens;
             if (e->segs[k].want_logits) {
                 e->n_logit_rows++;
-                e->n_record_rows += e->segs[k].cands_k > 0;
+                e->n_record_rows += e->segs[k].cands_k != 0;
                 on_logits(e, s, e->logits + (size_t)row++ * e->n_vocab, e->segs[k].cands_k, t1);
             }
         }

@@ -155,7 +155,7 @@ typedef struct {
     uint64_t steps;             /* forward passes run */
     uint64_t mixed_steps;       /* of which mixed prefill chunks with decode tokens */
     uint64_t logit_rows;        /* rows of logits sampled from */
-    uint64_t record_rows;       /* of which came back as records (eng_cands: the cuda backend) */
+    uint64_t record_rows;       /* of which came back as records or draws (eng_cands: the cuda backend) */
 } eng_engine_stats;
 void eng_engine_stats_get(eng_engine *e, eng_engine_stats *s);
 

@@ -501,16 +501,18 @@ static int cpu_forward(eng_backend *be, const eng_batch *b, float *logits, char 
     }
     if (n_out)
         eng_matmul(cb->tp, &m->output, cb->xb, n_out, logits, c->n_vocab);
-    /* records where asked (cands_max: KVSERVE_CPU_CANDS=1), in place */
+    /* records and draws where asked (KVSERVE_CPU_CANDS=1), in place */
     for (int i = 0, r = 0; cb->base.cands_max && i < b->n_segs; i++) {
         const eng_segment *s = &b->segs[i];
         if (s->cands_k) {
             eng_cands rec;
-            if (eng_cands_reduce(logits + (size_t)r * c->n_vocab, c->n_vocab, s->cands_k, &rec)) {
+            float *lr = logits + (size_t)r * c->n_vocab;
+            if (s->cands_k == ENG_CANDS_DRAW ? eng_cands_draw(lr, c->n_vocab, s->draw_inv_temp, s->draw_u, &rec)
+                                              : eng_cands_reduce(lr, c->n_vocab, s->cands_k, &rec)) {
                 snprintf(err, errlen, "forward: out of memory reducing a row of logits");
                 return -1;
             }
-            memcpy(logits + (size_t)r * c->n_vocab, &rec, ENG_CANDS_BYTES(s->cands_k));
+            memcpy(lr, &rec, ENG_CANDS_BYTES(rec.n));
         }
         r += s->all_logits ? s->n_tokens : s->want_logits ? 1 : 0;
     }
@@ -697,8 +699,10 @@ eng_backend *eng_backend_cpu_create(const eng_model *m, kvc_pool *pool, const en
     /* KVSERVE_CPU_CANDS=1: rows as records (eng_cands_reduce), as a GPU
      * returns them: the engine's record path without a GPU (its tests) */
     const char *ca = getenv("KVSERVE_CPU_CANDS");
-    if (ca && !strcmp(ca, "1"))
+    if (ca && !strcmp(ca, "1")) {
         cb->base.cands_max = eng_cands_fit(m->cfg.n_vocab);
+        cb->base.cands_draw = cb->base.cands_max > 0;
+    }
     cb->m = m;
     cb->pool = pool;
     const eng_model_config *c = &m->cfg;

@@ -557,11 +557,12 @@ static double sum_weights(const float *w, int n)
 }
 
 /* Draws an index of w[0, n) with probability w[i] / total, where total is
- * sum_weights(w, n) or another sum of the same values; returns it and the log
- * of that probability. The scan skips whole blocks of 16 first. */
-static int draw(uint64_t rng[4], const float *w, int n, double total, float *logprob)
+ * sum_weights(w, n) or another sum of the same values, at the uniform u01 in
+ * [0, 1); returns it and the log of that probability. The scan skips whole
+ * blocks of 16 first. */
+static int draw_at(double u01, const float *w, int n, double total, float *logprob)
 {
-    double u = rng_uniform(rng) * total;
+    double u = u01 * total;
     double acc = 0.0;
     int i = 0;
     for (; i + 16 <= n; i += 16) {
@@ -587,6 +588,12 @@ static int draw(uint64_t rng[4], const float *w, int n, double total, float *log
     if (logprob)
         *logprob = (float)(log(w[pick]) - log(total));
     return pick;
+}
+
+/* draw_at with the next uniform of the stream. */
+static int draw(uint64_t rng[4], const float *w, int n, double total, float *logprob)
+{
+    return draw_at(rng_uniform(rng), w, n, total, logprob);
 }
 
 /* The top-k draw on cand_w/cand_id[0, count), the count best logits best
@@ -696,6 +703,12 @@ fallback_greedy:
 
 _Static_assert(ENG_CANDS_MAX <= HEAP_MAX_K, "a record's draw is the heap path's");
 
+/* A logit as the sampler reads it: NaN as -inf, +inf as FLT_MAX. */
+static float sane_logit(float l)
+{
+    return isnan(l) ? -INFINITY : l > FLT_MAX ? FLT_MAX : l;
+}
+
 int eng_cands_reduce(const float *row, int n, int k, eng_cands *out)
 {
     if (k < 1 || k > n || k > ENG_CANDS_MAX)
@@ -705,10 +718,8 @@ int eng_cands_reduce(const float *row, int n, int k, eng_cands *out)
         return -1;
     float max = -INFINITY;
     for (int i = 0; i < n; i++) {
-        float l = row[i];
-        l = isnan(l) ? -INFINITY : l > FLT_MAX ? FLT_MAX : l;
-        x[i] = l;
-        max = l > max ? l : max;
+        x[i] = sane_logit(row[i]);
+        max = x[i] > max ? x[i] : max;
     }
     if (max == -INFINITY) { /* nothing finite: a uniform row, as sanitized_max leaves it */
         for (int i = 0; i < n; i++)
@@ -738,12 +749,52 @@ int eng_sampler_cands_k(const eng_sampler *s)
         return 0;
     if (p->temperature == 0.0f)
         return 1;
-    return p->top_k > 0 && p->top_k <= ENG_CANDS_MAX && p->top_k < s->n_vocab ? p->top_k : 0;
+    const bool top_k = p->top_k > 0 && p->top_k < s->n_vocab;
+    if (top_k)
+        return p->top_k <= ENG_CANDS_MAX ? p->top_k : 0;
+    return p->top_p < 1.0f || p->min_p > 0.0f ? 0 : ENG_CANDS_DRAW;
+}
+
+float eng_sampler_inv_temp(const eng_sampler *s)
+{
+    return 1.0f / fmaxf(s->params.temperature, 1e-30f);
+}
+
+double eng_sampler_draw_uniform(eng_sampler *s)
+{
+    return rng_uniform(s->rng);
+}
+
+int eng_cands_draw(const float *row, int n, float inv_temp, double u, eng_cands *out)
+{
+    if (n < 1 || !(u >= 0.0 && u < 1.0) || !(inv_temp > 0.0f && inv_temp <= FLT_MAX))
+        return -1;
+    float *w = malloc((size_t)n * sizeof *w);
+    if (!w)
+        return -1;
+    memcpy(w, row, (size_t)n * sizeof *w);
+    const float max = sanitized_max(w, n);
+    const double total = softmax_weights(w, n, max, inv_temp);
+    const int pick = draw_at(u, w, n, total, NULL);
+    bool none = true;   /* nothing finite: sanitized_max read every logit as 0 */
+    for (int i = 0; i < n && none; i++)
+        none = isnan(row[i]) || row[i] == -INFINITY;
+    free(w);
+    out->max = max;
+    out->n = 1;
+    out->sum_exp = (float)total;
+    out->c[0] = (eng_cand){.id = pick, .logit = none ? 0.0f : sane_logit(row[pick])};
+    return 0;
 }
 
 int32_t eng_sampler_sample_cands(eng_sampler *s, const eng_cands *c, float *logprob)
 {
     const eng_sampling_params *p = &s->params;
+    if (eng_sampler_cands_k(s) == ENG_CANDS_DRAW) { /* drawn by the backend */
+        if (logprob)
+            *logprob = (float)((double)(c->c[0].logit - c->max) * eng_sampler_inv_temp(s) - log((double)c->sum_exp));
+        return c->c[0].id;
+    }
     if (p->temperature == 0.0f) {
         if (logprob) /* as the row's greedy path: the best token's weight is 1 */
             *logprob = (float)-log((double)c->sum_exp);

@@ -159,7 +159,8 @@ int cmd_bench_engine(int argc, char **argv) {
     const char *model = NULL, *kv = NULL, *kv_k = NULL, *kv_v = NULL, *calib = NULL, *backend = NULL;
     int device = 0;
     int concurrency = 0, prompt_len = 256, gen_len = 128, n_requests = 0, threads = 0;
-    int max_batched = 2048, chunk = 512, block_size = 16;
+    int max_batched = 2048, chunk = 512, block_size = 16, top_k = 0;
+    float temperature = 0.0f, top_p = 1.0f;
     size_t kv_memory = 0;
     bool json = false;
     const cli_flag flags[] = {
@@ -179,6 +180,9 @@ int cmd_bench_engine(int argc, char **argv) {
         {"--max-batched-tokens", CLI_INT, &max_batched, "tokens per step (default 2048)"},
         {"--prefill-chunk", CLI_INT, &chunk, "prompt tokens of one request per step (default 512)"},
         {"--block-size", CLI_INT, &block_size, "tokens per KV page (default 16)"},
+        {"--temperature", CLI_FLOAT, &temperature, "sampling temperature (default 0: greedy); request i seeds i"},
+        {"--top-k", CLI_INT, &top_k, "top-k sampling (default 0: off)"},
+        {"--top-p", CLI_FLOAT, &top_p, "top-p sampling (default 1: off)"},
         {"--json", CLI_BOOL, &json, "print one JSON object"},
         {NULL, 0, NULL, NULL},
     };
@@ -193,6 +197,16 @@ int cmd_bench_engine(int argc, char **argv) {
     }
     if (cli_check_min("bench", flags, "--concurrency --prompt-len --gen-len --requests --block-size", 1))
         return 2;
+    eng_sampling_params sampling;
+    eng_sampling_params_default(&sampling);
+    sampling.temperature = temperature;
+    sampling.top_k = top_k > 0 ? top_k : 0;
+    sampling.top_p = top_p;
+    const char *bad = top_k < 0 ? "top_k must be >= 0" : eng_sampling_params_check(&sampling);
+    if (bad) {
+        fprintf(stderr, "kvserve bench: %s\n", bad);
+        return 2;
+    }
     if (!kv_k)
         kv_k = kv ? kv : "f16";
     if (!kv_v)
@@ -249,8 +263,7 @@ int cmd_bench_engine(int argc, char **argv) {
     }
 
     eng_request q = {0};
-    eng_sampling_params_default(&q.sampling);
-    q.sampling.temperature = 0.0f;
+    q.sampling = sampling;
     q.prompt = prompt;
     q.n_prompt = prompt_len;
     q.max_tokens = gen_len;
@@ -295,6 +308,7 @@ int cmd_bench_engine(int argc, char **argv) {
             }
             refs[submitted] = (bench_ref){&st, submitted};
             q.user = &refs[submitted];
+            q.sampling.seed = (uint64_t)submitted;
             st.reqs[submitted].t_submit = cli_now();
             pthread_mutex_unlock(&st.lock);
             int src = eng_engine_submit(e, &q, NULL, err, sizeof err);
@@ -360,13 +374,14 @@ int cmd_bench_engine(int argc, char **argv) {
                "\"ttft_p50_s\": %.4f, \"ttft_p90_s\": %.4f, \"ttft_p99_s\": %.4f, "
                "\"itl_p50_s\": %.4f, \"itl_p90_s\": %.4f, \"itl_p99_s\": %.4f, "
                "\"peak_pages_used\": %d, \"pages_total\": %d, \"block_size\": %d, \"preemptions\": %.0f, "
-               "\"steps\": %llu}\n",
+               "\"steps\": %llu, \"temperature\": %g, \"top_k\": %d, \"top_p\": %g}\n",
                eng_engine_model(e)->name ? eng_engine_model(e)->name : model, concurrency, n_requests, prompt_len,
                gen_len, kv_k, kv_v, es.bytes_per_token, backend ? backend : "cpu", threads, eng_matmul_isa(), tps,
                (produced + (double)n_requests * prompt_len) / wall, wall, percentile(ttft, (size_t)n_requests, 50),
                percentile(ttft, (size_t)n_requests, 90), percentile(ttft, (size_t)n_requests, 99),
                percentile(all_itl, n_itl, 50), percentile(all_itl, n_itl, 90), percentile(all_itl, n_itl, 99),
-               es.pages_peak, es.pages_total, block_size, preemptions, (unsigned long long)es.steps);
+               es.pages_peak, es.pages_total, block_size, preemptions, (unsigned long long)es.steps,
+               (double)temperature, sampling.top_k, (double)top_p);
     } else {
         printf("concurrency %d, %d requests of %d prompt + %d generated tokens, KV %s/%s (%zu bytes/token), "
                "backend %s\n",

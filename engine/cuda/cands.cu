@@ -1,4 +1,5 @@
-/* cands.cu: logit rows reduced to their samplers' records (cands.cuh).
+/* cands.cu: logit rows reduced to their samplers' records, or drawn from
+ * (cands.cuh).
  *
  * One block of 1024 threads a row. The first pass over the row finds its best
  * entry (the largest logit, then the lowest id), each thread's best, and the
@@ -9,7 +10,10 @@
  * (about k of them on real rows; at most 2048, else the row itself is
  * searched). Among those a radix select finds the k-th best key in four
  * passes of 8 bits (lanes of a bin added together), then the entries above
- * it and the lowest ids of those equal to it are taken and placed by rank. Logits are read as the CPU sampler reads them:
+ * it and the lowest ids of those equal to it are taken and placed by rank.
+ * A draw (plain temperature sampling) scans the weights as the CPU sampler
+ * does, in id order, each thread a run of neighbours: their sums' prefix
+ * over the block finds the run where the uniform's share of the mass ends. Logits are read as the CPU sampler reads them:
  * NaN as -inf, +inf as FLT_MAX, -0 equal to +0; a row with nothing finite
  * reads as all zeros. */
 #include <cuda_runtime.h>
@@ -53,6 +57,7 @@ struct scratch {
     int r_id[NWARP];
     float r_m[NWARP];
     float r_s[NWARP];
+    double r_d[NWARP];
     int warp_cnt[NWARP];
     uint32_t prefix;
     int need, n_eq, n_list, n_gt_seen, n_eq_seen;
@@ -200,12 +205,79 @@ __device__ void take_best(const S &src, int m, int k, uint32_t T, int need, int 
     }
 }
 
-__global__ void __launch_bounds__(NT) cands_kernel(const float *__restrict__ logits, int n, int k,
+/* A block-wide exclusive prefix sum of x over threads in order; *total the
+ * sum of all. */
+__device__ double block_exclusive_sum(double x, double *total, scratch &sh) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    double incl = x;
+    for (int o = 1; o < 32; o <<= 1) {
+        const double t = __shfl_up_sync(FULL, incl, o);
+        if (lane >= o)
+            incl += t;
+    }
+    if (lane == 31)
+        sh.r_d[warp] = incl;
+    __syncthreads();
+    double before = 0.0, all = 0.0;
+    for (int w = 0; w < NWARP; w++) {
+        before += w < warp ? sh.r_d[w] : 0.0;
+        all += sh.r_d[w];
+    }
+    *total = all;
+    return before + incl - x;
+}
+
+/* The draw of the row at uniform u and inv_temp as the CPU sampler's draw
+ * scans it: weights exp((l - max) inv_temp) in id order (each thread a run
+ * of neighbours), the first whose running sum passes u times their sum,
+ * skipping zeros (the last positive weight where rounding passes the end). */
+__device__ void draw_row(const float *row, int n, float mx, bool none, float inv_temp, double u, scratch &sh,
+                         eng_cands *rec) {
+    const int tid = threadIdx.x;
+    const int per = (n + NT - 1) / NT, lo = tid * per, hi = min(n, lo + per);
+    auto weight = [&](int i) { return none ? 1.0f : expf((sane(__ldg(row + i)) - mx) * inv_temp); };
+    float mine = 0.0f;
+    for (int i = lo; i < hi; i++)
+        mine += weight(i);
+    double total;
+    const double before = block_exclusive_sum((double)mine, &total, sh);
+    const double target = u * total;
+    if (tid == 0)
+        sh.n_list = -1;
+    __syncthreads();
+    if (mine > 0.0f && before <= target)
+        atomicMax(&sh.n_list, tid);   /* the last run that starts at or before the target */
+    __syncthreads();
+    if (tid != sh.n_list)
+        return;
+    double acc = before;
+    int pick = -1;
+    for (int i = lo; i < hi; i++) {
+        const float w = weight(i);
+        if (w <= 0.0f)
+            continue;
+        pick = i;
+        acc += w;
+        if (acc > target)
+            break;
+    }
+    rec->max = none ? 0.0f : mx;
+    rec->n = 1;
+    rec->sum_exp = (float)total;
+    rec->c[0] = eng_cand{pick, none ? 0.0f : sane(row[pick])};
+}
+
+__global__ void __launch_bounds__(NT) cands_kernel(const float *__restrict__ logits, int n,
+                                                   const eng_cands_req *__restrict__ reqs,
                                                    eng_cands *__restrict__ out) {
     __shared__ scratch sh;
     const float *row = logits + (size_t)blockIdx.x * n;
     eng_cands *rec = out + blockIdx.x;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const eng_cands_req req = reqs[blockIdx.x];
+    const int k = req.k;
+    if (!(k == ENG_CANDS_DRAW || (k >= 1 && k <= ENG_CANDS_MAX && k <= n)))
+        return;
 
     /* 1. the best entry, each thread's best key and the online sum of exp(l
      * - m), U loads in flight a thread (a row is latency, not bandwidth) */
@@ -256,6 +328,10 @@ __global__ void __launch_bounds__(NT) cands_kernel(const float *__restrict__ log
         mx = fmaxf(mx, sh.r_m[w]);
     }
     const bool none = mx == -INFINITY;   /* nothing finite: every logit reads as 0 */
+    if (k == ENG_CANDS_DRAW) {
+        draw_row(row, n, mx, none, req.inv_temp, req.u, sh, rec);
+        return;
+    }
     if (none) {
         if (tid < k)
             rec->c[tid] = eng_cand{tid, 0.0f};
@@ -325,12 +401,12 @@ __global__ void __launch_bounds__(NT) cands_kernel(const float *__restrict__ log
 
 }  // namespace
 
-cudaError_t eng_cands_launch(const float *logits, int n_rows, int n_vocab, int k, eng_cands *out,
-                             cudaStream_t stream) {
-    if (n_rows < 0 || n_vocab < 1 || k < 1 || k > ENG_CANDS_MAX || k > n_vocab)
+cudaError_t eng_cands_launch(const float *logits, int n_rows, int n_vocab, const eng_cands_req *req,
+                             eng_cands *out, cudaStream_t stream) {
+    if (n_rows < 0 || n_vocab < 1)
         return cudaErrorInvalidValue;
     if (n_rows == 0)
         return cudaSuccess;
-    cands_kernel<<<n_rows, NT, 0, stream>>>(logits, n_vocab, k, out);
+    cands_kernel<<<n_rows, NT, 0, stream>>>(logits, n_vocab, req, out);
     return cudaGetLastError();
 }

@@ -94,6 +94,7 @@ typedef struct {
     int cap_out;
     float *logits;                  /* (cap_out, n_vocab) */
     eng_cands *cands;               /* (cap_out) the rows' records (cands.cuh), where cands_max */
+    eng_cands_req *req_h, *req_d;   /* (cap_out) what each row asks: host pinned, device */
     /* per-batch integers: host pinned staging and its device copy */
     size_t cap_meta;
     int32_t *meta_h, *meta_d;
@@ -336,12 +337,18 @@ static int grow(cuda_backend *cb, int T, int n_out, size_t n_meta, size_t ws_byt
     if (n_out > cb->cap_out) {
         cudaFree(cb->logits);
         cudaFree(cb->cands);
+        cudaFreeHost(cb->req_h);
+        cudaFree(cb->req_d);
         cb->logits = NULL;
         cb->cands = NULL;
+        cb->req_h = cb->req_d = NULL;
         cb->cap_out = 0;
         CU_TRY(cudaMalloc(&cb->logits, sizeof(float) * (size_t)n_out * c->n_vocab), "logits");
-        if (cb->base.cands_max)
+        if (cb->base.cands_max) {
             CU_TRY(cudaMalloc(&cb->cands, sizeof(eng_cands) * (size_t)n_out), "logits");
+            CU_TRY(cudaMallocHost(&cb->req_h, sizeof(eng_cands_req) * (size_t)n_out), "logits");
+            CU_TRY(cudaMalloc(&cb->req_d, sizeof(eng_cands_req) * (size_t)n_out), "logits");
+        }
         cb->cap_out = n_out;
     }
     if (n_meta > cb->cap_meta) {
@@ -610,36 +617,41 @@ static int enqueue_step(cuda_backend *cb, const step_args *a, char *err, size_t 
     return 0;
 }
 
-/* The logits' copy to the caller: rows whose segment asked a record
- * (cands_k) as records, reduced here (cands.cu), the others whole. */
+/* The logits' copy to the caller: rows whose segment asked a record or a
+ * draw (cands_k) as records, made here (cands.cu), the others whole. */
 static cudaError_t copy_logits(cuda_backend *cb, const eng_batch *b, float *logits, int n_out) {
     const int n_vocab = cb->m->cfg.n_vocab;
     const size_t row_bytes = sizeof(float) * (size_t)n_vocab;
-    int kmax = 0;
-    for (int i = 0; i < b->n_segs; i++)
-        kmax = b->segs[i].cands_k > kmax ? b->segs[i].cands_k : kmax;
+    int kmax = 0, row = 0;
+    for (int i = 0; i < b->n_segs; i++) {
+        const eng_segment *s = &b->segs[i];
+        const int rows = s->all_logits ? s->n_tokens : s->want_logits ? 1 : 0;
+        for (int r = 0; r < rows && cb->base.cands_max; r++, row++)
+            cb->req_h[row] = eng_cands_req{r == rows - 1 ? s->cands_k : 0, s->draw_inv_temp, s->draw_u};
+        const int k = s->cands_k == ENG_CANDS_DRAW ? 1 : s->cands_k;
+        kmax = k > kmax ? k : kmax;
+    }
     if (!kmax)
         return cudaMemcpyAsync(logits, cb->logits, row_bytes * (size_t)n_out, cudaMemcpyDeviceToHost, cb->stream);
-    /* every row's record (kmax entries: a smaller cands_k reads its first),
-     * then the whole rows over theirs, a run of neighbours at a time */
-    cudaError_t e = eng_cands_launch(cb->logits, n_out, n_vocab, kmax, cb->cands, cb->stream);
+    /* every asked row's record, then the whole rows over the records of
+     * theirs (left as they were), a run of neighbours at a time */
+    cudaError_t e = cudaMemcpyAsync(cb->req_d, cb->req_h, sizeof(eng_cands_req) * (size_t)n_out,
+                                    cudaMemcpyHostToDevice, cb->stream);
+    if (e == cudaSuccess)
+        e = eng_cands_launch(cb->logits, n_out, n_vocab, cb->req_d, cb->cands, cb->stream);
     if (e == cudaSuccess)
         e = cudaMemcpy2DAsync(logits, row_bytes, cb->cands, sizeof(eng_cands), ENG_CANDS_BYTES(kmax), (size_t)n_out,
                               cudaMemcpyDeviceToHost, cb->stream);
-    int row = 0, run = -1;
-    for (int i = 0; i < b->n_segs && e == cudaSuccess; i++) {
-        const eng_segment *s = &b->segs[i];
-        const int rows = s->all_logits ? s->n_tokens : s->want_logits ? 1 : 0;
-        for (int r = 0; r < rows; r++, row++) {
-            const bool whole = !s->cands_k;
-            if (whole && run < 0)
-                run = row;
-            if ((!whole || row == n_out - 1) && run >= 0) {
-                const int end = whole ? row + 1 : row;
-                e = cudaMemcpyAsync(logits + (size_t)run * n_vocab, cb->logits + (size_t)run * n_vocab,
-                                    row_bytes * (size_t)(end - run), cudaMemcpyDeviceToHost, cb->stream);
-                run = -1;
-            }
+    int run = -1;
+    for (int r = 0; r < n_out && e == cudaSuccess; r++) {
+        const bool whole = !cb->req_h[r].k;
+        if (whole && run < 0)
+            run = r;
+        if ((!whole || r == n_out - 1) && run >= 0) {
+            const int end = whole ? r + 1 : r;
+            e = cudaMemcpyAsync(logits + (size_t)run * n_vocab, cb->logits + (size_t)run * n_vocab,
+                                row_bytes * (size_t)(end - run), cudaMemcpyDeviceToHost, cb->stream);
+            run = -1;
         }
     }
     return e;
@@ -981,6 +993,8 @@ static void cuda_destroy(eng_backend *be) {
     free_activations(cb);
     cudaFree(cb->logits);
     cudaFree(cb->cands);
+    cudaFreeHost(cb->req_h);
+    cudaFree(cb->req_d);
     cudaFreeHost(cb->meta_h);
     cudaFree(cb->meta_d);
     cudaFree(cb->ws);
@@ -1050,6 +1064,7 @@ static int create_impl(cuda_backend *cb, const eng_backend_options *opt, char *e
         return -1;
     }
     cb->base.cands_max = ca && !strcmp(ca, "0") ? 0 : eng_cands_fit(c->n_vocab);
+    cb->base.cands_draw = cb->base.cands_max > 0;
     const char *st = getenv("KVSERVE_CUDA_STATS");
     cb->stats = st && *st && strcmp(st, "0");
     for (int i = 0; cb->stats && i < 3; i++)

@@ -1,19 +1,22 @@
-/* cands_test.cu: engine/cuda/cands.cu's records against the CPU sampler's
- * own (eng_cands_reduce, engine/sampler.c), run on the device machine (a
- * plain program: exit status 0 when every check passes, each failure
- * printed).
+/* cands_test.cu: engine/cuda/cands.cu's records and draws against the CPU
+ * sampler's own (eng_cands_reduce, eng_cands_draw; engine/sampler.c), run on
+ * the device machine (a plain program: exit status 0 when every check
+ * passes, each failure printed).
  *
  *   cands_test            the checks
- *   cands_test --bench    also times the reduction and the copies it saves
+ *   cands_test --bench    also times the records and the copies they save
  *
  * Rows of 260 to 151,936 logits: Gaussian, on a coarse grid (many ties),
  * with NaN, +-inf, -0 beside +0, nothing finite, all equal (more ties at
  * the threshold than the kernel collects at once), 3,000 equal best logits,
- * and the best logits all in one thread's share of the row (ids 1024
- * apart, with ties); k from 1 to ENG_CANDS_MAX. Every record's entries must equal the
- * CPU's bit for bit (the same ids, in the same order, the same logits), its
- * max and n exactly, its sum_exp within 1e-5 relative (float sums in
- * another order). Records are poisoned first. */
+ * and the best logits all in one thread's share of the row (ids 1024 apart,
+ * with ties). Records of k = 1 to ENG_CANDS_MAX: every entry must equal the
+ * CPU's bit for bit (the same ids, in the same order, the same logits), max
+ * and n exactly, sum_exp within 1e-5 relative (float sums in another
+ * order). Draws at three temperatures and fresh uniforms: the CPU's token,
+ * or its neighbour where the uniform falls within rounding of their
+ * boundary (check_draws). Records are poisoned first; a request out of
+ * range leaves its record untouched. */
 #include <cuda_runtime.h>
 #include <float.h>
 #include <math.h>
@@ -22,32 +25,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "engine/cuda/cands.cuh"
-
-static int failures, checks;
-
-#define CHECK(cond, ...)                                                                                       \
-    do {                                                                                                       \
-        checks++;                                                                                              \
-        if (!(cond)) {                                                                                         \
-            if (++failures <= 40) {                                                                            \
-                printf("FAIL: ");                                                                              \
-                printf(__VA_ARGS__);                                                                           \
-                printf("\n");                                                                                  \
-            }                                                                                                  \
-        }                                                                                                      \
-    } while (0)
-
-#define CU(call)                                                                                               \
-    do {                                                                                                       \
-        cudaError_t e_ = (call);                                                                               \
-        if (e_ != cudaSuccess) {                                                                               \
-            printf("FAIL: %s: %s\n", #call, cudaGetErrorString(e_));                                           \
-            exit(1);                                                                                           \
-        }                                                                                                      \
-    } while (0)
+#include "tests/cuda/expect.cuh"
 
 static uint64_t rng = 0x2545f4914f6cdd1dull;
 static double uniform01() {
@@ -101,6 +83,18 @@ static void make_row(float *row, int n, int kind) {
 
 static bool same_bits(float a, float b) { return memcmp(&a, &b, sizeof a) == 0; }
 
+/* Device requests: every row asks the same k (ENG_CANDS_DRAW: a draw at
+ * uniform u[r], 1 / temperature inv_temp). */
+static eng_cands_req *upload_reqs(int n_rows, int k, float inv_temp, const double *u) {
+    std::vector<eng_cands_req> h(n_rows);
+    for (int r = 0; r < n_rows; r++)
+        h[r] = eng_cands_req{k, inv_temp, u ? u[r] : 0.0};
+    eng_cands_req *d;
+    CK(cudaMalloc(&d, sizeof(eng_cands_req) * n_rows));
+    CK(cudaMemcpy(d, h.data(), sizeof(eng_cands_req) * n_rows, cudaMemcpyHostToDevice));
+    return d;
+}
+
 /* Records of rows rows x n by the kernel, checked against the CPU's. */
 static void check_case(int n, int n_rows, int k, int kind) {
     std::vector<float> h((size_t)n * n_rows);
@@ -108,26 +102,28 @@ static void check_case(int n, int n_rows, int k, int kind) {
         make_row(&h[(size_t)r * n], n, r == 0 ? kind : (kind + r) % KINDS);
     float *d_rows;
     eng_cands *d_out;
-    CU(cudaMalloc(&d_rows, h.size() * sizeof(float)));
-    CU(cudaMalloc(&d_out, sizeof(eng_cands) * n_rows));
-    CU(cudaMemcpy(d_rows, h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice));
-    CU(cudaMemset(d_out, 0xff, sizeof(eng_cands) * n_rows));
-    CU(eng_cands_launch(d_rows, n_rows, n, k, d_out, 0));
-    CU(cudaDeviceSynchronize());
+    CK(cudaMalloc(&d_rows, h.size() * sizeof(float)));
+    CK(cudaMalloc(&d_out, sizeof(eng_cands) * n_rows));
+    CK(cudaMemcpy(d_rows, h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice));
+    CK(cudaMemset(d_out, 0xff, sizeof(eng_cands) * n_rows));
+    eng_cands_req *d_req = upload_reqs(n_rows, k, 0.0f, NULL);
+    CK(eng_cands_launch(d_rows, n_rows, n, d_req, d_out, 0));
+    CK(cudaDeviceSynchronize());
+    CK(cudaFree(d_req));
     std::vector<eng_cands> got(n_rows);
-    CU(cudaMemcpy(got.data(), d_out, sizeof(eng_cands) * n_rows, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(got.data(), d_out, sizeof(eng_cands) * n_rows, cudaMemcpyDeviceToHost));
     for (int r = 0; r < n_rows; r++) {
         const int rk = r == 0 ? kind : (kind + r) % KINDS;
         eng_cands want;
         if (eng_cands_reduce(&h[(size_t)r * n], n, k, &want)) {
-            CHECK(0, "eng_cands_reduce(n %d, k %d) failed", n, k);
+            EXPECT(0, "eng_cands_reduce(n %d, k %d) failed", n, k);
             continue;
         }
         const eng_cands &g = got[r];
-        CHECK(g.n == k, "n %d k %d %s row %d: n %d", n, k, kind_name[rk], r, g.n);
-        CHECK(g.max == want.max, "n %d k %d %s row %d: max %.9g, CPU %.9g", n, k, kind_name[rk], r, g.max,
+        EXPECT(g.n == k, "n %d k %d %s row %d: n %d", n, k, kind_name[rk], r, g.n);
+        EXPECT(g.max == want.max, "n %d k %d %s row %d: max %.9g, CPU %.9g", n, k, kind_name[rk], r, g.max,
               want.max);
-        CHECK(fabsf(g.sum_exp - want.sum_exp) <= 1e-5f * want.sum_exp, "n %d k %d %s row %d: sum_exp %.9g, CPU %.9g",
+        EXPECT(fabsf(g.sum_exp - want.sum_exp) <= 1e-5f * want.sum_exp, "n %d k %d %s row %d: sum_exp %.9g, CPU %.9g",
               n, k, kind_name[rk], r, g.sum_exp, want.sum_exp);
         int bad = 0;
         for (int i = 0; i < k; i++)
@@ -137,10 +133,100 @@ static void check_case(int n, int n_rows, int k, int kind) {
                            want.c[i].id, want.c[i].logit);
                 bad++;
             }
-        CHECK(!bad, "n %d k %d %s row %d: %d entries differ", n, k, kind_name[rk], r, bad);
+        EXPECT(!bad, "n %d k %d %s row %d: %d entries differ", n, k, kind_name[rk], r, bad);
     }
-    CU(cudaFree(d_rows));
-    CU(cudaFree(d_out));
+    CK(cudaFree(d_rows));
+    CK(cudaFree(d_out));
+}
+
+/* Draws of n_rows rows at fresh uniforms against eng_cands_draw's. The
+ * CPU's weights come from its own exp (AVX2 or not) and its sums from
+ * float runs of 16, the GPU's from expf and runs of a thread's share, so
+ * a draw may land on the neighbour of the CPU's token where the uniform
+ * falls within rounding of the boundary between them: each such draw must
+ * have its target within 1e-5 of the row's mass of that boundary (the
+ * double-precision running sum), and at most 1% of draws may. */
+static int draw_misses, draw_count;
+static void check_draws(int n, int n_rows, float inv_temp, int kind) {
+    std::vector<float> h((size_t)n * n_rows);
+    std::vector<double> u(n_rows);
+    for (int r = 0; r < n_rows; r++) {
+        make_row(&h[(size_t)r * n], n, r == 0 ? kind : (kind + r) % KINDS);
+        u[r] = uniform01() * 0.999999;
+    }
+    float *d_rows;
+    eng_cands *d_out;
+    CK(cudaMalloc(&d_rows, h.size() * sizeof(float)));
+    CK(cudaMalloc(&d_out, sizeof(eng_cands) * n_rows));
+    CK(cudaMemcpy(d_rows, h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice));
+    CK(cudaMemset(d_out, 0xff, sizeof(eng_cands) * n_rows));
+    eng_cands_req *d_req = upload_reqs(n_rows, ENG_CANDS_DRAW, inv_temp, u.data());
+    CK(eng_cands_launch(d_rows, n_rows, n, d_req, d_out, 0));
+    CK(cudaDeviceSynchronize());
+    std::vector<eng_cands> got(n_rows);
+    CK(cudaMemcpy(got.data(), d_out, sizeof(eng_cands) * n_rows, cudaMemcpyDeviceToHost));
+    for (int r = 0; r < n_rows; r++) {
+        const int rk = r == 0 ? kind : (kind + r) % KINDS;
+        const float *row = &h[(size_t)r * n];
+        eng_cands want;
+        if (eng_cands_draw(row, n, inv_temp, u[r], &want)) {
+            EXPECT(0, "eng_cands_draw(n %d) failed", n);
+            continue;
+        }
+        const eng_cands &g = got[r];
+        draw_count++;
+        EXPECT(g.n == 1 && g.max == want.max && fabsf(g.sum_exp - want.sum_exp) <= 1e-5f * want.sum_exp,
+               "draw n %d T %g %s row %d: n %d, max %.9g (CPU %.9g), sum %.9g (CPU %.9g)", n, 1 / inv_temp,
+               kind_name[rk], r, g.n, g.max, want.max, g.sum_exp, want.sum_exp);
+        if (g.c[0].id == want.c[0].id) {
+            EXPECT(same_bits(g.c[0].logit, want.c[0].logit), "draw n %d %s row %d: logit %.9g, CPU %.9g", n,
+                   kind_name[rk], r, g.c[0].logit, want.c[0].logit);
+            continue;
+        }
+        /* a neighbour: the boundary between the two picks against the target */
+        draw_misses++;
+        double W = 0, below = 0;
+        const int lo = std::min(g.c[0].id, want.c[0].id);
+        std::vector<double> w(n);
+        double mx = -INFINITY;
+        for (int i = 0; i < n; i++)
+            mx = std::max(mx, (double)(isnan(row[i]) ? -INFINITY : std::min(row[i], FLT_MAX)));
+        for (int i = 0; i < n; i++) {
+            const double l = isnan(row[i]) ? -INFINITY : std::min(row[i], FLT_MAX);
+            w[i] = mx == -INFINITY ? 1.0 : exp((l - mx) * inv_temp);
+            W += w[i];
+            if (i <= lo)
+                below += w[i];
+        }
+        EXPECT(g.c[0].id >= 0 && g.c[0].id < n && fabs(below - u[r] * W) <= 1e-5 * W,
+               "draw n %d T %g %s row %d: token %d, CPU %d; the boundary at %.9g of the mass, the target at %.9g", n,
+               1 / inv_temp, kind_name[rk], r, g.c[0].id, want.c[0].id, below / W, u[r]);
+    }
+    CK(cudaFree(d_req));
+    CK(cudaFree(d_rows));
+    CK(cudaFree(d_out));
+}
+
+/* The smallest of 5 timings (after a warm-up) of what enqueue puts on the
+ * default stream, in microseconds. */
+template <typename F> static float best_us(F &&enqueue) {
+    cudaEvent_t a, b;
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    float best = 0;
+    for (int it = 0; it < 6; it++) {
+        CK(cudaEventRecord(a));
+        enqueue();
+        CK(cudaEventRecord(b));
+        CK(cudaEventSynchronize(b));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, a, b));
+        if (it && (it == 1 || ms < best))
+            best = ms;
+    }
+    CK(cudaEventDestroy(a));
+    CK(cudaEventDestroy(b));
+    return 1e3f * best;
 }
 
 /* What a step's logits cost to bring back: the reduction and its records'
@@ -154,44 +240,37 @@ static void bench(void) {
             make_row(&h[(size_t)r * n], n, GAUSS);
         float *d_rows, *host;
         eng_cands *d_out;
-        CU(cudaMalloc(&d_rows, h.size() * sizeof(float)));
-        CU(cudaMalloc(&d_out, sizeof(eng_cands) * n_rows));
-        CU(cudaMallocHost(&host, h.size() * sizeof(float)));
-        CU(cudaMemcpy(d_rows, h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice));
-        cudaEvent_t a, b;
-        CU(cudaEventCreate(&a));
-        CU(cudaEventCreate(&b));
-        float ms_rows = 0;
-        for (int it = 0; it < 6; it++) {   /* the median-ish of 5 after a warm-up: the smallest */
-            CU(cudaEventRecord(a));
-            CU(cudaMemcpyAsync(host, d_rows, h.size() * sizeof(float), cudaMemcpyDeviceToHost));
-            CU(cudaEventRecord(b));
-            CU(cudaEventSynchronize(b));
-            float ms;
-            CU(cudaEventElapsedTime(&ms, a, b));
-            if (it && (it == 1 || ms < ms_rows))
-                ms_rows = ms;
-        }
-        printf("cands bench: %3d rows of %d: whole rows copied %8.1f us\n", n_rows, n, 1e3 * ms_rows);
+        CK(cudaMalloc(&d_rows, h.size() * sizeof(float)));
+        CK(cudaMalloc(&d_out, sizeof(eng_cands) * n_rows));
+        CK(cudaMallocHost(&host, h.size() * sizeof(float)));
+        CK(cudaMemcpy(d_rows, h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice));
+        eng_cands_req *d_req[3];
+        for (int ik = 0; ik < 3; ik++)
+            d_req[ik] = upload_reqs(n_rows, ks[ik], 1.0f, NULL);
+        std::vector<double> u(n_rows, 0.5);
+        eng_cands_req *d_draw = upload_reqs(n_rows, ENG_CANDS_DRAW, 1.0f, u.data());
+        const float rows_us = best_us(
+            [&] { CK(cudaMemcpyAsync(host, d_rows, h.size() * sizeof(float), cudaMemcpyDeviceToHost)); });
+        printf("cands bench: %3d rows of %d: whole rows copied %8.1f us\n", n_rows, n, rows_us);
         for (int ik = 0; ik < 3; ik++) {
-            float best = 0;
-            for (int it = 0; it < 6; it++) {
-                CU(cudaEventRecord(a));
-                CU(eng_cands_launch(d_rows, n_rows, n, ks[ik], d_out, 0));
-                CU(cudaMemcpy2DAsync(host, sizeof(float) * n, d_out, sizeof(eng_cands), ENG_CANDS_BYTES(ks[ik]),
+            const float us = best_us([&] {
+                CK(eng_cands_launch(d_rows, n_rows, n, d_req[ik], d_out, 0));
+                CK(cudaMemcpy2DAsync(host, sizeof(float) * n, d_out, sizeof(eng_cands), ENG_CANDS_BYTES(ks[ik]),
                                      n_rows, cudaMemcpyDeviceToHost));
-                CU(cudaEventRecord(b));
-                CU(cudaEventSynchronize(b));
-                float ms;
-                CU(cudaEventElapsedTime(&ms, a, b));
-                if (it && (it == 1 || ms < best))
-                    best = ms;
-            }
-            printf("cands bench: %3d rows of %d: k %3d reduced and copied %8.1f us\n", n_rows, n, ks[ik], 1e3 * best);
+            });
+            printf("cands bench: %3d rows of %d: k %3d reduced and copied %8.1f us\n", n_rows, n, ks[ik], us);
+            CK(cudaFree(d_req[ik]));
         }
-        CU(cudaFree(d_rows));
-        CU(cudaFree(d_out));
-        CU(cudaFreeHost(host));
+        const float draw_us = best_us([&] {
+            CK(eng_cands_launch(d_rows, n_rows, n, d_draw, d_out, 0));
+            CK(cudaMemcpy2DAsync(host, sizeof(float) * n, d_out, sizeof(eng_cands), ENG_CANDS_BYTES(1), n_rows,
+                                 cudaMemcpyDeviceToHost));
+        });
+        printf("cands bench: %3d rows of %d: drawn and copied %8.1f us\n", n_rows, n, draw_us);
+        CK(cudaFree(d_draw));
+        CK(cudaFree(d_rows));
+        CK(cudaFree(d_out));
+        CK(cudaFreeHost(host));
     }
 }
 
@@ -207,13 +286,46 @@ int main(int argc, char **argv) {
         for (int ik = 0; ik < 8; ik++)
             for (int kind = 0; kind < KINDS; kind++)
                 check_case(ns[in], in == 3 ? 9 : 2, ks[ik], kind);
-    /* arguments out of range are refused, nothing launched */
-    CHECK(eng_cands_launch(NULL, 1, 100, 0, NULL, 0) == cudaErrorInvalidValue, "k 0 accepted");
-    CHECK(eng_cands_launch(NULL, 1, 100, ENG_CANDS_MAX + 1, NULL, 0) == cudaErrorInvalidValue, "k 129 accepted");
-    CHECK(eng_cands_launch(NULL, 1, 10, 11, NULL, 0) == cudaErrorInvalidValue, "k > n accepted");
-    CHECK(eng_cands_launch(NULL, 0, 100, 5, NULL, 0) == cudaSuccess, "no rows refused");
-    printf("cands_test: %d checks, %d failed\n", checks, failures);
+    const float temps[3] = {1.0f, 0.6f, 1.7f};
+    for (int in = 0; in < 6; in++)
+        for (int it = 0; it < 3; it++)
+            for (int kind = 0; kind < KINDS; kind++)
+                check_draws(ns[in], 24, 1.0f / temps[it], kind);
+    EXPECT(draw_misses * 100 <= draw_count, "%d of %d draws landed beside the CPU's", draw_misses, draw_count);
+    printf("draws: %d, %d beside the CPU's token (within rounding of their boundary)\n", draw_count, draw_misses);
+    /* out of range: refused, or (a row's request) its record untouched */
+    EXPECT(eng_cands_launch(NULL, 1, 0, NULL, NULL, 0) == cudaErrorInvalidValue, "n_vocab 0 accepted");
+    EXPECT(eng_cands_launch(NULL, 0, 100, NULL, NULL, 0) == cudaSuccess, "no rows refused");
+    {
+        const int n = 100, bad_k[4] = {0, ENG_CANDS_MAX + 1, n + 1, -2};
+        std::vector<float> h(n * 4);
+        for (int r = 0; r < 4; r++)
+            make_row(&h[r * n], n, GAUSS);
+        std::vector<eng_cands_req> q(4);
+        for (int r = 0; r < 4; r++)
+            q[r] = eng_cands_req{bad_k[r], 1.0f, 0.5};
+        float *d_rows;
+        eng_cands *d_out;
+        eng_cands_req *d_req;
+        CK(cudaMalloc(&d_rows, h.size() * sizeof(float)));
+        CK(cudaMalloc(&d_out, sizeof(eng_cands) * 4));
+        CK(cudaMalloc(&d_req, sizeof(eng_cands_req) * 4));
+        CK(cudaMemcpy(d_rows, h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(d_req, q.data(), sizeof(eng_cands_req) * 4, cudaMemcpyHostToDevice));
+        CK(cudaMemset(d_out, 0x5a, sizeof(eng_cands) * 4));
+        CK(eng_cands_launch(d_rows, 4, n, d_req, d_out, 0));
+        std::vector<unsigned char> got(sizeof(eng_cands) * 4);
+        CK(cudaMemcpy(got.data(), d_out, got.size(), cudaMemcpyDeviceToHost));
+        int touched = 0;
+        for (unsigned char c : got)
+            touched += c != 0x5a;
+        EXPECT(touched == 0, "requests k 0, 129, n + 1, -2: %d bytes of their records written", touched);
+        CK(cudaFree(d_rows));
+        CK(cudaFree(d_out));
+        CK(cudaFree(d_req));
+    }
+    printf("cands_test: %d checks, %d failed\n", g_checks, g_fail);
     if (do_bench)
         bench();
-    return failures ? 1 : 0;
+    return g_fail ? 1 : 0;
 }

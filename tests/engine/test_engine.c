@@ -865,9 +865,10 @@ Test(engine, priority_preemption_victim) {
 /* ---- rows as records (eng_cands), as the cuda backend returns them ---------------------- */
 
 /* The same requests with whole rows and with records (the CPU backend
- * reduces its rows when KVSERVE_CPU_CANDS=1): the same tokens and texts,
- * greedy and seeded top-k (with top-p and min-p), n = 2, and requests whose
- * penalties or filters need whole rows beside them in the same steps. */
+ * reduces its rows, and draws, when KVSERVE_CPU_CANDS=1): the same tokens
+ * and texts, greedy, seeded top-k (with top-p and min-p), temperature alone
+ * (drawn by the backend), n = 2, and requests whose penalties or filters
+ * need whole rows beside them in the same steps. */
 Test(engine, records_draw_the_rows_tokens) {
     enum { N = 12 };
     static test_req reqs[N];
@@ -889,6 +890,10 @@ Test(engine, records_draw_the_rows_tokens) {
             p->presence_penalty = 0.7f;   /* a penalty: no record */
         if (k == 9)
             reqs[k].req.n = 2;
+        if (k == 8 || k == 10)
+            p->top_k = 0, p->min_p = 0.0f, p->top_p = 1.0f;   /* temperature alone: the backend draws */
+        if (k == 10)
+            reqs[k].req.n = 2;   /* (its first token from the whole row) */
     }
     uint64_t records[2];
     for (int pass = 0; pass < 2; pass++) {

@@ -7,8 +7,10 @@ sampled logprobs within 1e-4.
 
 Runs `KVSERVE serve --backend cuda` twice (KVSERVE_CUDA_CANDS=0, then the
 default), on loopback ports 18080 and 18081. Requests: greedy chat and
-completions, seeded top-k with top-p or min-p, n = 2, logprobs (records), and
-plain temperature sampling and a presence penalty (whole rows in both runs).
+completions, seeded top-k with top-p or min-p, n = 2, logprobs (records),
+seeded temperature alone (drawn on the GPU: the same token unless the draw
+falls within float rounding of a boundary), and top-p alone and a presence
+penalty (whole rows in both runs).
 Writes $OUT/records_check.json (both runs' responses) and the servers' logs;
 exit status 1 when a request differs."""
 import json
@@ -29,7 +31,10 @@ REQS = [
     ("chat", {"messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 40, "temperature": 0.7,
               "top_k": 128, "min_p": 0.05, "seed": 11, "logprobs": True}),
     ("chat", {"messages": [{"role": "user", "content": "Tell me about cats."}], "max_tokens": 40, "temperature": 1.0,
-              "seed": 5}),
+              "seed": 5, "logprobs": True}),
+    ("completions", {"prompt": "My favourite recipe is", "max_tokens": 40, "temperature": 0.8, "seed": 9}),
+    ("chat", {"messages": [{"role": "user", "content": "Describe a forest."}], "max_tokens": 40, "temperature": 0.9,
+              "top_p": 0.9, "seed": 13}),
     ("chat", {"messages": [{"role": "user", "content": "List some fruits."}], "max_tokens": 40, "temperature": 0,
               "presence_penalty": 0.5}),
 ]
