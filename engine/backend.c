@@ -36,10 +36,13 @@ int eng_batch_check(const eng_backend *be, const eng_batch *b, const eng_model_c
     for (int i = 0; i < b->n_segs; i++) {
         const eng_segment *s = &b->segs[i];
         if (s->cands_k == ENG_CANDS_DRAW) {
-            if (!be->cands_draw || !s->want_logits || s->all_logits || !(s->draw_u >= 0.0 && s->draw_u < 1.0) ||
-                !(s->draw_inv_temp > 0.0f && s->draw_inv_temp <= 3.4e38f)) {
-                snprintf(err, errlen, "forward: segment %d asks a draw (at %g, 1 / temperature %g) %s", i, s->draw_u,
-                         (double)s->draw_inv_temp, be->cands_draw ? "out of range" : "this backend does not make");
+            const eng_draw *d = &s->draw;
+            if (!be->cands_draw || !s->want_logits || s->all_logits || !(d->u >= 0.0 && d->u < 1.0) ||
+                !(d->inv_temp > 0.0f && d->inv_temp <= 3.4e38f) || !(d->top_p > 0.0f && d->top_p <= 1.0f) ||
+                !(d->min_p >= 0.0f && d->min_p <= 1.0f)) {
+                snprintf(err, errlen, "forward: segment %d asks a draw (at %g, 1 / temperature %g, top-p %g, min-p %g) %s",
+                         i, d->u, (double)d->inv_temp, (double)d->top_p, (double)d->min_p,
+                         be->cands_draw ? "out of range" : "this backend does not make");
                 return -1;
             }
         } else if (s->cands_k && (s->cands_k < 0 || s->cands_k > be->cands_max || !s->want_logits || s->all_logits)) {

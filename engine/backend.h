@@ -32,10 +32,9 @@ typedef struct {
      * token's row comes back as its record instead, an eng_cands with
      * cands_k entries in the row's first bytes (engine/sampler.h);
      * ENG_CANDS_DRAW (where the backend has cands_draw): the record of the
-     * row's draw at draw_u and draw_inv_temp (eng_cands_draw) */
+     * row's draw by `draw` (eng_cands_draw) */
     int cands_k;
-    float draw_inv_temp;
-    double draw_u;
+    eng_draw draw;
 } eng_segment;
 
 typedef struct {

@@ -482,10 +482,8 @@ static int seq_cands_k(const eng_engine *e, const eng_seq *s) {
  * uniform taken from the stream now), or the whole row. */
 static void seg_ask(eng_engine *e, eng_segment *g, eng_seq *s) {
     g->cands_k = seq_cands_k(e, s);
-    if (g->cands_k == ENG_CANDS_DRAW) {
-        g->draw_inv_temp = eng_sampler_inv_temp(s->sampler);
-        g->draw_u = eng_sampler_draw_uniform(s->sampler);
-    }
+    if (g->cands_k == ENG_CANDS_DRAW)
+        eng_sampler_take_draw(s->sampler, &g->draw);
 }
 
 /* Draws s's next token from its row of logits (modified), or from the row's

@@ -507,7 +507,7 @@ static int cpu_forward(eng_backend *be, const eng_batch *b, float *logits, char 
         if (s->cands_k) {
             eng_cands rec;
             float *lr = logits + (size_t)r * c->n_vocab;
-            if (s->cands_k == ENG_CANDS_DRAW ? eng_cands_draw(lr, c->n_vocab, s->draw_inv_temp, s->draw_u, &rec)
+            if (s->cands_k == ENG_CANDS_DRAW ? eng_cands_draw(lr, c->n_vocab, &s->draw, &rec)
                                               : eng_cands_reduce(lr, c->n_vocab, s->cands_k, &rec)) {
                 snprintf(err, errlen, "forward: out of memory reducing a row of logits");
                 return -1;

@@ -18,7 +18,11 @@
  *      it are kept as they are, and only that bucket is ordered, by a
  *      quickselect guided by weight or count: O(n). min-p
  *      is a threshold on w. The hot loops are branch-free;
- *   5. a draw from the request's own xoshiro256** stream.
+ *   5. a draw from the request's own xoshiro256** stream: over the top-k
+ *      candidates best first; without top-k over the kept tokens in id
+ *      order (the whole row, or the nucleus and min-p's, draw_kept), so that
+ *      a backend that draws on its own device (eng_cands_draw) can scan the
+ *      same order.
  *
  * Candidate order is a strict total order (weight descending, then id
  * ascending), so the kept set is exactly defined even with tied logits, and
@@ -462,24 +466,6 @@ static int select_prefix(float *w, int32_t *id, int n, double target, bool by_co
     return lo;
 }
 
-/* Fills the candidates with the tokens whose weight is at least `threshold`
- * (branch-free) and returns their count; -1 when scratch memory runs out. */
-static int keep_at_least(eng_sampler *s, const float *w, int n, float threshold)
-{
-    int count = 0;
-    for (int i = 0; i < n; i++)
-        count += w[i] >= threshold;
-    if (!ensure_cand(s, count + 1)) /* +1: the spare slot of the last store */
-        return -1;
-    count = 0;
-    for (int i = 0; i < n; i++) {
-        s->cand_w[count] = w[i];
-        s->cand_id[count] = i;
-        count += w[i] >= threshold;
-    }
-    return count;
-}
-
 static inline int weight_key(float w)
 {
     uint32_t bits;
@@ -624,6 +610,60 @@ static int32_t draw_sorted(eng_sampler *s, int count, float max, float inv_temp,
     return s->cand_id[draw(s->rng, s->cand_w, count, sum_weights(s->cand_w, count), logprob)];
 }
 
+/* Top-p and min-p over the whole row of weights w (total their sum): the
+ * kept tokens are the nucleus, the shortest best-first prefix whose mass
+ * reaches top_p * total (all for top_p 1), with weight >= min_p; the draw at
+ * u01 scans them in id order, as draw does, against their own mass (*mass,
+ * where not NULL). The order depends on the weights alone, so a backend's
+ * draw (eng_cands_draw) takes the same token. */
+static int draw_kept(eng_sampler *s, const float *w, int n, double total, float top_p, float min_p, double u01,
+                     float *logprob, double *mass)
+{
+    float wb = 0.0f; /* the nucleus's worst entry: tokens at least as good are kept */
+    int32_t ib = INT32_MAX;
+    if (top_p < 1.0f) {
+        const int count = keep_best(s, w, n, (double)top_p * total, false);
+        if (count < 0) { /* out of scratch memory: the best token */
+            if (logprob)
+                *logprob = 0.0f;
+            if (mass)
+                *mass = 1.0;
+            return first_at(w, n, 1.0f);
+        }
+        wb = s->cand_w[0], ib = s->cand_id[0];
+        for (int j = 1; j < count; j++)
+            if (better(wb, ib, s->cand_w[j], s->cand_id[j]))
+                wb = s->cand_w[j], ib = s->cand_id[j];
+    }
+#define KEPT(i) ((w[i] > wb || (w[i] == wb && (i) <= ib)) && w[i] >= min_p)
+    double m = 0.0;
+    for (int i = 0; i < n; i += 16) {
+        float block = 0.0f;
+        for (int j = i; j < i + 16 && j < n; j++)
+            block += KEPT(j) ? w[j] : 0.0f;
+        m += block;
+    }
+    const double u = u01 * m;
+    double acc = 0.0;
+    int pick = -1;
+    for (int i = 0; i < n; i++) {
+        if (!KEPT(i) || w[i] <= 0.0f)
+            continue;
+        pick = i;
+        acc += w[i];
+        if (acc > u)
+            break;
+    }
+#undef KEPT
+    if (pick < 0) /* nothing positive kept (cannot happen: the best token is) */
+        pick = first_at(w, n, 1.0f);
+    if (logprob)
+        *logprob = (float)(log(w[pick]) - log(m));
+    if (mass)
+        *mass = m;
+    return pick;
+}
+
 /* ---- sampling ----------------------------------------------------------- */
 
 int32_t eng_sampler_sample(eng_sampler *s, float *logits, float *logprob)
@@ -660,23 +700,15 @@ int32_t eng_sampler_sample(eng_sampler *s, float *logits, float *logprob)
 
     /* weights over the whole row; total is the mass top-p is measured against */
     double total = softmax_weights(logits, n, max, inv_temp);
-    bool nucleus_done = false;
-    int count;
-    if (use_top_k) {
-        count = keep_best(s, logits, n, (double)p->top_k, true);
-    } else if (use_top_p) {
-        count = keep_best(s, logits, n, (double)p->top_p * total, false);
-        nucleus_done = true;
-    } else if (use_min_p) {
-        count = keep_at_least(s, logits, n, p->min_p);
-    } else {
-        return draw(s->rng, logits, n, total, logprob);
+    if (!use_top_k) {
+        if (!use_top_p && !use_min_p)
+            return draw(s->rng, logits, n, total, logprob);
+        return draw_kept(s, logits, n, total, p->top_p, p->min_p, rng_uniform(s->rng), logprob, NULL);
     }
+    int count = keep_best(s, logits, n, (double)p->top_k, true);
     if (count < 0)
         goto fallback_greedy;
-    if (use_top_k)
-        total = sum_weights(s->cand_w, count);
-
+    total = sum_weights(s->cand_w, count);
     /* min-p and top-p each keep a best-first prefix, so applying them in
      * either order keeps their intersection. */
     if (use_min_p) {
@@ -688,7 +720,7 @@ int32_t eng_sampler_sample(eng_sampler *s, float *logits, float *logprob)
         }
         count = kept;
     }
-    if (use_top_p && !nucleus_done)
+    if (use_top_p)
         count = select_prefix(s->cand_w, s->cand_id, count, (double)p->top_p * total, false);
     return s->cand_id[draw(s->rng, s->cand_w, count, sum_weights(s->cand_w, count), logprob)];
 
@@ -749,33 +781,41 @@ int eng_sampler_cands_k(const eng_sampler *s)
         return 0;
     if (p->temperature == 0.0f)
         return 1;
-    const bool top_k = p->top_k > 0 && p->top_k < s->n_vocab;
-    if (top_k)
+    if (p->top_k > 0 && p->top_k < s->n_vocab)
         return p->top_k <= ENG_CANDS_MAX ? p->top_k : 0;
-    return p->top_p < 1.0f || p->min_p > 0.0f ? 0 : ENG_CANDS_DRAW;
+    return ENG_CANDS_DRAW;
 }
 
-float eng_sampler_inv_temp(const eng_sampler *s)
+static float inv_temp_of(const eng_sampling_params *p)
 {
-    return 1.0f / fmaxf(s->params.temperature, 1e-30f);
+    return 1.0f / fmaxf(p->temperature, 1e-30f);
 }
 
-double eng_sampler_draw_uniform(eng_sampler *s)
+void eng_sampler_take_draw(eng_sampler *s, eng_draw *d)
 {
-    return rng_uniform(s->rng);
+    d->u = rng_uniform(s->rng);
+    d->inv_temp = inv_temp_of(&s->params);
+    d->top_p = s->params.top_p;
+    d->min_p = s->params.min_p;
 }
 
-int eng_cands_draw(const float *row, int n, float inv_temp, double u, eng_cands *out)
+int eng_cands_draw(const float *row, int n, const eng_draw *d, eng_cands *out)
 {
-    if (n < 1 || !(u >= 0.0 && u < 1.0) || !(inv_temp > 0.0f && inv_temp <= FLT_MAX))
+    if (n < 1 || !(d->u >= 0.0 && d->u < 1.0) || !(d->inv_temp > 0.0f && d->inv_temp <= FLT_MAX) ||
+        !(d->top_p > 0.0f && d->top_p <= 1.0f) || !(d->min_p >= 0.0f && d->min_p <= 1.0f))
         return -1;
     float *w = malloc((size_t)n * sizeof *w);
     if (!w)
         return -1;
     memcpy(w, row, (size_t)n * sizeof *w);
     const float max = sanitized_max(w, n);
-    const double total = softmax_weights(w, n, max, inv_temp);
-    const int pick = draw_at(u, w, n, total, NULL);
+    double total = softmax_weights(w, n, max, d->inv_temp);
+    eng_sampler scratch = {.n_vocab = n};   /* keep_best's candidates */
+    const int pick = d->top_p < 1.0f || d->min_p > 0.0f
+                         ? draw_kept(&scratch, w, n, total, d->top_p, d->min_p, d->u, NULL, &total)
+                         : draw_at(d->u, w, n, total, NULL);
+    free(scratch.cand_w);
+    free(scratch.cand_id);
     bool none = true;   /* nothing finite: sanitized_max read every logit as 0 */
     for (int i = 0; i < n && none; i++)
         none = isnan(row[i]) || row[i] == -INFINITY;
@@ -792,7 +832,7 @@ int32_t eng_sampler_sample_cands(eng_sampler *s, const eng_cands *c, float *logp
     const eng_sampling_params *p = &s->params;
     if (eng_sampler_cands_k(s) == ENG_CANDS_DRAW) { /* drawn by the backend */
         if (logprob)
-            *logprob = (float)((double)(c->c[0].logit - c->max) * eng_sampler_inv_temp(s) - log((double)c->sum_exp));
+            *logprob = (float)((double)(c->c[0].logit - c->max) * inv_temp_of(p) - log((double)c->sum_exp));
         return c->c[0].id;
     }
     if (p->temperature == 0.0f) {

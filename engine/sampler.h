@@ -66,9 +66,10 @@ int32_t eng_sampler_sample(eng_sampler *s, float *logits, float *logprob);
  * else: eng_sampler_sample_cands on a row's record draws the token, from the
  * same random stream, that eng_sampler_sample draws on the row itself. */
 #define ENG_CANDS_MAX 128
-/* eng_sampler_cands_k's answer for plain temperature sampling (no top-k,
- * top-p, min-p or penalty): the backend draws the token itself, from the
- * uniform eng_sampler_draw_uniform takes from the stream (eng_cands_draw). */
+/* eng_sampler_cands_k's answer for sampling without top-k (temperature,
+ * top-p, min-p; no penalty): the backend draws the token itself
+ * (eng_cands_draw), at the uniform eng_sampler_take_draw takes from the
+ * stream. */
 #define ENG_CANDS_DRAW (-1)
 
 typedef struct {
@@ -80,7 +81,7 @@ typedef struct {
     float max;          /* the largest logit, NaN read as -inf and +inf as FLT_MAX (0 if none is finite) */
     int32_t n;          /* entries in c */
     float sum_exp;      /* sum over the row of exp(l - max) (n_vocab if no logit is finite); a draw's
-                           record: of exp((l - max) / temperature) */
+                           record: of exp((l - max) / temperature) over the kept tokens */
     eng_cand c[ENG_CANDS_MAX];   /* the n best, best first: larger logit, then lower id (as read above;
                                     every logit 0 when none is finite) */
 } eng_cands;
@@ -100,21 +101,26 @@ static inline int eng_cands_fit(int n_vocab) {
  * memory runs out (a sanitized copy of the row) or k is out of range, else 0. */
 int eng_cands_reduce(const float *row, int n, int k, eng_cands *out);
 /* What this sampler's next draw needs: a record of 1 (greedy) or top_k
- * (<= ENG_CANDS_MAX) entries, ENG_CANDS_DRAW (plain temperature sampling:
- * a draw the backend makes), or 0: the whole row (a penalty, top-p or min-p
- * without top-k, a larger top-k). */
+ * (<= ENG_CANDS_MAX) entries, ENG_CANDS_DRAW (no top-k: a draw the backend
+ * makes), or 0: the whole row (a penalty, a larger top-k). */
 int eng_sampler_cands_k(const eng_sampler *s);
-/* For ENG_CANDS_DRAW: 1 / temperature, and the uniform in [0, 1) the next
- * draw takes from the stream (taken now: call it once a token, before the
- * forward whose row it draws from; eng_sampler_sample_cands takes none). */
-float eng_sampler_inv_temp(const eng_sampler *s);
-double eng_sampler_draw_uniform(eng_sampler *s);
-/* The draw of row[0, n) at inv_temp and uniform u, as eng_sampler_sample
- * draws it (the same weights and scan, in id order): a record with n = 1,
- * the token and its logit in c[0], max, and the weights' sum in sum_exp.
+
+/* A draw a backend makes: the uniform in [0, 1) and the filters. */
+typedef struct {
+    double u;
+    float inv_temp;     /* 1 / temperature */
+    float top_p, min_p;
+} eng_draw;
+/* For ENG_CANDS_DRAW: the next draw's arguments, its uniform taken from the
+ * stream now (once a token, before the forward whose row it draws from;
+ * eng_sampler_sample_cands then takes none). */
+void eng_sampler_take_draw(eng_sampler *s, eng_draw *d);
+/* The draw of row[0, n) by d, as eng_sampler_sample draws it (the same
+ * weights, kept set and scan in id order): a record with n = 1, the token
+ * and its logit in c[0], max, and the kept tokens' weights' sum in sum_exp.
  * The reference for the GPU's draws. -1 for arguments out of range or no
  * memory, else 0. */
-int eng_cands_draw(const float *row, int n, float inv_temp, double u, eng_cands *out);
+int eng_cands_draw(const float *row, int n, const eng_draw *d, eng_cands *out);
 /* eng_sampler_sample on a row's record: c->n >= eng_sampler_cands_k(s) >
  * 0, or a draw record (ENG_CANDS_DRAW) of the uniform the sampler gave. */
 int32_t eng_sampler_sample_cands(eng_sampler *s, const eng_cands *c, float *logprob);

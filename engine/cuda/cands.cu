@@ -61,6 +61,7 @@ struct scratch {
     int warp_cnt[NWARP];
     uint32_t prefix;
     int need, n_eq, n_list, n_gt_seen, n_eq_seen;
+    double mass_need, mass_above;
 };
 
 /* Entries read from the row itself (entry i is token i) or from a list. */
@@ -227,21 +228,152 @@ __device__ double block_exclusive_sum(double x, double *total, scratch &sh) {
     return before + incl - x;
 }
 
-/* The draw of the row at uniform u and inv_temp as the CPU sampler's draw
- * scans it: weights exp((l - max) inv_temp) in id order (each thread a run
- * of neighbours), the first whose running sum passes u times their sum,
- * skipping zeros (the last positive weight where rounding passes the end). */
-__device__ void draw_row(const float *row, int n, float mx, bool none, float inv_temp, double u, scratch &sh,
+/* A token's weight in a draw: exp((l - max) inv_temp), 1 for every token
+ * of a row with nothing finite. */
+struct weights {
+    const float *row;
+    float mx, inv_temp;
+    bool none;
+    __device__ float operator()(int i) const { return none ? 1.0f : expf((sane(__ldg(row + i)) - mx) * inv_temp); }
+};
+
+/* The nucleus's worst entry: the shortest best-first prefix of the weights
+ * (larger, then lower id) whose mass reaches target ends at the weight with
+ * key T (its bits) and the id *ib. A radix select by mass, 8 bits of the key
+ * a pass from the top, then the ties at T taken in id order until the mass
+ * is reached. */
+__device__ void nucleus_end(const weights &w, int n, double target, scratch &sh, uint32_t &T, int &ib) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    float(*mh)[256] = reinterpret_cast<float(*)[256]>(sh.l_key);   /* NHIST x 256 masses (l_key is free) */
+    uint32_t prefix = 0, mask = 0;
+    double need = target, above = 0.0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = tid; i < NHIST * 256; i += NT)
+            (&sh.hist[0][0])[i] = 0, (&mh[0][0])[i] = 0.0f;
+        __syncthreads();
+        for (int i = tid; i < n; i += NT) {
+            const float x = w(i);
+            const uint32_t key = __float_as_uint(x);
+            if ((key & mask) == prefix) {
+                const int bin = (key >> shift) & 255;
+                atomicAdd(&sh.hist[warp % NHIST][bin], 1u);
+                atomicAdd(&mh[warp % NHIST][bin], x);
+            }
+        }
+        __syncthreads();
+        if (tid < 256) {
+            uint32_t c = 0;
+            float m = 0.0f;
+            for (int h = 0; h < NHIST; h++)
+                c += sh.hist[h][tid], m += mh[h][tid];
+            sh.hist[0][tid] = c, mh[0][tid] = m;
+        }
+        __syncthreads();
+        if (tid == 0) {
+            /* from the top, the first bin whose mass reaches need (the last
+             * non-empty one where rounding leaves need above them all) */
+            double acc = 0.0;
+            int chosen = -1, last = -1;
+            for (int bin = 255; bin >= 0 && chosen < 0; bin--) {
+                if (!sh.hist[0][bin])
+                    continue;
+                last = bin;
+                if (acc + mh[0][bin] >= need)
+                    chosen = bin;
+                else
+                    acc += mh[0][bin];
+            }
+            if (chosen < 0)
+                chosen = last, acc -= mh[0][last];
+            sh.prefix = prefix | ((uint32_t)chosen << shift);
+            sh.mass_need = need - acc;
+            sh.mass_above = above + acc;
+            sh.n_eq = (int)sh.hist[0][chosen];
+        }
+        __syncthreads();
+        prefix = sh.prefix;
+        need = sh.mass_need;
+        above = sh.mass_above;
+        mask |= 255u << shift;
+    }
+    T = prefix;
+    const float wt = __uint_as_float(T);
+    const int n_eq = sh.n_eq;
+    int m = wt > 0.0f ? (int)ceil(need / (double)wt) : n_eq;
+    m = m < 1 ? 1 : m > n_eq ? n_eq : m;
+    /* the m-th lowest id among the n_eq at T */
+    if (tid == 0)
+        sh.n_eq_seen = 0;
+    __syncthreads();
+    if (n_eq <= CAP) {
+        for (int i = tid; i < n; i += NT)
+            if (__float_as_uint(w(i)) == T)
+                sh.tie_id[atomicAdd(&sh.n_eq_seen, 1)] = i;
+        __syncthreads();
+        for (int t = tid; t < n_eq; t += NT) {
+            int rank = 0;
+            for (int j = 0; j < n_eq; j++)
+                rank += sh.tie_id[j] < sh.tie_id[t];
+            if (rank == m - 1)
+                sh.n_list = sh.tie_id[t];
+        }
+    } else {
+        int taken = 0;
+        for (int base = 0; base < n && taken < m; base += NT) {
+            const int i = base + tid;
+            const bool eq = i < n && __float_as_uint(w(i)) == T;
+            const unsigned b = __ballot_sync(FULL, eq);
+            if (lane == 0)
+                sh.warp_cnt[warp] = __popc(b);
+            __syncthreads();
+            int before = taken + __popc(b & ((1u << lane) - 1)), total = 0;
+            for (int x = 0; x < NWARP; x++) {
+                before += x < warp ? sh.warp_cnt[x] : 0;
+                total += sh.warp_cnt[x];
+            }
+            if (eq && before == m - 1)
+                sh.n_list = i;
+            taken += total;
+            __syncthreads();
+        }
+    }
+    __syncthreads();
+    ib = sh.n_list;
+}
+
+/* The draw d of the row as the CPU sampler's draw scans it (draw_kept):
+ * the kept tokens (the nucleus where top_p < 1, weights >= min_p) in id
+ * order, each thread a run of neighbours, the first whose running sum
+ * passes u times their mass, skipping zeros. */
+__device__ void draw_row(const float *row, int n, float mx, bool none, const eng_draw &d, scratch &sh,
                          eng_cands *rec) {
     const int tid = threadIdx.x;
     const int per = (n + NT - 1) / NT, lo = tid * per, hi = min(n, lo + per);
-    auto weight = [&](int i) { return none ? 1.0f : expf((sane(__ldg(row + i)) - mx) * inv_temp); };
+    const weights w{row, mx, d.inv_temp, none};
+    uint32_t T = 0;          /* every key is >= 0: all kept */
+    int ib = INT32_MAX;
+    if (d.top_p < 1.0f) {
+        float mine = 0.0f;
+        for (int i = lo; i < hi; i++)
+            mine += w(i);
+        double total;
+        block_exclusive_sum((double)mine, &total, sh);
+        __syncthreads();
+        nucleus_end(w, n, (double)d.top_p * total, sh, T, ib);
+    }
+    auto kept = [&](int i, float x) {
+        const uint32_t key = __float_as_uint(x);
+        return (key > T || (key == T && i <= ib)) && x >= d.min_p;
+    };
     float mine = 0.0f;
-    for (int i = lo; i < hi; i++)
-        mine += weight(i);
-    double total;
-    const double before = block_exclusive_sum((double)mine, &total, sh);
-    const double target = u * total;
+    for (int i = lo; i < hi; i++) {
+        const float x = w(i);
+        mine += kept(i, x) ? x : 0.0f;
+    }
+    double mass;
+    __syncthreads();
+    const double before = block_exclusive_sum((double)mine, &mass, sh);
+    const double target = d.u * mass;
     if (tid == 0)
         sh.n_list = -1;
     __syncthreads();
@@ -253,17 +385,17 @@ __device__ void draw_row(const float *row, int n, float mx, bool none, float inv
     double acc = before;
     int pick = -1;
     for (int i = lo; i < hi; i++) {
-        const float w = weight(i);
-        if (w <= 0.0f)
+        const float x = w(i);
+        if (!kept(i, x) || x <= 0.0f)
             continue;
         pick = i;
-        acc += w;
+        acc += x;
         if (acc > target)
             break;
     }
     rec->max = none ? 0.0f : mx;
     rec->n = 1;
-    rec->sum_exp = (float)total;
+    rec->sum_exp = (float)mass;
     rec->c[0] = eng_cand{pick, none ? 0.0f : sane(row[pick])};
 }
 
@@ -329,7 +461,7 @@ __global__ void __launch_bounds__(NT) cands_kernel(const float *__restrict__ log
     }
     const bool none = mx == -INFINITY;   /* nothing finite: every logit reads as 0 */
     if (k == ENG_CANDS_DRAW) {
-        draw_row(row, n, mx, none, req.inv_temp, req.u, sh, rec);
+        draw_row(row, n, mx, none, req.d, sh, rec);
         return;
     }
     if (none) {

@@ -20,12 +20,11 @@ extern "C" {
 }
 
 /* What a row asks (its segment's cands_k): k > 0 its k best (k <=
- * ENG_CANDS_MAX, k <= n_vocab), ENG_CANDS_DRAW the draw at uniform u and
- * inv_temp (eng_cands_draw), 0 nothing (its whole row travels instead). */
+ * ENG_CANDS_MAX, k <= n_vocab), ENG_CANDS_DRAW the draw d (eng_cands_draw),
+ * 0 nothing (its whole row travels instead). */
 typedef struct {
     int k;
-    float inv_temp;
-    double u;
+    eng_draw d;
 } eng_cands_req;
 
 /* Records of rows [0, n_rows) of logits (row r at logits + r * n_vocab) into

@@ -627,7 +627,7 @@ static cudaError_t copy_logits(cuda_backend *cb, const eng_batch *b, float *logi
         const eng_segment *s = &b->segs[i];
         const int rows = s->all_logits ? s->n_tokens : s->want_logits ? 1 : 0;
         for (int r = 0; r < rows && cb->base.cands_max; r++, row++)
-            cb->req_h[row] = eng_cands_req{r == rows - 1 ? s->cands_k : 0, s->draw_inv_temp, s->draw_u};
+            cb->req_h[row] = eng_cands_req{r == rows - 1 ? s->cands_k : 0, s->draw};
         const int k = s->cands_k == ENG_CANDS_DRAW ? 1 : s->cands_k;
         kmax = k > kmax ? k : kmax;
     }

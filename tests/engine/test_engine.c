@@ -867,8 +867,8 @@ Test(engine, priority_preemption_victim) {
 /* The same requests with whole rows and with records (the CPU backend
  * reduces its rows, and draws, when KVSERVE_CPU_CANDS=1): the same tokens
  * and texts, greedy, seeded top-k (with top-p and min-p), temperature alone
- * (drawn by the backend), n = 2, and requests whose penalties or filters
- * need whole rows beside them in the same steps. */
+ * and top-p alone (drawn by the backend), n = 2, and a request whose
+ * penalty needs whole rows beside them in the same steps. */
 Test(engine, records_draw_the_rows_tokens) {
     enum { N = 12 };
     static test_req reqs[N];
@@ -885,7 +885,7 @@ Test(engine, records_draw_the_rows_tokens) {
         if (k % 3 == 2)
             p->top_k = 5, p->min_p = 0.05f;
         if (k == 5)
-            p->top_k = 0;           /* top-p over the whole row: no record */
+            p->top_k = 0;           /* top-p over the whole row: a draw */
         if (k == 7)
             p->presence_penalty = 0.7f;   /* a penalty: no record */
         if (k == 9)

@@ -754,9 +754,9 @@ Test(sampler, cands_k_names_what_a_record_serves)
     } cases[] = {
         {params_with(0.0f, 0, 1.0f, 0.0f, 1), 1},     {params_with(0.0f, 50, 0.5f, 0.1f, 1), 1},
         {params_with(0.7f, 40, 0.9f, 0.05f, 1), 40},  {params_with(1.0f, 128, 1.0f, 0.0f, 1), 128},
-        {params_with(1.0f, 129, 1.0f, 0.0f, 1), 0},   {params_with(1.0f, 0, 0.9f, 0.0f, 1), 0},
-        {params_with(1.0f, 0, 1.0f, 0.05f, 1), 0},    {params_with(1.0f, 1000, 1.0f, 0.0f, 1), ENG_CANDS_DRAW},
-        {params_with(0.6f, 0, 1.0f, 0.0f, 1), ENG_CANDS_DRAW}, {params_with(1.0f, 1000, 0.9f, 0.0f, 1), 0},
+        {params_with(1.0f, 129, 1.0f, 0.0f, 1), 0},   {params_with(1.0f, 0, 0.9f, 0.0f, 1), ENG_CANDS_DRAW},
+        {params_with(1.0f, 0, 1.0f, 0.05f, 1), ENG_CANDS_DRAW}, {params_with(1.0f, 1000, 1.0f, 0.0f, 1), ENG_CANDS_DRAW},
+        {params_with(0.6f, 0, 1.0f, 0.0f, 1), ENG_CANDS_DRAW}, {params_with(1.0f, 1000, 0.9f, 0.1f, 1), ENG_CANDS_DRAW},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         eng_sampler *s = eng_sampler_create(&cases[i].p, 1000);
@@ -819,44 +819,56 @@ Test(sampler, cands_draw_the_rows_tokens)
     free(row);
 }
 
-/* Plain temperature sampling: the uniform taken before the forward and the
- * row's draw at it (eng_cands_draw, as a backend draws) give the row path's
- * token and logprob, and leave the stream where the row path leaves it. */
+/* Without top-k (temperature alone, top-p, min-p, both): the draw taken
+ * before the forward and the row's draw by it (eng_cands_draw, as a backend
+ * draws) give the row path's token and logprob, and leave the stream where
+ * the row path leaves it. */
 Test(sampler, draws_at_a_taken_uniform_are_the_rows_draws)
 {
-    enum { N = 49152, DRAWS = 150 };
-    const float temps[3] = {1.0f, 0.7f, 1.6f};
+    enum { N = 49152, DRAWS = 120 };
+    const eng_sampling_params cfgs[] = {
+        params_with(1.0f, 0, 1.0f, 0.0f, 90),  params_with(0.7f, 0, 1.0f, 0.0f, 91),
+        params_with(1.6f, 0, 1.0f, 0.0f, 92),  params_with(1.0f, 0, 0.9f, 0.0f, 93),
+        params_with(0.8f, 0, 0.5f, 0.0f, 94),  params_with(1.2f, 0, 1.0f, 0.05f, 95),
+        params_with(1.0f, 0, 0.95f, 0.02f, 96),
+    };
     float *row = malloc((size_t)N * sizeof *row);
     cr_assert_not_null(row);
-    for (int t = 0; t < 3; t++) {
-        eng_sampling_params p = params_with(temps[t], 0, 1.0f, 0.0f, 90 + (uint64_t)t);
-        eng_sampler *a = eng_sampler_create(&p, N), *b = eng_sampler_create(&p, N);
+    for (size_t c = 0; c < sizeof cfgs / sizeof cfgs[0]; c++) {
+        eng_sampler *a = eng_sampler_create(&cfgs[c], N), *b = eng_sampler_create(&cfgs[c], N);
         cr_assert(a && b);
         cr_assert_eq(eng_sampler_cands_k(b), ENG_CANDS_DRAW);
         int distinct = 0, last = -1;
         for (int d = 0; d < DRAWS; d++) {
             cands_row(row, N, d % 13 == 4 ? 1 : d % 31 == 9 ? 2 : 0);
-            const double u = eng_sampler_draw_uniform(b);
+            eng_draw dr;
+            eng_sampler_take_draw(b, &dr);
             eng_cands rec;
-            cr_assert_eq(eng_cands_draw(row, N, eng_sampler_inv_temp(b), u, &rec), 0);
+            cr_assert_eq(eng_cands_draw(row, N, &dr, &rec), 0);
             cr_assert_eq(rec.n, 1);
             float lp_row, lp_rec;
             const int32_t t_row = sample_copy(a, row, N, &lp_row);
             const int32_t t_rec = eng_sampler_sample_cands(b, &rec, &lp_rec);
-            cr_assert_eq(t_row, t_rec, "temperature %g draw %d", temps[t], d);
-            cr_assert_float_eq(lp_row, lp_rec, 1e-4, "temperature %g draw %d", temps[t], d);
+            cr_assert_eq(t_row, t_rec, "config %zu draw %d", c, d);
+            cr_assert_float_eq(lp_row, lp_rec, 1e-4, "config %zu draw %d", c, d);
             distinct += t_row != last;
             last = t_row;
         }
-        cr_assert_gt(distinct, DRAWS / 2);
+        cr_assert_gt(distinct, DRAWS / 3, "config %zu", c);
         /* the streams are in step */
-        cr_assert_eq(eng_sampler_draw_uniform(a), eng_sampler_draw_uniform(b));
+        eng_draw da, db;
+        eng_sampler_take_draw(a, &da);
+        eng_sampler_take_draw(b, &db);
+        cr_assert_eq(da.u, db.u);
         eng_sampler_free(a);
         eng_sampler_free(b);
     }
     eng_cands rec;
-    cr_assert_eq(eng_cands_draw(row, N, 1.0f, 1.0, &rec), -1);
-    cr_assert_eq(eng_cands_draw(row, N, 0.0f, 0.5, &rec), -1);
+    eng_draw bad = {.u = 1.0, .inv_temp = 1.0f, .top_p = 1.0f, .min_p = 0.0f};
+    cr_assert_eq(eng_cands_draw(row, N, &bad, &rec), -1);
+    bad.u = 0.5, bad.inv_temp = 0.0f;
+    cr_assert_eq(eng_cands_draw(row, N, &bad, &rec), -1);
+    bad.inv_temp = 1.0f, bad.top_p = 0.0f;
+    cr_assert_eq(eng_cands_draw(row, N, &bad, &rec), -1);
     free(row);
 }
-
