@@ -79,6 +79,26 @@ struct list_src {
     static constexpr bool ORDERED = false;
 };
 
+/* For a chunk of neighbouring ids (thread t: the chunk's id t): the rank in
+ * id order of this thread's entry among the chunk's entries with eq,
+ * counting `taken` entries before the chunk; taken then counts the chunk's
+ * too. Every thread of the block calls it. */
+__device__ int chunk_rank(bool eq, int &taken, scratch &sh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const unsigned b = __ballot_sync(FULL, eq);
+    if (lane == 0)
+        sh.warp_cnt[warp] = __popc(b);
+    __syncthreads();
+    int before = taken + __popc(b & ((1u << lane) - 1)), total = 0;
+    for (int w = 0; w < NWARP; w++) {
+        before += w < warp ? sh.warp_cnt[w] : 0;
+        total += sh.warp_cnt[w];
+    }
+    taken += total;
+    __syncthreads();
+    return before;
+}
+
 /* The k-th largest key T of entries [0, m) (k <= m), 8 bits a pass from the
  * top: how many entries equal T (n_eq) and how many of them the k best take
  * (need). */
@@ -149,7 +169,7 @@ __device__ void radix_kth(const S &src, int m, int k, scratch &sh, uint32_t &T, 
 template <class S>
 __device__ void take_best(const S &src, int m, int k, uint32_t T, int need, int n_eq, const float *row, scratch &sh,
                           eng_cands *rec) {
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int tid = threadIdx.x;
     const int n_gt = k - need;
     if (tid == 0)
         sh.n_gt_seen = 0, sh.n_eq_seen = 0;
@@ -180,19 +200,9 @@ __device__ void take_best(const S &src, int m, int k, uint32_t T, int need, int 
         for (int base = 0; base < m && taken < need; base += NT) {
             const int i = base + tid;
             const bool eq = i < m && src.key(i) == T;
-            const unsigned b = __ballot_sync(FULL, eq);
-            if (lane == 0)
-                sh.warp_cnt[warp] = __popc(b);
-            __syncthreads();
-            int before = taken + __popc(b & ((1u << lane) - 1)), total = 0;
-            for (int w = 0; w < NWARP; w++) {
-                before += w < warp ? sh.warp_cnt[w] : 0;
-                total += sh.warp_cnt[w];
-            }
+            const int before = chunk_rank(eq, taken, sh);
             if (eq && before < need)
                 sh.c_key[n_gt + before] = T, sh.c_id[n_gt + before] = i;
-            taken += total;
-            __syncthreads();
         }
     }
     __syncthreads();
@@ -243,7 +253,7 @@ struct weights {
  * a pass from the top, then the ties at T taken in id order until the mass
  * is reached. */
 __device__ void nucleus_end(const weights &w, int n, double target, scratch &sh, uint32_t &T, int &ib) {
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int tid = threadIdx.x, warp = tid >> 5;
     float(*mh)[256] = reinterpret_cast<float(*)[256]>(sh.l_key);   /* NHIST x 256 masses (l_key is free) */
     uint32_t prefix = 0, mask = 0;
     double need = target, above = 0.0;
@@ -322,19 +332,8 @@ __device__ void nucleus_end(const weights &w, int n, double target, scratch &sh,
         for (int base = 0; base < n && taken < m; base += NT) {
             const int i = base + tid;
             const bool eq = i < n && __float_as_uint(w(i)) == T;
-            const unsigned b = __ballot_sync(FULL, eq);
-            if (lane == 0)
-                sh.warp_cnt[warp] = __popc(b);
-            __syncthreads();
-            int before = taken + __popc(b & ((1u << lane) - 1)), total = 0;
-            for (int x = 0; x < NWARP; x++) {
-                before += x < warp ? sh.warp_cnt[x] : 0;
-                total += sh.warp_cnt[x];
-            }
-            if (eq && before == m - 1)
+            if (chunk_rank(eq, taken, sh) == m - 1 && eq)
                 sh.n_list = i;
-            taken += total;
-            __syncthreads();
         }
     }
     __syncthreads();

@@ -97,23 +97,33 @@ static eng_cands_req *upload_reqs(int n_rows, int k, eng_draw d, const double *u
     return dev;
 }
 
-/* Records of rows rows x n by the kernel, checked against the CPU's. */
-static void check_case(int n, int n_rows, int k, int kind) {
-    std::vector<float> h((size_t)n * n_rows);
-    for (int r = 0; r < n_rows; r++)
-        make_row(&h[(size_t)r * n], n, r == 0 ? kind : (kind + r) % KINDS);
+/* The kernel's records of the rows h (n_rows x n), each asking k (draws: d
+ * at u[r]), poisoned first. */
+static std::vector<eng_cands> run_rows(const std::vector<float> &h, int n, int n_rows, int k, eng_draw d,
+                                       const double *u) {
     float *d_rows;
     eng_cands *d_out;
     CK(cudaMalloc(&d_rows, h.size() * sizeof(float)));
     CK(cudaMalloc(&d_out, sizeof(eng_cands) * n_rows));
     CK(cudaMemcpy(d_rows, h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice));
     CK(cudaMemset(d_out, 0xff, sizeof(eng_cands) * n_rows));
-    eng_cands_req *d_req = upload_reqs(n_rows, k, eng_draw{0.0, 1.0f, 1.0f, 0.0f}, NULL);
+    eng_cands_req *d_req = upload_reqs(n_rows, k, d, u);
     CK(eng_cands_launch(d_rows, n_rows, n, d_req, d_out, 0));
     CK(cudaDeviceSynchronize());
-    CK(cudaFree(d_req));
     std::vector<eng_cands> got(n_rows);
     CK(cudaMemcpy(got.data(), d_out, sizeof(eng_cands) * n_rows, cudaMemcpyDeviceToHost));
+    CK(cudaFree(d_req));
+    CK(cudaFree(d_rows));
+    CK(cudaFree(d_out));
+    return got;
+}
+
+/* Records of rows rows x n by the kernel, checked against the CPU's. */
+static void check_case(int n, int n_rows, int k, int kind) {
+    std::vector<float> h((size_t)n * n_rows);
+    for (int r = 0; r < n_rows; r++)
+        make_row(&h[(size_t)r * n], n, r == 0 ? kind : (kind + r) % KINDS);
+    const std::vector<eng_cands> got = run_rows(h, n, n_rows, k, eng_draw{0.0, 1.0f, 1.0f, 0.0f}, NULL);
     for (int r = 0; r < n_rows; r++) {
         const int rk = r == 0 ? kind : (kind + r) % KINDS;
         eng_cands want;
@@ -137,8 +147,6 @@ static void check_case(int n, int n_rows, int k, int kind) {
             }
         EXPECT(!bad, "n %d k %d %s row %d: %d entries differ", n, k, kind_name[rk], r, bad);
     }
-    CK(cudaFree(d_rows));
-    CK(cudaFree(d_out));
 }
 
 /* Draws of n_rows rows at fresh uniforms against eng_cands_draw's. The
@@ -157,17 +165,7 @@ static void check_draws(int n, int n_rows, eng_draw dr, int kind) {
         make_row(&h[(size_t)r * n], n, r == 0 ? kind : (kind + r) % KINDS);
         u[r] = uniform01() * 0.999999;
     }
-    float *d_rows;
-    eng_cands *d_out;
-    CK(cudaMalloc(&d_rows, h.size() * sizeof(float)));
-    CK(cudaMalloc(&d_out, sizeof(eng_cands) * n_rows));
-    CK(cudaMemcpy(d_rows, h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice));
-    CK(cudaMemset(d_out, 0xff, sizeof(eng_cands) * n_rows));
-    eng_cands_req *d_req = upload_reqs(n_rows, ENG_CANDS_DRAW, dr, u.data());
-    CK(eng_cands_launch(d_rows, n_rows, n, d_req, d_out, 0));
-    CK(cudaDeviceSynchronize());
-    std::vector<eng_cands> got(n_rows);
-    CK(cudaMemcpy(got.data(), d_out, sizeof(eng_cands) * n_rows, cudaMemcpyDeviceToHost));
+    const std::vector<eng_cands> got = run_rows(h, n, n_rows, ENG_CANDS_DRAW, dr, u.data());
     for (int r = 0; r < n_rows; r++) {
         const int rk = r == 0 ? kind : (kind + r) % KINDS;
         const float *row = &h[(size_t)r * n];
@@ -235,9 +233,6 @@ static void check_draws(int n, int n_rows, eng_draw dr, int kind) {
                n, 1 / d.inv_temp, d.top_p, d.min_p, kind_name[rk], r, g.c[0].id, ok_token, want.c[0].id, g.sum_exp,
                want.sum_exp, below / M, u[r], nucleus_near ? " (the nucleus's end within rounding)" : "");
     }
-    CK(cudaFree(d_req));
-    CK(cudaFree(d_rows));
-    CK(cudaFree(d_out));
 }
 
 /* The smallest of 5 timings (after a warm-up) of what enqueue puts on the
