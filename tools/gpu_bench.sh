@@ -8,7 +8,8 @@
 #      the cuda backend's fused products (engine/cuda/rows.cu) against a CPU
 #      reference, and cands_test, its logit rows' records (engine/cuda/cands.cu)
 #      against the CPU sampler's (where the build has them);
-#   3. san:  gpu_test --quick under compute-sanitizer memcheck and racecheck;
+#   3. san:  gpu_test --quick (and cands_test --quick where the build has it)
+#      under compute-sanitizer memcheck and racecheck;
 #   4. bench: gpu_bench (decode, prefill, write against the memory floor);
 #      rows_bench (a layer's fused products against cuBLAS, where the build
 #      has it);
@@ -100,6 +101,13 @@ if has san; then
         timeout "${T_SAN:-240}" compute-sanitizer --tool $tool --error-exitcode 9 "$bin/gpu_test" --quick >"$OUT/san_$tool.log" 2>&1; rc=$?
         echo "sanitizer $tool exit $rc" >>"$OUT/san_$tool.log"
         grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Hazard|Invalid|checks|exit" "$OUT/san_$tool.log" | head -12
+        [ $rc = 0 ] || status=1
+        [ -x "$bin/cands_test" ] || continue
+        echo "== compute-sanitizer $tool, cands_test --quick"
+        timeout "${T_SAN:-240}" compute-sanitizer --tool $tool --error-exitcode 9 "$bin/cands_test" --quick \
+            >"$OUT/san_cands_$tool.log" 2>&1; rc=$?
+        echo "sanitizer $tool exit $rc" >>"$OUT/san_cands_$tool.log"
+        grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Hazard|Invalid|checks|exit" "$OUT/san_cands_$tool.log" | head -12
         [ $rc = 0 ] || status=1
     done
 fi
