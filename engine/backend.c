@@ -50,6 +50,17 @@ int eng_batch_check(const eng_backend *be, const eng_batch *b, const eng_model_c
                      "a last token's row only)", i, s->cands_k, be->cands_max);
             return -1;
         }
+        if (s->pen && (!s->cands_k || !be->cands_penalties)) {
+            snprintf(err, errlen, "forward: segment %d asks penalties %s", i,
+                     s->cands_k ? "this backend does not apply" : "without a record or draw");
+            return -1;
+        }
+        for (int j = 0; s->pen && j < s->pen->n; j++)
+            if (s->pen->e[j].id < 0 || s->pen->e[j].id >= c->n_vocab) {
+                snprintf(err, errlen, "forward: segment %d: a penalty on token %d, outside the vocabulary", i,
+                         s->pen->e[j].id);
+                return -1;
+            }
         if (s->n_tokens <= 0 || s->pos0 < 0 || !s->seq || s->seq->n_tokens < s->pos0 + s->n_tokens) {
             snprintf(err, errlen, "forward: segment %d: %d tokens at position %d, %d positions reserved", i,
                      s->n_tokens, s->pos0, s->seq ? s->seq->n_tokens : 0);

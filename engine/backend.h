@@ -35,6 +35,9 @@ typedef struct {
      * row's draw by `draw` (eng_cands_draw) */
     int cands_k;
     eng_draw draw;
+    /* with cands_k != 0 (where the backend has cands_penalties): applied to
+     * the row before its record or draw (eng_penalties_apply); NULL: none */
+    const eng_penalties *pen;
 } eng_segment;
 
 typedef struct {
@@ -100,6 +103,7 @@ struct eng_backend {
     unsigned absorbed;       /* ENG_ABSORBED_K | ENG_ABSORBED_V, as eng_backend_options.absorb allowed */
     int cands_max;           /* the largest eng_segment.cands_k it takes (0: whole rows only) */
     bool cands_draw;         /* it takes cands_k ENG_CANDS_DRAW */
+    bool cands_penalties;    /* it takes eng_segment.pen */
     /* logits: (eng_batch_logit_rows(b), n_vocab). Returns 0, or -1 with a
      * message (a position past the model's limit, out of memory). */
     int (*forward)(eng_backend *be, const eng_batch *b, float *logits, char *err, size_t errlen);

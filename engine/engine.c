@@ -145,7 +145,10 @@ struct eng_engine {
     int n_waiting, cap_waiting;
     eng_segment *segs;          /* (cap_segs) this step's batch */
     eng_seq **seg_seq;          /* (cap_segs) the sequence of each segment */
-    int cap_segs;
+    eng_penalties *seg_pen;     /* (cap_segs) a segment's penalties (eng_segment.pen), entries at */
+    int *seg_pen_at;            /* (cap_segs) this offset of pen (-1: none) */
+    eng_pen_entry *pen;         /* (cap_pen) the step's penalty entries */
+    int cap_segs, n_pen, cap_pen;
     float *logits;              /* (cap_logit_rows, n_vocab) */
     int cap_logit_rows;
     float *pristine, *work;     /* (n_vocab) logits of a forked prompt, and a copy to sample from */
@@ -472,18 +475,31 @@ static bool is_stop_id(const eng_req *r, int32_t tok) {
 /* Entries of a record s's next draw takes, where the backend returns records
  * (eng_segment.cands_k); 0: the whole row. */
 static int seq_cands_k(const eng_engine *e, const eng_seq *s) {
+    if (eng_sampler_has_penalties(s->sampler) && !e->backend->cands_penalties)
+        return 0;
     const int k = eng_sampler_cands_k(s->sampler);
     if (k == ENG_CANDS_DRAW) /* not for choices still to fork: each draws from the row itself */
         return e->backend->cands_draw && (s->req->forked || s->req->n == 1) ? k : 0;
     return k <= e->backend->cands_max ? k : 0;
 }
 
-/* Segment k's record request for S (want_logits): a record, a draw (its
- * uniform taken from the stream now), or the whole row. */
-static void seg_ask(eng_engine *e, eng_segment *g, eng_seq *s) {
+/* Segment k's record request for s (want_logits): a record, a draw (its
+ * uniform taken from the stream now), or the whole row; with a record or a
+ * draw, the sampler's penalties into the step's entries (seg_pen_at[k]; the
+ * pointers are set once the batch is built: the entries may move). */
+static void seg_ask(eng_engine *e, int k, eng_seq *s) {
+    eng_segment *g = &e->segs[k];
     g->cands_k = seq_cands_k(e, s);
     if (g->cands_k == ENG_CANDS_DRAW)
         eng_sampler_take_draw(s->sampler, &g->draw);
+    e->seg_pen_at[k] = -1;
+    if (!g->cands_k || !eng_sampler_has_penalties(s->sampler))
+        return;
+    const int n = eng_sampler_penalties(s->sampler, NULL, 0, &e->seg_pen[k]);
+    grow((void **)&e->pen, &e->cap_pen, e->n_pen + n, sizeof *e->pen);
+    eng_sampler_penalties(s->sampler, e->pen + e->n_pen, n, &e->seg_pen[k]);
+    e->seg_pen_at[k] = e->n_pen;
+    e->n_pen += n;
 }
 
 /* Draws s's next token from its row of logits (modified), or from the row's
@@ -669,8 +685,13 @@ static void step(eng_engine *e) {
     if (max_segs > e->cap_segs) {
         int cap = e->cap_segs;
         grow((void **)&e->segs, &cap, max_segs, sizeof *e->segs);
+        cap = e->cap_segs;
+        grow((void **)&e->seg_pen, &cap, max_segs, sizeof *e->seg_pen);
+        cap = e->cap_segs;
+        grow((void **)&e->seg_pen_at, &cap, max_segs, sizeof *e->seg_pen_at);
         grow((void **)&e->seg_seq, &e->cap_segs, max_segs, sizeof *e->seg_seq);
     }
+    e->n_pen = 0;
     if (e->n_running > 1)
         qsort(e->running, (size_t)e->n_running, sizeof *e->running, cmp_seq);
     double t0 = now_s();
@@ -681,7 +702,7 @@ static void step(eng_engine *e) {
                                         .tokens = (S)->tokens + (S)->n_computed,                    \
                                         .want_logits = (S)->n_computed + (N) == (S)->n_tokens};     \
         if (e->segs[n_segs].want_logits)                                                            \
-            seg_ask(e, &e->segs[n_segs], (S));                                                      \
+            seg_ask(e, n_segs, (S));                                                                \
         e->seg_seq[n_segs++] = (S);                                                                 \
         budget -= (N);                                                                              \
     } while (0)
@@ -753,6 +774,11 @@ static void step(eng_engine *e) {
         ADD_SEG(s, min3(s->n_tokens - s->n_computed, c->prefill_chunk, budget));
     }
 #undef ADD_SEG
+    for (int k = 0; k < n_segs; k++)
+        if (e->segs[k].want_logits && e->seg_pen_at[k] >= 0) {
+            e->seg_pen[k].e = e->pen + e->seg_pen_at[k];
+            e->segs[k].pen = &e->seg_pen[k];
+        }
 
     if (n_segs > 0) {
         bool has_decode = false, has_prefill = false;
@@ -891,6 +917,9 @@ static void engine_free(eng_engine *e) {
     free(e->waiting);
     free(e->segs);
     free(e->seg_seq);
+    free(e->seg_pen);
+    free(e->seg_pen_at);
+    free(e->pen);
     free(e->pristine);
     free(e->work);
     free(e->events);

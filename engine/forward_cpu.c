@@ -507,6 +507,8 @@ static int cpu_forward(eng_backend *be, const eng_batch *b, float *logits, char 
         if (s->cands_k) {
             eng_cands rec;
             float *lr = logits + (size_t)r * c->n_vocab;
+            if (s->pen)
+                eng_penalties_apply(lr, s->pen);
             if (s->cands_k == ENG_CANDS_DRAW ? eng_cands_draw(lr, c->n_vocab, &s->draw, &rec)
                                               : eng_cands_reduce(lr, c->n_vocab, s->cands_k, &rec)) {
                 snprintf(err, errlen, "forward: out of memory reducing a row of logits");
@@ -702,6 +704,7 @@ eng_backend *eng_backend_cpu_create(const eng_model *m, kvc_pool *pool, const en
     if (ca && !strcmp(ca, "1")) {
         cb->base.cands_max = eng_cands_fit(m->cfg.n_vocab);
         cb->base.cands_draw = cb->base.cands_max > 0;
+        cb->base.cands_penalties = cb->base.cands_max > 0;
     }
     cb->m = m;
     cb->pool = pool;

@@ -215,22 +215,46 @@ void eng_sampler_accept(eng_sampler *s, int32_t id, bool generated)
     s->token_state[id] = st;
 }
 
+/* One seen token's logit, penalized: repetition (positive logits divided,
+ * negative multiplied), then frequency and presence for generated ones. The
+ * operations a backend repeats exactly (eng_penalties_apply, cands.cu). */
+static float penalize(float l, uint32_t count, float rep, float presence, float frequency)
+{
+    if (rep != 1.0f)
+        l = l > 0.0f ? l / rep : l * rep;
+    if (count > 0)
+        l -= frequency * (float)count + presence;
+    return l;
+}
+
 static void apply_penalties(const eng_sampler *s, float *logits)
 {
-    const float rep = s->params.repetition_penalty;
-    const float presence = s->params.presence_penalty;
-    const float frequency = s->params.frequency_penalty;
+    const eng_sampling_params *p = &s->params;
     for (int i = 0; i < s->n_seen; i++) {
         int32_t id = s->seen[i];
-        uint32_t st = s->token_state[id];
-        uint32_t count = st & COUNT_MASK;
-        float l = logits[id];
-        if (rep != 1.0f)
-            l = l > 0.0f ? l / rep : l * rep;
-        if (count > 0)
-            l -= frequency * (float)count + presence;
-        logits[id] = l;
+        logits[id] = penalize(logits[id], s->token_state[id] & COUNT_MASK, p->repetition_penalty,
+                              p->presence_penalty, p->frequency_penalty);
     }
+}
+
+bool eng_sampler_has_penalties(const eng_sampler *s)
+{
+    return s->token_state != NULL;
+}
+
+int eng_sampler_penalties(const eng_sampler *s, eng_pen_entry *e, int cap, eng_penalties *p)
+{
+    *p = (eng_penalties){.repetition = s->params.repetition_penalty, .presence = s->params.presence_penalty,
+                         .frequency = s->params.frequency_penalty, .n = s->n_seen, .e = e};
+    for (int i = 0; i < s->n_seen && i < cap; i++)
+        e[i] = (eng_pen_entry){.id = s->seen[i], .count = s->token_state[s->seen[i]] & COUNT_MASK};
+    return s->n_seen;
+}
+
+void eng_penalties_apply(float *row, const eng_penalties *p)
+{
+    for (int i = 0; i < p->n; i++)
+        row[p->e[i].id] = penalize(row[p->e[i].id], p->e[i].count, p->repetition, p->presence, p->frequency);
 }
 
 /* ---- helpers over the logits ------------------------------------------- */
@@ -777,8 +801,6 @@ int eng_cands_reduce(const float *row, int n, int k, eng_cands *out)
 int eng_sampler_cands_k(const eng_sampler *s)
 {
     const eng_sampling_params *p = &s->params;
-    if (s->token_state)
-        return 0;
     if (p->temperature == 0.0f)
         return 1;
     if (p->top_k > 0 && p->top_k < s->n_vocab)

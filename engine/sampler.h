@@ -102,8 +102,30 @@ static inline int eng_cands_fit(int n_vocab) {
 int eng_cands_reduce(const float *row, int n, int k, eng_cands *out);
 /* What this sampler's next draw needs: a record of 1 (greedy) or top_k
  * (<= ENG_CANDS_MAX) entries, ENG_CANDS_DRAW (no top-k: a draw the backend
- * makes), or 0: the whole row (a penalty, a larger top-k). */
+ * makes), or 0: the whole row (a larger top-k). With penalties
+ * (eng_sampler_penalties) the record or draw is of the penalized row. */
 int eng_sampler_cands_k(const eng_sampler *s);
+
+/* A sampler's penalties, as a backend applies them to a row before its
+ * record or draw: the row's logits of the seen tokens, each as
+ * eng_sampler_sample changes them (eng_penalties_apply). */
+typedef struct {
+    int32_t id;
+    uint32_t count;        /* times generated (0: a prompt token: repetition only) */
+} eng_pen_entry;
+typedef struct {
+    float repetition, presence, frequency;
+    int n;
+    const eng_pen_entry *e;
+} eng_penalties;
+/* Whether s has penalties. */
+bool eng_sampler_has_penalties(const eng_sampler *s);
+/* The entries of s's seen tokens into e (room for cap) and its parameters
+ * into p (p->e = e); returns how many there are (more than cap: call again
+ * with room for them). */
+int eng_sampler_penalties(const eng_sampler *s, eng_pen_entry *e, int cap, eng_penalties *p);
+/* Applies p to row (n_vocab logits), as eng_sampler_sample does. */
+void eng_penalties_apply(float *row, const eng_penalties *p);
 
 /* A draw a backend makes: the uniform in [0, 1) and the filters. */
 typedef struct {
@@ -122,7 +144,8 @@ void eng_sampler_take_draw(eng_sampler *s, eng_draw *d);
  * memory, else 0. */
 int eng_cands_draw(const float *row, int n, const eng_draw *d, eng_cands *out);
 /* eng_sampler_sample on a row's record: c->n >= eng_sampler_cands_k(s) >
- * 0, or a draw record (ENG_CANDS_DRAW) of the uniform the sampler gave. */
+ * 0, or a draw record (ENG_CANDS_DRAW) of the uniform the sampler gave; of
+ * the row with the sampler's penalties applied (it applies none here). */
 int32_t eng_sampler_sample_cands(eng_sampler *s, const eng_cands *c, float *logprob);
 
 #endif

@@ -160,7 +160,7 @@ int cmd_bench_engine(int argc, char **argv) {
     int device = 0;
     int concurrency = 0, prompt_len = 256, gen_len = 128, n_requests = 0, threads = 0;
     int max_batched = 2048, chunk = 512, block_size = 16, top_k = 0;
-    float temperature = 0.0f, top_p = 1.0f;
+    float temperature = 0.0f, top_p = 1.0f, presence = 0.0f, frequency = 0.0f, repetition = 1.0f;
     size_t kv_memory = 0;
     bool json = false;
     const cli_flag flags[] = {
@@ -183,6 +183,9 @@ int cmd_bench_engine(int argc, char **argv) {
         {"--temperature", CLI_FLOAT, &temperature, "sampling temperature (default 0: greedy); request i seeds i"},
         {"--top-k", CLI_INT, &top_k, "top-k sampling (default 0: off)"},
         {"--top-p", CLI_FLOAT, &top_p, "top-p sampling (default 1: off)"},
+        {"--presence-penalty", CLI_FLOAT, &presence, "presence penalty (default 0: off)"},
+        {"--frequency-penalty", CLI_FLOAT, &frequency, "frequency penalty (default 0: off)"},
+        {"--repetition-penalty", CLI_FLOAT, &repetition, "repetition penalty (default 1: off)"},
         {"--json", CLI_BOOL, &json, "print one JSON object"},
         {NULL, 0, NULL, NULL},
     };
@@ -202,6 +205,9 @@ int cmd_bench_engine(int argc, char **argv) {
     sampling.temperature = temperature;
     sampling.top_k = top_k > 0 ? top_k : 0;
     sampling.top_p = top_p;
+    sampling.presence_penalty = presence;
+    sampling.frequency_penalty = frequency;
+    sampling.repetition_penalty = repetition;
     const char *bad = top_k < 0 ? "top_k must be >= 0" : eng_sampling_params_check(&sampling);
     if (bad) {
         fprintf(stderr, "kvserve bench: %s\n", bad);
@@ -374,14 +380,16 @@ int cmd_bench_engine(int argc, char **argv) {
                "\"ttft_p50_s\": %.4f, \"ttft_p90_s\": %.4f, \"ttft_p99_s\": %.4f, "
                "\"itl_p50_s\": %.4f, \"itl_p90_s\": %.4f, \"itl_p99_s\": %.4f, "
                "\"peak_pages_used\": %d, \"pages_total\": %d, \"block_size\": %d, \"preemptions\": %.0f, "
-               "\"steps\": %llu, \"temperature\": %g, \"top_k\": %d, \"top_p\": %g}\n",
+               "\"steps\": %llu, \"temperature\": %g, \"top_k\": %d, \"top_p\": %g, \"presence_penalty\": %g, "
+               "\"frequency_penalty\": %g, \"repetition_penalty\": %g}\n",
                eng_engine_model(e)->name ? eng_engine_model(e)->name : model, concurrency, n_requests, prompt_len,
                gen_len, kv_k, kv_v, es.bytes_per_token, backend ? backend : "cpu", threads, eng_matmul_isa(), tps,
                (produced + (double)n_requests * prompt_len) / wall, wall, percentile(ttft, (size_t)n_requests, 50),
                percentile(ttft, (size_t)n_requests, 90), percentile(ttft, (size_t)n_requests, 99),
                percentile(all_itl, n_itl, 50), percentile(all_itl, n_itl, 90), percentile(all_itl, n_itl, 99),
                es.pages_peak, es.pages_total, block_size, preemptions, (unsigned long long)es.steps,
-               (double)temperature, sampling.top_k, (double)top_p);
+               (double)temperature, sampling.top_k, (double)top_p, (double)presence, (double)frequency,
+               (double)repetition);
     } else {
         printf("concurrency %d, %d requests of %d prompt + %d generated tokens, KV %s/%s (%zu bytes/token), "
                "backend %s\n",

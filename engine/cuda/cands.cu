@@ -530,7 +530,31 @@ __global__ void __launch_bounds__(NT) cands_kernel(const float *__restrict__ log
     take_best(src, n, k, T, need, n_eq, row, sh, rec);
 }
 
+__global__ void penalize_kernel(float *logits, int n_vocab, const eng_cands_pen *__restrict__ e, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n)
+        return;
+    const eng_cands_pen p = e[i];
+    float *x = logits + (size_t)p.row * n_vocab + p.id;
+    float l = *x;
+    /* the CPU sampler's operations, each rounded on its own (no contraction) */
+    if (p.repetition != 1.0f)
+        l = l > 0.0f ? __fdiv_rn(l, p.repetition) : __fmul_rn(l, p.repetition);
+    if (p.count > 0)
+        l = __fsub_rn(l, __fadd_rn(__fmul_rn(p.frequency, __uint2float_rn(p.count)), p.presence));
+    *x = l;
+}
+
 }  // namespace
+
+cudaError_t eng_cands_penalize(float *logits, int n_vocab, const eng_cands_pen *e, int n, cudaStream_t stream) {
+    if (n < 0 || n_vocab < 1)
+        return cudaErrorInvalidValue;
+    if (n == 0)
+        return cudaSuccess;
+    penalize_kernel<<<(n + 255) / 256, 256, 0, stream>>>(logits, n_vocab, e, n);
+    return cudaGetLastError();
+}
 
 cudaError_t eng_cands_launch(const float *logits, int n_rows, int n_vocab, const eng_cands_req *req,
                              eng_cands *out, cudaStream_t stream) {

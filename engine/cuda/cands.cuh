@@ -27,6 +27,18 @@ typedef struct {
     eng_draw d;
 } eng_cands_req;
 
+/* A penalty entry of a row (eng_pen_entry with its row and parameters). */
+typedef struct {
+    int32_t row, id;
+    uint32_t count;
+    float repetition, presence, frequency;
+} eng_cands_pen;
+
+/* Applies n entries (device memory; one token at most once a row) to rows
+ * of logits (row r at logits + r * n_vocab) with eng_penalties_apply's
+ * arithmetic, bit for bit; before eng_cands_launch. */
+cudaError_t eng_cands_penalize(float *logits, int n_vocab, const eng_cands_pen *e, int n, cudaStream_t stream);
+
 /* Records of rows [0, n_rows) of logits (row r at logits + r * n_vocab) into
  * out (record r at out + r), as req[r] (device memory) asks. One block a
  * row; a request out of range leaves its record untouched.

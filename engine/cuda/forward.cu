@@ -95,6 +95,8 @@ typedef struct {
     float *logits;                  /* (cap_out, n_vocab) */
     eng_cands *cands;               /* (cap_out) the rows' records (cands.cuh), where cands_max */
     eng_cands_req *req_h, *req_d;   /* (cap_out) what each row asks: host pinned, device */
+    eng_cands_pen *pen_h, *pen_d;   /* (cap_pen) the rows' penalty entries: host pinned, device */
+    int cap_pen;
     /* per-batch integers: host pinned staging and its device copy */
     size_t cap_meta;
     int32_t *meta_h, *meta_d;
@@ -622,7 +624,7 @@ static int enqueue_step(cuda_backend *cb, const step_args *a, char *err, size_t 
 static cudaError_t copy_logits(cuda_backend *cb, const eng_batch *b, float *logits, int n_out) {
     const int n_vocab = cb->m->cfg.n_vocab;
     const size_t row_bytes = sizeof(float) * (size_t)n_vocab;
-    int kmax = 0, row = 0;
+    int kmax = 0, row = 0, n_pen = 0;
     for (int i = 0; i < b->n_segs; i++) {
         const eng_segment *s = &b->segs[i];
         const int rows = s->all_logits ? s->n_tokens : s->want_logits ? 1 : 0;
@@ -630,9 +632,41 @@ static cudaError_t copy_logits(cuda_backend *cb, const eng_batch *b, float *logi
             cb->req_h[row] = eng_cands_req{r == rows - 1 ? s->cands_k : 0, s->draw};
         const int k = s->cands_k == ENG_CANDS_DRAW ? 1 : s->cands_k;
         kmax = k > kmax ? k : kmax;
+        n_pen += s->pen ? s->pen->n : 0;
     }
     if (!kmax)
         return cudaMemcpyAsync(logits, cb->logits, row_bytes * (size_t)n_out, cudaMemcpyDeviceToHost, cb->stream);
+    if (n_pen > cb->cap_pen) {   /* (the last step's copies are done: finish_step synchronized) */
+        cudaFreeHost(cb->pen_h);
+        cudaFree(cb->pen_d);
+        cb->pen_h = cb->pen_d = NULL;
+        cb->cap_pen = 0;
+        const int cap = n_pen < 4096 ? 4096 : 2 * n_pen;
+        cudaError_t e = cudaMallocHost(&cb->pen_h, sizeof(eng_cands_pen) * (size_t)cap);
+        if (e == cudaSuccess)
+            e = cudaMalloc(&cb->pen_d, sizeof(eng_cands_pen) * (size_t)cap);
+        if (e != cudaSuccess)
+            return e;
+        cb->cap_pen = cap;
+    }
+    /* penalties on the rows they belong to, before their records and draws */
+    int np = 0;
+    row = 0;
+    for (int i = 0; i < b->n_segs; i++) {
+        const eng_segment *s = &b->segs[i];
+        row += s->all_logits ? s->n_tokens : s->want_logits ? 1 : 0;
+        for (int j = 0; s->pen && j < s->pen->n; j++)
+            cb->pen_h[np++] = eng_cands_pen{row - 1, s->pen->e[j].id, s->pen->e[j].count, s->pen->repetition,
+                                            s->pen->presence, s->pen->frequency};
+    }
+    if (np) {
+        cudaError_t e = cudaMemcpyAsync(cb->pen_d, cb->pen_h, sizeof(eng_cands_pen) * (size_t)np,
+                                        cudaMemcpyHostToDevice, cb->stream);
+        if (e == cudaSuccess)
+            e = eng_cands_penalize(cb->logits, n_vocab, cb->pen_d, np, cb->stream);
+        if (e != cudaSuccess)
+            return e;
+    }
     /* every asked row's record, then the whole rows over the records of
      * theirs (left as they were), a run of neighbours at a time */
     cudaError_t e = cudaMemcpyAsync(cb->req_d, cb->req_h, sizeof(eng_cands_req) * (size_t)n_out,
@@ -995,6 +1029,8 @@ static void cuda_destroy(eng_backend *be) {
     cudaFree(cb->cands);
     cudaFreeHost(cb->req_h);
     cudaFree(cb->req_d);
+    cudaFreeHost(cb->pen_h);
+    cudaFree(cb->pen_d);
     cudaFreeHost(cb->meta_h);
     cudaFree(cb->meta_d);
     cudaFree(cb->ws);
@@ -1065,6 +1101,7 @@ static int create_impl(cuda_backend *cb, const eng_backend_options *opt, char *e
     }
     cb->base.cands_max = ca && !strcmp(ca, "0") ? 0 : eng_cands_fit(c->n_vocab);
     cb->base.cands_draw = cb->base.cands_max > 0;
+    cb->base.cands_penalties = cb->base.cands_max > 0;
     const char *st = getenv("KVSERVE_CUDA_STATS");
     cb->stats = st && *st && strcmp(st, "0");
     for (int i = 0; cb->stats && i < 3; i++)

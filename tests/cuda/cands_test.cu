@@ -17,8 +17,9 @@
  * and n exactly, sum_exp within 1e-5 relative (float sums in another
  * order). Draws at three temperatures, top-p 0.5 to 0.95, min-p, fresh
  * uniforms: the CPU's token, or another where a decision falls within
- * float rounding (check_draws). Records are poisoned first; a request out of
- * range leaves its record untouched. */
+ * float rounding (check_draws). Penalties applied to rows bit for bit as
+ * the CPU sampler applies them (check_penalties). Records are poisoned
+ * first; a request out of range leaves its record untouched. */
 #include <cuda_runtime.h>
 #include <float.h>
 #include <math.h>
@@ -237,6 +238,46 @@ static void check_draws(int n, int n_rows, eng_draw dr, int kind) {
     }
 }
 
+/* Penalties on the GPU against eng_penalties_apply, bit for bit: rows of
+ * every kind, up to 300 seen tokens a row (prompt-only ones among them),
+ * positive and negative parameters. */
+static void check_penalties(int n, int n_rows) {
+    std::vector<float> h((size_t)n * n_rows), want;
+    for (int r = 0; r < n_rows; r++)
+        make_row(&h[(size_t)r * n], n, r % KINDS);
+    want = h;
+    std::vector<eng_cands_pen> e;
+    const float params[4][3] = {{1.3f, 0.0f, 0.0f}, {1.0f, 0.7f, 0.3f}, {0.8f, -1.5f, -0.25f}, {1.1f, 2.0f, 1.7f}};
+    for (int r = 0; r < n_rows; r++) {
+        const float *pr = params[r % 4];
+        std::vector<eng_pen_entry> pe;
+        for (int j = 0; j < 300 && j * 13 < n; j++)
+            pe.push_back(eng_pen_entry{j * 13, (uint32_t)(j % 5)});
+        const eng_penalties pp = {pr[0], pr[1], pr[2], (int)pe.size(), pe.data()};
+        eng_penalties_apply(&want[(size_t)r * n], &pp);
+        for (const eng_pen_entry &x : pe)
+            e.push_back(eng_cands_pen{r, x.id, x.count, pr[0], pr[1], pr[2]});
+    }
+    float *d_rows;
+    eng_cands_pen *d_e;
+    CK(cudaMalloc(&d_rows, h.size() * sizeof(float)));
+    CK(cudaMalloc(&d_e, e.size() * sizeof(eng_cands_pen)));
+    CK(cudaMemcpy(d_rows, h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_e, e.data(), e.size() * sizeof(eng_cands_pen), cudaMemcpyHostToDevice));
+    CK(eng_cands_penalize(d_rows, n, d_e, (int)e.size(), 0));
+    std::vector<float> got(h.size());
+    CK(cudaMemcpy(got.data(), d_rows, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    size_t bad = 0, changed = 0;
+    for (size_t i = 0; i < got.size(); i++) {
+        bad += !same_bits(got[i], want[i]) && !(isnan(got[i]) && isnan(want[i]));   /* (NaN payloads may differ) */
+        changed += !same_bits(h[i], want[i]);
+    }
+    EXPECT(bad == 0 && changed > 0, "penalties n %d: %zu of %zu logits differ from the CPU's (%zu penalized)", n, bad,
+           got.size(), changed);
+    CK(cudaFree(d_rows));
+    CK(cudaFree(d_e));
+}
+
 /* The smallest of 5 timings (after a warm-up) of what enqueue puts on the
  * default stream, in microseconds. */
 template <typename F> static float best_us(F &&enqueue) {
@@ -333,6 +374,8 @@ int main(int argc, char **argv) {
         for (int id = 0; id < 6; id++)
             for (int kind = 0; kind < KINDS; kind++)
                 check_draws(n, quick ? 3 : 12, draws[id], kind);
+    for (int n : ns)
+        check_penalties(n, 2 * KINDS);
     EXPECT(draw_misses * 100 <= draw_count, "%d of %d draws landed beside the CPU's", draw_misses, draw_count);
     printf("draws: %d, %d with another token or kept set than the CPU's (a decision within rounding)\n", draw_count,
            draw_misses);

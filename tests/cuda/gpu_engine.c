@@ -53,9 +53,11 @@
  * every row by ~1 and the perplexity by far more. A codec
  * outside the GPU's compiled set must be refused by name.
  * A second cuda backend takes the same batches with its last-token rows
- * asked as records (eng_segment.cands_k: 1, 40, 128, 7 by segment): each
- * record must be eng_cands_reduce of the first cuda backend's whole row,
- * bit for bit (the same kernels on the same batches), sum_exp within 1e-5. */
+ * asked as records (eng_segment.cands_k: 1, 40, 128, 7 by segment; odd
+ * segments with penalties on 200 tokens): each record must be
+ * eng_cands_reduce of the first cuda backend's whole row (penalized by
+ * eng_penalties_apply), bit for bit (the same kernels on the same batches),
+ * sum_exp within 1e-5. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -79,7 +81,7 @@ static const bounds B_F16 = {0.04, 0.006, 0, 0.005}, B_I8 = {0.4, 0.06, 0.05, 0.
 #define N_SEQ 5
 #define N_DECODE 12
 
-static int failures, records_checked;
+static int failures, records_checked, penalized_checked;
 
 #define CHECK(cond, ...)                         \
     do {                                         \
@@ -138,15 +140,26 @@ static int seg_cands_k(const seg_spec *ss, int i) {
     return ss[i].all ? 0 : ks[i % 4];
 }
 
-/* The records side's rows against the first cuda side's whole rows. */
+/* The penalties the records side asks on segment i's row (odd segments): 200
+ * tokens, some prompt-only. */
+static eng_pen_entry pen_entries[200];
+static const eng_penalties pen_odd = {1.2f, 0.4f, 0.3f, 200, pen_entries};
+static const eng_penalties *seg_pen(const seg_spec *ss, int i) { return seg_cands_k(ss, i) && i % 2 ? &pen_odd : NULL; }
+
+/* The records side's rows against the first cuda side's whole rows
+ * (penalized as the records side asked). */
 static void check_records(const side *sd, const seg_spec *ss, int n_segs, int n_vocab, const char *what) {
-    for (int i = 0, r = 0; i < n_segs; r += ss[i].all ? ss[i].n : 1, i++) {
+    float *row = malloc(sizeof(float) * (size_t)n_vocab);
+    for (int i = 0, r = 0; row && i < n_segs; r += ss[i].all ? ss[i].n : 1, i++) {
         const int k = seg_cands_k(ss, i);
         if (!k)
             continue;
         eng_cands want;
         const eng_cands *got = (const eng_cands *)(sd[2].logits + (size_t)r * n_vocab);
-        if (eng_cands_reduce(sd[1].logits + (size_t)r * n_vocab, n_vocab, k, &want)) {
+        memcpy(row, sd[1].logits + (size_t)r * n_vocab, sizeof(float) * (size_t)n_vocab);
+        if (seg_pen(ss, i))
+            eng_penalties_apply(row, seg_pen(ss, i));
+        if (eng_cands_reduce(row, n_vocab, k, &want)) {
             CHECK(0, "%s: eng_cands_reduce", what);
             continue;
         }
@@ -157,7 +170,9 @@ static void check_records(const side *sd, const seg_spec *ss, int n_segs, int n_
               "%s: row %d's record (k %d): n %d, max %.7g (whole row %.7g), sum_exp %.7g (%.7g), %d entries differ",
               what, r, k, got->n, got->max, want.max, got->sum_exp, want.sum_exp, bad);
         records_checked++;
+        penalized_checked += seg_pen(ss, i) != NULL;
     }
+    free(row);
 }
 
 static int run_both(side *sd, const seg_spec *ss, int n_segs, int n_vocab, const bounds *bd, stats *st,
@@ -175,7 +190,8 @@ static int run_both(side *sd, const seg_spec *ss, int n_segs, int n_vocab, const
             }
             segs[i] = (eng_segment){.seq = q, .pos0 = ss[i].pos0, .n_tokens = ss[i].n, .tokens = ss[i].tokens,
                                     .want_logits = true, .all_logits = ss[i].all,
-                                    .cands_k = w == 2 ? seg_cands_k(ss, i) : 0};
+                                    .cands_k = w == 2 ? seg_cands_k(ss, i) : 0,
+                                    .pen = w == 2 ? seg_pen(ss, i) : NULL};
         }
         eng_batch b = {.n_segs = n_segs, .segs = segs};
         rows = eng_batch_logit_rows(&b);
@@ -349,6 +365,8 @@ int main(int argc, char **argv) {
      * 40 tokens take them in three groups beside the decode steps' 4 (the
      * larger batches take cuBLAS) */
     setenv("KVSERVE_CUDA_ROWS", "64", 0);
+    for (int j = 0; j < 200; j++)
+        pen_entries[j] = (eng_pen_entry){.id = 37 * j + 11, .count = (uint32_t)(j % 3)};
     char err[512];
     eng_model *m = eng_model_load(argv[1], err, sizeof err);
     if (!m) {
@@ -394,8 +412,9 @@ int main(int argc, char **argv) {
     }
     free(ids);
     eng_model_free(m);
-    CHECK(records_checked > 0, "no record checked");
-    printf("records: %d checked against the whole rows' reduction\n", records_checked);
+    CHECK(records_checked > 0 && penalized_checked > 0, "no record (or no penalized one) checked");
+    printf("records: %d checked against the whole rows' reduction (%d of penalized rows)\n", records_checked,
+           penalized_checked);
     printf("gpu_engine: %d failure%s\n", failures, failures == 1 ? "" : "s");
     return failures ? 1 : 0;
 }

@@ -867,8 +867,9 @@ Test(engine, priority_preemption_victim) {
 /* The same requests with whole rows and with records (the CPU backend
  * reduces its rows, and draws, when KVSERVE_CPU_CANDS=1): the same tokens
  * and texts, greedy, seeded top-k (with top-p and min-p), temperature alone
- * and top-p alone (drawn by the backend), n = 2, and a request whose
- * penalty needs whole rows beside them in the same steps. */
+ * and top-p alone (drawn by the backend), a presence penalty (applied to the
+ * row first), n = 2, and a top-k of 200 that needs its whole row beside
+ * them in the same steps. */
 Test(engine, records_draw_the_rows_tokens) {
     enum { N = 12 };
     static test_req reqs[N];
@@ -887,7 +888,9 @@ Test(engine, records_draw_the_rows_tokens) {
         if (k == 5)
             p->top_k = 0;           /* top-p over the whole row: a draw */
         if (k == 7)
-            p->presence_penalty = 0.7f;   /* a penalty: no record */
+            p->presence_penalty = 0.7f;   /* a penalty: applied to the row before its record */
+        if (k == 11)
+            p->top_k = 200;               /* top-k above 128: the whole row */
         if (k == 9)
             reqs[k].req.n = 2;
         if (k == 8 || k == 10)

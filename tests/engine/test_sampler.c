@@ -764,8 +764,8 @@ Test(sampler, cands_k_names_what_a_record_serves)
         cr_assert_eq(eng_sampler_cands_k(s), cases[i].k, "case %zu", i);
         eng_sampler_free(s);
     }
-    /* top_k at or past the vocabulary is no top-k (a plain draw); a penalty
-     * needs the row */
+    /* top_k at or past the vocabulary is no top-k (a plain draw); penalties
+     * leave the answer as it is (the record is of the penalized row) */
     eng_sampling_params p = params_with(1.0f, 100, 1.0f, 0.0f, 1);
     eng_sampler *s = eng_sampler_create(&p, 100);
     cr_assert_eq(eng_sampler_cands_k(s), ENG_CANDS_DRAW);
@@ -773,12 +773,16 @@ Test(sampler, cands_k_names_what_a_record_serves)
     p = params_with(0.8f, 0, 1.0f, 0.0f, 1);
     p.repetition_penalty = 1.1f;
     s = eng_sampler_create(&p, 1000);
-    cr_assert_eq(eng_sampler_cands_k(s), 0);
+    cr_assert_eq(eng_sampler_cands_k(s), ENG_CANDS_DRAW);
+    cr_assert(eng_sampler_has_penalties(s));
     eng_sampler_free(s);
     p = params_with(0.0f, 0, 1.0f, 0.0f, 1);
+    cr_assert(!eng_sampler_has_penalties(s = eng_sampler_create(&p, 1000)));
+    eng_sampler_free(s);
     p.presence_penalty = 0.5f;
     s = eng_sampler_create(&p, 1000);
-    cr_assert_eq(eng_sampler_cands_k(s), 0);
+    cr_assert_eq(eng_sampler_cands_k(s), 1);
+    cr_assert(eng_sampler_has_penalties(s));
     eng_sampler_free(s);
 }
 
@@ -872,3 +876,61 @@ Test(sampler, draws_at_a_taken_uniform_are_the_rows_draws)
     cr_assert_eq(eng_cands_draw(row, N, &bad, &rec), -1);
     free(row);
 }
+
+/* With penalties: the row penalized as the sampler lists them
+ * (eng_sampler_penalties, eng_penalties_apply), then its record or draw,
+ * gives the row path's tokens, step after step as the counts grow. */
+Test(sampler, penalized_records_and_draws_are_the_rows_tokens)
+{
+    enum { N = 4099, STEPS = 80 };
+    eng_sampling_params cfgs[4] = {params_with(0.0f, 0, 1.0f, 0.0f, 101), params_with(0.9f, 40, 1.0f, 0.0f, 102),
+                                   params_with(1.0f, 0, 1.0f, 0.0f, 103), params_with(0.8f, 0, 0.9f, 0.02f, 104)};
+    cfgs[0].repetition_penalty = 1.3f;
+    cfgs[1].presence_penalty = 0.8f, cfgs[1].frequency_penalty = 0.4f;
+    cfgs[2].frequency_penalty = -0.5f, cfgs[2].repetition_penalty = 0.9f;   /* negative: seen tokens rise */
+    cfgs[3].presence_penalty = -1.0f;
+    float *row = malloc((size_t)N * sizeof *row), *pen_row = malloc((size_t)N * sizeof *pen_row);
+    eng_pen_entry *ent = malloc((size_t)N * sizeof *ent);
+    cr_assert(row && pen_row && ent);
+    for (int c = 0; c < 4; c++) {
+        eng_sampler *a = eng_sampler_create(&cfgs[c], N), *b = eng_sampler_create(&cfgs[c], N);
+        cr_assert(a && b && eng_sampler_has_penalties(b));
+        for (int i = 0; i < 30; i++) { /* a prompt */
+            eng_sampler_accept(a, 7 * i, false);
+            eng_sampler_accept(b, 7 * i, false);
+        }
+        int hits = 0;
+        for (int d = 0; d < STEPS; d++) {
+            cands_row(row, N, d % 17 == 5 ? 1 : 0);
+            const int k = eng_sampler_cands_k(b);
+            eng_penalties pp;
+            cr_assert_leq(eng_sampler_penalties(b, ent, N, &pp), N);
+            memcpy(pen_row, row, (size_t)N * sizeof *row);
+            eng_penalties_apply(pen_row, &pp);
+            eng_cands rec;
+            if (k == ENG_CANDS_DRAW) {
+                eng_draw dr;
+                eng_sampler_take_draw(b, &dr);
+                cr_assert_eq(eng_cands_draw(pen_row, N, &dr, &rec), 0);
+            } else {
+                cr_assert_eq(eng_cands_reduce(pen_row, N, k, &rec), 0);
+            }
+            float lp_row, lp_rec;
+            const int32_t t_row = sample_copy(a, row, N, &lp_row);
+            const int32_t t_rec = eng_sampler_sample_cands(b, &rec, &lp_rec);
+            cr_assert_eq(t_row, t_rec, "config %d step %d", c, d);
+            cr_assert_float_eq(lp_row, lp_rec, 1e-4, "config %d step %d", c, d);
+            for (int i = 0; i < pp.n; i++)
+                hits += ent[i].id == t_row;
+            eng_sampler_accept(a, t_row, true);
+            eng_sampler_accept(b, t_rec, true);
+        }
+        cr_assert_gt(hits, 0, "config %d: no token drawn twice: the penalties were never tested", c);
+        eng_sampler_free(a);
+        eng_sampler_free(b);
+    }
+    free(row);
+    free(pen_row);
+    free(ent);
+}
+

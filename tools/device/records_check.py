@@ -8,9 +8,9 @@ sampled logprobs within 1e-4.
 Runs `KVSERVE serve --backend cuda` twice (KVSERVE_CUDA_CANDS=0, then the
 default), on loopback ports 18080 and 18081. Requests: greedy chat and
 completions, seeded top-k with top-p or min-p, n = 2, logprobs (records),
-seeded temperature alone (drawn on the GPU: the same token unless the draw
-falls within float rounding of a boundary), and top-p alone and a presence
-penalty (whole rows in both runs).
+seeded temperature alone and top-p alone (drawn on the GPU: the same token
+unless a decision falls within float rounding), and a presence penalty
+(applied on the GPU before the record).
 Writes $OUT/records_check.json (both runs' responses) and the servers' logs;
 exit status 1 when a request differs."""
 import json
