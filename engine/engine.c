@@ -496,6 +496,8 @@ static void seg_ask(eng_engine *e, int k, eng_seq *s) {
     if (!g->cands_k || !eng_sampler_has_penalties(s->sampler))
         return;
     const int n = eng_sampler_penalties(s->sampler, NULL, 0, &e->seg_pen[k]);
+    if (n == 0) /* nothing seen yet: nothing to apply */
+        return;
     grow((void **)&e->pen, &e->cap_pen, e->n_pen + n, sizeof *e->pen);
     eng_sampler_penalties(s->sampler, e->pen + e->n_pen, n, &e->seg_pen[k]);
     e->seg_pen_at[k] = e->n_pen;
