@@ -11,6 +11,7 @@
 
 #include <float.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -786,6 +787,46 @@ Test(sampler, cands_k_names_what_a_record_serves)
     eng_sampler_free(s);
 }
 
+/* One draw of a (from the whole row) and of b (from the row's record or
+ * draw, as a backend makes it: b's penalties applied first) with the same
+ * parameters and seed: the same token and logprob (within tol). Returns the
+ * token; the record path's entries into ent (room for n). */
+static int32_t draw_both(eng_sampler *a, eng_sampler *b, const float *row, int n, eng_pen_entry *ent, double tol,
+                         const char *what, int d)
+{
+    static float *pen_row; /* each Criterion test runs in its own process */
+    static int cap;
+    if (n > cap) {
+        free(pen_row);
+        pen_row = malloc((size_t)n * sizeof *pen_row);
+        cr_assert_not_null(pen_row);
+        cap = n;
+    }
+    memcpy(pen_row, row, (size_t)n * sizeof *row);
+    if (eng_sampler_has_penalties(b)) {
+        eng_penalties pp;
+        cr_assert_leq(eng_sampler_penalties(b, ent, n, &pp), n);
+        eng_penalties_apply(pen_row, &pp);
+    }
+    const int k = eng_sampler_cands_k(b);
+    eng_cands rec;
+    if (k == ENG_CANDS_DRAW) {
+        eng_draw dr;
+        eng_sampler_take_draw(b, &dr);
+        cr_assert_eq(eng_cands_draw(pen_row, n, &dr, &rec), 0);
+        cr_assert_eq(rec.n, 1);
+    } else {
+        cr_assert_gt(k, 0);
+        cr_assert_eq(eng_cands_reduce(pen_row, n, k, &rec), 0);
+    }
+    float lp_row, lp_rec;
+    const int32_t t_row = sample_copy(a, row, n, &lp_row);
+    const int32_t t_rec = eng_sampler_sample_cands(b, &rec, &lp_rec);
+    cr_assert_eq(t_row, t_rec, "%s draw %d", what, d);
+    cr_assert_float_eq(lp_row, lp_rec, tol, "%s draw %d", what, d);
+    return t_row;
+}
+
 /* The same seed draws the same tokens from rows and from their records. */
 Test(sampler, cands_draw_the_rows_tokens)
 {
@@ -801,18 +842,13 @@ Test(sampler, cands_draw_the_rows_tokens)
     for (size_t c = 0; c < sizeof cfgs / sizeof cfgs[0]; c++) {
         eng_sampler *a = eng_sampler_create(&cfgs[c], N), *b = eng_sampler_create(&cfgs[c], N);
         cr_assert(a && b);
-        const int k = eng_sampler_cands_k(b);
-        cr_assert_gt(k, 0);
+        cr_assert_gt(eng_sampler_cands_k(b), 0);
+        char what[32];
+        snprintf(what, sizeof what, "config %zu", c);
         int distinct = 0, last = -1;
         for (int d = 0; d < DRAWS; d++) {
             cands_row(row, N, d % 17 == 5 ? 1 : d % 29 == 7 ? 2 : 0);
-            eng_cands rec;
-            cr_assert_eq(eng_cands_reduce(row, N, k, &rec), 0);
-            float lp_row, lp_rec;
-            const int32_t t_row = sample_copy(a, row, N, &lp_row);
-            const int32_t t_rec = eng_sampler_sample_cands(b, &rec, &lp_rec);
-            cr_assert_eq(t_row, t_rec, "config %zu draw %d", c, d);
-            cr_assert_float_eq(lp_row, lp_rec, 1e-5, "config %zu draw %d", c, d);
+            const int32_t t_row = draw_both(a, b, row, N, NULL, 1e-5, what, d);
             distinct += t_row != last;
             last = t_row;
         }
@@ -842,19 +878,12 @@ Test(sampler, draws_at_a_taken_uniform_are_the_rows_draws)
         eng_sampler *a = eng_sampler_create(&cfgs[c], N), *b = eng_sampler_create(&cfgs[c], N);
         cr_assert(a && b);
         cr_assert_eq(eng_sampler_cands_k(b), ENG_CANDS_DRAW);
+        char what[32];
+        snprintf(what, sizeof what, "config %zu", c);
         int distinct = 0, last = -1;
         for (int d = 0; d < DRAWS; d++) {
             cands_row(row, N, d % 13 == 4 ? 1 : d % 31 == 9 ? 2 : 0);
-            eng_draw dr;
-            eng_sampler_take_draw(b, &dr);
-            eng_cands rec;
-            cr_assert_eq(eng_cands_draw(row, N, &dr, &rec), 0);
-            cr_assert_eq(rec.n, 1);
-            float lp_row, lp_rec;
-            const int32_t t_row = sample_copy(a, row, N, &lp_row);
-            const int32_t t_rec = eng_sampler_sample_cands(b, &rec, &lp_rec);
-            cr_assert_eq(t_row, t_rec, "config %zu draw %d", c, d);
-            cr_assert_float_eq(lp_row, lp_rec, 1e-4, "config %zu draw %d", c, d);
+            const int32_t t_row = draw_both(a, b, row, N, NULL, 1e-4, what, d);
             distinct += t_row != last;
             last = t_row;
         }
@@ -889,9 +918,9 @@ Test(sampler, penalized_records_and_draws_are_the_rows_tokens)
     cfgs[1].presence_penalty = 0.8f, cfgs[1].frequency_penalty = 0.4f;
     cfgs[2].frequency_penalty = -0.5f, cfgs[2].repetition_penalty = 0.9f;   /* negative: seen tokens rise */
     cfgs[3].presence_penalty = -1.0f;
-    float *row = malloc((size_t)N * sizeof *row), *pen_row = malloc((size_t)N * sizeof *pen_row);
+    float *row = malloc((size_t)N * sizeof *row);
     eng_pen_entry *ent = malloc((size_t)N * sizeof *ent);
-    cr_assert(row && pen_row && ent);
+    cr_assert(row && ent);
     for (int c = 0; c < 4; c++) {
         eng_sampler *a = eng_sampler_create(&cfgs[c], N), *b = eng_sampler_create(&cfgs[c], N);
         cr_assert(a && b && eng_sampler_has_penalties(b));
@@ -900,37 +929,23 @@ Test(sampler, penalized_records_and_draws_are_the_rows_tokens)
             eng_sampler_accept(b, 7 * i, false);
         }
         int hits = 0;
+        char what[32];
+        snprintf(what, sizeof what, "config %d", c);
         for (int d = 0; d < STEPS; d++) {
             cands_row(row, N, d % 17 == 5 ? 1 : 0);
-            const int k = eng_sampler_cands_k(b);
             eng_penalties pp;
-            cr_assert_leq(eng_sampler_penalties(b, ent, N, &pp), N);
-            memcpy(pen_row, row, (size_t)N * sizeof *row);
-            eng_penalties_apply(pen_row, &pp);
-            eng_cands rec;
-            if (k == ENG_CANDS_DRAW) {
-                eng_draw dr;
-                eng_sampler_take_draw(b, &dr);
-                cr_assert_eq(eng_cands_draw(pen_row, N, &dr, &rec), 0);
-            } else {
-                cr_assert_eq(eng_cands_reduce(pen_row, N, k, &rec), 0);
-            }
-            float lp_row, lp_rec;
-            const int32_t t_row = sample_copy(a, row, N, &lp_row);
-            const int32_t t_rec = eng_sampler_sample_cands(b, &rec, &lp_rec);
-            cr_assert_eq(t_row, t_rec, "config %d step %d", c, d);
-            cr_assert_float_eq(lp_row, lp_rec, 1e-4, "config %d step %d", c, d);
-            for (int i = 0; i < pp.n; i++)
-                hits += ent[i].id == t_row;
-            eng_sampler_accept(a, t_row, true);
-            eng_sampler_accept(b, t_rec, true);
+            const int n_seen = eng_sampler_penalties(b, ent, N, &pp);
+            const int32_t t = draw_both(a, b, row, N, ent, 1e-4, what, d);
+            for (int i = 0; i < n_seen; i++)
+                hits += ent[i].id == t;
+            eng_sampler_accept(a, t, true);
+            eng_sampler_accept(b, t, true);
         }
         cr_assert_gt(hits, 0, "config %d: no token drawn twice: the penalties were never tested", c);
         eng_sampler_free(a);
         eng_sampler_free(b);
     }
     free(row);
-    free(pen_row);
     free(ent);
 }
 
