@@ -49,19 +49,26 @@ static eng_sampling_params params_with(float temperature, int top_k, float top_p
     return p;
 }
 
+/* A copy of src[0, n) in *buf (grown; kept across calls: each Criterion test
+ * runs in its own process). */
+static float *copy_into(float **buf, int *cap, const float *src, int n)
+{
+    if (n > *cap) {
+        free(*buf);
+        *buf = malloc((size_t)n * sizeof **buf);
+        cr_assert_not_null(*buf);
+        *cap = n;
+    }
+    memcpy(*buf, src, (size_t)n * sizeof **buf);
+    return *buf;
+}
+
 /* Samples once from a copy of logits (the sampler modifies its input). */
 static int32_t sample_copy(eng_sampler *s, const float *logits, int n, float *logprob)
 {
-    static float *row;  /* each Criterion test runs in its own process */
+    static float *row;
     static int cap;
-    if (n > cap) {
-        free(row);
-        row = malloc((size_t)n * sizeof *row);
-        cr_assert_not_null(row);
-        cap = n;
-    }
-    memcpy(row, logits, (size_t)n * sizeof *row);
-    return eng_sampler_sample(s, row, logprob);
+    return eng_sampler_sample(s, copy_into(&row, &cap, logits, n), logprob);
 }
 
 typedef struct {
@@ -794,15 +801,9 @@ Test(sampler, cands_k_names_what_a_record_serves)
 static int32_t draw_both(eng_sampler *a, eng_sampler *b, const float *row, int n, eng_pen_entry *ent, double tol,
                          const char *what, int d)
 {
-    static float *pen_row; /* each Criterion test runs in its own process */
+    static float *buf;
     static int cap;
-    if (n > cap) {
-        free(pen_row);
-        pen_row = malloc((size_t)n * sizeof *pen_row);
-        cr_assert_not_null(pen_row);
-        cap = n;
-    }
-    memcpy(pen_row, row, (size_t)n * sizeof *row);
+    float *pen_row = copy_into(&buf, &cap, row, n);
     if (eng_sampler_has_penalties(b)) {
         eng_penalties pp;
         cr_assert_leq(eng_sampler_penalties(b, ent, n, &pp), n);
@@ -827,36 +828,48 @@ static int32_t draw_both(eng_sampler *a, eng_sampler *b, const float *row, int n
     return t_row;
 }
 
+/* DRAWS rows of every kind through draw_both for each configuration: the
+ * same tokens, the tokens varying with the rows (at least min_distinct
+ * changes), and the streams in step afterwards. */
+static void same_tokens(const eng_sampling_params *cfgs, size_t n_cfgs, int k_want, double tol, int min_distinct)
+{
+    enum { N = 49152, DRAWS = 120 };
+    float *row = malloc((size_t)N * sizeof *row);
+    cr_assert_not_null(row);
+    for (size_t c = 0; c < n_cfgs; c++) {
+        eng_sampler *a = eng_sampler_create(&cfgs[c], N), *b = eng_sampler_create(&cfgs[c], N);
+        cr_assert(a && b);
+        cr_assert(k_want ? eng_sampler_cands_k(b) == k_want : eng_sampler_cands_k(b) > 0, "config %zu", c);
+        char what[32];
+        snprintf(what, sizeof what, "config %zu", c);
+        int distinct = 0, last = -1;
+        for (int d = 0; d < DRAWS; d++) {
+            cands_row(row, N, d % 17 == 5 ? 1 : d % 29 == 7 ? 2 : 0);
+            const int32_t t_row = draw_both(a, b, row, N, NULL, tol, what, d);
+            distinct += t_row != last;
+            last = t_row;
+        }
+        cr_assert_gt(distinct, min_distinct, "config %zu: the rows change, so must the tokens", c);
+        eng_draw da, db;
+        eng_sampler_take_draw(a, &da);
+        eng_sampler_take_draw(b, &db);
+        cr_assert_eq(da.u, db.u, "config %zu: the streams are out of step", c);
+        eng_sampler_free(a);
+        eng_sampler_free(b);
+    }
+    free(row);
+}
+
 /* The same seed draws the same tokens from rows and from their records. */
 Test(sampler, cands_draw_the_rows_tokens)
 {
-    enum { N = 49152, DRAWS = 120 };
     const eng_sampling_params cfgs[] = {
         params_with(0.0f, 0, 1.0f, 0.0f, 81),    params_with(0.7f, 1, 1.0f, 0.0f, 82),
         params_with(1.0f, 5, 1.0f, 0.0f, 83),    params_with(1.3f, 40, 1.0f, 0.0f, 84),
         params_with(0.8f, 40, 0.8f, 0.0f, 85),   params_with(1.0f, 128, 0.95f, 0.02f, 86),
         params_with(2.0f, 100, 1.0f, 0.3f, 87),
     };
-    float *row = malloc((size_t)N * sizeof *row);
-    cr_assert_not_null(row);
-    for (size_t c = 0; c < sizeof cfgs / sizeof cfgs[0]; c++) {
-        eng_sampler *a = eng_sampler_create(&cfgs[c], N), *b = eng_sampler_create(&cfgs[c], N);
-        cr_assert(a && b);
-        cr_assert_gt(eng_sampler_cands_k(b), 0);
-        char what[32];
-        snprintf(what, sizeof what, "config %zu", c);
-        int distinct = 0, last = -1;
-        for (int d = 0; d < DRAWS; d++) {
-            cands_row(row, N, d % 17 == 5 ? 1 : d % 29 == 7 ? 2 : 0);
-            const int32_t t_row = draw_both(a, b, row, N, NULL, 1e-5, what, d);
-            distinct += t_row != last;
-            last = t_row;
-        }
-        cr_assert_gt(distinct, 10, "config %zu: the rows change, so must the tokens", c);
-        eng_sampler_free(a);
-        eng_sampler_free(b);
-    }
-    free(row);
+    same_tokens(cfgs, sizeof cfgs / sizeof cfgs[0], 0, 1e-5, 10);
 }
 
 /* Without top-k (temperature alone, top-p, min-p, both): the draw taken
@@ -865,37 +878,16 @@ Test(sampler, cands_draw_the_rows_tokens)
  * the row path leaves it. */
 Test(sampler, draws_at_a_taken_uniform_are_the_rows_draws)
 {
-    enum { N = 49152, DRAWS = 120 };
     const eng_sampling_params cfgs[] = {
         params_with(1.0f, 0, 1.0f, 0.0f, 90),  params_with(0.7f, 0, 1.0f, 0.0f, 91),
         params_with(1.6f, 0, 1.0f, 0.0f, 92),  params_with(1.0f, 0, 0.9f, 0.0f, 93),
         params_with(0.8f, 0, 0.5f, 0.0f, 94),  params_with(1.2f, 0, 1.0f, 0.05f, 95),
         params_with(1.0f, 0, 0.95f, 0.02f, 96),
     };
-    float *row = malloc((size_t)N * sizeof *row);
+    same_tokens(cfgs, sizeof cfgs / sizeof cfgs[0], ENG_CANDS_DRAW, 1e-4, 40);
+    enum { N = 49152 };
+    float *row = calloc(N, sizeof *row);
     cr_assert_not_null(row);
-    for (size_t c = 0; c < sizeof cfgs / sizeof cfgs[0]; c++) {
-        eng_sampler *a = eng_sampler_create(&cfgs[c], N), *b = eng_sampler_create(&cfgs[c], N);
-        cr_assert(a && b);
-        cr_assert_eq(eng_sampler_cands_k(b), ENG_CANDS_DRAW);
-        char what[32];
-        snprintf(what, sizeof what, "config %zu", c);
-        int distinct = 0, last = -1;
-        for (int d = 0; d < DRAWS; d++) {
-            cands_row(row, N, d % 13 == 4 ? 1 : d % 31 == 9 ? 2 : 0);
-            const int32_t t_row = draw_both(a, b, row, N, NULL, 1e-4, what, d);
-            distinct += t_row != last;
-            last = t_row;
-        }
-        cr_assert_gt(distinct, DRAWS / 3, "config %zu", c);
-        /* the streams are in step */
-        eng_draw da, db;
-        eng_sampler_take_draw(a, &da);
-        eng_sampler_take_draw(b, &db);
-        cr_assert_eq(da.u, db.u);
-        eng_sampler_free(a);
-        eng_sampler_free(b);
-    }
     eng_cands rec;
     eng_draw bad = {.u = 1.0, .inv_temp = 1.0f, .top_p = 1.0f, .min_p = 0.0f};
     cr_assert_eq(eng_cands_draw(row, N, &bad, &rec), -1);
