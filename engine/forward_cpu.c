@@ -45,7 +45,7 @@ typedef struct {
 
 typedef struct {
     eng_backend base;
-    char desc[48];
+    char desc[96];
     const eng_model *m;
     kvc_pool *pool;
     eng_threadpool *tp;
@@ -720,7 +720,8 @@ eng_backend *eng_backend_cpu_create(const eng_model *m, kvc_pool *pool, const en
         return NULL;
     }
     cb->n_threads = eng_threadpool_size(cb->tp);
-    snprintf(cb->desc, sizeof cb->desc, "cpu, %d thread%s", cb->n_threads, cb->n_threads == 1 ? "" : "s");
+    snprintf(cb->desc, sizeof cb->desc, "cpu, %d thread%s%s", cb->n_threads, cb->n_threads == 1 ? "" : "s",
+             cb->base.cands_max ? ", records and draws (KVSERVE_CPU_CANDS=1)" : "");
     cb->base.desc = cb->desc;
     cb->att_scratch = calloc((size_t)cb->n_threads, sizeof(float *));
     if (!cb->att_scratch) {

@@ -1102,6 +1102,10 @@ static int create_impl(cuda_backend *cb, const eng_backend_options *opt, char *e
     cb->base.cands_max = ca && !strcmp(ca, "0") ? 0 : eng_cands_fit(c->n_vocab);
     cb->base.cands_draw = cb->base.cands_max > 0;
     cb->base.cands_penalties = cb->base.cands_max > 0;
+    if (cb->base.cands_max) {
+        const size_t n = strlen(cb->desc);
+        snprintf(cb->desc + n, sizeof cb->desc - n, ", sampling on the GPU");
+    }
     const char *st = getenv("KVSERVE_CUDA_STATS");
     cb->stats = st && *st && strcmp(st, "0");
     for (int i = 0; cb->stats && i < 3; i++)

@@ -26,14 +26,15 @@ class Daemon:
 
     BASE = ["--n-ctx", "512", "--kv-memory", "64M", "--threads", "2", "--max-seqs", "64"]
 
-    def __init__(self, *args, base=True, model=MODEL):
+    def __init__(self, *args, base=True, model=MODEL, env=None):
         self.port = free_port()
         self.args = [BIN, "serve", "--model", model, "--port", str(self.port)] + (self.BASE if base else []) + list(args)
+        self.env = dict(os.environ, **env) if env else None
         self.log = tempfile.NamedTemporaryFile(prefix="kvserve-serve-", suffix=".log", delete=False)
         self.proc = None
 
     def start(self, wait=True, timeout=120):
-        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         if wait:
             self.wait_ready(timeout)
         return self

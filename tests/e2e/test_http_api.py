@@ -152,6 +152,54 @@ class SDK(unittest.TestCase):
         self.assertEqual(cm.exception.param, "temperature")
 
 
+class Records(unittest.TestCase):
+    """The engine's record and draw paths (what the cuda backend returns
+    instead of whole logit rows) behind the HTTP API, on the CPU backend,
+    which returns them with KVSERVE_CPU_CANDS=1: each request, one at a
+    time (the same batches, so the same logits), gives the same text and
+    logprobs as with whole rows."""
+
+    REQS = [
+        ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 16, "temperature": 0, "logprobs": True}),
+        ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0.9, "top_k": 40,
+                             "top_p": 0.9, "seed": 3}),
+        ("/v1/completions", {"prompt": "The sea is", "max_tokens": 16, "temperature": 1.0, "seed": 5, "n": 2}),
+        ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 16, "temperature": 0.8, "top_p": 0.95,
+                                  "min_p": 0.02, "seed": 7, "logprobs": True}),
+        ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 16, "temperature": 0.7, "seed": 9,
+                                  "presence_penalty": 0.6, "frequency_penalty": 0.4}),
+    ]
+
+    def run_all(self, env):
+        d = Daemon(env=env).start()
+        try:
+            out = []
+            for path, body in self.REQS:
+                status, _, r = d.json("POST", path, body)
+                self.assertEqual(status, 200, r)
+                out.append(r)
+            return out, d.output()
+        finally:
+            d.stop()
+            d.close()
+
+    def test_records_and_draws_answer_as_whole_rows(self):
+        rows, _ = self.run_all(None)
+        recs, log = self.run_all({"KVSERVE_CPU_CANDS": "1"})
+        self.assertIn("records and draws", log)  # the path under test was taken
+        for i, (a, b) in enumerate(zip(rows, recs)):
+            self.assertEqual(len(a["choices"]), len(b["choices"]), i)
+            for ca, cb in zip(a["choices"], b["choices"]):
+                ta = ca["text"] if "text" in ca else ca["message"]["content"]
+                tb = cb["text"] if "text" in cb else cb["message"]["content"]
+                self.assertEqual(ta, tb, "request %d" % i)
+                self.assertTrue(ta, "request %d: an empty answer" % i)
+                la, lb = ca.get("logprobs"), cb.get("logprobs")
+                if la and "content" in la:
+                    for x, y in zip(la["content"], lb["content"]):
+                        self.assertAlmostEqual(x["logprob"], y["logprob"], delta=1e-4)
+
+
 class Endpoints(unittest.TestCase):
     """Every endpoint and error path over plain HTTP: status and JSON shape."""
 
