@@ -281,23 +281,8 @@ static void check_penalties(int n, int n_rows) {
 /* The smallest of 5 timings (after a warm-up) of what enqueue puts on the
  * default stream, in microseconds. */
 template <typename F> static float best_us(F &&enqueue) {
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    float best = 0;
-    for (int it = 0; it < 6; it++) {
-        CK(cudaEventRecord(a));
-        enqueue();
-        CK(cudaEventRecord(b));
-        CK(cudaEventSynchronize(b));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, a, b));
-        if (it && (it == 1 || ms < best))
-            best = ms;
-    }
-    CK(cudaEventDestroy(a));
-    CK(cudaEventDestroy(b));
-    return 1e3f * best;
+    const std::vector<double> t = event_times_us(0, 6, 1, [&](int) { enqueue(); });
+    return (float)*std::min_element(t.begin(), t.end());
 }
 
 /* What a step's logits cost to bring back: the reduction and its records'

@@ -7,6 +7,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include <vector>
+
 /* Exits with status 2 naming the call, file and line when it fails. */
 #define CK(call)                                                                          \
     do {                                                                                  \
@@ -16,5 +18,27 @@
             exit(2);                                                                      \
         }                                                                                 \
     } while (0)
+
+/* Microseconds of each of reps calls of launch(rep) between two events on
+ * st, the first `warm` dropped (the benchmarks' timing loop). */
+template <typename F> static std::vector<double> event_times_us(cudaStream_t st, int reps, int warm, F &&launch) {
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    std::vector<double> t;
+    for (int rep = 0; rep < reps; rep++) {
+        CK(cudaEventRecord(e0, st));
+        launch(rep);
+        CK(cudaEventRecord(e1, st));
+        CK(cudaEventSynchronize(e1));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        if (rep >= warm)
+            t.push_back(ms * 1e3);
+    }
+    CK(cudaEventDestroy(e0));
+    CK(cudaEventDestroy(e1));
+    return t;
+}
 
 #endif

@@ -115,22 +115,7 @@ static double median(std::vector<double> v) {
 /* Microseconds a call: launch(rep) between two events on st, reps times,
  * the first `warm` dropped, the median. */
 template <typename F> static double event_us(cudaStream_t st, int reps, int warm, F &&launch) {
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    std::vector<double> t;
-    for (int rep = 0; rep < reps; rep++) {
-        CK(cudaEventRecord(e0, st));
-        launch(rep);
-        CK(cudaEventRecord(e1, st));
-        CK(cudaEventSynchronize(e1));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        if (rep >= warm) t.push_back(ms * 1e3);
-    }
-    CK(cudaEventDestroy(e0));
-    CK(cudaEventDestroy(e1));
-    return median(t);
+    return median(event_times_us(st, reps, warm, launch));
 }
 
 static double copy_bandwidth(void) {

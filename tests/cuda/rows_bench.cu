@@ -97,9 +97,6 @@ static void bench(const model &m, int T, cublasHandle_t blas) {
     cudaStream_t st;
     CK(cudaStreamCreate(&st));
     if (cublasSetStream(blas, st) != CUBLAS_STATUS_SUCCESS) exit(1);
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
     auto pass = [&](bool fused) {
         for (int c = 0; c < copies; c++)
             for (int i = 0; i < 4; i++) {
@@ -121,21 +118,10 @@ static void bench(const model &m, int T, cublasHandle_t blas) {
             }
     };
     double med[2];
-    for (int f = 0; f < 2; f++) {
-        pass(f);
-        CK(cudaStreamSynchronize(st));
-        std::vector<float> ts;
-        for (int r = 0; r < 20; r++) {
-            CK(cudaEventRecord(e0, st));
-            pass(f);
-            CK(cudaEventRecord(e1, st));
-            CK(cudaEventSynchronize(e1));
-            float ms;
-            CK(cudaEventElapsedTime(&ms, e0, e1));
-            ts.push_back(ms * 1000.0f / copies);
-        }
+    for (int f = 0; f < 2; f++) {   /* a pass to warm up, then the median of 20 */
+        std::vector<double> ts = event_times_us(st, 21, 1, [&](int) { pass(f); });
         std::sort(ts.begin(), ts.end());
-        med[f] = ts[ts.size() / 2];
+        med[f] = ts[ts.size() / 2] / copies;
     }
     int sl[4];
     for (int i = 0; i < 4; i++) {
@@ -150,8 +136,6 @@ static void bench(const model &m, int T, cublasHandle_t blas) {
     void *bufs[] = {xf, y, xh, yh, nw, inv, pos, ws, counters};
     for (void *p : bufs) cudaFree(p);
     cudaStreamDestroy(st);
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
 }
 
 int main(int argc, char **argv) {
