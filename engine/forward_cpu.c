@@ -701,6 +701,11 @@ eng_backend *eng_backend_cpu_create(const eng_model *m, kvc_pool *pool, const en
     /* KVSERVE_CPU_CANDS=1: rows as records (eng_cands_reduce), as a GPU
      * returns them: the engine's record path without a GPU (its tests) */
     const char *ca = getenv("KVSERVE_CPU_CANDS");
+    if (ca && *ca && strcmp(ca, "0") && strcmp(ca, "1")) {
+        snprintf(err, errlen, "cpu backend: KVSERVE_CPU_CANDS=%s: not 0 or 1", ca);
+        free(cb);
+        return NULL;
+    }
     if (ca && !strcmp(ca, "1")) {
         cb->base.cands_max = eng_cands_fit(m->cfg.n_vocab);
         cb->base.cands_draw = cb->base.cands_max > 0;

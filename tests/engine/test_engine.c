@@ -926,3 +926,19 @@ Test(engine, records_draw_the_rows_tokens) {
                                    c, i);
         }
 }
+
+/* A bad KVSERVE_CPU_CANDS is refused by name, not taken as off. */
+Test(engine, records_switch_refuses_a_bad_value) {
+    setenv("KVSERVE_CPU_CANDS", "yes", 1);
+    eng_engine_config c;
+    eng_engine_config_default(&c);
+    c.model_path = FIXTURE;
+    c.threads = 1;
+    c.kv_memory = (size_t)16 * FIXTURE_PAGE_BYTES;
+    c.kv_k = c.kv_v = "f32";
+    char err[512] = "";
+    eng_engine *e = eng_engine_create(&c, err, sizeof err);
+    cr_assert_null(e);
+    cr_assert(strstr(err, "KVSERVE_CPU_CANDS=yes"), "message: %s", err);
+}
+
