@@ -198,20 +198,33 @@ template <int D, int KF, int VF, int NH = 1> struct ring {
     /* V block's offset in a page, and the page's bytes in a slot (an f16
      * block 1024-byte aligned: the 128-byte swizzle's period) */
     static constexpr int VOFF = TMA && VF == KVC_CU_F16 ? (KB + 1023) & ~1023 : KB;
-    static constexpr int PAGE = TMA ? (VOFF + VB + 1023) & ~1023 : KB + VB;
+    /* int8 / int8 at head_dim 128 (I8T): a page's K and V blocks each land
+     * at their source's offset mod 128 in their half of the slot page (K in
+     * [0, KA), V in [KA, 2 KA); decode_kernel's kb_off, vb_off), in slots
+     * 128-byte aligned, so the bulk copy engine moves whole 128-byte lines:
+     * Llama-8B int8 64 x 2k 79.3 -> 70.4 us, 256 x 512 84.8 -> 76.8 (session
+     * 23, against packed pages: a page right after the other). At head_dim
+     * 64 the same took SmolLM2's decode from 19.8 to 20.6 us in one build
+     * (nothing in another), so there the pages stay packed (notes/gpu.md
+     * "Session 23"). */
+    static constexpr bool I8T = KF == KVC_CU_I8 && VF == KVC_CU_I8 && D > 64;
+    static constexpr int KA = ((KB + 127) & ~127) + 128;
+    static constexpr int PAGE = TMA ? (VOFF + VB + 1023) & ~1023 : I8T ? 2 * KA : KB + VB;
     static constexpr int P = BULK ? 2 : 1;            /* pages a slot */
     static constexpr int SLOT = P * PAGE;
     static constexpr int S = !BULK ? 3 : D <= 64 && NH == 1 ? 2 : 3;
     static constexpr int CONV = !BULK && (KF == KVC_CU_I8 || VF == KVC_CU_I8) ? 32 * D : 0;
     /* bulk: a warp's mbarriers after its slots (keeping the next warp's
-     * slots 16-byte aligned); tensor copies: every warp's after all slots,
-     * the slots 1024-byte aligned (the 128-byte swizzle's period) */
-    static constexpr int MBAR = BULK ? (8 * S + 15) & ~15 : 0;
+     * slots 16-byte aligned, 128 for I8T); tensor copies: every warp's after
+     * all slots, the slots 1024-byte aligned (the 128-byte swizzle's period) */
+    static constexpr int MBAR = BULK ? (I8T ? (8 * S + 127) & ~127 : (8 * S + 15) & ~15) : 0;
     static constexpr int WARP_BYTES = S * SLOT + CONV + MBAR;
-    static constexpr int TMA_EXTRA = TMA ? 1024 + ((NW * 8 * S + 15) & ~15) : 0;   /* alignment slack, mbarriers */
+    /* alignment slack (and the tensor copies' mbarriers) */
+    static constexpr int TMA_EXTRA = TMA ? 1024 + ((NW * 8 * S + 15) & ~15) : I8T ? 128 : 0;
     static constexpr int BYTES = NW * WARP_BYTES + TMA_EXTRA;   /* per block */
     static_assert(SLOT % 16 == 0 && WARP_BYTES % 16 == 0, "bulk copies need 16-byte aligned slots");
     static_assert(!TMA || WARP_BYTES % 1024 == 0, "swizzled tensor copies need 1024-byte aligned blocks");
+    static_assert(!I8T || (WARP_BYTES % 128 == 0 && PAGE % 128 == 0), "I8T slots are 128-byte aligned");
 };
 
 /* Instances that may run their splits as clusters (the ones that fit >= 3
@@ -733,19 +746,19 @@ __device__ __forceinline__ void process_page(const uint8_t *kslot, const uint8_t
 
 /* ---- register path: two pages a slot ---------------------------------------- */
 
-/* int8 K and V. slot: page q (0, 1) at q * PAGE, K block then V block;
- * valid0/1 the pages' positions inside the context (page 1: 0 when the
- * slot has one page). */
-template <int D, bool MASKED>
-__device__ __forceinline__ void step_i8(const uint8_t *slot, int valid0, int valid1, const uint32_t (&qa)[D / 16][4],
-                                        int lane, const cvt_consts &kc, warp_state<D, 1> &st) {
-    typedef ring<D, KVC_CU_I8, KVC_CU_I8> R;
+/* int8 K and V. Page q (0, 1) of a slot: its K block at ks_ + q * PS, its V
+ * block at vs_ + q * PS; valid0/1 the pages' positions inside the context
+ * (page 1: 0 when the slot has one page). */
+template <int D, int PS, bool MASKED>
+__device__ __forceinline__ void step_i8(const uint8_t *ks_, const uint8_t *vs_, int valid0, int valid1,
+                                        const uint32_t (&qa)[D / 16][4], int lane, const cvt_consts &kc,
+                                        warp_state<D, 1> &st) {
     const int g = lane >> 2, t = lane & 3;
     /* scores: n-tile j, column g = token 4 (g & 3) + j of page g >> 2 */
     float s[4][4];
 #pragma unroll
     for (int j = 0; j < 4; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-    const uint8_t *kp = slot + (g >> 2) * R::PAGE + 16 * t + 4 * (g & 3);
+    const uint8_t *kp = ks_ + (g >> 2) * PS + 16 * t + 4 * (g & 3);
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
         uint32_t r[4];
@@ -760,7 +773,7 @@ __device__ __forceinline__ void step_i8(const uint8_t *slot, int valid0, int val
     /* this thread: tokens t0 + i (i < 8) of page pg; token t0 + j from
      * n-tile j column 2t, t0 + 4 + j from column 2t + 1 */
     const int pg = t >> 1, t0 = 8 * (t & 1);
-    const uint8_t *kq = slot + pg * R::PAGE, *vp = kq + R::KB;
+    const uint8_t *kq = ks_ + pg * PS, *vp = vs_ + pg * PS;
     const uint4 ks = *reinterpret_cast<const uint4 *>(kq + 16 * D + 2 * t0);
     const float2 k01 = __half22float2(as_h2(ks.x)), k23 = __half22float2(as_h2(ks.y));
     const float2 k45 = __half22float2(as_h2(ks.z)), k67 = __half22float2(as_h2(ks.w));
@@ -849,15 +862,16 @@ __device__ __forceinline__ void step_u4(const uint8_t *slot, int valid0, int val
     u4_values<D, VF, 2, MASKED>(slot + R::KB, R::PAGE, valid, pp, alpha, lane, kc, st);
 }
 
-/* One ring slot of either path. */
+/* One ring slot of either path (int8 / int8: the K and V blocks of a page
+ * at kb, vb in its slot page). */
 template <int D, int KF, int VF, bool MASKED>
-__device__ __forceinline__ void process_slot(const uint8_t *slot, uint8_t *conv, int valid0, int valid1,
-                                             const uint32_t (&qa)[D / 16][4], int lane, const cvt_consts &kc,
-                                             warp_state<D, v_groups<D, VF>::value> &st) {
+__device__ __forceinline__ void process_slot(const uint8_t *slot, int kb, int vb, uint8_t *conv, int valid0,
+                                             int valid1, const uint32_t (&qa)[D / 16][4], int lane,
+                                             const cvt_consts &kc, warp_state<D, v_groups<D, VF>::value> &st) {
     if constexpr (!reg_path(KF, VF))
         process_page<D, KF, VF, MASKED>(slot, slot + ring<D, KF, VF>::VOFF, conv, valid0, qa, lane, kc, st);
     else if constexpr (KF == KVC_CU_I8)
-        step_i8<D, MASKED>(slot, valid0, valid1, qa, lane, kc, st);
+        step_i8<D, ring<D, KF, VF>::PAGE, MASKED>(slot + kb, slot + vb, valid0, valid1, qa, lane, kc, st);
     else
         step_u4<D, VF, MASKED>(slot, valid0, valid1, qa, lane, kc, st);
 }
@@ -1161,6 +1175,8 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
     uint8_t *rings = smem_raw;
     if constexpr (R::TMA)   /* (by pointer arithmetic: through an integer the compiler loses that it is shared) */
         rings = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
+    else if constexpr (R::I8T)
+        rings = smem_raw + ((128u - (smem_u32(smem_raw) & 127u)) & 127u);
     uint8_t *my = rings + warp * R::WARP_BYTES;
     uint8_t *conv = my + R::S * R::SLOT;
     /* slot i's mbarrier at mbar + 8 i */
@@ -1171,6 +1187,15 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
     pc.k = p.arena + p.g.layer_off + (size_t)head * p.g.k_block_bytes + (R::MB ? 0 : 16 * lane);
     pc.v = p.arena + p.g.layer_off + p.g.k_region + (size_t)head * p.g.v_block_bytes + (R::MB ? 0 : 16 * lane);
     pc.page_bytes = (uint32_t)p.g.page_bytes;
+    /* where a page's K and V blocks land in its slot page (ring::I8T): at
+     * their sources' offsets mod 128, the same for every page when pages are
+     * whole 128-byte lines */
+    int kb_off = 0, vb_off = R::KB;
+    if constexpr (R::I8T) {
+        const bool lines = (p.g.page_bytes & 127) == 0;
+        kb_off = lines ? (int)((uintptr_t)pc.k & 127) : 0;
+        vb_off = R::KA + (lines ? (int)((uintptr_t)pc.v & 127) : 0);
+    }
     auto page_valid = [&](int j) { return j < n_mine ? min(B, ctx - (first + j * wpp) * B) : 0; };
     auto issue_slot = [&](int s, int into) {
         if constexpr (R::BULK) {
@@ -1179,13 +1204,13 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
             for (int q = 0; q < R::P; q++) pg[q] = s * R::P + q < n_mine ? ids.next() : -1;
             if (lane == 0) {
                 const uint32_t mb = mbar + 8 * into, dst = smem_u32(my + into * R::SLOT);
-                kvc__cu_mbar_expect(mb, pg[R::P - 1] >= 0 ? R::SLOT : R::PAGE);
+                kvc__cu_mbar_expect(mb, (pg[R::P - 1] >= 0 ? R::P : 1) * (R::KB + R::VB));
 #pragma unroll
                 for (int q = 0; q < R::P; q++)
                     if (pg[q] >= 0) {
                         const uint64_t off = (uint64_t)(uint32_t)pg[q] * pc.page_bytes;
-                        kvc__cu_bulk_copy(dst + q * R::PAGE, pc.k + off, R::KB, mb);
-                        kvc__cu_bulk_copy(dst + q * R::PAGE + R::KB, pc.v + off, R::VB, mb);
+                        kvc__cu_bulk_copy(dst + q * R::PAGE + kb_off, pc.k + off, R::KB, mb);
+                        kvc__cu_bulk_copy(dst + q * R::PAGE + vb_off, pc.v + off, R::VB, mb);
                     }
             }
         } else if constexpr (R::TMA) {
@@ -1287,8 +1312,10 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
 #pragma unroll
         for (int h = 0; h < NH; h++) {
             if (h) __syncwarp();               /* conv is reused by the next head */
-            if (v0 == B && v1 == B) process_slot<D, KF, VF, false>(sl, conv, B, B, qa[h], lane, kc, sts[h]);
-            else process_slot<D, KF, VF, true>(sl, conv, v0, v1, qa[h], lane, kc, sts[h]);
+            if (v0 == B && v1 == B)
+                process_slot<D, KF, VF, false>(sl, kb_off, vb_off, conv, B, B, qa[h], lane, kc, sts[h]);
+            else
+                process_slot<D, KF, VF, true>(sl, kb_off, vb_off, conv, v0, v1, qa[h], lane, kc, sts[h]);
         }
         __syncwarp();                          /* the slot and conv are refilled next iteration */
         if (++slot == R::S) slot = 0, parity ^= 1;
