@@ -44,7 +44,8 @@
  *     (u4_scores, u4_values: its scores land on the same positions of a
  *     thread as ldmatrix's, 2t, 2t + 1, 2t + 8, 2t + 9).
  *   - both quantized (int8/int8, int4 keys per channel / values per token):
- *     two pages a slot, raw blocks; the codes go from shared memory into
+ *     two pages a slot (int8 at head_dim <= 64: four, two pairs, see
+ *     ring::I8W), raw blocks; the codes go from shared memory into
  *     registers and are turned into mma operands there (byte permutes and
  *     the 0x6400 trick: the half 0x64XX is 1024 + XX), no f16 staging. The
  *     mma's reduction index is free to permute as long as the query uses the
@@ -170,6 +171,18 @@ __host__ __device__ constexpr int ml_stride(int G) { return (2 * G + 3) & ~3; }
 
 int g_pages_per_split = 0;       /* kvc_cu_set_decode_tuning */
 int g_warp_per_seq = 0;
+int g_wide = -2;                 /* kvc_cu_set_decode_wide; -2: not set, the environment's */
+
+/* Whether the wide int8 instance (ring::I8W) is taken: -1 as planned
+ * (make_plan), 0 never, 1 wherever it is compiled; KVC_CU_WIDE=0 / 1 in the
+ * environment where kvc_cu_set_decode_wide was not called. */
+int wide_mode() {
+    if (g_wide == -2) {
+        const int v = kvc__cu_env("KVC_CU_WIDE", -1);
+        g_wide = v < 0 ? -1 : v > 0 ? 1 : 0;
+    }
+    return g_wide;
+}
 
 /* The register path: int8 K and V, or int4 keys per channel with int4
  * values per token; every other pairing (f16 on a side, or int8 beside
@@ -178,11 +191,17 @@ __host__ __device__ constexpr bool reg_path(int kf, int vf) {
     return (kf == KVC_CU_I8 && vf == KVC_CU_I8) || (kf == KVC_CU_U4C && kvc__cu_is_u4t(vf));
 }
 
+/* The instances compiled twice, W 0 and 1 (ring::I8W): int8 / int8 at
+ * head_dim <= 64, one head a warp. */
+__host__ __device__ constexpr bool wide_ok(int D, int KF, int VF, int NH) {
+    return KF == KVC_CU_I8 && VF == KVC_CU_I8 && D <= 64 && NH == 1;
+}
+
 /* A warp's shared memory: S slots of P pages (K block then V block, the
  * global block sizes), then (f16 path, one side int8) one f16 block that
  * int8 codes are converted into (K's, then V's), or (register path) the
  * slots' mbarriers. */
-template <int D, int KF, int VF, int NH = 1> struct ring {
+template <int D, int KF, int VF, int NH = 1, int W = 0> struct ring {
     static constexpr bool BULK = reg_path(KF, VF);
     static constexpr bool F16_SIDE = KF == KVC_CU_F16 || VF == KVC_CU_F16;
     /* the f16 path's pairs with an f16 side at head_dim >= 64: f16 blocks by
@@ -210,7 +229,16 @@ template <int D, int KF, int VF, int NH = 1> struct ring {
     static constexpr bool I8T = KF == KVC_CU_I8 && VF == KVC_CU_I8 && D > 64;
     static constexpr int KA = ((KB + 127) & ~127) + 128;
     static constexpr int PAGE = TMA ? (VOFF + VB + 1023) & ~1023 : I8T ? 2 * KA : KB + VB;
-    static constexpr int P = BULK ? 2 : 1;            /* pages a slot */
+    /* pages a slot: the wide instance of int8 / int8 at head_dim <= 64 (W,
+     * wide_ok) takes four, two pairs whose scores are independent until one
+     * softmax step: half the slots a warp, each with its fixed chain (the
+     * wait, the copies' issue, the softmax) once. It needs ~150 registers,
+     * so 3 blocks a multiprocessor (min_blocks) instead of 4; the plan takes
+     * it where its grid fits that and costs no more (make_plan): SmolLM2 int8
+     * 64 x 2k 19.9 -> 18.0 us, 256 x 512 19.3 -> 17.8, hybrid:r32 (int8 at
+     * head_dim 32) 20.3 -> 19.9 (notes/gpu.md "Session 24"). */
+    static constexpr bool I8W = W && wide_ok(D, KF, VF, NH);
+    static constexpr int P = BULK ? (I8W ? 4 : 2) : 1;
     static constexpr int SLOT = P * PAGE;
     static constexpr int S = !BULK ? 3 : D <= 64 && NH == 1 ? 2 : 3;
     static constexpr int CONV = !BULK && (KF == KVC_CU_I8 || VF == KVC_CU_I8) ? 32 * D : 0;
@@ -234,16 +262,16 @@ template <int D, int NH> __host__ __device__ constexpr bool cluster_ok() { retur
 /* A block's shared memory: the rings, reused after the page loops for the
  * warps' merge and the workspace merge; then (cluster_ok) MAX_CLUSTER
  * partials that a cluster's blocks store into rank 0's (cluster_merge). */
-template <int D, int G, int KF, int VF, int NH> __host__ __device__ constexpr size_t smem_base() {
+template <int D, int G, int KF, int VF, int NH, int W> __host__ __device__ constexpr size_t smem_base() {
     constexpr size_t GT = NH * G;
     constexpr size_t f1 = NW * GT * (D + 2) * sizeof(float);
     constexpr size_t f2 = (FAN * ml_stride(GT) + NW * GT * D) * sizeof(float);
-    constexpr size_t r = ring<D, KF, VF, NH>::BYTES;
+    constexpr size_t r = ring<D, KF, VF, NH, W>::BYTES;
     constexpr size_t m = r > f1 ? (r > f2 ? r : f2) : (f1 > f2 ? f1 : f2);
     return (m + 15) & ~(size_t)15;
 }
-template <int D, int G, int KF, int VF, int NH> __host__ __device__ constexpr size_t smem_bytes() {
-    return smem_base<D, G, KF, VF, NH>() +
+template <int D, int G, int KF, int VF, int NH, int W> __host__ __device__ constexpr size_t smem_bytes() {
+    return smem_base<D, G, KF, VF, NH, W>() +
            (cluster_ok<D, NH>() ? (size_t)MAX_CLUSTER * NH * G * (D + 2) * sizeof(float) : 0);
 }
 
@@ -744,99 +772,119 @@ __device__ __forceinline__ void process_page(const uint8_t *kslot, const uint8_t
     }
 }
 
-/* ---- register path: two pages a slot ---------------------------------------- */
+/* ---- register path: two or four pages a slot ------------------------------- */
 
-/* int8 K and V. Page q (0, 1) of a slot: its K block at ks_ + q * PS, its V
- * block at vs_ + q * PS; valid0/1 the pages' positions inside the context
- * (page 1: 0 when the slot has one page). */
-template <int D, int PS, bool MASKED>
-__device__ __forceinline__ void step_i8(const uint8_t *ks_, const uint8_t *vs_, int valid0, int valid1,
+/* int8 K and V, NP pairs of pages a slot. Page q of a slot: its K block at
+ * ks_ + q * PS, its V block at vs_ + q * PS; valid[q] its positions inside
+ * the context (0 when the slot does not have it). The pairs' scores are
+ * independent until one softmax step takes them all. */
+template <int D, int PS, bool MASKED, int NP>
+__device__ __forceinline__ void step_i8(const uint8_t *ks_, const uint8_t *vs_, const int (&valid)[2 * NP],
                                         const uint32_t (&qa)[D / 16][4], int lane, const cvt_consts &kc,
                                         warp_state<D, 1> &st) {
     const int g = lane >> 2, t = lane & 3;
-    /* scores: n-tile j, column g = token 4 (g & 3) + j of page g >> 2 */
-    float s[4][4];
-#pragma unroll
-    for (int j = 0; j < 4; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-    const uint8_t *kp = ks_ + (g >> 2) * PS + 16 * t + 4 * (g & 3);
-#pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) {
-        uint32_t r[4];
-#pragma unroll
-        for (int i = 0; i < 4; i++)    /* dimension row 16 kk + t + 4 i */
-            r[i] = *reinterpret_cast<const uint32_t *>(kp + 256 * kk + 64 * i);
-        mma16816(s[0], qa[kk], i8_pair<0>(r[0], r[1], kc), i8_pair<0>(r[2], r[3], kc));
-        mma16816(s[1], qa[kk], i8_pair<1>(r[0], r[1], kc), i8_pair<1>(r[2], r[3], kc));
-        mma16816(s[2], qa[kk], i8_pair<2>(r[0], r[1], kc), i8_pair<2>(r[2], r[3], kc));
-        mma16816(s[3], qa[kk], i8_pair<3>(r[0], r[1], kc), i8_pair<3>(r[2], r[3], kc));
-    }
-    /* this thread: tokens t0 + i (i < 8) of page pg; token t0 + j from
-     * n-tile j column 2t, t0 + 4 + j from column 2t + 1 */
+    /* this thread: tokens t0 + i (i < 8) of page pg of each pair; token t0 +
+     * j from n-tile j column 2t, t0 + 4 + j from column 2t + 1 */
     const int pg = t >> 1, t0 = 8 * (t & 1);
-    const uint8_t *kq = ks_ + pg * PS, *vp = vs_ + pg * PS;
-    const uint4 ks = *reinterpret_cast<const uint4 *>(kq + 16 * D + 2 * t0);
-    const float2 k01 = __half22float2(as_h2(ks.x)), k23 = __half22float2(as_h2(ks.y));
-    const float2 k45 = __half22float2(as_h2(ks.z)), k67 = __half22float2(as_h2(ks.w));
-    float x[8] = {(s[0][0] + s[0][2]) * k01.x, (s[1][0] + s[1][2]) * k01.y, (s[2][0] + s[2][2]) * k23.x,
-                  (s[3][0] + s[3][2]) * k23.y, (s[0][1] + s[0][3]) * k45.x, (s[1][1] + s[1][3]) * k45.y,
-                  (s[2][1] + s[2][3]) * k67.x, (s[3][1] + s[3][3]) * k67.y};
-    const int valid = pg ? valid1 : valid0;
-    if constexpr (MASKED) {
+    float x[8 * NP];
 #pragma unroll
-        for (int i = 0; i < 8; i++)
-            if (t0 + i >= valid) x[i] = -INFINITY;
+    for (int pp = 0; pp < NP; pp++) {
+        /* scores: n-tile j, column g = token 4 (g & 3) + j of page g >> 2 */
+        float s[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+        const uint8_t *kp = ks_ + (2 * pp + (g >> 2)) * PS + 16 * t + 4 * (g & 3);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            uint32_t r[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++)    /* dimension row 16 kk + t + 4 i */
+                r[i] = *reinterpret_cast<const uint32_t *>(kp + 256 * kk + 64 * i);
+            mma16816(s[0], qa[kk], i8_pair<0>(r[0], r[1], kc), i8_pair<0>(r[2], r[3], kc));
+            mma16816(s[1], qa[kk], i8_pair<1>(r[0], r[1], kc), i8_pair<1>(r[2], r[3], kc));
+            mma16816(s[2], qa[kk], i8_pair<2>(r[0], r[1], kc), i8_pair<2>(r[2], r[3], kc));
+            mma16816(s[3], qa[kk], i8_pair<3>(r[0], r[1], kc), i8_pair<3>(r[2], r[3], kc));
+        }
+        const uint8_t *kq = ks_ + (2 * pp + pg) * PS;
+        const uint4 ks = *reinterpret_cast<const uint4 *>(kq + 16 * D + 2 * t0);
+        const float2 k01 = __half22float2(as_h2(ks.x)), k23 = __half22float2(as_h2(ks.y));
+        const float2 k45 = __half22float2(as_h2(ks.z)), k67 = __half22float2(as_h2(ks.w));
+        float *xp = x + 8 * pp;
+        xp[0] = (s[0][0] + s[0][2]) * k01.x, xp[1] = (s[1][0] + s[1][2]) * k01.y;
+        xp[2] = (s[2][0] + s[2][2]) * k23.x, xp[3] = (s[3][0] + s[3][2]) * k23.y;
+        xp[4] = (s[0][1] + s[0][3]) * k45.x, xp[5] = (s[1][1] + s[1][3]) * k45.y;
+        xp[6] = (s[2][1] + s[2][3]) * k67.x, xp[7] = (s[3][1] + s[3][3]) * k67.y;
+        if constexpr (MASKED) {
+            const int vq = pg ? valid[2 * pp + 1] : valid[2 * pp];
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                if (t0 + i >= vq) xp[i] = -INFINITY;
+        }
     }
     const float alpha = softmax_step(x, st.m, st.l);
 
-    const uint4 vs = *reinterpret_cast<const uint4 *>(vp + 16 * D + 2 * t0);
-    const float2 v01 = __half22float2(as_h2(vs.x)), v23 = __half22float2(as_h2(vs.y));
-    const float2 v45 = __half22float2(as_h2(vs.z)), v67 = __half22float2(as_h2(vs.w));
-    x[0] *= v01.x, x[1] *= v01.y, x[2] *= v23.x, x[3] *= v23.y;
-    x[4] *= v45.x, x[5] *= v45.y, x[6] *= v67.x, x[7] *= v67.y;
-    if constexpr (MASKED) {
+    /* chunk c of pair pp's P V reduction: slots 2t, 2t + 1, 2t + 8, 2t + 9
+     * are tokens t0 + 4c + 0..3 */
+    uint32_t pa[NP][2][4];
 #pragma unroll
-        for (int i = 0; i < 8; i++)
-            if (t0 + i >= valid) x[i] = 0.0f;
+    for (int pp = 0; pp < NP; pp++) {
+        const uint8_t *vp = vs_ + (2 * pp + pg) * PS;
+        const uint4 vs = *reinterpret_cast<const uint4 *>(vp + 16 * D + 2 * t0);
+        const float2 v01 = __half22float2(as_h2(vs.x)), v23 = __half22float2(as_h2(vs.y));
+        const float2 v45 = __half22float2(as_h2(vs.z)), v67 = __half22float2(as_h2(vs.w));
+        float *xp = x + 8 * pp;
+        xp[0] *= v01.x, xp[1] *= v01.y, xp[2] *= v23.x, xp[3] *= v23.y;
+        xp[4] *= v45.x, xp[5] *= v45.y, xp[6] *= v67.x, xp[7] *= v67.y;
+        if constexpr (MASKED) {
+            const int vq = pg ? valid[2 * pp + 1] : valid[2 * pp];
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                if (t0 + i >= vq) xp[i] = 0.0f;
+        }
+        weights_operand(xp, pa[pp][0]);
+        weights_operand(xp + 4, pa[pp][1]);
     }
-    /* chunk c of the P V reduction: slots 2t, 2t + 1, 2t + 8, 2t + 9 are
-     * tokens t0 + 4c + 0..3 */
-    uint32_t pa[2][4];
-    weights_operand(x, pa[0]);
-    weights_operand(x + 4, pa[1]);
     /* V rows t0 + i of page pg, dims (D / 8) g .. + D / 8: D / 32 words,
      * read two at a time (fewer live registers at head_dim 128; one at 32) */
     constexpr int WW = D >= 64 ? 2 : 1;
 #pragma unroll
     for (int wh = 0; wh < D / (32 * WW); wh++) {
-        uint32_t rw[8][WW];
+        uint32_t rw[NP][8][WW];
 #pragma unroll
-        for (int i = 0; i < 8; i++) {
-            const uint8_t *src = vp + (t0 + i) * D + (D / 8) * g + 8 * wh;
-            if constexpr (WW == 2) {
-                const uint2 v = *reinterpret_cast<const uint2 *>(src);
-                rw[i][0] = v.x, rw[i][1] = v.y;
-            } else {
-                rw[i][0] = *reinterpret_cast<const uint32_t *>(src);
+        for (int pp = 0; pp < NP; pp++)
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                const uint8_t *src = vs_ + (2 * pp + pg) * PS + (t0 + i) * D + (D / 8) * g + 8 * wh;
+                if constexpr (WW == 2) {
+                    const uint2 v = *reinterpret_cast<const uint2 *>(src);
+                    rw[pp][i][0] = v.x, rw[pp][i][1] = v.y;
+                } else {
+                    rw[pp][i][0] = *reinterpret_cast<const uint32_t *>(src);
+                }
             }
-        }
 #pragma unroll
         for (int w = 0; w < WW; w++) {
-            uint32_t b[2][2][4];   /* [chunk][b0/b1][dim 4 (2 wh + w) + k] */
+            uint32_t b[NP][2][2][4];   /* [pair][chunk][b0/b1][dim 4 (2 wh + w) + k] */
 #pragma unroll
-            for (int c = 0; c < 2; c++)
+            for (int pp = 0; pp < NP; pp++)
 #pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const uint32_t ra = rw[4 * c + 2 * h][w], rb = rw[4 * c + 2 * h + 1][w];
-                    b[c][h][0] = i8_pair<0>(ra, rb, kc);
-                    b[c][h][1] = i8_pair<1>(ra, rb, kc);
-                    b[c][h][2] = i8_pair<2>(ra, rb, kc);
-                    b[c][h][3] = i8_pair<3>(ra, rb, kc);
-                }
+                for (int c = 0; c < 2; c++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        const uint32_t ra = rw[pp][4 * c + 2 * h][w], rb = rw[pp][4 * c + 2 * h + 1][w];
+                        b[pp][c][h][0] = i8_pair<0>(ra, rb, kc);
+                        b[pp][c][h][1] = i8_pair<1>(ra, rb, kc);
+                        b[pp][c][h][2] = i8_pair<2>(ra, rb, kc);
+                        b[pp][c][h][3] = i8_pair<3>(ra, rb, kc);
+                    }
 #pragma unroll
             for (int k = 0; k < 4; k++) {
                 float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                mma16816(o, pa[0], b[0][0][k], b[0][1][k]);
-                mma16816(o, pa[1], b[1][0][k], b[1][1][k]);
+#pragma unroll
+                for (int pp = 0; pp < NP; pp++) {
+                    mma16816(o, pa[pp][0], b[pp][0][0][k], b[pp][0][1][k]);
+                    mma16816(o, pa[pp][1], b[pp][1][0][k], b[pp][1][1][k]);
+                }
                 const int jd = 8 * wh + 4 * w + k;
                 st.o[jd][0] = fmaf(st.o[jd][0], alpha, o[0] + o[2]);
                 st.o[jd][1] = fmaf(st.o[jd][1], alpha, o[1] + o[3]);
@@ -864,16 +912,16 @@ __device__ __forceinline__ void step_u4(const uint8_t *slot, int valid0, int val
 
 /* One ring slot of either path (int8 / int8: the K and V blocks of a page
  * at kb, vb in its slot page). */
-template <int D, int KF, int VF, bool MASKED>
-__device__ __forceinline__ void process_slot(const uint8_t *slot, int kb, int vb, uint8_t *conv, int valid0,
-                                             int valid1, const uint32_t (&qa)[D / 16][4], int lane,
-                                             const cvt_consts &kc, warp_state<D, v_groups<D, VF>::value> &st) {
+template <int D, int KF, int VF, int P, bool MASKED>
+__device__ __forceinline__ void process_slot(const uint8_t *slot, int kb, int vb, uint8_t *conv, const int (&valid)[P],
+                                             const uint32_t (&qa)[D / 16][4], int lane, const cvt_consts &kc,
+                                             warp_state<D, v_groups<D, VF>::value> &st) {
     if constexpr (!reg_path(KF, VF))
-        process_page<D, KF, VF, MASKED>(slot, slot + ring<D, KF, VF>::VOFF, conv, valid0, qa, lane, kc, st);
+        process_page<D, KF, VF, MASKED>(slot, slot + ring<D, KF, VF>::VOFF, conv, valid[0], qa, lane, kc, st);
     else if constexpr (KF == KVC_CU_I8)
-        step_i8<D, ring<D, KF, VF>::PAGE, MASKED>(slot + kb, slot + vb, valid0, valid1, qa, lane, kc, st);
+        step_i8<D, ring<D, KF, VF>::PAGE, MASKED, P / 2>(slot + kb, slot + vb, valid, qa, lane, kc, st);
     else
-        step_u4<D, VF, MASKED>(slot, valid0, valid1, qa, lane, kc, st);
+        step_u4<D, VF, MASKED>(slot, valid[0], valid[1], qa, lane, kc, st);
 }
 
 /* The merge counters of a level (a group of split blocks, or the groups):
@@ -1081,9 +1129,9 @@ __device__ __forceinline__ void cluster_merge(const decode_params &p, const floa
  * was no faster; 2 slots instead of 4 at 3 blocks: 22.48 / 21.16 -> 21.29 /
  * 19.64 us at 64 x 2k / 256 x 512) and 2 for int4 at head dim 128 (at 168
  * it spills ~150 bytes a thread). */
-constexpr int min_blocks(int D, int KF, int VF, int NH) {
+constexpr int min_blocks(int D, int KF, int VF, int NH, int W) {
     return D == 128 ? 2 : NH > 1 ? (NH > 2 || reg_path(KF, VF) ? 2 : 3)
-                    : reg_path(KF, VF) ? (KF == KVC_CU_I8 ? 4 : 3)
+                    : reg_path(KF, VF) ? (KF == KVC_CU_I8 && !W ? 4 : 3)
                     : KF == KVC_CU_U4C || kvc__cu_is_u4t(VF) ? 3 : 4;
 }
 
@@ -1091,9 +1139,9 @@ constexpr int min_blocks(int D, int KF, int VF, int NH) {
  * takes NH heads of G rows (GT = NH G consecutive rows of q and out) and
  * runs each slot of its ring through the NH heads' mmas, so a shared page
  * is copied once per NH heads; "heads" below are then those groups. */
-template <int D, int G, int KF, int VF, int NH>
-__global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(const __grid_constant__ decode_params p) {
-    typedef ring<D, KF, VF, NH> R;
+template <int D, int G, int KF, int VF, int NH, int W>
+__global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH, W)) decode_kernel(const __grid_constant__ decode_params p) {
+    typedef ring<D, KF, VF, NH, W> R;
     constexpr int B = KVC__CU_B;
     constexpr int NGV = v_groups<D, VF>::value;
     constexpr int GT = NH * G;
@@ -1204,7 +1252,10 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
             for (int q = 0; q < R::P; q++) pg[q] = s * R::P + q < n_mine ? ids.next() : -1;
             if (lane == 0) {
                 const uint32_t mb = mbar + 8 * into, dst = smem_u32(my + into * R::SLOT);
-                kvc__cu_mbar_expect(mb, (pg[R::P - 1] >= 0 ? R::P : 1) * (R::KB + R::VB));
+                int mid = 0;                   /* the slot's pages are a prefix of them */
+#pragma unroll
+                for (int q = 1; q < R::P - 1; q++) mid += pg[q] >= 0;
+                kvc__cu_mbar_expect(mb, (pg[R::P - 1] >= 0 ? R::P : 1 + mid) * (R::KB + R::VB));
 #pragma unroll
                 for (int q = 0; q < R::P; q++)
                     if (pg[q] >= 0) {
@@ -1298,10 +1349,13 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
         }
         if (s == 0) TL(2, 0);
         const uint8_t *sl = my + slot * R::SLOT;
-        int v0 = B, v1 = B;
+        int vq[R::P];
+#pragma unroll
+        for (int q = 0; q < R::P; q++) vq[q] = B;
         if (s + 1 == n_steps) {
-            v0 = page_valid(s * R::P);
-            if (R::P == 2) v1 = page_valid(s * R::P + 1);
+#pragma unroll
+            for (int q = 0; q < R::P; q++) vq[q] = page_valid(s * R::P + q);
+            const int v0 = vq[0];
             if constexpr (R::TMA && VF == KVC_CU_F16) {   /* V rows past the context may hold anything: zeros for P V */
                 uint8_t *vd = my + slot * R::SLOT + R::VOFF;
                 for (int c = lane; c < (B - v0) * (D / 8); c += 32)
@@ -1309,13 +1363,16 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
                 __syncwarp();
             }
         }
+        bool full = true;
+#pragma unroll
+        for (int q = 0; q < R::P; q++) full = full && vq[q] == B;
 #pragma unroll
         for (int h = 0; h < NH; h++) {
             if (h) __syncwarp();               /* conv is reused by the next head */
-            if (v0 == B && v1 == B)
-                process_slot<D, KF, VF, false>(sl, kb_off, vb_off, conv, B, B, qa[h], lane, kc, sts[h]);
+            if (full)
+                process_slot<D, KF, VF, R::P, false>(sl, kb_off, vb_off, conv, vq, qa[h], lane, kc, sts[h]);
             else
-                process_slot<D, KF, VF, true>(sl, kb_off, vb_off, conv, v0, v1, qa[h], lane, kc, sts[h]);
+                process_slot<D, KF, VF, R::P, true>(sl, kb_off, vb_off, conv, vq, qa[h], lane, kc, sts[h]);
         }
         __syncwarp();                          /* the slot and conv are refilled next iteration */
         if (++slot == R::S) slot = 0, parity ^= 1;
@@ -1387,7 +1444,7 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
     if constexpr (cluster_ok<D, NH>()) {
         if (p.cluster > 1) {                   /* ppb 1, the pair's splits one cluster */
             cluster_merge<D, GT>(p, s_acc, s_m, s_l,
-                                 reinterpret_cast<float *>(smem_raw + smem_base<D, G, KF, VF, NH>()), p.cluster, out);
+                                 reinterpret_cast<float *>(smem_raw + smem_base<D, G, KF, VF, NH, W>()), p.cluster, out);
             return;
         }
     }
@@ -1440,17 +1497,20 @@ __global__ void __launch_bounds__(NT, min_blocks(D, KF, VF, NH)) decode_kernel(c
 struct plan {
     int ppb, pps, n_splits;
     int nh;                      /* latent_nh */
+    int wide;                    /* the W 1 instance (ring::I8W) */
+    bool fits;                   /* its blocks fit one wave */
+    double cost;                 /* search_plan's */
 };
 
 /* Blocks of this instance resident on one multiprocessor (sets its shared
  * memory limit the first time). */
-template <int D, int G, int KF, int VF, int NH> int blocks_per_sm() {
+template <int D, int G, int KF, int VF, int NH, int W> int blocks_per_sm() {
     static int n = 0;
     if (!n) {
-        const size_t smem = smem_bytes<D, G, KF, VF, NH>();
-        if (cudaFuncSetAttribute(decode_kernel<D, G, KF, VF, NH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        const size_t smem = smem_bytes<D, G, KF, VF, NH, W>();
+        if (cudaFuncSetAttribute(decode_kernel<D, G, KF, VF, NH, W>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  (int)smem) != cudaSuccess ||
-            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel<D, G, KF, VF, NH>, NT, smem) != cudaSuccess ||
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel<D, G, KF, VF, NH, W>, NT, smem) != cudaSuccess ||
             n < 1)
             n = 1;
         (void)cudaGetLastError();              /* a failed query must not look like a failed launch */
@@ -1492,22 +1552,26 @@ int latent_nh(const kvc__cu_view &v, int n_seqs) {
     return 1;
 }
 
-/* Calls f(D, G, KF, VF, NH) as integral constants for the view's instance
- * (nh from latent_nh; NH 1 where nh is not compiled); KVC_ERR_INVAL outside
+/* Calls f(D, G, KF, VF, NH, W) as integral constants for the view's instance
+ * (nh from latent_nh; NH 1 where nh is not compiled; W 1 where w and
+ * wide_ok, else 0); KVC_ERR_INVAL outside
  * the compiled set (D 32: f16/f16 and int8/int8). Built with
  * -DKVC_CU_EXPERIMENT, only G 3 and 4 (the benchmark's shapes; a build for
  * timing experiments in a quarter of the time, which gpu_test refuses). */
-template <typename F> int with_instance(const kvc__cu_view &v, int nh, F &&f) {
+template <typename F> int with_instance(const kvc__cu_view &v, int nh, int w, F &&f) {
     typedef std::integral_constant<int, 1> N1;
+    typedef std::integral_constant<int, 0> W0;
     auto by_g = [&](auto d, auto kf, auto vf) -> int {
         auto by_nh = [&](auto g) -> int {
             constexpr int D_ = decltype(d)::value, G_ = decltype(g)::value, KF_ = decltype(kf)::value,
                           VF_ = decltype(vf)::value;
             if constexpr (nh_compiled(D_, G_, KF_, VF_, 3))
-                if (nh == 3) return f(d, g, kf, vf, std::integral_constant<int, 3>());
+                if (nh == 3) return f(d, g, kf, vf, std::integral_constant<int, 3>(), W0());
             if constexpr (nh_compiled(D_, G_, KF_, VF_, 2))
-                if (nh == 2) return f(d, g, kf, vf, std::integral_constant<int, 2>());
-            return f(d, g, kf, vf, N1());
+                if (nh == 2) return f(d, g, kf, vf, std::integral_constant<int, 2>(), W0());
+            if constexpr (wide_ok(D_, KF_, VF_, 1))
+                if (w) return f(d, g, kf, vf, N1(), std::integral_constant<int, 1>());
+            return f(d, g, kf, vf, N1(), W0());
         };
         switch (v.G) {
 #ifndef KVC_CU_EXPERIMENT
@@ -1566,17 +1630,17 @@ template <typename F> int with_instance(const kvc__cu_view &v, int nh, F &&f) {
  * SmolLM2 latent:64 64 x 2k 10-13% and Llama-8B hybrid:r64 1 x 32k 14%
  * slower, so there ties go to more blocks, as before. If none fits, a warp
  * per pair (the fewest blocks). */
-plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx, int nh, bool transform) {
+plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx, int nh, bool transform, int w) {
     const int sms = kvc__cu_sm_count();
-    int per_sm = with_instance(v, nh, [](auto d, auto g, auto kf, auto vf, auto h) {
+    int per_sm = with_instance(v, nh, w, [](auto d, auto g, auto kf, auto vf, auto h, auto wi) {
         return blocks_per_sm<decltype(d)::value, decltype(g)::value, decltype(kf)::value, decltype(vf)::value,
-                             decltype(h)::value>();
+                             decltype(h)::value, decltype(wi)::value>();
     });
     if (per_sm < 1) per_sm = 1;
     const int pages = max_ctx > 0 ? (max_ctx + KVC__CU_B - 1) / KVC__CU_B : 1;
     const long pairs = (long)(n_seqs > 0 ? n_seqs : 1) * (v.n_heads / nh);
     const long resident = (long)sms * per_sm;
-    plan pl = {4, pages, 1, nh};
+    plan pl = {4, pages, 1, nh, w, false, 0.0};
     auto u4 = [](int fmt) { return fmt == KVC_CU_U4C || kvc__cu_is_u4t(fmt); };
     const bool f16_side = v.k_fmt == KVC_CU_F16 || v.v_fmt == KVC_CU_F16;
     const bool wide = u4(v.k_fmt) || u4(v.v_fmt) ? !(f16_side && v.D > 64)
@@ -1584,16 +1648,23 @@ plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx, int nh, bool tr
     const int warps_needed = !transform && wide ? 2 * NW : NW;
     long best_blocks = 0;
     double best = 0;
-    auto consider = [&](int ppb, int pps) {
+    /* a share's cost (its blocks beyond one wave as more blocks a multiprocessor) */
+    auto price = [&](int ppb, int pps, long &blocks) {
         const int splits = (pages + pps - 1) / pps;
-        if (splits > MAX_SPLITS) return;
-        const long blocks = (pairs + ppb - 1) / ppb * splits;
+        blocks = (pairs + ppb - 1) / ppb * splits;
         const long per_warp = (pps + NW / ppb - 1) / (NW / ppb);
-        if (blocks > resident) return;
         const long on_sm = (blocks + sms - 1) / sms;
         double c = (double)on_sm * (double)per_warp;
         if (on_sm * NW < warps_needed) c *= (double)warps_needed / (double)(on_sm * NW);
         if (splits > 1) c += 8.0 * ((splits + 31) / 32 + (splits > FAN ? 1 : 0));
+        return c;
+    };
+    auto consider = [&](int ppb, int pps) {
+        const int splits = (pages + pps - 1) / pps;
+        if (splits > MAX_SPLITS) return;
+        long blocks;
+        const double c = price(ppb, pps, blocks);
+        if (blocks > resident) return;
         if (!best_blocks || c < best ||
             (c == best && (transform ? blocks > best_blocks
                                      : splits < pl.n_splits || (splits == pl.n_splits && blocks > best_blocks)))) {
@@ -1619,6 +1690,9 @@ plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx, int nh, bool tr
         }
         if (!best_blocks && g_warp_per_seq < 0) pl.ppb = 1;   /* nothing fits one wave: the fewest split blocks */
     }
+    long blocks;
+    pl.cost = price(pl.ppb, pl.pps, blocks);
+    pl.fits = blocks <= resident;
     return pl;
 }
 
@@ -1627,21 +1701,34 @@ plan search_plan(const kvc__cu_view &v, int n_seqs, int max_ctx, int nh, bool tr
  * answer of this host thread is kept. */
 plan make_plan(const kvc__cu_view &v, int n_seqs, int max_ctx, bool transform) {
     struct key {
-        int n_heads, G, D, k_fmt, v_fmt, n_seqs, max_ctx, pps, wps, nh;
+        int n_heads, G, D, k_fmt, v_fmt, n_seqs, max_ctx, pps, wps, nh, wide;
         bool transform;
         bool operator==(const key &o) const {
             return n_heads == o.n_heads && nh == o.nh && G == o.G && D == o.D && k_fmt == o.k_fmt && v_fmt == o.v_fmt &&
-                   n_seqs == o.n_seqs && max_ctx == o.max_ctx && pps == o.pps && wps == o.wps &&
+                   n_seqs == o.n_seqs && max_ctx == o.max_ctx && pps == o.pps && wps == o.wps && wide == o.wide &&
                    transform == o.transform;
         }
     };
-    thread_local key last_key = {-1, 0, 0, 0, 0, 0, 0, 0, 0, 0, false};
-    thread_local plan last = {4, 1, 1, 1};
+    thread_local key last_key = {-1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, false};
+    thread_local plan last = {4, 1, 1, 1, 0, false, 0.0};
     const int nh = latent_nh(v, n_seqs);
-    const key k = {v.n_heads, v.G, v.D, v.k_fmt, v.v_fmt, n_seqs, max_ctx, g_pages_per_split, g_warp_per_seq, nh,
+    const int wm = wide_mode();
+    const key k = {v.n_heads, v.G, v.D, v.k_fmt, v.v_fmt, n_seqs, max_ctx, g_pages_per_split, g_warp_per_seq, nh, wm,
                    transform};
     if (!(k == last_key)) {
-        last = search_plan(v, n_seqs, max_ctx, nh, transform);
+        /* the wide instance (ring::I8W) where it is compiled, its grid fits
+         * one wave and it costs no more: the plain one fills 4 blocks a
+         * multiprocessor, the wide one 3 (Llama-8B hybrid:r64 256 x 512,
+         * 512 blocks: 71.7 us by the plain instance in one wave, 84.5 by the
+         * wide one in two; SmolLM2 int8 88 x 2k: two splits, 528 blocks, 23.7
+         * us plain; one split wide, 25.6 us, but its decode step 37.7 ->
+         * 28.5, notes/gpu.md "Session 24") */
+        const bool can = nh == 1 && wide_ok(v.D, v.k_fmt, v.v_fmt, 1);
+        last = search_plan(v, n_seqs, max_ctx, nh, transform, can && wm == 1);
+        if (can && wm < 0) {
+            const plan pw = search_plan(v, n_seqs, max_ctx, nh, transform, 1);
+            if (pw.fits && (!last.fits || pw.cost <= last.cost)) last = pw;
+        }
         last_key = k;
     }
     return last;
@@ -1756,11 +1843,11 @@ int launch_decode(const kvc__cu_view &v, const void *arena, int64_t n_pages, con
     const dim3 grid((unsigned)((p.n_pairs + pl.ppb - 1) / pl.ppb), pl.n_splits);
     cudaError_t launch_err = cudaSuccess;
     int map_rc = KVC_OK;
-    int rc = with_instance(v, pl.nh, [&](auto d, auto g, auto kf, auto vf, auto nh) -> int {
+    int rc = with_instance(v, pl.nh, pl.wide, [&](auto d, auto g, auto kf, auto vf, auto nh, auto wi) -> int {
         constexpr int D_ = decltype(d)::value, G_ = decltype(g)::value, KF_ = decltype(kf)::value,
-                      VF_ = decltype(vf)::value, NH_ = decltype(nh)::value;
+                      VF_ = decltype(vf)::value, NH_ = decltype(nh)::value, W_ = decltype(wi)::value;
         /* (also sets the shared memory limit) */
-        const int per_sm = blocks_per_sm<D_, G_, KF_, VF_, NH_>();
+        const int per_sm = blocks_per_sm<D_, G_, KF_, VF_, NH_, W_>();
         const long resident = (long)kvc__cu_sm_count() * per_sm;
         const long blocks = (long)grid.x * grid.y;
         const int cm = cluster_mode();
@@ -1774,12 +1861,12 @@ int launch_decode(const kvc__cu_view &v, const void *arena, int64_t n_pages, con
          * start regardless (they stream while the rest land) */
         p.pdl_early = pm == 1 || (pm < 0 && (early || (reg_path(KF_, VF_) && p.fresh >= 0)));
         g_lands_early = early;
-        if constexpr (ring<D_, KF_, VF_, NH_>::TMA)
+        if constexpr (ring<D_, KF_, VF_, NH_, W_>::TMA)
             if ((map_rc = kvc__cu_f16_maps(v, arena, n_pages, &p.tk, &p.tv, err, errlen)) != KVC_OK) return KVC_OK;
         cudaLaunchConfig_t cfg = {};
         cfg.gridDim = grid;
         cfg.blockDim = dim3(NT);
-        cfg.dynamicSmemBytes = smem_bytes<D_, G_, KF_, VF_, NH_>();
+        cfg.dynamicSmemBytes = smem_bytes<D_, G_, KF_, VF_, NH_, W_>();
         cfg.stream = stream;
         cudaLaunchAttribute attr[2];
         unsigned n_attr = 0;
@@ -1795,13 +1882,13 @@ int launch_decode(const kvc__cu_view &v, const void *arena, int64_t n_pages, con
         }
         cfg.attrs = attr;
         cfg.numAttrs = n_attr;
-        launch_err = cudaLaunchKernelEx(&cfg, decode_kernel<D_, G_, KF_, VF_, NH_>, p);
+        launch_err = cudaLaunchKernelEx(&cfg, decode_kernel<D_, G_, KF_, VF_, NH_, W_>, p);
         if (launch_err != cudaSuccess && p.cluster > 1) {   /* no room for the clusters (a partitioned GPU):
                                                             * the workspace merge, which the workspace has */
             (void)cudaGetLastError();
             p.cluster = 1;
             cfg.numAttrs = pm != 0 ? 1 : 0;
-            launch_err = cudaLaunchKernelEx(&cfg, decode_kernel<D_, G_, KF_, VF_, NH_>, p);
+            launch_err = cudaLaunchKernelEx(&cfg, decode_kernel<D_, G_, KF_, VF_, NH_, W_>, p);
         }
         return KVC_OK;
     });
@@ -1907,6 +1994,8 @@ int kvc__cu_f16_maps(const kvc__cu_view &v, const void *arena, int64_t n_pages, 
 
 extern "C" void kvc_cu_set_decode_cluster(int mode) { g_cluster = mode < 0 ? -1 : mode > 0 ? 1 : 0; }
 
+extern "C" void kvc_cu_set_decode_wide(int mode) { g_wide = mode < 0 ? -1 : mode > 0 ? 1 : 0; }
+
 extern "C" void kvc_cu_set_decode_tuning(int pages_per_split, int warp_per_sequence) {
     g_pages_per_split = pages_per_split > 0 ? pages_per_split : 0;
     g_warp_per_seq = warp_per_sequence;
@@ -1918,7 +2007,7 @@ extern "C" size_t kvc_cu_decode_workspace(const kvc_cu_layout *L, int n_seqs, in
     size_t most = 0;
     for (int l = 0; l < L->n_layer; l++) {
         const kvc__cu_view v = kvc__cu_view_of(L, l, n_rep);
-        if (with_instance(v, 1, [](auto, auto, auto, auto, auto) { return KVC_OK; }) != KVC_OK) continue;
+        if (with_instance(v, 1, 0, [](auto, auto, auto, auto, auto, auto) { return KVC_OK; }) != KVC_OK) continue;
         const size_t t = ws_layout(v, n_seqs, make_plan(v, n_seqs, max_ctx, has_transform(L)), has_transform(L)).total;
         most = t > most ? t : most;
         if (!has_transform(L)) break;          /* every layer alike */

@@ -236,6 +236,13 @@ void kvc_cu_set_decode_tuning(int pages_per_split, int warp_per_sequence);
  * turns it off, =2 on), 0 never, 1 always (tests of both merges). Not
  * thread-safe; set before use. */
 void kvc_cu_set_decode_cluster(int mode);
+/* Whether int8 / int8 decode at head_dim <= 64 (one kv head a warp) takes
+ * its wide instance, four pages a slot at 3 blocks a multiprocessor, or the
+ * plain one, two pages at 4: -1 as planned (the default: wide where its grid
+ * fits one wave and costs no more; the environment's KVC_CU_WIDE=0 / 1 sets
+ * never / always), 0 never, 1 always (tests of both). Not thread-safe; set
+ * before use. */
+void kvc_cu_set_decode_wide(int mode);
 
 #ifdef __cplusplus
 }

@@ -367,7 +367,9 @@ static void run_case(const test_case &c) {
         dev_buf<float> d_q(q.size()), d_out(q.size());
         d_q.up(q.data());
         /* the split plans, and 8 and 3 splits as clusters and not (the
-         * default decides by the grid, which small test grids rarely fill) */
+         * default decides by the grid, which small test grids rarely fill);
+         * int8 at head_dim <= 64 by its wide instance (the default where the
+         * grid fits) and, in the odd variants, by its plain one */
         const int p8 = (max_pages + 7) / 8, p3 = (max_pages + 2) / 3;
         const int pps_set[10] = {0, 8, 3, 1 << 20, 0, 0, p8, p3, p8, p3};
         const int wph_set[10] = {0, -1, -1, -1, 1, 2, -1, -1, -1, -1};
@@ -377,6 +379,7 @@ static void run_case(const test_case &c) {
         for (int v = 0; v < 10; v++) {
             kvc_cu_set_decode_tuning(pps_set[v], wph_set[v]);
             kvc_cu_set_decode_cluster(cl_set[v]);
+            kvc_cu_set_decode_wide(v & 1 ? 0 : -1);
             const kvc_cu_decode_args a =
                 decode_args(d_bt.p, max_pages, d_ctx.p, S, max_ctx, G, scale, d_q.p, d_out.p, qs);
             size_t wsb = kvc_cu_decode_workspace(&lay, S, max_ctx, G);
@@ -412,6 +415,7 @@ static void run_case(const test_case &c) {
         }
         kvc_cu_set_decode_tuning(0, 0);
         kvc_cu_set_decode_cluster(-1);
+        kvc_cu_set_decode_wide(-1);
     }
 
     /* 4. prefill chunks of the longest sequence */
