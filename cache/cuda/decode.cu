@@ -786,6 +786,7 @@ __device__ __forceinline__ void step_i8(const uint8_t *ks_, const uint8_t *vs_, 
     /* this thread: tokens t0 + i (i < 8) of page pg of each pair; token t0 +
      * j from n-tile j column 2t, t0 + 4 + j from column 2t + 1 */
     const int pg = t >> 1, t0 = 8 * (t & 1);
+    auto valid_mine = [&](int pp) { return pg ? valid[2 * pp + 1] : valid[2 * pp]; };   /* page pg of pair pp */
     float x[8 * NP];
 #pragma unroll
     for (int pp = 0; pp < NP; pp++) {
@@ -815,10 +816,9 @@ __device__ __forceinline__ void step_i8(const uint8_t *ks_, const uint8_t *vs_, 
         xp[4] = (s[0][1] + s[0][3]) * k45.x, xp[5] = (s[1][1] + s[1][3]) * k45.y;
         xp[6] = (s[2][1] + s[2][3]) * k67.x, xp[7] = (s[3][1] + s[3][3]) * k67.y;
         if constexpr (MASKED) {
-            const int vq = pg ? valid[2 * pp + 1] : valid[2 * pp];
 #pragma unroll
             for (int i = 0; i < 8; i++)
-                if (t0 + i >= vq) xp[i] = -INFINITY;
+                if (t0 + i >= valid_mine(pp)) xp[i] = -INFINITY;
         }
     }
     const float alpha = softmax_step(x, st.m, st.l);
@@ -836,10 +836,9 @@ __device__ __forceinline__ void step_i8(const uint8_t *ks_, const uint8_t *vs_, 
         xp[0] *= v01.x, xp[1] *= v01.y, xp[2] *= v23.x, xp[3] *= v23.y;
         xp[4] *= v45.x, xp[5] *= v45.y, xp[6] *= v67.x, xp[7] *= v67.y;
         if constexpr (MASKED) {
-            const int vq = pg ? valid[2 * pp + 1] : valid[2 * pp];
 #pragma unroll
             for (int i = 0; i < 8; i++)
-                if (t0 + i >= vq) xp[i] = 0.0f;
+                if (t0 + i >= valid_mine(pp)) xp[i] = 0.0f;
         }
         weights_operand(xp, pa[pp][0]);
         weights_operand(xp + 4, pa[pp][1]);
